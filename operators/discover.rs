@@ -1,0 +1,170 @@
+//! `discover`: the job's source. Worker 0 lists the inputs (and, with `--follow`, watches a folder)
+//! and emits one [`WorkItem`] per input file at that file's own epoch, so that every file is a
+//! coarse timestamp of its own. Ingestion waits on a probe: at most `max_open_files` files are in
+//! flight at once, so memory stays bounded however fast files arrive.
+
+use super::Time;
+use crate::formats::{InputFile, InputKind};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timely::dataflow::operators::generic::source;
+use timely::dataflow::{ProbeHandle, Scope, StreamVec};
+
+/// Epochs reserved for each input file: a file can advance through this many sub-epochs.
+pub const SUB_EPOCHS: u64 = 1 << 20;
+
+/// The first epoch of input file `index`.
+pub fn file_epoch(index: u64) -> Time {
+    index * SUB_EPOCHS
+}
+
+/// One input file to read, with its position in the job (which fixes its epochs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    /// The file's index in the job: its epochs start at `file_epoch(index)`.
+    pub index: u64,
+    /// The file to read.
+    pub path: String,
+    /// Its format.
+    pub kind: InputKind,
+}
+
+/// What to discover.
+#[derive(Clone, Debug)]
+pub struct DiscoverConfig {
+    /// Inputs given on the command line, already expanded and sorted.
+    pub inputs: Vec<InputFile>,
+    /// A folder to watch for new complete files, until `stop` is set.
+    pub follow: Option<PathBuf>,
+    /// How often the followed folder is listed.
+    pub poll: Duration,
+    /// At most this many files in flight.
+    pub max_open_files: u64,
+    /// Files already ingested by an earlier run of the same job (never read again).
+    pub already_ingested: HashSet<String>,
+    /// The index to give the first file (after those of an earlier run).
+    pub first_index: u64,
+}
+
+/// Whether a file in a followed folder is complete. The convention: writers write to a name that
+/// ends in `.part`, `.tmp` or `.partial`, or starts with `.`, and rename it into place when done
+/// (a rename is atomic on POSIX file systems), so a file under its final name is never half written.
+pub fn is_complete_name(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    !(name.starts_with('.')
+        || name.ends_with(".part")
+        || name.ends_with(".tmp")
+        || name.ends_with(".partial")
+        || name.ends_with(".done"))
+}
+
+/// Called by worker 0 when every file up to `index` is fully written.
+pub type OnFileDone = Box<dyn FnMut(&WorkItem)>;
+
+/// The source. Only worker 0 emits; the others release their capability at once.
+pub fn discover<'s>(
+    scope: Scope<'s, Time>,
+    config: DiscoverConfig,
+    probe: ProbeHandle<Time>,
+    stop: Arc<AtomicBool>,
+    mut on_file_done: OnFileDone,
+) -> StreamVec<'s, Time, WorkItem> {
+    let leader = scope.index() == 0;
+    source(scope, "Discover", move |cap, info| {
+        let activator = scope.activator_for(info.address);
+        let mut cap = if leader { Some(cap) } else { None };
+        if leader {
+            activator.activate();
+        }
+        let mut seen: HashSet<String> = config.already_ingested.clone();
+        let mut pending: VecDeque<InputFile> = VecDeque::new();
+        for input in &config.inputs {
+            if seen.insert(input.path.to_string_lossy().into_owned()) {
+                pending.push_back(input.clone());
+            }
+        }
+        let mut next_index = config.first_index;
+        let mut in_flight: VecDeque<WorkItem> = VecDeque::new();
+        let mut last_poll: Option<Instant> = None;
+        move |output| {
+            // Report files whose epochs are complete, in order.
+            while let Some(item) = in_flight.front() {
+                if probe.less_than(&file_epoch(item.index + 1)) {
+                    break;
+                }
+                on_file_done(item);
+                in_flight.pop_front();
+            }
+            let Some(c) = cap.as_mut() else { return };
+            if stop.load(Ordering::SeqCst) {
+                log::info!("discover: stop requested, finishing the files in flight");
+                pending.clear();
+                cap = None;
+                return;
+            }
+            if let Some(dir) = &config.follow {
+                if pending.is_empty() && last_poll.is_none_or(|t| t.elapsed() >= config.poll) {
+                    last_poll = Some(Instant::now());
+                    for input in list_complete(dir) {
+                        if seen.insert(input.path.to_string_lossy().into_owned()) {
+                            pending.push_back(input);
+                        }
+                    }
+                }
+            }
+            let mut blocked = false;
+            while let Some(input) = pending.front() {
+                if in_flight.len() as u64 >= config.max_open_files {
+                    blocked = true;
+                    break;
+                }
+                let item = WorkItem {
+                    index: next_index,
+                    path: input.path.to_string_lossy().into_owned(),
+                    kind: input.kind,
+                };
+                pending.pop_front();
+                c.downgrade(&file_epoch(next_index));
+                output.session(&*c).give(item.clone());
+                in_flight.push_back(item);
+                next_index += 1;
+                // Hold only the next file's epoch, so this one can complete.
+                c.downgrade(&file_epoch(next_index));
+            }
+            if pending.is_empty() && config.follow.is_none() {
+                cap = None;
+                return;
+            }
+            let wait = if blocked { Duration::from_millis(2) } else { config.poll };
+            activator.activate_after(wait.min(config.poll));
+        }
+    })
+}
+
+/// Complete files in `dir` (recursively), sorted by name so every run orders them alike.
+fn list_complete(dir: &Path) -> Vec<InputFile> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            log::warn!("discover: cannot list {}", d.display());
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if is_complete_name(&path) {
+                if let Some(kind) = crate::formats::detect_kind(&path) {
+                    found.push(InputFile { path, kind });
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}

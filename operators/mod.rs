@@ -1,0 +1,21 @@
+//! The timely operators of backflow, one per file. Each is a small function from stream to stream
+//! that owns its state in its closure and reports what it dropped, and why, into the worker's
+//! [`WorkerStats`].
+
+use crate::stats::Stats;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+pub mod dedup;
+pub mod discover;
+pub mod extract;
+pub mod read;
+pub mod segment;
+pub mod write;
+
+/// Dataflow time: coarse epochs. Input file `i` owns the epochs `i * SUB_EPOCHS ..
+/// (i + 1) * SUB_EPOCHS`; a large file advances through them every `--chunk-mb` of its bytes.
+pub type Time = u64;
+
+/// Counters of one worker, shared by its operators (a worker is one thread: no locking).
+pub type WorkerStats = Rc<RefCell<Stats>>;

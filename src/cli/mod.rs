@@ -1,0 +1,64 @@
+//! The `backflow` command line: one subcommand per job, each with its own flags.
+
+pub mod generate;
+pub mod warc_pack;
+
+use crate::pipelines::{self, segment::SegmentArgs};
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+
+/// backflow: instruction backtranslation (Humpback) as a streaming timely dataflow.
+#[derive(Parser, Debug)]
+#[command(name = "backflow", version, about, long_about = None)]
+pub struct Cli {
+    /// The job to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every job.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Crawl dumps to deduplicated, self-contained passages (the ingest-only pipeline).
+    ///
+    /// Cluster flags: -w workers per process, -n processes, -p this process's index,
+    /// -h a hostfile (one host:port per process). `--help` (long form only: -h is the hostfile).
+    #[command(disable_help_flag = true)]
+    Segment(SegmentArgs),
+    /// Run a registered pipeline by name: `backflow run NAME [FLAGS]` (`backflow run list` lists them).
+    #[command(disable_help_flag = true)]
+    Run {
+        /// The pipeline's name.
+        name: String,
+        /// The pipeline's own flags (see `backflow run NAME --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Pack a folder of .html pages into a WARC/1.0 file of `response` records (gzip per record).
+    WarcPack(warc_pack::WarcPackArgs),
+}
+
+/// Parses the command line and runs the job.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Segment(args) => pipelines::segment::run(args),
+        Command::Run { name, args } => {
+            if name == "list" || name == "--help" {
+                for p in pipelines::PIPELINES {
+                    println!("{:<12} {}", p.name, p.about);
+                }
+                return Ok(());
+            }
+            let Some(pipeline) = pipelines::find(&name) else {
+                let known: Vec<_> = pipelines::PIPELINES.iter().map(|p| p.name).collect();
+                bail!("no pipeline named {name:?}; known: {}", known.join(", "));
+            };
+            let mut argv = vec![OsString::from(format!("backflow run {name}"))];
+            argv.extend(args);
+            (pipeline.main)(argv)
+        }
+        Command::WarcPack(args) => warc_pack::run(args),
+    }
+}

@@ -1,0 +1,414 @@
+//! Input discovery (files, folders, glob patterns) and single HTML files as inputs.
+
+use super::{file_url, ReadOptions};
+use crate::records::{Body, Origin, RawRecord};
+use crate::stats::{Drop, DropReason};
+use flate2::read::GzDecoder;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// What kind of input a file is.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum InputKind {
+    /// WARC or WET, plain or gzip.
+    Warc,
+    /// JSON Lines, plain or gzip.
+    Jsonl,
+    /// One HTML page.
+    Html,
+}
+
+/// One input file and its kind.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InputFile {
+    /// The path, as given or as found under a folder or pattern.
+    pub path: PathBuf,
+    /// Its format.
+    pub kind: InputKind,
+}
+
+/// Why the input arguments could not be expanded.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// An argument that is no file, no folder, and no pattern matching anything.
+    #[error("no such file or folder, and no file matches the pattern: {0}")]
+    NotFound(String),
+    /// A glob pattern that does not parse.
+    #[error("bad glob pattern {pattern:?}: {source}")]
+    BadPattern {
+        /// The pattern.
+        pattern: String,
+        /// The parse error.
+        source: glob::PatternError,
+    },
+    /// A named file whose format could not be told from its name or its first bytes.
+    #[error("cannot tell the format of {0} (expected WARC/WET, JSONL or HTML)")]
+    UnknownKind(PathBuf),
+    /// A file or folder that could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// The kind of a file from its name: `.warc`, `.wet`, `.wat` (each optionally `.gz`) are WARC;
+/// `.jsonl`, `.ndjson`, `.json` are JSON Lines; `.html`, `.htm`, `.xhtml` are pages.
+pub fn kind_from_name(path: &Path) -> Option<InputKind> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    let ext = name.rsplit_once('.')?.1;
+    match ext {
+        "warc" | "wet" | "wat" => Some(InputKind::Warc),
+        "jsonl" | "ndjson" | "json" => Some(InputKind::Jsonl),
+        "html" | "htm" | "xhtml" => Some(InputKind::Html),
+        _ => None,
+    }
+}
+
+/// The kind of a file from its first bytes (decompressed when gzip).
+pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
+    let mut head = Vec::with_capacity(1024);
+    File::open(path)?.take(1024).read_to_end(&mut head)?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut plain = Vec::with_capacity(1024);
+        // A gzip error here just means we learnt less: sniff what came out.
+        let _ = GzDecoder::new(File::open(path)?)
+            .take(1024)
+            .read_to_end(&mut plain);
+        head = plain;
+    }
+    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    let text = &text[start..];
+    Ok(if text.starts_with(b"WARC/") {
+        Some(InputKind::Warc)
+    } else if text.starts_with(b"{") {
+        Some(InputKind::Jsonl)
+    } else if super::http::looks_like_html(text) {
+        Some(InputKind::Html)
+    } else {
+        None
+    })
+}
+
+/// The kind of a file from its name, else from its first bytes; `None` when neither tells (or
+/// the file cannot be read).
+pub fn detect_kind(path: &Path) -> Option<InputKind> {
+    kind_from_name(path).or_else(|| sniff_kind(path).ok().flatten())
+}
+
+/// Whether a path is hidden or a temporary file being written (skipped inside folders).
+fn skipped_in_folder(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.') || n.ends_with(".tmp"))
+}
+
+/// Every file under `dir` (recursive), sorted by path, for which `keep` is true. Folder links
+/// are followed once (a link loop is not walked twice).
+pub(crate) fn walk_sorted(
+    dir: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+) -> Result<Vec<PathBuf>, InputError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InputError::Io { path, source }
+    };
+    let mut out = Vec::new();
+    let mut seen_dirs = HashSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if !seen_dirs.insert(d.canonicalize().map_err(io_err(&d))?) {
+            continue;
+        }
+        let mut entries = std::fs::read_dir(&d)
+            .map_err(io_err(&d))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_err(&d))?;
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for path in entries {
+            if skipped_in_folder(&path) {
+                continue;
+            }
+            // Follows links; a dangling link is skipped rather than failing the whole folder.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                subdirs.push(path);
+            } else if meta.is_file() && keep(&path) {
+                out.push(path);
+            }
+        }
+        // Reversed so the stack pops them in order; the final sort makes the order global.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Expands input arguments into the sorted, deduplicated list of files to read.
+///
+/// Each argument is a file (its kind from its name, else from its first bytes), a folder
+/// (every file under it, recursively, whose name says WARC/WET, JSONL or HTML; hidden and
+/// `.tmp` files are skipped), or a glob pattern (`glob` syntax) whose matches are files or
+/// folders as above.
+pub fn expand_inputs(args: &[String]) -> Result<Vec<InputFile>, InputError> {
+    let mut found: Vec<InputFile> = Vec::new();
+    for arg in args {
+        let path = Path::new(arg);
+        if path.exists() {
+            add_path(path, true, &mut found)?;
+            continue;
+        }
+        if !arg.contains(['*', '?', '[']) {
+            return Err(InputError::NotFound(arg.clone()));
+        }
+        let matches = glob::glob(arg).map_err(|source| InputError::BadPattern {
+            pattern: arg.clone(),
+            source,
+        })?;
+        let mut any = false;
+        for m in matches {
+            let m = m.map_err(|e| InputError::Io {
+                path: e.path().to_path_buf(),
+                source: io::Error::new(e.error().kind(), e.error().to_string()),
+            })?;
+            any = true;
+            add_path(&m, false, &mut found)?;
+        }
+        if !any {
+            return Err(InputError::NotFound(arg.clone()));
+        }
+    }
+    found.sort();
+    // The same file reached twice (two args, a link, `dir` and `dir/x`) is read once.
+    let mut seen = HashSet::new();
+    found.retain(|f| seen.insert(f.path.canonicalize().unwrap_or_else(|_| f.path.clone())));
+    Ok(found)
+}
+
+/// Adds one existing path: a folder's input files, or the file itself. A file named explicitly
+/// must be readable as some input; a pattern's match that is not is skipped.
+fn add_path(path: &Path, named: bool, found: &mut Vec<InputFile>) -> Result<(), InputError> {
+    if path.is_dir() {
+        for p in walk_sorted(path, &|p| kind_from_name(p).is_some())? {
+            if let Some(kind) = kind_from_name(&p) {
+                found.push(InputFile { path: p, kind });
+            }
+        }
+        return Ok(());
+    }
+    let kind = match kind_from_name(path) {
+        Some(k) => Some(k),
+        None => sniff_kind(path).map_err(|source| InputError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?,
+    };
+    match kind {
+        Some(kind) => found.push(InputFile {
+            path: path.to_path_buf(),
+            kind,
+        }),
+        None if named => return Err(InputError::UnknownKind(path.to_path_buf())),
+        None => {}
+    }
+    Ok(())
+}
+
+/// One HTML file as one record (`Body::Html`, charset `None`, URL `file://<absolute path>`).
+/// Gzip-compressed pages (`.html.gz`) are decompressed.
+pub struct HtmlFileReader {
+    path: PathBuf,
+    file: String,
+    max_page: u64,
+    consumed: u64,
+    done: bool,
+}
+
+impl HtmlFileReader {
+    /// A reader of the page at `path`; `file` names it in origins and drops.
+    pub fn new(path: &Path, file: impl Into<String>, opts: &ReadOptions) -> Self {
+        HtmlFileReader {
+            path: path.to_path_buf(),
+            file: file.into(),
+            max_page: opts.max_page_bytes,
+            consumed: 0,
+            done: false,
+        }
+    }
+
+    /// Input bytes read so far.
+    pub fn bytes_consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    fn drop_at(&self, reason: DropReason, detail: impl Into<String>) -> Drop {
+        Drop {
+            reason,
+            file: self.file.clone(),
+            offset: 0,
+            detail: detail.into(),
+        }
+    }
+
+    fn read(&self) -> Result<RawRecord, Drop> {
+        let unreadable = |e: io::Error| self.drop_at(DropReason::UnreadableFile, e.to_string());
+        let mut f = File::open(&self.path).map_err(unreadable)?;
+        let len = f.metadata().map_err(unreadable)?.len();
+        if len == 0 {
+            return Err(self.drop_at(DropReason::EmptyFile, "the file has no bytes"));
+        }
+        let too_large = |this: &Self| {
+            this.drop_at(
+                DropReason::PageTooLarge,
+                format!("page over the {}-byte limit", this.max_page),
+            )
+        };
+        if len > self.max_page {
+            return Err(too_large(self));
+        }
+        let mut raw = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut raw).map_err(unreadable)?;
+        let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+            let mut plain = Vec::new();
+            GzDecoder::new(&raw[..])
+                .take(self.max_page + 1)
+                .read_to_end(&mut plain)
+                .map_err(|e| {
+                    let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
+                        DropReason::TruncatedGzip
+                    } else {
+                        DropReason::MalformedRecord
+                    };
+                    self.drop_at(reason, e.to_string())
+                })?;
+            plain
+        } else {
+            raw
+        };
+        if bytes.len() as u64 > self.max_page {
+            return Err(too_large(self));
+        }
+        let abs = self
+            .path
+            .canonicalize()
+            .unwrap_or_else(|_| self.path.clone());
+        Ok(RawRecord {
+            origin: Origin {
+                file: self.file.clone(),
+                offset: 0,
+            },
+            url: file_url(&abs.to_string_lossy()),
+            record_id: super::derived_id(&self.file, 0),
+            body: Body::Html {
+                bytes,
+                charset: None,
+            },
+        })
+    }
+}
+
+impl Iterator for HtmlFileReader {
+    type Item = Result<RawRecord, Drop>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        let item = self.read();
+        self.consumed = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        Some(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_names() {
+        let k = |n: &str| kind_from_name(Path::new(n));
+        assert_eq!(k("CC-MAIN-1.warc.gz"), Some(InputKind::Warc));
+        assert_eq!(k("a.WET.GZ"), Some(InputKind::Warc));
+        assert_eq!(k("x.warc"), Some(InputKind::Warc));
+        assert_eq!(k("d/x.jsonl.gz"), Some(InputKind::Jsonl));
+        assert_eq!(k("x.json"), Some(InputKind::Jsonl));
+        assert_eq!(k("index.htm"), Some(InputKind::Html));
+        assert_eq!(k("x.arc"), None);
+        assert_eq!(k("x.gz"), None);
+        assert_eq!(k("README"), None);
+    }
+
+    #[test]
+    fn expands_folders_files_and_patterns_sorted_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
+        std::fs::write(d.join("b.warc"), b"WARC/1.0\r\n").unwrap();
+        std::fs::write(d.join("sub/a.jsonl"), b"{}\n").unwrap();
+        std::fs::write(d.join("sub/deeper/p.html"), b"<html></html>").unwrap();
+        std::fs::write(d.join("sub/style.css"), b"p {}").unwrap();
+        std::fs::write(d.join(".hidden.warc"), b"WARC/1.0\r\n").unwrap();
+        std::fs::write(d.join("c.warc.gz.tmp"), b"").unwrap();
+        // No telling extension: sniffed.
+        std::fs::write(d.join("dump.bin"), b"WARC/1.0\r\n").unwrap();
+        std::fs::write(d.join("notes.txt"), b"hello").unwrap();
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let args = vec![
+            s(d),
+            s(&d.join("b.warc")),
+            s(&d.join("dump.bin")),
+            format!("{}/sub/*.jsonl", s(d)),
+        ];
+        let got = expand_inputs(&args).unwrap();
+        let want = vec![
+            InputFile {
+                path: d.join("b.warc"),
+                kind: InputKind::Warc,
+            },
+            InputFile {
+                path: d.join("dump.bin"),
+                kind: InputKind::Warc,
+            },
+            InputFile {
+                path: d.join("sub/a.jsonl"),
+                kind: InputKind::Jsonl,
+            },
+            InputFile {
+                path: d.join("sub/deeper/p.html"),
+                kind: InputKind::Html,
+            },
+        ];
+        assert_eq!(got, want);
+        assert_eq!(detect_kind(&d.join("dump.bin")), Some(InputKind::Warc));
+        assert_eq!(detect_kind(&d.join("notes.txt")), None);
+        assert_eq!(detect_kind(&d.join("missing.bin")), None);
+        assert!(matches!(
+            expand_inputs(&[s(&d.join("notes.txt"))]),
+            Err(InputError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            expand_inputs(&[s(&d.join("missing.warc"))]),
+            Err(InputError::NotFound(_))
+        ));
+        assert!(matches!(
+            expand_inputs(&[format!("{}/*.nothing", s(d))]),
+            Err(InputError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,20 @@
+//! backflow: instruction backtranslation (Humpback) as a streaming timely dataflow.
+//!
+//! The core lives under `src/` (records, formats, text, model, cluster, cli); the timely operators
+//! under `operators/` and the pipelines under `pipelines/`, mounted into this one crate.
+
+pub mod cli;
+pub mod cluster;
+pub mod formats;
+pub mod job;
+pub mod model;
+pub mod output;
+pub mod progress;
+pub mod records;
+pub mod stats;
+pub mod text;
+
+#[path = "../operators/mod.rs"]
+pub mod operators;
+#[path = "../pipelines/mod.rs"]
+pub mod pipelines;

@@ -1,0 +1,344 @@
+//! Batched generation with a shared-prefix KV cache.
+//!
+//! [`Generator`] is meant to be owned by one model-server thread: it takes a batch of
+//! [`Request`]s gathered from many workers, prefills all prompts in one forward pass
+//! (right-aligned, padding masked out), decodes all sequences together one token per step,
+//! drops sequences from the batch as they finish, and answers one [`Completion`] per request
+//! in request order.
+//!
+//! Prefix cache: prompts that share a long token prefix (the rating template shared by every
+//! rating) compute it once. The generator keeps the K/V of one prefix; a batch whose prompts all
+//! start with it reuses it, and a batch of several prompts with a longer common prefix
+//! ([`Generator::min_shared_prefix`] tokens or more) computes and keeps that one instead.
+//! [`Generator::cache_prefix`] sets it explicitly. Each request's sampler has its own seeded
+//! RNG, so results do not depend on which batch a request lands in.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::kv_cache::{KvCache, PrefixKv, GROW_CHUNK};
+use super::llama::Llama;
+use super::sampling::{Sampler, Sampling};
+use super::ModelError;
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The prompt, tokenized (chat template applied by the caller).
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampling: Sampling,
+    /// Extra stop tokens for this request (the generator's own, e.g. EOS, always apply).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Request {
+    /// A greedy request with no extra stop tokens.
+    pub fn greedy(prompt_ids: Vec<u32>, max_new_tokens: usize) -> Self {
+        Request {
+            prompt_ids,
+            max_new_tokens,
+            sampling: Sampling::greedy(),
+            stop_ids: Vec::new(),
+        }
+    }
+}
+
+/// Why generation of a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// A stop token was produced (it is not included in the completion).
+    StopToken(u32),
+    /// `max_new_tokens` were generated.
+    MaxTokens,
+    /// The model's context length was reached.
+    ContextFull,
+}
+
+/// The answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Generated token ids, without the stop token.
+    pub ids: Vec<u32>,
+    /// `ids` decoded by the generator's decoder (empty when it has none).
+    pub text: String,
+    /// Why it ended.
+    pub stop: StopReason,
+}
+
+/// Turns token ids into text (the tokenizer's `decode`).
+pub type Decoder = Box<dyn Fn(&[u32]) -> String + Send>;
+
+/// Batched generation over one model, with a shared-prefix cache. See the module docs.
+pub struct Generator<B: Backend> {
+    model: Llama<B>,
+    stop_ids: Vec<u32>,
+    prefix: Option<PrefixKv<B>>,
+    decoder: Option<Decoder>,
+    /// Shortest common prefix of a batch worth computing once and caching.
+    pub min_shared_prefix: usize,
+    /// Largest batch run at once; bigger request lists are split.
+    pub max_batch: usize,
+}
+
+impl<B: Backend> std::fmt::Debug for Generator<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("config", self.model.config())
+            .field("stop_ids", &self.stop_ids)
+            .field("prefix_len", &self.cached_prefix_len())
+            .finish()
+    }
+}
+
+/// A prefilled batch: its cache and the logits after each prompt.
+struct Prefilled<B: Backend> {
+    cache: KvCache<B>,
+    logits: Tensor<B, 2>,
+}
+
+impl<B: Backend> Generator<B> {
+    /// A generator that stops sequences at any of `stop_ids` (EOS, `<|im_end|>`, ...).
+    pub fn new(model: Llama<B>, stop_ids: Vec<u32>) -> Self {
+        Generator {
+            model,
+            stop_ids,
+            prefix: None,
+            decoder: None,
+            min_shared_prefix: 32,
+            max_batch: 32,
+        }
+    }
+
+    /// Fills [`Completion::text`] with `decoder(ids)`.
+    pub fn with_decoder(mut self, decoder: Decoder) -> Self {
+        self.decoder = Some(decoder);
+        self
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama<B> {
+        &self.model
+    }
+
+    /// Tokens in the cached prefix (0 when none).
+    pub fn cached_prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixKv::len)
+    }
+
+    /// Forgets the cached prefix.
+    pub fn clear_prefix(&mut self) {
+        self.prefix = None;
+    }
+
+    /// Computes and keeps the K/V of `ids`, to be reused by every later prompt starting with it.
+    pub fn cache_prefix(&mut self, ids: &[u32]) -> Result<(), ModelError> {
+        if ids.is_empty() {
+            self.prefix = None;
+            return Ok(());
+        }
+        if self.prefix.as_ref().is_some_and(|p| p.ids == ids) {
+            return Ok(());
+        }
+        self.check_ids(ids)?;
+        let cfg = self.model.config();
+        let mut cache = KvCache::new(cfg, 1, ids.len(), self.model.device());
+        let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
+        self.model.forward(&tokens, ids.len(), &mut cache)?;
+        self.prefix = Some(cache.snapshot_prefix(ids)?);
+        Ok(())
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
+        let vocab = self.model.config().vocab;
+        match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => Err(ModelError::Request(format!(
+                "token id {t} outside the vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Picks (and if needed computes) the prefix for this batch; returns its length.
+    fn choose_prefix(&mut self, prompts: &[&[u32]]) -> Result<usize, ModelError> {
+        // A prefix must leave at least one prompt token, whose logits start the generation.
+        let usable = |ids: &[u32]| prompts.iter().all(|p| p.len() > ids.len() && p.starts_with(ids));
+        let current = self.prefix.as_ref().map(|p| p.ids.as_slice());
+        let current_len = match current {
+            Some(ids) if usable(ids) => ids.len(),
+            _ => 0,
+        };
+        if prompts.len() >= 2 {
+            let first = prompts[0];
+            let mut lcp = first.len().saturating_sub(1);
+            for p in &prompts[1..] {
+                let common = first.iter().zip(p.iter()).take_while(|(a, b)| a == b).count();
+                lcp = lcp.min(common).min(p.len().saturating_sub(1));
+            }
+            if lcp >= self.min_shared_prefix && lcp > current_len {
+                self.cache_prefix(&first[..lcp])?;
+                return Ok(lcp);
+            }
+        }
+        Ok(current_len)
+    }
+
+    /// Prefills a batch of prompts: the cached prefix (if usable), then the rest of every
+    /// prompt right-aligned in one forward pass.
+    fn prefill(&mut self, prompts: &[&[u32]], reserve: usize) -> Result<Prefilled<B>, ModelError> {
+        for p in prompts {
+            if p.is_empty() {
+                return Err(ModelError::Request("empty prompt".into()));
+            }
+            self.check_ids(p)?;
+        }
+        let p_len = self.choose_prefix(prompts)?;
+        let b = prompts.len();
+        let s = prompts.iter().map(|p| p.len() - p_len).max().unwrap_or(1);
+        let cap = (p_len + s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
+        let cfg = self.model.config();
+        let device = self.model.device();
+        let mut cache = match (&self.prefix, p_len) {
+            (Some(prefix), n) if n > 0 => KvCache::from_prefix(cfg, prefix, b, cap, device),
+            _ => KvCache::new(cfg, b, cap, device),
+        };
+        let mut tokens = Vec::with_capacity(b * s);
+        for p in prompts {
+            let rest = &p[p_len..];
+            tokens.extend(std::iter::repeat_n(None, s - rest.len()));
+            tokens.extend(rest.iter().map(|&t| Some(t)));
+        }
+        let logits = self.model.forward(&tokens, s, &mut cache)?;
+        Ok(Prefilled { cache, logits })
+    }
+
+    /// The next-token logits after each prompt (`[vocab]` each), batched and using the prefix
+    /// cache like [`Generator::generate`].
+    pub fn next_token_logits(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(self.max_batch.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let pre = self.prefill(&refs, 0)?;
+            let vocab = self.model.config().vocab;
+            let flat = to_f32(pre.logits)?;
+            out.extend(flat.chunks(vocab).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+
+    /// Generates a completion for every request (in request order).
+    pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
+        let mut out = Vec::with_capacity(requests.len());
+        for chunk in requests.chunks(self.max_batch.max(1)) {
+            out.extend(self.generate_batch(chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn generate_batch(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
+        let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
+        // Requests that want no tokens never enter the batch.
+        let live: Vec<usize> = (0..requests.len())
+            .filter(|&i| {
+                if requests[i].max_new_tokens == 0 {
+                    done[i] = Some(Completion {
+                        ids: Vec::new(),
+                        text: String::new(),
+                        stop: StopReason::MaxTokens,
+                    });
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        if !live.is_empty() {
+            let prompts: Vec<&[u32]> = live.iter().map(|&i| requests[i].prompt_ids.as_slice()).collect();
+            let reserve = live
+                .iter()
+                .map(|&i| requests[i].max_new_tokens)
+                .max()
+                .unwrap_or(1)
+                .min(GROW_CHUNK);
+            let Prefilled { mut cache, mut logits } = self.prefill(&prompts, reserve)?;
+            let max_pos = self.model.config().max_seq_len;
+            let vocab = self.model.config().vocab;
+            let mut rows = live; // request index of each cache row
+            let mut samplers: Vec<Sampler> =
+                rows.iter().map(|&i| Sampler::new(requests[i].sampling)).collect();
+            let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+            loop {
+                // Greedy batches pick on the device and move `batch` ints, not the logits.
+                let next: Vec<u32> = if samplers.iter().all(|s| s.config().is_greedy()) {
+                    to_u32(logits.argmax(1))?
+                } else {
+                    let flat = to_f32(logits)?;
+                    flat.chunks(vocab)
+                        .zip(samplers.iter_mut())
+                        .map(|(row, s)| s.sample(row))
+                        .collect()
+                };
+                let mut keep = Vec::with_capacity(rows.len());
+                let mut step_tokens = Vec::with_capacity(rows.len());
+                for (r, &tok) in next.iter().enumerate() {
+                    let req = &requests[rows[r]];
+                    let stop = if self.stop_ids.contains(&tok) || req.stop_ids.contains(&tok) {
+                        Some(StopReason::StopToken(tok))
+                    } else {
+                        generated[r].push(tok);
+                        if generated[r].len() >= req.max_new_tokens {
+                            Some(StopReason::MaxTokens)
+                        } else if cache.next_position(r) >= max_pos {
+                            Some(StopReason::ContextFull)
+                        } else {
+                            None
+                        }
+                    };
+                    match stop {
+                        Some(stop) => {
+                            let ids = std::mem::take(&mut generated[r]);
+                            let text = self.decoder.as_ref().map(|d| d(&ids)).unwrap_or_default();
+                            done[rows[r]] = Some(Completion { ids, text, stop });
+                        }
+                        None => {
+                            keep.push(r);
+                            step_tokens.push(Some(tok));
+                        }
+                    }
+                }
+                if keep.is_empty() {
+                    break;
+                }
+                if keep.len() != rows.len() {
+                    cache.retain(&keep);
+                    rows = keep.iter().map(|&r| rows[r]).collect();
+                    samplers = keep.iter().map(|&r| samplers[r].clone()).collect();
+                    generated = keep.iter().map(|&r| std::mem::take(&mut generated[r])).collect();
+                }
+                logits = self.model.forward(&step_tokens, 1, &mut cache)?;
+            }
+        }
+        done.into_iter()
+            .map(|c| c.ok_or_else(|| ModelError::Request("a sequence was lost".into())))
+            .collect()
+    }
+}
+
+fn to_f32<B: Backend>(t: Tensor<B, 2>) -> Result<Vec<f32>, ModelError> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| ModelError::Request(format!("reading logits: {e:?}")))
+}
+
+fn to_u32<B: Backend>(t: Tensor<B, 2, burn::tensor::Int>) -> Result<Vec<u32>, ModelError> {
+    let v = t
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| ModelError::Request(format!("reading token ids: {e:?}")))?;
+    Ok(v.into_iter().map(|x| x as u32).collect())
+}

@@ -1,0 +1,422 @@
+//! The LLaMA decoder in burn: RMSNorm, RoPE ("halves" convention), grouped-query attention over
+//! a KV cache, SwiGLU MLP, generic over the backend.
+//!
+//! Layout choices, all for speed on a CPU backend:
+//! - q/k/v are one fused `[hidden, (h + 2·kv_h)·d]` matmul and gate/up one `[hidden, 2·ffn]`
+//!   matmul: fewer, larger GEMMs parallelize better than many small ones.
+//! - Linear weights are stored transposed (`[in, out]`, contiguous), so `x.matmul(w)` needs no
+//!   stride games.
+//! - GQA without copying K/V: the `n_rep` query heads sharing a kv head are folded into the
+//!   query-row axis (`[b, kv_h, n_rep·s, d]`), so attention runs on `kv_h` heads against the
+//!   cache as it is, and the mask is repeated per folded row.
+//! - Only the last position's hidden state goes through the output head.
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use super::config::LlamaConfig;
+use super::kv_cache::KvCache;
+use super::ModelError;
+
+/// A weight as it comes from a checkpoint: `f32`, row-major, Hugging Face layout.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Shape (PyTorch order: `[out, in]` for linear weights).
+    pub shape: Vec<usize>,
+}
+
+/// The weights of one decoder block, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerWeight {
+    /// RMSNorm before attention.
+    AttnNorm,
+    /// Query projection `[h·d, hidden]`.
+    Q,
+    /// Key projection `[kv_h·d, hidden]`.
+    K,
+    /// Value projection `[kv_h·d, hidden]`.
+    V,
+    /// Query bias (Qwen2).
+    QBias,
+    /// Key bias (Qwen2).
+    KBias,
+    /// Value bias (Qwen2).
+    VBias,
+    /// Attention output projection `[hidden, h·d]`.
+    O,
+    /// RMSNorm before the MLP.
+    FfnNorm,
+    /// SwiGLU gate `[ffn, hidden]`.
+    Gate,
+    /// SwiGLU up `[ffn, hidden]`.
+    Up,
+    /// SwiGLU down `[hidden, ffn]`.
+    Down,
+}
+
+/// A weight of the model, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightName {
+    /// Token embedding `[vocab, hidden]`.
+    Embedding,
+    /// Final RMSNorm.
+    OutputNorm,
+    /// Output head `[vocab, hidden]` (absent when tied to the embedding).
+    Output,
+    /// A block's weight.
+    Layer(usize, LayerWeight),
+}
+
+/// Where weights come from (a GGUF file, a Hugging Face folder, random init for benchmarks).
+///
+/// Implementations return weights in Hugging Face layout: `[out, in]` linear weights and q/k
+/// rows ordered for "halves" RoPE.
+pub trait WeightSource {
+    /// The weight, or `Ok(None)` when the checkpoint does not have it (optional weights only:
+    /// biases and a tied output head).
+    fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError>;
+}
+
+/// One decoder block's tensors on the device.
+#[derive(Debug, Clone)]
+struct Block<B: Backend> {
+    attn_norm: Tensor<B, 2>,
+    /// `[hidden, (h + 2·kv_h)·d]`
+    wqkv: Tensor<B, 2>,
+    /// `[1, (h + 2·kv_h)·d]`
+    bqkv: Option<Tensor<B, 2>>,
+    /// `[h·d, hidden]`
+    wo: Tensor<B, 2>,
+    ffn_norm: Tensor<B, 2>,
+    /// `[hidden, 2·ffn]`
+    w_gate_up: Tensor<B, 2>,
+    /// `[ffn, hidden]`
+    w_down: Tensor<B, 2>,
+}
+
+/// A LLaMA-family decoder with its weights on a device.
+#[derive(Debug, Clone)]
+pub struct Llama<B: Backend> {
+    cfg: LlamaConfig,
+    device: B::Device,
+    /// `[vocab, hidden]`
+    embed: Tensor<B, 2>,
+    blocks: Vec<Block<B>>,
+    /// `[1, hidden]`
+    norm: Tensor<B, 2>,
+    /// `[vocab, hidden]` (the embedding itself when tied).
+    output: Tensor<B, 2>,
+    /// RoPE tables `[max_pos, d/2]`.
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+fn shape_err(name: WeightName, want: &[usize], got: &[usize]) -> ModelError {
+    ModelError::Weight {
+        name: format!("{name:?}"),
+        problem: format!("shape {got:?}, expected {want:?}"),
+    }
+}
+
+fn required(
+    src: &mut dyn WeightSource,
+    name: WeightName,
+    want: &[usize],
+) -> Result<HostTensor, ModelError> {
+    let t = src.load(name)?.ok_or_else(|| ModelError::Weight {
+        name: format!("{name:?}"),
+        problem: "missing".into(),
+    })?;
+    if t.shape != want {
+        return Err(shape_err(name, want, &t.shape));
+    }
+    Ok(t)
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    // Blocked so both sides stay in cache for the large matrices.
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Concatenates `[out_i, in]` matrices along `out` and transposes to `[in, Σ out_i]`.
+fn fuse_transposed(parts: &[&HostTensor], inner: usize) -> (Vec<f32>, usize) {
+    let total_out: usize = parts.iter().map(|p| p.shape[0]).sum();
+    let mut stacked = Vec::with_capacity(total_out * inner);
+    for p in parts {
+        stacked.extend_from_slice(&p.data);
+    }
+    (transpose_host(&stacked, total_out, inner), total_out)
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every weight from `src` onto `device`, checking shapes against `cfg`.
+    pub fn load(
+        cfg: LlamaConfig,
+        src: &mut dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let (h, d, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
+        let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
+            Tensor::from_data(TensorData::new(data, shape), device)
+        };
+        let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
+        let embed = to_dev(embed.data, [cfg.vocab, h]);
+        let norm = required(src, WeightName::OutputNorm, &[h])?;
+        let norm = to_dev(norm.data, [1, h]);
+        let output = if cfg.tie_embeddings {
+            embed.clone()
+        } else {
+            match src.load(WeightName::Output)? {
+                Some(t) if t.shape == [cfg.vocab, h] => to_dev(t.data, [cfg.vocab, h]),
+                Some(t) => return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &t.shape)),
+                // A checkpoint that declares an untied head but lacks it: fall back to tying,
+                // which is what HF does when `lm_head` is absent.
+                None => embed.clone(),
+            }
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        let qd = cfg.n_heads * d;
+        let kd = kvh * d;
+        for l in 0..cfg.n_layers {
+            let w = |lw| WeightName::Layer(l, lw);
+            let attn_norm = required(src, w(LayerWeight::AttnNorm), &[h])?;
+            let q = required(src, w(LayerWeight::Q), &[qd, h])?;
+            let k = required(src, w(LayerWeight::K), &[kd, h])?;
+            let v = required(src, w(LayerWeight::V), &[kd, h])?;
+            let (wqkv, qkv_out) = fuse_transposed(&[&q, &k, &v], h);
+            drop((q, k, v));
+            let bqkv = if cfg.qkv_bias {
+                let bq = required(src, w(LayerWeight::QBias), &[qd])?;
+                let bk = required(src, w(LayerWeight::KBias), &[kd])?;
+                let bv = required(src, w(LayerWeight::VBias), &[kd])?;
+                let mut b = bq.data;
+                b.extend_from_slice(&bk.data);
+                b.extend_from_slice(&bv.data);
+                Some(to_dev(b, [1, qkv_out]))
+            } else {
+                None
+            };
+            let o = required(src, w(LayerWeight::O), &[h, qd])?;
+            let wo = transpose_host(&o.data, h, qd);
+            let ffn_norm = required(src, w(LayerWeight::FfnNorm), &[h])?;
+            let gate = required(src, w(LayerWeight::Gate), &[cfg.ffn, h])?;
+            let up = required(src, w(LayerWeight::Up), &[cfg.ffn, h])?;
+            let (w_gate_up, _) = fuse_transposed(&[&gate, &up], h);
+            drop((gate, up));
+            let down = required(src, w(LayerWeight::Down), &[h, cfg.ffn])?;
+            let w_down = transpose_host(&down.data, h, cfg.ffn);
+            blocks.push(Block {
+                attn_norm: to_dev(attn_norm.data, [1, h]),
+                wqkv: to_dev(wqkv, [h, qkv_out]),
+                bqkv,
+                wo: to_dev(wo, [qd, h]),
+                ffn_norm: to_dev(ffn_norm.data, [1, h]),
+                w_gate_up: to_dev(w_gate_up, [h, 2 * cfg.ffn]),
+                w_down: to_dev(w_down, [cfg.ffn, h]),
+            });
+        }
+        let (cos, sin) = rope_tables(cfg.max_seq_len, d, cfg.rope_theta);
+        let half = d / 2;
+        let cos = to_dev(cos, [cfg.max_seq_len, half]);
+        let sin = to_dev(sin, [cfg.max_seq_len, half]);
+        Ok(Llama {
+            cfg,
+            device: device.clone(),
+            embed,
+            blocks,
+            norm,
+            output,
+            cos,
+            sin,
+        })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Runs `s` new tokens per sequence through the model, appending their K/V to `cache`
+    /// at slots `cache.len()..cache.len() + s`, and returns the logits of the last slot,
+    /// `[batch, vocab]`.
+    ///
+    /// `tokens` is `batch × s` row-major; `None` marks padding (used to right-align prompts of
+    /// different lengths, so every sequence's last real token sits in the last slot). Padding
+    /// slots are never attended to and do not advance a sequence's position.
+    pub fn forward(
+        &self,
+        tokens: &[Option<u32>],
+        s: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let b = cache.batch();
+        if s == 0 || tokens.len() != b * s {
+            return Err(ModelError::Request(format!(
+                "{} tokens for a batch of {b} × {s}",
+                tokens.len()
+            )));
+        }
+        let cfg = &self.cfg;
+        let (d, kvh, n_rep) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep());
+        let mut ids = Vec::with_capacity(b * s);
+        for t in tokens {
+            let id = t.unwrap_or(0);
+            if id as usize >= cfg.vocab {
+                return Err(ModelError::Request(format!(
+                    "token id {id} outside the vocabulary of {}",
+                    cfg.vocab
+                )));
+            }
+            ids.push(id as i64);
+        }
+        let plan = cache.append(tokens, s, cfg.max_seq_len)?;
+        let start = plan.start;
+        let cap = cache.capacity();
+
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &self.device);
+        let pos = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(plan.positions.clone(), [b * s]),
+            &self.device,
+        );
+        let half = d / 2;
+        let cos = self
+            .cos
+            .clone()
+            .select(0, pos.clone())
+            .reshape([b, s, 1, half]);
+        let sin = self.sin.clone().select(0, pos).reshape([b, s, 1, half]);
+        let mask = Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(plan.mask, [b, 1, n_rep * s, cap]),
+            &self.device,
+        );
+
+        let mut x = self.embed.clone().select(0, ids); // [b·s, hidden]
+        let qd = cfg.n_heads * d;
+        let kd = kvh * d;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let xn = rms_norm(x.clone(), blk.attn_norm.clone(), cfg.rms_eps);
+            let mut qkv = xn.matmul(blk.wqkv.clone());
+            if let Some(bias) = &blk.bqkv {
+                qkv = qkv + bias.clone();
+            }
+            let q = qkv.clone().narrow(1, 0, qd).reshape([b, s, cfg.n_heads, d]);
+            let k = qkv.clone().narrow(1, qd, kd).reshape([b, s, kvh, d]);
+            let v = qkv.narrow(1, qd + kd, kd).reshape([b, s, kvh, d]);
+            let q = rope(q, cos.clone(), sin.clone());
+            let k = rope(k, cos.clone(), sin.clone());
+            // [b, kv_h, s, d] into the cache slots of this step.
+            let (k_all, v_all) =
+                cache.write(l, start, k.swap_dims(1, 2), v.swap_dims(1, 2));
+            // Fold the query heads of each kv head into the row axis: row = r·s + t.
+            let q = q
+                .reshape([b, s, kvh, n_rep, d])
+                .permute([0, 2, 3, 1, 4])
+                .reshape([b, kvh, n_rep * s, d]);
+            let att = attention(
+                q,
+                k_all,
+                v_all,
+                Some(mask.clone()),
+                None,
+                AttentionModuleOptions::default(),
+            );
+            let att = att
+                .reshape([b, kvh, n_rep, s, d])
+                .permute([0, 3, 1, 2, 4])
+                .reshape([b * s, qd]);
+            x = x + att.matmul(blk.wo.clone());
+            let xn = rms_norm(x.clone(), blk.ffn_norm.clone(), cfg.rms_eps);
+            let gu = xn.matmul(blk.w_gate_up.clone());
+            let gate = gu.clone().narrow(1, 0, cfg.ffn);
+            let up = gu.narrow(1, cfg.ffn, cfg.ffn);
+            x = x + (silu(gate) * up).matmul(blk.w_down.clone());
+        }
+        let last = x
+            .reshape([b, s, cfg.hidden])
+            .narrow(1, s - 1, 1)
+            .reshape([b, cfg.hidden]);
+        let last = rms_norm(last, self.norm.clone(), cfg.rms_eps);
+        Ok(last.matmul(self.output.clone().transpose()))
+    }
+}
+
+/// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+    let inv = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip();
+    x * inv * w
+}
+
+/// RoPE in the "halves" convention (HF `rotate_half`): element `i` of the first half rotates
+/// with element `i` of the second half by angle `pos · θ^(-2i/d)`.
+/// `x` is `[b, s, heads, d]`, `cos`/`sin` are `[b, s, 1, d/2]`.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let r2 = x2 * cos + x1 * sin;
+    Tensor::cat(vec![r1, r2], 3)
+}
+
+/// `cos` and `sin` of `pos · θ^(-2i/d)` for `pos < max_pos`, `i < d/2`, row-major.
+pub fn rope_tables(max_pos: usize, d: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    // f64 for the angle: at position 8000 an f32 product loses ~1e-3 rad.
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / d as f64))
+        .collect();
+    for p in 0..max_pos {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_roundtrip() {
+        let m: Vec<f32> = (0..35 * 70).map(|i| i as f32).collect();
+        let t = transpose_host(&m, 35, 70);
+        assert_eq!(t[1], m[70]); // (0,1) of the transpose is (1,0) of m
+        assert_eq!(transpose_host(&t, 70, 35), m);
+    }
+
+    #[test]
+    fn rope_table_values() {
+        let (c, s) = rope_tables(3, 4, 10_000.0);
+        // pos 2, i = 1: angle 2 / 10000^(2/4) = 0.02
+        assert!((c[2 * 2 + 1] - 0.02f32.cos()).abs() < 1e-7);
+        assert!((s[2 * 2 + 1] - 0.02f32.sin()).abs() < 1e-7);
+        assert_eq!(c[0], 1.0);
+    }
+}

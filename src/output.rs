@@ -1,0 +1,102 @@
+//! Output files: JSONL written atomically, and the JSON lines users read.
+
+use crate::records::Passage;
+use serde::Serialize;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// One passage as a line of the segment output: flat, with the provenance users grep for.
+#[derive(Debug, Serialize)]
+pub struct PassageLine<'a> {
+    /// The passage text.
+    pub text: &'a str,
+    /// The page's URL.
+    pub url: &'a str,
+    /// The page's record id.
+    pub record_id: &'a str,
+    /// The input file.
+    pub file: &'a str,
+    /// Byte offset of the record in the input file.
+    pub offset: u64,
+    /// Headers from the page's top to the passage's.
+    pub header_path: &'a [String],
+    /// Hash of the normalised text (hex).
+    pub content_hash: String,
+    /// The passage's id (hex).
+    pub id: String,
+}
+
+impl<'a> From<&'a Passage> for PassageLine<'a> {
+    fn from(p: &'a Passage) -> Self {
+        PassageLine {
+            text: &p.text,
+            url: &p.url,
+            record_id: &p.record_id,
+            file: &p.origin.file,
+            offset: p.origin.offset,
+            header_path: &p.header_path,
+            content_hash: format!("{:016x}", p.content_hash),
+            id: format!("{:016x}", p.id),
+        }
+    }
+}
+
+/// Writes `lines` as JSONL to `path` atomically: to `path.tmp` first, synced, then renamed.
+pub fn atomic_write_jsonl<T: Serialize>(
+    path: &Path,
+    lines: impl IntoIterator<Item = T>,
+) -> anyhow::Result<()> {
+    atomic_write(path, |out| {
+        for line in lines {
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a file atomically: `fill` writes to `path.tmp`, which is synced and renamed to `path`.
+pub fn atomic_write(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    fill(&mut out)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_leaves_only_the_final_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        atomic_write_jsonl(&path, [serde_json::json!({"a": 1}), serde_json::json!({"b": "x"})]).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":\"x\"}\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out.jsonl")]);
+    }
+
+    #[test]
+    fn failed_fill_never_creates_the_final_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let err = atomic_write(&path, |out| {
+            out.write_all(b"{\"half\":")?;
+            anyhow::bail!("interrupted")
+        });
+        assert!(err.is_err());
+        assert!(!path.exists());
+    }
+}

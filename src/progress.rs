@@ -1,0 +1,128 @@
+//! Progress of one process: counters shared by its workers, shown as a progress bar on a
+//! terminal (indicatif) or as plain log lines otherwise. Also carries the process's fatal error,
+//! if any, so that an operator can end the job cleanly instead of panicking.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Counters of one process.
+#[derive(Debug, Default)]
+pub struct Progress {
+    bytes: AtomicU64,
+    files: AtomicU64,
+    passages: AtomicU64,
+    fatal: Mutex<Option<String>>,
+    failed: AtomicBool,
+}
+
+impl Progress {
+    /// Input bytes consumed.
+    pub fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    /// One input file finished.
+    pub fn file_done(&self) {
+        self.files.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Passages written.
+    pub fn add_passages(&self, n: u64) {
+        self.passages.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Records a fatal error (the first one wins); ingestion stops and the job fails at the end.
+    pub fn fail(&self, message: String) {
+        log::error!("{message}");
+        if let Ok(mut slot) = self.fatal.lock() {
+            slot.get_or_insert(message);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+    /// Whether a fatal error happened.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+    /// The fatal error, if any.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|s| s.clone())
+    }
+    /// (bytes, files, passages) so far.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.files.load(Ordering::Relaxed),
+            self.passages.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Shows progress until dropped.
+pub struct Reporter {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// Starts showing `progress` of a job reading `total_bytes` (0 when unknown, as with `--follow`).
+    pub fn start(label: &str, progress: Arc<Progress>, total_bytes: u64, quiet: bool) -> Reporter {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = (!quiet).then(|| {
+            let done = done.clone();
+            let label = label.to_owned();
+            std::thread::spawn(move || report(&label, &progress, total_bytes, &done))
+        });
+        Reporter { done, thread }
+    }
+}
+
+impl std::ops::Drop for Reporter {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
+    let started = Instant::now();
+    if std::io::stderr().is_terminal() {
+        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let template = if total > 0 {
+            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}"
+        } else {
+            "{prefix} [{elapsed_precise}] {spinner} {bytes} {binary_bytes_per_sec} {msg}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style);
+        }
+        bar.set_prefix(label.to_owned());
+        while !done.load(Ordering::SeqCst) {
+            let (bytes, files, passages) = progress.snapshot();
+            bar.set_position(bytes);
+            bar.set_message(format!("{files} files, {passages} passages"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (bytes, files, passages) = progress.snapshot();
+        bar.set_position(bytes);
+        bar.finish_with_message(format!("{files} files, {passages} passages"));
+    } else {
+        let mut last = Instant::now();
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            if last.elapsed() >= Duration::from_secs(5) {
+                last = Instant::now();
+                let (bytes, files, passages) = progress.snapshot();
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                log::info!(
+                    "{label}: {files} files, {:.1} MB read ({:.1} MB/s){}, {passages} passages",
+                    bytes as f64 / 1e6,
+                    bytes as f64 / 1e6 / secs,
+                    if total > 0 { format!(" of {:.1} MB", total as f64 / 1e6) } else { String::new() },
+                );
+            }
+        }
+    }
+}

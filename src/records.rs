@@ -1,0 +1,78 @@
+//! The records that flow between operators. Everything here is `serde` so that timely can move it
+//! between processes (bincode on the wire).
+
+use serde::{Deserialize, Serialize};
+
+/// Where a record came from in its crawl dump.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Origin {
+    /// The input file, as given or discovered.
+    pub file: String,
+    /// Byte offset of the record in the file (for gzip inputs: of the gzip member holding it).
+    pub offset: u64,
+}
+
+/// The payload of a raw record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// An HTML document, still as bytes; `charset` is the one the HTTP header declared, if any.
+    Html { bytes: Vec<u8>, charset: Option<String> },
+    /// Text that was already extracted upstream (WET conversion records, JSONL).
+    Text(String),
+}
+
+/// One document as read from a crawl dump, before extraction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawRecord {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The target URL (WARC-Target-URI, JSONL `url`, or a file:// URL for a folder of pages).
+    pub url: String,
+    /// The record's id (WARC-Record-ID, JSONL `id`), or one derived from the origin.
+    pub record_id: String,
+    /// The payload.
+    pub body: Body,
+}
+
+/// One block of extracted text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Block {
+    /// A header `h1`..`h6`; `level` is 1..=6.
+    Heading { level: u8, text: String },
+    /// A paragraph-like block of text (p, li, pre, td, ...), whitespace normalised (pre keeps newlines).
+    Text(String),
+}
+
+/// A document after extraction: its text as a flat sequence of headers and blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The target URL.
+    pub url: String,
+    /// The record's id.
+    pub record_id: String,
+    /// The page `<title>`, if any.
+    pub title: Option<String>,
+    /// Headers and text blocks in document order.
+    pub blocks: Vec<Block>,
+}
+
+/// A self-contained passage: a header with the content under it (paper §2.1).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Passage {
+    /// A unique id: a hash of the page's origin and the passage's position in it.
+    pub id: u64,
+    /// Hash of the normalised text: the passage's identity for exact dedup.
+    pub content_hash: u64,
+    /// The passage text: the header line, then the content under it.
+    pub text: String,
+    /// The page's URL.
+    pub url: String,
+    /// The page's record id.
+    pub record_id: String,
+    /// Where the page came from.
+    pub origin: Origin,
+    /// The headers from the page's top to this passage's header.
+    pub header_path: Vec<String>,
+}

@@ -1,0 +1,158 @@
+//! Helpers shared by the integration tests: the real assets cache, the binary, WARC bytes built by
+//! hand (independently of backflow's own writer), and reading a job's outputs.
+#![allow(dead_code)]
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The assets cache (see scripts/fetch-assets.sh).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("BACKFLOW_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/backflow"))
+}
+
+/// The real HTML pages of the Python docs, or `None` (the test then says so and passes vacuously
+/// only when `BACKFLOW_REQUIRE_ASSETS` is unset; CI sets it).
+pub fn python_docs() -> Option<PathBuf> {
+    let dir = cache_dir().join("pages/python3.11");
+    if dir.join(".complete").exists() {
+        Some(dir)
+    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
+        panic!("assets missing: run scripts/fetch-assets.sh");
+    } else {
+        eprintln!("skipping: {} missing (run scripts/fetch-assets.sh)", dir.display());
+        None
+    }
+}
+
+/// The backflow binary under test.
+pub fn backflow() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_backflow"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs and asserts success, returning the output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn backflow");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One WARC/1.0 record, built by hand.
+pub fn warc_record(warc_type: &str, uri: &str, content_type: &str, block: &[u8]) -> Vec<u8> {
+    let mut r = Vec::new();
+    write!(
+        r,
+        "WARC/1.0\r\nWARC-Type: {warc_type}\r\nWARC-Target-URI: {uri}\r\nWARC-Date: 2026-11-21T00:00:00Z\r\n\
+         WARC-Record-ID: <urn:uuid:{:08x}-0000-0000-0000-000000000000>\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n\r\n",
+        xxhash_rust::xxh3::xxh3_64(uri.as_bytes()) as u32,
+        block.len()
+    )
+    .unwrap();
+    r.extend_from_slice(block);
+    r.extend_from_slice(b"\r\n\r\n");
+    r
+}
+
+/// An HTTP response block.
+pub fn http_response(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// A response record holding `body` as `content_type`.
+pub fn response_record(uri: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    warc_record("response", uri, "application/http; msgtype=response", &http_response(content_type, body))
+}
+
+/// Gzip of `bytes` as one member.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// Records as a Common-Crawl-style .warc.gz: one gzip member per record. Returns the bytes and
+/// the offset of each member.
+pub fn warc_gz(records: &[Vec<u8>]) -> (Vec<u8>, Vec<u64>) {
+    let mut out = Vec::new();
+    let mut offsets = Vec::new();
+    for r in records {
+        offsets.push(out.len() as u64);
+        out.extend(gzip(r));
+    }
+    (out, offsets)
+}
+
+/// The `.html` files under `dir`, sorted.
+pub fn html_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "html") {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Every passage line written under `out` (files whose names contain `segment`).
+pub fn passages(out: &Path) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains("segment") && name.ends_with(".jsonl") {
+            for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+                all.push(serde_json::from_str(line).expect("each output line is JSON"));
+            }
+        }
+    }
+    all
+}
+
+/// The set of passage texts under `out`.
+pub fn passage_texts(out: &Path) -> BTreeSet<String> {
+    passages(out).iter().map(|p| p["text"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The job's summary.
+pub fn summary(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json written");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// How many were dropped for `reason` in a summary.
+pub fn dropped(summary: &serde_json::Value, reason: &str) -> u64 {
+    summary["dropped"][reason]["count"].as_u64().unwrap_or(0)
+}
+
+/// Two free localhost ports for a two-process job.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
