@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// A page with one header and a long paragraph of `word`s: one passage when segmented.
 fn page(title: &str, word: &str) -> String {
-    let body = vec![word; 160].join(" ");
+    let body = vec![word; 140].join(" ");
     format!("<html><head><title>{title}</title></head><body><h2>{title}</h2><p>{body}.</p></body></html>")
 }
 

@@ -41,6 +41,14 @@ const MAX_HEADER: usize = 1 << 20;
 const CLASSIFY_PREFIX: usize = 64 * 1024;
 /// Every record starts with this (WARC/1.0 and WARC/1.1).
 const MAGIC: &[u8] = b"WARC/1.";
+/// Whether `at` starts a whole version line (`WARC/1.0` or `WARC/1.1` then CRLF): a record
+/// start even where garbage without a line break runs right up to it.
+fn is_version_line(at: &[u8]) -> bool {
+    at.len() >= MAGIC.len() + 3
+        && matches!(at[MAGIC.len()], b'0' | b'1')
+        && &at[MAGIC.len() + 1..MAGIC.len() + 3] == b"\r\n"
+}
+
 /// A record's block is followed by this.
 const TRAILER: &[u8] = b"\r\n\r\n";
 
@@ -739,7 +747,9 @@ impl<R: Read> WarcReader<R> {
         loop {
             let found = {
                 let a = self.src.avail();
-                match memmem::find_iter(a, MAGIC).find(|&i| self.src.is_line_start(i)) {
+                match memmem::find_iter(a, MAGIC)
+                    .find(|&i| self.src.is_line_start(i) || is_version_line(&a[i..]))
+                {
                     Some(i) => Ok(i),
                     // Keep a tail that could be the start of the magic.
                     None => Err(a.len().saturating_sub(MAGIC.len() - 1)),

@@ -82,6 +82,56 @@ pub trait WeightSource {
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError>;
 }
 
+/// Random weights of a given shape (N(0, 0.02), norms at 1), for benchmarks and GPU runs
+/// where a real checkpoint cannot travel.
+#[derive(Debug)]
+pub struct RandomWeights {
+    cfg: LlamaConfig,
+    rng: rand::rngs::StdRng,
+}
+
+impl RandomWeights {
+    /// Weights for `cfg`, reproducible from `seed`.
+    pub fn new(cfg: LlamaConfig, seed: u64) -> Self {
+        use rand::SeedableRng;
+        RandomWeights {
+            cfg,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError> {
+        use rand::Rng;
+        let c = &self.cfg;
+        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let (shape, ones) = match name {
+            WeightName::Embedding | WeightName::Output => (vec![c.vocab, c.hidden], false),
+            WeightName::OutputNorm => (vec![c.hidden], true),
+            WeightName::Layer(_, w) => match w {
+                LayerWeight::AttnNorm | LayerWeight::FfnNorm => (vec![c.hidden], true),
+                LayerWeight::Q => (vec![qd, c.hidden], false),
+                LayerWeight::K | LayerWeight::V => (vec![kd, c.hidden], false),
+                LayerWeight::QBias => (vec![qd], false),
+                LayerWeight::KBias | LayerWeight::VBias => (vec![kd], false),
+                LayerWeight::O => (vec![c.hidden, qd], false),
+                LayerWeight::Gate | LayerWeight::Up => (vec![c.ffn, c.hidden], false),
+                LayerWeight::Down => (vec![c.hidden, c.ffn], false),
+            },
+        };
+        let n: usize = shape.iter().product();
+        let data = if ones {
+            vec![1.0; n]
+        } else {
+            // Uniform with the standard deviation 0.02 of the usual init: cheap and bounded.
+            let a = 0.02 * 3f32.sqrt();
+            (0..n).map(|_| self.rng.random_range(-a..a)).collect()
+        };
+        Ok(Some(HostTensor { data, shape }))
+    }
+}
+
 /// One decoder block's tensors on the device.
 #[derive(Debug, Clone)]
 struct Block<B: Backend> {
