@@ -37,6 +37,9 @@ pub enum Command {
     },
     /// Pack a folder of .html pages into a WARC/1.0 file of `response` records (gzip per record).
     WarcPack(warc_pack::WarcPackArgs),
+    /// Generate text with a LLaMA-family model (GGUF file or Hugging Face folder); prints only the
+    /// generated text on stdout.
+    Generate(generate::GenerateArgs),
 }
 
 /// Parses the command line and runs the job.
@@ -60,5 +63,6 @@ pub fn main() -> Result<()> {
             (pipeline.main)(argv)
         }
         Command::WarcPack(args) => warc_pack::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }

@@ -249,11 +249,13 @@ impl<B: Backend> KvCache<B> {
             start..start + s,
             0..self.head_dim,
         ];
-        let placeholder = || Tensor::empty([0, 0, 0, 0], &self.device);
-        let old_k = std::mem::replace(&mut self.k[l], placeholder());
-        self.k[l] = old_k.slice_assign(ranges.clone(), k);
-        let old_v = std::mem::replace(&mut self.v[l], placeholder());
-        self.v[l] = old_v.slice_assign(ranges, v);
+        for (cache, new) in [(&mut self.k[l], k), (&mut self.v[l], v)] {
+            let old = std::mem::replace(cache, Tensor::empty([0, 0, 0, 0], &self.device));
+            *cache = match write_in_place(old, start, &new) {
+                Ok(written) => written,
+                Err(old) => old.slice_assign(ranges.clone(), new),
+            };
+        }
         (self.k[l].clone(), self.v[l].clone())
     }
 
@@ -293,5 +295,69 @@ impl<B: Backend> KvCache<B> {
             k: self.k.iter().map(cut).collect(),
             v: self.v.iter().map(cut).collect(),
         })
+    }
+}
+
+/// Writes `value` (`[b, h, s, d]`) into slots `start..start + s` of `cache` (`[b, h, cap, d]`)
+/// in place, when `cache` is a flex CPU tensor that is contiguous and owned alone.
+///
+/// burn-flex 0.21's `slice_assign` always copies its whole destination (it keeps a second
+/// handle to the buffer while writing, so copy-on-write fires): for a KV cache that is a copy
+/// of the entire cache per layer per token. Other backends (CUDA) write in place already and
+/// take the `Err` path to `slice_assign`.
+fn write_in_place<B: Backend>(
+    cache: Tensor<B, 4>,
+    start: usize,
+    value: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, TensorPrimitive};
+    use std::any::Any;
+
+    let [b, h, cap, d] = cache.dims();
+    let [vb, vh, s, vd] = value.dims();
+    if (vb, vh, vd) != (b, h, d) || start + s > cap {
+        return Err(cache);
+    }
+    let src: Vec<f32> = {
+        let TensorPrimitive::Float(vp) = value.clone().into_primitive() else {
+            return Err(cache);
+        };
+        let Some(vf) = (&vp as &dyn Any).downcast_ref::<FlexTensor>() else {
+            return Err(cache);
+        };
+        if vf.dtype() != DType::F32 {
+            return Err(cache);
+        }
+        vf.to_contiguous().storage::<f32>().to_vec()
+    };
+    let TensorPrimitive::Float(mut prim) = cache.into_primitive() else {
+        unreachable!("a float tensor's primitive is a float primitive")
+    };
+    let written = match (&mut prim as &mut dyn Any).downcast_mut::<FlexTensor>() {
+        Some(t)
+            if t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.layout().start_offset() == 0 =>
+        {
+            match t.try_storage_mut::<f32>() {
+                Some(dst) if dst.len() == b * h * cap * d => {
+                    let run = s * d;
+                    for bh in 0..b * h {
+                        let at = (bh * cap + start) * d;
+                        dst[at..at + run].copy_from_slice(&src[bh * run..(bh + 1) * run]);
+                    }
+                    true
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    let cache = Tensor::from_primitive(TensorPrimitive::Float(prim));
+    if written {
+        Ok(cache)
+    } else {
+        Err(cache)
     }
 }

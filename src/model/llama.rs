@@ -11,7 +11,7 @@
 //!   cache as it is, and the mask is repeated per folded row.
 //! - Only the last position's hidden state goes through the output head.
 
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -80,6 +80,17 @@ pub trait WeightSource {
     /// The weight, or `Ok(None)` when the checkpoint does not have it (optional weights only:
     /// biases and a tied output head).
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError>;
+}
+
+/// Forward steps of at most this many tokens per sequence use the matmul attention path.
+const DECODE_MAX_S: usize = 4;
+
+/// The attention mask of one forward step, in the form its attention path wants.
+enum AttnMask<B: Backend> {
+    /// `[b, 1, rows, cap]`, true = masked, for the fused attention kernel.
+    Bool(Tensor<B, 4, Bool>),
+    /// `[b, kv_h, rows, cap]`, 0 or -inf, added to the scores.
+    Bias(Tensor<B, 4>),
 }
 
 /// Random weights of a given shape (N(0, 0.02), norms at 1), for benchmarks and GPU runs
@@ -357,10 +368,27 @@ impl<B: Backend> Llama<B> {
             .select(0, pos.clone())
             .reshape([b, s, 1, half]);
         let sin = self.sin.clone().select(0, pos).reshape([b, s, 1, half]);
-        let mask = Tensor::<B, 4, Bool>::from_data(
-            TensorData::new(plan.mask, [b, 1, n_rep * s, cap]),
-            &self.device,
-        );
+        let rows = n_rep * s;
+        let mask = if s <= DECODE_MAX_S {
+            // Additive bias for the matmul path, expanded over kv heads on the host so the
+            // device add needs no broadcasting.
+            let mut bias = Vec::with_capacity(b * kvh * rows * cap);
+            for chunk in plan.mask.chunks(rows * cap) {
+                for _ in 0..kvh {
+                    bias.extend(chunk.iter().map(|&m| if m { f32::NEG_INFINITY } else { 0.0 }));
+                }
+            }
+            AttnMask::Bias(Tensor::from_data(
+                TensorData::new(bias, [b, kvh, rows, cap]),
+                &self.device,
+            ))
+        } else {
+            AttnMask::Bool(Tensor::from_data(
+                TensorData::new(plan.mask, [b, 1, rows, cap]),
+                &self.device,
+            ))
+        };
+        let scale = 1.0 / (d as f64).sqrt();
 
         let mut x = self.embed.clone().select(0, ids); // [b·s, hidden]
         let qd = cfg.n_heads * d;
@@ -384,14 +412,22 @@ impl<B: Backend> Llama<B> {
                 .reshape([b, s, kvh, n_rep, d])
                 .permute([0, 2, 3, 1, 4])
                 .reshape([b, kvh, n_rep * s, d]);
-            let att = attention(
-                q,
-                k_all,
-                v_all,
-                Some(mask.clone()),
-                None,
-                AttentionModuleOptions::default(),
-            );
+            let att = match &mask {
+                AttnMask::Bool(m) => attention(
+                    q,
+                    k_all,
+                    v_all,
+                    Some(m.clone()),
+                    None,
+                    AttentionModuleOptions::default(),
+                ),
+                AttnMask::Bias(bias) => {
+                    // Decode: a few query rows per (sequence, kv head). Batched matmuls
+                    // parallelize over the batch, which the fused CPU attention kernel does not.
+                    let scores = q.matmul(k_all.swap_dims(2, 3)).mul_scalar(scale) + bias.clone();
+                    softmax(scores, 3).matmul(v_all)
+                }
+            };
             let att = att
                 .reshape([b, kvh, n_rep, s, d])
                 .permute([0, 3, 1, 2, 4])
