@@ -4,7 +4,9 @@
 //! SmolLM2-135M-Instruct from ~/.cache/backflow/model when present, random weights of the same
 //! shape otherwise (throughput does not depend on the values). Knobs (environment):
 //! `BENCH_BATCHES` (default `1,8,32`), `BENCH_PROMPT` prompt tokens (128), `BENCH_NEW` new tokens
-//! per sequence (32), `BENCH_MODEL` another GGUF file or HF folder.
+//! per sequence (32), `BENCH_MODEL` another GGUF file or HF folder, `BENCH_SHARED` tokens of
+//! prefix shared by all prompts of a batch (0; with N > 0 the prefix cache computes it once per
+//! batch, as for the rating template).
 //!
 //! Prefill: every prompt in one forward pass, distinct prompts (no shared prefix).
 //! Decode: `generate` of `BENCH_NEW` tokens with no stop token, minus the prefill time, over the
@@ -48,11 +50,13 @@ fn smollm2_shape() -> LlamaConfig {
 
 fn main() {
     let device = default_device();
-    let path = std::env::var_os("BENCH_MODEL").map(PathBuf::from).or_else(|| {
-        let p = PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf");
-        p.exists().then_some(p)
-    });
+    let path = std::env::var_os("BENCH_MODEL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = PathBuf::from(std::env::var_os("HOME")?)
+                .join(".cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf");
+            p.exists().then_some(p)
+        });
     let (model, what): (Llama<B>, String) = match &path {
         Some(p) => match load_checkpoint::<B>(p, &device) {
             Ok(ck) => (ck.model, p.display().to_string()),
@@ -79,18 +83,19 @@ fn main() {
         .collect();
     let prompt_len = env_usize("BENCH_PROMPT", 128).max(1);
     let new_tokens = env_usize("BENCH_NEW", 32).max(2);
+    let shared = env_usize("BENCH_SHARED", 0).min(prompt_len - 1);
     let vocab = model.config().vocab as u32;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     println!(
-        "model: {what}\nbackend: {}, {threads} threads; prompt {prompt_len} tokens, {new_tokens} new tokens",
+        "model: {what}\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens",
         backend_name()
     );
     println!(
         "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step |\n|------:|--------------:|----------:|-------------:|---------------:|"
     );
     let mut gen = Generator::new(model, Vec::new());
-    gen.min_shared_prefix = usize::MAX;
+    gen.min_shared_prefix = if shared > 0 { 1 } else { usize::MAX };
     gen.max_batch = batches.iter().copied().max().unwrap_or(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Warm-up: first-touch allocations and thread-pool start-up.
@@ -99,9 +104,15 @@ fn main() {
         std::process::exit(1);
     }
     for &b in &batches {
+        let common: Vec<u32> = (0..shared).map(|_| rng.random_range(3..vocab)).collect();
         let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..prompt_len).map(|_| rng.random_range(3..vocab)).collect())
+            .map(|_| {
+                let mut p = common.clone();
+                p.extend((shared..prompt_len).map(|_| rng.random_range(3..vocab)));
+                p
+            })
             .collect();
+        gen.clear_prefix();
         let t = Instant::now();
         if let Err(e) = gen.next_token_logits(&prompts) {
             eprintln!("prefill failed: {e}");
@@ -112,6 +123,8 @@ fn main() {
             .iter()
             .map(|p| Request::greedy(p.clone(), new_tokens))
             .collect();
+        // Same start as the prefill measurement: the shared prefix is computed again.
+        gen.clear_prefix();
         let t = Instant::now();
         match gen.generate(&requests) {
             Ok(c) if c.iter().all(|c| c.ids.len() == new_tokens) => {}

@@ -59,7 +59,9 @@ macro_rules! need_model {
         match loaded() {
             Some(l) => l,
             None => {
-                eprintln!("skipped: ~/.cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf is absent");
+                eprintln!(
+                    "skipped: ~/.cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf is absent"
+                );
                 return;
             }
         }
@@ -92,14 +94,20 @@ fn check_logits(name: &str, logits: &[f32], r: &Value) {
     let got_argmax = backflow::model::sampling::argmax(logits) as usize;
     assert_eq!(got_argmax, argmax, "{name}: argmax");
     let mut worst = 0f32;
-    for (id, want) in ids_of(&r["top20_ids"]).iter().zip(floats_of(&r["top20_values"])) {
+    for (id, want) in ids_of(&r["top20_ids"])
+        .iter()
+        .zip(floats_of(&r["top20_values"]))
+    {
         worst = worst.max((logits[*id as usize] - want).abs());
     }
     let stride = r["sample_stride"].as_u64().expect("stride") as usize;
     for (k, want) in floats_of(&r["sample"]).iter().enumerate() {
         worst = worst.max((logits[k * stride] - want).abs());
     }
-    assert!(worst <= LOGIT_TOL, "{name}: max |diff| {worst} > {LOGIT_TOL}");
+    assert!(
+        worst <= LOGIT_TOL,
+        "{name}: max |diff| {worst} > {LOGIT_TOL}"
+    );
     // The whole vector: its sum must agree to the same per-logit tolerance on average.
     let sum: f64 = logits.iter().map(|&x| x as f64).sum();
     let want_sum = r["sum"].as_f64().expect("sum");
@@ -127,6 +135,18 @@ fn logits_match_numpy_reference_alone_and_batched() {
     let logits = gen.next_token_logits(&all).expect("batched logits");
     for (r, lg) in prompts.iter().zip(&logits) {
         check_logits(&format!("batched {}", r["name"]), lg, r);
+    }
+    // From a cached prefix: a long rest (fused attention path) and a one-token rest (the
+    // decode path, which reads the shared prefix once for the batch).
+    let france = france_ids(&reference);
+    let r = prompts
+        .iter()
+        .find(|r| r["name"] == "chatml_france")
+        .expect("france");
+    for cut in [20, france.len() - 1] {
+        gen.cache_prefix(&france[..cut]).expect("prefix");
+        let logits = gen.next_token_logits(&[france.clone()]).expect("logits");
+        check_logits(&format!("prefix {cut}"), &logits[0], r);
     }
 }
 
@@ -183,9 +203,18 @@ fn greedy_tokens_do_not_depend_on_batch_or_prefix_cache() {
             Request::greedy(longer.clone(), n),
         ])
         .expect("cached batch");
-    assert_eq!(cached_batch[1].ids, alone.ids, "prefix cache inside a batch");
-    assert_eq!(cached_batch[0].ids, batch[2].ids, "shorter prompt, cached vs not");
-    assert_eq!(cached_batch[2].ids, batch[0].ids, "longer prompt, cached vs not");
+    assert_eq!(
+        cached_batch[1].ids, alone.ids,
+        "prefix cache inside a batch"
+    );
+    assert_eq!(
+        cached_batch[0].ids, batch[2].ids,
+        "shorter prompt, cached vs not"
+    );
+    assert_eq!(
+        cached_batch[2].ids, batch[0].ids,
+        "longer prompt, cached vs not"
+    );
 
     // Automatic prefix: a batch with a long common prefix computes it once.
     gen.clear_prefix();
@@ -196,7 +225,11 @@ fn greedy_tokens_do_not_depend_on_batch_or_prefix_cache() {
             Request::greedy(longer.clone(), n),
         ])
         .expect("auto prefix");
-    assert!(gen.cached_prefix_len() >= 20, "automatic prefix of {}", gen.cached_prefix_len());
+    assert!(
+        gen.cached_prefix_len() >= 20,
+        "automatic prefix of {}",
+        gen.cached_prefix_len()
+    );
     assert_eq!(auto[0].ids, alone.ids);
     assert_eq!(auto[1].ids, batch[0].ids);
 }
@@ -206,7 +239,9 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
     let l = need_model!();
     let france = france_ids(&reference());
     let mut gen = Generator::new(l.model.clone(), l.stop_ids.clone());
-    let greedy = gen.generate(&[Request::greedy(france.clone(), 3)]).expect("gen");
+    let greedy = gen
+        .generate(&[Request::greedy(france.clone(), 3)])
+        .expect("gen");
     assert_eq!(greedy[0].ids.len(), 3);
     assert_eq!(greedy[0].stop, StopReason::MaxTokens);
     // Stopping on the greedy second token: the completion is the first token only.
@@ -216,7 +251,9 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
     assert_eq!(stopped[0].ids, greedy[0].ids[..1].to_vec());
     assert_eq!(stopped[0].stop, StopReason::StopToken(greedy[0].ids[1]));
     // A zero-token request never runs.
-    let none = gen.generate(&[Request::greedy(france.clone(), 0)]).expect("gen");
+    let none = gen
+        .generate(&[Request::greedy(france.clone(), 0)])
+        .expect("gen");
     assert!(none[0].ids.is_empty());
 
     // Sampling: same seed, same tokens, alone or next to a greedy request; another seed
@@ -239,7 +276,10 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
     let others: Vec<_> = (12..16)
         .map(|s| gen.generate(&[sampled(s)]).expect("c").remove(0).ids)
         .collect();
-    assert!(others.iter().any(|o| *o != a[0].ids), "five seeds, one answer");
+    assert!(
+        others.iter().any(|o| *o != a[0].ids),
+        "five seeds, one answer"
+    );
 }
 
 #[test]
@@ -250,14 +290,22 @@ fn greedy_answer_about_paris() {
         return;
     };
     let template = ChatTemplate::for_tokenizer(tok).expect("chat template");
-    let ids = template.encode(tok, &[Message::user("What is the capital of France?")], true);
+    let ids = template.encode(
+        tok,
+        &[Message::user("What is the capital of France?")],
+        true,
+    );
     let stops = template.stop_tokens(tok);
     let mut gen = Generator::new(l.model.clone(), stops);
     let out = gen.generate(&[Request::greedy(ids, 24)]).expect("generate");
     let text = tok.decode(&out[0].ids);
     eprintln!("answer: {text:?}");
     assert!(text.contains("Paris"), "{text:?}");
-    assert!(matches!(out[0].stop, StopReason::StopToken(_)), "{:?}", out[0].stop);
+    assert!(
+        matches!(out[0].stop, StopReason::StopToken(_)),
+        "{:?}",
+        out[0].stop
+    );
 }
 
 #[test]

@@ -124,8 +124,8 @@ impl LlamaConfig {
 
     /// Reads the config from a Hugging Face `config.json` text.
     pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
-        let j: HfConfig =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let j: HfConfig = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let arch = Architecture::parse(&j.model_type)?;
         if let Some(scaling) = j.rope_scaling.as_ref().filter(|v| !v.is_null()) {
             return Err(ModelError::Config(format!(

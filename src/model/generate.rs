@@ -165,7 +165,11 @@ impl<B: Backend> Generator<B> {
     /// Picks (and if needed computes) the prefix for this batch; returns its length.
     fn choose_prefix(&mut self, prompts: &[&[u32]]) -> Result<usize, ModelError> {
         // A prefix must leave at least one prompt token, whose logits start the generation.
-        let usable = |ids: &[u32]| prompts.iter().all(|p| p.len() > ids.len() && p.starts_with(ids));
+        let usable = |ids: &[u32]| {
+            prompts
+                .iter()
+                .all(|p| p.len() > ids.len() && p.starts_with(ids))
+        };
         let current = self.prefix.as_ref().map(|p| p.ids.as_slice());
         let current_len = match current {
             Some(ids) if usable(ids) => ids.len(),
@@ -175,7 +179,11 @@ impl<B: Backend> Generator<B> {
             let first = prompts[0];
             let mut lcp = first.len().saturating_sub(1);
             for p in &prompts[1..] {
-                let common = first.iter().zip(p.iter()).take_while(|(a, b)| a == b).count();
+                let common = first
+                    .iter()
+                    .zip(p.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 lcp = lcp.min(common).min(p.len().saturating_sub(1));
             }
             if lcp >= self.min_shared_prefix && lcp > current_len {
@@ -198,7 +206,8 @@ impl<B: Backend> Generator<B> {
         let p_len = self.choose_prefix(prompts)?;
         let b = prompts.len();
         let s = prompts.iter().map(|p| p.len() - p_len).max().unwrap_or(1);
-        let cap = (p_len + s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
+        // Own slots only: a shared prefix lives apart from them.
+        let cap = (s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
         let cfg = self.model.config();
         let device = self.model.device();
         let mut cache = match (&self.prefix, p_len) {
@@ -256,19 +265,27 @@ impl<B: Backend> Generator<B> {
             })
             .collect();
         if !live.is_empty() {
-            let prompts: Vec<&[u32]> = live.iter().map(|&i| requests[i].prompt_ids.as_slice()).collect();
+            let prompts: Vec<&[u32]> = live
+                .iter()
+                .map(|&i| requests[i].prompt_ids.as_slice())
+                .collect();
             let reserve = live
                 .iter()
                 .map(|&i| requests[i].max_new_tokens)
                 .max()
                 .unwrap_or(1)
                 .min(GROW_CHUNK);
-            let Prefilled { mut cache, mut logits } = self.prefill(&prompts, reserve)?;
+            let Prefilled {
+                mut cache,
+                mut logits,
+            } = self.prefill(&prompts, reserve)?;
             let max_pos = self.model.config().max_seq_len;
             let vocab = self.model.config().vocab;
             let mut rows = live; // request index of each cache row
-            let mut samplers: Vec<Sampler> =
-                rows.iter().map(|&i| Sampler::new(requests[i].sampling)).collect();
+            let mut samplers: Vec<Sampler> = rows
+                .iter()
+                .map(|&i| Sampler::new(requests[i].sampling))
+                .collect();
             let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
             loop {
                 // Greedy batches pick on the device and move `batch` ints, not the logits.
@@ -316,7 +333,10 @@ impl<B: Backend> Generator<B> {
                     cache.retain(&keep);
                     rows = keep.iter().map(|&r| rows[r]).collect();
                     samplers = keep.iter().map(|&r| samplers[r].clone()).collect();
-                    generated = keep.iter().map(|&r| std::mem::take(&mut generated[r])).collect();
+                    generated = keep
+                        .iter()
+                        .map(|&r| std::mem::take(&mut generated[r]))
+                        .collect();
                 }
                 logits = self.model.forward(&step_tokens, 1, &mut cache)?;
             }

@@ -334,7 +334,10 @@ impl<'a> Cursor<'a> {
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
             .ok_or_else(|| {
-                GgufError::Corrupt(format!("read of {n} bytes at offset {} past the end", self.pos))
+                GgufError::Corrupt(format!(
+                    "read of {n} bytes at offset {} past the end",
+                    self.pos
+                ))
             })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
@@ -450,7 +453,9 @@ impl GgufFile {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
             if n_dims > 8 {
-                return Err(GgufError::Corrupt(format!("tensor {name} has {n_dims} dims")));
+                return Err(GgufError::Corrupt(format!(
+                    "tensor {name} has {n_dims} dims"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -469,7 +474,9 @@ impl GgufFile {
             Some(v) => v
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| GgufError::Corrupt("general.alignment is not a power of two".into()))?,
+                .ok_or_else(|| {
+                    GgufError::Corrupt("general.alignment is not a power of two".into())
+                })?,
             None => DEFAULT_ALIGNMENT,
         };
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
@@ -548,7 +555,10 @@ impl GgufFile {
             )));
         }
         let len = n / block_elems * block_bytes;
-        let start = self.data_offset.checked_add(info.offset).map(|s| s as usize);
+        let start = self
+            .data_offset
+            .checked_add(info.offset)
+            .map(|s| s as usize);
         match start {
             Some(s) if s.checked_add(len).is_some_and(|e| e <= self.mmap.len()) => {
                 Ok(&self.mmap[s..s + len])
@@ -606,21 +616,13 @@ impl GgufFile {
             token_types: self
                 .get("tokenizer.ggml.token_type")
                 .and_then(GgufValue::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|v| v.as_i64().unwrap_or(1) as i32)
-                        .collect()
-                })
+                .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1) as i32).collect())
                 .unwrap_or_default(),
             merges: strings("tokenizer.ggml.merges"),
             scores: self
                 .get("tokenizer.ggml.scores")
                 .and_then(GgufValue::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|v| v.as_f64().unwrap_or(0.0) as f32)
-                        .collect()
-                })
+                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
                 .unwrap_or_default(),
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_id: id("tokenizer.ggml.eos_token_id"),
@@ -673,7 +675,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         GgmlType::Q4_0 => {
             // block_q4_0 { ggml_half d; uint8_t qs[16]; }: low nibbles are elements 0..16,
             // high nibbles 16..32, both offset by 8.
-            for (y, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(block_bytes)) {
+            for (y, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
                 let d = f16_at(b, 0);
                 let qs = &b[2..];
                 for j in 0..QK / 2 {
@@ -684,7 +689,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         }
         GgmlType::Q4_1 => {
             // block_q4_1 { ggml_half d; ggml_half m; uint8_t qs[16]; }: x = q * d + m.
-            for (y, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(block_bytes)) {
+            for (y, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
                 let d = f16_at(b, 0);
                 let m = f16_at(b, 2);
                 let qs = &b[4..];
@@ -696,7 +704,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         }
         GgmlType::Q8_0 => {
             // block_q8_0 { ggml_half d; int8_t qs[32]; }
-            for (y, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(block_bytes)) {
+            for (y, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
                 let d = f16_at(b, 0);
                 for j in 0..QK {
                     y[j] = (b[2 + j] as i8) as f32 * d;
@@ -705,7 +716,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         }
         GgmlType::Q4_K => {
             // block_q4_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qs[128]; }
-            for (y, b) in out.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(block_bytes)) {
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
                 let d = f16_at(b, 0);
                 let dmin = f16_at(b, 2);
                 let scales = &b[4..16];
@@ -728,7 +742,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         }
         GgmlType::Q6_K => {
             // block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; }
-            for (y, b) in out.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(block_bytes)) {
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
                 let d = f16_at(b, 208);
                 for half in 0..2 {
                     let ql = &b[64 * half..64 * half + 64];
@@ -922,7 +939,10 @@ mod tests {
         assert_eq!(f.architecture().ok(), Some("llama"));
         assert_eq!(
             f.get("a.list"),
-            Some(&GgufValue::Array(vec![GgufValue::I32(-7), GgufValue::I32(9)]))
+            Some(&GgufValue::Array(vec![
+                GgufValue::I32(-7),
+                GgufValue::I32(9)
+            ]))
         );
         assert_eq!(f.get_f64("a.f").ok(), Some(2.5));
         let (v, shape) = f.tensor_f32("t").expect("tensor");

@@ -6,6 +6,10 @@
 //! lengths are right-aligned with padding slots in between, so after prefill every sequence's
 //! last token is in the same slot and decoding appends one slot for all.
 //!
+//! A batch started from a [`PrefixKv`] keeps the prefix apart, shared by every sequence (one
+//! copy, not one per sequence): attention reads it once for the whole batch (see
+//! `llama::Llama::forward`), and the batch's own slots start after it.
+//!
 //! The tensors grow in chunks of [`GROW_CHUNK`] slots; attention reads the whole capacity and
 //! the mask hides slots that are padding or not written yet. Writes go through `slice_assign`
 //! on tensors the cache owns alone, so on CPU they happen in place.
@@ -48,7 +52,7 @@ pub struct AppendPlan {
     pub start: usize,
     /// RoPE position of every new token, `batch × s` row-major (0 for padding).
     pub positions: Vec<i64>,
-    /// Attention mask `[batch, 1, n_rep·s, capacity]`, `true` = may not attend.
+    /// Attention mask `[batch, 1, n_rep·s, prefix_len + capacity]`, `true` = may not attend.
     pub mask: Vec<bool>,
 }
 
@@ -67,6 +71,8 @@ pub struct KvCache<B: Backend> {
     valid: Vec<Vec<bool>>,
     /// Per sequence: position of its next token.
     next_pos: Vec<usize>,
+    /// The shared prefix every sequence starts with, if any.
+    prefix: Option<PrefixKv<B>>,
     device: B::Device,
 }
 
@@ -90,12 +96,13 @@ impl<B: Backend> KvCache<B> {
             capacity,
             valid: vec![Vec::new(); batch],
             next_pos: vec![0; batch],
+            prefix: None,
             device: device.clone(),
         }
     }
 
-    /// A cache for `batch` sequences that all start with `prefix`, with room for `capacity`
-    /// slots in all (at least the prefix).
+    /// A cache for `batch` sequences that all start with `prefix` (shared, not copied), with
+    /// room for `capacity` slots after it before growing.
     pub fn from_prefix(
         cfg: &LlamaConfig,
         prefix: &PrefixKv<B>,
@@ -103,29 +110,21 @@ impl<B: Backend> KvCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Self {
-        let p = prefix.len();
-        let capacity = capacity.max(p).max(1);
-        let (kv_heads, head_dim) = (cfg.n_kv_heads, cfg.head_dim);
-        // The expanded prefix is a broadcast view; `cat` materializes it into storage the
-        // cache owns alone, so later writes happen in place.
-        let fill = |t: &Tensor<B, 4>| {
-            let shared = t.clone().expand([batch, kv_heads, p, head_dim]);
-            let rest = Tensor::zeros([batch, kv_heads, capacity - p, head_dim], device);
-            Tensor::cat(vec![shared, rest], 2)
-        };
-        KvCache {
-            k: prefix.k.iter().map(fill).collect(),
-            v: prefix.v.iter().map(fill).collect(),
-            batch,
-            kv_heads,
-            head_dim,
-            n_rep: cfg.n_rep(),
-            len: p,
-            capacity,
-            valid: vec![vec![true; p]; batch],
-            next_pos: vec![p; batch],
-            device: device.clone(),
-        }
+        let mut cache = Self::new(cfg, batch, capacity, device);
+        cache.next_pos = vec![prefix.len(); batch];
+        cache.prefix = Some(prefix.clone());
+        cache
+    }
+
+    /// Tokens in the shared prefix (0 when none).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixKv::len)
+    }
+
+    /// Layer `l`'s shared prefix K and V, `[1, kv_heads, prefix_len, head_dim]`.
+    pub fn prefix_kv(&self, l: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let p = self.prefix.as_ref().filter(|p| !p.is_empty())?;
+        Some((p.k.get(l)?.clone(), p.v.get(l)?.clone()))
     }
 
     /// Sequences in the batch.
@@ -190,24 +189,30 @@ impl<B: Backend> KvCache<B> {
             }
         }
         let rows = self.n_rep * s;
-        let mut mask = vec![true; self.batch * rows * cap];
+        // Columns: the shared prefix (always visible: every query comes after it), then the
+        // batch's own slots.
+        let p = self.prefix_len();
+        let cols = p + cap;
+        let mut mask = vec![true; self.batch * rows * cols];
         for i in 0..self.batch {
             let valid = &self.valid[i];
             for t in 0..s {
                 let slot = start + t;
-                let mut row = vec![true; cap];
+                let mut row = vec![true; cols];
+                let (visible, row_own) = row.split_at_mut(p);
+                visible.fill(false);
                 if valid[slot] {
-                    for (j, m) in row.iter_mut().enumerate().take(slot + 1) {
+                    for (j, m) in row_own.iter_mut().enumerate().take(slot + 1) {
                         *m = !valid[j];
                     }
                 } else {
                     // A padding row attends to itself only: its output is never used, and a
                     // row with nothing to attend to would be NaN.
-                    row[slot] = false;
+                    row_own[slot] = false;
                 }
                 for r in 0..self.n_rep {
-                    let at = (i * rows + r * s + t) * cap;
-                    mask[at..at + cap].copy_from_slice(&row);
+                    let at = (i * rows + r * s + t) * cols;
+                    mask[at..at + cols].copy_from_slice(&row);
                 }
             }
         }
@@ -225,7 +230,12 @@ impl<B: Backend> KvCache<B> {
             return;
         }
         let new_cap = slots.div_ceil(GROW_CHUNK) * GROW_CHUNK;
-        let extra = [self.batch, self.kv_heads, new_cap - self.capacity, self.head_dim];
+        let extra = [
+            self.batch,
+            self.kv_heads,
+            new_cap - self.capacity,
+            self.head_dim,
+        ];
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
             let old = std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &self.device));
             *t = Tensor::cat(vec![old, Tensor::zeros(extra, &self.device)], 2);
@@ -279,7 +289,11 @@ impl<B: Backend> KvCache<B> {
     /// hold real tokens (no padding), which is the case for a cache prefilled with one sequence.
     pub fn snapshot_prefix(&self, ids: &[u32]) -> Result<PrefixKv<B>, ModelError> {
         let len = ids.len();
-        if len > self.len || self.batch == 0 || !self.valid[0][..len].iter().all(|&v| v) {
+        if self.prefix.is_some()
+            || len > self.len
+            || self.batch == 0
+            || !self.valid[0][..len].iter().all(|&v| v)
+        {
             return Err(ModelError::Request(
                 "prefix snapshot of slots that are not all real tokens".into(),
             ));
@@ -331,14 +345,13 @@ fn write_in_place<B: Backend>(
         }
         vf.to_contiguous().storage::<f32>().to_vec()
     };
-    let TensorPrimitive::Float(mut prim) = cache.into_primitive() else {
-        unreachable!("a float tensor's primitive is a float primitive")
+    let mut prim = match cache.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        other => return Err(Tensor::from_primitive(other)),
     };
     let written = match (&mut prim as &mut dyn Any).downcast_mut::<FlexTensor>() {
         Some(t)
-            if t.dtype() == DType::F32
-                && t.is_contiguous()
-                && t.layout().start_offset() == 0 =>
+            if t.dtype() == DType::F32 && t.is_contiguous() && t.layout().start_offset() == 0 =>
         {
             match t.try_storage_mut::<f32>() {
                 Some(dst) if dst.len() == b * h * cap * d => {
@@ -359,5 +372,59 @@ fn write_in_place<B: Backend>(
         Ok(cache)
     } else {
         Err(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+    use burn::backend::Flex;
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            arch: Architecture::Llama,
+            n_layers: 1,
+            hidden: 8,
+            ffn: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            vocab: 10,
+            max_seq_len: 6,
+            tie_embeddings: true,
+            qkv_bias: false,
+        }
+    }
+
+    #[test]
+    fn padding_positions_and_mask() {
+        let mut c = KvCache::<Flex>::new(&cfg(), 2, 3, &Default::default());
+        // Sequence 0: one pad then two tokens; sequence 1: three tokens.
+        let plan = c
+            .append(&[None, Some(1), Some(2), Some(3), Some(4), Some(5)], 3, 6)
+            .expect("append");
+        assert_eq!(plan.positions, vec![0, 0, 1, 0, 1, 2]);
+        let cols = c.capacity();
+        let row = |seq: usize, r: usize, t: usize| {
+            let at = (seq * 2 * 3 + r * 3 + t) * cols;
+            plan.mask[at..at + 3].to_vec()
+        };
+        // Pad row attends to itself only; real rows skip the pad and the future.
+        assert_eq!(row(0, 0, 0), vec![false, true, true]);
+        assert_eq!(row(0, 1, 2), vec![true, false, false]);
+        assert_eq!(row(1, 0, 1), vec![false, false, true]);
+        assert_eq!(row(1, 1, 1), row(1, 0, 1)); // same mask for both query heads
+        assert_eq!((c.next_position(0), c.next_position(1)), (2, 3));
+        // Positions past the context are refused without changing the cache.
+        assert!(c.append(&[Some(1); 8], 4, 6).is_err());
+        assert_eq!(c.len(), 3);
+        // Growing keeps room in GROW_CHUNK steps; dropping a sequence keeps the other's state.
+        c.append(&[Some(1), Some(2)], 1, 6).expect("append");
+        assert_eq!(c.capacity(), GROW_CHUNK);
+        c.retain(&[1]);
+        assert_eq!((c.batch(), c.next_position(0)), (1, 4));
     }
 }

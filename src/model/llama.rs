@@ -354,7 +354,9 @@ impl<B: Backend> Llama<B> {
         }
         let plan = cache.append(tokens, s, cfg.max_seq_len)?;
         let start = plan.start;
-        let cap = cache.capacity();
+        // Mask columns: the shared prefix (if any), then the batch's own slots.
+        let p_len = cache.prefix_len();
+        let cols = p_len + cache.capacity();
 
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &self.device);
         let pos = Tensor::<B, 1, Int>::from_data(
@@ -372,19 +374,23 @@ impl<B: Backend> Llama<B> {
         let mask = if s <= DECODE_MAX_S {
             // Additive bias for the matmul path, expanded over kv heads on the host so the
             // device add needs no broadcasting.
-            let mut bias = Vec::with_capacity(b * kvh * rows * cap);
-            for chunk in plan.mask.chunks(rows * cap) {
+            let mut bias = Vec::with_capacity(b * kvh * rows * cols);
+            for chunk in plan.mask.chunks(rows * cols) {
                 for _ in 0..kvh {
-                    bias.extend(chunk.iter().map(|&m| if m { f32::NEG_INFINITY } else { 0.0 }));
+                    bias.extend(
+                        chunk
+                            .iter()
+                            .map(|&m| if m { f32::NEG_INFINITY } else { 0.0 }),
+                    );
                 }
             }
             AttnMask::Bias(Tensor::from_data(
-                TensorData::new(bias, [b, kvh, rows, cap]),
+                TensorData::new(bias, [b, kvh, rows, cols]),
                 &self.device,
             ))
         } else {
             AttnMask::Bool(Tensor::from_data(
-                TensorData::new(plan.mask, [b, 1, rows, cap]),
+                TensorData::new(plan.mask, [b, 1, rows, cols]),
                 &self.device,
             ))
         };
@@ -405,27 +411,65 @@ impl<B: Backend> Llama<B> {
             let q = rope(q, cos.clone(), sin.clone());
             let k = rope(k, cos.clone(), sin.clone());
             // [b, kv_h, s, d] into the cache slots of this step.
-            let (k_all, v_all) =
-                cache.write(l, start, k.swap_dims(1, 2), v.swap_dims(1, 2));
+            let (k_all, v_all) = cache.write(l, start, k.swap_dims(1, 2), v.swap_dims(1, 2));
             // Fold the query heads of each kv head into the row axis: row = r·s + t.
             let q = q
                 .reshape([b, s, kvh, n_rep, d])
                 .permute([0, 2, 3, 1, 4])
                 .reshape([b, kvh, n_rep * s, d]);
+            let prefix = cache.prefix_kv(l);
             let att = match &mask {
-                AttnMask::Bool(m) => attention(
-                    q,
-                    k_all,
-                    v_all,
-                    Some(m.clone()),
-                    None,
-                    AttentionModuleOptions::default(),
-                ),
+                AttnMask::Bool(m) => {
+                    // Prefill: one fused attention over [shared prefix, own slots].
+                    let (k_all, v_all) = match prefix {
+                        Some((pk, pv)) => (
+                            Tensor::cat(vec![pk.expand([b, kvh, p_len, d]), k_all], 2),
+                            Tensor::cat(vec![pv.expand([b, kvh, p_len, d]), v_all], 2),
+                        ),
+                        None => (k_all, v_all),
+                    };
+                    attention(
+                        q,
+                        k_all,
+                        v_all,
+                        Some(m.clone()),
+                        None,
+                        AttentionModuleOptions::default(),
+                    )
+                }
                 AttnMask::Bias(bias) => {
                     // Decode: a few query rows per (sequence, kv head). Batched matmuls
                     // parallelize over the batch, which the fused CPU attention kernel does not.
-                    let scores = q.matmul(k_all.swap_dims(2, 3)).mul_scalar(scale) + bias.clone();
-                    softmax(scores, 3).matmul(v_all)
+                    let own = q.clone().matmul(k_all.swap_dims(2, 3));
+                    match prefix {
+                        None => {
+                            let scores = own.mul_scalar(scale) + bias.clone();
+                            softmax(scores, 3).matmul(v_all)
+                        }
+                        Some((pk, pv)) => {
+                            // The shared prefix is read once for the whole batch: every
+                            // sequence's query rows are stacked into one matmul per kv head.
+                            let stacked = q.permute([1, 0, 2, 3]).reshape([1, kvh, b * rows, d]);
+                            let shared = stacked
+                                .matmul(pk.swap_dims(2, 3))
+                                .reshape([kvh, b, rows, p_len])
+                                .permute([1, 0, 2, 3]);
+                            let scores =
+                                Tensor::cat(vec![shared, own], 3).mul_scalar(scale) + bias.clone();
+                            let probs = softmax(scores, 3);
+                            let own_cols = probs.dims()[3] - p_len;
+                            let p_shared = probs
+                                .clone()
+                                .narrow(3, 0, p_len)
+                                .permute([1, 0, 2, 3])
+                                .reshape([1, kvh, b * rows, p_len]);
+                            let from_prefix = p_shared
+                                .matmul(pv)
+                                .reshape([kvh, b, rows, d])
+                                .permute([1, 0, 2, 3]);
+                            probs.narrow(3, p_len, own_cols).matmul(v_all) + from_prefix
+                        }
+                    }
                 }
             };
             let att = att
@@ -450,7 +494,13 @@ impl<B: Backend> Llama<B> {
 
 /// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
 fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
-    let inv = x.clone().powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip();
+    let inv = x
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(1)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
     x * inv * w
 }
 

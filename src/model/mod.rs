@@ -83,7 +83,13 @@ pub struct Checkpoint<B: burn::tensor::backend::Backend> {
 
 /// End-of-turn tokens of the common chat templates, stopped at when the vocabulary has them
 /// (llama.cpp keeps the same kind of list for its end-of-generation set).
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "</s>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "</s>",
+];
 
 /// Loads a GGUF file or a Hugging Face folder (`config.json` + safetensors) onto `device`.
 pub fn load_checkpoint<B: burn::tensor::backend::Backend>(
@@ -106,7 +112,11 @@ pub fn load_checkpoint<B: burn::tensor::backend::Backend>(
     }
     let file = GgufFile::open(path)?;
     let cfg = LlamaConfig::from_gguf(&file)?;
-    let model = Llama::load(cfg.clone(), &mut gguf::GgufWeights::new(&file, &cfg), device)?;
+    let model = Llama::load(
+        cfg.clone(),
+        &mut gguf::GgufWeights::new(&file, &cfg),
+        device,
+    )?;
     let (tokenizer, stop_ids) = match file.tokenizer_meta() {
         Ok(meta) => {
             let mut stops: Vec<u32> = meta.eos_id.into_iter().collect();

@@ -122,7 +122,9 @@ impl HfFolder {
     /// `eos_token_id` of `config.json` (a number or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         match self.config_json.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| v as u32).into_iter().collect()
+            }
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .filter_map(|v| v.as_u64().map(|v| v as u32))
@@ -211,7 +213,10 @@ mod tests {
         let cfg = r#"{"model_type":"llama","hidden_size":4,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":2,"vocab_size":3,"eos_token_id":[2,5]}"#;
         std::fs::write(dir.path().join("config.json"), cfg).expect("write");
-        let f32_bytes: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32_bytes: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let f16_bytes: Vec<u8> = [0.5f32, 3.0]
             .iter()
             .flat_map(|&v| f16::from_f32(v).to_le_bytes())
@@ -233,7 +238,10 @@ mod tests {
 
         let mut hf = HfFolder::open(dir.path()).expect("open");
         assert_eq!(hf.eos_ids(), vec![2, 5]);
-        let n = hf.load(WeightName::OutputNorm).expect("load").expect("present");
+        let n = hf
+            .load(WeightName::OutputNorm)
+            .expect("load")
+            .expect("present");
         assert_eq!(n.data, vec![1.5, -2.0]);
         let o = hf.load(WeightName::Output).expect("load").expect("present");
         assert_eq!((o.data, o.shape), (vec![0.5, 3.0], vec![1, 2]));
