@@ -8,9 +8,13 @@
 //! prefix shared by all prompts of a batch (0; with N > 0 the prefix cache computes it once per
 //! batch, as for the rating template).
 //!
-//! Prefill: every prompt in one forward pass, distinct prompts (no shared prefix).
-//! Decode: `generate` of `BENCH_NEW` tokens with no stop token, minus the prefill time, over the
-//! `BENCH_NEW - 1` decode steps; tokens/s counts every sequence of the batch.
+//! One `generate` call per batch size, timed by the generator itself
+//! ([`backflow::model::generate::GenerateTiming`]): prefill is the forward pass over every
+//! prompt (batch × prompt tokens, one pass); decode is the `BENCH_NEW - 1` later steps, each one
+//! token for every sequence of the batch. The first line is the backend's f32 matmul GFLOP/s on
+//! a `[1024,576]x[576,1536]` product, the ceiling the forward pass works against.
+//! `BENCH_JSON=1` prints one JSON object per line instead of the table
+//! (for `benches/model_vs_llamacpp.py`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -87,45 +91,44 @@ fn main() {
     let vocab = model.config().vocab as u32;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    println!(
-        "model: {what}\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens",
-        backend_name()
-    );
-    println!(
-        "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step |\n|------:|--------------:|----------:|-------------:|---------------:|"
-    );
+    let json = std::env::var("BENCH_JSON").is_ok_and(|v| !v.is_empty() && v != "0");
+    let gflops = matmul_gflops(&device);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"kind": "setup", "model": what, "backend": backend_name(),
+                "threads": threads, "prompt": prompt_len, "shared": shared, "new": new_tokens,
+                "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops})
+        );
+    } else {
+        println!(
+            "model: {what}\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s",
+            backend_name()
+        );
+        println!(
+            "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step |\n|------:|--------------:|----------:|-------------:|---------------:|"
+        );
+    }
     let mut gen = Generator::new(model, Vec::new());
     gen.min_shared_prefix = if shared > 0 { 1 } else { usize::MAX };
     gen.max_batch = batches.iter().copied().max().unwrap_or(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Warm-up: first-touch allocations and thread-pool start-up.
-    if let Err(e) = gen.next_token_logits(&[vec![1, 2, 3]]) {
+    if let Err(e) = gen.generate(&[Request::greedy(vec![1, 2, 3], 4)]) {
         eprintln!("warm-up failed: {e}");
         std::process::exit(1);
     }
     for &b in &batches {
         let common: Vec<u32> = (0..shared).map(|_| rng.random_range(3..vocab)).collect();
-        let prompts: Vec<Vec<u32>> = (0..b)
+        let requests: Vec<Request> = (0..b)
             .map(|_| {
                 let mut p = common.clone();
                 p.extend((shared..prompt_len).map(|_| rng.random_range(3..vocab)));
-                p
+                Request::greedy(p, new_tokens)
             })
             .collect();
+        // Every batch computes its shared prefix (if any) itself, as a fresh rating batch would.
         gen.clear_prefix();
-        let t = Instant::now();
-        if let Err(e) = gen.next_token_logits(&prompts) {
-            eprintln!("prefill failed: {e}");
-            std::process::exit(1);
-        }
-        let prefill = t.elapsed().as_secs_f64();
-        let requests: Vec<Request> = prompts
-            .iter()
-            .map(|p| Request::greedy(p.clone(), new_tokens))
-            .collect();
-        // Same start as the prefill measurement: the shared prefix is computed again.
-        gen.clear_prefix();
-        let t = Instant::now();
         match gen.generate(&requests) {
             Ok(c) if c.iter().all(|c| c.ids.len() == new_tokens) => {}
             Ok(_) => eprintln!("warning: some sequence stopped early"),
@@ -134,14 +137,39 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        let total = t.elapsed().as_secs_f64();
-        let decode = (total - prefill).max(1e-9);
-        let steps = (new_tokens - 1) as f64;
-        println!(
-            "| {b:>5} | {:>13.1} | {prefill:>9.2} | {:>12.1} | {:>14.1} |",
-            (b * prompt_len) as f64 / prefill,
-            b as f64 * steps / decode,
-            decode * 1000.0 / steps
-        );
+        let t = gen.last_timing();
+        // Prefill counts every prompt token, the shared ones included, as llama.cpp's does.
+        let prefill_tps = (b * prompt_len) as f64 / t.prefill_s.max(1e-9);
+        let decode_tps = t.decode_tokens as f64 / t.decode_s.max(1e-9);
+        let ms_step = t.decode_s * 1000.0 / t.decode_steps.max(1) as f64;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"kind": "row", "batch": b, "prefill_tok_s": prefill_tps,
+                    "prefill_s": t.prefill_s, "decode_tok_s": decode_tps, "decode_ms_step": ms_step})
+            );
+        } else {
+            println!(
+                "| {b:>5} | {prefill_tps:>13.1} | {:>9.2} | {decode_tps:>12.1} | {ms_step:>14.1} |",
+                t.prefill_s
+            );
+        }
     }
+}
+
+/// f32 matmul throughput of the backend on one of the model's shapes (the MLP's gate/up
+/// projection of 1024 tokens), in GFLOP/s: the ceiling the forward pass works against.
+fn matmul_gflops(device: &<B as burn::tensor::backend::Backend>::Device) -> f64 {
+    use burn::tensor::{Distribution, Tensor};
+    let (m, k, n) = (1024, 576, 1536);
+    let a = Tensor::<B, 2>::random([m, k], Distribution::Default, device);
+    let w = Tensor::<B, 2>::random([k, n], Distribution::Default, device);
+    // Warm-up, then enough repetitions for about a second.
+    let _ = a.clone().matmul(w.clone()).into_data();
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        let _ = a.clone().matmul(w.clone()).into_data();
+    }
+    2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
 }

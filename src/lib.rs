@@ -13,6 +13,7 @@ pub mod progress;
 pub mod records;
 pub mod stats;
 pub mod text;
+pub mod train;
 
 #[path = "../operators/mod.rs"]
 pub mod operators;

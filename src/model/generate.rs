@@ -69,6 +69,23 @@ pub struct Completion {
     pub stop: StopReason,
 }
 
+/// Where the time of the last [`Generator::generate`] call went, for benchmarks and the model
+/// server's metrics. Prefill includes computing a new shared prefix; decode is every later
+/// forward step with its token choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateTiming {
+    /// Seconds in prefill forward passes (all batches of the call).
+    pub prefill_s: f64,
+    /// Prompt tokens prefilled (shared-prefix tokens counted once per batch that computed them).
+    pub prefill_tokens: usize,
+    /// Seconds in decode steps.
+    pub decode_s: f64,
+    /// Decode forward steps run.
+    pub decode_steps: usize,
+    /// Tokens produced by decode steps (the sum of the batch size over steps).
+    pub decode_tokens: usize,
+}
+
 /// Turns token ids into text (the tokenizer's `decode`).
 pub type Decoder = Box<dyn Fn(&[u32]) -> String + Send>;
 
@@ -82,6 +99,7 @@ pub struct Generator<B: Backend> {
     pub min_shared_prefix: usize,
     /// Largest batch run at once; bigger request lists are split.
     pub max_batch: usize,
+    timing: GenerateTiming,
 }
 
 impl<B: Backend> std::fmt::Debug for Generator<B> {
@@ -110,6 +128,7 @@ impl<B: Backend> Generator<B> {
             decoder: None,
             min_shared_prefix: 32,
             max_batch: 32,
+            timing: GenerateTiming::default(),
         }
     }
 
@@ -122,6 +141,11 @@ impl<B: Backend> Generator<B> {
     /// The model.
     pub fn model(&self) -> &Llama<B> {
         &self.model
+    }
+
+    /// Where the time of the last [`Generator::generate`] call went.
+    pub fn last_timing(&self) -> GenerateTiming {
+        self.timing
     }
 
     /// Tokens in the cached prefix (0 when none).
@@ -148,6 +172,7 @@ impl<B: Backend> Generator<B> {
         let mut cache = KvCache::new(cfg, 1, ids.len(), self.model.device());
         let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
         self.model.forward(&tokens, ids.len(), &mut cache)?;
+        self.timing.prefill_tokens += ids.len();
         self.prefix = Some(cache.snapshot_prefix(ids)?);
         Ok(())
     }
@@ -221,6 +246,7 @@ impl<B: Backend> Generator<B> {
             tokens.extend(rest.iter().map(|&t| Some(t)));
         }
         let logits = self.model.forward(&tokens, s, &mut cache)?;
+        self.timing.prefill_tokens += prompts.iter().map(|p| p.len() - p_len).sum::<usize>();
         Ok(Prefilled { cache, logits })
     }
 
@@ -240,6 +266,7 @@ impl<B: Backend> Generator<B> {
 
     /// Generates a completion for every request (in request order).
     pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
+        self.timing = GenerateTiming::default();
         let mut out = Vec::with_capacity(requests.len());
         for chunk in requests.chunks(self.max_batch.max(1)) {
             out.extend(self.generate_batch(chunk)?);
@@ -275,10 +302,15 @@ impl<B: Backend> Generator<B> {
                 .max()
                 .unwrap_or(1)
                 .min(GROW_CHUNK);
+            let t0 = std::time::Instant::now();
             let Prefilled {
                 mut cache,
                 mut logits,
             } = self.prefill(&prompts, reserve)?;
+            // The prefill's logits are read (argmax) below, which waits for lazy backends.
+            let mut prefill_s = t0.elapsed().as_secs_f64();
+            let mut first_pick = true;
+            let mut step_start = std::time::Instant::now();
             let max_pos = self.model.config().max_seq_len;
             let vocab = self.model.config().vocab;
             let mut rows = live; // request index of each cache row
@@ -298,6 +330,13 @@ impl<B: Backend> Generator<B> {
                         .map(|(row, s)| s.sample(row))
                         .collect()
                 };
+                if first_pick {
+                    prefill_s += step_start.elapsed().as_secs_f64();
+                    self.timing.prefill_s += prefill_s;
+                    first_pick = false;
+                } else {
+                    self.timing.decode_s += step_start.elapsed().as_secs_f64();
+                }
                 let mut keep = Vec::with_capacity(rows.len());
                 let mut step_tokens = Vec::with_capacity(rows.len());
                 for (r, &tok) in next.iter().enumerate() {
@@ -338,6 +377,9 @@ impl<B: Backend> Generator<B> {
                         .map(|&r| std::mem::take(&mut generated[r]))
                         .collect();
                 }
+                step_start = std::time::Instant::now();
+                self.timing.decode_steps += 1;
+                self.timing.decode_tokens += step_tokens.len();
                 logits = self.model.forward(&step_tokens, 1, &mut cache)?;
             }
         }

@@ -1,0 +1,162 @@
+//! LoRA (Hu et al., 2021) on a linear projection: `y = x·Wᵀ + (α/r)·dropout(x)·Aᵀ·Bᵀ`.
+//!
+//! The base weight stays frozen (a [`Param`] without gradient); `A` (`[r, in]`, Kaiming-uniform)
+//! and `B` (`[out, r]`, zeros, so training starts from the base model exactly) are trained.
+//! Shapes and names follow PEFT, so adapters export as `lora_A.weight` / `lora_B.weight` as they
+//! are. [`Linear::merged_weight`] folds the adapter into the weight for inference.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank `r` of the update.
+    pub rank: usize,
+    /// `lora_alpha`: the update is scaled by `alpha / rank`.
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input (training only).
+    pub dropout: f64,
+    /// The projections that get an adapter (PEFT names: `q_proj`, ..., `down_proj`).
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// All seven projections of attention and MLP, `alpha = 2·rank`, dropout 0.05: the common
+    /// QLoRA-style recipe (alpha/r = 2 keeps the update scale independent of the rank choice).
+    pub fn all_projections(rank: usize) -> Self {
+        LoraConfig {
+            rank,
+            alpha: 2.0 * rank as f64,
+            dropout: 0.05,
+            target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
+
+    /// Whether `module` (a PEFT projection name) gets an adapter.
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+}
+
+/// The PEFT names of the seven LLaMA projections.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+];
+
+/// A trainable low-rank update.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[r, in]`
+    pub a: Param<Tensor<B, 2>>,
+    /// `[out, r]`
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r`.
+    pub scale: f64,
+    /// Dropout probability on the input.
+    pub dropout: f64,
+}
+
+/// A linear projection without bias, HF layout `[out, in]` for the weight, with an optional
+/// LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]` (Qwen2 q/k/v).
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The adapter, when LoRA targets this projection.
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+/// A parameter id derived from the parameter's checkpoint name: stable across runs, so a saved
+/// optimizer state finds its parameters again on resume.
+pub fn param_id(name: &str) -> ParamId {
+    ParamId::from(xxhash_rust::xxh3::xxh3_64(name.as_bytes()))
+}
+
+/// A parameter named `name` holding `value`, trainable or frozen.
+pub fn param<B: Backend, const D: usize>(
+    name: &str,
+    value: Tensor<B, D>,
+    trainable: bool,
+) -> Param<Tensor<B, D>> {
+    let value = if trainable {
+        value.require_grad()
+    } else {
+        value
+    };
+    Param::initialized(param_id(name), value).set_require_grad(trainable)
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A fresh adapter for a `[out, in]` weight named `name` (`....q_proj`): `A` Kaiming-uniform
+    /// with `a = √5` as PEFT (bound `1/√in`), `B` zeros. Uses the backend's seeded RNG.
+    pub fn init(name: &str, out: usize, inp: usize, cfg: &LoraConfig, device: &B::Device) -> Self {
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = Tensor::random(
+            [cfg.rank, inp],
+            Distribution::Uniform(-bound, bound),
+            device,
+        );
+        let b = Tensor::zeros([out, cfg.rank], device);
+        Self::from_tensors(name, a, b, cfg)
+    }
+
+    /// An adapter from given `A` `[r, in]` and `B` `[out, r]` (a saved adapter).
+    pub fn from_tensors(name: &str, a: Tensor<B, 2>, b: Tensor<B, 2>, cfg: &LoraConfig) -> Self {
+        LoraAdapter {
+            a: param(&format!("{name}.lora_A.weight"), a, true),
+            b: param(&format!("{name}.lora_B.weight"), b, true),
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        }
+    }
+
+    /// `(α/r)·dropout(x)·Aᵀ·Bᵀ` for `x` `[n, in]`.
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let x = if train && self.dropout > 0.0 {
+            let keep = 1.0 - self.dropout;
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask.div_scalar(keep)
+        } else {
+            x
+        };
+        x.matmul(self.a.val().transpose())
+            .matmul(self.b.val().transpose())
+            .mul_scalar(self.scale)
+    }
+
+    /// `(α/r)·B·A`, `[out, in]`.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.b.val().matmul(self.a.val()).mul_scalar(self.scale)
+    }
+}
+
+impl<B: Backend> Linear<B> {
+    /// `x·Wᵀ (+ b) (+ LoRA)` for `x` `[n, in]`.
+    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+        let mut y = x.clone().matmul(self.weight.val().transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze::<2>();
+        }
+        if let Some(l) = &self.lora {
+            y = y + l.forward(x, train);
+        }
+        y
+    }
+
+    /// The weight with the adapter folded in, `[out, in]`: what inference runs.
+    pub fn merged_weight(&self) -> Tensor<B, 2> {
+        match &self.lora {
+            Some(l) => self.weight.val() + l.delta(),
+            None => self.weight.val(),
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The training model: a LLaMA-family decoder as a burn [`Module`], in Hugging Face layout
+//! (separate q/k/v/o/gate/up/down weights `[out, in]`, "halves" RoPE, RMSNorm, GQA, SwiGLU),
+//! full-sequence causal forward without a KV cache, generic over the backend so that
+//! `Autodiff<B>` differentiates it. Loaded from the same [`WeightSource`]s as the inference
+//! model (GGUF, HF folder, random weights), so the two share one loading path and layout.
+//!
+//! Parameter ids are hashes of the HF tensor names ([`crate::train::lora::param_id`]): a saved
+//! optimizer state maps back onto a freshly loaded model.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::llama::{rope_tables, HostTensor, LayerWeight, WeightName, WeightSource};
+use crate::model::{LlamaConfig, ModelError};
+
+use super::lora::{param, LoraAdapter, LoraConfig, Linear};
+
+/// One decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// RMSNorm before attention, `[hidden]`.
+    pub attn_norm: Param<Tensor<B, 1>>,
+    /// Query projection.
+    pub q: Linear<B>,
+    /// Key projection.
+    pub k: Linear<B>,
+    /// Value projection.
+    pub v: Linear<B>,
+    /// Attention output projection.
+    pub o: Linear<B>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Param<Tensor<B, 1>>,
+    /// SwiGLU gate.
+    pub gate: Linear<B>,
+    /// SwiGLU up.
+    pub up: Linear<B>,
+    /// SwiGLU down.
+    pub down: Linear<B>,
+}
+
+/// The trainable LLaMA.
+#[derive(Module, Debug)]
+pub struct TrainLlama<B: Backend> {
+    /// Token embedding `[vocab, hidden]` (also the output head when tied).
+    pub embed: Param<Tensor<B, 2>>,
+    /// The decoder blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final RMSNorm `[hidden]`.
+    pub norm: Param<Tensor<B, 1>>,
+    /// Output head `[vocab, hidden]`; `None` when tied to the embedding.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// RoPE cosines `[max_pos, d/2]` (constant).
+    pub cos: Tensor<B, 2>,
+    /// RoPE sines `[max_pos, d/2]` (constant).
+    pub sin: Tensor<B, 2>,
+    /// Hyper-parameters.
+    #[module(skip)]
+    pub cfg: LlamaConfig,
+}
+
+/// What is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainMode {
+    /// Every weight.
+    Full,
+    /// LoRA adapters only; the base is frozen.
+    Lora(LoraConfig),
+}
+
+/// The HF tensor name of a weight.
+pub fn hf_name(name: WeightName) -> String {
+    match name {
+        WeightName::Embedding => "model.embed_tokens.weight".into(),
+        WeightName::OutputNorm => "model.norm.weight".into(),
+        WeightName::Output => "lm_head.weight".into(),
+        WeightName::Layer(l, w) => format!("model.layers.{l}.{}", layer_suffix(w)),
+    }
+}
+
+/// The HF name of a block weight below `model.layers.{i}.`.
+pub fn layer_suffix(w: LayerWeight) -> &'static str {
+    match w {
+        LayerWeight::AttnNorm => "input_layernorm.weight",
+        LayerWeight::Q => "self_attn.q_proj.weight",
+        LayerWeight::K => "self_attn.k_proj.weight",
+        LayerWeight::V => "self_attn.v_proj.weight",
+        LayerWeight::QBias => "self_attn.q_proj.bias",
+        LayerWeight::KBias => "self_attn.k_proj.bias",
+        LayerWeight::VBias => "self_attn.v_proj.bias",
+        LayerWeight::O => "self_attn.o_proj.weight",
+        LayerWeight::FfnNorm => "post_attention_layernorm.weight",
+        LayerWeight::Gate => "mlp.gate_proj.weight",
+        LayerWeight::Up => "mlp.up_proj.weight",
+        LayerWeight::Down => "mlp.down_proj.weight",
+    }
+}
+
+/// The module path of a projection (`model.layers.3.self_attn.q_proj`) and its PEFT short name.
+pub fn projection_path(layer: usize, w: LayerWeight) -> Option<(String, &'static str)> {
+    let short = match w {
+        LayerWeight::Q => "q_proj",
+        LayerWeight::K => "k_proj",
+        LayerWeight::V => "v_proj",
+        LayerWeight::O => "o_proj",
+        LayerWeight::Gate => "gate_proj",
+        LayerWeight::Up => "up_proj",
+        LayerWeight::Down => "down_proj",
+        _ => return None,
+    };
+    let full = layer_suffix(w).trim_end_matches(".weight");
+    Some((format!("model.layers.{layer}.{full}"), short))
+}
+
+/// The seven projections of a block, in a fixed order.
+pub const PROJECTION_WEIGHTS: [LayerWeight; 7] = [
+    LayerWeight::Q,
+    LayerWeight::K,
+    LayerWeight::V,
+    LayerWeight::O,
+    LayerWeight::Gate,
+    LayerWeight::Up,
+    LayerWeight::Down,
+];
+
+fn fetch(
+    src: &mut dyn WeightSource,
+    name: WeightName,
+    want: &[usize],
+) -> Result<HostTensor, ModelError> {
+    let t = src.load(name)?.ok_or_else(|| ModelError::Weight {
+        name: hf_name(name),
+        problem: "missing".into(),
+    })?;
+    if t.shape != want {
+        return Err(ModelError::Weight {
+            name: hf_name(name),
+            problem: format!("shape {:?}, expected {want:?}", t.shape),
+        });
+    }
+    Ok(t)
+}
+
+fn tensor<B: Backend, const D: usize>(t: HostTensor, dev: &B::Device) -> Tensor<B, D> {
+    let shape: [usize; D] = std::array::from_fn(|i| t.shape.get(i).copied().unwrap_or(1));
+    Tensor::from_data(TensorData::new(t.data, shape), dev)
+}
+
+impl<B: Backend> Block<B> {
+    /// The projection of role `w` (one of [`PROJECTION_WEIGHTS`]).
+    pub fn projection(&self, w: LayerWeight) -> Option<&Linear<B>> {
+        Some(match w {
+            LayerWeight::Q => &self.q,
+            LayerWeight::K => &self.k,
+            LayerWeight::V => &self.v,
+            LayerWeight::O => &self.o,
+            LayerWeight::Gate => &self.gate,
+            LayerWeight::Up => &self.up,
+            LayerWeight::Down => &self.down,
+            _ => return None,
+        })
+    }
+
+    fn projection_mut(&mut self, w: LayerWeight) -> Option<&mut Linear<B>> {
+        Some(match w {
+            LayerWeight::Q => &mut self.q,
+            LayerWeight::K => &mut self.k,
+            LayerWeight::V => &mut self.v,
+            LayerWeight::O => &mut self.o,
+            LayerWeight::Gate => &mut self.gate,
+            LayerWeight::Up => &mut self.up,
+            LayerWeight::Down => &mut self.down,
+            _ => return None,
+        })
+    }
+}
+
+impl<B: Backend> TrainLlama<B> {
+    /// Loads every weight of `cfg` from `src`. With [`TrainMode::Lora`] the base is frozen and
+    /// fresh adapters (`B = 0`) are attached to the targeted projections, drawn from the
+    /// backend's RNG (seed it first with `B::seed` for reproducible runs).
+    pub fn load(
+        cfg: LlamaConfig,
+        src: &mut dyn WeightSource,
+        mode: &TrainMode,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let full = matches!(mode, TrainMode::Full);
+        let (h, d) = (cfg.hidden, cfg.head_dim);
+        let (qd, kd) = (cfg.n_heads * d, cfg.n_kv_heads * d);
+        let p2 = |name: WeightName, want: [usize; 2], src: &mut dyn WeightSource| {
+            fetch(src, name, &want).map(|t| param(&hf_name(name), tensor::<B, 2>(t, device), full))
+        };
+        let p1 = |name: WeightName, want: usize, src: &mut dyn WeightSource| {
+            fetch(src, name, &[want]).map(|t| param(&hf_name(name), tensor::<B, 1>(t, device), full))
+        };
+        let embed = p2(WeightName::Embedding, [cfg.vocab, h], src)?;
+        let norm = p1(WeightName::OutputNorm, h, src)?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            match src.load(WeightName::Output)? {
+                Some(t) if t.shape == [cfg.vocab, h] => Some(param(
+                    &hf_name(WeightName::Output),
+                    tensor::<B, 2>(t, device),
+                    full,
+                )),
+                Some(t) => {
+                    return Err(ModelError::Weight {
+                        name: hf_name(WeightName::Output),
+                        problem: format!("shape {:?}, expected {:?}", t.shape, [cfg.vocab, h]),
+                    })
+                }
+                // Declared untied but absent: tie, as HF does.
+                None => None,
+            }
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let w = |lw| WeightName::Layer(l, lw);
+            let lin = |lw: LayerWeight, out: usize, inp: usize, bias: Option<(LayerWeight, usize)>,
+                           src: &mut dyn WeightSource|
+             -> Result<Linear<B>, ModelError> {
+                let weight = p2(w(lw), [out, inp], src)?;
+                let bias = match bias {
+                    Some((bw, n)) if cfg.qkv_bias => Some(p1(w(bw), n, src)?),
+                    _ => None,
+                };
+                let lora = match (mode, projection_path(l, lw)) {
+                    (TrainMode::Lora(lc), Some((path, short))) if lc.targets(short) => {
+                        Some(LoraAdapter::init(&path, out, inp, lc, device))
+                    }
+                    _ => None,
+                };
+                Ok(Linear { weight, bias, lora })
+            };
+            let q = lin(LayerWeight::Q, qd, h, Some((LayerWeight::QBias, qd)), src)?;
+            let k = lin(LayerWeight::K, kd, h, Some((LayerWeight::KBias, kd)), src)?;
+            let v = lin(LayerWeight::V, kd, h, Some((LayerWeight::VBias, kd)), src)?;
+            let o = lin(LayerWeight::O, h, qd, None, src)?;
+            let gate = lin(LayerWeight::Gate, cfg.ffn, h, None, src)?;
+            let up = lin(LayerWeight::Up, cfg.ffn, h, None, src)?;
+            let down = lin(LayerWeight::Down, h, cfg.ffn, None, src)?;
+            blocks.push(Block {
+                attn_norm: p1(w(LayerWeight::AttnNorm), h, src)?,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm: p1(w(LayerWeight::FfnNorm), h, src)?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let (cos, sin) = rope_tables(cfg.max_seq_len, d, cfg.rope_theta);
+        let half = d / 2;
+        Ok(TrainLlama {
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos: Tensor::from_data(TensorData::new(cos, [cfg.max_seq_len, half]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [cfg.max_seq_len, half]), device),
+            cfg,
+        })
+    }
+
+    /// Replaces the adapter of projection `w` of block `layer` (loading a saved adapter).
+    pub fn set_adapter(
+        &mut self,
+        layer: usize,
+        w: LayerWeight,
+        adapter: LoraAdapter<B>,
+    ) -> Result<(), ModelError> {
+        let lin = self
+            .blocks
+            .get_mut(layer)
+            .and_then(|b| b.projection_mut(w))
+            .ok_or_else(|| ModelError::Weight {
+                name: format!("layer {layer} {w:?}"),
+                problem: "no such projection".into(),
+            })?;
+        lin.lora = Some(adapter);
+        Ok(())
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Final hidden states `[b·s, hidden]` of `ids` (`[b, s]`, row-major; right padding is
+    /// harmless: with a causal mask no real position ever attends to a later pad).
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 2> {
+        let cfg = &self.cfg;
+        let [b, s] = ids.dims();
+        let (d, kvh, n_rep) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep());
+        let h = cfg.n_heads;
+        let half = d / 2;
+        let device = ids.device();
+        let cos = self.cos.clone().narrow(0, 0, s).reshape([1, s, 1, half]);
+        let sin = self.sin.clone().narrow(0, 0, s).reshape([1, s, 1, half]);
+        // Causal mask as an additive bias, broadcast over batch and heads.
+        let mut bias = vec![0f32; s * s];
+        for r in 0..s {
+            for c in r + 1..s {
+                bias[r * s + c] = f32::NEG_INFINITY;
+            }
+        }
+        let bias: Tensor<B, 4> = Tensor::from_data(TensorData::new(bias, [1, 1, s, s]), &device);
+        let scale = 1.0 / (d as f64).sqrt();
+
+        let mut x = self.embed.val().select(0, ids.reshape([b * s]));
+        for blk in &self.blocks {
+            let xn = rms_norm(x.clone(), blk.attn_norm.val(), cfg.rms_eps);
+            let q = blk.q.forward(xn.clone(), train).reshape([b, s, h, d]);
+            let k = blk.k.forward(xn.clone(), train).reshape([b, s, kvh, d]);
+            let v = blk.v.forward(xn, train).reshape([b, s, kvh, d]);
+            let q = rope(q, cos.clone(), sin.clone());
+            let k = rope(k, cos.clone(), sin.clone());
+            // GQA without copying K/V: the n_rep query heads of a kv head become extra rows.
+            let q = q
+                .reshape([b, s, kvh, n_rep, d])
+                .permute([0, 2, 3, 1, 4])
+                .reshape([b, kvh, n_rep * s, d]);
+            let k = k.permute([0, 2, 3, 1]); // [b, kvh, d, s]
+            let v = v.permute([0, 2, 1, 3]); // [b, kvh, s, d]
+            let scores = q.matmul(k).mul_scalar(scale).reshape([b, h, s, s]) + bias.clone();
+            let probs = softmax(scores, 3).reshape([b, kvh, n_rep * s, s]);
+            let att = probs
+                .matmul(v)
+                .reshape([b, kvh, n_rep, s, d])
+                .permute([0, 3, 1, 2, 4])
+                .reshape([b * s, h * d]);
+            x = x + blk.o.forward(att, train);
+            let xn = rms_norm(x.clone(), blk.ffn_norm.val(), cfg.rms_eps);
+            let gate = blk.gate.forward(xn.clone(), train);
+            let up = blk.up.forward(xn, train);
+            x = x + blk.down.forward(silu(gate) * up, train);
+        }
+        rms_norm(x, self.norm.val(), cfg.rms_eps)
+    }
+
+    /// Logits of the given hidden rows `[n, hidden]` -> `[n, vocab]`.
+    pub fn head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        let w = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed.val(),
+        };
+        hidden.matmul(w.transpose())
+    }
+
+    /// Logits of every position, `[b·s, vocab]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 2> {
+        self.head(self.hidden(ids, train))
+    }
+
+    /// Sum of the cross-entropy of `targets` predicted at flat positions `positions`
+    /// (`row·s + t`) of `ids` `[b, s]`: only the trained positions go through the output
+    /// head, which is most of the cost saved for prompt-heavy data.
+    pub fn loss_sum(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+        train: bool,
+    ) -> Tensor<B, 1> {
+        let n = targets.dims()[0];
+        let hidden = self.hidden(ids, train).select(0, positions);
+        let logp = log_softmax(self.head(hidden), 1);
+        logp.gather(1, targets.reshape([n, 1])).sum().neg()
+    }
+
+    /// Greedy decoding without a cache (the whole sequence is re-run per token): for tests and
+    /// small evaluations of the training model itself. Stops at any of `stop` (included).
+    pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Vec<u32> {
+        let device = self.embed.val().device();
+        let mut seq: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            if seq.is_empty() || seq.len() >= self.cfg.max_seq_len {
+                break;
+            }
+            let s = seq.len();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(seq.clone(), [1, s]), &device);
+            let last = self.hidden(ids, false).narrow(0, s - 1, 1);
+            let next = self.head(last).argmax(1).into_data();
+            let Some(next) = next.iter::<i64>().next() else {
+                break;
+            };
+            out.push(next as u32);
+            seq.push(next);
+            if stop.contains(&(next as u32)) {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// RMSNorm over the last axis.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let inv = x
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(1)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
+    x * inv * w.unsqueeze::<2>()
+}
+
+/// "Halves" RoPE on `[b, s, heads, d]` with `cos`/`sin` `[1, s, 1, d/2]`.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let r2 = x2 * cos + x1 * sin;
+    Tensor::cat(vec![r1, r2], 3)
+}

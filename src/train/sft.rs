@@ -1,0 +1,358 @@
+//! Supervised finetuning: masked cross-entropy on output tokens, padded micro-batches with
+//! gradient accumulation, global-norm gradient clipping, AdamW with decoupled weight decay and
+//! a linear learning-rate decay; seeded and resumable.
+//!
+//! Reproducibility: the example order is a pure function of `(seed, position in the stream)`
+//! (one seeded shuffle per epoch), and the backend RNG (LoRA dropout) is re-seeded from
+//! `(seed, step)` before every step, so a run resumed at step k continues exactly as the
+//! uninterrupted run would.
+
+use std::marker::PhantomData;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, Record};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::data::Example;
+use super::model::TrainLlama;
+use super::TrainError;
+
+/// The autodiff backend `backflow train` uses: the crate's default backend (CPU flex, or CUDA
+/// with the `cuda` feature) under burn's autodiff.
+pub type TrainBackend = burn::backend::Autodiff<crate::model::device::DefaultBackend>;
+
+/// Optimisation hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SftConfig {
+    /// Learning rate at step 0.
+    pub lr: f64,
+    /// Learning rate at the last step (linear decay in between).
+    pub lr_end: f64,
+    /// AdamW decoupled weight decay (paper: 0.1).
+    pub weight_decay: f32,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (effective batch = `batch_size · grad_accum`).
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f32,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Seed of data order, adapter init and dropout.
+    pub seed: u64,
+}
+
+impl SftConfig {
+    /// The paper's full-finetuning recipe (lr 1e-5 -> 9e-6, weight decay 0.1, batch 8).
+    pub fn paper_full(steps: usize) -> Self {
+        SftConfig {
+            lr: 1e-5,
+            lr_end: 9e-6,
+            weight_decay: 0.1,
+            batch_size: 8,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            steps,
+            seed: 0,
+        }
+    }
+
+    /// LoRA defaults: lr 2e-4 -> 2e-5. LoRA trains a low-rank update from `B = 0` with far
+    /// fewer parameters, so it needs (and tolerates) a learning rate 10-20x that of full
+    /// finetuning (PEFT/QLoRA practice: 1e-4..3e-4); decaying to a tenth settles the end.
+    pub fn lora(steps: usize) -> Self {
+        SftConfig {
+            lr: 2e-4,
+            lr_end: 2e-5,
+            ..Self::paper_full(steps)
+        }
+    }
+
+    /// Examples per optimizer step.
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size.max(1) * self.grad_accum.max(1)
+    }
+
+    /// The learning rate of `step` (0-based): linear from `lr` to `lr_end` over `steps`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if self.steps <= 1 {
+            return self.lr;
+        }
+        let t = (step.min(self.steps - 1)) as f64 / (self.steps - 1) as f64;
+        self.lr + (self.lr_end - self.lr) * t
+    }
+}
+
+/// The example indices of optimizer step `step`: positions `step·E .. (step+1)·E` of an endless
+/// stream that visits all `n` examples once per epoch, in a fresh seeded order per epoch.
+pub fn step_indices(n: usize, step: usize, effective_batch: usize, seed: u64) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut cache: Option<(usize, Vec<usize>)> = None;
+    (step * effective_batch..(step + 1) * effective_batch)
+        .map(|p| {
+            let epoch = p / n;
+            if cache.as_ref().map(|c| c.0) != Some(epoch) {
+                cache = Some((epoch, epoch_order(n, seed, epoch)));
+            }
+            cache.as_ref().map(|c| c.1[p % n]).unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The seeded order of the examples in `epoch`.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// A padded micro-batch on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `[rows, len]` row-major token ids (right-padded).
+    pub ids: Vec<i64>,
+    /// Rows.
+    pub rows: usize,
+    /// Padded length.
+    pub len: usize,
+    /// Flat positions `row·len + t` whose next token is a target.
+    pub positions: Vec<i64>,
+    /// The target token at each position.
+    pub targets: Vec<i64>,
+    /// Real (non-pad) tokens.
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// Pads `examples` to their longest with `pad` (right padding: with the causal mask, no
+    /// real token attends to a pad, and pads are never targets).
+    pub fn new(examples: &[&Example], pad: u32) -> Batch {
+        let rows = examples.len();
+        let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let mut ids = vec![pad as i64; rows * len];
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        let mut tokens = 0;
+        for (r, e) in examples.iter().enumerate() {
+            tokens += e.ids.len();
+            for (t, &id) in e.ids.iter().enumerate() {
+                ids[r * len + t] = id as i64;
+                // Token t is predicted at position t - 1.
+                if t > 0 && e.trained.get(t).copied().unwrap_or(false) {
+                    positions.push((r * len + t - 1) as i64);
+                    targets.push(id as i64);
+                }
+            }
+        }
+        Batch {
+            ids,
+            rows,
+            len,
+            positions,
+            targets,
+            tokens,
+        }
+    }
+
+    /// Target tokens.
+    pub fn n_targets(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Summed cross-entropy of the batch's targets under `model`.
+    pub fn loss_sum<B: Backend>(&self, model: &TrainLlama<B>, train: bool, device: &B::Device) -> Tensor<B, 1> {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.ids.clone(), [self.rows, self.len]), device);
+        let n = self.targets.len();
+        let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), device);
+        let tgt = Tensor::<B, 1, Int>::from_data(TensorData::new(self.targets.clone(), [n]), device);
+        model.loss_sum(ids, pos, tgt, train)
+    }
+}
+
+/// Splits `examples` (in the given index order) into micro-batches of `batch_size`.
+pub fn micro_batches(examples: &[Example], idx: &[usize], batch_size: usize, pad: u32) -> Vec<Batch> {
+    idx.chunks(batch_size.max(1))
+        .map(|c| {
+            let refs: Vec<&Example> = c.iter().filter_map(|&i| examples.get(i)).collect();
+            Batch::new(&refs, pad)
+        })
+        .filter(|b| b.n_targets() > 0)
+        .collect()
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    /// 1-based step number.
+    pub step: usize,
+    /// Mean cross-entropy per target token.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens.
+    pub targets: usize,
+    /// All real tokens processed.
+    pub tokens: usize,
+    /// Wall seconds of the step.
+    pub secs: f64,
+}
+
+/// Mean cross-entropy per target token of `examples` under `model` (no dropout, no gradient),
+/// and the number of target tokens.
+pub fn eval_loss<B: Backend>(model: &TrainLlama<B>, examples: &[Example], batch_size: usize, pad: u32, device: &B::Device) -> (f64, usize) {
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for b in micro_batches(examples, &idx, batch_size, pad) {
+        sum += b.loss_sum(model, false, device).into_scalar().elem::<f64>();
+        n += b.n_targets();
+    }
+    (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
+}
+
+/// Sums the squared gradients of a module's parameters.
+struct GradNormSq<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sum: f64,
+    _b: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradNormSq<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.sum += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
+        }
+    }
+}
+
+/// Multiplies every gradient by a factor.
+struct GradScale<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+    _b: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradScale<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// The global L2 norm of `grads` over `model`'s parameters.
+pub fn grad_norm<B: AutodiffBackend>(model: &TrainLlama<B>, grads: &GradientsParams) -> f64 {
+    let mut v = GradNormSq::<B> {
+        grads,
+        sum: 0.0,
+        _b: PhantomData,
+    };
+    model.visit(&mut v);
+    v.sum.sqrt()
+}
+
+/// Model, optimizer and step counter.
+pub struct Trainer<B: AutodiffBackend> {
+    /// The model being trained.
+    pub model: TrainLlama<B>,
+    optim: OptimizerAdaptor<AdamW, TrainLlama<B>, B>,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Hyper-parameters.
+    pub cfg: SftConfig,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A trainer at step 0. AdamW: betas (0.9, 0.999), eps 1e-8 (PyTorch's defaults).
+    pub fn new(model: TrainLlama<B>, cfg: SftConfig, device: B::Device) -> Self {
+        let optim = AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay)
+            .with_epsilon(1e-8)
+            .init();
+        Trainer {
+            model,
+            optim,
+            step: 0,
+            cfg,
+            device,
+        }
+    }
+
+    /// One optimizer step over `micro` (the micro-batches of one effective batch): the loss is
+    /// the mean over all their target tokens, so accumulation equals one big batch.
+    pub fn train_step(&mut self, micro: &[Batch]) -> StepMetrics {
+        let t0 = std::time::Instant::now();
+        let total: usize = micro.iter().map(Batch::n_targets).sum();
+        let lr = self.cfg.lr_at(self.step);
+        // Dropout masks depend on (seed, step) only: resumed runs repeat them.
+        B::seed(&self.device, self.cfg.seed.wrapping_add(1 + self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let mut acc = GradientsAccumulator::<TrainLlama<B>>::new();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for b in micro.iter().filter(|b| b.n_targets() > 0) {
+            let loss = b.loss_sum(&self.model, true, &self.device);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let scaled = loss.div_scalar(total.max(1) as f64);
+            let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
+            acc.accumulate(&self.model, grads);
+            tokens += b.tokens;
+        }
+        let mut grads = acc.grads();
+        let norm = grad_norm(&self.model, &grads);
+        let max = self.cfg.max_grad_norm as f64;
+        if max > 0.0 && norm > max {
+            let mut s = GradScale::<B> {
+                grads: &mut grads,
+                factor: max / (norm + 1e-6),
+                _b: PhantomData,
+            };
+            self.model.visit(&mut s);
+        }
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, grads);
+        self.step += 1;
+        StepMetrics {
+            step: self.step,
+            loss: loss_sum / total.max(1) as f64,
+            lr,
+            grad_norm: norm,
+            targets: total,
+            tokens,
+            secs: t0.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// The model without autodiff, for evaluation and export.
+    pub fn valid(&self) -> TrainLlama<B::InnerBackend> {
+        self.model.valid()
+    }
+
+    /// The optimizer state (AdamW moments, keyed by parameter id) as bytes.
+    pub fn optimizer_state(&self) -> Result<Vec<u8>, TrainError> {
+        let item = self.optim.to_record().into_item::<FullPrecisionSettings>();
+        bincode::serialize(&item).map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))
+    }
+
+    /// Restores an optimizer state written by [`Trainer::optimizer_state`] and the step.
+    pub fn restore(&mut self, state: &[u8], step: usize) -> Result<(), TrainError> {
+        type Rec<B> = <OptimizerAdaptor<AdamW, TrainLlama<B>, B> as Optimizer<TrainLlama<B>, B>>::Record;
+        let item: <Rec<B> as Record<B>>::Item<FullPrecisionSettings> = bincode::deserialize(state)
+            .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))?;
+        if let Some(bad) = item.keys().find(|k| ParamId::try_deserialize(k).is_none()) {
+            return Err(TrainError::Checkpoint(format!("optimizer state: bad parameter id {bad:?}")));
+        }
+        let rec = Rec::<B>::from_item(item, &self.device);
+        self.optim = self.optim.clone().load_record(rec);
+        self.step = step;
+        Ok(())
+    }
+}
