@@ -45,7 +45,14 @@ pub struct DedupOptions {
 impl Default for DedupOptions {
     fn default() -> Self {
         // 14 x 8 as datatrove: a band collision is likely from a similarity of about 0.7 up.
-        DedupOptions { near: true, threshold: 0.8, bands: 14, rows: 8, ngram: 5, seed: 1 }
+        DedupOptions {
+            near: true,
+            threshold: 0.8,
+            bands: 14,
+            rows: 8,
+            ngram: 5,
+            seed: 1,
+        }
     }
 }
 
@@ -70,22 +77,42 @@ pub fn dedup<'s>(
     options: DedupOptions,
 ) -> Result<StreamVec<'s, Time, VerdictUpdate>, MinHashError> {
     let home = passages.scope().index() as u32;
-    let hasher = MinHasher::new(options.bands * options.rows, options.bands, options.ngram, options.seed)?;
+    let hasher = MinHasher::new(
+        options.bands * options.rows,
+        options.bands,
+        options.ngram,
+        options.seed,
+    )?;
 
     // Small keys for each passage: exact key, LSH band keys, signature.
-    let keys: StreamVec<'s, Time, Key> = passages.unary(Pipeline, "DedupKeys", move |_cap, _info| {
-        move |input, output| {
-            input.for_each_stamp(|cap, data| {
-                let Some(&time) = cap.least() else { return };
-                let mut session = output.session(&cap);
-                for p in data.flat_map(|d| d.iter()) {
-                    let signature = if options.near { hasher.signature(&p.text) } else { Vec::new() };
-                    let bands = if options.near { hasher.band_keys(&signature) } else { Vec::new() };
-                    session.give(Key { rank: (time, p.id), home, content_hash: p.content_hash, signature, bands });
-                }
-            });
-        }
-    });
+    let keys: StreamVec<'s, Time, Key> =
+        passages.unary(Pipeline, "DedupKeys", move |_cap, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(&time) = cap.least() else { return };
+                    let mut session = output.session(&cap);
+                    for p in data.flat_map(|d| d.iter()) {
+                        let signature = if options.near {
+                            hasher.signature(&p.text)
+                        } else {
+                            Vec::new()
+                        };
+                        let bands = if options.near {
+                            hasher.band_keys(&signature)
+                        } else {
+                            Vec::new()
+                        };
+                        session.give(Key {
+                            rank: (time, p.id),
+                            home,
+                            content_hash: p.content_hash,
+                            signature,
+                            bands,
+                        });
+                    }
+                });
+            }
+        });
     let keys = keys.map_updates();
 
     // 1. exact: the least rank per content hash survives.
@@ -111,12 +138,14 @@ pub fn dedup<'s>(
             .semijoin(survivor_ids)
             .map(|(_id, (band, rank))| (band, rank));
         let candidates = banded
-            .reduce(|_band, group: &[(&Rank, isize)], out: &mut Vec<((u64, u64), isize)>| {
-                let representative = group[0].0 .1;
-                for (rank, _) in &group[1..] {
-                    out.push(((rank.1, representative), 1));
-                }
-            })
+            .reduce(
+                |_band, group: &[(&Rank, isize)], out: &mut Vec<((u64, u64), isize)>| {
+                    let representative = group[0].0 .1;
+                    for (rank, _) in &group[1..] {
+                        out.push(((rank.1, representative), 1));
+                    }
+                },
+            )
             .map(|(_band, pair)| pair)
             .distinct();
         let threshold = options.threshold;

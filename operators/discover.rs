@@ -54,7 +54,9 @@ pub struct DiscoverConfig {
 /// ends in `.part`, `.tmp` or `.partial`, or starts with `.`, and rename it into place when done
 /// (a rename is atomic on POSIX file systems), so a file under its final name is never half written.
 pub fn is_complete_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
     !(name.starts_with('.')
         || name.ends_with(".part")
         || name.ends_with(".tmp")
@@ -139,7 +141,11 @@ pub fn discover<'s>(
                 cap = None;
                 return;
             }
-            let wait = if blocked { Duration::from_millis(2) } else { config.poll };
+            let wait = if blocked {
+                Duration::from_millis(2)
+            } else {
+                config.poll
+            };
             activator.activate_after(wait.min(config.poll));
         }
     })

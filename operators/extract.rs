@@ -38,7 +38,12 @@ pub fn extract<'s>(
 
 /// Extracts one record; a page with no text is a [`DropReason::NoText`].
 pub fn extract_page(record: RawRecord, extractor: &Extractor) -> Result<Page, Drop> {
-    let RawRecord { origin, url, record_id, body } = record;
+    let RawRecord {
+        origin,
+        url,
+        record_id,
+        body,
+    } = record;
     let ExtractedPage { title, blocks, .. } = match body {
         Body::Html { bytes, charset } => {
             let decoded = charset::decode_html(&bytes, charset.as_deref());
@@ -58,5 +63,11 @@ pub fn extract_page(record: RawRecord, extractor: &Extractor) -> Result<Page, Dr
             detail: url,
         });
     }
-    Ok(Page { origin, url, record_id, title, blocks })
+    Ok(Page {
+        origin,
+        url,
+        record_id,
+        title,
+        blocks,
+    })
 }

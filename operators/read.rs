@@ -54,88 +54,100 @@ pub fn read<'s>(
     progress: Arc<Progress>,
 ) -> StreamVec<'s, Time, RawRecord> {
     let scope = items.scope();
-    items.unary(Exchange::new(|w: &WorkItem| w.index), "Read", move |_cap, info| {
-        let activator = scope.activator_for(info.address);
-        let mut queue: VecDeque<OpenFile> = VecDeque::new();
-        move |input, output| {
-            input.for_each_stamp(|cap, data| {
-                for item in data.flat_map(|d| d.drain(..)) {
-                    if let Some(cap) = cap.retain_least(output.output_index()) {
-                        queue.push_back(OpenFile { cap, item, reader: None, reported: 0 });
+    items.unary(
+        Exchange::new(|w: &WorkItem| w.index),
+        "Read",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address);
+            let mut queue: VecDeque<OpenFile> = VecDeque::new();
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    for item in data.flat_map(|d| d.drain(..)) {
+                        if let Some(cap) = cap.retain_least(output.output_index()) {
+                            queue.push_back(OpenFile {
+                                cap,
+                                item,
+                                reader: None,
+                                reported: 0,
+                            });
+                        }
                     }
-                }
-            });
-            let started = Instant::now();
-            let mut blocked = false;
-            let mut batch: Vec<RawRecord> = Vec::new();
-            while let Some(file) = queue.front_mut() {
-                let reader = file.reader.get_or_insert_with(|| {
-                    let input = InputFile { path: file.item.path.clone().into(), kind: file.item.kind };
-                    formats::open(&input, &options)
                 });
-                let base = file_epoch(file.item.index);
-                let mut finished = false;
-                loop {
-                    let chunk =
-                        (reader.bytes_consumed() / pacing.chunk_bytes.max(1)).min(SUB_EPOCHS - 1);
-                    let time = base + chunk;
-                    if time > *file.cap.time() {
-                        flush(output, &file.cap, &mut batch);
-                        // Wait for the dataflow to catch up before opening a new sub-epoch.
-                        if chunk > pacing.max_chunks_ahead
-                            && probe.less_than(&(time - pacing.max_chunks_ahead))
-                        {
-                            blocked = true;
-                            break;
+                let started = Instant::now();
+                let mut blocked = false;
+                let mut batch: Vec<RawRecord> = Vec::new();
+                while let Some(file) = queue.front_mut() {
+                    let reader = file.reader.get_or_insert_with(|| {
+                        let input = InputFile {
+                            path: file.item.path.clone().into(),
+                            kind: file.item.kind,
+                        };
+                        formats::open(&input, &options)
+                    });
+                    let base = file_epoch(file.item.index);
+                    let mut finished = false;
+                    loop {
+                        let chunk = (reader.bytes_consumed() / pacing.chunk_bytes.max(1))
+                            .min(SUB_EPOCHS - 1);
+                        let time = base + chunk;
+                        if time > *file.cap.time() {
+                            flush(output, &file.cap, &mut batch);
+                            // Wait for the dataflow to catch up before opening a new sub-epoch.
+                            if chunk > pacing.max_chunks_ahead
+                                && probe.less_than(&(time - pacing.max_chunks_ahead))
+                            {
+                                blocked = true;
+                                break;
+                            }
+                            file.cap.downgrade(&time);
                         }
-                        file.cap.downgrade(&time);
-                    }
-                    match reader.next() {
-                        Some(Ok(record)) => {
-                            stats.borrow_mut().records_read += 1;
-                            batch.push(record);
-                            if batch.len() >= 64 {
-                                flush(output, &file.cap, &mut batch);
+                        match reader.next() {
+                            Some(Ok(record)) => {
+                                stats.borrow_mut().records_read += 1;
+                                batch.push(record);
+                                if batch.len() >= 64 {
+                                    flush(output, &file.cap, &mut batch);
+                                }
+                            }
+                            Some(Err(drop)) => {
+                                let mut s = stats.borrow_mut();
+                                if drop.reason.is_record() {
+                                    s.records_read += 1;
+                                }
+                                s.drop(drop);
+                            }
+                            None => {
+                                finished = true;
+                                break;
                             }
                         }
-                        Some(Err(drop)) => {
-                            let mut s = stats.borrow_mut();
-                            if drop.reason.is_record() {
-                                s.records_read += 1;
-                            }
-                            s.drop(drop);
-                        }
-                        None => {
-                            finished = true;
+                        if started.elapsed() >= pacing.slice {
                             break;
                         }
                     }
-                    if started.elapsed() >= pacing.slice {
+                    flush(output, &file.cap, &mut batch);
+                    let consumed = reader.bytes_consumed();
+                    progress.add_bytes(consumed.saturating_sub(file.reported));
+                    file.reported = consumed;
+                    if !finished {
                         break;
                     }
+                    let mut s = stats.borrow_mut();
+                    s.files += 1;
+                    s.bytes_read += consumed;
+                    progress.file_done();
+                    queue.pop_front();
                 }
-                flush(output, &file.cap, &mut batch);
-                let consumed = reader.bytes_consumed();
-                progress.add_bytes(consumed.saturating_sub(file.reported));
-                file.reported = consumed;
-                if !finished {
-                    break;
-                }
-                let mut s = stats.borrow_mut();
-                s.files += 1;
-                s.bytes_read += consumed;
-                progress.file_done();
-                queue.pop_front();
-            }
-            if !queue.is_empty() {
-                if blocked {
-                    activator.activate_after(Duration::from_millis(1));
-                } else {
-                    activator.activate();
+                if !queue.is_empty() {
+                    if blocked {
+                        activator.activate_after(Duration::from_millis(1));
+                    } else {
+                        activator.activate();
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 fn flush(

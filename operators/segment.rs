@@ -4,8 +4,8 @@
 use super::{Time, WorkerStats};
 use crate::records::{Origin, Page, Passage};
 use crate::stats::Drop;
-use crate::text::minhash::content_hash;
 use crate::text::html::ExtractedPage;
+use crate::text::minhash::content_hash;
 use crate::text::segment::{SegmentOptions, Segmenter};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Operator;
@@ -34,8 +34,18 @@ pub fn segment<'s>(
 
 /// Segments one page, counting drops and passages made in `stats`.
 pub fn segment_page(page: Page, segmenter: &Segmenter, stats: &WorkerStats) -> Vec<Passage> {
-    let Page { origin, url, record_id, title, blocks } = page;
-    let outcome = segmenter.segment(&ExtractedPage { title, blocks, flattened_depth: false });
+    let Page {
+        origin,
+        url,
+        record_id,
+        title,
+        blocks,
+    } = page;
+    let outcome = segmenter.segment(&ExtractedPage {
+        title,
+        blocks,
+        flattened_depth: false,
+    });
     let mut s = stats.borrow_mut();
     for (reason, detail) in outcome.drops {
         s.drop(Drop {
@@ -64,6 +74,9 @@ pub fn segment_page(page: Page, segmenter: &Segmenter, stats: &WorkerStats) -> V
 
 /// A passage's id: stable across runs, workers and processes (its file, offset, record and index).
 fn passage_id(origin: &Origin, record_id: &str, index: usize) -> u64 {
-    let key = format!("{}\u{0}{}\u{0}{}\u{0}{}", origin.file, origin.offset, record_id, index);
+    let key = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}",
+        origin.file, origin.offset, record_id, index
+    );
     xxh3_64(key.as_bytes())
 }

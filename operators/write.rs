@@ -50,7 +50,11 @@ pub fn write<'s>(
                 input1.for_each_stamp(|cap, data| {
                     let Some(&time) = cap.least() else { return };
                     let entry = held.entry(time).or_insert_with(|| {
-                        (cap.retain_least(output.output_index()).expect("stamp has a time"), Vec::new())
+                        (
+                            cap.retain_least(output.output_index())
+                                .expect("stamp has a time"),
+                            Vec::new(),
+                        )
                     });
                     for d in data {
                         entry.1.append(d);
@@ -70,7 +74,9 @@ pub fn write<'s>(
                     if frontier1.less_equal(&time) || frontier2.less_equal(&time) {
                         break;
                     }
-                    let Some((cap, passages)) = held.remove(&time) else { break };
+                    let Some((cap, passages)) = held.remove(&time) else {
+                        break;
+                    };
                     let mut keep = Vec::with_capacity(passages.len());
                     let mut s = stats.borrow_mut();
                     for p in passages {

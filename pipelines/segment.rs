@@ -114,10 +114,17 @@ pub struct Summary {
 /// Runs the job.
 pub fn run(args: SegmentArgs) -> Result<()> {
     if args.min_chars >= args.max_chars {
-        bail!("--min-chars ({}) must be below --max-chars ({})", args.min_chars, args.max_chars);
+        bail!(
+            "--min-chars ({}) must be below --max-chars ({})",
+            args.min_chars,
+            args.max_chars
+        );
     }
     if !(0.0..=1.0).contains(&args.near_threshold) {
-        bail!("--near-threshold must be within 0..1, got {}", args.near_threshold);
+        bail!(
+            "--near-threshold must be within 0..1, got {}",
+            args.near_threshold
+        );
     }
     let config = args.cluster.timely_config()?;
     std::fs::create_dir_all(&args.out)
@@ -135,7 +142,10 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading --nav-headers {}", path.display()))?;
         segment_options.navigation_headers.extend(
-            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_lowercase),
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_lowercase),
         );
     }
     let read_options = ReadOptions {
@@ -155,9 +165,16 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         dedup_options.ngram,
         dedup_options.seed,
     )?;
-    let pacing = ReadPacing { chunk_bytes: args.chunk_mb.max(1) << 20, ..ReadPacing::default() };
+    let pacing = ReadPacing {
+        chunk_bytes: args.chunk_mb.max(1) << 20,
+        ..ReadPacing::default()
+    };
     let state = job::IngestState::new(&args.out);
-    let (already, first_index) = if args.follow.is_some() { state.load()? } else { Default::default() };
+    let (already, first_index) = if args.follow.is_some() {
+        state.load()?
+    } else {
+        Default::default()
+    };
     let discover_config = DiscoverConfig {
         inputs: inputs.clone(),
         follow: args.follow.clone(),
@@ -167,7 +184,11 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         first_index,
     };
     let total_bytes = if args.follow.is_none() && args.cluster.process == 0 {
-        inputs.iter().filter_map(|f| std::fs::metadata(&f.path).ok()).map(|m| m.len()).sum()
+        inputs
+            .iter()
+            .filter_map(|f| std::fs::metadata(&f.path).ok())
+            .map(|m| m.len())
+            .sum()
     } else {
         0
     };
@@ -175,7 +196,11 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start("segment", progress.clone(), total_bytes, args.quiet);
     let started = Instant::now();
-    let target = WriteTarget { dir: args.out.clone(), prefix: "segment".into(), process: args.cluster.process };
+    let target = WriteTarget {
+        dir: args.out.clone(),
+        prefix: "segment".into(),
+        process: args.cluster.process,
+    };
     let (workers, processes) = (args.cluster.workers, args.cluster.processes);
     let out_dir = args.out.clone();
     let follow = args.follow.is_some();
@@ -192,14 +217,33 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         };
         let progress = worker_progress.clone();
         worker.dataflow::<Time, _, _>(|scope| {
-            let items = discover(scope, discover_config.clone(), probe.clone(), stop.clone(), on_file_done);
-            let records =
-                read(items, read_options.clone(), pacing.clone(), probe.clone(), stats.clone(), progress.clone());
+            let items = discover(
+                scope,
+                discover_config.clone(),
+                probe.clone(),
+                stop.clone(),
+                on_file_done,
+            );
+            let records = read(
+                items,
+                read_options.clone(),
+                pacing.clone(),
+                probe.clone(),
+                stats.clone(),
+                progress.clone(),
+            );
             let pages = extract(records, ExtractOptions::default(), stats.clone());
             let passages = segment(pages, segment_options.clone(), stats.clone());
             let verdicts = dedup(passages.clone(), dedup_options.clone())
                 .expect("dedup options validated before the job started");
-            write(passages, verdicts, target.clone(), stats.clone(), progress.clone()).probe_with(&probe);
+            write(
+                passages,
+                verdicts,
+                target.clone(),
+                stats.clone(),
+                progress.clone(),
+            )
+            .probe_with(&probe);
         });
         while !probe.done() {
             if progress.failed() {

@@ -30,14 +30,23 @@ pub enum ClusterError {
     #[error("--workers and --processes must be at least 1 (got -w {workers} -n {processes})")]
     Zero { workers: usize, processes: usize },
     /// `-p` outside `0..-n`.
-    #[error("--process {process} is out of range for --processes {processes} (valid: 0..{processes})")]
+    #[error(
+        "--process {process} is out of range for --processes {processes} (valid: 0..{processes})"
+    )]
     ProcessOutOfRange { process: usize, processes: usize },
     /// The hostfile could not be read.
     #[error("cannot read hostfile {path}: {source}")]
-    Hostfile { path: PathBuf, source: std::io::Error },
+    Hostfile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The hostfile lists fewer hosts than processes.
     #[error("hostfile {path} lists {found} addresses, but --processes is {processes}")]
-    TooFewHosts { path: PathBuf, found: usize, processes: usize },
+    TooFewHosts {
+        path: PathBuf,
+        found: usize,
+        processes: usize,
+    },
 }
 
 /// The first port of the default localhost addresses (timely's convention).
@@ -48,7 +57,10 @@ impl ClusterArgs {
     pub fn timely_config(&self) -> Result<timely::Config, ClusterError> {
         use timely::CommunicationConfig as Comm;
         if self.workers == 0 || self.processes == 0 {
-            return Err(ClusterError::Zero { workers: self.workers, processes: self.processes });
+            return Err(ClusterError::Zero {
+                workers: self.workers,
+                processes: self.processes,
+            });
         }
         if self.process >= self.processes {
             return Err(ClusterError::ProcessOutOfRange {
@@ -69,7 +81,10 @@ impl ClusterArgs {
         } else {
             Comm::Thread
         };
-        Ok(timely::Config { communication, worker: timely::WorkerConfig::default() })
+        Ok(timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        })
     }
 
     /// The address of every process, from the hostfile or the localhost default.
@@ -79,8 +94,11 @@ impl ClusterArgs {
                 .map(|i| format!("localhost:{}", DEFAULT_BASE_PORT as usize + i))
                 .collect()),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ClusterError::Hostfile { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ClusterError::Hostfile {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let hosts: Vec<String> = text
                     .lines()
                     .map(str::trim)
@@ -112,21 +130,40 @@ mod tests {
     use timely::CommunicationConfig as Comm;
 
     fn args(w: usize, n: usize, p: usize) -> ClusterArgs {
-        ClusterArgs { workers: w, processes: n, process: p, hostfile: None }
+        ClusterArgs {
+            workers: w,
+            processes: n,
+            process: p,
+            hostfile: None,
+        }
     }
 
     #[test]
     fn single_thread_and_process() {
-        assert!(matches!(args(1, 1, 0).timely_config().unwrap().communication, Comm::Thread));
-        assert!(matches!(args(3, 1, 0).timely_config().unwrap().communication, Comm::Process(3)));
+        assert!(matches!(
+            args(1, 1, 0).timely_config().unwrap().communication,
+            Comm::Thread
+        ));
+        assert!(matches!(
+            args(3, 1, 0).timely_config().unwrap().communication,
+            Comm::Process(3)
+        ));
     }
 
     #[test]
     fn cluster_defaults_to_localhost_ports() {
         match args(2, 3, 1).timely_config().unwrap().communication {
-            Comm::Cluster { threads, process, addresses, .. } => {
+            Comm::Cluster {
+                threads,
+                process,
+                addresses,
+                ..
+            } => {
                 assert_eq!((threads, process), (2, 1));
-                assert_eq!(addresses, ["localhost:2101", "localhost:2102", "localhost:2103"]);
+                assert_eq!(
+                    addresses,
+                    ["localhost:2101", "localhost:2102", "localhost:2103"]
+                );
             }
             other => panic!("expected a cluster, got {other:?}"),
         }
@@ -141,12 +178,18 @@ mod tests {
         a.hostfile = Some(path.clone());
         assert_eq!(a.addresses().unwrap(), ["node-a:3000", "node-b:3000"]);
         a.processes = 3;
-        assert!(matches!(a.addresses(), Err(ClusterError::TooFewHosts { found: 2, .. })));
+        assert!(matches!(
+            a.addresses(),
+            Err(ClusterError::TooFewHosts { found: 2, .. })
+        ));
     }
 
     #[test]
     fn bad_values_are_errors() {
-        assert!(matches!(args(0, 1, 0).timely_config(), Err(ClusterError::Zero { .. })));
+        assert!(matches!(
+            args(0, 1, 0).timely_config(),
+            Err(ClusterError::Zero { .. })
+        ));
         assert!(matches!(
             args(1, 2, 2).timely_config(),
             Err(ClusterError::ProcessOutOfRange { .. })

@@ -53,7 +53,9 @@ pub struct IngestState {
 impl IngestState {
     /// The state of the job writing to `out`.
     pub fn new(out: &Path) -> IngestState {
-        IngestState { path: out.join("_state").join("ingested.jsonl") }
+        IngestState {
+            path: out.join("_state").join("ingested.jsonl"),
+        }
     }
 
     /// Files already ingested, and the index for the next file. A torn last line (a crash while
@@ -82,8 +84,14 @@ impl IngestState {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-            let line = serde_json::to_string(&Ingested { path: item.path.clone(), index: item.index })?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            let line = serde_json::to_string(&Ingested {
+                path: item.path.clone(),
+                index: item.index,
+            })?;
             f.write_all(format!("{line}\n").as_bytes())?;
             f.sync_data()?;
             Ok(())

@@ -69,7 +69,8 @@ pub fn atomic_write(
     let mut out = BufWriter::with_capacity(1 << 20, file);
     fill(&mut out)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
@@ -82,9 +83,19 @@ mod tests {
     fn atomic_write_leaves_only_the_final_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        atomic_write_jsonl(&path, [serde_json::json!({"a": 1}), serde_json::json!({"b": "x"})]).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":\"x\"}\n");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        atomic_write_jsonl(
+            &path,
+            [serde_json::json!({"a": 1}), serde_json::json!({"b": "x"})],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":\"x\"}\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.jsonl")]);
     }
 

@@ -89,7 +89,11 @@ impl std::ops::Drop for Reporter {
 fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
     let started = Instant::now();
     if std::io::stderr().is_terminal() {
-        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let bar = if total > 0 {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
         let template = if total > 0 {
             "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}"
         } else {
@@ -120,7 +124,11 @@ fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
                     "{label}: {files} files, {:.1} MB read ({:.1} MB/s){}, {passages} passages",
                     bytes as f64 / 1e6,
                     bytes as f64 / 1e6 / secs,
-                    if total > 0 { format!(" of {:.1} MB", total as f64 / 1e6) } else { String::new() },
+                    if total > 0 {
+                        format!(" of {:.1} MB", total as f64 / 1e6)
+                    } else {
+                        String::new()
+                    },
                 );
             }
         }

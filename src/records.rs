@@ -16,7 +16,10 @@ pub struct Origin {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
     /// An HTML document, still as bytes; `charset` is the one the HTTP header declared, if any.
-    Html { bytes: Vec<u8>, charset: Option<String> },
+    Html {
+        bytes: Vec<u8>,
+        charset: Option<String>,
+    },
     /// Text that was already extracted upstream (WET conversion records, JSONL).
     Text(String),
 }

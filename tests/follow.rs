@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 fn page_record(i: usize) -> Vec<u8> {
     let body = vec![format!("token{i} follows along"); 60].join(" ");
     let html = format!("<html><body><h2>Section {i}</h2><p>{body}.</p></body></html>");
-    response_record(&format!("http://follow.test/{i}"), "text/html; charset=utf-8", html.as_bytes())
+    response_record(
+        &format!("http://follow.test/{i}"),
+        "text/html; charset=utf-8",
+        html.as_bytes(),
+    )
 }
 
 /// Writes a dump the way the convention asks: under a `.part` name, then renamed into place.
@@ -47,14 +51,25 @@ fn wait_for(out: &Path, needle: &str) {
 }
 
 fn interrupt(child: Child) {
-    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit after Ctrl-C: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "exit after Ctrl-C: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn count(out: &Path, needle: &str) -> usize {
-    passages(out).iter().filter(|p| p["text"].as_str().unwrap().contains(needle)).count()
+    passages(out)
+        .iter()
+        .filter(|p| p["text"].as_str().unwrap().contains(needle))
+        .count()
 }
 
 #[test]
@@ -81,8 +96,18 @@ fn follow_processes_each_complete_file_once_and_stops_cleanly() {
     let job = start(&watch, &out);
     wait_for(&out, "token3 follows");
     interrupt(job);
-    for needle in ["token1 follows", "token2 follows", "token3 follows", "token4 follows"] {
-        assert_eq!(count(&out, needle), 1, "{needle} written {} times", count(&out, needle));
+    for needle in [
+        "token1 follows",
+        "token2 follows",
+        "token3 follows",
+        "token4 follows",
+    ] {
+        assert_eq!(
+            count(&out, needle),
+            1,
+            "{needle} written {} times",
+            count(&out, needle)
+        );
     }
     assert_eq!(summary(&out)["files"].as_u64(), Some(1));
 }

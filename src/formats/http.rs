@@ -159,10 +159,7 @@ pub(crate) fn dechunk(body: &[u8], max: u64) -> Result<Vec<u8>, BodyError> {
     let mut out = Vec::with_capacity(body.len());
     let mut at = 0usize;
     let mut first = true;
-    loop {
-        let Some(nl) = memchr(b'\n', &body[at..]) else {
-            break;
-        };
+    while let Some(nl) = memchr(b'\n', &body[at..]) {
         let line = trim(&body[at..at + nl]);
         let size_text = line.split(|&b| b == b';').next().unwrap_or(b"");
         let size = std::str::from_utf8(trim(size_text))

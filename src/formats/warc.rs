@@ -95,7 +95,7 @@ fn scan_to_gzip_start<R: Read>(raw: &mut CountingReader<R>, min_offset: u64) -> 
         let base = raw.consumed();
         let (advance, stop) = match raw.fill_at_least(4) {
             Err(_) => (0, true),
-            Ok(b) if b.is_empty() => (0, true),
+            Ok([]) => (0, true),
             Ok(b) => {
                 let mut i = (min_offset.saturating_sub(base)).min(b.len() as u64) as usize;
                 let mut result = (b.len(), false);

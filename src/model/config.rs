@@ -165,13 +165,13 @@ impl LlamaConfig {
         if self.n_layers == 0 || self.hidden == 0 || self.ffn == 0 || self.vocab == 0 {
             return bad(format!("empty dimension in {self:?}"));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} query heads cannot be grouped over {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dim {} must be even", self.head_dim));
         }
         Ok(())

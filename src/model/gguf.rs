@@ -548,7 +548,7 @@ impl GgufFile {
                     ty: info.ty.name(),
                 })?;
         let n = info.n_elements() as usize;
-        if n % block_elems != 0 {
+        if !n.is_multiple_of(block_elems) {
             return Err(GgufError::Corrupt(format!(
                 "tensor {}: {n} elements is not a multiple of the block size {block_elems}",
                 info.name

@@ -185,7 +185,7 @@ impl MinHasher {
                 ngram_words,
             });
         }
-        if num_perm % bands != 0 {
+        if !num_perm.is_multiple_of(bands) {
             return Err(MinHashError::NotDivisible { num_perm, bands });
         }
         Ok(Self::build(num_perm, bands, ngram_words, seed))

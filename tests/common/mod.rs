@@ -13,7 +13,9 @@ use std::process::{Command, Output};
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("BACKFLOW_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/backflow"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/backflow")
+        })
 }
 
 /// The real HTML pages of the Python docs, or `None` (the test then says so and passes vacuously
@@ -25,7 +27,10 @@ pub fn python_docs() -> Option<PathBuf> {
     } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
         panic!("assets missing: run scripts/fetch-assets.sh");
     } else {
-        eprintln!("skipping: {} missing (run scripts/fetch-assets.sh)", dir.display());
+        eprintln!(
+            "skipping: {} missing (run scripts/fetch-assets.sh)",
+            dir.display()
+        );
         None
     }
 }
@@ -80,7 +85,12 @@ pub fn http_response(content_type: &str, body: &[u8]) -> Vec<u8> {
 
 /// A response record holding `body` as `content_type`.
 pub fn response_record(uri: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
-    warc_record("response", uri, "application/http; msgtype=response", &http_response(content_type, body))
+    warc_record(
+        "response",
+        uri,
+        "application/http; msgtype=response",
+        &http_response(content_type, body),
+    )
 }
 
 /// Gzip of `bytes` as one member.
@@ -136,7 +146,10 @@ pub fn passages(out: &Path) -> Vec<serde_json::Value> {
 
 /// The set of passage texts under `out`.
 pub fn passage_texts(out: &Path) -> BTreeSet<String> {
-    passages(out).iter().map(|p| p["text"].as_str().unwrap().to_owned()).collect()
+    passages(out)
+        .iter()
+        .map(|p| p["text"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// The job's summary.
@@ -152,7 +165,11 @@ pub fn dropped(summary: &serde_json::Value, reason: &str) -> u64 {
 
 /// Two free localhost ports for a two-process job.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
