@@ -6,12 +6,17 @@ use crate::stats::Stats;
 use std::cell::RefCell;
 use std::rc::Rc;
 
+pub mod augment;
+pub mod curate;
 pub mod dedup;
 pub mod discover;
 pub mod extract;
+pub mod model_call;
+pub mod rate;
 pub mod read;
 pub mod segment;
 pub mod write;
+pub mod write_jsonl;
 
 /// Dataflow time: coarse epochs. Input file `i` owns the epochs `i * SUB_EPOCHS ..
 /// (i + 1) * SUB_EPOCHS`; a large file advances through them every `--chunk-mb` of its bytes.

@@ -6,6 +6,7 @@
 use anyhow::Result;
 use std::ffi::OsString;
 
+pub mod rate;
 pub mod segment;
 
 /// A registered pipeline: its name, a one-line description, and its entry point, which parses
@@ -20,11 +21,18 @@ pub struct Pipeline {
 }
 
 /// Every pipeline `backflow run` knows.
-pub const PIPELINES: &[Pipeline] = &[Pipeline {
-    name: "segment",
-    about: "crawl dumps to deduplicated passages (ingest only)",
-    main: segment::main,
-}];
+pub const PIPELINES: &[Pipeline] = &[
+    Pipeline {
+        name: "segment",
+        about: "crawl dumps to deduplicated passages (ingest only)",
+        main: segment::main,
+    },
+    Pipeline {
+        name: "rate",
+        about: "rate an existing instruction dataset with a model (self-curation alone)",
+        main: rate::main,
+    },
+];
 
 /// The pipeline called `name`.
 pub fn find(name: &str) -> Option<&'static Pipeline> {

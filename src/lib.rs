@@ -6,11 +6,13 @@
 pub mod cli;
 pub mod cluster;
 pub mod formats;
+pub mod humpback;
 pub mod job;
 pub mod model;
 pub mod output;
 pub mod progress;
 pub mod records;
+pub mod serve;
 pub mod stats;
 pub mod text;
 pub mod train;

@@ -120,6 +120,10 @@ fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
                 last = Instant::now();
                 let (bytes, files, passages) = progress.snapshot();
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
+                if bytes == 0 && files == 0 {
+                    log::info!("{label}: {passages} records written in {secs:.0}s");
+                    continue;
+                }
                 log::info!(
                     "{label}: {files} files, {:.1} MB read ({:.1} MB/s){}, {passages} passages",
                     bytes as f64 / 1e6,

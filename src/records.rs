@@ -79,3 +79,36 @@ pub struct Passage {
     /// The headers from the page's top to this passage's header.
     pub header_path: Vec<String>,
 }
+
+/// A passage with the instruction the backward model wrote for it (the paper's `(x^, y)`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The passage: the candidate answer `y`.
+    pub passage: Passage,
+    /// The generated instruction `x^`.
+    pub instruction: String,
+    /// The backward model's version.
+    pub augment_version: String,
+}
+
+/// One self-rating of a candidate by a forward model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rating {
+    /// The rated candidate.
+    pub candidate: Candidate,
+    /// The rating model's version.
+    pub model_version: String,
+    /// The mean of the samples that parsed, or `None` when none did.
+    pub score: Option<f64>,
+    /// Every sampled rating: the raw answer and what it parsed to.
+    pub samples: Vec<RatingSample>,
+}
+
+/// One sampled rating answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RatingSample {
+    /// The model's whole answer.
+    pub raw: String,
+    /// The score read from it, or why none could be.
+    pub score: Result<u8, crate::humpback::score::ScoreError>,
+}

@@ -57,6 +57,17 @@ pub enum DropReason {
     ExactDuplicate,
     /// MinHash similarity to a passage kept at or above the threshold.
     NearDuplicate,
+    // --- the Humpback loop
+    /// The backward model gave no instruction (empty answer or a model error).
+    AugmentFailed,
+    /// A rating answer without a readable score in 1..=5 (kept in the ratings output).
+    RatingUnparsed,
+    /// No rating of a candidate parsed, so it cannot be curated.
+    Unrated,
+    /// A score below the curation threshold.
+    BelowThreshold,
+    /// An instruction too short or too long to be plausible.
+    InstructionLength,
 }
 
 impl DropReason {
@@ -102,6 +113,11 @@ impl DropReason {
             Repetitive => "repetitive",
             ExactDuplicate => "exact_duplicate",
             NearDuplicate => "near_duplicate",
+            AugmentFailed => "augment_failed",
+            RatingUnparsed => "rating_unparsed",
+            Unrated => "unrated",
+            BelowThreshold => "below_threshold",
+            InstructionLength => "instruction_length",
         }
     }
 }

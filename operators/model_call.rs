@@ -1,0 +1,147 @@
+//! `model_call`: the pattern every model-backed operator shares. Each record becomes one or more
+//! requests to the process's model server; the operator keeps the capability of each record
+//! while its requests are in flight (so its epoch cannot complete), is woken by a
+//! `SyncActivator` when answers come back, and emits `finish(record, answers)` at the record's
+//! time. At most `max_in_flight` records are in flight; the rest wait in order.
+
+use super::Time;
+use crate::model::chat::Message;
+use crate::model::sampling::Sampling;
+use crate::serve::{GenAnswer, GenRequest, ModelClient};
+use std::collections::{HashMap, VecDeque};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::StreamVec;
+
+/// One request to make for a record.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    /// Model version.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Sampling, seed included.
+    pub sampling: Sampling,
+}
+
+/// Most requests a record may fan out to (tickets encode the index in the low bits).
+const MAX_ASKS: u64 = 64;
+
+struct InFlight<D> {
+    cap: Capability<Time>,
+    record: D,
+    answers: Vec<Option<GenAnswer>>,
+    missing: usize,
+}
+
+/// The operator. `ask` may return no request (then `finish` gets no answers at once).
+pub fn model_call<'s, D, O, A, F>(
+    records: StreamVec<'s, Time, D>,
+    name: &str,
+    client: ModelClient,
+    max_in_flight: usize,
+    mut ask: A,
+    mut finish: F,
+) -> StreamVec<'s, Time, O>
+where
+    D: Clone + 'static,
+    O: Clone + 'static,
+    A: FnMut(&D) -> Vec<Ask> + 'static,
+    F: FnMut(D, Vec<GenAnswer>) -> Option<O> + 'static,
+{
+    let scope = records.scope();
+    records.unary(Pipeline, name, move |_cap, info| {
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let (reply, answers) = crossbeam_channel::unbounded::<GenAnswer>();
+        let mut waiting: VecDeque<(Capability<Time>, D)> = VecDeque::new();
+        let mut in_flight: HashMap<u64, InFlight<D>> = HashMap::new();
+        let mut next_record: u64 = 0;
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let Some(cap) = cap.retain_least(output.output_index()) else {
+                    return;
+                };
+                for d in data.flat_map(|d| d.drain(..)) {
+                    waiting.push_back((cap.clone(), d));
+                }
+            });
+            loop {
+                // Answers first: they free room for more requests.
+                while let Ok(answer) = answers.try_recv() {
+                    let (id, idx) = (
+                        answer.ticket / MAX_ASKS,
+                        (answer.ticket % MAX_ASKS) as usize,
+                    );
+                    let done = match in_flight.get_mut(&id) {
+                        Some(f) if f.answers.get(idx).is_some_and(|a| a.is_none()) => {
+                            f.answers[idx] = Some(answer);
+                            f.missing -= 1;
+                            f.missing == 0
+                        }
+                        _ => false,
+                    };
+                    if done {
+                        if let Some(f) = in_flight.remove(&id) {
+                            let answers = f.answers.into_iter().flatten().collect();
+                            if let Some(out) = finish(f.record, answers) {
+                                output.session(&f.cap).give(out);
+                            }
+                        }
+                    }
+                }
+                if in_flight.len() >= max_in_flight.max(1) {
+                    break;
+                }
+                let Some((cap, record)) = waiting.pop_front() else {
+                    break;
+                };
+                let asks = ask(&record);
+                let asks = &asks[..asks.len().min(MAX_ASKS as usize)];
+                if asks.is_empty() {
+                    if let Some(out) = finish(record, Vec::new()) {
+                        output.session(&cap).give(out);
+                    }
+                    continue;
+                }
+                let id = next_record;
+                next_record += 1;
+                let mut failed = Vec::new();
+                for (i, a) in asks.iter().enumerate() {
+                    let ticket = id * MAX_ASKS + i as u64;
+                    let request = GenRequest {
+                        ticket,
+                        model: a.model.clone(),
+                        messages: a.messages.clone(),
+                        max_new_tokens: a.max_new_tokens,
+                        sampling: a.sampling,
+                        reply: reply.clone(),
+                        wake: Some(wake.clone()),
+                    };
+                    if let Err(e) = client.send(request) {
+                        failed.push(GenAnswer {
+                            ticket,
+                            result: Err(e.to_string()),
+                            prompt_tokens: 0,
+                            new_tokens: 0,
+                        });
+                    }
+                }
+                in_flight.insert(
+                    id,
+                    InFlight {
+                        cap,
+                        record,
+                        answers: vec![None; asks.len()],
+                        missing: asks.len(),
+                    },
+                );
+                // A stopped server answers nothing: deliver its failures ourselves.
+                for f in failed {
+                    let _ = reply.send(f);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,355 @@
+//! `backflow run rate`: rate an existing instruction dataset with a given model, the paper's
+//! self-curation on its own. A small pipeline that shows how to write one:
+//!
+//! ```text
+//! dataset (worker 0, epochs of --epoch-size pairs) -> exchange -> rate -> curate -> write
+//!                                                                  \-> write ratings
+//! ```
+
+use crate::cluster::ClusterArgs;
+use crate::operators::curate::{curate, CurateOptions};
+use crate::operators::rate::{rate, RateOptions};
+use crate::operators::write_jsonl::write_jsonl;
+use crate::operators::{Time, WorkerStats};
+use crate::output::atomic_write;
+use crate::progress::{Progress, Reporter};
+use crate::records::{Candidate, Origin, Passage, Rating};
+use crate::serve::{ModelServer, ServerConfig};
+use crate::stats::Stats;
+use crate::train::data::{read_records, DataStats, Record};
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::source;
+use timely::dataflow::operators::{Operator, Probe};
+use timely::dataflow::{ProbeHandle, StreamVec};
+
+/// `backflow run rate`: rate (instruction, output) pairs with a model.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "backflow run rate", disable_help_flag = true)]
+pub struct RateArgs {
+    /// The dataset: Alpaca JSON/JSONL, Self-Instruct seed tasks or ChatML conversations.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// The rating model: GGUF file, Hugging Face folder or LoRA adapter folder.
+    #[arg(long, value_name = "PATH", env = "BACKFLOW_MODEL")]
+    pub model: PathBuf,
+    /// Output folder: `ratings-*.jsonl`, `curated-*.jsonl` (Alpaca format) and `summary.json`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Keep pairs whose (mean) score is at least this.
+    #[arg(long, default_value_t = 5.0)]
+    pub threshold: f64,
+    /// Ratings per pair (more than one are sampled and averaged).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Most tokens of a rating answer.
+    #[arg(long, default_value_t = 96)]
+    pub max_new_tokens: usize,
+    /// Rate only the first N pairs.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Pairs per epoch.
+    #[arg(long, default_value_t = 32)]
+    pub epoch_size: usize,
+    /// Most sequences per model batch.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// No progress lines.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+/// Entry point for `backflow run rate`.
+pub fn main(argv: Vec<OsString>) -> Result<()> {
+    run(RateArgs::try_parse_from(argv)?)
+}
+
+/// One rating as a line of `ratings-*.jsonl`: the pair, the score, the model version, and every
+/// sampled answer with its raw text (unparsed ones included, with the reason).
+fn rating_line(r: &Rating) -> serde_json::Value {
+    let samples: Vec<serde_json::Value> = r
+        .samples
+        .iter()
+        .map(|s| match &s.score {
+            Ok(v) => json!({"raw": s.raw, "score": v}),
+            Err(e) => json!({"raw": s.raw, "score": null, "error": e}),
+        })
+        .collect();
+    json!({
+        "instruction": r.candidate.instruction,
+        "output": r.candidate.passage.text,
+        "score": r.score,
+        "model_version": r.model_version,
+        "samples": samples,
+        "file": r.candidate.passage.origin.file,
+        "index": r.candidate.passage.origin.offset,
+    })
+}
+
+/// One curated pair, Alpaca format with provenance.
+fn curated_line(r: &Rating) -> serde_json::Value {
+    json!({
+        "instruction": r.candidate.instruction,
+        "input": "",
+        "output": r.candidate.passage.text,
+        "score": r.score,
+        "model_version": r.model_version,
+        "source": {"file": r.candidate.passage.origin.file, "index": r.candidate.passage.origin.offset},
+    })
+}
+
+/// Runs the job.
+pub fn run(args: RateArgs) -> Result<()> {
+    let config = args.cluster.timely_config()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut data_stats = DataStats::default();
+    let mut records = read_records(&args.data, &mut data_stats)?;
+    records.truncate(args.limit.unwrap_or(usize::MAX));
+    let file = args.data.to_string_lossy().into_owned();
+    let candidates: Vec<Candidate> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Record::Pair {
+                instruction,
+                output,
+            } => Some(candidate(&file, i as u64, instruction, output)),
+            Record::Chat(m) => {
+                let user = m
+                    .iter()
+                    .find(|m| m.role == crate::model::chat::Role::User)?;
+                let bot = m
+                    .iter()
+                    .find(|m| m.role == crate::model::chat::Role::Assistant)?;
+                Some(candidate(&file, i as u64, &user.content, &bot.content))
+            }
+        })
+        .collect();
+    if candidates.is_empty() {
+        bail!("no (instruction, output) pairs in {}", args.data.display());
+    }
+
+    let server = ModelServer::start(ServerConfig {
+        max_batch: args.max_batch,
+        ..ServerConfig::default()
+    });
+    let version = args.model.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    server.load(&version, &args.model)?;
+    log::info!(
+        "loaded {} in {:.1}s",
+        args.model.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    let client = server.client()?;
+    let progress = Arc::new(Progress::default());
+    let reporter = Reporter::start("rate", progress.clone(), 0, args.quiet);
+    let started = Instant::now();
+    let (out, process, epoch_size) = (
+        args.out.clone(),
+        args.cluster.process,
+        args.epoch_size.max(1),
+    );
+    let rate_options = RateOptions {
+        samples: args.samples,
+        max_new_tokens: args.max_new_tokens,
+        ..RateOptions::default()
+    };
+    let curate_options = CurateOptions {
+        threshold: args.threshold,
+        ..CurateOptions::default()
+    };
+    let worker_progress = progress.clone();
+
+    let guards = timely::execute(config, move |worker| {
+        let stats: WorkerStats = Rc::new(RefCell::new(Stats::default()));
+        let probe: ProbeHandle<Time> = ProbeHandle::new();
+        let model = Rc::new(RefCell::new(version.clone()));
+        let progress = worker_progress.clone();
+        worker.dataflow::<Time, _, _>(|scope| {
+            let pairs = dataset(scope, candidates.clone(), epoch_size, probe.clone()).unary(
+                Exchange::new(|c: &Candidate| c.passage.id),
+                "Spread",
+                |_, _| {
+                    |input, output| {
+                        input.for_each_stamp(|cap, data| output.session(&cap).give_containers(data))
+                    }
+                },
+            );
+            let ratings = rate(
+                pairs,
+                client.clone(),
+                model.clone(),
+                rate_options.clone(),
+                stats.clone(),
+            );
+            let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
+            write_jsonl(
+                ratings,
+                out.clone(),
+                "ratings".into(),
+                process,
+                progress.clone(),
+                rating_line,
+            )
+            .probe_with(&probe);
+            write_jsonl(
+                curated,
+                out.clone(),
+                "curated".into(),
+                process,
+                progress.clone(),
+                curated_line,
+            )
+            .probe_with(&probe);
+        });
+        while !probe.done() {
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
+        let local = stats.borrow().clone();
+        crate::job::gather_stats(worker, local)
+    })
+    .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
+    let mut merged = None;
+    for result in guards.join() {
+        match result {
+            Ok(Some(s)) => merged = Some(s),
+            Ok(None) => {}
+            Err(e) => bail!("a worker failed: {e}"),
+        }
+    }
+    drop(reporter);
+    if let Some(fatal) = progress.fatal() {
+        bail!("the job stopped: {fatal}");
+    }
+    if let Some(stats) = merged {
+        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        let s = server.stats();
+        let (requests, prompt, new) = (
+            s.requests.load(Ordering::Relaxed),
+            s.prompt_tokens.load(Ordering::Relaxed),
+            s.new_tokens.load(Ordering::Relaxed),
+        );
+        let histogram = score_histogram(&args.out)?;
+        let summary = json!({
+            "pipeline": "rate",
+            "model": args.model,
+            "pairs": data_stats.records.min(args.limit.unwrap_or(usize::MAX)),
+            "threshold": args.threshold,
+            "elapsed_secs": elapsed,
+            "score_histogram": histogram,
+            "curated": histogram.iter().filter(|(k, _)| k.parse::<f64>().is_ok_and(|v| v >= args.threshold)).map(|(_, v)| v).sum::<u64>(),
+            "this_process": {"requests": requests, "prompt_tokens": prompt, "new_tokens": new,
+                              "prompts_per_sec": requests as f64 / elapsed,
+                              "generated_tokens_per_sec": new as f64 / elapsed},
+            "stats": stats,
+        });
+        atomic_write(&args.out.join("summary.json"), |f| {
+            Ok(serde_json::to_writer_pretty(f, &summary)?)
+        })?;
+        eprintln!(
+            "rated {} pairs in {elapsed:.1}s ({:.2} prompts/s); scores {histogram:?}; unparsed {}",
+            requests,
+            requests as f64 / elapsed,
+            stats.dropped(crate::stats::DropReason::RatingUnparsed)
+        );
+    }
+    Ok(())
+}
+
+fn candidate(file: &str, index: u64, instruction: &str, output: &str) -> Candidate {
+    let id = xxhash_rust::xxh3::xxh3_64(format!("{file}\u{0}{index}").as_bytes());
+    Candidate {
+        passage: Passage {
+            id,
+            content_hash: crate::text::minhash::content_hash(output),
+            text: output.to_owned(),
+            url: String::new(),
+            record_id: index.to_string(),
+            origin: Origin {
+                file: file.to_owned(),
+                offset: index,
+            },
+            header_path: Vec::new(),
+        },
+        instruction: instruction.to_owned(),
+        augment_version: "given".into(),
+    }
+}
+
+/// The dataset as a source on worker 0: `epoch_size` pairs per epoch, at most two epochs ahead of
+/// the probe.
+fn dataset<'s>(
+    scope: timely::dataflow::Scope<'s, Time>,
+    candidates: Vec<Candidate>,
+    epoch_size: usize,
+    probe: ProbeHandle<Time>,
+) -> StreamVec<'s, Time, Candidate> {
+    let leader = scope.index() == 0;
+    source(scope, "Dataset", move |cap, info| {
+        let activator = scope.activator_for(info.address);
+        let mut cap = leader.then_some(cap);
+        let mut chunks = candidates
+            .chunks(epoch_size)
+            .map(<[Candidate]>::to_vec)
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut epoch: Time = 0;
+        move |output| {
+            let Some(c) = cap.as_mut() else { return };
+            if epoch >= 2 && probe.less_than(&(epoch - 1)) {
+                activator.activate_after(Duration::from_millis(5));
+                return;
+            }
+            match chunks.next() {
+                Some(chunk) => {
+                    c.downgrade(&epoch);
+                    output.session(&*c).give_iterator(chunk.into_iter());
+                    epoch += 1;
+                    c.downgrade(&epoch);
+                    activator.activate();
+                }
+                None => cap = None,
+            }
+        }
+    })
+}
+
+/// Counts ratings by score from the written files (the summary reports what is on disk).
+fn score_histogram(out: &std::path::Path) -> Result<BTreeMap<String, u64>> {
+    let mut hist = BTreeMap::new();
+    for entry in std::fs::read_dir(out)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !(name.starts_with("ratings-") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let key = v["score"]
+                .as_f64()
+                .map_or("unparsed".to_owned(), |s| format!("{s}"));
+            *hist.entry(key).or_insert(0) += 1;
+        }
+    }
+    Ok(hist)
+}
