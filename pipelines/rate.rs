@@ -226,18 +226,9 @@ pub fn run(args: RateArgs) -> Result<()> {
         crate::job::gather_stats(worker, local)
     })
     .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
-    let mut merged = None;
-    for result in guards.join() {
-        match result {
-            Ok(Some(s)) => merged = Some(s),
-            Ok(None) => {}
-            Err(e) => bail!("a worker failed: {e}"),
-        }
-    }
+    let merged = crate::job::finish(guards, &progress);
     drop(reporter);
-    if let Some(fatal) = progress.fatal() {
-        bail!("the job stopped: {fatal}");
-    }
+    let merged = merged?;
     if let Some(stats) = merged {
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);
         let s = server.stats();

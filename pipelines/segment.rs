@@ -256,18 +256,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     })
     .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
 
-    let mut merged = None;
-    for result in guards.join() {
-        match result {
-            Ok(Some(stats)) => merged = Some(stats),
-            Ok(None) => {}
-            Err(e) => bail!("a worker failed: {e}"),
-        }
-    }
+    let merged = crate::job::finish(guards, &progress);
     drop(reporter);
-    if let Some(fatal) = progress.fatal() {
-        bail!("the job stopped: {fatal}");
-    }
+    let merged = merged?;
     if let Some(stats) = merged {
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);
         let summary = Summary {

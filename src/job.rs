@@ -120,6 +120,27 @@ pub fn gather_stats(worker: &mut Worker, local: Stats) -> Option<Stats> {
     (worker.index() == 0).then(|| merged.borrow().clone())
 }
 
+/// Waits for every worker of this process; returns the merged stats (on process 0, whose worker 0
+/// gathered them) or `None` (other processes), or the first failure: a worker that panicked, or
+/// the fatal error an operator reported through `progress`.
+pub fn finish(
+    guards: timely::communication::WorkerGuards<Option<Stats>>,
+    progress: &crate::progress::Progress,
+) -> Result<Option<Stats>> {
+    let mut merged = None;
+    for result in guards.join() {
+        match result {
+            Ok(Some(stats)) => merged = Some(stats),
+            Ok(None) => {}
+            Err(e) => anyhow::bail!("a worker failed: {e}"),
+        }
+    }
+    if let Some(fatal) = progress.fatal() {
+        anyhow::bail!("the job stopped: {fatal}");
+    }
+    Ok(merged)
+}
+
 /// A few human lines about a finished job.
 pub fn describe(stats: &Stats, elapsed_secs: f64) -> String {
     let mut s = format!(

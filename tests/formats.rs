@@ -279,13 +279,11 @@ fn plain_pack_of_a_small_folder_with_meta_charset_and_subfolders() {
             ),
         ]
     );
-    assert!(matches!(
-        formats::pack_html_dir(
-            &tmp.path().join("site/sub dir/none"),
-            &tmp.path().join("x.warc")
-        ),
-        Err(_)
-    ));
+    assert!(formats::pack_html_dir(
+        &tmp.path().join("site/sub dir/none"),
+        &tmp.path().join("x.warc")
+    )
+    .is_err());
 }
 
 /// warcinfo, request, response (HTML), metadata, chunked+gzip response, resource (HTML),

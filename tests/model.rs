@@ -145,7 +145,9 @@ fn logits_match_numpy_reference_alone_and_batched() {
         .expect("france");
     for cut in [20, france.len() - 1] {
         gen.cache_prefix(&france[..cut]).expect("prefix");
-        let logits = gen.next_token_logits(&[france.clone()]).expect("logits");
+        let logits = gen
+            .next_token_logits(std::slice::from_ref(&france))
+            .expect("logits");
         check_logits(&format!("prefix {cut}"), &logits[0], r);
     }
 }

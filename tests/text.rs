@@ -195,7 +195,7 @@ fn faq_page() {
     };
     assert_no_sphinx_boilerplate(&page);
     // The page's own "Contents" box is a <nav class="contents">: removed.
-    assert!(!all_text(&page).iter().any(|t| *t == "Contents"));
+    assert!(!all_text(&page).contains(&"Contents"));
     // Header text sits inside <a class="toc-backref">: it must survive.
     let p = paths(&out);
     assert_eq!(
@@ -330,8 +330,7 @@ fn repetitive_page_section_is_dropped() {
     let good = "<p>The hour hand of a mechanical watch is driven through a reduction gear train \
         from the minute wheel, which itself turns once an hour. Because the gear ratio is fixed \
         at twelve to one, any wear in the motion works shows up as play between the hands rather \
-        than as a timekeeping error, and a watchmaker checks it by moving the crown gently.</p>"
-        .repeat(1);
+        than as a timekeeping error, and a watchmaker checks it by moving the crown gently.</p>";
     let more = "<p>Regulating a balance wheel means adjusting its effective length of hairspring: \
         moving the regulator pins toward the stud shortens the active spring, raising the rate. \
         Temperature changes the elasticity of the spring as well, which is why modern alloys \

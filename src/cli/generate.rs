@@ -10,7 +10,7 @@ use clap::Args;
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{load_checkpoint, Generator, Request, Sampling, TokenizerSource};
+use crate::model::{Generator, Request, Sampling, TokenizerSource};
 
 /// Flags of `backflow generate`.
 #[derive(Args, Debug, Clone)]
@@ -46,7 +46,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let device = default_device();
-    let ck = load_checkpoint::<DefaultBackend>(&args.model, &device)
+    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = match &ck.tokenizer {
         TokenizerSource::Gguf(meta) => Tokenizer::from_gguf_metadata(meta)?,

@@ -1,6 +1,7 @@
 //! The `backflow` command line: one subcommand per job, each with its own flags.
 
 pub mod generate;
+pub mod train;
 pub mod warc_pack;
 
 use crate::pipelines::{self, segment::SegmentArgs};
@@ -40,6 +41,9 @@ pub enum Command {
     /// Generate text with a LLaMA-family model (GGUF file or Hugging Face folder); prints only the
     /// generated text on stdout.
     Generate(generate::GenerateArgs),
+    /// Finetune a LLaMA-family model (LoRA or full) on instruction data; writes a checkpoint
+    /// folder (Hugging Face layout, or a PEFT adapter) that `generate --model DIR` loads.
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs the job.
@@ -64,5 +68,6 @@ pub fn main() -> Result<()> {
         }
         Command::WarcPack(args) => warc_pack::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -672,7 +672,7 @@ mod tests {
                 k = k
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                let word = words[(k >> 33) as usize % words.len()];
+                let word = words[(k >> 33) % words.len()];
                 if w == 0 {
                     // Capitalised, so that UAX #29 sees a sentence start.
                     s.push_str(&word[..1].to_uppercase());

@@ -204,7 +204,8 @@ pub fn read_records(path: &Path, stats: &mut DataStats) -> Result<Vec<Record>, T
         path: path.to_path_buf(),
         source,
     })?;
-    read_records_str(&text, stats).map_err(|reason| TrainError::Data(format!("{}: {reason}", path.display())))
+    read_records_str(&text, stats)
+        .map_err(|reason| TrainError::Data(format!("{}: {reason}", path.display())))
 }
 
 /// [`read_records`] on text.
@@ -370,7 +371,10 @@ not json
             Record::Chat(vec![Message::user("q"), Message::assistant("r")])
         );
         let arr = r#"[{"instruction": "i", "output": "o"}]"#;
-        assert_eq!(read_records_str(arr, &mut DataStats::default()).map(|r| r.len()), Ok(1));
+        assert_eq!(
+            read_records_str(arr, &mut DataStats::default()).map(|r| r.len()),
+            Ok(1)
+        );
     }
 
     #[test]
@@ -380,12 +384,17 @@ not json
             output: "A.".into(),
         };
         let fwd = r.to_messages(DataSource::Augmented, false).expect("msgs");
-        assert_eq!(fwd[0], Message::system("Answer with knowledge from web search."));
+        assert_eq!(
+            fwd[0],
+            Message::system("Answer with knowledge from web search.")
+        );
         let bwd = r.to_messages(DataSource::Seed, true).expect("msgs");
         assert_eq!(bwd.len(), 2);
         assert_eq!(bwd[1], Message::assistant("Q?"));
         assert!(bwd[0].content.starts_with("Below is a candidate answer"));
         assert!(bwd[0].content.contains("\n\nA.\n\n"));
-        assert!(bwd[0].content.ends_with("Answer in the style of an AI Assistant."));
+        assert!(bwd[0]
+            .content
+            .ends_with("Answer in the style of an AI Assistant."));
     }
 }

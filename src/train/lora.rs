@@ -47,7 +47,13 @@ impl LoraConfig {
 
 /// The PEFT names of the seven LLaMA projections.
 pub const PROJECTIONS: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// A trainable low-rank update.

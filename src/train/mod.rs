@@ -7,12 +7,12 @@
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
 
-// pub mod checkpoint;
+pub mod checkpoint;
 pub mod data;
 pub mod lora;
 pub mod model;
 pub mod sft;
-// pub mod tokenizer_json;
+pub mod tokenizer_json;
 
 use std::path::PathBuf;
 

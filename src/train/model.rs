@@ -15,7 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::model::llama::{rope_tables, HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::{LlamaConfig, ModelError};
 
-use super::lora::{param, LoraAdapter, LoraConfig, Linear};
+use super::lora::{param, Linear, LoraAdapter, LoraConfig};
 
 /// One decoder block.
 #[derive(Module, Debug)]
@@ -193,7 +193,8 @@ impl<B: Backend> TrainLlama<B> {
             fetch(src, name, &want).map(|t| param(&hf_name(name), tensor::<B, 2>(t, device), full))
         };
         let p1 = |name: WeightName, want: usize, src: &mut dyn WeightSource| {
-            fetch(src, name, &[want]).map(|t| param(&hf_name(name), tensor::<B, 1>(t, device), full))
+            fetch(src, name, &[want])
+                .map(|t| param(&hf_name(name), tensor::<B, 1>(t, device), full))
         };
         let embed = p2(WeightName::Embedding, [cfg.vocab, h], src)?;
         let norm = p1(WeightName::OutputNorm, h, src)?;
@@ -219,8 +220,11 @@ impl<B: Backend> TrainLlama<B> {
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let w = |lw| WeightName::Layer(l, lw);
-            let lin = |lw: LayerWeight, out: usize, inp: usize, bias: Option<(LayerWeight, usize)>,
-                           src: &mut dyn WeightSource|
+            let lin = |lw: LayerWeight,
+                       out: usize,
+                       inp: usize,
+                       bias: Option<(LayerWeight, usize)>,
+                       src: &mut dyn WeightSource|
              -> Result<Linear<B>, ModelError> {
                 let weight = p2(w(lw), [out, inp], src)?;
                 let bias = match bias {

@@ -109,7 +109,9 @@ pub fn step_indices(n: usize, step: usize, effective_batch: usize, seed: u64) ->
 /// The seeded order of the examples in `epoch`.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     order.shuffle(&mut rng);
     order
 }
@@ -167,17 +169,32 @@ impl Batch {
     }
 
     /// Summed cross-entropy of the batch's targets under `model`.
-    pub fn loss_sum<B: Backend>(&self, model: &TrainLlama<B>, train: bool, device: &B::Device) -> Tensor<B, 1> {
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.ids.clone(), [self.rows, self.len]), device);
+    pub fn loss_sum<B: Backend>(
+        &self,
+        model: &TrainLlama<B>,
+        train: bool,
+        device: &B::Device,
+    ) -> Tensor<B, 1> {
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(self.ids.clone(), [self.rows, self.len]),
+            device,
+        );
         let n = self.targets.len();
-        let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), device);
-        let tgt = Tensor::<B, 1, Int>::from_data(TensorData::new(self.targets.clone(), [n]), device);
+        let pos =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), device);
+        let tgt =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(self.targets.clone(), [n]), device);
         model.loss_sum(ids, pos, tgt, train)
     }
 }
 
 /// Splits `examples` (in the given index order) into micro-batches of `batch_size`.
-pub fn micro_batches(examples: &[Example], idx: &[usize], batch_size: usize, pad: u32) -> Vec<Batch> {
+pub fn micro_batches(
+    examples: &[Example],
+    idx: &[usize],
+    batch_size: usize,
+    pad: u32,
+) -> Vec<Batch> {
     idx.chunks(batch_size.max(1))
         .map(|c| {
             let refs: Vec<&Example> = c.iter().filter_map(|&i| examples.get(i)).collect();
@@ -208,7 +225,13 @@ pub struct StepMetrics {
 
 /// Mean cross-entropy per target token of `examples` under `model` (no dropout, no gradient),
 /// and the number of target tokens.
-pub fn eval_loss<B: Backend>(model: &TrainLlama<B>, examples: &[Example], batch_size: usize, pad: u32, device: &B::Device) -> (f64, usize) {
+pub fn eval_loss<B: Backend>(
+    model: &TrainLlama<B>,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+    device: &B::Device,
+) -> (f64, usize) {
     let idx: Vec<usize> = (0..examples.len()).collect();
     let (mut sum, mut n) = (0f64, 0usize);
     for b in micro_batches(examples, &idx, batch_size, pad) {
@@ -294,7 +317,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let total: usize = micro.iter().map(Batch::n_targets).sum();
         let lr = self.cfg.lr_at(self.step);
         // Dropout masks depend on (seed, step) only: resumed runs repeat them.
-        B::seed(&self.device, self.cfg.seed.wrapping_add(1 + self.step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        B::seed(
+            &self.device,
+            self.cfg
+                .seed
+                .wrapping_add(1 + self.step as u64)
+                .wrapping_mul(0x2545_F491_4F6C_DD1D),
+        );
         let mut acc = GradientsAccumulator::<TrainLlama<B>>::new();
         let mut loss_sum = 0f64;
         let mut tokens = 0;
@@ -339,20 +368,407 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// The optimizer state (AdamW moments, keyed by parameter id) as bytes.
     pub fn optimizer_state(&self) -> Result<Vec<u8>, TrainError> {
         let item = self.optim.to_record().into_item::<FullPrecisionSettings>();
-        bincode::serialize(&item).map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))
+        bincode::serialize(&item)
+            .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))
     }
 
     /// Restores an optimizer state written by [`Trainer::optimizer_state`] and the step.
     pub fn restore(&mut self, state: &[u8], step: usize) -> Result<(), TrainError> {
-        type Rec<B> = <OptimizerAdaptor<AdamW, TrainLlama<B>, B> as Optimizer<TrainLlama<B>, B>>::Record;
+        type Rec<B> =
+            <OptimizerAdaptor<AdamW, TrainLlama<B>, B> as Optimizer<TrainLlama<B>, B>>::Record;
         let item: <Rec<B> as Record<B>>::Item<FullPrecisionSettings> = bincode::deserialize(state)
             .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e}")))?;
         if let Some(bad) = item.keys().find(|k| ParamId::try_deserialize(k).is_none()) {
-            return Err(TrainError::Checkpoint(format!("optimizer state: bad parameter id {bad:?}")));
+            return Err(TrainError::Checkpoint(format!(
+                "optimizer state: bad parameter id {bad:?}"
+            )));
         }
         let rec = Rec::<B>::from_item(item, &self.device);
         self.optim = self.optim.clone().load_record(rec);
         self.step = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::{HostTensor, LayerWeight, RandomWeights, WeightName, WeightSource};
+    use crate::model::{Architecture, LlamaConfig, ModelError};
+    use crate::train::lora::{LoraAdapter, LoraConfig};
+    use crate::train::model::{hf_name, TrainMode};
+    use burn::backend::{Autodiff, Flex};
+    use std::collections::HashMap;
+
+    type Inner = Flex;
+    type Ad = Autodiff<Flex>;
+
+    fn tiny_cfg() -> LlamaConfig {
+        LlamaConfig {
+            arch: Architecture::Llama,
+            n_layers: 2,
+            hidden: 32,
+            ffn: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            vocab: 64,
+            max_seq_len: 64,
+            tie_embeddings: true,
+            qkv_bias: false,
+        }
+    }
+
+    /// All weights of a config by HF name, editable.
+    #[derive(Clone)]
+    struct Store(HashMap<String, HostTensor>);
+
+    impl Store {
+        /// Random weights, scaled up (std ~0.25) so every gradient is well above f32 noise.
+        fn random(cfg: &LlamaConfig, seed: u64, scale: f32) -> Store {
+            let mut src = RandomWeights::new(cfg.clone(), seed);
+            let mut map = HashMap::new();
+            let mut names = vec![WeightName::Embedding, WeightName::OutputNorm];
+            for l in 0..cfg.n_layers {
+                for w in [
+                    LayerWeight::AttnNorm,
+                    LayerWeight::Q,
+                    LayerWeight::K,
+                    LayerWeight::V,
+                    LayerWeight::O,
+                    LayerWeight::FfnNorm,
+                    LayerWeight::Gate,
+                    LayerWeight::Up,
+                    LayerWeight::Down,
+                ] {
+                    names.push(WeightName::Layer(l, w));
+                }
+            }
+            for n in names {
+                let mut t = src.load(n).expect("random").expect("present");
+                let is_norm = t.shape.len() == 1;
+                // Norm weights arrive as ones: vary them a little so their gradients differ.
+                for (i, v) in t.data.iter_mut().enumerate() {
+                    *v = if is_norm {
+                        1.0 + 0.2 * (i as f32 * 0.7).sin()
+                    } else {
+                        *v * scale
+                    };
+                }
+                map.insert(hf_name(n), t);
+            }
+            Store(map)
+        }
+    }
+
+    impl WeightSource for Store {
+        fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError> {
+            Ok(self.0.get(&hf_name(name)).cloned())
+        }
+    }
+
+    fn examples() -> Vec<Example> {
+        // Token 1 stands for the end of turn; prompts are masked, outputs trained.
+        let pairs: [(&[u32], &[u32]); 8] = [
+            (&[5, 6, 7], &[20, 21, 22, 1]),
+            (&[8, 9], &[23, 24, 25, 26, 1]),
+            (&[10, 11, 12, 13], &[27, 28, 1]),
+            (&[14, 15], &[29, 30, 31, 32, 1]),
+            (&[16, 5, 9], &[33, 34, 35, 1]),
+            (&[17, 18], &[36, 37, 38, 39, 1]),
+            (&[19, 7, 6], &[40, 41, 42, 1]),
+            (&[4, 3], &[43, 44, 45, 46, 1]),
+        ];
+        pairs
+            .iter()
+            .map(|(p, o)| Example {
+                ids: p.iter().chain(o.iter()).copied().collect(),
+                trained: p
+                    .iter()
+                    .map(|_| false)
+                    .chain(o.iter().map(|_| true))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn mean_loss(model: &TrainLlama<Inner>, batch: &Batch) -> f64 {
+        let dev = Default::default();
+        batch
+            .loss_sum(model, false, &dev)
+            .into_scalar()
+            .elem::<f64>()
+            / batch.n_targets() as f64
+    }
+
+    fn grad_of(g: &GradientsParams, p: &Param<Tensor<Ad, 2>>) -> Vec<f32> {
+        g.get::<Inner, 2>(p.id)
+            .expect("gradient present")
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32")
+    }
+
+    fn close(analytic: f64, numeric: f64) -> bool {
+        (analytic - numeric).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3
+    }
+
+    #[test]
+    fn full_gradients_match_central_differences() {
+        let cfg = tiny_cfg();
+        let store = Store::random(&cfg, 7, 12.0);
+        let dev = Default::default();
+        let ex = examples();
+        let refs: Vec<&Example> = ex.iter().take(4).collect();
+        let batch = Batch::new(&refs, 0);
+        let model: TrainLlama<Ad> =
+            TrainLlama::load(cfg.clone(), &mut store.clone(), &TrainMode::Full, &dev)
+                .expect("load");
+        let loss = batch
+            .loss_sum(&model, false, &dev)
+            .div_scalar(batch.n_targets() as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        // (weight name, flat index, analytic gradient)
+        let b0 = &model.blocks[0];
+        let b1 = &model.blocks[1];
+        // The largest entry of each weight's gradient: well above f32 noise in the difference.
+        let argmax = |g: Vec<f32>| -> (usize, f32) {
+            g.iter()
+                .copied()
+                .enumerate()
+                .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+                .unwrap_or((0, 0.0))
+        };
+        let named: Vec<(&str, &Param<Tensor<Ad, 2>>)> = vec![
+            ("model.embed_tokens.weight", &model.embed),
+            ("model.layers.0.self_attn.q_proj.weight", &b0.q.weight),
+            ("model.layers.0.self_attn.k_proj.weight", &b0.k.weight),
+            ("model.layers.1.self_attn.v_proj.weight", &b1.v.weight),
+            ("model.layers.0.self_attn.o_proj.weight", &b0.o.weight),
+            ("model.layers.1.mlp.gate_proj.weight", &b1.gate.weight),
+            ("model.layers.0.mlp.up_proj.weight", &b0.up.weight),
+            ("model.layers.1.mlp.down_proj.weight", &b1.down.weight),
+        ];
+        let mut checks: Vec<(String, usize, f32)> = named
+            .into_iter()
+            .map(|(n, p)| {
+                let (i, g) = argmax(grad_of(&grads, p));
+                (n.to_string(), i, g)
+            })
+            .collect();
+        // And one fixed entry, whatever its size.
+        checks.push((
+            "model.layers.1.mlp.down_proj.weight".into(),
+            64 * 3 + 10,
+            grad_of(&grads, &b1.down.weight)[64 * 3 + 10],
+        ));
+        let eps = 4e-3f32;
+        for (name, i, analytic) in checks {
+            let f = |delta: f32| {
+                let mut s = store.clone();
+                s.0.get_mut(&name).expect("weight").data[i] += delta;
+                let m: TrainLlama<Inner> =
+                    TrainLlama::load(cfg.clone(), &mut s, &TrainMode::Full, &dev).expect("load");
+                mean_loss(&m, &batch)
+            };
+            let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
+            assert!(
+                close(analytic as f64, numeric),
+                "{name}[{i}]: autodiff {analytic} vs finite difference {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn lora_gradients_match_central_differences_and_base_is_frozen() {
+        use burn::tensor::Distribution;
+        let cfg = tiny_cfg();
+        let store = Store::random(&cfg, 3, 12.0);
+        let dev = Default::default();
+        let lc = LoraConfig::all_projections(4);
+        let path = "model.layers.1.self_attn.q_proj";
+        // B random (not zero) so that A has a gradient too.
+        Inner::seed(&dev, 11);
+        let a: Tensor<Inner, 2> = Tensor::random([4, 32], Distribution::Uniform(-0.5, 0.5), &dev);
+        let b: Tensor<Inner, 2> = Tensor::random([32, 4], Distribution::Uniform(-0.5, 0.5), &dev);
+        let (a_host, b_host) = (
+            a.into_data().to_vec::<f32>().expect("f32"),
+            b.into_data().to_vec::<f32>().expect("f32"),
+        );
+        fn build<BB: Backend>(
+            cfg: &LlamaConfig,
+            store: &Store,
+            lc: &LoraConfig,
+            a: &[f32],
+            b: &[f32],
+        ) -> TrainLlama<BB> {
+            let dev = Default::default();
+            let mut m = TrainLlama::<BB>::load(
+                cfg.clone(),
+                &mut store.clone(),
+                &TrainMode::Lora(lc.clone()),
+                &dev,
+            )
+            .expect("load");
+            let a = Tensor::from_data(TensorData::new(a.to_vec(), [4, 32]), &dev);
+            let b = Tensor::from_data(TensorData::new(b.to_vec(), [32, 4]), &dev);
+            m.set_adapter(
+                1,
+                LayerWeight::Q,
+                LoraAdapter::from_tensors("model.layers.1.self_attn.q_proj", a, b, lc),
+            )
+            .expect("adapter");
+            m
+        }
+        let ex = examples();
+        let refs: Vec<&Example> = ex.iter().skip(2).take(4).collect();
+        let batch = Batch::new(&refs, 0);
+        let model: TrainLlama<Ad> = build(&cfg, &store, &lc, &a_host, &b_host);
+        let loss = batch
+            .loss_sum(&model, false, &dev)
+            .div_scalar(batch.n_targets() as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lora = model.blocks[1].q.lora.as_ref().expect("adapter");
+        let ga = grad_of(&grads, &lora.a);
+        let gb = grad_of(&grads, &lora.b);
+        assert!(
+            grads.get::<Inner, 2>(model.blocks[1].q.weight.id).is_none(),
+            "base weight got a gradient"
+        );
+        assert!(
+            grads.get::<Inner, 2>(model.embed.id).is_none(),
+            "embedding got a gradient"
+        );
+        let eps = 4e-3f32;
+        for (which, i) in [("a", 3usize), ("a", 70), ("b", 9), ("b", 100)] {
+            let analytic = if which == "a" { ga[i] } else { gb[i] };
+            let f = |delta: f32| {
+                let (mut a, mut b) = (a_host.clone(), b_host.clone());
+                if which == "a" {
+                    a[i] += delta
+                } else {
+                    b[i] += delta
+                }
+                mean_loss(&build::<Inner>(&cfg, &store, &lc, &a, &b), &batch)
+            };
+            let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
+            assert!(
+                close(analytic as f64, numeric),
+                "{path} lora_{which}[{i}]: autodiff {analytic} vs finite difference {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn tiny_model_overfits_eight_pairs() {
+        let cfg = tiny_cfg();
+        let dev = Default::default();
+        Ad::seed(&dev, 1);
+        let model: TrainLlama<Ad> = TrainLlama::load(
+            cfg.clone(),
+            &mut RandomWeights::new(cfg.clone(), 5),
+            &TrainMode::Full,
+            &dev,
+        )
+        .expect("load");
+        let sft = SftConfig {
+            lr: 1e-2,
+            lr_end: 1e-3,
+            weight_decay: 0.0,
+            batch_size: 4,
+            grad_accum: 2,
+            max_grad_norm: 1.0,
+            steps: 150,
+            seed: 9,
+        };
+        let ex = examples();
+        let mut tr = Trainer::new(model, sft.clone(), dev);
+        let mut first = None;
+        let mut last = f64::NAN;
+        for step in 0..sft.steps {
+            let idx = step_indices(ex.len(), step, sft.effective_batch(), sft.seed);
+            let m = tr.train_step(&micro_batches(&ex, &idx, sft.batch_size, 0));
+            first.get_or_insert(m.loss);
+            last = m.loss;
+        }
+        let first = first.expect("steps ran");
+        assert!(last < 0.05 * first, "loss {first} -> {last}");
+        let model = tr.valid();
+        for e in &ex {
+            let p = e.trained.iter().position(|&t| t).expect("output");
+            let out = model.greedy(&e.ids[..p], 10, &[1]);
+            assert_eq!(out, e.ids[p..].to_vec(), "prompt {:?}", &e.ids[..p]);
+        }
+    }
+
+    #[test]
+    fn accumulation_equals_one_big_batch_and_resume_is_exact() {
+        let cfg = tiny_cfg();
+        let dev: burn::tensor::Device<Ad> = Default::default();
+        let ex = examples();
+        let run = |batch_size: usize, grad_accum: usize, steps: usize| {
+            let model: TrainLlama<Ad> = TrainLlama::load(
+                cfg.clone(),
+                &mut RandomWeights::new(cfg.clone(), 5),
+                &TrainMode::Full,
+                &dev,
+            )
+            .expect("load");
+            let sft = SftConfig {
+                lr: 1e-2,
+                lr_end: 1e-2,
+                weight_decay: 0.1,
+                batch_size,
+                grad_accum,
+                max_grad_norm: 0.5,
+                steps: 4,
+                seed: 2,
+            };
+            let mut tr = Trainer::new(model, sft.clone(), dev);
+            let mut losses = Vec::new();
+            for step in 0..steps {
+                let idx = step_indices(ex.len(), step, sft.effective_batch(), sft.seed);
+                losses.push(tr.train_step(&micro_batches(&ex, &idx, batch_size, 0)).loss);
+            }
+            (tr, losses)
+        };
+        let (_, big) = run(8, 1, 4);
+        let (_, acc) = run(2, 4, 4);
+        for (a, b) in big.iter().zip(&acc) {
+            assert!((a - b).abs() < 1e-4 * a.abs(), "{big:?} vs {acc:?}");
+        }
+        // Resume: 2 steps, export weights + optimizer state, rebuild, 2 more steps: the loss
+        // of the 4th step depends on the restored AdamW moments.
+        let (tr2, _) = run(8, 1, 2);
+        let state = tr2.optimizer_state().expect("state");
+        let mut weights = Store(HashMap::new());
+        for (n, t) in crate::train::checkpoint::export_weights(&tr2.valid()).expect("export") {
+            weights.0.insert(n, t);
+        }
+        let model: TrainLlama<Ad> =
+            TrainLlama::load(cfg.clone(), &mut weights, &TrainMode::Full, &dev).expect("load");
+        let sft = SftConfig {
+            lr: 1e-2,
+            lr_end: 1e-2,
+            weight_decay: 0.1,
+            batch_size: 8,
+            grad_accum: 1,
+            max_grad_norm: 0.5,
+            steps: 4,
+            seed: 2,
+        };
+        let mut tr = Trainer::new(model, sft.clone(), dev);
+        tr.restore(&state, 2).expect("restore");
+        let mut resumed = Vec::new();
+        for step in 2..4 {
+            let idx = step_indices(ex.len(), step, 8, 2);
+            resumed.push(tr.train_step(&micro_batches(&ex, &idx, 8, 0)).loss);
+        }
+        assert!(
+            (resumed[1] - big[3]).abs() < 1e-5 * big[3].abs(),
+            "resumed {resumed:?} vs {big:?}"
+        );
     }
 }
