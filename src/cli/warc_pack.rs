@@ -18,6 +18,12 @@ pub struct WarcPackArgs {
 pub fn run(args: WarcPackArgs) -> Result<()> {
     let summary = crate::formats::warc_writer::pack_html_dir(&args.dir, &args.out)
         .with_context(|| format!("packing {} into {}", args.dir.display(), args.out.display()))?;
-    eprintln!("{summary:?}");
+    eprintln!(
+        "packed {} pages ({:.1} MB of HTML) into {} ({:.1} MB)",
+        summary.pages,
+        summary.input_bytes as f64 / 1e6,
+        summary.output.display(),
+        summary.output_bytes as f64 / 1e6
+    );
     Ok(())
 }
