@@ -64,6 +64,7 @@ pub struct RateArgs {
     /// Most sequences per model batch.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// No progress lines.

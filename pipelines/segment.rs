@@ -47,6 +47,7 @@ pub struct SegmentArgs {
     /// starting with a dot) and rename them into place when complete.
     #[arg(long, value_name = "DIR")]
     pub follow: Option<PathBuf>,
+    /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Minimum passage length in characters.

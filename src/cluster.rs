@@ -28,23 +28,38 @@ pub struct ClusterArgs {
 pub enum ClusterError {
     /// Zero workers or processes.
     #[error("--workers and --processes must be at least 1 (got -w {workers} -n {processes})")]
-    Zero { workers: usize, processes: usize },
+    Zero {
+        /// `-w`.
+        workers: usize,
+        /// `-n`.
+        processes: usize,
+    },
     /// `-p` outside `0..-n`.
     #[error(
         "--process {process} is out of range for --processes {processes} (valid: 0..{processes})"
     )]
-    ProcessOutOfRange { process: usize, processes: usize },
+    ProcessOutOfRange {
+        /// `-p`.
+        process: usize,
+        /// `-n`.
+        processes: usize,
+    },
     /// The hostfile could not be read.
     #[error("cannot read hostfile {path}: {source}")]
     Hostfile {
+        /// The hostfile.
         path: PathBuf,
+        /// The cause.
         source: std::io::Error,
     },
     /// The hostfile lists fewer hosts than processes.
     #[error("hostfile {path} lists {found} addresses, but --processes is {processes}")]
     TooFewHosts {
+        /// The hostfile.
         path: PathBuf,
+        /// Addresses it lists.
         found: usize,
+        /// `-n`.
         processes: usize,
     },
 }

@@ -3,6 +3,8 @@
 //! The core lives under `src/` (records, formats, text, model, cluster, cli); the timely operators
 //! under `operators/` and the pipelines under `pipelines/`, mounted into this one crate.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod cluster;
 pub mod formats;

@@ -17,7 +17,9 @@ pub struct Origin {
 pub enum Body {
     /// An HTML document, still as bytes; `charset` is the one the HTTP header declared, if any.
     Html {
+        /// The payload as received (dechunked and decompressed).
         bytes: Vec<u8>,
+        /// The charset of the HTTP `Content-Type`, if declared.
         charset: Option<String>,
     },
     /// Text that was already extracted upstream (WET conversion records, JSONL).
@@ -41,7 +43,12 @@ pub struct RawRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Block {
     /// A header `h1`..`h6`; `level` is 1..=6.
-    Heading { level: u8, text: String },
+    Heading {
+        /// 1 for `h1` .. 6 for `h6`.
+        level: u8,
+        /// The header text, whitespace collapsed.
+        text: String,
+    },
     /// A paragraph-like block of text (p, li, pre, td, ...), whitespace normalised (pre keeps newlines).
     Text(String),
 }

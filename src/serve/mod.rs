@@ -30,8 +30,11 @@ pub enum ServeError {
     /// A checkpoint failed to load.
     #[error("loading model {version} from {path}: {message}")]
     Load {
+        /// The version it was to be loaded as.
         version: String,
+        /// The checkpoint.
         path: PathBuf,
+        /// What went wrong.
         message: String,
     },
 }
