@@ -9,8 +9,7 @@ use clap::Args;
 
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::device::{default_device, DefaultBackend};
-use crate::model::tokenizer::Tokenizer;
-use crate::model::{Generator, Request, Sampling, TokenizerSource};
+use crate::model::{Generator, Request, Sampling};
 
 /// Flags of `backflow generate`.
 #[derive(Args, Debug, Clone)]
@@ -48,13 +47,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = default_device();
     let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let tokenizer = match &ck.tokenizer {
-        TokenizerSource::Gguf(meta) => Tokenizer::from_gguf_metadata(meta)?,
-        TokenizerSource::TokenizerJson(path) => Tokenizer::from_tokenizer_json(path)?,
-        TokenizerSource::Missing => {
-            return Err(anyhow!("{} has no tokenizer", args.model.display()))
-        }
-    };
+    let tokenizer = ck
+        .tokenizer
+        .load()
+        .with_context(|| format!("the tokenizer of {}", args.model.display()))?;
     log::info!(
         "loaded {} ({:?}, {} layers) on {} in {:.1}s",
         args.model.display(),

@@ -96,14 +96,6 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-fn tokenizer_of(src: &TokenizerSource) -> Result<Tokenizer> {
-    Ok(match src {
-        TokenizerSource::Gguf(meta) => Tokenizer::from_gguf_metadata(meta)?,
-        TokenizerSource::TokenizerJson(p) => Tokenizer::from_tokenizer_json(p)?,
-        TokenizerSource::Missing => bail!("the base model has no tokenizer"),
-    })
-}
-
 /// The tokenizer files of the output: the HF base's own, or written from the GGUF vocabulary.
 fn tokenizer_files(src: &TokenizerSource) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(match src {
@@ -179,7 +171,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("opening {}", weights_path.display()))?;
     let cfg = base.config().clone();
     let (tok_src, stop_ids) = base.tokenizer();
-    let tokenizer = tokenizer_of(&tok_src)?;
+    let tokenizer = tok_src.load().context("the base model's tokenizer")?;
     let template = ChatTemplate::for_tokenizer(&tokenizer)?;
 
     // Data.

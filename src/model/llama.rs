@@ -700,7 +700,7 @@ mod cpu {
 }
 
 /// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+pub(crate) fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv = x
         .clone()
         .powi_scalar(2)
@@ -714,7 +714,11 @@ fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B,
 /// RoPE in the "halves" convention (HF `rotate_half`): element `i` of the first half rotates
 /// with element `i` of the second half by angle `pos · θ^(-2i/d)`.
 /// `x` is `[b, s, heads, d]`, `cos`/`sin` are `[b, s, 1, d/2]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.narrow(3, half, half);

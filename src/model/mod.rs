@@ -70,6 +70,19 @@ pub enum TokenizerSource {
     Missing,
 }
 
+impl TokenizerSource {
+    /// Builds the tokenizer; a checkpoint without one is an error.
+    pub fn load(&self) -> Result<tokenizer::Tokenizer, tokenizer::TokenizerError> {
+        match self {
+            TokenizerSource::Gguf(meta) => tokenizer::Tokenizer::from_gguf_metadata(meta),
+            TokenizerSource::TokenizerJson(path) => tokenizer::Tokenizer::from_tokenizer_json(path),
+            TokenizerSource::Missing => Err(tokenizer::TokenizerError::Invalid(
+                "the checkpoint has no tokenizer".into(),
+            )),
+        }
+    }
+}
+
 /// A loaded checkpoint: the model on its device, its tokenizer data and its stop tokens.
 #[derive(Debug)]
 pub struct Checkpoint<B: burn::tensor::backend::Backend> {

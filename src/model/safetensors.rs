@@ -175,21 +175,7 @@ impl HfFolder {
             WeightName::OutputNorm => "model.norm.weight".into(),
             WeightName::Output => "lm_head.weight".into(),
             WeightName::Layer(l, w) => {
-                let t = match w {
-                    LayerWeight::AttnNorm => "input_layernorm.weight",
-                    LayerWeight::Q => "self_attn.q_proj.weight",
-                    LayerWeight::K => "self_attn.k_proj.weight",
-                    LayerWeight::V => "self_attn.v_proj.weight",
-                    LayerWeight::QBias => "self_attn.q_proj.bias",
-                    LayerWeight::KBias => "self_attn.k_proj.bias",
-                    LayerWeight::VBias => "self_attn.v_proj.bias",
-                    LayerWeight::O => "self_attn.o_proj.weight",
-                    LayerWeight::FfnNorm => "post_attention_layernorm.weight",
-                    LayerWeight::Gate => "mlp.gate_proj.weight",
-                    LayerWeight::Up => "mlp.up_proj.weight",
-                    LayerWeight::Down => "mlp.down_proj.weight",
-                };
-                format!("model.layers.{l}.{t}")
+                format!("model.layers.{l}.{}", hf_layer_suffix(w))
             }
         }
     }
@@ -199,6 +185,24 @@ impl WeightSource for HfFolder {
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError> {
         // HF llama checkpoints are already in "halves" RoPE order: nothing to permute.
         self.tensor_f32(&Self::name(name))
+    }
+}
+
+/// The Hugging Face name of a block weight, below `model.layers.{i}.`.
+pub fn hf_layer_suffix(w: LayerWeight) -> &'static str {
+    match w {
+        LayerWeight::AttnNorm => "input_layernorm.weight",
+        LayerWeight::Q => "self_attn.q_proj.weight",
+        LayerWeight::K => "self_attn.k_proj.weight",
+        LayerWeight::V => "self_attn.v_proj.weight",
+        LayerWeight::QBias => "self_attn.q_proj.bias",
+        LayerWeight::KBias => "self_attn.k_proj.bias",
+        LayerWeight::VBias => "self_attn.v_proj.bias",
+        LayerWeight::O => "self_attn.o_proj.weight",
+        LayerWeight::FfnNorm => "post_attention_layernorm.weight",
+        LayerWeight::Gate => "mlp.gate_proj.weight",
+        LayerWeight::Up => "mlp.up_proj.weight",
+        LayerWeight::Down => "mlp.down_proj.weight",
     }
 }
 

@@ -10,7 +10,6 @@ use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{Generator, Request};
 use crate::model::sampling::Sampling;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::TokenizerSource;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -199,12 +198,7 @@ fn load(path: &Path) -> Result<Loaded, String> {
     let device = default_device();
     let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(path, &device)
         .map_err(|e| format!("{e:#}"))?;
-    let tokenizer = match &ck.tokenizer {
-        TokenizerSource::Gguf(meta) => Tokenizer::from_gguf_metadata(meta),
-        TokenizerSource::TokenizerJson(p) => Tokenizer::from_tokenizer_json(p),
-        TokenizerSource::Missing => return Err("the checkpoint has no tokenizer".into()),
-    }
-    .map_err(|e| e.to_string())?;
+    let tokenizer = ck.tokenizer.load().map_err(|e| e.to_string())?;
     let template = ChatTemplate::for_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
     let mut stop_ids = ck.stop_ids.clone();
     stop_ids.extend(template.stop_tokens(&tokenizer));

@@ -546,28 +546,11 @@ mod tests {
     use super::*;
     use crate::model::kv_cache::KvCache;
     use crate::model::llama::RandomWeights;
-    use crate::model::Architecture;
     use crate::train::model::TrainMode;
     use burn::backend::Flex;
     use burn::tensor::{Distribution, Int, TensorData};
 
-    fn cfg() -> LlamaConfig {
-        LlamaConfig {
-            arch: Architecture::Llama,
-            n_layers: 2,
-            hidden: 32,
-            ffn: 64,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            rope_theta: 10_000.0,
-            rms_eps: 1e-5,
-            vocab: 64,
-            max_seq_len: 64,
-            tie_embeddings: true,
-            qkv_bias: false,
-        }
-    }
+    use crate::train::tiny_config as cfg;
 
     /// Last-position logits of the inference model (its own forward, KV cache and all).
     fn inference_logits(m: &Llama<Flex>, ids: &[u32]) -> Vec<f32> {

@@ -54,3 +54,23 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> T
         source,
     }
 }
+
+/// The tiny model of the training tests: 2 layers, hidden 32, GQA 4/2, vocab 64.
+#[cfg(test)]
+pub(crate) fn tiny_config() -> crate::model::LlamaConfig {
+    crate::model::LlamaConfig {
+        arch: crate::model::Architecture::Llama,
+        n_layers: 2,
+        hidden: 32,
+        ffn: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        vocab: 64,
+        max_seq_len: 64,
+        tie_embeddings: true,
+        qkv_bias: false,
+    }
+}

@@ -12,7 +12,8 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::model::llama::{rope_tables, HostTensor, LayerWeight, WeightName, WeightSource};
+// "Halves" RoPE on `[b, s, heads, d]` with `cos`/`sin` `[1, s, 1, d/2]`: the inference model's.
+use crate::model::llama::{rope, rope_tables, HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::{LlamaConfig, ModelError};
 
 use super::lora::{param, Linear, LoraAdapter, LoraConfig};
@@ -79,23 +80,8 @@ pub fn hf_name(name: WeightName) -> String {
     }
 }
 
-/// The HF name of a block weight below `model.layers.{i}.`.
-pub fn layer_suffix(w: LayerWeight) -> &'static str {
-    match w {
-        LayerWeight::AttnNorm => "input_layernorm.weight",
-        LayerWeight::Q => "self_attn.q_proj.weight",
-        LayerWeight::K => "self_attn.k_proj.weight",
-        LayerWeight::V => "self_attn.v_proj.weight",
-        LayerWeight::QBias => "self_attn.q_proj.bias",
-        LayerWeight::KBias => "self_attn.k_proj.bias",
-        LayerWeight::VBias => "self_attn.v_proj.bias",
-        LayerWeight::O => "self_attn.o_proj.weight",
-        LayerWeight::FfnNorm => "post_attention_layernorm.weight",
-        LayerWeight::Gate => "mlp.gate_proj.weight",
-        LayerWeight::Up => "mlp.up_proj.weight",
-        LayerWeight::Down => "mlp.down_proj.weight",
-    }
-}
+/// The HF name of a block weight below `model.layers.{i}.` (the loader's table).
+pub use crate::model::safetensors::hf_layer_suffix as layer_suffix;
 
 /// The module path of a projection (`model.layers.3.self_attn.q_proj`) and its PEFT short name.
 pub fn projection_path(layer: usize, w: LayerWeight) -> Option<(String, &'static str)> {
@@ -404,24 +390,7 @@ impl<B: Backend> TrainLlama<B> {
     }
 }
 
-/// RMSNorm over the last axis.
+/// RMSNorm over the last axis: the inference model's, with the weight as a trainable vector.
 fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
-    let inv = x
-        .clone()
-        .powi_scalar(2)
-        .mean_dim(1)
-        .add_scalar(eps)
-        .sqrt()
-        .recip();
-    x * inv * w.unsqueeze::<2>()
-}
-
-/// "Halves" RoPE on `[b, s, heads, d]` with `cos`/`sin` `[1, s, 1, d/2]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-    let r2 = x2 * cos + x1 * sin;
-    Tensor::cat(vec![r1, r2], 3)
+    crate::model::llama::rms_norm(x, w.unsqueeze::<2>(), eps)
 }

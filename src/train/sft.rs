@@ -394,7 +394,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 mod tests {
     use super::*;
     use crate::model::llama::{HostTensor, LayerWeight, RandomWeights, WeightName, WeightSource};
-    use crate::model::{Architecture, LlamaConfig, ModelError};
+    use crate::model::{LlamaConfig, ModelError};
     use crate::train::lora::{LoraAdapter, LoraConfig};
     use crate::train::model::{hf_name, TrainMode};
     use burn::backend::{Autodiff, Flex};
@@ -403,23 +403,7 @@ mod tests {
     type Inner = Flex;
     type Ad = Autodiff<Flex>;
 
-    fn tiny_cfg() -> LlamaConfig {
-        LlamaConfig {
-            arch: Architecture::Llama,
-            n_layers: 2,
-            hidden: 32,
-            ffn: 64,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            rope_theta: 10_000.0,
-            rms_eps: 1e-5,
-            vocab: 64,
-            max_seq_len: 64,
-            tie_embeddings: true,
-            qkv_bias: false,
-        }
-    }
+    use crate::train::tiny_config as tiny_cfg;
 
     /// All weights of a config by HF name, editable.
     #[derive(Clone)]
