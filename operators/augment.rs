@@ -5,6 +5,7 @@
 use super::model_call::{model_call, Ask};
 use super::{Time, WorkerStats};
 use crate::humpback::prompts::augment_messages;
+use crate::humpback::rounds::ModelBook;
 use crate::model::sampling::Sampling;
 use crate::records::{Candidate, Passage};
 use crate::serve::ModelClient;
@@ -41,15 +42,15 @@ impl Default for AugmentOptions {
     }
 }
 
-/// The operator. `model` holds the backward model's current version.
+/// The operator. `book` holds the backward model's version (see `await_model`).
 pub fn augment<'s>(
     passages: StreamVec<'s, Time, Passage>,
     client: ModelClient,
-    model: Rc<RefCell<String>>,
+    book: Rc<RefCell<ModelBook>>,
     options: AugmentOptions,
     stats: WorkerStats,
 ) -> StreamVec<'s, Time, Candidate> {
-    let ask_model = model.clone();
+    let ask_book = book.clone();
     let opts = options.clone();
     model_call(
         passages,
@@ -58,7 +59,8 @@ pub fn augment<'s>(
         options.max_in_flight,
         move |p: &Passage| {
             vec![Ask {
-                model: ask_model.borrow().clone(),
+                model: ask_book.borrow().backward.clone().unwrap_or_default(),
+                choose: None,
                 messages: augment_messages(&p.text),
                 max_new_tokens: opts.max_new_tokens,
                 sampling: Sampling {
@@ -69,7 +71,7 @@ pub fn augment<'s>(
             }]
         },
         move |p: Passage, answers| {
-            let version = model.borrow().clone();
+            let version = book.borrow().backward.clone().unwrap_or_default();
             let failure = |detail: String| Drop {
                 reason: DropReason::AugmentFailed,
                 file: p.origin.file.clone(),

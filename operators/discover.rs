@@ -48,6 +48,11 @@ pub struct DiscoverConfig {
     pub already_ingested: HashSet<String>,
     /// The index to give the first file (after those of an earlier run).
     pub first_index: u64,
+    /// Set when the job has taken enough passages (`--limit`): no new file is read.
+    pub limit_reached: Arc<AtomicBool>,
+    /// With `--follow`, start a new round of `files_per_round` file indexes each time every file
+    /// seen so far is done and the folder has nothing new (the Humpback loop's rounds).
+    pub files_per_round: Option<u64>,
 }
 
 /// Whether a file in a followed folder is complete. The convention: writers write to a name that
@@ -92,6 +97,7 @@ pub fn discover<'s>(
         let mut next_index = config.first_index;
         let mut in_flight: VecDeque<WorkItem> = VecDeque::new();
         let mut last_poll: Option<Instant> = None;
+        let mut round_has_files = false;
         move |output| {
             // Report files whose epochs are complete, in order.
             while let Some(item) = in_flight.front() {
@@ -102,8 +108,10 @@ pub fn discover<'s>(
                 in_flight.pop_front();
             }
             let Some(c) = cap.as_mut() else { return };
-            if stop.load(Ordering::SeqCst) {
-                log::info!("discover: stop requested, finishing the files in flight");
+            if stop.load(Ordering::SeqCst) || config.limit_reached.load(Ordering::SeqCst) {
+                log::info!(
+                    "discover: stop requested or limit reached, finishing the files in flight"
+                );
                 pending.clear();
                 cap = None;
                 return;
@@ -134,12 +142,22 @@ pub fn discover<'s>(
                 output.session(&*c).give(item.clone());
                 in_flight.push_back(item);
                 next_index += 1;
+                round_has_files = true;
                 // Hold only the next file's epoch, so this one can complete.
                 c.downgrade(&file_epoch(next_index));
             }
             if pending.is_empty() && config.follow.is_none() {
                 cap = None;
                 return;
+            }
+            if let Some(per_round) = config.files_per_round {
+                // Idle: everything seen is done and the last listing found nothing new.
+                if round_has_files && pending.is_empty() && in_flight.is_empty() {
+                    next_index = (next_index / per_round + 1) * per_round;
+                    c.downgrade(&file_epoch(next_index));
+                    round_has_files = false;
+                    log::info!("discover: all files done, starting a new round");
+                }
             }
             let wait = if blocked {
                 Duration::from_millis(2)

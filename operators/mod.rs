@@ -7,14 +7,18 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 pub mod augment;
+pub mod await_model;
 pub mod curate;
 pub mod dedup;
 pub mod discover;
 pub mod extract;
+pub mod limit;
 pub mod model_call;
 pub mod rate;
 pub mod read;
+pub mod rerate;
 pub mod segment;
+pub mod train_sink;
 pub mod write;
 pub mod write_jsonl;
 

@@ -7,7 +7,7 @@
 use super::Time;
 use crate::model::chat::Message;
 use crate::model::sampling::Sampling;
-use crate::serve::{GenAnswer, GenRequest, ModelClient};
+use crate::serve::{Choice, GenAnswer, GenRequest, ModelClient};
 use std::collections::{HashMap, VecDeque};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
@@ -24,6 +24,8 @@ pub struct Ask {
     pub max_new_tokens: usize,
     /// Sampling, seed included.
     pub sampling: Sampling,
+    /// A forced choice instead of generation.
+    pub choose: Option<Choice>,
 }
 
 /// Most requests a record may fan out to (tickets encode the index in the low bits).
@@ -118,6 +120,7 @@ where
                         sampling: a.sampling,
                         reply: reply.clone(),
                         wake: Some(wake.clone()),
+                        choose: a.choose.clone(),
                     };
                     if let Err(e) = client.send(request) {
                         failed.push(GenAnswer {

@@ -8,11 +8,9 @@ use crate::humpback::prompts::rating_messages;
 use crate::humpback::score::{mean_score, parse_score};
 use crate::model::sampling::Sampling;
 use crate::records::{Candidate, Rating, RatingSample};
-use crate::serve::ModelClient;
+use crate::serve::{Choice, ModelClient};
 use crate::stats::{Drop, DropReason};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
-use std::rc::Rc;
 use timely::dataflow::StreamVec;
 
 /// Rating settings.
@@ -28,6 +26,9 @@ pub struct RateOptions {
     pub seed: u64,
     /// Most candidates in flight per worker.
     pub max_in_flight: usize,
+    /// When an answer has no readable score, ask for one as a forced choice among 1..5 after
+    /// the answer and `Score: ` (one forward pass). The failure is still counted.
+    pub forced_fallback: bool,
 }
 
 impl Default for RateOptions {
@@ -38,33 +39,43 @@ impl Default for RateOptions {
             max_new_tokens: 96,
             seed: 0,
             max_in_flight: 64,
+            forced_fallback: true,
         }
     }
 }
 
-/// The operator. `model` holds the current forward model's version.
+/// A candidate to rate, and the forward model version to rate it with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RateJob {
+    /// The candidate.
+    pub candidate: Candidate,
+    /// The rating model's version.
+    pub model: String,
+}
+
+/// The operator.
 pub fn rate<'s>(
-    candidates: StreamVec<'s, Time, Candidate>,
+    jobs: StreamVec<'s, Time, RateJob>,
     client: ModelClient,
-    model: Rc<RefCell<String>>,
     options: RateOptions,
     stats: WorkerStats,
 ) -> StreamVec<'s, Time, Rating> {
-    let ask_model = model.clone();
     let opts = options.clone();
-    model_call(
-        candidates,
+    let client_for_choice = client.clone();
+    let ratings = model_call(
+        jobs,
         "Rate",
         client,
         options.max_in_flight,
-        move |c: &Candidate| {
-            let version = ask_model.borrow().clone();
+        move |job: &RateJob| {
+            let (c, version) = (&job.candidate, job.model.clone());
             let messages = rating_messages(&c.instruction, &c.passage.text);
             (0..opts.samples.max(1))
                 .map(|i| Ask {
                     model: version.clone(),
                     messages: messages.clone(),
                     max_new_tokens: opts.max_new_tokens,
+                    choose: None,
                     sampling: if opts.samples <= 1 {
                         Sampling::greedy()
                     } else {
@@ -79,23 +90,32 @@ pub fn rate<'s>(
                 })
                 .collect()
         },
-        move |c: Candidate, answers| {
+        move |job: RateJob, answers| {
+            let RateJob {
+                candidate: c,
+                model,
+            } = job;
             let mut s = stats.borrow_mut();
             let samples: Vec<RatingSample> = answers
                 .into_iter()
                 .map(|a| match a.result {
                     Ok(raw) => {
                         let score = parse_score(&raw);
-                        RatingSample { raw, score }
+                        RatingSample {
+                            raw,
+                            score,
+                            forced: None,
+                        }
                     }
                     Err(e) => RatingSample {
                         raw: String::new(),
                         score: Err(crate::humpback::score::ScoreError::NotANumber(format!(
                             "model error: {e}"
                         ))),
+                        forced: None,
                     },
                 })
-                .collect();
+                .collect::<Vec<_>>();
             for sample in &samples {
                 if let Err(e) = &sample.score {
                     s.drop(Drop {
@@ -113,10 +133,69 @@ pub fn rate<'s>(
             let scores: Vec<_> = samples.iter().map(|x| x.score.clone()).collect();
             Some(Rating {
                 score: mean_score(&scores),
-                model_version: model.borrow().clone(),
+                model_version: model,
                 samples,
                 candidate: c,
             })
+        },
+    );
+    if !options.forced_fallback {
+        return ratings;
+    }
+    force_scores(ratings, client_for_choice, options.max_in_flight)
+}
+
+/// The score options of a forced choice, and the text put before them.
+pub const FORCED_OPTIONS: [&str; 5] = ["1", "2", "3", "4", "5"];
+/// What follows the model's own answer in a forced choice.
+pub const FORCED_PREFILL: &str = "\nScore: ";
+
+/// The fallback: every sample without a readable score gets a forced choice, prompted with the
+/// same conversation and the model's own answer followed by [`FORCED_PREFILL`].
+fn force_scores<'s>(
+    ratings: StreamVec<'s, Time, Rating>,
+    client: ModelClient,
+    max_in_flight: usize,
+) -> StreamVec<'s, Time, Rating> {
+    model_call(
+        ratings,
+        "ForceScore",
+        client,
+        max_in_flight,
+        |r: &Rating| {
+            let messages = rating_messages(&r.candidate.instruction, &r.candidate.passage.text);
+            r.samples
+                .iter()
+                .filter(|s| s.score.is_err())
+                .map(|s| Ask {
+                    model: r.model_version.clone(),
+                    messages: messages.clone(),
+                    max_new_tokens: 1,
+                    sampling: Sampling::greedy(),
+                    choose: Some(Choice {
+                        prefill: format!("{}{FORCED_PREFILL}", s.raw.trim_end()),
+                        options: FORCED_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
+                    }),
+                })
+                .collect()
+        },
+        |mut r: Rating, answers| {
+            let mut answers = answers.into_iter();
+            for s in r.samples.iter_mut().filter(|s| s.score.is_err()) {
+                s.forced = answers
+                    .next()
+                    .and_then(|a| a.result.ok())
+                    .and_then(|t| t.parse::<u8>().ok());
+            }
+            let values: Vec<f64> = r
+                .samples
+                .iter()
+                .filter_map(|s| s.value())
+                .map(f64::from)
+                .collect();
+            r.score =
+                (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+            Some(r)
         },
     )
 }

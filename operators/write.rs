@@ -1,10 +1,12 @@
-//! `write`: holds each passage until dedup's verdicts for its epoch are complete, then writes the
-//! survivors of that epoch as one JSONL file, atomically (written to a `.tmp` name, synced, then
-//! renamed), so a crash never leaves a half-written record under a final name.
+//! `keep` and `write`: hold each passage until dedup's verdicts for its epoch are complete, then
+//! pass on (and write) the survivors of that epoch as one JSONL file, atomically (written to a
+//! `.tmp` name, synced, then renamed), so a crash never leaves a half-written record under a final
+//! name.
 
 use super::dedup::{Verdict, VerdictUpdate};
+use super::write_jsonl::write_jsonl;
 use super::{Time, WorkerStats};
-use crate::output::{atomic_write_jsonl, PassageLine};
+use crate::output::PassageLine;
 use crate::progress::Progress;
 use crate::records::Passage;
 use crate::stats::{Drop, DropReason};
@@ -12,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::{Capability, Inspect, Operator};
 use timely::dataflow::StreamVec;
 
 /// Where and under which name a worker writes.
@@ -29,33 +31,28 @@ pub struct WriteTarget {
 /// An epoch written: `(epoch, passages written)`.
 pub type Written = (Time, u64);
 
-/// The operator. Emits one [`Written`] per epoch it completes (the job's probe watches it).
-pub fn write<'s>(
+/// The dedup join: holds each passage until dedup's verdicts for its epoch are complete, then
+/// emits the survivors of that epoch (counting every duplicate it drops).
+pub fn keep<'s>(
     passages: StreamVec<'s, Time, Passage>,
     verdicts: StreamVec<'s, Time, VerdictUpdate>,
-    target: WriteTarget,
     stats: WorkerStats,
-    progress: Arc<Progress>,
-) -> StreamVec<'s, Time, Written> {
-    let worker = passages.scope().index();
+) -> StreamVec<'s, Time, Passage> {
     passages.binary_frontier(
         verdicts,
         Pipeline,
         Exchange::new(|v: &VerdictUpdate| (v.0).1 as u64),
-        "Write",
+        "Keep",
         move |_cap, _info| {
             let mut held: BTreeMap<Time, (Capability<Time>, Vec<Passage>)> = BTreeMap::new();
             let mut decided: HashMap<u64, (isize, isize)> = HashMap::new();
             move |(input1, frontier1), (input2, frontier2), output| {
                 input1.for_each_stamp(|cap, data| {
                     let Some(&time) = cap.least() else { return };
-                    let entry = held.entry(time).or_insert_with(|| {
-                        (
-                            cap.retain_least(output.output_index())
-                                .expect("stamp has a time"),
-                            Vec::new(),
-                        )
-                    });
+                    let Some(c) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let entry = held.entry(time).or_insert_with(|| (c, Vec::new()));
                     for d in data {
                         entry.1.append(d);
                     }
@@ -77,8 +74,8 @@ pub fn write<'s>(
                     let Some((cap, passages)) = held.remove(&time) else {
                         break;
                     };
-                    let mut keep = Vec::with_capacity(passages.len());
                     let mut s = stats.borrow_mut();
+                    let mut session = output.session(&cap);
                     for p in passages {
                         let (kept, near) = decided.remove(&p.id).unwrap_or((0, 0));
                         let reason = if kept <= 0 {
@@ -89,7 +86,7 @@ pub fn write<'s>(
                             None
                         };
                         match reason {
-                            None => keep.push(p),
+                            None => session.give(p),
                             Some(reason) => s.drop(Drop {
                                 reason,
                                 file: p.origin.file,
@@ -98,24 +95,30 @@ pub fn write<'s>(
                             }),
                         }
                     }
-                    let name = format!(
-                        "{}-e{:016x}-p{:03}-w{:03}.jsonl",
-                        target.prefix, time, target.process, worker
-                    );
-                    let n = keep.len() as u64;
-                    if n > 0 {
-                        let lines = keep.iter().map(PassageLine::from);
-                        if let Err(e) = atomic_write_jsonl(&target.dir.join(&name), lines) {
-                            // An output that cannot be written (disk full, permissions) ends the
-                            // job with an error; files already written stay intact.
-                            progress.fail(format!("cannot write {name}: {e:#}"));
-                        }
-                    }
-                    s.passages_written += n;
-                    progress.add_passages(n);
-                    output.session(&cap).give((time, n));
                 }
             }
         },
     )
+}
+
+/// The operator: [`keep`], then each epoch's survivors as one JSONL file per worker. Emits one
+/// [`Written`] per epoch that had passages (the job's probe watches it).
+pub fn write<'s>(
+    passages: StreamVec<'s, Time, Passage>,
+    verdicts: StreamVec<'s, Time, VerdictUpdate>,
+    target: WriteTarget,
+    stats: WorkerStats,
+    progress: Arc<Progress>,
+) -> StreamVec<'s, Time, Written> {
+    let kept = keep(passages, verdicts, stats.clone());
+    let prefix = target.prefix.clone();
+    write_jsonl(
+        kept,
+        target.dir,
+        move |t| format!("{prefix}-e{t:016x}"),
+        target.process,
+        progress,
+        |p, out| serde_json::to_writer(out, &PassageLine::from(p)),
+    )
+    .inspect(move |(_, n)| stats.borrow_mut().passages_written += n)
 }

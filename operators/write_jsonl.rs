@@ -2,29 +2,30 @@
 //! atomically, once the epoch is complete; emits `(epoch, count)` for the job's probe.
 
 use super::Time;
-use crate::output::atomic_write_jsonl;
+use crate::output::atomic_write;
 use crate::progress::Progress;
-use serde::Serialize;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
 
-/// The operator: files `DIR/{prefix}-e{epoch}-p{process}-w{worker}.jsonl`.
-pub fn write_jsonl<'s, D, L, F>(
+/// The operator: files `DIR/{name(epoch)}-p{process}-w{worker}.jsonl`, one per epoch with
+/// records; `name` must be unique per epoch (it usually contains the epoch in hex).
+pub fn write_jsonl<'s, D, N, F>(
     records: StreamVec<'s, Time, D>,
     dir: PathBuf,
-    prefix: String,
+    name: N,
     process: usize,
     progress: Arc<Progress>,
     to_line: F,
 ) -> StreamVec<'s, Time, (Time, u64)>
 where
     D: Clone + 'static,
-    L: Serialize,
-    F: Fn(&D) -> L + 'static,
+    N: Fn(Time) -> String + 'static,
+    F: Fn(&D, &mut dyn std::io::Write) -> serde_json::Result<()> + 'static,
 {
     let worker = records.scope().index();
     records.unary_frontier(Pipeline, "WriteJsonl", move |_cap, _info| {
@@ -48,14 +49,26 @@ where
                     break;
                 };
                 if !records.is_empty() {
-                    let name = format!("{prefix}-e{time:016x}-p{process:03}-w{worker:03}.jsonl");
-                    if let Err(e) =
-                        atomic_write_jsonl(&dir.join(&name), records.iter().map(&to_line))
-                    {
+                    let name = format!("{}-p{process:03}-w{worker:03}.jsonl", name(time));
+                    let written = atomic_write(&dir.join(&name), |out| {
+                        for r in &records {
+                            to_line(r, &mut *out)?;
+                            out.write_all(b"\n")?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = written {
                         progress.fail(format!("cannot write {name}: {e:#}"));
                     }
                 }
-                progress.add_passages(records.len() as u64);
+                // The file kind (`segment`, `candidates`, `ratings`...) is the name's first word.
+                let stem = name(time);
+                let kind = stem.split('-').next().unwrap_or("records");
+                if kind == "segment" || kind == "passages" {
+                    progress.add_passages(records.len() as u64);
+                } else {
+                    progress.add_written(kind, records.len() as u64);
+                }
                 output.session(&cap).give((time, records.len() as u64));
             }
         }

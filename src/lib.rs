@@ -14,6 +14,7 @@ pub mod model;
 pub mod output;
 pub mod progress;
 pub mod records;
+pub mod report;
 pub mod serve;
 pub mod stats;
 pub mod text;

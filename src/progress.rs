@@ -15,6 +15,8 @@ pub struct Progress {
     bytes: AtomicU64,
     files: AtomicU64,
     passages: AtomicU64,
+    written: Mutex<Vec<(String, u64)>>,
+    status: Mutex<String>,
     fatal: Mutex<Option<String>>,
     failed: AtomicBool,
 }
@@ -31,6 +33,37 @@ impl Progress {
     /// Passages written.
     pub fn add_passages(&self, n: u64) {
         self.passages.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Records of `kind` written (candidates, ratings...), shown after the passages.
+    pub fn add_written(&self, kind: &str, n: u64) {
+        if let Ok(mut w) = self.written.lock() {
+            match w.iter_mut().find(|(k, _)| k == kind) {
+                Some(e) => e.1 += n,
+                None => w.push((kind.to_owned(), n)),
+            }
+        }
+    }
+    /// What the job is doing now (e.g. "training M1"), shown at the end of the progress line.
+    pub fn set_status(&self, status: String) {
+        if let Ok(mut s) = self.status.lock() {
+            *s = status;
+        }
+    }
+    /// The progress line's message: files, passages, other records written, and the status.
+    pub fn message(&self) -> String {
+        let (_, files, passages) = self.snapshot();
+        let mut m = format!("{files} files, {passages} passages");
+        if let Ok(w) = self.written.lock() {
+            for (k, n) in w.iter() {
+                m.push_str(&format!(", {n} {k}"));
+            }
+        }
+        if let Ok(s) = self.status.lock() {
+            if !s.is_empty() {
+                m.push_str(&format!("; {s}"));
+            }
+        }
+        m
     }
     /// Records a fatal error (the first one wins); ingestion stops and the job fails at the end.
     pub fn fail(&self, message: String) {
@@ -104,28 +137,22 @@ fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
         }
         bar.set_prefix(label.to_owned());
         while !done.load(Ordering::SeqCst) {
-            let (bytes, files, passages) = progress.snapshot();
-            bar.set_position(bytes);
-            bar.set_message(format!("{files} files, {passages} passages"));
+            bar.set_position(progress.snapshot().0);
+            bar.set_message(progress.message());
             std::thread::sleep(Duration::from_millis(100));
         }
-        let (bytes, files, passages) = progress.snapshot();
-        bar.set_position(bytes);
-        bar.finish_with_message(format!("{files} files, {passages} passages"));
+        bar.set_position(progress.snapshot().0);
+        bar.finish_with_message(progress.message());
     } else {
         let mut last = Instant::now();
         while !done.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
             if last.elapsed() >= Duration::from_secs(5) {
                 last = Instant::now();
-                let (bytes, files, passages) = progress.snapshot();
+                let (bytes, _, _) = progress.snapshot();
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                if bytes == 0 && files == 0 {
-                    log::info!("{label}: {passages} records written in {secs:.0}s");
-                    continue;
-                }
                 log::info!(
-                    "{label}: {files} files, {:.1} MB read ({:.1} MB/s){}, {passages} passages",
+                    "{label} [{secs:.0}s]: {:.1} MB read ({:.1} MB/s){}, {}",
                     bytes as f64 / 1e6,
                     bytes as f64 / 1e6 / secs,
                     if total > 0 {
@@ -133,6 +160,7 @@ fn report(label: &str, progress: &Progress, total: u64, done: &AtomicBool) {
                     } else {
                         String::new()
                     },
+                    progress.message(),
                 );
             }
         }

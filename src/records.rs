@@ -105,7 +105,8 @@ pub struct Rating {
     pub candidate: Candidate,
     /// The rating model's version.
     pub model_version: String,
-    /// The mean of the samples that parsed, or `None` when none did.
+    /// The mean of the samples' scores (read from the answer, or else the forced choice), or
+    /// `None` when no sample has one.
     pub score: Option<f64>,
     /// Every sampled rating: the raw answer and what it parsed to.
     pub samples: Vec<RatingSample>,
@@ -118,4 +119,15 @@ pub struct RatingSample {
     pub raw: String,
     /// The score read from it, or why none could be.
     pub score: Result<u8, crate::humpback::score::ScoreError>,
+    /// When no score could be read: the score the model picked when its answer was followed by
+    /// `Score: ` and only 1..5 were allowed (see `operators::rate`).
+    #[serde(default)]
+    pub forced: Option<u8>,
+}
+
+impl RatingSample {
+    /// The sample's score: read from the answer, else forced.
+    pub fn value(&self) -> Option<u8> {
+        self.score.as_ref().ok().copied().or(self.forced)
+    }
 }

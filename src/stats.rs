@@ -68,6 +68,8 @@ pub enum DropReason {
     BelowThreshold,
     /// An instruction too short or too long to be plausible.
     InstructionLength,
+    /// A passage beyond `--limit` (the job took enough passages).
+    OverLimit,
 }
 
 impl DropReason {
@@ -118,6 +120,7 @@ impl DropReason {
             Unrated => "unrated",
             BelowThreshold => "below_threshold",
             InstructionLength => "instruction_length",
+            OverLimit => "over_limit",
         }
     }
 }

@@ -72,12 +72,17 @@ fn every_pair_is_rated_and_accounted_for() {
             !samples[0]["raw"].as_str().unwrap().is_empty(),
             "raw rating text kept"
         );
-        if r["score"].is_null() {
+        let sample = &samples[0];
+        if sample["score"].is_null() {
+            // No readable `Score: N`: counted, kept raw, and scored by the forced choice.
             unparsed += 1;
-            assert!(samples[0]["error"]["kind"].is_string());
+            assert!(sample["error"]["kind"].is_string());
+            assert_eq!(r["score"].as_f64(), sample["forced"].as_f64());
         } else {
-            let s = r["score"].as_f64().unwrap();
-            assert!((1.0..=5.0).contains(&s));
+            assert_eq!(r["score"].as_f64(), sample["score"].as_f64());
+        }
+        if let Some(s) = r["score"].as_f64() {
+            assert!((1.0..=5.0).contains(&s) && s.fract() == 0.0);
         }
     }
     let summary: serde_json::Value =

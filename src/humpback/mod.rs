@@ -1,5 +1,7 @@
 //! The method's own pieces (paper: Li et al., "Self-Alignment with Instruction Backtranslation"):
-//! the prompts, verbatim, and the robust parsing of self-ratings.
+//! the prompts, verbatim, the robust parsing of self-ratings, and the rounds of the loop with the
+//! model versions that travel between them.
 
 pub mod prompts;
+pub mod rounds;
 pub mod score;

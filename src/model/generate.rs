@@ -253,6 +253,7 @@ impl<B: Backend> Generator<B> {
     /// The next-token logits after each prompt (`[vocab]` each), batched and using the prefix
     /// cache like [`Generator::generate`].
     pub fn next_token_logits(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.timing = GenerateTiming::default();
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.max_batch.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();

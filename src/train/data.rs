@@ -121,7 +121,7 @@ impl Record {
 }
 
 /// Counts of the data pipeline, reported by `backflow train`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataStats {
     /// Records read (a seed task with n instances counts n).
     pub records: usize,

@@ -6,13 +6,17 @@
 //! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters.
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
+//! - [`job`]: a whole training run as one call ([`run_job`]), reusing finished identical runs.
 
 pub mod checkpoint;
 pub mod data;
+pub mod job;
 pub mod lora;
 pub mod model;
 pub mod sft;
 pub mod tokenizer_json;
+
+pub use job::{run_job, run_job_with, DataGroup, TrainEvent, TrainJob, TrainOutcome};
 
 use std::path::PathBuf;
 

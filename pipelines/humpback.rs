@@ -1,0 +1,713 @@
+//! `backflow run humpback`: instruction backtranslation (Li et al., "Self-Alignment with
+//! Instruction Backtranslation") as one streaming dataflow, round after round.
+//!
+//! ```text
+//! step 0 (process 0, before the dataflow): M_yx <- seed reversed, M_0 <- seed   (or given)
+//!
+//! discover -> read -> extract -> segment -> dedup/keep -> limit -> await M_yx -> augment
+//!   -> candidates -> rerate (store; every round's M_r rates them all) -> rate -> curate
+//!   -> train_sink (worker 0: M_{r+1} <- base on seed (S_a) + curated (S_w))
+//!   -> feedback edge: ModelUpdate broadcast to every worker -> rerate ...
+//! ```
+//!
+//! Round `r` owns a span of dataflow time (see `humpback::rounds`): ratings of round `r` are made
+//! by `M_r`, and the sink trains `M_{r+1}` once round `r`'s frontier has passed, so "the round's
+//! curated set is complete" is a frontier, not a guess.
+
+use crate::cluster::ClusterArgs;
+use crate::formats::{self, ReadOptions};
+use crate::humpback::rounds::{
+    checkpoint_files, given_version, install, round_of, Installer, ModelBook, ModelRole,
+    ModelUpdate,
+};
+use crate::operators::augment::{augment, AugmentOptions};
+use crate::operators::await_model::await_model;
+use crate::operators::curate::{curate, CurateOptions};
+use crate::operators::dedup::{dedup, DedupOptions};
+use crate::operators::discover::{discover, DiscoverConfig};
+use crate::operators::extract::extract;
+use crate::operators::limit::limit;
+use crate::operators::rate::{rate, RateOptions};
+use crate::operators::read::{read, ReadPacing};
+use crate::operators::rerate::rerate;
+use crate::operators::segment::segment;
+use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig};
+use crate::operators::write::keep;
+use crate::operators::write_jsonl::write_jsonl;
+use crate::operators::Time;
+use crate::output::{atomic_write, PassageLine};
+use crate::progress::{Progress, Reporter};
+use crate::records::{Candidate, Rating};
+use crate::serve::{ModelServer, ServerConfig};
+use crate::stats::Stats;
+use crate::text::html::ExtractOptions;
+use crate::text::segment::SegmentOptions;
+use crate::train::data::{read_records, DataSource, DataStats, Record};
+use crate::train::job::{run_job, DataGroup, TrainJob};
+use crate::train::lora::LoraConfig;
+use crate::train::model::TrainMode;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::{
+    Concat, ConnectLoop, Exchange, Feedback, Inspect, Probe, ToStream,
+};
+use timely::dataflow::ProbeHandle;
+
+/// `backflow run humpback`: the whole method, from crawl dumps and a seed set to curated data and
+/// checkpoints.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "backflow run humpback", disable_help_flag = true)]
+pub struct HumpbackArgs {
+    /// Crawl dumps: WARC/WET, JSONL or HTML files, folders or globs (default: the cached sample
+    /// of real pages fetched by scripts/fetch-assets.sh).
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    pub corpus: Vec<String>,
+    /// Seed data (Self-Instruct seed tasks, Alpaca or conversations; default: the cached seed tasks).
+    #[arg(long, value_name = "FILE")]
+    pub seed: Option<PathBuf>,
+    /// Base model, GGUF or HF folder (default: the cached SmolLM2-135M-Instruct GGUF).
+    #[arg(long, value_name = "PATH", env = "BACKFLOW_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR", default_value = "humpback-out")]
+    pub out: PathBuf,
+    /// Rounds of self-curation (the paper: 2). With --follow, one round per batch of new dumps.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u64,
+    /// Take at most this many passages.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Curate pairs whose (mean) score is at least this (the paper's A5: 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub threshold: f64,
+    /// Watch this folder for new complete dumps; each batch of new dumps opens a new round.
+    #[arg(long, value_name = "DIR")]
+    pub follow: Option<PathBuf>,
+    /// Use this backward model M_yx instead of training it from the seed.
+    #[arg(long, value_name = "PATH")]
+    pub backward_model: Option<PathBuf>,
+    /// Use this seed model M_0 instead of training it from the seed.
+    #[arg(long, value_name = "PATH")]
+    pub seed_model: Option<PathBuf>,
+    /// Optimizer steps of each training (step 0 and every round).
+    #[arg(long, default_value_t = 24)]
+    pub train_steps: usize,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    pub train_batch: usize,
+    /// Most tokens of a training example (longer outputs are truncated).
+    #[arg(long, default_value_t = 384)]
+    pub train_max_len: usize,
+    /// LoRA rank of every training.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Peak learning rate (default: backflow train's LoRA default).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Sampling temperature of augmentation (paper: 0.7).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus mass of augmentation (paper: 0.9).
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Most tokens of a generated instruction.
+    #[arg(long, default_value_t = 64)]
+    pub augment_tokens: usize,
+    /// Ratings per candidate (more than one are sampled and averaged).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Most tokens of a rating answer.
+    #[arg(long, default_value_t = 128)]
+    pub rate_tokens: usize,
+    /// Seed of sampling, data order and LoRA initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub random_seed: u64,
+    /// Most sequences per model batch.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Compute shared prompt prefixes once (the rating template); off for comparison.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Shortest passage in characters.
+    #[arg(long, default_value_t = 600)]
+    pub min_chars: usize,
+    /// Longest passage in characters.
+    #[arg(long, default_value_t = 3000)]
+    pub max_chars: usize,
+    /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
+    /// choice among 1..5 for answers without one.
+    #[arg(long)]
+    pub no_forced_score: bool,
+    /// Cluster flags (-w, -n, -p, -h).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// No progress lines.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+/// Entry point for `backflow run humpback`.
+pub fn main(argv: Vec<OsString>) -> Result<()> {
+    run(HumpbackArgs::try_parse_from(argv)?)
+}
+
+/// The dataflow of one worker: the method, operator by operator.
+#[allow(clippy::too_many_arguments)]
+fn humpback<'s>(
+    scope: timely::dataflow::Scope<'s, Time>,
+    job: &Job,
+    step0: Vec<ModelUpdate>,
+    installer: Installer,
+    stats: crate::operators::WorkerStats,
+    progress: &Arc<Progress>,
+    ingest_probe: &ProbeHandle<Time>,
+    done_probe: &ProbeHandle<Time>,
+) {
+    let write =
+        |kind: &'static str| move |t: Time| format!("{kind}-r{:02}-e{t:016x}", round_of(t) + 1);
+    let (out, process) = (job.out.clone(), job.process);
+
+    // Model versions: step 0's at time 0, each round's from the training sink (feedback edge).
+    let (feedback, new_models) = scope.feedback::<Vec<ModelUpdate>>(1);
+    let updates = step0
+        .to_stream(scope)
+        .container::<Vec<_>>()
+        .concat(new_models)
+        .broadcast();
+
+    // Ingest: crawl dumps to deduplicated, self-contained passages.
+    let items = discover(
+        scope,
+        job.discover.clone(),
+        ingest_probe.clone(),
+        job.stop.clone(),
+        Box::new(|_| {}),
+    );
+    let records = read(
+        items,
+        ReadOptions::default(),
+        ReadPacing::default(),
+        ingest_probe.clone(),
+        stats.clone(),
+        progress.clone(),
+    );
+    let pages = extract(records, ExtractOptions::default(), stats.clone());
+    let segments = segment(pages, job.segment.clone(), stats.clone());
+    let verdicts = dedup(segments.clone(), DedupOptions::default())
+        .expect("the default dedup options are valid");
+    let mut passages = keep(segments, verdicts, stats.clone());
+    if let Some(n) = job.limit {
+        passages = limit(
+            passages,
+            n,
+            job.discover.limit_reached.clone(),
+            stats.clone(),
+        );
+    }
+    let passages = passages.exchange(|p| p.id);
+    write_jsonl(
+        passages.clone(),
+        out.clone(),
+        write("passages"),
+        process,
+        progress.clone(),
+        |p, out| serde_json::to_writer(out, &PassageLine::from(p)),
+    )
+    .inspect({
+        let stats = stats.clone();
+        move |(_, n)| stats.borrow_mut().passages_written += n
+    })
+    .probe_with(done_probe);
+
+    // Step 1, self-augmentation: M_yx writes an instruction for every passage.
+    let passages = await_model(passages, updates.clone(), installer.clone());
+    let candidates = augment(
+        passages,
+        installer.client.clone(),
+        installer.book.clone(),
+        job.augment.clone(),
+        stats.clone(),
+    );
+    write_jsonl(
+        candidates.clone(),
+        out.clone(),
+        write("candidates"),
+        process,
+        progress.clone(),
+        |x, out| serde_json::to_writer(out, &candidate_line(x)),
+    )
+    .probe_with(ingest_probe)
+    .probe_with(done_probe);
+
+    // Step 2, self-curation: the round's model rates every candidate; the best are kept.
+    let jobs = rerate(candidates, updates, installer.clone());
+    let ratings = rate(
+        jobs,
+        installer.client.clone(),
+        job.rate.clone(),
+        stats.clone(),
+    );
+    write_jsonl(
+        ratings.clone(),
+        out.clone(),
+        write("ratings"),
+        process,
+        progress.clone(),
+        |x, out| serde_json::to_writer(out, &rating_line(x)),
+    )
+    .probe_with(done_probe);
+    let marks = ratings.clone().map(|r| RatingMark {
+        score: r.score,
+        forced: r
+            .samples
+            .iter()
+            .any(|s| s.score.is_err() && s.forced.is_some()),
+        model: r.model_version,
+    });
+    let curated = curate(ratings, job.curate.clone(), stats.clone());
+    write_jsonl(
+        curated.clone(),
+        out.clone(),
+        write("curated"),
+        process,
+        progress.clone(),
+        |x, out| serde_json::to_writer(out, &curated_line(x)),
+    )
+    .probe_with(done_probe);
+
+    // Training: M_{r+1} from the base on seed + curated, back into the loop.
+    train_sink(curated, marks, job.sink_config(progress)).connect_loop(feedback);
+}
+
+/// Everything a worker needs to build its dataflow (cloned into every worker).
+#[derive(Clone)]
+struct Job {
+    out: PathBuf,
+    process: usize,
+    limit: Option<usize>,
+    stop: Arc<AtomicBool>,
+    discover: DiscoverConfig,
+    segment: SegmentOptions,
+    augment: AugmentOptions,
+    rate: RateOptions,
+    curate: CurateOptions,
+    rounds: u64,
+    train: TrainJob,
+    seed: Vec<Record>,
+    rounds_done: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Job {
+    fn sink_config(&self, progress: &Arc<Progress>) -> SinkConfig {
+        SinkConfig {
+            rounds: self.rounds,
+            template: self.train.clone(),
+            seed: self.seed.clone(),
+            checkpoints: self.out.join("checkpoints"),
+            stop: self.stop.clone(),
+            progress: progress.clone(),
+            rounds_done: self.rounds_done.clone(),
+        }
+    }
+}
+
+/// The folder of cached assets (scripts/fetch-assets.sh).
+fn asset_cache() -> PathBuf {
+    std::env::var_os("BACKFLOW_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/backflow")))
+        .unwrap_or_else(|| PathBuf::from(".cache/backflow"))
+}
+
+/// `path`, or the cached default asset, or an error that says how to fetch it.
+fn or_default(given: Option<PathBuf>, default: &str, what: &str) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let p = asset_cache().join(default);
+    if !p.exists() {
+        bail!(
+            "no {what} given and the default {} is missing: run scripts/fetch-assets.sh first",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Runs the job.
+pub fn run(args: HumpbackArgs) -> Result<()> {
+    let started = Instant::now();
+    let config = args.cluster.timely_config()?;
+    let base = or_default(
+        args.model.clone(),
+        "model/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "--model",
+    )?;
+    let seed_path = or_default(args.seed.clone(), "seed/seed_tasks.jsonl", "--seed")?;
+    let corpus = if args.corpus.is_empty() && args.follow.is_none() {
+        let p = or_default(None, "pages/python3.11", "--corpus")?;
+        vec![p.to_string_lossy().into_owned()]
+    } else {
+        args.corpus.clone()
+    };
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if args.min_chars >= args.max_chars {
+        bail!("--min-chars must be below --max-chars");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let inputs = formats::expand_inputs(&corpus)?;
+    if inputs.is_empty() && args.follow.is_none() {
+        bail!("no input files found in {corpus:?}");
+    }
+    let mut seed_stats = DataStats::default();
+    let seed = read_records(&seed_path, &mut seed_stats)
+        .with_context(|| format!("reading the seed {}", seed_path.display()))?;
+    if seed.is_empty() {
+        bail!("no seed pairs in {}", seed_path.display());
+    }
+
+    let process = args.cluster.process;
+    let server = ModelServer::start(ServerConfig {
+        max_batch: args.max_batch.max(1),
+        prefix_cache: !args.no_prefix_cache,
+        cache: Some(
+            args.out
+                .join("_cache")
+                .join(format!("answers-p{process:03}.bin")),
+        ),
+        ..ServerConfig::default()
+    });
+    let client = server.client()?;
+    let models_dir = args.out.join("_models");
+
+    let train = train_template(&args, &base);
+    // Step 0 on process 0; the other processes receive its models along the dataflow.
+    let (step0_updates, step0_metrics) = if process == 0 {
+        let (updates, metrics) = step0(&args, &train, &seed)?;
+        for u in &updates {
+            install(u, &client, &models_dir, &base)?;
+        }
+        (updates, metrics)
+    } else {
+        (Vec::new(), serde_json::Value::Null)
+    };
+
+    let stop = crate::job::stop_flag();
+    let progress = Arc::new(Progress::default());
+    let job = Job {
+        out: args.out.clone(),
+        process,
+        limit: args.limit,
+        stop: stop.clone(),
+        discover: DiscoverConfig {
+            inputs,
+            follow: args.follow.clone(),
+            poll: Duration::from_millis(500),
+            max_open_files: 2,
+            already_ingested: Default::default(),
+            first_index: 0,
+            limit_reached: Arc::new(AtomicBool::new(false)),
+            files_per_round: args
+                .follow
+                .is_some()
+                .then_some(crate::humpback::rounds::FILES_PER_ROUND),
+        },
+        segment: SegmentOptions {
+            min_chars: args.min_chars,
+            max_chars: args.max_chars,
+            ..SegmentOptions::default()
+        },
+        augment: AugmentOptions {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            max_new_tokens: args.augment_tokens,
+            seed: args.random_seed,
+            ..AugmentOptions::default()
+        },
+        rate: RateOptions {
+            samples: args.samples.max(1),
+            max_new_tokens: args.rate_tokens,
+            seed: args.random_seed,
+            forced_fallback: !args.no_forced_score,
+            ..RateOptions::default()
+        },
+        curate: CurateOptions {
+            threshold: args.threshold,
+            ..CurateOptions::default()
+        },
+        rounds: if args.follow.is_some() {
+            u64::MAX
+        } else {
+            args.rounds
+        },
+        train,
+        seed,
+        rounds_done: Arc::new(Mutex::new(Vec::new())),
+    };
+    let rounds_done = job.rounds_done.clone();
+    let reporter = Reporter::start("humpback", progress.clone(), 0, args.quiet);
+    let worker_progress = progress.clone();
+    let loop_started = Instant::now();
+    let base_for_workers = base.clone();
+    let guards = timely::execute(config, move |worker| {
+        let stats = Rc::new(RefCell::new(Stats::default()));
+        let (ingest_probe, done_probe) = (ProbeHandle::new(), ProbeHandle::new());
+        let installer = Installer {
+            client: client.clone(),
+            models_dir: models_dir.clone(),
+            base: base_for_workers.clone(),
+            book: Rc::new(RefCell::new(ModelBook::default())),
+            progress: worker_progress.clone(),
+        };
+        let step0 = if worker.index() == 0 {
+            step0_updates.clone()
+        } else {
+            Vec::new()
+        };
+        worker.dataflow::<Time, _, _>(|scope| {
+            humpback(
+                scope,
+                &job,
+                step0,
+                installer,
+                stats.clone(),
+                &worker_progress,
+                &ingest_probe,
+                &done_probe,
+            );
+        });
+        while !done_probe.done() {
+            if worker_progress.failed() {
+                job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            worker.step_or_park(Some(Duration::from_millis(100)));
+        }
+        let local = stats.borrow().clone();
+        crate::job::gather_stats(worker, local)
+    })
+    .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
+    let merged = crate::job::finish(guards, &progress);
+    drop(reporter);
+    let merged = merged?;
+    let Some(stats) = merged else { return Ok(()) };
+
+    // Metrics and report (process 0).
+    let elapsed = started.elapsed().as_secs_f64();
+    let loop_secs = loop_started.elapsed().as_secs_f64().max(1e-9);
+    let rounds = rounds_done.lock().map(|r| r.clone()).unwrap_or_default();
+    let passages = stats.passages_written;
+    let throughput = throughput(&server, &step0_metrics, &rounds, loop_secs);
+    let metrics = json!({
+        "pipeline": "humpback",
+        "model": base,
+        "seed": seed_path,
+        "elapsed_secs": elapsed,
+        "loop_secs": loop_secs,
+        "passages": passages,
+        "passages_per_hour": passages as f64 / elapsed.max(1e-9) * 3600.0,
+        "step0": step0_metrics,
+        "rounds": rounds,
+        "throughput": throughput,
+        "dropped": stats.dropped.iter().map(|(r, s)| (r.as_str().to_owned(), s.count)).collect::<std::collections::BTreeMap<_, _>>(),
+        "stats": stats,
+    });
+    atomic_write(&args.out.join("metrics.json"), |f| {
+        Ok(serde_json::to_writer_pretty(f, &metrics)?)
+    })?;
+    let report = crate::report::write_report(&args.out, &metrics)?;
+    eprintln!("{}", crate::job::describe(&stats, elapsed));
+    eprintln!(
+        "metrics: {}  report: {}",
+        args.out.join("metrics.json").display(),
+        report.display()
+    );
+    Ok(())
+}
+
+/// The training settings every training of the job shares; data and output are set per model.
+fn train_template(args: &HumpbackArgs, base: &Path) -> TrainJob {
+    let mut t = TrainJob::new(base.to_path_buf(), Vec::new(), PathBuf::new());
+    t.mode = TrainMode::Lora(LoraConfig::all_projections(args.lora_rank.max(1)));
+    t.steps = Some(args.train_steps.max(1));
+    t.batch_size = args.train_batch.max(1);
+    t.max_len = args.train_max_len;
+    t.seed = args.random_seed;
+    t.lr = args.lr;
+    t.quiet = true;
+    t
+}
+
+/// Step 0: the backward model M_yx (seed pairs reversed) and the seed model M_0 (seed pairs,
+/// tagged S_a), trained, or loaded when given. Returns their updates and metrics.
+fn step0(
+    args: &HumpbackArgs,
+    train: &TrainJob,
+    seed: &[Record],
+) -> Result<(Vec<ModelUpdate>, serde_json::Value)> {
+    let mut updates = Vec::new();
+    let mut metrics = serde_json::Map::new();
+    for (role, given, name) in [
+        (ModelRole::Backward, &args.backward_model, "backward"),
+        (ModelRole::Forward, &args.seed_model, "round-0"),
+    ] {
+        let key = if role == ModelRole::Backward {
+            "backward"
+        } else {
+            "forward"
+        };
+        if let Some(path) = given {
+            let version = given_version(path);
+            metrics.insert(key.into(), json!({"version": version, "given": path}));
+            updates.push(ModelUpdate {
+                role,
+                round: 0,
+                version,
+                path: path.clone(),
+                files: Vec::new(),
+            });
+            continue;
+        }
+        let mut job = train.clone();
+        job.out = args.out.join("checkpoints").join(name);
+        job.backward = role == ModelRole::Backward;
+        job.data = vec![DataGroup {
+            source: DataSource::Seed,
+            records: seed.to_vec(),
+        }];
+        job.data_label = "seed".into();
+        job.quiet = args.quiet;
+        eprintln!(
+            "step 0: training {} on {} seed pairs ({} steps)",
+            if job.backward {
+                "the backward model M_yx"
+            } else {
+                "the seed model M_0"
+            },
+            seed.len(),
+            args.train_steps
+        );
+        let outcome = run_job(&job).with_context(|| format!("step 0: training {key}"))?;
+        metrics.insert(
+            key.into(),
+            json!({
+                "version": outcome.version, "reused": outcome.reused, "losses": outcome.losses,
+                "tokens_per_sec": outcome.tokens_per_sec, "secs": outcome.secs,
+            }),
+        );
+        let files = checkpoint_files(&job.out)?;
+        updates.push(ModelUpdate {
+            role,
+            round: 0,
+            version: outcome.version,
+            path: job.out,
+            files,
+        });
+    }
+    Ok((updates, serde_json::Value::Object(metrics)))
+}
+
+/// Prompts/s of augmentation and rating in this process, from the server's per-version counters.
+fn throughput(
+    server: &ModelServer,
+    step0: &serde_json::Value,
+    rounds: &[serde_json::Value],
+    secs: f64,
+) -> serde_json::Value {
+    let backward = step0["backward"]["version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut forward: Vec<String> = step0["forward"]["version"]
+        .as_str()
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    forward.extend(
+        rounds
+            .iter()
+            .filter_map(|r| r["train"]["version"].as_str().map(str::to_owned)),
+    );
+    let sum = |versions: &[String]| {
+        let mut t =
+            json!({"prompts": 0u64, "cache_hits": 0u64, "new_tokens": 0u64, "busy_secs": 0.0});
+        for v in versions {
+            let s = server.stats().version(v);
+            t["prompts"] = json!(t["prompts"].as_u64().unwrap_or(0) + s.requests);
+            t["cache_hits"] = json!(t["cache_hits"].as_u64().unwrap_or(0) + s.cache_hits);
+            t["new_tokens"] = json!(t["new_tokens"].as_u64().unwrap_or(0) + s.new_tokens);
+            t["busy_secs"] = json!(t["busy_secs"].as_f64().unwrap_or(0.0) + s.busy_us as f64 / 1e6);
+        }
+        let busy = t["busy_secs"].as_f64().unwrap_or(0.0).max(1e-9);
+        let prompts = t["prompts"].as_u64().unwrap_or(0) as f64;
+        t["prompts_per_sec"] = json!(prompts / busy);
+        t["new_tokens_per_sec"] = json!(t["new_tokens"].as_u64().unwrap_or(0) as f64 / busy);
+        t["prompts_per_sec_wall"] = json!(prompts / secs);
+        t
+    };
+    json!({"augment": sum(&[backward]), "rate": sum(&forward), "note": "this process only; prompts_per_sec is per second of model time"})
+}
+
+/// One candidate: the passage, its generated instruction and the backward model's version.
+fn candidate_line(c: &Candidate) -> serde_json::Value {
+    json!({
+        "passage_id": format!("{:016x}", c.passage.id),
+        "instruction": c.instruction,
+        "output": c.passage.text,
+        "augment_version": c.augment_version,
+        "url": c.passage.url,
+        "file": c.passage.origin.file,
+        "offset": c.passage.origin.offset,
+    })
+}
+
+/// One rating: score, every raw answer (unparsed ones with the reason), and the model version.
+fn rating_line(r: &Rating) -> serde_json::Value {
+    let samples: Vec<serde_json::Value> = r
+        .samples
+        .iter()
+        .map(|s| match &s.score {
+            Ok(v) => json!({"raw": s.raw, "score": v}),
+            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
+        })
+        .collect();
+    json!({
+        "passage_id": format!("{:016x}", r.candidate.passage.id),
+        "instruction": r.candidate.instruction,
+        "score": r.score,
+        "model_version": r.model_version,
+        "samples": samples,
+    })
+}
+
+/// One curated pair, Alpaca format with provenance.
+fn curated_line(r: &Rating) -> serde_json::Value {
+    json!({
+        "instruction": r.candidate.instruction,
+        "input": "",
+        "output": r.candidate.passage.text,
+        "score": r.score,
+        "model_version": r.model_version,
+        "source": {
+            "passage_id": format!("{:016x}", r.candidate.passage.id),
+            "url": r.candidate.passage.url,
+            "file": r.candidate.passage.origin.file,
+            "offset": r.candidate.passage.origin.offset,
+            "augment_version": r.candidate.augment_version,
+        },
+    })
+}

@@ -1,0 +1,292 @@
+//! `backflow run humpback` end to end with the real SmolLM2 on real pages and the real seed
+//! tasks: step 0 trains M_yx and M_0, every passage is accounted for, round 2 is rated by the
+//! model the training sink published; two processes give what one gives; a job killed with
+//! kill -9 and started again loses nothing, repeats nothing, and recomputes no cached answer.
+
+mod common;
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn assets() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let model = cache_dir().join("model/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let seed = cache_dir().join("seed/seed_tasks.jsonl");
+    let pages = cache_dir().join("pages/python3.11/tutorial");
+    if model.exists() && seed.exists() && pages.exists() {
+        Some((model, seed, pages))
+    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
+        panic!("assets missing: run scripts/fetch-assets.sh model seed pages");
+    } else {
+        eprintln!("skipping: model, seed tasks or pages not cached");
+        None
+    }
+}
+
+/// Two real pages of the Python tutorial as the crawl.
+fn corpus(dir: &Path, pages: &Path) -> PathBuf {
+    let c = dir.join("corpus");
+    std::fs::create_dir_all(&c).unwrap();
+    for name in ["controlflow.html", "datastructures.html"] {
+        std::fs::copy(pages.join(name), c.join(name)).unwrap();
+    }
+    c
+}
+
+/// The command, small enough for CI: few passages, short answers, two optimizer steps.
+fn humpback(model: &Path, seed: &Path, corpus: &Path, out: &Path) -> Command {
+    let mut cmd = backflow();
+    cmd.args(["run", "humpback", "--corpus"])
+        .arg(corpus)
+        .arg("--seed")
+        .arg(seed)
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .args(["--limit", "5", "--rounds", "2", "--train-steps", "2"])
+        .args(["--train-batch", "2", "--train-max-len", "96"])
+        .args(["--augment-tokens", "24", "--rate-tokens", "32", "-q"]);
+    cmd
+}
+
+fn lines(out: &Path, prefix: &str) -> Vec<(String, serde_json::Value)> {
+    let mut all = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix) && n.ends_with(".jsonl"))
+        .collect();
+    names.sort();
+    for name in names {
+        for l in std::fs::read_to_string(out.join(&name)).unwrap().lines() {
+            all.push((name.clone(), serde_json::from_str(l).unwrap()));
+        }
+    }
+    all
+}
+
+/// `rNN` of a file name such as `ratings-r02-e...`.
+fn round_of(name: &str) -> u64 {
+    name.split('-').nth(1).unwrap()[1..].parse().unwrap()
+}
+
+fn metrics(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// (round, passage id) -> (model version, raw answers, score) of every rating.
+fn ratings_by_round(out: &Path) -> BTreeMap<(u64, String), (String, Vec<String>, String)> {
+    let mut by = BTreeMap::new();
+    for (name, r) in lines(out, "ratings-") {
+        let key = (
+            round_of(&name),
+            r["passage_id"].as_str().unwrap().to_owned(),
+        );
+        let raw = r["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["raw"].as_str().unwrap().to_owned())
+            .collect();
+        let value = (
+            r["model_version"].as_str().unwrap().to_owned(),
+            raw,
+            r["score"].to_string(),
+        );
+        assert!(
+            by.insert(key.clone(), value).is_none(),
+            "{key:?} rated twice"
+        );
+    }
+    by
+}
+
+fn instructions(out: &Path) -> BTreeMap<String, String> {
+    let mut by = BTreeMap::new();
+    for (_, c) in lines(out, "candidates-") {
+        let id = c["passage_id"].as_str().unwrap().to_owned();
+        let text = c["instruction"].as_str().unwrap().to_owned();
+        assert!(
+            by.insert(id.clone(), text).is_none(),
+            "{id} augmented twice"
+        );
+    }
+    by
+}
+
+fn curated(out: &Path) -> BTreeSet<(u64, String, String)> {
+    lines(out, "curated-")
+        .into_iter()
+        .map(|(name, c)| {
+            (
+                round_of(&name),
+                c["instruction"].as_str().unwrap().to_owned(),
+                c["output"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every passage taken is augmented (or counted as failed), rated in every round, and each
+/// rating says which model made it.
+fn check_accounting(out: &Path) {
+    let passages = lines(out, "passages-");
+    assert_eq!(passages.len(), 5, "--limit 5 passages taken");
+    let m = metrics(out);
+    let failed = m["dropped"]["augment_failed"].as_u64().unwrap_or(0) as usize;
+    let cands = instructions(out);
+    assert_eq!(cands.len() + failed, passages.len(), "augmented or counted");
+    let ratings = ratings_by_round(out);
+    for round in [1, 2] {
+        let ids: BTreeSet<&String> = ratings
+            .keys()
+            .filter(|(r, _)| *r == round)
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(
+            ids,
+            cands.keys().collect(),
+            "round {round} rates every candidate once"
+        );
+    }
+    let version = |round: u64| -> BTreeSet<String> {
+        ratings
+            .iter()
+            .filter(|((r, _), _)| *r == round)
+            .map(|(_, v)| v.0.clone())
+            .collect()
+    };
+    let rounds = m["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let m0 = m["step0"]["forward"]["version"].as_str().unwrap();
+    let m1 = rounds[0]["train"]["version"].as_str().unwrap();
+    assert_eq!(version(1), BTreeSet::from([m0.to_owned()]), "round 1 by M0");
+    assert_eq!(version(2), BTreeSet::from([m1.to_owned()]), "round 2 by M1");
+    assert_ne!(m0, m1, "M1 is a new version");
+    // Unparsed ratings are counted, kept and reported per round.
+    for (i, r) in rounds.iter().enumerate() {
+        let unparsed = ratings
+            .iter()
+            .filter(|((rd, _), v)| *rd == i as u64 + 1 && v.2 == "null")
+            .count() as u64;
+        assert_eq!(r["unparsed"].as_u64(), Some(unparsed));
+        assert_eq!(r["rated"].as_u64(), Some(cands.len() as u64));
+    }
+    assert!(out.join("report.html").exists());
+    assert!(out
+        .join("checkpoints/round-1/adapter_model.safetensors")
+        .exists());
+}
+
+#[test]
+fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
+    let Some((model, seed, pages)) = assets() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), &pages);
+    let one = tmp.path().join("one");
+    run_ok(&mut humpback(&model, &seed, &corpus, &one));
+    check_accounting(&one);
+    let m = metrics(&one);
+    assert_eq!(
+        m["step0"]["backward"]["reused"], false,
+        "step 0 trained M_yx"
+    );
+    let myx = m["step0"]["backward"]["version"].as_str().unwrap();
+    for (_, c) in lines(&one, "candidates-") {
+        assert_eq!(c["augment_version"].as_str(), Some(myx));
+    }
+
+    // Two processes on localhost, each with one worker, the same flags.
+    let two = tmp.path().join("two");
+    let hostfile = tmp.path().join("hosts");
+    let ports = free_ports(2);
+    std::fs::write(
+        &hostfile,
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|p| {
+            humpback(&model, &seed, &corpus, &two)
+                .args(["-w", "1", "-n", "2", "-p", &p.to_string(), "-h"])
+                .arg(&hostfile)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a process failed");
+    }
+    check_accounting(&two);
+    assert_eq!(instructions(&one), instructions(&two), "same instructions");
+    assert_eq!(
+        ratings_by_round(&one),
+        ratings_by_round(&two),
+        "same ratings, by the same versions"
+    );
+    assert_eq!(curated(&one), curated(&two), "same curated set");
+    // Both processes rated their share.
+    let by_process: BTreeSet<String> = lines(&two, "ratings-")
+        .into_iter()
+        .map(|(n, _)| n.split("-p").nth(1).unwrap()[..3].to_owned())
+        .collect();
+    assert_eq!(by_process.len(), 2, "ratings from both processes");
+}
+
+#[test]
+fn killed_and_started_again_it_goes_on() {
+    let Some((model, seed, pages)) = assets() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), &pages);
+    let out = tmp.path().join("out");
+    // Given models skip step 0 here (the other test trains it).
+    let given = |cmd: &mut Command| {
+        cmd.arg("--backward-model")
+            .arg(&model)
+            .arg("--seed-model")
+            .arg(&model);
+    };
+    let mut first = humpback(&model, &seed, &corpus, &out);
+    given(&mut first);
+    let mut child = first.spawn().unwrap();
+    // Kill -9 once the first round's ratings are on disk: mid-job, with answers cached.
+    let started = Instant::now();
+    loop {
+        let rated = out.exists() && !lines(&out, "ratings-r01").is_empty();
+        if rated || started.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("finished before it could be killed: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let rated_before = lines(&out, "ratings-r01").len() as u64;
+    assert!(!out.join("metrics.json").exists(), "killed before the end");
+
+    let mut again = humpback(&model, &seed, &corpus, &out);
+    given(&mut again);
+    run_ok(&mut again);
+    check_accounting(&out);
+    let m = metrics(&out);
+    let hits = m["throughput"]["augment"]["cache_hits"].as_u64().unwrap()
+        + m["throughput"]["rate"]["cache_hits"].as_u64().unwrap();
+    // The round-1 ratings on disk before the kill, and the augmentations before them, were
+    // answered from the cache.
+    assert!(
+        rated_before > 0 && hits >= 2 * rated_before,
+        "answers computed before the kill were not reused: {hits} hits, {rated_before} rated"
+    );
+}
