@@ -153,7 +153,9 @@ pub fn discover<'s>(
             if let Some(per_round) = config.files_per_round {
                 // Idle: everything seen is done and the last listing found nothing new.
                 if round_has_files && pending.is_empty() && in_flight.is_empty() {
-                    next_index = (next_index / per_round + 1) * per_round;
+                    // The round's first epoch is left free: the loop re-rates everything
+                    // there, and it must be able to complete while we wait for new files.
+                    next_index = (next_index / per_round + 1) * per_round + 1;
                     c.downgrade(&file_epoch(next_index));
                     round_has_files = false;
                     log::info!("discover: all files done, starting a new round");

@@ -37,8 +37,13 @@ pub struct RatingMark {
 
 /// How the sink trains.
 pub struct SinkConfig {
-    /// The last model to train is `M_rounds`.
+    /// Models to train at least: `M_1 .. M_rounds`.
     pub rounds: u64,
+    /// With `--follow`: keep training a model per round while input may still come (no Ctrl-C,
+    /// no `--limit` reached), past `rounds`.
+    pub follow: bool,
+    /// Set when `--limit` passages were taken: no new input will come.
+    pub limit_reached: Arc<AtomicBool>,
     /// The training job of every round: base model and knobs (`data` and `out` are set per round).
     pub template: TrainJob,
     /// The seed pairs (tagged S_a).
@@ -122,6 +127,7 @@ pub fn train_sink<'s>(
                             return;
                         }
                     };
+                    config.progress.set_status(String::new());
                     let finished = data.remove(&round).unwrap_or_default();
                     let summary = round_summary(round, &finished, &outcome);
                     eprintln!(
@@ -137,7 +143,12 @@ pub fn train_sink<'s>(
                         rounds.push(summary);
                     }
                     round += 1;
-                    if round >= config.rounds || config.stop.load(Ordering::SeqCst) {
+                    let input_may_come = config.follow
+                        && !config.limit_reached.load(Ordering::SeqCst)
+                        && !config.stop.load(Ordering::SeqCst);
+                    if (round >= config.rounds && !input_may_come)
+                        || config.stop.load(Ordering::SeqCst)
+                    {
                         cap = None;
                         return;
                     }
@@ -199,6 +210,9 @@ pub fn train_sink<'s>(
                 // round curated nothing new (its data order and LoRA init differ from M_r's).
                 job.seed = job.seed.wrapping_add(round + 1);
                 job.out = out.clone();
+                config
+                    .progress
+                    .set_status(format!("training M{}", round + 1));
                 eprintln!(
                     "round {} complete: training M{} on {} seed + {} curated pairs",
                     round + 1,

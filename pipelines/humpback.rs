@@ -80,7 +80,8 @@ pub struct HumpbackArgs {
     /// Output folder.
     #[arg(long, value_name = "DIR", default_value = "humpback-out")]
     pub out: PathBuf,
-    /// Rounds of self-curation (the paper: 2). With --follow, one round per batch of new dumps.
+    /// Rounds of self-curation (the paper: 2). With --follow, at least this many, then one more
+    /// per batch of new dumps, until Ctrl-C.
     #[arg(long, default_value_t = 2)]
     pub rounds: u64,
     /// Take at most this many passages.
@@ -313,6 +314,8 @@ impl Job {
     fn sink_config(&self, progress: &Arc<Progress>) -> SinkConfig {
         SinkConfig {
             rounds: self.rounds,
+            follow: self.discover.follow.is_some(),
+            limit_reached: self.discover.limit_reached.clone(),
             template: self.train.clone(),
             seed: self.seed.clone(),
             checkpoints: self.out.join("checkpoints"),
@@ -450,17 +453,14 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
             threshold: args.threshold,
             ..CurateOptions::default()
         },
-        rounds: if args.follow.is_some() {
-            u64::MAX
-        } else {
-            args.rounds
-        },
+        rounds: args.rounds,
         train,
         seed,
         rounds_done: Arc::new(Mutex::new(Vec::new())),
     };
     let rounds_done = job.rounds_done.clone();
     let reporter = Reporter::start("humpback", progress.clone(), 0, args.quiet);
+    let _answers = show_model_answers(server.shared_stats(), progress.clone());
     let worker_progress = progress.clone();
     let loop_started = Instant::now();
     let base_for_workers = base.clone();
@@ -537,6 +537,34 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         report.display()
     );
     Ok(())
+}
+
+/// Shows the model server's answers (and cache hits) on the progress line until dropped: the
+/// model is where the time goes, and an epoch's files are only written once it is complete.
+fn show_model_answers(
+    stats: Arc<crate::serve::ServerStats>,
+    progress: Arc<Progress>,
+) -> StopOnDrop {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            progress.set_count("model answers", stats.requests.load(Relaxed));
+            progress.set_count("from cache", stats.cache_hits.load(Relaxed));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    StopOnDrop(stop)
+}
+
+/// Sets its flag when dropped (ends a polling thread).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The training settings every training of the job shares; data and output are set per model.

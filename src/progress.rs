@@ -43,6 +43,15 @@ impl Progress {
             }
         }
     }
+    /// Sets the count of `kind` (a figure polled from elsewhere, such as the model's answers).
+    pub fn set_count(&self, kind: &str, n: u64) {
+        if let Ok(mut w) = self.written.lock() {
+            match w.iter_mut().find(|(k, _)| k == kind) {
+                Some(e) => e.1 = n,
+                None => w.push((kind.to_owned(), n)),
+            }
+        }
+    }
     /// What the job is doing now (e.g. "training M1"), shown at the end of the progress line.
     pub fn set_status(&self, status: String) {
         if let Ok(mut s) = self.status.lock() {
