@@ -21,8 +21,8 @@ CACHE = Path(os.environ.get("BACKFLOW_CACHE", Path.home() / ".cache/backflow"))
 BIN = ROOT / "target/release/backflow"
 
 
-def humpback(out, args, extra):
-    cmd = [str(BIN), "run", "humpback", "--out", str(out), "--limit", str(args.limit),
+def humpback(out, args, extra, limit=None):
+    cmd = [str(BIN), "run", "humpback", "--out", str(out), "--limit", str(limit or args.limit),
            "--train-steps", str(args.steps), "-w", str(args.workers), "-q", *extra]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
@@ -41,7 +41,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"warm-up: step 0 (M_yx, M_0), {args.steps} steps each", file=sys.stderr)
-        humpback(tmp / "warm", args, ["--rounds", "1", "--limit", "1"])
+        humpback(tmp / "warm", args, ["--rounds", "1"], limit=1)
         given = ["--backward-model", str(tmp / "warm/checkpoints/backward"),
                  "--seed-model", str(tmp / "warm/checkpoints/round-0")]
         rows = []

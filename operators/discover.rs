@@ -50,6 +50,11 @@ pub struct DiscoverConfig {
     pub first_index: u64,
     /// Set when the job has taken enough passages (`--limit`): no new file is read.
     pub limit_reached: Arc<AtomicBool>,
+    /// Files to read first, each at the index an earlier run of the same job gave it (the Humpback
+    /// loop's `--follow` restart: the same file lands in the same round again).
+    pub replay: Vec<(InputFile, u64)>,
+    /// Where to record the index given to each new file as it is emitted, for [`Self::replay`].
+    pub assignments: Option<crate::job::IngestState>,
     /// With `--follow`, start a new round of `files_per_round` file indexes each time every file
     /// seen so far is done and the folder has nothing new (the Humpback loop's rounds).
     pub files_per_round: Option<u64>,
@@ -88,10 +93,16 @@ pub fn discover<'s>(
             activator.activate();
         }
         let mut seen: HashSet<String> = config.already_ingested.clone();
-        let mut pending: VecDeque<InputFile> = VecDeque::new();
+        // Each pending file with the index it must have, if an earlier run gave it one.
+        let mut pending: VecDeque<(InputFile, Option<u64>)> = VecDeque::new();
+        for (input, index) in &config.replay {
+            if seen.insert(input.path.to_string_lossy().into_owned()) {
+                pending.push_back((input.clone(), Some(*index)));
+            }
+        }
         for input in &config.inputs {
             if seen.insert(input.path.to_string_lossy().into_owned()) {
-                pending.push_back(input.clone());
+                pending.push_back((input.clone(), None));
             }
         }
         let mut next_index = config.first_index;
@@ -121,27 +132,31 @@ pub fn discover<'s>(
                     last_poll = Some(Instant::now());
                     for input in list_complete(dir) {
                         if seen.insert(input.path.to_string_lossy().into_owned()) {
-                            pending.push_back(input);
+                            pending.push_back((input, None));
                         }
                     }
                 }
             }
             let mut blocked = false;
-            while let Some(input) = pending.front() {
+            while let Some((input, fixed)) = pending.front() {
                 if in_flight.len() as u64 >= config.max_open_files {
                     blocked = true;
                     break;
                 }
+                let index = fixed.map_or(next_index, |i| i.max(next_index));
                 let item = WorkItem {
-                    index: next_index,
+                    index,
                     path: input.path.to_string_lossy().into_owned(),
                     kind: input.kind,
                 };
+                if let (Some(state), None) = (&config.assignments, fixed) {
+                    state.record(&item);
+                }
                 pending.pop_front();
-                c.downgrade(&file_epoch(next_index));
+                c.downgrade(&file_epoch(index));
                 output.session(&*c).give(item.clone());
                 in_flight.push_back(item);
-                next_index += 1;
+                next_index = index + 1;
                 round_has_files = true;
                 // Hold only the next file's epoch, so this one can complete.
                 c.downgrade(&file_epoch(next_index));

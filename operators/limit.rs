@@ -3,14 +3,14 @@
 //! which releases each epoch once it is complete; the passages past the limit are counted as
 //! `over_limit`, and `reached` is set so the source stops reading new files.
 
+use super::epochs::Epochs;
 use super::{Time, WorkerStats};
 use crate::records::Passage;
 use crate::stats::{Drop, DropReason};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::Operator;
 use timely::dataflow::StreamVec;
 
 /// The operator.
@@ -21,26 +21,12 @@ pub fn limit<'s>(
     stats: WorkerStats,
 ) -> StreamVec<'s, Time, Passage> {
     passages.unary_frontier(Exchange::new(|_: &Passage| 0), "Limit", move |_, _| {
-        let mut held: BTreeMap<Time, (Capability<Time>, Vec<Passage>)> = BTreeMap::new();
+        let mut held: Epochs<Passage> = Epochs::default();
         let mut left = limit;
         move |(input, frontier), output| {
-            input.for_each_stamp(|cap, data| {
-                let Some(&time) = cap.least() else { return };
-                let Some(c) = cap.retain_least(output.output_index()) else {
-                    return;
-                };
-                let entry = held.entry(time).or_insert_with(|| (c, Vec::new()));
-                for d in data {
-                    entry.1.append(d);
-                }
-            });
-            while let Some((&time, _)) = held.iter().next() {
-                if frontier.less_equal(&time) {
-                    break;
-                }
-                let Some((cap, mut passages)) = held.remove(&time) else {
-                    break;
-                };
+            input.for_each_stamp(|stamp, data| held.hold(stamp, data, output.output_index()));
+            while let Some((_, cap, mut passages)) = held.next_complete(|t| frontier.less_equal(t))
+            {
                 passages.sort_unstable_by_key(|p| p.id);
                 let rest = passages.split_off(passages.len().min(left));
                 left -= passages.len();

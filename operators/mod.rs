@@ -11,6 +11,7 @@ pub mod await_model;
 pub mod curate;
 pub mod dedup;
 pub mod discover;
+pub mod epochs;
 pub mod extract;
 pub mod limit;
 pub mod model_call;

@@ -4,17 +4,18 @@
 //! name.
 
 use super::dedup::{Verdict, VerdictUpdate};
+use super::epochs::Epochs;
 use super::write_jsonl::write_jsonl;
 use super::{Time, WorkerStats};
 use crate::output::PassageLine;
 use crate::progress::Progress;
 use crate::records::Passage;
 use crate::stats::{Drop, DropReason};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::{Capability, Inspect, Operator};
+use timely::dataflow::operators::{Inspect, Operator};
 use timely::dataflow::StreamVec;
 
 /// Where and under which name a worker writes.
@@ -44,19 +45,10 @@ pub fn keep<'s>(
         Exchange::new(|v: &VerdictUpdate| (v.0).1 as u64),
         "Keep",
         move |_cap, _info| {
-            let mut held: BTreeMap<Time, (Capability<Time>, Vec<Passage>)> = BTreeMap::new();
+            let mut held: Epochs<Passage> = Epochs::default();
             let mut decided: HashMap<u64, (isize, isize)> = HashMap::new();
             move |(input1, frontier1), (input2, frontier2), output| {
-                input1.for_each_stamp(|cap, data| {
-                    let Some(&time) = cap.least() else { return };
-                    let Some(c) = cap.retain_least(output.output_index()) else {
-                        return;
-                    };
-                    let entry = held.entry(time).or_insert_with(|| (c, Vec::new()));
-                    for d in data {
-                        entry.1.append(d);
-                    }
-                });
+                input1.for_each_stamp(|stamp, data| held.hold(stamp, data, output.output_index()));
                 input2.for_each_stamp(|_cap, data| {
                     for ((id, _home, verdict), _time, diff) in data.flat_map(|d| d.drain(..)) {
                         let e = decided.entry(id).or_insert((0, 0));
@@ -67,13 +59,9 @@ pub fn keep<'s>(
                     }
                 });
                 // Epochs complete on both inputs, in order.
-                while let Some((&time, _)) = held.iter().next() {
-                    if frontier1.less_equal(&time) || frontier2.less_equal(&time) {
-                        break;
-                    }
-                    let Some((cap, passages)) = held.remove(&time) else {
-                        break;
-                    };
+                while let Some((_, cap, passages)) =
+                    held.next_complete(|t| frontier1.less_equal(t) || frontier2.less_equal(t))
+                {
                     let mut s = stats.borrow_mut();
                     let mut session = output.session(&cap);
                     for p in passages {

@@ -1,15 +1,15 @@
 //! `write_jsonl`: writes each epoch's records of a stream as one JSONL file per worker,
 //! atomically, once the epoch is complete; emits `(epoch, count)` for the job's probe.
 
+use super::epochs::Epochs;
 use super::Time;
 use crate::output::atomic_write;
 use crate::progress::Progress;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::Operator;
 use timely::dataflow::StreamVec;
 
 /// The operator: files `DIR/{name(epoch)}-p{process}-w{worker}.jsonl`, one per epoch with
@@ -29,25 +29,10 @@ where
 {
     let worker = records.scope().index();
     records.unary_frontier(Pipeline, "WriteJsonl", move |_cap, _info| {
-        let mut held: BTreeMap<Time, (Capability<Time>, Vec<D>)> = BTreeMap::new();
+        let mut held: Epochs<D> = Epochs::default();
         move |(input, frontier), output| {
-            input.for_each_stamp(|cap, data| {
-                let Some(&time) = cap.least() else { return };
-                let Some(c) = cap.retain_least(output.output_index()) else {
-                    return;
-                };
-                let entry = held.entry(time).or_insert_with(|| (c, Vec::new()));
-                for d in data {
-                    entry.1.append(d);
-                }
-            });
-            while let Some((&time, _)) = held.iter().next() {
-                if frontier.less_equal(&time) {
-                    break;
-                }
-                let Some((cap, records)) = held.remove(&time) else {
-                    break;
-                };
+            input.for_each_stamp(|stamp, data| held.hold(stamp, data, output.output_index()));
+            while let Some((time, cap, records)) = held.next_complete(|t| frontier.less_equal(t)) {
                 if !records.is_empty() {
                     let name = format!("{}-p{process:03}-w{worker:03}.jsonl", name(time));
                     let written = atomic_write(&dir.join(&name), |out| {

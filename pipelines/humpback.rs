@@ -35,9 +35,8 @@ use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig};
 use crate::operators::write::keep;
 use crate::operators::write_jsonl::write_jsonl;
 use crate::operators::Time;
-use crate::output::{atomic_write, PassageLine};
+use crate::output::{atomic_write, candidate_line, curated_line, rating_line, PassageLine};
 use crate::progress::{Progress, Reporter};
-use crate::records::{Candidate, Rating};
 use crate::serve::{ModelServer, ServerConfig};
 use crate::stats::Stats;
 use crate::text::html::ExtractOptions;
@@ -410,6 +409,14 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         (Vec::new(), serde_json::Value::Null)
     };
 
+    // With --follow, the files an earlier run of this job took come first, each at the index it
+    // had (so in the same round): the restart recomputes them (answers from the cache) and no
+    // passage lands in two rounds' files.
+    let replay = if args.follow.is_some() && process == 0 {
+        replay_files(&args.out)?
+    } else {
+        Vec::new()
+    };
     let stop = crate::job::stop_flag();
     let progress = Arc::new(Progress::default());
     let job = Job {
@@ -425,6 +432,11 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
             already_ingested: Default::default(),
             first_index: 0,
             limit_reached: Arc::new(AtomicBool::new(false)),
+            replay,
+            assignments: args
+                .follow
+                .is_some()
+                .then(|| crate::job::IngestState::new(&args.out)),
             files_per_round: args
                 .follow
                 .is_some()
@@ -567,6 +579,20 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// The files (and their indices) an earlier `--follow` run of the job in `out` took; files gone
+/// since are skipped with a warning.
+fn replay_files(out: &Path) -> Result<Vec<(formats::InputFile, u64)>> {
+    let mut files = Vec::new();
+    for (path, index) in crate::job::IngestState::new(out).load_indexed()? {
+        let p = PathBuf::from(&path);
+        match formats::detect_kind(&p) {
+            Some(kind) if p.exists() => files.push((formats::InputFile { path: p, kind }, index)),
+            _ => log::warn!("{path} was taken by an earlier run but is gone: not read again"),
+        }
+    }
+    Ok(files)
+}
+
 /// The training settings every training of the job shares; data and output are set per model.
 fn train_template(args: &HumpbackArgs, base: &Path) -> TrainJob {
     let mut t = TrainJob::new(base.to_path_buf(), Vec::new(), PathBuf::new());
@@ -688,54 +714,4 @@ fn throughput(
         t
     };
     json!({"augment": sum(&[backward]), "rate": sum(&forward), "note": "this process only; prompts_per_sec is per second of model time"})
-}
-
-/// One candidate: the passage, its generated instruction and the backward model's version.
-fn candidate_line(c: &Candidate) -> serde_json::Value {
-    json!({
-        "passage_id": format!("{:016x}", c.passage.id),
-        "instruction": c.instruction,
-        "output": c.passage.text,
-        "augment_version": c.augment_version,
-        "url": c.passage.url,
-        "file": c.passage.origin.file,
-        "offset": c.passage.origin.offset,
-    })
-}
-
-/// One rating: score, every raw answer (unparsed ones with the reason), and the model version.
-fn rating_line(r: &Rating) -> serde_json::Value {
-    let samples: Vec<serde_json::Value> = r
-        .samples
-        .iter()
-        .map(|s| match &s.score {
-            Ok(v) => json!({"raw": s.raw, "score": v}),
-            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
-        })
-        .collect();
-    json!({
-        "passage_id": format!("{:016x}", r.candidate.passage.id),
-        "instruction": r.candidate.instruction,
-        "score": r.score,
-        "model_version": r.model_version,
-        "samples": samples,
-    })
-}
-
-/// One curated pair, Alpaca format with provenance.
-fn curated_line(r: &Rating) -> serde_json::Value {
-    json!({
-        "instruction": r.candidate.instruction,
-        "input": "",
-        "output": r.candidate.passage.text,
-        "score": r.score,
-        "model_version": r.model_version,
-        "source": {
-            "passage_id": format!("{:016x}", r.candidate.passage.id),
-            "url": r.candidate.passage.url,
-            "file": r.candidate.passage.origin.file,
-            "offset": r.candidate.passage.origin.offset,
-            "augment_version": r.candidate.augment_version,
-        },
-    })
 }

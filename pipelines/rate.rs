@@ -11,9 +11,9 @@ use crate::operators::curate::{curate, CurateOptions};
 use crate::operators::rate::{rate, RateJob, RateOptions};
 use crate::operators::write_jsonl::write_jsonl;
 use crate::operators::{Time, WorkerStats};
-use crate::output::atomic_write;
+use crate::output::{atomic_write, curated_line, rating_line};
 use crate::progress::{Progress, Reporter};
-use crate::records::{Candidate, Origin, Passage, Rating};
+use crate::records::{Candidate, Origin, Passage};
 use crate::serve::{ModelServer, ServerConfig};
 use crate::stats::Stats;
 use crate::train::data::{read_records, DataStats, Record};
@@ -83,40 +83,6 @@ pub struct RateArgs {
 /// Entry point for `backflow run rate`.
 pub fn main(argv: Vec<OsString>) -> Result<()> {
     run(RateArgs::try_parse_from(argv)?)
-}
-
-/// One rating as a line of `ratings-*.jsonl`: the pair, the score, the model version, and every
-/// sampled answer with its raw text (unparsed ones included, with the reason).
-fn rating_line(r: &Rating) -> serde_json::Value {
-    let samples: Vec<serde_json::Value> = r
-        .samples
-        .iter()
-        .map(|s| match &s.score {
-            Ok(v) => json!({"raw": s.raw, "score": v}),
-            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
-        })
-        .collect();
-    json!({
-        "instruction": r.candidate.instruction,
-        "output": r.candidate.passage.text,
-        "score": r.score,
-        "model_version": r.model_version,
-        "samples": samples,
-        "file": r.candidate.passage.origin.file,
-        "index": r.candidate.passage.origin.offset,
-    })
-}
-
-/// One curated pair, Alpaca format with provenance.
-fn curated_line(r: &Rating) -> serde_json::Value {
-    json!({
-        "instruction": r.candidate.instruction,
-        "input": "",
-        "output": r.candidate.passage.text,
-        "score": r.score,
-        "model_version": r.model_version,
-        "source": {"file": r.candidate.passage.origin.file, "index": r.candidate.passage.origin.offset},
-    })
 }
 
 /// Runs the job.

@@ -184,6 +184,8 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         already_ingested: already,
         first_index,
         limit_reached: Default::default(),
+        replay: Vec::new(),
+        assignments: None,
         files_per_round: None,
     };
     let total_bytes = if args.follow.is_none() && args.cluster.process == 0 {

@@ -78,6 +78,24 @@ impl IngestState {
         Ok((seen, next))
     }
 
+    /// Every recorded file with its index, in index order (a torn last line is ignored).
+    pub fn load_indexed(&self) -> Result<Vec<(String, u64)>> {
+        let file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        let mut all = Vec::new();
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.with_context(|| format!("reading {}", self.path.display()))?;
+            if let Ok(entry) = serde_json::from_str::<Ingested>(&line) {
+                all.push((entry.path, entry.index));
+            }
+        }
+        all.sort_by_key(|(_, i)| *i);
+        Ok(all)
+    }
+
     /// Records that `item` is completely written.
     pub fn record(&self, item: &WorkItem) {
         let append = || -> Result<()> {

@@ -1,7 +1,8 @@
 //! Output files: JSONL written atomically, and the JSON lines users read.
 
-use crate::records::Passage;
+use crate::records::{Candidate, Passage, Rating};
 use serde::Serialize;
+use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -40,6 +41,62 @@ impl<'a> From<&'a Passage> for PassageLine<'a> {
             id: format!("{:016x}", p.id),
         }
     }
+}
+
+/// Where a candidate's passage came from, as the output lines give it.
+fn source(c: &Candidate) -> Value {
+    json!({
+        "passage_id": format!("{:016x}", c.passage.id),
+        "url": c.passage.url,
+        "file": c.passage.origin.file,
+        "offset": c.passage.origin.offset,
+        "augment_version": c.augment_version,
+    })
+}
+
+/// One candidate (a line of `candidates-*.jsonl`): the generated instruction and its passage.
+pub fn candidate_line(c: &Candidate) -> Value {
+    json!({
+        "passage_id": format!("{:016x}", c.passage.id),
+        "instruction": c.instruction,
+        "output": c.passage.text,
+        "source": source(c),
+    })
+}
+
+/// One rating (a line of `ratings-*.jsonl`): the pair, the score, the model version, and every
+/// sampled answer with its raw text (one without a readable score with the reason, and the
+/// forced score if one was asked for).
+pub fn rating_line(r: &Rating) -> Value {
+    let samples: Vec<Value> = r
+        .samples
+        .iter()
+        .map(|s| match &s.score {
+            Ok(v) => json!({"raw": s.raw, "score": v}),
+            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
+        })
+        .collect();
+    json!({
+        "passage_id": format!("{:016x}", r.candidate.passage.id),
+        "instruction": r.candidate.instruction,
+        "output": r.candidate.passage.text,
+        "score": r.score,
+        "model_version": r.model_version,
+        "samples": samples,
+        "source": source(&r.candidate),
+    })
+}
+
+/// One curated pair (a line of `curated-*.jsonl`): Alpaca format with score and provenance.
+pub fn curated_line(r: &Rating) -> Value {
+    json!({
+        "instruction": r.candidate.instruction,
+        "input": "",
+        "output": r.candidate.passage.text,
+        "score": r.score,
+        "model_version": r.model_version,
+        "source": source(&r.candidate),
+    })
 }
 
 /// Writes `lines` as JSONL to `path` atomically: to `path.tmp` first, synced, then renamed.

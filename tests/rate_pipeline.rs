@@ -59,7 +59,7 @@ fn every_pair_is_rated_and_accounted_for() {
     assert_eq!(ratings.len(), n, "every pair rated exactly once");
     let mut indices: Vec<u64> = ratings
         .iter()
-        .map(|r| r["index"].as_u64().unwrap())
+        .map(|r| r["source"]["offset"].as_u64().unwrap())
         .collect();
     indices.sort_unstable();
     assert_eq!(indices, (0..n as u64).collect::<Vec<_>>());

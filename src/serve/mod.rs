@@ -591,25 +591,20 @@ fn run_batches(
             };
             // Counters and the cache file are brought up to date before anyone hears back, so
             // a caller that got its answer sees it counted, and finds it saved after a kill.
-            let replies: Vec<(GenRequest, Result<String, String>, usize, usize)> = match result {
+            let replies: Vec<Reply> = match result {
                 Ok(completions) => {
                     let mut replies = Vec::with_capacity(chunk.len());
                     for ((p, req), c) in chunk.into_iter().zip(&encoded).zip(completions) {
                         let text = model.tokenizer.decode_skip_special(&c.ids);
-                        let (prompt_tokens, new_tokens) = (req.prompt_ids.len(), c.ids.len());
-                        d.prompt_tokens += prompt_tokens as u64;
-                        d.new_tokens += new_tokens as u64;
-                        if let (Some(cache), Some(key)) = (cache.as_deref_mut(), p.key) {
-                            cache.insert(
-                                key,
-                                CachedAnswer {
-                                    text: text.clone(),
-                                    prompt_tokens,
-                                    new_tokens,
-                                },
-                            );
-                        }
-                        replies.push((p.request, Ok(text), prompt_tokens, new_tokens));
+                        let reply = settle(
+                            &mut d,
+                            cache.as_deref_mut(),
+                            p,
+                            text,
+                            req.prompt_ids.len(),
+                            c.ids.len(),
+                        );
+                        replies.push(reply);
                     }
                     // At most this batch is lost if the process is killed from here on.
                     if let Some(cache) = cache.as_deref_mut() {
@@ -632,6 +627,33 @@ fn run_batches(
             }
         }
     }
+}
+
+/// An answer on its way back: the request, its result, prompt and new tokens.
+type Reply = (GenRequest, Result<String, String>, usize, usize);
+
+/// Counts a successful answer and saves it in the cache; returns the reply to send.
+fn settle(
+    d: &mut VersionStats,
+    cache: Option<&mut AnswerCache>,
+    p: Pending,
+    text: String,
+    prompt_tokens: usize,
+    new_tokens: usize,
+) -> Reply {
+    d.prompt_tokens += prompt_tokens as u64;
+    d.new_tokens += new_tokens as u64;
+    if let (Some(cache), Some(key)) = (cache, p.key) {
+        cache.insert(
+            key,
+            CachedAnswer {
+                text: text.clone(),
+                prompt_tokens,
+                new_tokens,
+            },
+        );
+    }
+    (p.request, Ok(text), prompt_tokens, new_tokens)
 }
 
 /// Answers a batch of [`Choice`] requests with one batched forward pass.
@@ -687,23 +709,12 @@ fn run_choices(
                         .and_then(|(i, _)| p.request.choose.as_ref().map(|c| c.options[i].clone()))
                         .ok_or_else(|| "no option to choose from".to_owned())
                 });
-                d.prompt_tokens += ids.len() as u64;
                 match picked {
                     Ok(text) => {
-                        d.new_tokens += 1;
-                        if let (Some(cache), Some(key)) = (cache.as_deref_mut(), p.key) {
-                            cache.insert(
-                                key,
-                                CachedAnswer {
-                                    text: text.clone(),
-                                    prompt_tokens: ids.len(),
-                                    new_tokens: 1,
-                                },
-                            );
-                        }
-                        replies.push((p.request, Ok(text), ids.len(), 1));
+                        replies.push(settle(&mut d, cache.as_deref_mut(), p, text, ids.len(), 1))
                     }
                     Err(e) => {
+                        d.prompt_tokens += ids.len() as u64;
                         d.errors += 1;
                         replies.push((p.request, Err(e), ids.len(), 0));
                     }
