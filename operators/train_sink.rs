@@ -7,7 +7,7 @@
 //! where every candidate is rated again by it.
 
 use super::Time;
-use crate::humpback::rounds::{checkpoint_files, round_start, ModelRole, ModelUpdate};
+use crate::humpback::rounds::{checkpoint_files, round_of, round_start, ModelRole, ModelUpdate};
 use crate::progress::Progress;
 use crate::records::Rating;
 use crate::train::data::{DataSource, Record};
@@ -90,18 +90,14 @@ pub fn train_sink<'s>(
             let mut training: Option<(JoinHandle<Result<TrainOutcome, String>>, PathBuf)> = None;
             move |(curated, frontier1), (marks, frontier2), output| {
                 curated.for_each_stamp(|c, d| {
-                    let r = c
-                        .least()
-                        .map_or(0, |t| crate::humpback::rounds::round_of(*t));
+                    let r = c.least().map_or(0, |t| round_of(*t));
                     let entry = data.entry(r).or_default();
                     for batch in d {
                         entry.curated.append(batch);
                     }
                 });
                 marks.for_each_stamp(|c, d| {
-                    let r = c
-                        .least()
-                        .map_or(0, |t| crate::humpback::rounds::round_of(*t));
+                    let r = c.least().map_or(0, |t| round_of(*t));
                     let entry = data.entry(r).or_default();
                     for batch in d {
                         entry.marks.append(batch);

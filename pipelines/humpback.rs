@@ -697,21 +697,20 @@ fn throughput(
             .filter_map(|r| r["train"]["version"].as_str().map(str::to_owned)),
     );
     let sum = |versions: &[String]| {
-        let mut t =
-            json!({"prompts": 0u64, "cache_hits": 0u64, "new_tokens": 0u64, "busy_secs": 0.0});
+        let mut t = crate::serve::VersionStats::default();
         for v in versions {
-            let s = server.stats().version(v);
-            t["prompts"] = json!(t["prompts"].as_u64().unwrap_or(0) + s.requests);
-            t["cache_hits"] = json!(t["cache_hits"].as_u64().unwrap_or(0) + s.cache_hits);
-            t["new_tokens"] = json!(t["new_tokens"].as_u64().unwrap_or(0) + s.new_tokens);
-            t["busy_secs"] = json!(t["busy_secs"].as_f64().unwrap_or(0.0) + s.busy_us as f64 / 1e6);
+            t.add(&server.stats().version(v));
         }
-        let busy = t["busy_secs"].as_f64().unwrap_or(0.0).max(1e-9);
-        let prompts = t["prompts"].as_u64().unwrap_or(0) as f64;
-        t["prompts_per_sec"] = json!(prompts / busy);
-        t["new_tokens_per_sec"] = json!(t["new_tokens"].as_u64().unwrap_or(0) as f64 / busy);
-        t["prompts_per_sec_wall"] = json!(prompts / secs);
-        t
+        let busy = (t.busy_us as f64 / 1e6).max(1e-9);
+        json!({
+            "prompts": t.requests,
+            "cache_hits": t.cache_hits,
+            "new_tokens": t.new_tokens,
+            "busy_secs": t.busy_us as f64 / 1e6,
+            "prompts_per_sec": t.requests as f64 / busy,
+            "new_tokens_per_sec": t.new_tokens as f64 / busy,
+            "prompts_per_sec_wall": t.requests as f64 / secs,
+        })
     };
     json!({"augment": sum(&[backward]), "rate": sum(&forward), "note": "this process only; prompts_per_sec is per second of model time"})
 }

@@ -36,19 +36,22 @@ impl Progress {
     }
     /// Records of `kind` written (candidates, ratings...), shown after the passages.
     pub fn add_written(&self, kind: &str, n: u64) {
-        if let Ok(mut w) = self.written.lock() {
-            match w.iter_mut().find(|(k, _)| k == kind) {
-                Some(e) => e.1 += n,
-                None => w.push((kind.to_owned(), n)),
-            }
-        }
+        self.update_count(kind, |c| *c += n);
     }
     /// Sets the count of `kind` (a figure polled from elsewhere, such as the model's answers).
     pub fn set_count(&self, kind: &str, n: u64) {
+        self.update_count(kind, |c| *c = n);
+    }
+    /// Applies `f` to the count of `kind` (starting at 0), keeping kinds in first-seen order.
+    fn update_count(&self, kind: &str, f: impl FnOnce(&mut u64)) {
         if let Ok(mut w) = self.written.lock() {
             match w.iter_mut().find(|(k, _)| k == kind) {
-                Some(e) => e.1 = n,
-                None => w.push((kind.to_owned(), n)),
+                Some(e) => f(&mut e.1),
+                None => {
+                    let mut c = 0;
+                    f(&mut c);
+                    w.push((kind.to_owned(), c));
+                }
             }
         }
     }

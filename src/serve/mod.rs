@@ -174,7 +174,8 @@ pub struct VersionStats {
 }
 
 impl VersionStats {
-    fn add(&mut self, d: &VersionStats) {
+    /// Adds `d`'s counts to these.
+    pub fn add(&mut self, d: &VersionStats) {
         self.requests += d.requests;
         self.cache_hits += d.cache_hits;
         self.errors += d.errors;
@@ -582,13 +583,7 @@ fn run_batches(
                 .collect();
             let started = Instant::now();
             let result = model.generator.generate(&encoded);
-            let mut d = VersionStats {
-                requests: chunk.len() as u64,
-                batches: 1,
-                busy_us: started.elapsed().as_micros() as u64,
-                prefill_tokens: model.generator.last_timing().prefill_tokens as u64,
-                ..VersionStats::default()
-            };
+            let mut d = batch_stats(chunk.len(), started, &model.generator);
             // Counters and the cache file are brought up to date before anyone hears back, so
             // a caller that got its answer sees it counted, and finds it saved after a kill.
             let replies: Vec<Reply> = match result {
@@ -612,14 +607,7 @@ fn run_batches(
                     }
                     replies
                 }
-                Err(e) => {
-                    let message = e.to_string();
-                    d.errors = chunk.len() as u64;
-                    chunk
-                        .into_iter()
-                        .map(|p| (p.request, Err(message.clone()), 0, 0))
-                        .collect()
-                }
+                Err(e) => fail_all(&mut d, chunk, &e.to_string()),
             };
             stats.add(&version, d);
             for (request, result, prompt_tokens, new_tokens) in replies {
@@ -631,6 +619,30 @@ fn run_batches(
 
 /// An answer on its way back: the request, its result, prompt and new tokens.
 type Reply = (GenRequest, Result<String, String>, usize, usize);
+
+/// The counters of one model batch of `n` requests that started at `started`.
+fn batch_stats<B: burn::tensor::backend::Backend>(
+    n: usize,
+    started: Instant,
+    generator: &Generator<B>,
+) -> VersionStats {
+    VersionStats {
+        requests: n as u64,
+        batches: 1,
+        busy_us: started.elapsed().as_micros() as u64,
+        prefill_tokens: generator.last_timing().prefill_tokens as u64,
+        ..VersionStats::default()
+    }
+}
+
+/// A model batch that failed: every request of it gets `message`, counted as an error.
+fn fail_all(d: &mut VersionStats, chunk: Vec<Pending>, message: &str) -> Vec<Reply> {
+    d.errors = chunk.len() as u64;
+    chunk
+        .into_iter()
+        .map(|p| (p.request, Err(message.to_owned()), 0, 0))
+        .collect()
+}
 
 /// Counts a successful answer and saves it in the cache; returns the reply to send.
 fn settle(
@@ -689,13 +701,7 @@ fn run_choices(
     }
     let started = Instant::now();
     let result = model.generator.next_token_logits(&prompts);
-    let mut d = VersionStats {
-        requests: chunk.len() as u64,
-        batches: 1,
-        busy_us: started.elapsed().as_micros() as u64,
-        prefill_tokens: model.generator.last_timing().prefill_tokens as u64,
-        ..VersionStats::default()
-    };
+    let mut d = batch_stats(chunk.len(), started, &model.generator);
     let mut replies = Vec::with_capacity(chunk.len());
     match result {
         Ok(logits) => {
@@ -724,15 +730,7 @@ fn run_choices(
                 cache.flush();
             }
         }
-        Err(e) => {
-            d.errors = chunk.len() as u64;
-            let message = e.to_string();
-            replies.extend(
-                chunk
-                    .into_iter()
-                    .map(|p| (p.request, Err(message.clone()), 0, 0)),
-            );
-        }
+        Err(e) => replies = fail_all(&mut d, chunk, &e.to_string()),
     }
     stats.add(version, d);
     for (request, result, prompt_tokens, new_tokens) in replies {
