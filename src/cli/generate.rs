@@ -27,6 +27,11 @@ pub struct GenerateArgs {
     /// (`<|im_start|>`) are parsed.
     #[arg(long)]
     pub raw: bool,
+    /// The prompt is a response (a web passage): ask a backward model M_yx for the instruction
+    /// it answers, in the conversation M_yx is trained on (`train --backward`, the pipeline's
+    /// augment step).
+    #[arg(long, conflicts_with_all = ["raw", "system"])]
+    pub backward: bool,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -69,7 +74,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if let Some(system) = &args.system {
             messages.push(Message::system(system.clone()));
         }
-        messages.push(Message::user(args.prompt.clone()));
+        if args.backward {
+            messages.extend(crate::humpback::prompts::augment_messages(&args.prompt));
+        } else {
+            messages.push(Message::user(args.prompt.clone()));
+        }
         stop_ids.extend(template.stop_tokens(&tokenizer));
         template.encode(&tokenizer, &messages, true)
     };
@@ -125,6 +134,7 @@ mod tests {
             prompt: "Say hi.".into(),
             system: Some("You are terse.".into()),
             raw: false,
+            backward: false,
             max_tokens: 4,
             temperature: 0.7,
             top_p: 0.9,
@@ -137,6 +147,13 @@ mod tests {
             ..args.clone()
         })
         .expect("raw mode");
+        run(GenerateArgs {
+            backward: true,
+            system: None,
+            prompt: "Paris is the capital and largest city of France.".into(),
+            ..args.clone()
+        })
+        .expect("backward mode");
         let missing = GenerateArgs {
             model: PathBuf::from("/nonexistent/model.gguf"),
             ..args

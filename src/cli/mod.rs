@@ -1,5 +1,6 @@
 //! The `backflow` command line: one subcommand per job, each with its own flags.
 
+pub mod export;
 pub mod generate;
 pub mod train;
 pub mod warc_pack;
@@ -44,6 +45,10 @@ pub enum Command {
     /// Finetune a LLaMA-family model (LoRA or full) on instruction data; writes a checkpoint
     /// folder (Hugging Face layout, or a PEFT adapter) that `generate --model DIR` loads.
     Train(train::TrainArgs),
+    /// Write a GGUF file, an HF folder or a LoRA adapter folder (merged onto its base) as a
+    /// Hugging Face folder (config.json, model.safetensors, tokenizer.json) for transformers,
+    /// PEFT and llama.cpp's converter.
+    Export(export::ExportArgs),
 }
 
 /// Parses the command line and runs the job.
@@ -69,5 +74,6 @@ pub fn main() -> Result<()> {
         Command::WarcPack(args) => warc_pack::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -73,8 +73,15 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = DataSource::Seed)]
     pub source: DataSource,
     /// Hold out this fraction of the examples; their output loss is reported before and after.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, conflicts_with = "eval_data")]
     pub eval_frac: f64,
+    /// Held-out data file (same formats as --data, never trained on); its output loss is
+    /// reported before and after training.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Batches of random lengths instead of grouped by length (more padding, slower steps).
+    #[arg(long)]
+    pub no_group_by_length: bool,
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
@@ -88,7 +95,13 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The job these flags describe, training on `records` (read from `--data`).
-    pub fn job(&self, records: Vec<data::Record>, malformed: usize) -> Result<TrainJob> {
+    /// `eval_records` are the records of `--eval-data` (empty without it).
+    pub fn job(
+        &self,
+        records: Vec<data::Record>,
+        malformed: usize,
+        eval_records: Vec<data::Record>,
+    ) -> Result<TrainJob> {
         let mode = if self.full {
             TrainMode::Full
         } else {
@@ -123,6 +136,15 @@ impl TrainArgs {
             seed: self.seed,
             backward: self.backward,
             eval_frac: self.eval_frac,
+            eval_data: if eval_records.is_empty() {
+                Vec::new()
+            } else {
+                vec![DataGroup {
+                    source: self.source,
+                    records: eval_records,
+                }]
+            },
+            group_by_length: !self.no_group_by_length,
             save_every: self.save_every,
             resume: self.resume,
             quiet: self.quiet,
@@ -134,7 +156,25 @@ impl TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut read = DataStats::default();
     let records = data::read_records(&args.data, &mut read)?;
-    let job = args.job(records, read.malformed)?;
+    let eval_records = match &args.eval_data {
+        Some(path) => {
+            let mut eval_read = DataStats::default();
+            let records = data::read_records(path, &mut eval_read)?;
+            if records.is_empty() {
+                bail!("--eval-data {}: no records", path.display());
+            }
+            if eval_read.malformed > 0 {
+                eprintln!(
+                    "--eval-data {}: {} malformed item(s) skipped",
+                    path.display(),
+                    eval_read.malformed
+                );
+            }
+            records
+        }
+        None => Vec::new(),
+    };
+    let job = args.job(records, read.malformed, eval_records)?;
     let outcome = run_job_with(&job, &mut |e| match e {
         TrainEvent::EvalBefore { loss, tokens } => {
             eprintln!("held-out loss before training: {loss:.4} ({tokens} output tokens)")

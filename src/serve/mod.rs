@@ -564,23 +564,38 @@ fn run_batches(
             }
             continue;
         };
-        let (choices, group): (Vec<Pending>, Vec<Pending>) =
+        let (mut choices, group): (Vec<Pending>, Vec<Pending>) =
             group.into_iter().partition(|p| p.request.choose.is_some());
+        // Similar lengths together, as for generation below (characters stand in for tokens).
+        choices.sort_by_key(|p| {
+            p.request
+                .messages
+                .iter()
+                .map(|m| m.content.len())
+                .sum::<usize>()
+        });
         for chunk in chunks(choices, max_batch) {
             run_choices(model, &version, chunk, cache.as_deref_mut(), stats);
         }
-        for chunk in chunks(group, max_batch) {
-            let encoded: Vec<Request> = chunk
-                .iter()
-                .map(|p| Request {
+        // A batch pads every prompt to its longest: batching prompts of similar lengths
+        // together (shortest first, stable) wastes the least prefill on padding.
+        let mut encoded: Vec<(Pending, Request)> = group
+            .into_iter()
+            .map(|p| {
+                let request = Request {
                     prompt_ids: model
                         .template
                         .encode(&model.tokenizer, &p.request.messages, true),
                     max_new_tokens: p.request.max_new_tokens,
                     sampling: p.request.sampling,
                     stop_ids: Vec::new(),
-                })
-                .collect();
+                };
+                (p, request)
+            })
+            .collect();
+        encoded.sort_by_key(|(_, r)| r.prompt_ids.len());
+        for batch in chunks(encoded, max_batch) {
+            let (chunk, encoded): (Vec<Pending>, Vec<Request>) = batch.into_iter().unzip();
             let started = Instant::now();
             let result = model.generator.generate(&encoded);
             let mut d = batch_stats(chunk.len(), started, &model.generator);

@@ -174,6 +174,58 @@ pub fn hf_config(cfg: &LlamaConfig, bos: Option<u32>, eos: &[u32]) -> serde_json
     })
 }
 
+/// `config.json` (name, bytes) of an HF checkpoint of `cfg`: its end-of-sequence ids are the
+/// tokenizer's and every stop token the model generates with (the end of a chat turn), so
+/// transformers' `generate` stops where backflow does.
+pub fn hf_config_file(
+    cfg: &LlamaConfig,
+    tokenizer: &crate::model::tokenizer::Tokenizer,
+    stop_ids: &[u32],
+) -> Result<(String, Vec<u8>), TrainError> {
+    let eos: Vec<u32> = tokenizer
+        .eos_id()
+        .into_iter()
+        .chain(stop_ids.iter().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let config = hf_config(cfg, tokenizer.bos_id(), &eos);
+    let bytes = serde_json::to_vec_pretty(&config)
+        .map_err(|e| TrainError::Checkpoint(format!("config.json: {e}")))?;
+    Ok((CONFIG.into(), bytes))
+}
+
+/// The tokenizer files of the output: the HF base's own, or written from the GGUF vocabulary.
+pub fn tokenizer_files(src: &TokenizerSource) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
+    Ok(match src {
+        TokenizerSource::Gguf(meta) => match super::tokenizer_json::from_gguf(meta) {
+            Ok((tj, tc)) => vec![
+                ("tokenizer.json".into(), tj.into_bytes()),
+                ("tokenizer_config.json".into(), tc.into_bytes()),
+            ],
+            Err(e) => {
+                log::warn!("checkpoint without tokenizer.json: {e}");
+                Vec::new()
+            }
+        },
+        TokenizerSource::TokenizerJson(p) => {
+            let mut v = vec![(
+                "tokenizer.json".into(),
+                std::fs::read(p).map_err(io_err(p))?,
+            )];
+            let cfg = p.with_file_name("tokenizer_config.json");
+            if cfg.exists() {
+                v.push((
+                    "tokenizer_config.json".into(),
+                    std::fs::read(&cfg).map_err(io_err(&cfg))?,
+                ));
+            }
+            v
+        }
+        TokenizerSource::Missing => Vec::new(),
+    })
+}
+
 /// A PEFT `adapter_config.json`.
 pub fn adapter_config(lc: &LoraConfig, base: &Path) -> serde_json::Value {
     json!({
@@ -470,9 +522,11 @@ impl Adapter {
 }
 
 /// A weight source that folds an adapter into its base's projections on the host.
-struct Merged<'a> {
-    base: &'a mut dyn WeightSource,
-    adapter: &'a Adapter,
+pub(crate) struct Merged<'a> {
+    /// The base's weights.
+    pub(crate) base: &'a mut dyn WeightSource,
+    /// The adapter merged into them.
+    pub(crate) adapter: &'a Adapter,
 }
 
 impl WeightSource for Merged<'_> {

@@ -92,6 +92,12 @@ pub struct TrainJob {
     /// Hold out this fraction of the examples (in `[0, 1)`); their output loss is reported
     /// before and after training.
     pub eval_frac: f64,
+    /// Held-out data of its own (tagged and reversed like `data`), never trained on; its output
+    /// loss is reported before and after training. Exclusive with `eval_frac`.
+    pub eval_data: Vec<DataGroup>,
+    /// Group each step's examples by length ([`crate::train::sft::group_by_length`]): far
+    /// less padding, so faster steps, at the price of batches less mixed in length.
+    pub group_by_length: bool,
     /// Save a checkpoint every N steps (0: only at the end).
     pub save_every: usize,
     /// Continue from the (unfinished) checkpoint of this same job in `out`.
@@ -124,6 +130,8 @@ impl TrainJob {
             seed: 0,
             backward: false,
             eval_frac: 0.0,
+            eval_data: Vec::new(),
+            group_by_length: true,
             save_every: 0,
             resume: false,
             quiet: true,
@@ -191,15 +199,19 @@ impl TrainJob {
             "max_len": self.max_len,
             "backward": self.backward,
             "eval_frac": self.eval_frac,
+            "group_by_length": self.group_by_length,
         });
         put(&mut h, knobs.to_string().as_bytes());
         hash_base(&mut h, &self.model)?;
-        put(&mut h, &(self.data.len() as u64).to_le_bytes());
-        for g in &self.data {
-            put(&mut h, source_name(g.source).as_bytes());
-            put(&mut h, &(g.records.len() as u64).to_le_bytes());
-            for r in &g.records {
-                hash_record(&mut h, r);
+        // The held-out data does not change the weights, but it changes the recorded losses.
+        for groups in [&self.data, &self.eval_data] {
+            put(&mut h, &(groups.len() as u64).to_le_bytes());
+            for g in groups {
+                put(&mut h, source_name(g.source).as_bytes());
+                put(&mut h, &(g.records.len() as u64).to_le_bytes());
+                for r in &g.records {
+                    hash_record(&mut h, r);
+                }
             }
         }
         Ok(format!("{:032x}", h.digest128()))
@@ -217,6 +229,11 @@ impl TrainJob {
                 "eval fraction {} is not in [0, 1)",
                 self.eval_frac
             )));
+        }
+        if self.eval_frac > 0.0 && !self.eval_data.is_empty() {
+            return Err(TrainError::Config(
+                "held-out data and a held-out fraction exclude each other".into(),
+            ));
         }
         if let Some(e) = self.epochs {
             if !(e.is_finite() && e > 0.0) {
@@ -377,7 +394,26 @@ pub fn run_job_with(
         return Err(TrainError::Data(format!("no usable examples: {stats:?}")));
     }
     let mut held_out: Vec<Example> = Vec::new();
-    if job.eval_frac > 0.0 {
+    if !job.eval_data.is_empty() {
+        let mut eval_stats = DataStats::default();
+        held_out = encode_groups(
+            &job.eval_data,
+            &template,
+            &tokenizer,
+            job.backward,
+            max_len,
+            &mut eval_stats,
+        );
+        log::info!(
+            "held-out data: {} records, {} kept, {} truncated to {max_len}, {} dropped (prompt too long), {} empty",
+            eval_stats.records, eval_stats.kept, eval_stats.truncated, eval_stats.prompt_too_long, eval_stats.empty
+        );
+        if held_out.is_empty() {
+            return Err(TrainError::Data(format!(
+                "no usable held-out examples: {eval_stats:?}"
+            )));
+        }
+    } else if job.eval_frac > 0.0 {
         if examples.len() < 2 {
             return Err(TrainError::Config(format!(
                 "cannot hold out a fraction of {} example(s)",
@@ -485,9 +521,11 @@ pub fn run_job_with(
         examples: examples.len(),
     };
     let (mut tok_total, mut secs_total) = (0usize, 0f64);
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     while trainer.step < sft.steps {
         let idx = step_indices(
             examples.len(),
+            job.group_by_length.then_some(&lengths[..]),
             trainer.step,
             sft.effective_batch(),
             sft.seed,
@@ -507,11 +545,12 @@ pub fn run_job_with(
         append_metrics(&job.out, &m)?;
         if job.quiet {
             log::info!(
-                "step {} loss {:.4} grad_norm {:.3} {:.0} tok/s",
+                "step {} loss {:.4} grad_norm {:.3} {:.0} tok/s, {:.0}% padding",
                 m.step,
                 m.loss,
                 m.grad_norm,
-                m.tokens as f64 / m.secs.max(1e-9)
+                m.tokens as f64 / m.secs.max(1e-9),
+                100.0 * (1.0 - m.tokens as f64 / m.padded_tokens.max(1) as f64)
             );
         }
         on_event(&TrainEvent::Step(m));
@@ -701,37 +740,6 @@ fn append_metrics(out: &Path, m: &StepMetrics) -> Result<(), TrainError> {
     writeln!(f, "{line}").map_err(io_err(&p))
 }
 
-/// The tokenizer files of the output: the HF base's own, or written from the GGUF vocabulary.
-fn tokenizer_files(src: &TokenizerSource) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
-    Ok(match src {
-        TokenizerSource::Gguf(meta) => match super::tokenizer_json::from_gguf(meta) {
-            Ok((tj, tc)) => vec![
-                ("tokenizer.json".into(), tj.into_bytes()),
-                ("tokenizer_config.json".into(), tc.into_bytes()),
-            ],
-            Err(e) => {
-                log::warn!("checkpoint without tokenizer.json: {e}");
-                Vec::new()
-            }
-        },
-        TokenizerSource::TokenizerJson(p) => {
-            let mut v = vec![(
-                "tokenizer.json".into(),
-                std::fs::read(p).map_err(io_err(p))?,
-            )];
-            let cfg = p.with_file_name("tokenizer_config.json");
-            if cfg.exists() {
-                v.push((
-                    "tokenizer_config.json".into(),
-                    std::fs::read(&cfg).map_err(io_err(&cfg))?,
-                ));
-            }
-            v
-        }
-        TokenizerSource::Missing => Vec::new(),
-    })
-}
-
 /// Everything a checkpoint save needs besides the trainer.
 struct Saver<'a> {
     job: &'a TrainJob,
@@ -750,24 +758,16 @@ impl Saver<'_> {
     fn save(&self, trainer: &Trainer<TrainBackend>, extra: Value) -> Result<String, TrainError> {
         let job = self.job;
         let model = trainer.valid();
-        let mut files: Vec<(String, Vec<u8>)> = tokenizer_files(self.tok_src)?;
+        let mut files: Vec<(String, Vec<u8>)> = checkpoint::tokenizer_files(self.tok_src)?;
         let base = canonical(&job.model);
         let (kind, weights) = match &job.mode {
             TrainMode::Full => {
                 let bytes = checkpoint::safetensors_bytes(&checkpoint::export_weights(&model)?)?;
-                let eos: Vec<u32> = self
-                    .tokenizer
-                    .eos_id()
-                    .into_iter()
-                    .chain(self.stop_ids.iter().copied())
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
-                let config = checkpoint::hf_config(self.cfg, self.tokenizer.bos_id(), &eos);
-                files.push((
-                    checkpoint::CONFIG.into(),
-                    serde_json::to_vec_pretty(&config).map_err(json_err("config.json"))?,
-                ));
+                files.push(checkpoint::hf_config_file(
+                    self.cfg,
+                    self.tokenizer,
+                    self.stop_ids,
+                )?);
                 ("full", (checkpoint::WEIGHTS, bytes))
             }
             TrainMode::Lora(lc) => {
@@ -940,76 +940,9 @@ fn hash_file(h: &mut xxhash_rust::xxh3::Xxh3, path: &Path) -> Result<(), TrainEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::RandomWeights;
     use crate::train::data::{AUGMENTED_TAG, SEED_TAG};
-    use burn::backend::Flex;
+    use crate::train::tiny_base;
     use std::os::unix::fs::MetadataExt;
-
-    /// Every character of the test data and of the paper's tags (no others are encodable).
-    const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyzAIQW .?,:\n";
-
-    /// A tiny HF base folder: random weights of the tiny training config (with room for the
-    /// tagged prompts), and a byte-level BPE vocabulary of [`ALPHABET`] without merges plus
-    /// ChatML's two control tokens, so that `ChatTemplate::for_tokenizer` picks ChatML.
-    fn tiny_base(dir: &Path) {
-        let cfg = LlamaConfig {
-            max_seq_len: 256,
-            ..crate::train::tiny_config()
-        };
-        let dev = Default::default();
-        let m: TrainLlama<Flex> = TrainLlama::load(
-            cfg.clone(),
-            &mut RandomWeights::new(cfg.clone(), 3),
-            &TrainMode::Full,
-            &dev,
-        )
-        .expect("random model");
-        let weights =
-            checkpoint::safetensors_bytes(&checkpoint::export_weights(&m).expect("export"))
-                .expect("safetensors");
-        let mut vocab = serde_json::Map::new();
-        for (i, c) in ALPHABET.chars().enumerate() {
-            // GPT-2's byte-level spelling of space and newline.
-            let tok = match c {
-                ' ' => 'Ġ',
-                '\n' => 'Ċ',
-                c => c,
-            };
-            vocab.insert(tok.to_string(), json!(i));
-        }
-        let n = ALPHABET.chars().count();
-        assert!(n + 2 <= cfg.vocab, "vocabulary larger than the model's");
-        vocab.insert("<|im_start|>".into(), json!(n));
-        vocab.insert("<|im_end|>".into(), json!(n + 1));
-        let tokenizer = json!({
-            "version": "1.0",
-            "added_tokens": [
-                {"id": n, "content": "<|im_start|>", "special": true},
-                {"id": n + 1, "content": "<|im_end|>", "special": true},
-            ],
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
-                "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "vocab": vocab, "merges": []},
-        });
-        let files = vec![
-            (
-                checkpoint::CONFIG.to_string(),
-                serde_json::to_vec(&checkpoint::hf_config(&cfg, None, &[n as u32 + 1]))
-                    .expect("json"),
-            ),
-            (checkpoint::WEIGHTS.to_string(), weights),
-            (
-                "tokenizer.json".to_string(),
-                serde_json::to_vec(&tokenizer).expect("json"),
-            ),
-            (
-                "tokenizer_config.json".to_string(),
-                serde_json::to_vec(&json!({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}))
-                    .expect("json"),
-            ),
-        ];
-        checkpoint::write_folder_atomic(dir, &files, &[]).expect("write base");
-    }
 
     fn pair(i: &str, o: &str) -> Record {
         Record::Pair {
@@ -1158,12 +1091,26 @@ mod tests {
             ("max_len", Box::new(|k| k.max_len = 128)),
             ("backward", Box::new(|k| k.backward = true)),
             ("eval_frac", Box::new(|k| k.eval_frac = 0.5)),
+            (
+                "eval data",
+                Box::new(|k| {
+                    k.eval_frac = 0.0;
+                    k.eval_data = vec![DataGroup {
+                        source: DataSource::Seed,
+                        records: vec![pair("what is ice?", "frozen water.")],
+                    }];
+                }),
+            ),
             ("mode", Box::new(|k| k.mode = TrainMode::Full)),
             (
                 "lora rank",
                 Box::new(|k| k.mode = TrainMode::Lora(LoraConfig::all_projections(8))),
             ),
             ("batch", Box::new(|k| k.batch_size = 4)),
+            (
+                "group by length",
+                Box::new(|k| k.group_by_length = !k.group_by_length),
+            ),
         ];
         for (what, f) in changes {
             assert_ne!(same(&*f), fp, "{what} did not change the fingerprint");
@@ -1171,6 +1118,42 @@ mod tests {
         // The base's content, at the same path.
         std::fs::write(&base, b"not really a model!").expect("write");
         assert_ne!(j.fingerprint().expect("fingerprint"), fp, "base content");
+    }
+
+    #[test]
+    fn held_out_data_is_evaluated_and_never_trained_on() {
+        let root = tempfile::tempdir().expect("tmp");
+        let base = root.path().join("base");
+        tiny_base(&base);
+        let held = vec![DataGroup {
+            source: DataSource::Seed,
+            records: vec![
+                pair("what is fog?", "a cloud near the ground."),
+                pair("what is steam?", "hot water vapour."),
+            ],
+        }];
+        let with_data = |data: Vec<DataGroup>, out: &str| TrainJob {
+            eval_frac: 0.0,
+            eval_data: held.clone(),
+            data,
+            ..job(&base, &root.path().join(out))
+        };
+        let a = run_job(&with_data(groups(), "a")).expect("train a");
+        assert_eq!(a.examples, 8, "every training record is trained on");
+        let (before, after) = (a.eval_before.expect("before"), a.eval_after.expect("after"));
+        assert!(before.is_finite() && after.is_finite());
+        assert_ne!(before, after, "training moved the held-out loss");
+        // Before training the model is the base (LoRA's B starts at zero): the held-out loss
+        // cannot depend on the training data.
+        let b = run_job(&with_data(groups()[1..].to_vec(), "b")).expect("train b");
+        assert_eq!(b.examples, 4);
+        assert!(close(b.eval_before.expect("before"), before));
+        // Both ways of holding out at once are refused.
+        let both = TrainJob {
+            eval_frac: 0.25,
+            ..with_data(groups(), "c")
+        };
+        assert!(matches!(run_job(&both), Err(TrainError::Config(_))));
     }
 
     #[test]

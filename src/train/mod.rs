@@ -6,10 +6,12 @@
 //! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters.
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
+//! - [`export`]: any loadable model (GGUF, HF folder, merged adapter) as an HF folder.
 //! - [`job`]: a whole training run as one call ([`run_job`]), reusing finished identical runs.
 
 pub mod checkpoint;
 pub mod data;
+pub mod export;
 pub mod job;
 pub mod lora;
 pub mod model;
@@ -77,4 +79,75 @@ pub(crate) fn tiny_config() -> crate::model::LlamaConfig {
         tie_embeddings: true,
         qkv_bias: false,
     }
+}
+
+/// Every character of the test data and of the paper's tags (no others are encodable).
+#[cfg(test)]
+pub(crate) const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyzAIQW .?,:\n";
+
+/// A tiny HF base folder: random weights of the tiny training config (with room for the
+/// tagged prompts), and a byte-level BPE vocabulary of [`ALPHABET`] without merges plus
+/// ChatML's two control tokens, so that `ChatTemplate::for_tokenizer` picks ChatML.
+#[cfg(test)]
+pub(crate) fn tiny_base(dir: &std::path::Path) {
+    use crate::model::llama::RandomWeights;
+    use burn::backend::Flex;
+    use model::{TrainLlama, TrainMode};
+    use serde_json::json;
+
+    let cfg = crate::model::LlamaConfig {
+        max_seq_len: 256,
+        ..crate::train::tiny_config()
+    };
+    let dev = Default::default();
+    let m: TrainLlama<Flex> = TrainLlama::load(
+        cfg.clone(),
+        &mut RandomWeights::new(cfg.clone(), 3),
+        &TrainMode::Full,
+        &dev,
+    )
+    .expect("random model");
+    let weights = checkpoint::safetensors_bytes(&checkpoint::export_weights(&m).expect("export"))
+        .expect("safetensors");
+    let mut vocab = serde_json::Map::new();
+    for (i, c) in ALPHABET.chars().enumerate() {
+        // GPT-2's byte-level spelling of space and newline.
+        let tok = match c {
+            ' ' => 'Ġ',
+            '\n' => 'Ċ',
+            c => c,
+        };
+        vocab.insert(tok.to_string(), json!(i));
+    }
+    let n = ALPHABET.chars().count();
+    assert!(n + 2 <= cfg.vocab, "vocabulary larger than the model's");
+    vocab.insert("<|im_start|>".into(), json!(n));
+    vocab.insert("<|im_end|>".into(), json!(n + 1));
+    let tokenizer = json!({
+        "version": "1.0",
+        "added_tokens": [
+            {"id": n, "content": "<|im_start|>", "special": true},
+            {"id": n + 1, "content": "<|im_end|>", "special": true},
+        ],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+    });
+    let files = vec![
+        (
+            checkpoint::CONFIG.to_string(),
+            serde_json::to_vec(&checkpoint::hf_config(&cfg, None, &[n as u32 + 1])).expect("json"),
+        ),
+        (checkpoint::WEIGHTS.to_string(), weights),
+        (
+            "tokenizer.json".to_string(),
+            serde_json::to_vec(&tokenizer).expect("json"),
+        ),
+        (
+            "tokenizer_config.json".to_string(),
+            serde_json::to_vec(&json!({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}))
+                .expect("json"),
+        ),
+    ];
+    checkpoint::write_folder_atomic(dir, &files, &[]).expect("write base");
 }

@@ -16,7 +16,7 @@ use burn::record::{FullPrecisionSettings, Record};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use super::data::Example;
 use super::model::TrainLlama;
@@ -89,8 +89,17 @@ impl SftConfig {
 }
 
 /// The example indices of optimizer step `step`: positions `step·E .. (step+1)·E` of an endless
-/// stream that visits all `n` examples once per epoch, in a fresh seeded order per epoch.
-pub fn step_indices(n: usize, step: usize, effective_batch: usize, seed: u64) -> Vec<usize> {
+/// stream that visits all examples once per epoch, in a fresh seeded order per epoch
+/// ([`epoch_order`]). With `lengths` (one per example) the order is grouped by length
+/// ([`group_by_length`]); without, there are `n` examples.
+pub fn step_indices(
+    n: usize,
+    lengths: Option<&[usize]>,
+    step: usize,
+    effective_batch: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let n = lengths.map_or(n, <[usize]>::len);
     if n == 0 {
         return Vec::new();
     }
@@ -99,7 +108,11 @@ pub fn step_indices(n: usize, step: usize, effective_batch: usize, seed: u64) ->
         .map(|p| {
             let epoch = p / n;
             if cache.as_ref().map(|c| c.0) != Some(epoch) {
-                cache = Some((epoch, epoch_order(n, seed, epoch)));
+                let mut order = epoch_order(n, seed, epoch);
+                if let Some(lengths) = lengths {
+                    group_by_length(&mut order, lengths, effective_batch, seed, epoch);
+                }
+                cache = Some((epoch, order));
             }
             cache.as_ref().map(|c| c.1[p % n]).unwrap_or(0)
         })
@@ -114,6 +127,38 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     );
     order.shuffle(&mut rng);
     order
+}
+
+/// Effective batches per length-sorted window of [`group_by_length`].
+pub const GROUP_WINDOW_BATCHES: usize = 8;
+
+/// Groups a shuffled epoch `order` by length, as a "sortish" sampler (HF's `group_by_length`):
+/// the order is cut into windows of [`GROUP_WINDOW_BATCHES`] effective batches and each window
+/// is sorted by length, longest first or shortest first by a seeded coin. A batch pads to its
+/// longest example, so a step of similar lengths wastes little compute on padding (on the seed
+/// tasks, a random batch of 8 is mostly padding). Windows stay contiguous rather than cut into
+/// shuffled batches because steps need not align with epochs: a step that straddles two
+/// batches of a sorted window still gets neighbours in length. The epoch still visits each
+/// example once, and which examples share a window is random.
+pub fn group_by_length(
+    order: &mut [usize],
+    lengths: &[usize],
+    effective_batch: usize,
+    seed: u64,
+    epoch: usize,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        !seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    );
+    let window = (effective_batch.max(1) * GROUP_WINDOW_BATCHES).max(2);
+    for w in order.chunks_mut(window) {
+        let len = |i: &usize| lengths.get(*i).copied().unwrap_or(0);
+        if rng.random_bool(0.5) {
+            w.sort_by_key(|i| std::cmp::Reverse(len(i)));
+        } else {
+            w.sort_by_key(len);
+        }
+    }
 }
 
 /// A padded micro-batch on the host.
@@ -219,6 +264,9 @@ pub struct StepMetrics {
     pub targets: usize,
     /// All real tokens processed.
     pub tokens: usize,
+    /// Token slots computed, padding included (rows x padded length of every micro-batch):
+    /// `tokens / padded_tokens` is the share of the compute that was not wasted on padding.
+    pub padded_tokens: usize,
     /// Wall seconds of the step.
     pub secs: f64,
 }
@@ -326,7 +374,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         );
         let mut acc = GradientsAccumulator::<TrainLlama<B>>::new();
         let mut loss_sum = 0f64;
-        let mut tokens = 0;
+        let (mut tokens, mut padded) = (0, 0);
         for b in micro.iter().filter(|b| b.n_targets() > 0) {
             let loss = b.loss_sum(&self.model, true, &self.device);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
@@ -334,6 +382,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
             acc.accumulate(&self.model, grads);
             tokens += b.tokens;
+            padded += b.rows * b.len;
         }
         let mut grads = acc.grads();
         let norm = grad_norm(&self.model, &grads);
@@ -356,6 +405,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             grad_norm: norm,
             targets: total,
             tokens,
+            padded_tokens: padded,
             secs: t0.elapsed().as_secs_f64(),
         }
     }
@@ -672,7 +722,7 @@ mod tests {
         let mut first = None;
         let mut last = f64::NAN;
         for step in 0..sft.steps {
-            let idx = step_indices(ex.len(), step, sft.effective_batch(), sft.seed);
+            let idx = step_indices(ex.len(), None, step, sft.effective_batch(), sft.seed);
             let m = tr.train_step(&micro_batches(&ex, &idx, sft.batch_size, 0));
             first.get_or_insert(m.loss);
             last = m.loss;
@@ -713,7 +763,7 @@ mod tests {
             let mut tr = Trainer::new(model, sft.clone(), dev);
             let mut losses = Vec::new();
             for step in 0..steps {
-                let idx = step_indices(ex.len(), step, sft.effective_batch(), sft.seed);
+                let idx = step_indices(ex.len(), None, step, sft.effective_batch(), sft.seed);
                 losses.push(tr.train_step(&micro_batches(&ex, &idx, batch_size, 0)).loss);
             }
             (tr, losses)
@@ -747,12 +797,52 @@ mod tests {
         tr.restore(&state, 2).expect("restore");
         let mut resumed = Vec::new();
         for step in 2..4 {
-            let idx = step_indices(ex.len(), step, 8, 2);
+            let idx = step_indices(ex.len(), None, step, 8, 2);
             resumed.push(tr.train_step(&micro_batches(&ex, &idx, 8, 0)).loss);
         }
         assert!(
             (resumed[1] - big[3]).abs() < 1e-5 * big[3].abs(),
             "resumed {resumed:?} vs {big:?}"
+        );
+    }
+
+    #[test]
+    fn grouping_by_length_keeps_epochs_whole_and_cuts_padding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let lengths: Vec<usize> = (0..100).map(|_| rng.random_range(10..400)).collect();
+        let (e, steps) = (10, 10); // one epoch of 100
+        let padded = |grouped: bool| -> usize {
+            let mut seen = vec![0; lengths.len()];
+            let mut total = 0;
+            for step in 0..steps {
+                let idx = step_indices(100, grouped.then_some(&lengths[..]), step, e, 7);
+                assert_eq!(idx.len(), e);
+                for &i in &idx {
+                    seen[i] += 1;
+                }
+                total += e * idx.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "epoch not visited once: {seen:?}"
+            );
+            total
+        };
+        let real: usize = lengths.iter().sum();
+        let (plain, grouped) = (padded(false), padded(true));
+        assert!(
+            grouped * 10 < plain * 7,
+            "padded tokens: grouped {grouped}, plain {plain}, real {real}"
+        );
+        // Seeded: the same step gives the same examples; another epoch another order.
+        let at = |step| step_indices(100, Some(&lengths), step, e, 7);
+        assert_eq!(at(3), at(3));
+        assert_ne!(at(3), at(13));
+        // Within a window the lengths are monotone.
+        let w: Vec<usize> = (0..8).flat_map(at).map(|i| lengths[i]).collect();
+        assert!(
+            w.windows(2).all(|p| p[0] <= p[1]) || w.windows(2).all(|p| p[0] >= p[1]),
+            "{w:?}"
         );
     }
 }
