@@ -26,6 +26,8 @@ pub struct Ask {
     pub sampling: Sampling,
     /// A forced choice instead of generation.
     pub choose: Option<Choice>,
+    /// A forced choice right after the generated answer, from its KV cache.
+    pub choose_after: Option<Choice>,
 }
 
 /// Most requests a record may fan out to (tickets encode the index in the low bits).
@@ -121,11 +123,13 @@ where
                         reply: reply.clone(),
                         wake: Some(wake.clone()),
                         choose: a.choose.clone(),
+                        choose_after: a.choose_after.clone(),
                     };
                     if let Err(e) = client.send(request) {
                         failed.push(GenAnswer {
                             ticket,
                             result: Err(e.to_string()),
+                            choice: None,
                             prompt_tokens: 0,
                             new_tokens: 0,
                         });

@@ -5,7 +5,7 @@
 use super::model_call::{model_call, Ask};
 use super::{Time, WorkerStats};
 use crate::humpback::prompts::rating_messages;
-use crate::humpback::score::{mean_score, parse_score};
+use crate::humpback::score::parse_score;
 use crate::model::sampling::Sampling;
 use crate::records::{Candidate, Rating, RatingSample};
 use crate::serve::{Choice, ModelClient};
@@ -26,8 +26,9 @@ pub struct RateOptions {
     pub seed: u64,
     /// Most candidates in flight per worker.
     pub max_in_flight: usize,
-    /// When an answer has no readable score, ask for one as a forced choice among 1..5 after
-    /// the answer and `Score: ` (one forward pass). The failure is still counted.
+    /// When an answer has no readable score, take one as a forced choice among 1..5 after the
+    /// answer and `Score: `, made right after generating it from the same KV cache (a few
+    /// decode steps). The failure is still counted.
     pub forced_fallback: bool,
 }
 
@@ -61,8 +62,7 @@ pub fn rate<'s>(
     stats: WorkerStats,
 ) -> StreamVec<'s, Time, Rating> {
     let opts = options.clone();
-    let client_for_choice = client.clone();
-    let ratings = model_call(
+    model_call(
         jobs,
         "Rate",
         client,
@@ -76,6 +76,8 @@ pub fn rate<'s>(
                     messages: messages.clone(),
                     max_new_tokens: opts.max_new_tokens,
                     choose: None,
+                    // Cheap enough to ask always; used only when the answer has no score.
+                    choose_after: opts.forced_fallback.then(forced_choice),
                     sampling: if opts.samples <= 1 {
                         Sampling::greedy()
                     } else {
@@ -101,11 +103,11 @@ pub fn rate<'s>(
                 .map(|a| match a.result {
                     Ok(raw) => {
                         let score = parse_score(&raw);
-                        RatingSample {
-                            raw,
-                            score,
-                            forced: None,
-                        }
+                        let forced = match score {
+                            Ok(_) => None,
+                            Err(_) => a.choice.and_then(|t| t.parse::<u8>().ok()),
+                        };
+                        RatingSample { raw, score, forced }
                     }
                     Err(e) => RatingSample {
                         raw: String::new(),
@@ -130,19 +132,20 @@ pub fn rate<'s>(
                     });
                 }
             }
-            let scores: Vec<_> = samples.iter().map(|x| x.score.clone()).collect();
+            let values: Vec<f64> = samples
+                .iter()
+                .filter_map(|x| x.value())
+                .map(f64::from)
+                .collect();
             Some(Rating {
-                score: mean_score(&scores),
+                score: (!values.is_empty())
+                    .then(|| values.iter().sum::<f64>() / values.len() as f64),
                 model_version: model,
                 samples,
                 candidate: c,
             })
         },
-    );
-    if !options.forced_fallback {
-        return ratings;
-    }
-    force_scores(ratings, client_for_choice, options.max_in_flight)
+    )
 }
 
 /// The score options of a forced choice, and the text put before them.
@@ -150,52 +153,10 @@ pub const FORCED_OPTIONS: [&str; 5] = ["1", "2", "3", "4", "5"];
 /// What follows the model's own answer in a forced choice.
 pub const FORCED_PREFILL: &str = "\nScore: ";
 
-/// The fallback: every sample without a readable score gets a forced choice, prompted with the
-/// same conversation and the model's own answer followed by [`FORCED_PREFILL`].
-fn force_scores<'s>(
-    ratings: StreamVec<'s, Time, Rating>,
-    client: ModelClient,
-    max_in_flight: usize,
-) -> StreamVec<'s, Time, Rating> {
-    model_call(
-        ratings,
-        "ForceScore",
-        client,
-        max_in_flight,
-        |r: &Rating| {
-            let messages = rating_messages(&r.candidate.instruction, &r.candidate.passage.text);
-            r.samples
-                .iter()
-                .filter(|s| s.score.is_err())
-                .map(|s| Ask {
-                    model: r.model_version.clone(),
-                    messages: messages.clone(),
-                    max_new_tokens: 1,
-                    sampling: Sampling::greedy(),
-                    choose: Some(Choice {
-                        prefill: format!("{}{FORCED_PREFILL}", s.raw.trim_end()),
-                        options: FORCED_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
-                    }),
-                })
-                .collect()
-        },
-        |mut r: Rating, answers| {
-            let mut answers = answers.into_iter();
-            for s in r.samples.iter_mut().filter(|s| s.score.is_err()) {
-                s.forced = answers
-                    .next()
-                    .and_then(|a| a.result.ok())
-                    .and_then(|t| t.parse::<u8>().ok());
-            }
-            let values: Vec<f64> = r
-                .samples
-                .iter()
-                .filter_map(|s| s.value())
-                .map(f64::from)
-                .collect();
-            r.score =
-                (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
-            Some(r)
-        },
-    )
+/// The forced choice asked after every rating answer: `Score: ` then one of 1..5.
+fn forced_choice() -> Choice {
+    Choice {
+        prefill: FORCED_PREFILL.to_owned(),
+        options: FORCED_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
+    }
 }

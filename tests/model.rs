@@ -12,7 +12,7 @@ use backflow::model::chat::{ChatTemplate, Message};
 use backflow::model::gguf::{dequantize, GgmlType, GgufFile};
 use backflow::model::tokenizer::Tokenizer;
 use backflow::model::{
-    load_checkpoint, Generator, Llama, Request, Sampling, StopReason, TokenizerSource,
+    load_checkpoint, ChoiceAfter, Generator, Llama, Request, Sampling, StopReason, TokenizerSource,
 };
 use burn::backend::Flex;
 use serde_json::Value;
@@ -269,6 +269,7 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
             seed,
         },
         stop_ids: Vec::new(),
+        then_choose: None,
     };
     let a = gen.generate(&[sampled(11)]).expect("a");
     let b = gen
@@ -282,6 +283,73 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
         others.iter().any(|o| *o != a[0].ids),
         "five seeds, one answer"
     );
+}
+
+/// A choice made after the answer from its own KV cache (the forced score of a rating) is the
+/// choice of a fresh prefill of prompt + answer + prefill, and does not change the answers.
+#[test]
+fn a_choice_after_the_answer_is_the_choice_of_a_fresh_prefill() {
+    let l = need_model!();
+    let Some(tok) = &l.tokenizer else {
+        eprintln!("skipped: no tokenizer in the GGUF");
+        return;
+    };
+    let france = france_ids(&reference());
+    let prefill = tok.encode("\nScore: ", false);
+    let options: Vec<u32> = ["1", "2", "3", "4", "5"]
+        .iter()
+        .map(|o| tok.encode(o, false)[0])
+        .collect();
+    let after = ChoiceAfter {
+        prefill: prefill.clone(),
+        options: options.clone(),
+    };
+    let asks = [
+        (france.clone(), 40),
+        (france[..22].to_vec(), 3),
+        (france.clone(), 6),
+    ];
+    let plain: Vec<Request> = asks
+        .iter()
+        .map(|(p, n)| Request::greedy(p.clone(), *n))
+        .collect();
+    // The first two choose after their answer; the third does not.
+    let mut with_choice = plain.clone();
+    for r in &mut with_choice[..2] {
+        r.then_choose = Some(after.clone());
+    }
+    let mut gen = Generator::new(l.model.clone(), l.stop_ids.clone());
+    let want = gen.generate(&plain).expect("plain");
+    let got = gen.generate(&with_choice).expect("with choice");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.ids, g.stop), (&w.ids, w.stop), "the answer changed");
+    }
+    // Both ways a completion ends: a stop token (its KV is complete) and max tokens (its last
+    // token was never fed).
+    assert!(
+        matches!(got[0].stop, StopReason::StopToken(_)),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(got[1].stop, StopReason::MaxTokens);
+    assert_eq!(got[2].choice, None, "no choice asked");
+    for (g, (prompt, _)) in got.iter().zip(&asks).take(2) {
+        let mut seq = prompt.clone();
+        seq.extend(&g.ids);
+        seq.extend(&prefill);
+        let row = gen.next_token_logits(&[seq]).expect("reference").remove(0);
+        let logit = |i: usize| row[options[i] as usize];
+        let best = (0..options.len())
+            .max_by(|&a, &b| logit(a).total_cmp(&logit(b)))
+            .expect("options");
+        let chosen = g.choice.expect("a choice was made");
+        // Batched decode and one prefill differ in float rounding only.
+        assert!(
+            chosen == best || logit(chosen) >= logit(best) - LOGIT_TOL,
+            "chose {chosen}, the fresh prefill prefers {best}: {:?}",
+            (0..options.len()).map(logit).collect::<Vec<_>>()
+        );
+    }
 }
 
 #[test]

@@ -77,7 +77,9 @@ fn every_pair_is_rated_and_accounted_for() {
             // No readable `Score: N`: counted, kept raw, and scored by the forced choice.
             unparsed += 1;
             assert!(sample["error"]["kind"].is_string());
-            assert_eq!(r["score"].as_f64(), sample["forced"].as_f64());
+            let forced = sample["forced"].as_u64().expect("a forced score");
+            assert!((1..=5).contains(&forced), "{sample}");
+            assert_eq!(r["score"].as_f64(), Some(forced as f64));
         } else {
             assert_eq!(r["score"].as_f64(), sample["score"].as_f64());
         }

@@ -88,6 +88,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let mut generator = Generator::new(ck.model, stop_ids);
     let request = Request {
+        then_choose: None,
         prompt_ids,
         max_new_tokens: args.max_tokens,
         sampling: Sampling {

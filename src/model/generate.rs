@@ -33,6 +33,22 @@ pub struct Request {
     pub sampling: Sampling,
     /// Extra stop tokens for this request (the generator's own, e.g. EOS, always apply).
     pub stop_ids: Vec<u32>,
+    /// After the completion, continue the sequence with these tokens and pick the most likely
+    /// next among a few options ([`Completion::choice`]).
+    #[serde(default)]
+    pub then_choose: Option<ChoiceAfter>,
+}
+
+/// A forced choice made right after a completion, from the completion's own KV cache: the
+/// sequence goes on with `prefill` (teacher-forced, one token per decode step) and the answer
+/// is whichever of `options` the model finds most likely next. Costs `prefill.len() + 1`
+/// decode steps of one row, where asking afterwards would prefill prompt and answer again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceAfter {
+    /// Tokens fed after the completion (e.g. `\nScore: `).
+    pub prefill: Vec<u32>,
+    /// The candidate next tokens.
+    pub options: Vec<u32>,
 }
 
 impl Request {
@@ -43,6 +59,7 @@ impl Request {
             max_new_tokens,
             sampling: Sampling::greedy(),
             stop_ids: Vec::new(),
+            then_choose: None,
         }
     }
 }
@@ -67,6 +84,10 @@ pub struct Completion {
     pub text: String,
     /// Why it ended.
     pub stop: StopReason,
+    /// With [`Request::then_choose`]: the index of the most likely option; `None` when not
+    /// asked, or when the context had no room for the prefill.
+    #[serde(default)]
+    pub choice: Option<usize>,
 }
 
 /// Where the time of the last [`Generator::generate`] call went, for benchmarks and the model
@@ -275,6 +296,46 @@ impl<B: Backend> Generator<B> {
         Ok(out)
     }
 
+    /// For each batch row in `want`: the most likely of its request's choice options under
+    /// `logits` (`[rows, vocab]`), read from `host` when the logits are already there.
+    fn pick_options(
+        &self,
+        requests: &[Request],
+        rows: &[usize],
+        want: &[usize],
+        logits: &Tensor<B, 2>,
+        host: Option<&[f32]>,
+    ) -> Result<Vec<Option<usize>>, ModelError> {
+        let vocab = self.model.config().vocab;
+        let fetched;
+        let (flat, row_of): (&[f32], Vec<usize>) = match host {
+            Some(h) => (h, want.to_vec()),
+            None => {
+                let idx: Vec<i64> = want.iter().map(|&r| r as i64).collect();
+                let idx = Tensor::<B, 1, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(idx, [want.len()]),
+                    &logits.device(),
+                );
+                fetched = to_f32(logits.clone().select(0, idx))?;
+                (&fetched, (0..want.len()).collect())
+            }
+        };
+        Ok(want
+            .iter()
+            .zip(row_of)
+            .map(|(&r, at)| {
+                let row = flat.get(at * vocab..(at + 1) * vocab)?;
+                let options = &requests[rows[r]].then_choose.as_ref()?.options;
+                options
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &id)| row.get(id as usize).map(|l| (i, *l)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(i, _)| i)
+            })
+            .collect())
+    }
+
     fn generate_batch(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
         let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
         // Requests that want no tokens never enter the batch.
@@ -285,6 +346,7 @@ impl<B: Backend> Generator<B> {
                         ids: Vec::new(),
                         text: String::new(),
                         stop: StopReason::MaxTokens,
+                        choice: None,
                     });
                     false
                 } else {
@@ -320,17 +382,22 @@ impl<B: Backend> Generator<B> {
                 .map(|&i| Sampler::new(requests[i].sampling))
                 .collect();
             let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+            // Rows whose completion is done and which are being fed their choice prefill.
+            let mut forcing: Vec<Option<Forcing>> = vec![None; rows.len()];
             loop {
                 // Greedy batches pick on the device and move `batch` ints, not the logits.
-                let next: Vec<u32> = if samplers.iter().all(|s| s.config().is_greedy()) {
-                    to_u32(logits.argmax(1))?
-                } else {
-                    let flat = to_f32(logits)?;
-                    flat.chunks(vocab)
-                        .zip(samplers.iter_mut())
-                        .map(|(row, s)| s.sample(row))
-                        .collect()
-                };
+                let (next, host): (Vec<u32>, Option<Vec<f32>>) =
+                    if samplers.iter().all(|s| s.config().is_greedy()) {
+                        (to_u32(logits.clone().argmax(1))?, None)
+                    } else {
+                        let flat = to_f32(logits.clone())?;
+                        let next = flat
+                            .chunks(vocab)
+                            .zip(samplers.iter_mut())
+                            .map(|(row, s)| s.sample(row))
+                            .collect();
+                        (next, Some(flat))
+                    };
                 if first_pick {
                     prefill_s += step_start.elapsed().as_secs_f64();
                     self.timing.prefill_s += prefill_s;
@@ -340,8 +407,24 @@ impl<B: Backend> Generator<B> {
                 }
                 let mut keep = Vec::with_capacity(rows.len());
                 let mut step_tokens = Vec::with_capacity(rows.len());
+                // Rows whose logits now follow their whole choice prefill.
+                let mut choose_now: Vec<(usize, Completion)> = Vec::new();
                 for (r, &tok) in next.iter().enumerate() {
                     let req = &requests[rows[r]];
+                    if let Some(f) = forcing[r].as_mut() {
+                        match f.queue.pop_front() {
+                            Some(t) => {
+                                keep.push(r);
+                                step_tokens.push(Some(t));
+                            }
+                            None => {
+                                if let Some(f) = forcing[r].take() {
+                                    choose_now.push((r, f.completion));
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     let stop = if self.stop_ids.contains(&tok) || req.stop_ids.contains(&tok) {
                         Some(StopReason::StopToken(tok))
                     } else {
@@ -354,16 +437,53 @@ impl<B: Backend> Generator<B> {
                             None
                         }
                     };
-                    match stop {
-                        Some(stop) => {
-                            let ids = std::mem::take(&mut generated[r]);
-                            let text = self.decoder.as_ref().map(|d| d(&ids)).unwrap_or_default();
-                            done[rows[r]] = Some(Completion { ids, text, stop });
-                        }
-                        None => {
+                    let Some(stop) = stop else {
+                        keep.push(r);
+                        step_tokens.push(Some(tok));
+                        continue;
+                    };
+                    let ids = std::mem::take(&mut generated[r]);
+                    let text = self.decoder.as_ref().map(|d| d(&ids)).unwrap_or_default();
+                    // What the cache lacks of the completion (its last token, unless that was
+                    // a stop token, which the completion leaves out), then the prefill.
+                    let mut queue = std::collections::VecDeque::new();
+                    if stop == StopReason::MaxTokens {
+                        queue.extend(ids.last().copied());
+                    }
+                    let completion = Completion {
+                        ids,
+                        text,
+                        stop,
+                        choice: None,
+                    };
+                    let Some(after) = &req.then_choose else {
+                        done[rows[r]] = Some(completion);
+                        continue;
+                    };
+                    queue.extend(after.prefill.iter().copied());
+                    if stop == StopReason::ContextFull
+                        || cache.next_position(r) + queue.len() > max_pos
+                    {
+                        done[rows[r]] = Some(completion);
+                        continue;
+                    }
+                    match queue.pop_front() {
+                        Some(t) => {
                             keep.push(r);
-                            step_tokens.push(Some(tok));
+                            step_tokens.push(Some(t));
+                            forcing[r] = Some(Forcing { queue, completion });
                         }
+                        // Nothing to feed: these logits already follow the completion.
+                        None => choose_now.push((r, completion)),
+                    }
+                }
+                if !choose_now.is_empty() {
+                    let want: Vec<usize> = choose_now.iter().map(|(r, _)| *r).collect();
+                    let picked =
+                        self.pick_options(requests, &rows, &want, &logits, host.as_deref())?;
+                    for ((r, mut completion), choice) in choose_now.into_iter().zip(picked) {
+                        completion.choice = choice;
+                        done[rows[r]] = Some(completion);
                     }
                 }
                 if keep.is_empty() {
@@ -377,6 +497,7 @@ impl<B: Backend> Generator<B> {
                         .iter()
                         .map(|&r| std::mem::take(&mut generated[r]))
                         .collect();
+                    forcing = keep.iter().map(|&r| forcing[r].take()).collect();
                 }
                 step_start = std::time::Instant::now();
                 self.timing.decode_steps += 1;
@@ -388,6 +509,15 @@ impl<B: Backend> Generator<B> {
             .map(|c| c.ok_or_else(|| ModelError::Request("a sequence was lost".into())))
             .collect()
     }
+}
+
+/// A finished row being fed its choice prefill.
+#[derive(Clone)]
+struct Forcing {
+    /// Tokens still to feed.
+    queue: std::collections::VecDeque<u32>,
+    /// The completion, waiting for its choice.
+    completion: Completion,
 }
 
 fn to_f32<B: Backend>(t: Tensor<B, 2>) -> Result<Vec<f32>, ModelError> {

@@ -18,7 +18,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use config::{Architecture, LlamaConfig};
-pub use generate::{Completion, Generator, Request, StopReason};
+pub use generate::{ChoiceAfter, Completion, Generator, Request, StopReason};
 pub use gguf::{GgufFile, GgufTokenizerMeta};
 pub use llama::{Llama, WeightSource};
 pub use sampling::Sampling;

@@ -14,7 +14,7 @@ pub mod cache;
 
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::device::{default_device, DefaultBackend};
-use crate::model::generate::{Generator, Request};
+use crate::model::generate::{ChoiceAfter, Generator, Request};
 use crate::model::sampling::Sampling;
 use crate::model::tokenizer::Tokenizer;
 use cache::{answer_key, AnswerCache, AnswerKey, CacheError, CachedAnswer};
@@ -96,6 +96,10 @@ pub struct GenRequest {
     pub wake: Option<SyncActivator>,
     /// Instead of generating, pick one of a few one-token answers (see [`Choice`]).
     pub choose: Option<Choice>,
+    /// Generate, then make this choice right after the answer, from the answer's own KV cache
+    /// ([`GenAnswer::choice`]): the choice of [`GenRequest::choose`] at the cost of a few
+    /// decode steps instead of a second prefill of the whole conversation.
+    pub choose_after: Option<Choice>,
 }
 
 /// A forced choice: the prompt is the conversation with the assistant's turn opened and `prefill`
@@ -111,16 +115,46 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// The conversation the answer cache keys this choice by: the request's, plus the prefill and
-    /// the options as a last turn no chat could contain (NUL-separated).
-    fn cache_messages(&self, messages: &[Message]) -> Vec<Message> {
+    /// The conversation the answer cache keys this choice by: the request's, plus `tag`, the
+    /// prefill and the options as a last turn no chat could contain (NUL-separated).
+    fn cache_messages(&self, messages: &[Message], tag: &str) -> Vec<Message> {
         let mut m = messages.to_vec();
         m.push(Message::assistant(format!(
-            "\u{0}choice\u{0}{}\u{0}{}",
+            "\u{0}{tag}\u{0}{}\u{0}{}",
             self.prefill,
             self.options.join("\u{0}")
         )));
         m
+    }
+
+    /// The option ids, each exactly one token, or why not.
+    fn option_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, String> {
+        self.options
+            .iter()
+            .map(|o| match tokenizer.encode(o, false).as_slice() {
+                [id] if !o.contains('\u{0}') => Ok(*id),
+                [_] => Err(format!("choice option {o:?} contains NUL")),
+                other => Err(format!(
+                    "choice option {o:?} is {} tokens, not one",
+                    other.len()
+                )),
+            })
+            .collect()
+    }
+}
+
+/// How the answer cache stores an answer with a choice made after it: the choice (no NUL, see
+/// [`Choice::option_ids`]; empty for none), NUL, the answer.
+fn pack_choice(choice: Option<&str>, text: &str) -> String {
+    format!("{}\u{0}{text}", choice.unwrap_or(""))
+}
+
+/// The inverse of [`pack_choice`].
+fn unpack_choice(packed: &str) -> (Option<String>, String) {
+    match packed.split_once('\u{0}') {
+        Some(("", text)) => (None, text.to_owned()),
+        Some((choice, text)) => (Some(choice.to_owned()), text.to_owned()),
+        None => (None, packed.to_owned()),
     }
 }
 
@@ -131,6 +165,9 @@ pub struct GenAnswer {
     pub ticket: u64,
     /// The generated text, or why there is none.
     pub result: Result<String, String>,
+    /// With [`GenRequest::choose_after`]: the option picked after the answer (`None` when the
+    /// context had no room for the choice, or not asked).
+    pub choice: Option<String>,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
     /// Generated tokens.
@@ -504,14 +541,20 @@ fn from_cache(r: GenRequest, cache: Option<&AnswerCache>, stats: &ServerStats) -
             key: None,
         });
     };
-    let key = match &r.choose {
-        Some(c) => answer_key(
+    let key = match (&r.choose, &r.choose_after) {
+        (Some(c), _) => answer_key(
             &r.model,
-            &c.cache_messages(&r.messages),
+            &c.cache_messages(&r.messages, "choice"),
             1,
             &Sampling::greedy(),
         ),
-        None => answer_key(&r.model, &r.messages, r.max_new_tokens, &r.sampling),
+        (None, Some(c)) => answer_key(
+            &r.model,
+            &c.cache_messages(&r.messages, "choice-after"),
+            r.max_new_tokens,
+            &r.sampling,
+        ),
+        (None, None) => answer_key(&r.model, &r.messages, r.max_new_tokens, &r.sampling),
     };
     match cache.get(key) {
         Some(hit) => {
@@ -523,7 +566,19 @@ fn from_cache(r: GenRequest, cache: Option<&AnswerCache>, stats: &ServerStats) -
                     ..VersionStats::default()
                 },
             );
-            answer(r, Ok(hit.text.clone()), hit.prompt_tokens, hit.new_tokens);
+            let (choice, text) = if r.choose_after.is_some() {
+                unpack_choice(&hit.text)
+            } else {
+                (None, hit.text.clone())
+            };
+            Reply {
+                request: r,
+                result: Ok(text),
+                choice,
+                prompt_tokens: hit.prompt_tokens,
+                new_tokens: hit.new_tokens,
+            }
+            .send();
             None
         }
         None => Some(Pending {
@@ -555,12 +610,7 @@ fn run_batches(
                 },
             );
             for p in group {
-                answer(
-                    p.request,
-                    Err(format!("model version {version} is not loaded")),
-                    0,
-                    0,
-                );
+                Reply::failed(p.request, format!("model version {version} is not loaded")).send();
             }
             continue;
         };
@@ -579,9 +629,25 @@ fn run_batches(
         }
         // A batch pads every prompt to its longest: batching prompts of similar lengths
         // together (shortest first, stable) wastes the least prefill on padding.
+        let mut bad = VersionStats::default();
         let mut encoded: Vec<(Pending, Request)> = group
             .into_iter()
-            .map(|p| {
+            .filter_map(|p| {
+                let then_choose = match p.request.choose_after.as_ref() {
+                    None => None,
+                    Some(c) => match c.option_ids(&model.tokenizer) {
+                        Ok(options) => Some(ChoiceAfter {
+                            prefill: model.tokenizer.encode(&c.prefill, false),
+                            options,
+                        }),
+                        Err(e) => {
+                            bad.requests += 1;
+                            bad.errors += 1;
+                            Reply::failed(p.request, e).send();
+                            return None;
+                        }
+                    },
+                };
                 let request = Request {
                     prompt_ids: model
                         .template
@@ -589,10 +655,14 @@ fn run_batches(
                     max_new_tokens: p.request.max_new_tokens,
                     sampling: p.request.sampling,
                     stop_ids: Vec::new(),
+                    then_choose,
                 };
-                (p, request)
+                Some((p, request))
             })
             .collect();
+        if bad.requests > 0 {
+            stats.add(&version, bad);
+        }
         encoded.sort_by_key(|(_, r)| r.prompt_ids.len());
         for batch in chunks(encoded, max_batch) {
             let (chunk, encoded): (Vec<Pending>, Vec<Request>) = batch.into_iter().unzip();
@@ -606,11 +676,16 @@ fn run_batches(
                     let mut replies = Vec::with_capacity(chunk.len());
                     for ((p, req), c) in chunk.into_iter().zip(&encoded).zip(completions) {
                         let text = model.tokenizer.decode_skip_special(&c.ids);
+                        let choice =
+                            p.request.choose_after.as_ref().and_then(|after| {
+                                c.choice.and_then(|i| after.options.get(i).cloned())
+                            });
                         let reply = settle(
                             &mut d,
                             cache.as_deref_mut(),
                             p,
                             text,
+                            choice,
                             req.prompt_ids.len(),
                             c.ids.len(),
                         );
@@ -625,15 +700,55 @@ fn run_batches(
                 Err(e) => fail_all(&mut d, chunk, &e.to_string()),
             };
             stats.add(&version, d);
-            for (request, result, prompt_tokens, new_tokens) in replies {
-                answer(request, result, prompt_tokens, new_tokens);
+            for reply in replies {
+                reply.send();
             }
         }
     }
 }
 
-/// An answer on its way back: the request, its result, prompt and new tokens.
-type Reply = (GenRequest, Result<String, String>, usize, usize);
+/// An answer on its way back.
+struct Reply {
+    request: GenRequest,
+    result: Result<String, String>,
+    choice: Option<String>,
+    prompt_tokens: usize,
+    new_tokens: usize,
+}
+
+impl Reply {
+    /// A failure, with no tokens counted.
+    fn failed(request: GenRequest, message: String) -> Self {
+        Reply {
+            request,
+            result: Err(message),
+            choice: None,
+            prompt_tokens: 0,
+            new_tokens: 0,
+        }
+    }
+
+    /// Sends the answer to the caller and wakes it.
+    fn send(self) {
+        let GenRequest {
+            ticket,
+            reply,
+            wake,
+            ..
+        } = self.request;
+        // A caller that went away is not an error of the server.
+        let _ = reply.send(GenAnswer {
+            ticket,
+            result: self.result,
+            choice: self.choice,
+            prompt_tokens: self.prompt_tokens,
+            new_tokens: self.new_tokens,
+        });
+        if let Some(w) = wake {
+            let _ = w.activate();
+        }
+    }
+}
 
 /// The counters of one model batch of `n` requests that started at `started`.
 fn batch_stats<B: burn::tensor::backend::Backend>(
@@ -655,7 +770,7 @@ fn fail_all(d: &mut VersionStats, chunk: Vec<Pending>, message: &str) -> Vec<Rep
     d.errors = chunk.len() as u64;
     chunk
         .into_iter()
-        .map(|p| (p.request, Err(message.to_owned()), 0, 0))
+        .map(|p| Reply::failed(p.request, message.to_owned()))
         .collect()
 }
 
@@ -665,22 +780,34 @@ fn settle(
     cache: Option<&mut AnswerCache>,
     p: Pending,
     text: String,
+    choice: Option<String>,
     prompt_tokens: usize,
     new_tokens: usize,
 ) -> Reply {
     d.prompt_tokens += prompt_tokens as u64;
     d.new_tokens += new_tokens as u64;
     if let (Some(cache), Some(key)) = (cache, p.key) {
+        let stored = if p.request.choose_after.is_some() {
+            pack_choice(choice.as_deref(), &text)
+        } else {
+            text.clone()
+        };
         cache.insert(
             key,
             CachedAnswer {
-                text: text.clone(),
+                text: stored,
                 prompt_tokens,
                 new_tokens,
             },
         );
     }
-    (p.request, Ok(text), prompt_tokens, new_tokens)
+    Reply {
+        request: p.request,
+        result: Ok(text),
+        choice,
+        prompt_tokens,
+        new_tokens,
+    }
 }
 
 /// Answers a batch of [`Choice`] requests with one batched forward pass.
@@ -701,18 +828,7 @@ fn run_choices(
         ids.extend(model.tokenizer.encode(&c.prefill, false));
         prompts.push(ids);
         // Each option must be exactly one token, or the choice is not well defined.
-        let ids: Result<Vec<u32>, String> = c
-            .options
-            .iter()
-            .map(|o| match model.tokenizer.encode(o, false).as_slice() {
-                [id] => Ok(*id),
-                other => Err(format!(
-                    "choice option {o:?} is {} tokens, not one",
-                    other.len()
-                )),
-            })
-            .collect();
-        options.push(ids);
+        options.push(c.option_ids(&model.tokenizer));
     }
     let started = Instant::now();
     let result = model.generator.next_token_logits(&prompts);
@@ -731,13 +847,22 @@ fn run_choices(
                         .ok_or_else(|| "no option to choose from".to_owned())
                 });
                 match picked {
-                    Ok(text) => {
-                        replies.push(settle(&mut d, cache.as_deref_mut(), p, text, ids.len(), 1))
-                    }
+                    Ok(text) => replies.push(settle(
+                        &mut d,
+                        cache.as_deref_mut(),
+                        p,
+                        text,
+                        None,
+                        ids.len(),
+                        1,
+                    )),
                     Err(e) => {
                         d.prompt_tokens += ids.len() as u64;
                         d.errors += 1;
-                        replies.push((p.request, Err(e), ids.len(), 0));
+                        replies.push(Reply {
+                            prompt_tokens: ids.len(),
+                            ..Reply::failed(p.request, e)
+                        });
                     }
                 }
             }
@@ -748,8 +873,8 @@ fn run_choices(
         Err(e) => replies = fail_all(&mut d, chunk, &e.to_string()),
     }
     stats.add(version, d);
-    for (request, result, prompt_tokens, new_tokens) in replies {
-        answer(request, result, prompt_tokens, new_tokens);
+    for reply in replies {
+        reply.send();
     }
 }
 
@@ -760,25 +885,6 @@ fn chunks<T>(mut v: Vec<T>, n: usize) -> Vec<Vec<T>> {
         out.push(std::mem::replace(&mut v, rest));
     }
     out
-}
-
-fn answer(r: GenRequest, result: Result<String, String>, prompt_tokens: usize, new_tokens: usize) {
-    let GenRequest {
-        ticket,
-        reply,
-        wake,
-        ..
-    } = r;
-    // A caller that went away is not an error of the server.
-    let _ = reply.send(GenAnswer {
-        ticket,
-        result,
-        prompt_tokens,
-        new_tokens,
-    });
-    if let Some(w) = wake {
-        let _ = w.activate();
-    }
 }
 
 #[cfg(test)]
@@ -813,6 +919,7 @@ mod tests {
             client
                 .send(GenRequest {
                     choose: None,
+                    choose_after: None,
                     ticket: i as u64,
                     model: version.to_owned(),
                     messages: messages.clone(),
@@ -1015,6 +1122,7 @@ mod tests {
                         prefill: prefill.clone(),
                         options,
                     }),
+                    choose_after: None,
                 })
                 .expect("send");
         }
@@ -1103,5 +1211,71 @@ mod tests {
             with_stats.prefill_tokens + 2 * 32 <= with_stats.prompt_tokens,
             "prefix cache on: {with_stats:?}"
         );
+    }
+
+    #[test]
+    fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
+        let Some(model) = model_path() else { return };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ServerConfig {
+            cache: Some(dir.path().join("answers.bin")),
+            ..ServerConfig::default()
+        };
+        let digits: Vec<String> = (1..=5).map(|d| d.to_string()).collect();
+        let send = |client: &ModelClient, options: &[String]| -> Vec<GenAnswer> {
+            let (reply, answers) = crossbeam_channel::unbounded();
+            for (ticket, after) in [(0, None), (1, Some(options.to_vec()))] {
+                client
+                    .send(GenRequest {
+                        ticket,
+                        model: "v0".into(),
+                        messages: question(),
+                        max_new_tokens: 8,
+                        sampling: Sampling::greedy(),
+                        reply: reply.clone(),
+                        wake: None,
+                        choose: None,
+                        choose_after: after.map(|options| Choice {
+                            prefill: "\nScore: ".into(),
+                            options,
+                        }),
+                    })
+                    .expect("send");
+            }
+            let mut got: Vec<GenAnswer> = (0..2)
+                .map(|_| {
+                    answers
+                        .recv_timeout(Duration::from_secs(300))
+                        .expect("answer")
+                })
+                .collect();
+            got.sort_by_key(|a| a.ticket);
+            got
+        };
+        let first = {
+            let server = ModelServer::try_start(config.clone()).expect("start");
+            server.load("v0", &model).expect("load");
+            let client = server.client().expect("client");
+            let got = send(&client, &digits);
+            // The answer is the plain request's; the choice one of the options.
+            assert_eq!(got[1].result, got[0].result);
+            assert_eq!(got[0].choice, None);
+            let choice = got[1].choice.clone().expect("a choice");
+            assert!(digits.contains(&choice), "{choice}");
+            // An option that is not one token fails the request, clearly.
+            let bad = send(&client, &["1".into(), "twelve".into()]);
+            let err = bad[1].result.clone().expect_err("refused");
+            assert!(err.contains("twelve"), "{err}");
+            got[1].clone()
+        };
+        // A fresh server on the same file: text and choice from the cache, no model needed.
+        let server = ModelServer::try_start(config).expect("restart");
+        let client = server.client().expect("client");
+        let again = send(&client, &digits);
+        assert_eq!(
+            (&again[1].result, &again[1].choice),
+            (&first.result, &first.choice)
+        );
+        assert_eq!(server.stats().batches.load(Ordering::Relaxed), 0);
     }
 }
