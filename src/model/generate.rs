@@ -41,8 +41,9 @@ pub struct Request {
 
 /// A forced choice made right after a completion, from the completion's own KV cache: the
 /// sequence goes on with `prefill` (teacher-forced, one token per decode step) and the answer
-/// is whichever of `options` the model finds most likely next. Costs `prefill.len() + 1`
-/// decode steps of one row, where asking afterwards would prefill prompt and answer again.
+/// is whichever of `options` the model finds most likely next. Costs at most
+/// `prefill.len() + 1` decode steps of one row, where asking afterwards would prefill prompt
+/// and answer again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChoiceAfter {
     /// Tokens fed after the completion (e.g. `\nScore: `).
