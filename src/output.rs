@@ -73,7 +73,12 @@ pub fn rating_line(r: &Rating) -> Value {
         .iter()
         .map(|s| match &s.score {
             Ok(v) => json!({"raw": s.raw, "score": v}),
-            Err(e) => json!({"raw": s.raw, "score": null, "error": e, "forced": s.forced}),
+            Err(e) => json!({
+                "raw": s.raw,
+                "score": null,
+                "error": {"kind": e.as_str(), "value": e.detail()},
+                "forced": s.forced,
+            }),
         })
         .collect();
     json!({

@@ -4,9 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Why a rating could not be read.
+/// Why a rating could not be read. Serde's default (externally tagged) representation: ratings
+/// cross processes with bincode, which cannot read internally or adjacently tagged enums; the
+/// JSON outputs spell it `{"kind", "value"}` themselves (`output::rating_line`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+#[serde(rename_all = "snake_case")]
 pub enum ScoreError {
     /// No `Score:` at all.
     NoScore,
@@ -23,6 +25,14 @@ impl ScoreError {
             ScoreError::NoScore => "no_score",
             ScoreError::NotANumber(_) => "not_a_number",
             ScoreError::OutOfRange(_) => "out_of_range",
+        }
+    }
+
+    /// The text that was not a score, if any.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ScoreError::NoScore => None,
+            ScoreError::NotANumber(s) | ScoreError::OutOfRange(s) => Some(s),
         }
     }
 }
@@ -90,6 +100,26 @@ pub fn mean_score(scores: &[Result<u8, ScoreError>]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    /// Ratings cross processes with bincode (timely's exchange): every variant must come back.
+    #[test]
+    fn score_errors_survive_bincode() {
+        for e in [
+            ScoreError::NoScore,
+            ScoreError::NotANumber("ten".into()),
+            ScoreError::OutOfRange("10".into()),
+        ] {
+            let sample = crate::records::RatingSample {
+                raw: "It is fine.".into(),
+                score: Err(e),
+                forced: Some(4),
+            };
+            let bytes = bincode::serialize(&sample).expect("serialize");
+            let back: crate::records::RatingSample =
+                bincode::deserialize(&bytes).expect("deserialize");
+            assert_eq!(back, sample);
+        }
+    }
+
     use super::*;
 
     #[test]
