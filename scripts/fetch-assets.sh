@@ -3,7 +3,7 @@
 # (pip, apt-get), and caches them under $BACKFLOW_CACHE (default ~/.cache/backflow).
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
-#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [llamacpp] [chromium]
+#   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [converter] [llamacpp] [chromium]
 #                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
@@ -12,6 +12,8 @@
 #   peers  Python peers for benchmarks and numeric oracles (datatrove, trafilatura, gguf, numpy) -> $CACHE/venv
 #   tokvec llama.cpp's tokenizer test vectors (vocab-only GGUFs + .inp/.out), from the llama-cpp-python
 #          sdist (MIT)                                                  -> $CACHE/tokvec/ggml-vocab-*.gguf*
+#   converter llama.cpp's HF-to-GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/), from the
+#          same sdist, for tests/reference/llamacpp_convert_check.sh -> $CACHE/llamacpp-converter
 #   llamacpp llama.cpp through llama-cpp-python==0.3.36 built from source for this CPU, with numpy, for
 #          benches/model_vs_llamacpp.py (several minutes on 2 cores)   -> $CACHE/venv-llama
 #   chromium Debian's chromium and the shared libraries this machine lacks, unpacked without root
@@ -76,22 +78,40 @@ fetch_peers() {
   touch "$venv/.complete"
 }
 
-fetch_tokvec() {
-  local dest="$CACHE/tokvec"
-  [ -f "$dest/.complete" ] && return 0
-  log "llama.cpp tokenizer test vectors (pip download llama-cpp-python==0.3.36 sdist)"
+# llama-cpp-python's sdist (it vendors llama.cpp), unpacked to $tmp/tx.
+llamacpp_sdist() {
+  [ -d "$tmp/tx" ] && return 0
   # pip prepares the sdist's metadata even for a download, and its build backend
   # (scikit-build-core) insists on finding CMake: give it both in a throwaway venv.
   python3 -m venv "$tmp/v"
   "$tmp/v/bin/pip" install --quiet scikit-build-core cmake
   PATH="$tmp/v/bin:$PATH" "$tmp/v/bin/pip" download --quiet --no-deps --no-binary :all: \
     --no-build-isolation -d "$tmp/t" llama-cpp-python==0.3.36
-  mkdir -p "$tmp/tx" "$dest"
-  tar -xzf "$tmp"/t/llama_cpp_python-*.tar.gz -C "$tmp/tx" --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
+  mkdir -p "$tmp/tx"
+  tar -xzf "$tmp"/t/llama_cpp_python-*.tar.gz -C "$tmp/tx"
+}
+
+fetch_tokvec() {
+  local dest="$CACHE/tokvec"
+  [ -f "$dest/.complete" ] && return 0
+  log "llama.cpp tokenizer test vectors (pip download llama-cpp-python==0.3.36 sdist)"
+  llamacpp_sdist
+  mkdir -p "$dest"
   # The byte-level BPE family (gpt-2 regex, smollm-style digits, llama3, qwen2) and SentencePiece.
   for v in gpt-2 refact starcoder llama-bpe qwen2 llama-spm; do
     cp "$tmp"/tx/*/vendor/llama.cpp/models/ggml-vocab-"$v".gguf* "$dest/"
   done
+  touch "$dest/.complete"
+}
+
+fetch_converter() {
+  local dest="$CACHE/llamacpp-converter"
+  [ -f "$dest/.complete" ] && return 0
+  log "llama.cpp's convert_hf_to_gguf.py (pip download llama-cpp-python==0.3.36 sdist)"
+  llamacpp_sdist
+  mkdir -p "$dest"
+  local src=("$tmp"/tx/*/vendor/llama.cpp)
+  cp -r "${src[0]}/convert_hf_to_gguf.py" "${src[0]}/conversion" "${src[0]}/gguf-py" "$dest/"
   touch "$dest/.complete"
 }
 
