@@ -914,23 +914,31 @@ mod tests {
         conversations: &[Vec<Message>],
         max_new_tokens: usize,
     ) -> Vec<GenAnswer> {
+        round_trip(client, conversations.len(), |ticket, reply| GenRequest {
+            choose: None,
+            choose_after: None,
+            ticket,
+            model: version.to_owned(),
+            messages: conversations[ticket as usize].clone(),
+            max_new_tokens,
+            sampling: Sampling::greedy(),
+            reply,
+            wake: None,
+        })
+    }
+
+    /// Sends `n` requests made by `make(ticket, reply)` (tickets 0..n) and returns every
+    /// answer, in ticket order.
+    fn round_trip(
+        client: &ModelClient,
+        n: usize,
+        make: impl Fn(u64, Sender<GenAnswer>) -> GenRequest,
+    ) -> Vec<GenAnswer> {
         let (reply, answers) = crossbeam_channel::unbounded();
-        for (i, messages) in conversations.iter().enumerate() {
-            client
-                .send(GenRequest {
-                    choose: None,
-                    choose_after: None,
-                    ticket: i as u64,
-                    model: version.to_owned(),
-                    messages: messages.clone(),
-                    max_new_tokens,
-                    sampling: Sampling::greedy(),
-                    reply: reply.clone(),
-                    wake: None,
-                })
-                .expect("send");
+        for ticket in 0..n as u64 {
+            client.send(make(ticket, reply.clone())).expect("send");
         }
-        let mut out: Vec<GenAnswer> = (0..conversations.len())
+        let mut out: Vec<GenAnswer> = (0..n)
             .map(|_| {
                 answers
                     .recv_timeout(Duration::from_secs(600))
@@ -1107,33 +1115,21 @@ mod tests {
         )];
         let prefill = "The answer is correct and short.\nScore: ".to_owned();
         let digits: Vec<String> = (1..=5).map(|d| d.to_string()).collect();
-        let (reply, answers) = crossbeam_channel::unbounded();
-        for (ticket, options) in [(0, digits.clone()), (1, vec!["1".into(), "twelve".into()])] {
-            client
-                .send(GenRequest {
-                    ticket,
-                    model: "v0".into(),
-                    messages: messages.clone(),
-                    max_new_tokens: 1,
-                    sampling: Sampling::greedy(),
-                    reply: reply.clone(),
-                    wake: None,
-                    choose: Some(Choice {
-                        prefill: prefill.clone(),
-                        options,
-                    }),
-                    choose_after: None,
-                })
-                .expect("send");
-        }
-        let mut got: Vec<GenAnswer> = (0..2)
-            .map(|_| {
-                answers
-                    .recv_timeout(Duration::from_secs(300))
-                    .expect("answer")
-            })
-            .collect();
-        got.sort_by_key(|a| a.ticket);
+        let options = [digits.clone(), vec!["1".into(), "twelve".into()]];
+        let got = round_trip(&client, 2, |ticket, reply| GenRequest {
+            ticket,
+            model: "v0".into(),
+            messages: messages.clone(),
+            max_new_tokens: 1,
+            sampling: Sampling::greedy(),
+            reply,
+            wake: None,
+            choose: Some(Choice {
+                prefill: prefill.clone(),
+                options: options[ticket as usize].clone(),
+            }),
+            choose_after: None,
+        });
         // Reference: the model's own forward pass, batch 1, a fresh cache, no generator.
         let device = default_device();
         let ck = crate::model::load_checkpoint::<DefaultBackend>(&model, &device).expect("load");
@@ -1222,35 +1218,22 @@ mod tests {
             ..ServerConfig::default()
         };
         let digits: Vec<String> = (1..=5).map(|d| d.to_string()).collect();
+        // Ticket 0 generates; ticket 1 generates the same, then chooses among `options`.
         let send = |client: &ModelClient, options: &[String]| -> Vec<GenAnswer> {
-            let (reply, answers) = crossbeam_channel::unbounded();
-            for (ticket, after) in [(0, None), (1, Some(options.to_vec()))] {
-                client
-                    .send(GenRequest {
-                        ticket,
-                        model: "v0".into(),
-                        messages: question(),
-                        max_new_tokens: 8,
-                        sampling: Sampling::greedy(),
-                        reply: reply.clone(),
-                        wake: None,
-                        choose: None,
-                        choose_after: after.map(|options| Choice {
-                            prefill: "\nScore: ".into(),
-                            options,
-                        }),
-                    })
-                    .expect("send");
-            }
-            let mut got: Vec<GenAnswer> = (0..2)
-                .map(|_| {
-                    answers
-                        .recv_timeout(Duration::from_secs(300))
-                        .expect("answer")
-                })
-                .collect();
-            got.sort_by_key(|a| a.ticket);
-            got
+            round_trip(client, 2, |ticket, reply| GenRequest {
+                ticket,
+                model: "v0".into(),
+                messages: question(),
+                max_new_tokens: 8,
+                sampling: Sampling::greedy(),
+                reply,
+                wake: None,
+                choose: None,
+                choose_after: (ticket == 1).then(|| Choice {
+                    prefill: "\nScore: ".into(),
+                    options: options.to_vec(),
+                }),
+            })
         };
         let first = {
             let server = ModelServer::try_start(config.clone()).expect("start");
