@@ -61,7 +61,6 @@ pub fn rate<'s>(
     options: RateOptions,
     stats: WorkerStats,
 ) -> StreamVec<'s, Time, Rating> {
-    let opts = options.clone();
     model_call(
         jobs,
         "Rate",
@@ -70,21 +69,21 @@ pub fn rate<'s>(
         move |job: &RateJob| {
             let (c, version) = (&job.candidate, job.model.clone());
             let messages = rating_messages(&c.instruction, &c.passage.text);
-            (0..opts.samples.max(1))
+            (0..options.samples.max(1))
                 .map(|i| Ask {
                     model: version.clone(),
                     messages: messages.clone(),
-                    max_new_tokens: opts.max_new_tokens,
+                    max_new_tokens: options.max_new_tokens,
                     choose: None,
                     // Cheap enough to ask always; used only when the answer has no score.
-                    choose_after: opts.forced_fallback.then(forced_choice),
-                    sampling: if opts.samples <= 1 {
+                    choose_after: options.forced_fallback.then(forced_choice),
+                    sampling: if options.samples <= 1 {
                         Sampling::greedy()
                     } else {
                         Sampling {
-                            temperature: opts.temperature,
+                            temperature: options.temperature,
                             top_p: 1.0,
-                            seed: opts.seed
+                            seed: options.seed
                                 ^ c.passage.id
                                 ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                         }
