@@ -50,21 +50,6 @@ fn wait_for(out: &Path, needle: &str) {
     panic!("{needle} never written under {}", out.display());
 }
 
-fn interrupt(child: Child) {
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "exit after Ctrl-C: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn count(out: &Path, needle: &str) -> usize {
     passages(out)
         .iter()
@@ -79,23 +64,23 @@ fn follow_processes_each_complete_file_once_and_stops_cleanly() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&watch).unwrap();
 
-    let job = start(&watch, &out);
+    let mut job = start(&watch, &out);
     drop_dump(&watch, "a.warc.gz", &[1, 2]);
     wait_for(&out, "token2 follows");
     // A file still being written is never read.
     std::fs::write(watch.join("b.warc.gz.part"), warc_gz(&[page_record(3)]).0).unwrap();
     drop_dump(&watch, "c.warc.gz", &[4]);
     wait_for(&out, "token4 follows");
-    interrupt(job);
+    interrupt(&mut job);
     let s = summary(&out);
     assert_eq!(s["files"].as_u64(), Some(2), "{s:#}");
     assert_eq!(count(&out, "token3 follows"), 0, "a .part file was read");
 
     // Restarted with the same command: only the newly completed file is read.
     std::fs::rename(watch.join("b.warc.gz.part"), watch.join("b.warc.gz")).unwrap();
-    let job = start(&watch, &out);
+    let mut job = start(&watch, &out);
     wait_for(&out, "token3 follows");
-    interrupt(job);
+    interrupt(&mut job);
     for needle in [
         "token1 follows",
         "token2 follows",

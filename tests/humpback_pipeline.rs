@@ -392,15 +392,7 @@ fn with_follow_a_new_dump_joins_the_round_of_the_newest_model() {
     wait("the new passage rated", &|| {
         lines(&out, "ratings-r02").len() == 2
     });
-    let status = Command::new("kill")
-        .args(["-INT", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        child.0.wait().unwrap().success(),
-        "Ctrl-C ends the job cleanly"
-    );
+    interrupt(&mut child.0);
 
     let m1 = std::fs::read_to_string(out.join("checkpoints/round-1/backflow.json")).unwrap();
     let m1: serde_json::Value = serde_json::from_str(&m1).unwrap();
@@ -436,12 +428,7 @@ fn with_follow_a_new_dump_joins_the_round_of_the_newest_model() {
     wait("round 3 ratings after the restart", &|| {
         lines(&out, "ratings-r03").len() == 2
     });
-    let status = Command::new("kill")
-        .args(["-INT", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.0.wait().unwrap().success());
+    interrupt(&mut child.0);
     let cands = lines(&out, "candidates-");
     assert_eq!(cands.len(), 2, "no candidate twice after the restart");
     assert!(cands

@@ -5,9 +5,9 @@
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 /// The assets cache (see scripts/fetch-assets.sh).
 pub fn cache_dir() -> PathBuf {
@@ -172,4 +172,20 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// Ctrl-C for a running job: sends SIGINT and requires a clean exit (stderr, when piped, is in
+/// the failure message).
+pub fn interrupt(child: &mut Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -INT {}", child.id());
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit after Ctrl-C: {exit:?}\n{stderr}");
 }
