@@ -27,6 +27,10 @@ use rand::{Rng, SeedableRng};
 
 type B = DefaultBackend;
 
+/// The allocator of the `backflow` binary (see its `main.rs`), so the bench measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key)
         .ok()

@@ -1,5 +1,10 @@
 //! The `backflow` binary.
 
+/// mimalloc keeps freed memory for reuse where glibc returns large blocks to the kernel: the
+/// model allocates and frees tensors of tens of MB every layer (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_secs()
