@@ -6,7 +6,9 @@
 //! `BENCH_BATCHES` (default `1,8,32`), `BENCH_PROMPT` prompt tokens (128), `BENCH_NEW` new tokens
 //! per sequence (32), `BENCH_MODEL` another GGUF file or HF folder, `BENCH_SHARED` tokens of
 //! prefix shared by all prompts of a batch (0; with N > 0 the prefix cache computes it once per
-//! batch, as for the rating template), `BENCH_REPEAT` runs per batch size, best of (1).
+//! batch, as for the rating template), `BENCH_REPEAT` runs per batch size, best of (1),
+//! `BENCH_DTYPE` `f32` (default), `f16` or `bf16`: the model's float type (on flex only f32 has
+//! the CPU fast paths; the half types are there for CUDA, built with `--features cuda`).
 //!
 //! One `generate` call per batch size, timed by the generator itself
 //! ([`backflow::model::generate::GenerateTiming`]): prefill is the forward pass over every
@@ -22,7 +24,7 @@ use std::time::Instant;
 use backflow::model::config::{Architecture, LlamaConfig};
 use backflow::model::device::{backend_name, default_device, DefaultBackend};
 use backflow::model::llama::RandomWeights;
-use backflow::model::{load_checkpoint, Generator, Llama, Request};
+use backflow::model::{load_checkpoint, Generator, Llama, Precision, Request};
 use rand::{Rng, SeedableRng};
 
 type B = DefaultBackend;
@@ -58,6 +60,16 @@ fn smollm2_shape() -> LlamaConfig {
 
 fn main() {
     let device = default_device();
+    let dtype = match std::env::var("BENCH_DTYPE") {
+        Ok(v) => match <Precision as clap::ValueEnum>::from_str(&v, true) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("BENCH_DTYPE: {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => Precision::F32,
+    };
     let path = std::env::var_os("BENCH_MODEL")
         .map(PathBuf::from)
         .or_else(|| {
@@ -66,7 +78,7 @@ fn main() {
             p.exists().then_some(p)
         });
     let (model, what): (Llama<B>, String) = match &path {
-        Some(p) => match load_checkpoint::<B>(p, &device) {
+        Some(p) => match load_checkpoint::<B>(p, &device, dtype) {
             Ok(ck) => (ck.model, p.display().to_string()),
             Err(e) => {
                 eprintln!("cannot load {}: {e}", p.display());
@@ -75,7 +87,7 @@ fn main() {
         },
         None => {
             let cfg = smollm2_shape();
-            match Llama::load(cfg.clone(), &mut RandomWeights::new(cfg, 0), &device) {
+            match Llama::load(cfg.clone(), &mut RandomWeights::new(cfg, 0), &device, dtype) {
                 Ok(m) => (m, "random weights, SmolLM2-135M shape".into()),
                 Err(e) => {
                     eprintln!("cannot build random model: {e}");
@@ -102,12 +114,12 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({"kind": "setup", "model": what, "backend": backend_name(),
-                "threads": threads, "prompt": prompt_len, "shared": shared, "new": new_tokens,
+                "threads": threads, "dtype": dtype.as_str(), "prompt": prompt_len, "shared": shared, "new": new_tokens,
                 "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops})
         );
     } else {
         println!(
-            "model: {what}\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s",
+            "model: {what} ({dtype})\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s",
             backend_name()
         );
         println!(

@@ -20,6 +20,7 @@ use crate::humpback::rounds::{
     checkpoint_files, given_version, install, round_of, Installer, ModelBook, ModelRole,
     ModelUpdate,
 };
+use crate::model::Precision;
 use crate::operators::augment::{augment, AugmentOptions};
 use crate::operators::await_model::await_model;
 use crate::operators::curate::{curate, CurateOptions};
@@ -137,6 +138,9 @@ pub struct HumpbackArgs {
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Float type the model server loads models in (training stays f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
     /// Shortest passage in characters.
     #[arg(long, default_value_t = 600)]
     pub min_chars: usize,
@@ -387,6 +391,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     let server = ModelServer::start(ServerConfig {
         max_batch: args.max_batch.max(1),
         prefix_cache: !args.no_prefix_cache,
+        precision: args.dtype,
         cache: Some(
             args.out
                 .join("_cache")

@@ -7,6 +7,7 @@
 //! ```
 
 use crate::cluster::ClusterArgs;
+use crate::model::Precision;
 use crate::operators::curate::{curate, CurateOptions};
 use crate::operators::rate::{rate, RateJob, RateOptions};
 use crate::operators::write_jsonl::write_jsonl;
@@ -65,6 +66,9 @@ pub struct RateArgs {
     /// Most sequences per model batch.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Float type the model is loaded in.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
     /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
     /// choice among 1..5 for answers without one.
     #[arg(long)]
@@ -119,6 +123,7 @@ pub fn run(args: RateArgs) -> Result<()> {
 
     let server = ModelServer::start(ServerConfig {
         max_batch: args.max_batch,
+        precision: args.dtype,
         ..ServerConfig::default()
     });
     let version = args.model.to_string_lossy().into_owned();

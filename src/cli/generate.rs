@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::device::{default_device, DefaultBackend};
-use crate::model::{Generator, Request, Sampling};
+use crate::model::{Generator, Precision, Request, Sampling};
 
 /// Flags of `backflow generate`.
 #[derive(Args, Debug, Clone)]
@@ -44,24 +44,33 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Float type of weights, activations and KV cache (f16/bf16 mainly for CUDA; on CPU
+    /// only f32 has the fast paths).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 /// Runs `backflow generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let device = default_device();
-    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(
+        &args.model,
+        &device,
+        args.dtype,
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = ck
         .tokenizer
         .load()
         .with_context(|| format!("the tokenizer of {}", args.model.display()))?;
     log::info!(
-        "loaded {} ({:?}, {} layers) on {} in {:.1}s",
+        "loaded {} ({:?}, {} layers) on {} in {} in {:.1}s",
         args.model.display(),
         ck.model.config().arch,
         ck.model.config().n_layers,
         crate::model::device::backend_name(),
+        args.dtype,
         t0.elapsed().as_secs_f64()
     );
 
@@ -140,6 +149,7 @@ mod tests {
             temperature: 0.7,
             top_p: 0.9,
             seed: 3,
+            dtype: Precision::F32,
         };
         run(args.clone()).expect("chat mode");
         run(GenerateArgs {

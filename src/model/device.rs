@@ -20,3 +20,50 @@ pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
 pub fn backend_name() -> String {
     DefaultBackend::name(&default_device())
 }
+
+/// The float type of the model's weights, activations and KV cache at inference. Logits always
+/// come out as `f32`; RMSNorm statistics are taken in `f32` (as Hugging Face does), so f16's
+/// small range does not overflow on the squares of the residual stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats: the CPU default, and the only type of the CPU fast paths.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16: f32's range with 8 bits of mantissa.
+    Bf16,
+}
+
+impl Precision {
+    /// burn's data type for it.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Precision::F32 => burn::tensor::DType::F32,
+            Precision::F16 => burn::tensor::DType::F16,
+            Precision::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+
+    /// The flag's spelling (`f32`, `f16`, `bf16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether backend `B` stores and computes this type on `device` (a GPU without bf16
+    /// arithmetic answers no, and loading then fails with a clear error instead of a kernel
+    /// panic).
+    pub fn supported_on<B: Backend>(self, device: &B::Device) -> bool {
+        B::supports_dtype(device, self.dtype())
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -190,8 +190,7 @@ impl<B: Backend> Generator<B> {
             return Ok(());
         }
         self.check_ids(ids)?;
-        let cfg = self.model.config();
-        let mut cache = KvCache::new(cfg, 1, ids.len(), self.model.device());
+        let mut cache = self.model.new_cache(1, ids.len());
         let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
         self.model.forward(&tokens, ids.len(), &mut cache)?;
         self.timing.prefill_tokens += ids.len();
@@ -258,8 +257,10 @@ impl<B: Backend> Generator<B> {
         let cfg = self.model.config();
         let device = self.model.device();
         let mut cache = match (&self.prefix, p_len) {
-            (Some(prefix), n) if n > 0 => KvCache::from_prefix(cfg, prefix, b, cap, device),
-            _ => KvCache::new(cfg, b, cap, device),
+            (Some(prefix), n) if n > 0 => {
+                KvCache::from_prefix(cfg, prefix, b, cap, device, self.model.dtype())
+            }
+            _ => self.model.new_cache(b, cap),
         };
         let mut tokens = Vec::with_capacity(b * s);
         for p in prompts {

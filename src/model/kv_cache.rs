@@ -15,7 +15,7 @@
 //! on tensors the cache owns alone, so on CPU they happen in place.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 use super::ModelError;
@@ -74,19 +74,28 @@ pub struct KvCache<B: Backend> {
     /// The shared prefix every sequence starts with, if any.
     prefix: Option<PrefixKv<B>>,
     device: B::Device,
+    /// The float type of the K/V tensors (the model's).
+    dtype: DType,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// An empty cache for `batch` sequences with room for `capacity` slots before growing.
-    pub fn new(cfg: &LlamaConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
+    /// An empty cache for `batch` sequences with room for `capacity` slots before growing,
+    /// holding `dtype` (the model's: [`Llama::new_cache`](super::Llama::new_cache)).
+    pub fn new(
+        cfg: &LlamaConfig,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Self {
         let capacity = capacity.max(1);
         let shape = [batch, cfg.n_kv_heads, capacity, cfg.head_dim];
         KvCache {
             k: (0..cfg.n_layers)
-                .map(|_| Tensor::zeros(shape, device))
+                .map(|_| Tensor::zeros(shape, (device, dtype)))
                 .collect(),
             v: (0..cfg.n_layers)
-                .map(|_| Tensor::zeros(shape, device))
+                .map(|_| Tensor::zeros(shape, (device, dtype)))
                 .collect(),
             batch,
             kv_heads: cfg.n_kv_heads,
@@ -98,6 +107,7 @@ impl<B: Backend> KvCache<B> {
             next_pos: vec![0; batch],
             prefix: None,
             device: device.clone(),
+            dtype,
         }
     }
 
@@ -109,8 +119,9 @@ impl<B: Backend> KvCache<B> {
         batch: usize,
         capacity: usize,
         device: &B::Device,
+        dtype: DType,
     ) -> Self {
-        let mut cache = Self::new(cfg, batch, capacity, device);
+        let mut cache = Self::new(cfg, batch, capacity, device, dtype);
         cache.next_pos = vec![prefix.len(); batch];
         cache.prefix = Some(prefix.clone());
         cache
@@ -238,7 +249,10 @@ impl<B: Backend> KvCache<B> {
         ];
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
             let old = std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &self.device));
-            *t = Tensor::cat(vec![old, Tensor::zeros(extra, &self.device)], 2);
+            *t = Tensor::cat(
+                vec![old, Tensor::zeros(extra, (&self.device, self.dtype))],
+                2,
+            );
         }
         self.capacity = new_cap;
     }
@@ -325,7 +339,7 @@ fn write_in_place<B: Backend>(
     value: &Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, TensorPrimitive};
+    use burn::tensor::TensorPrimitive;
     use std::any::Any;
 
     let [b, h, cap, d] = cache.dims();
@@ -401,7 +415,7 @@ mod tests {
 
     #[test]
     fn padding_positions_and_mask() {
-        let mut c = KvCache::<Flex>::new(&cfg(), 2, 3, &Default::default());
+        let mut c = KvCache::<Flex>::new(&cfg(), 2, 3, &Default::default(), DType::F32);
         // Sequence 0: one pad then two tokens; sequence 1: three tokens.
         let plan = c
             .append(&[None, Some(1), Some(2), Some(3), Some(4), Some(5)], 3, 6)

@@ -15,9 +15,10 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
+use super::device::Precision;
 use super::kv_cache::KvCache;
 use super::ModelError;
 
@@ -169,6 +170,8 @@ struct Block<B: Backend> {
 pub struct Llama<B: Backend> {
     cfg: LlamaConfig,
     device: B::Device,
+    /// The float type of weights, activations and the KV cache.
+    dtype: DType,
     /// `[vocab, hidden]`
     embed: Tensor<B, 2>,
     blocks: Vec<Block<B>>,
@@ -233,15 +236,24 @@ fn fuse_transposed(parts: &[&HostTensor], inner: usize) -> (Vec<f32>, usize) {
 }
 
 impl<B: Backend> Llama<B> {
-    /// Loads every weight from `src` onto `device`, checking shapes against `cfg`.
+    /// Loads every weight from `src` onto `device` in `precision` (converted one tensor at a
+    /// time as it is uploaded), checking shapes against `cfg`.
     pub fn load(
         cfg: LlamaConfig,
         src: &mut dyn WeightSource,
         device: &B::Device,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
+        if !precision.supported_on::<B>(device) {
+            return Err(ModelError::Config(format!(
+                "{precision} is not supported by the {} backend on this device",
+                B::name(device)
+            )));
+        }
+        let dtype = precision.dtype();
         let (h, d, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
         let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
-            Tensor::from_data(TensorData::new(data, shape), device)
+            Tensor::from_data(TensorData::new(data, shape), (device, dtype))
         };
         let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
         let embed = to_dev(embed.data, [cfg.vocab, h]);
@@ -306,6 +318,7 @@ impl<B: Backend> Llama<B> {
         Ok(Llama {
             cfg,
             device: device.clone(),
+            dtype,
             embed,
             blocks,
             norm,
@@ -324,6 +337,16 @@ impl<B: Backend> Llama<B> {
     /// The device the weights live on.
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// The float type of the weights, activations and KV cache (logits are always `f32`).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty KV cache for this model: `batch` sequences, room for `capacity` slots.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
+        KvCache::new(&self.cfg, batch, capacity, &self.device, self.dtype)
     }
 
     /// Runs `s` new tokens per sequence through the model, appending their K/V to `cache`
@@ -402,7 +425,7 @@ impl<B: Backend> Llama<B> {
             }
             AttnMask::Bias(Tensor::from_data(
                 TensorData::new(bias, [b, kvh, rows, cols]),
-                &self.device,
+                (&self.device, self.dtype),
             ))
         } else {
             AttnMask::Bool(Tensor::from_data(
@@ -535,7 +558,11 @@ impl<B: Backend> Llama<B> {
             .narrow(1, s - 1, 1)
             .reshape([b, cfg.hidden]);
         let last = rms_norm(last, self.norm.clone(), cfg.rms_eps);
-        Ok(last.matmul(self.output.clone().transpose()))
+        let logits = last.matmul(self.output.clone().transpose());
+        Ok(match self.dtype {
+            DType::F32 => logits,
+            _ => logits.cast(DType::F32),
+        })
     }
 }
 
@@ -830,8 +857,19 @@ mod cpu {
     }
 }
 
-/// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`.
+/// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`. A half-precision `x` is
+/// normalized in `f32` and cast back before the weight (Hugging Face's `LlamaRMSNorm`): the
+/// squares of a residual stream in the hundreds overflow f16.
 pub(crate) fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    if dtype != DType::F32 && dtype.is_float() {
+        return rms_norm_f32(x.cast(DType::F32), eps).cast(dtype) * w;
+    }
+    rms_norm_f32(x, eps) * w
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last axis.
+fn rms_norm_f32<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let inv = x
         .clone()
         .powi_scalar(2)
@@ -839,7 +877,7 @@ pub(crate) fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, eps: f64) -
         .add_scalar(eps)
         .sqrt()
         .recip();
-    x * inv * w
+    x * inv
 }
 
 /// RoPE in the "halves" convention (HF `rotate_half`): element `i` of the first half rotates

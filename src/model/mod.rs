@@ -1,7 +1,8 @@
 //! The LLaMA-family language model in burn: checkpoint loading (GGUF, Hugging Face folders),
 //! the forward pass, the KV cache, sampling and batched generation.
 //!
-//! Weights are dequantized to `f32` once at load and stay on the device. Both checkpoint
+//! Weights are dequantized to `f32` once at load, converted to the chosen [`Precision`] (f32,
+//! f16 or bf16) as they go to the device, and stay there. Both checkpoint
 //! formats are brought to one layout, Hugging Face's: linear weights `[out, in]`, and q/k
 //! projection rows in the "halves" RoPE order (GGUF's llama q/k rows are un-permuted at load,
 //! see [`gguf::GgufWeights`]), so a single RoPE implementation serves both.
@@ -18,6 +19,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use config::{Architecture, LlamaConfig};
+pub use device::Precision;
 pub use generate::{ChoiceAfter, Completion, Generator, Request, StopReason};
 pub use gguf::{GgufFile, GgufTokenizerMeta};
 pub use llama::{Llama, WeightSource};
@@ -104,15 +106,17 @@ const END_OF_TURN: &[&str] = &[
     "</s>",
 ];
 
-/// Loads a GGUF file or a Hugging Face folder (`config.json` + safetensors) onto `device`.
+/// Loads a GGUF file or a Hugging Face folder (`config.json` + safetensors) onto `device`,
+/// in `precision`.
 pub fn load_checkpoint<B: burn::tensor::backend::Backend>(
     path: &std::path::Path,
     device: &B::Device,
+    precision: Precision,
 ) -> Result<Checkpoint<B>, ModelError> {
     if path.is_dir() {
         let mut hf = safetensors::HfFolder::open(path)?;
         let cfg = hf.config.clone();
-        let model = Llama::load(cfg, &mut hf, device)?;
+        let model = Llama::load(cfg, &mut hf, device, precision)?;
         let tokenizer = match hf.tokenizer_json() {
             Some(p) => TokenizerSource::TokenizerJson(p),
             None => TokenizerSource::Missing,
@@ -129,6 +133,7 @@ pub fn load_checkpoint<B: burn::tensor::backend::Backend>(
         cfg.clone(),
         &mut gguf::GgufWeights::new(&file, &cfg),
         device,
+        precision,
     )?;
     let (tokenizer, stop_ids) = match file.tokenizer_meta() {
         Ok(meta) => {

@@ -13,7 +13,7 @@
 pub mod cache;
 
 use crate::model::chat::{ChatTemplate, Message};
-use crate::model::device::{default_device, DefaultBackend};
+use crate::model::device::{default_device, DefaultBackend, Precision};
 use crate::model::generate::{ChoiceAfter, Generator, Request};
 use crate::model::sampling::Sampling;
 use crate::model::tokenizer::Tokenizer;
@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub prefix_cache: bool,
     /// The persistent answer cache file of this process (see [`cache`]); `None`: no cache.
     pub cache: Option<PathBuf>,
+    /// The float type models are loaded in.
+    pub precision: Precision,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +76,7 @@ impl Default for ServerConfig {
             batch_window: Duration::from_millis(20),
             prefix_cache: true,
             cache: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -431,8 +434,12 @@ struct Loaded {
 
 fn load(path: &Path, config: &ServerConfig) -> Result<Loaded, String> {
     let device = default_device();
-    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(path, &device)
-        .map_err(|e| format!("{e:#}"))?;
+    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(
+        path,
+        &device,
+        config.precision,
+    )
+    .map_err(|e| format!("{e:#}"))?;
     let tokenizer = ck.tokenizer.load().map_err(|e| e.to_string())?;
     let template = ChatTemplate::for_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
     let mut stop_ids = ck.stop_ids.clone();
@@ -500,7 +507,7 @@ fn serve(
                     let _ = done.send(result);
                 }
                 Some(Command::Generate(r)) => {
-                    if let Some(p) = from_cache(r, cache.as_ref(), stats) {
+                    if let Some(p) = from_cache(r, cache.as_ref(), config.precision, stats) {
                         pending.push(p);
                     }
                 }
@@ -534,27 +541,38 @@ fn serve(
 }
 
 /// Answers `r` from the cache if it holds the answer; otherwise gives it back to be generated.
-fn from_cache(r: GenRequest, cache: Option<&AnswerCache>, stats: &ServerStats) -> Option<Pending> {
+/// Answers of a model loaded in f16/bf16 are kept apart from its f32 answers (their version
+/// carries the precision); f32 keys are those of caches written before precisions existed.
+fn from_cache(
+    r: GenRequest,
+    cache: Option<&AnswerCache>,
+    precision: Precision,
+    stats: &ServerStats,
+) -> Option<Pending> {
     let Some(cache) = cache else {
         return Some(Pending {
             request: r,
             key: None,
         });
     };
+    let version = match precision {
+        Precision::F32 => r.model.clone(),
+        other => format!("{}\0{other}", r.model),
+    };
     let key = match (&r.choose, &r.choose_after) {
         (Some(c), _) => answer_key(
-            &r.model,
+            &version,
             &c.cache_messages(&r.messages, "choice"),
             1,
             &Sampling::greedy(),
         ),
         (None, Some(c)) => answer_key(
-            &r.model,
+            &version,
             &c.cache_messages(&r.messages, "choice-after"),
             r.max_new_tokens,
             &r.sampling,
         ),
-        (None, None) => answer_key(&r.model, &r.messages, r.max_new_tokens, &r.sampling),
+        (None, None) => answer_key(&version, &r.messages, r.max_new_tokens, &r.sampling),
     };
     match cache.get(key) {
         Some(hit) => {
@@ -1132,14 +1150,14 @@ mod tests {
         });
         // Reference: the model's own forward pass, batch 1, a fresh cache, no generator.
         let device = default_device();
-        let ck = crate::model::load_checkpoint::<DefaultBackend>(&model, &device).expect("load");
+        let ck = crate::model::load_checkpoint::<DefaultBackend>(&model, &device, Precision::F32)
+            .expect("load");
         let tokenizer = ck.tokenizer.load().expect("tokenizer");
         let template = ChatTemplate::for_tokenizer(&tokenizer).expect("template");
         let mut ids = template.encode(&tokenizer, &messages, true);
         ids.extend(tokenizer.encode(&prefill, false));
         let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
-        let mut cache =
-            crate::model::kv_cache::KvCache::new(ck.model.config(), 1, ids.len(), &device);
+        let mut cache = ck.model.new_cache(1, ids.len());
         let logits: Vec<f32> = ck
             .model
             .forward(&tokens, ids.len(), &mut cache)

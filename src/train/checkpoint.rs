@@ -19,7 +19,8 @@ use serde_json::json;
 use crate::model::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::safetensors::HfFolder;
 use crate::model::{
-    gguf::GgufWeights, Checkpoint, GgufFile, Llama, LlamaConfig, ModelError, TokenizerSource,
+    gguf::GgufWeights, Checkpoint, GgufFile, Llama, LlamaConfig, ModelError, Precision,
+    TokenizerSource,
 };
 
 use super::lora::{LoraAdapter, LoraConfig};
@@ -562,13 +563,14 @@ impl WeightSource for Merged<'_> {
 }
 
 /// Loads a GGUF file, an HF folder, or a LoRA adapter folder (merged onto its base) for
-/// inference. The adapter folder's own `tokenizer.json` is used when present.
+/// inference, in `precision`. The adapter folder's own `tokenizer.json` is used when present.
 pub fn load_for_inference<B: Backend>(
     path: &Path,
     device: &B::Device,
+    precision: Precision,
 ) -> Result<Checkpoint<B>, TrainError> {
     if !is_adapter(path) {
-        return Ok(crate::model::load_checkpoint(path, device)?);
+        return Ok(crate::model::load_checkpoint(path, device, precision)?);
     }
     let adapter = Adapter::read(path)?;
     let mut base = BaseModel::open(&adapter.base)?;
@@ -581,6 +583,7 @@ pub fn load_for_inference<B: Backend>(
                 adapter: &adapter,
             },
             device,
+            precision,
         )
     })?;
     let (mut tokenizer, stop_ids) = base.tokenizer();
@@ -598,7 +601,6 @@ pub fn load_for_inference<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::KvCache;
     use crate::model::llama::RandomWeights;
     use crate::train::model::TrainMode;
     use burn::backend::Flex;
@@ -609,7 +611,7 @@ mod tests {
     /// Last-position logits of the inference model (its own forward, KV cache and all).
     fn inference_logits(m: &Llama<Flex>, ids: &[u32]) -> Vec<f32> {
         let toks: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
-        let mut cache = KvCache::new(m.config(), 1, ids.len(), m.device());
+        let mut cache = m.new_cache(1, ids.len());
         m.forward(&toks, ids.len(), &mut cache)
             .expect("forward")
             .into_data()
@@ -679,7 +681,7 @@ mod tests {
             &[],
         )
         .expect("write");
-        let ck = load_for_inference::<Flex>(&full, &dev).expect("reload full");
+        let ck = load_for_inference::<Flex>(&full, &dev, Precision::F32).expect("reload full");
         assert_close(&inference_logits(&ck.model, &ids), &want);
 
         // Adapter: PEFT folder over a base HF folder (the un-adapted weights).
@@ -713,10 +715,10 @@ mod tests {
         ];
         write_folder_atomic(&ad, &files, &[]).expect("write");
         assert!(is_adapter(&ad));
-        let ck = load_for_inference::<Flex>(&ad, &dev).expect("reload adapter");
+        let ck = load_for_inference::<Flex>(&ad, &dev, Precision::F32).expect("reload adapter");
         assert_close(&inference_logits(&ck.model, &ids), &want);
         // And the base alone differs (the adapter mattered).
-        let plain = load_for_inference::<Flex>(&base, &dev).expect("base");
+        let plain = load_for_inference::<Flex>(&base, &dev, Precision::F32).expect("base");
         let diff = inference_logits(&plain.model, &ids)
             .iter()
             .zip(&want)

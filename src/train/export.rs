@@ -165,7 +165,6 @@ mod tests {
     /// logits, and its tokenizer and config come along.
     #[test]
     fn an_exported_adapter_loads_as_the_merged_model() {
-        use crate::model::kv_cache::KvCache;
         use crate::train::job::{run_job, DataGroup, TrainJob};
         use crate::train::{data::DataSource, lora::LoraConfig, model::TrainMode};
         use burn::backend::Flex;
@@ -212,10 +211,12 @@ mod tests {
 
         let dev = Default::default();
         let logits = |path: &Path| -> Vec<f32> {
-            let ck = checkpoint::load_for_inference::<Flex>(path, &dev).expect("load");
+            let ck =
+                checkpoint::load_for_inference::<Flex>(path, &dev, crate::model::Precision::F32)
+                    .expect("load");
             let ids = [3u32, 1, 4, 1, 5];
             let toks: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
-            let mut cache = KvCache::new(ck.model.config(), 1, ids.len(), ck.model.device());
+            let mut cache = ck.model.new_cache(1, ids.len());
             ck.model
                 .forward(&toks, ids.len(), &mut cache)
                 .expect("forward")
