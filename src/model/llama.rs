@@ -634,11 +634,14 @@ mod cpu {
         ))
     }
 
-    /// `Σ a·b` over equal-length rows, in 8 lanes so the compiler vectorizes it.
-    #[inline]
+    /// `Σ a·b` over equal-length rows, in 16 lanes so the compiler vectorizes it (one AVX-512
+    /// register, two AVX2 ones; inlined into its multiversioned callers, so it takes their
+    /// vector width).
+    #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 8];
-        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        const L: usize = 16;
+        let mut acc = [0f32; L];
+        let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
         let tail: f32 = ac
             .remainder()
             .iter()
@@ -646,11 +649,82 @@ mod cpu {
             .map(|(x, y)| x * y)
             .sum();
         for (x, y) in ac.zip(bc) {
-            for i in 0..8 {
+            for i in 0..L {
                 acc[i] += x[i] * y[i];
             }
         }
         acc.iter().sum::<f32>() + tail
+    }
+
+    /// One (sequence, kv head) of [`attention`]: its query rows `[rows, d]`, keys and values
+    /// as (shared prefix, own slots) `[p, d]` and `[cap, d]`, and its mask rows `[rows, p + cap]`.
+    struct Block<'a> {
+        q: &'a [f32],
+        k: (&'a [f32], &'a [f32]),
+        v: (&'a [f32], &'a [f32]),
+        mask: &'a [bool],
+        d: usize,
+        scale: f32,
+    }
+
+    /// Softmax attention of one [`Block`] into `out` `[rows, d]`, compiled for AVX-512 and
+    /// AVX2 besides the baseline (the crate is built for plain x86-64, where these loops would
+    /// run 4 lanes wide). A row that sees nothing stays zero, as burn's kernel gives.
+    #[multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))]
+    fn attend_block(blk: Block<'_>, out: &mut [f32]) {
+        let Block {
+            q,
+            k,
+            v,
+            mask,
+            d,
+            scale,
+        } = blk;
+        let p = k.0.len() / d;
+        let cols = p + k.1.len() / d;
+        let key = |j: usize| match j < p {
+            true => &k.0[j * d..(j + 1) * d],
+            false => &k.1[(j - p) * d..(j - p + 1) * d],
+        };
+        let value = |j: usize| match j < p {
+            true => &v.0[j * d..(j + 1) * d],
+            false => &v.1[(j - p) * d..(j - p + 1) * d],
+        };
+        let mut scores = vec![0f32; cols];
+        for (r, orow) in out.chunks_exact_mut(d).enumerate() {
+            let qrow = &q[r * d..(r + 1) * d];
+            let mrow = &mask[r * cols..(r + 1) * cols];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                *sc = match mrow[j] {
+                    true => f32::NEG_INFINITY,
+                    false => dot(qrow, key(j)) * scale,
+                };
+                max = max.max(*sc);
+            }
+            if max == f32::NEG_INFINITY {
+                continue;
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            for (j, &w) in scores.iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                let w = w * inv;
+                for (o, &x) in orow.iter_mut().zip(value(j)) {
+                    *o += w * x;
+                }
+            }
+        }
     }
 
     /// Attention on the host, prefill or decode: `q` `[b, kv_h, rows, d]` (query heads folded
@@ -688,7 +762,8 @@ mod cpu {
             None => (&[][..], &[][..], 0),
         };
         let cols = p + cap;
-        if mask.len() != b * rows * cols
+        if d == 0
+            || mask.len() != b * rows * cols
             || ks.len() != b * kvh * cap * d
             || vs.len() != ks.len()
             || pks.len() != kvh * p * d
@@ -701,50 +776,19 @@ mod cpu {
             .enumerate()
             .for_each(|(bh, o)| {
                 let (bi, h) = (bh / kvh, bh % kvh);
-                let kown = &ks[bh * cap * d..(bh + 1) * cap * d];
-                let vown = &vs[bh * cap * d..(bh + 1) * cap * d];
-                let kpre = &pks[h * p * d..(h + 1) * p * d];
-                let vpre = &pvs[h * p * d..(h + 1) * p * d];
-                let mut scores = vec![0f32; cols];
-                for r in 0..rows {
-                    let qrow = &qs[(bh * rows + r) * d..(bh * rows + r + 1) * d];
-                    let mrow = &mask[(bi * rows + r) * cols..(bi * rows + r + 1) * cols];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = if mrow[j] {
-                            f32::NEG_INFINITY
-                        } else if j < p {
-                            dot(qrow, &kpre[j * d..(j + 1) * d]) * scale
-                        } else {
-                            dot(qrow, &kown[(j - p) * d..(j - p + 1) * d]) * scale
-                        };
-                        max = max.max(*sc);
-                    }
-                    let orow = &mut o[r * d..(r + 1) * d];
-                    if max == f32::NEG_INFINITY {
-                        continue; // nothing visible: a zero row, as burn's kernel gives
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    for (j, &w) in scores.iter().enumerate() {
-                        if w == 0.0 {
-                            continue;
-                        }
-                        let vrow = if j < p {
-                            &vpre[j * d..(j + 1) * d]
-                        } else {
-                            &vown[(j - p) * d..(j - p + 1) * d]
-                        };
-                        let w = w * inv;
-                        for (o, &x) in orow.iter_mut().zip(vrow) {
-                            *o += w * x;
-                        }
-                    }
-                }
+                let own = bh * cap * d..(bh + 1) * cap * d;
+                let pre = h * p * d..(h + 1) * p * d;
+                attend_block(
+                    Block {
+                        q: &qs[bh * rows * d..(bh + 1) * rows * d],
+                        k: (&pks[pre.clone()], &ks[own.clone()]),
+                        v: (&pvs[pre], &vs[own]),
+                        mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
+                        d,
+                        scale,
+                    },
+                    o,
+                );
             });
         Some(Tensor::from_data(
             TensorData::new(out, [b, kvh, rows, d]),
