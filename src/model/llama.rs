@@ -573,10 +573,14 @@ impl<B: Backend> Llama<B> {
 ///   (about 14 ns an element, 14% of a batch-32 prefill);
 /// - decode attention: as burn ops it is two batched matmuls of `batch × kv_heads` tiny
 ///   matrices (`[n_rep, d] x [d, cap]`), each a separate `gemm` call with its own set-up, plus a
-///   softmax and a mask add: about 60 ms of a 320 ms batch-32 decode step.
+///   softmax and a mask add: about 60 ms of a 320 ms batch-32 decode step; prefill attention:
+///   burn-flex's dense kernel computes the masked half of a causal mask too;
+/// - splitting q/k/v, RoPE and the GQA head fold: three `narrow`s, eight strided element-wise
+///   ops, a `cat` and two permutes (~17% of a prefill), one pass here.
 ///
 /// Each function returns `None` when the tensors are not flex `f32` tensors, and the caller
-/// runs the burn ops instead (CUDA, other float types).
+/// runs the burn ops instead (CUDA, other float types). The model module's tests check each
+/// against those burn ops.
 mod cpu {
     use burn::backend::flex::FlexTensor;
     use burn::tensor::backend::Backend;

@@ -1104,7 +1104,7 @@ mod tests {
             text
         };
         // A fresh server on the same file: answered without generating, model loaded or not.
-        let server = ModelServer::try_start(config).expect("restart");
+        let server = ModelServer::try_start(config.clone()).expect("restart");
         assert_eq!(server.stats().cache_loaded.load(Ordering::Relaxed), 2);
         assert_eq!(
             server.stats().cache_dropped_bytes.load(Ordering::Relaxed),
@@ -1120,6 +1120,23 @@ mod tests {
         assert_eq!(stats.new_tokens.load(Ordering::Relaxed), 0);
         assert_eq!(stats.batches.load(Ordering::Relaxed), 0);
         assert_eq!(stats.version("v0").cache_hits, 2);
+        drop(client);
+        drop(server);
+        // The same file, the model in bf16: its answers are its own, not the f32 ones.
+        let server = ModelServer::try_start(ServerConfig {
+            precision: Precision::Bf16,
+            ..config
+        })
+        .expect("restart in bf16");
+        server.load("v0", &model).expect("load bf16");
+        let client = server.client().expect("client");
+        assert!(ask(&client, "v0", &[question()], 6)[0].result.is_ok());
+        let stats = server.stats();
+        assert_eq!(stats.version("v0").cache_hits, 0, "no f32 answer served");
+        assert!(
+            stats.new_tokens.load(Ordering::Relaxed) > 0,
+            "generated in bf16"
+        );
     }
 
     #[test]
