@@ -21,7 +21,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use backflow::model::config::{Architecture, LlamaConfig};
+use backflow::model::config::LlamaConfig;
 use backflow::model::device::{backend_name, default_device, DefaultBackend};
 use backflow::model::llama::RandomWeights;
 use backflow::model::{load_checkpoint, Generator, Llama, Precision, Request};
@@ -38,24 +38,6 @@ fn env_usize(key: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn smollm2_shape() -> LlamaConfig {
-    LlamaConfig {
-        arch: Architecture::Llama,
-        n_layers: 30,
-        hidden: 576,
-        ffn: 1536,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        rope_theta: 100_000.0,
-        rms_eps: 1e-5,
-        vocab: 49152,
-        max_seq_len: 8192,
-        tie_embeddings: true,
-        qkv_bias: false,
-    }
 }
 
 fn main() {
@@ -86,7 +68,7 @@ fn main() {
             }
         },
         None => {
-            let cfg = smollm2_shape();
+            let cfg = LlamaConfig::smollm2_135m();
             match Llama::load(cfg.clone(), &mut RandomWeights::new(cfg, 0), &device, dtype) {
                 Ok(m) => (m, "random weights, SmolLM2-135M shape".into()),
                 Err(e) => {

@@ -2,32 +2,14 @@
 //! numpy reference in tests/model.rs): random weights of SmolLM2-135M's shape (a real checkpoint
 //! does not travel to the GPU machine), f32, f16 and bf16, prompts of different lengths in one
 //! batch, the shared-prefix cache. Built only with `--features cuda`; run on a GPU with
-//! `scripts/gpu-check.sh` (which builds this binary here and prints how to run it there).
+//! `scripts/gpu-check.sh` (`build` here, then `run` on the GPU machine).
 
 #![cfg(feature = "cuda")]
 
-use backflow::model::config::{Architecture, LlamaConfig};
+use backflow::model::config::LlamaConfig;
 use backflow::model::llama::RandomWeights;
 use backflow::model::{Generator, Llama, Precision};
 use burn::backend::{Cuda, Flex};
-
-fn smollm2_shape() -> LlamaConfig {
-    LlamaConfig {
-        arch: Architecture::Llama,
-        n_layers: 30,
-        hidden: 576,
-        ffn: 1536,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        rope_theta: 100_000.0,
-        rms_eps: 1e-5,
-        vocab: 49152,
-        max_seq_len: 2048,
-        tie_embeddings: true,
-        qkv_bias: false,
-    }
-}
 
 /// Prompts of 1 to 200 tokens; the first three share a 40-token prefix.
 fn prompts() -> Vec<Vec<u32>> {
@@ -52,7 +34,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 fn flex_model() -> Llama<Flex> {
-    let cfg = smollm2_shape();
+    let cfg = LlamaConfig::smollm2_135m();
     Llama::load(
         cfg.clone(),
         &mut RandomWeights::new(cfg, 7),
@@ -63,7 +45,7 @@ fn flex_model() -> Llama<Flex> {
 }
 
 fn cuda_model(precision: Precision) -> Llama<Cuda> {
-    let cfg = smollm2_shape();
+    let cfg = LlamaConfig::smollm2_135m();
     Llama::load(
         cfg.clone(),
         &mut RandomWeights::new(cfg, 7),

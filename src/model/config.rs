@@ -66,6 +66,27 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The shape of SmolLM2-135M (30 layers, width 576, 9 query and 3 kv heads, a 49152-token
+    /// vocabulary, tied head, 8192-token context): random weights of it stand in for the real
+    /// checkpoint in benchmarks and on machines it cannot travel to.
+    pub fn smollm2_135m() -> Self {
+        LlamaConfig {
+            arch: Architecture::Llama,
+            n_layers: 30,
+            hidden: 576,
+            ffn: 1536,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            rope_theta: 100_000.0,
+            rms_eps: 1e-5,
+            vocab: 49152,
+            max_seq_len: 8192,
+            tie_embeddings: true,
+            qkv_bias: false,
+        }
+    }
+
     /// Reads the config from a GGUF file's metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
         let arch = Architecture::parse(f.architecture()?)?;

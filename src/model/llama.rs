@@ -455,12 +455,11 @@ impl<B: Backend> Llama<B> {
                     let v = qkv.narrow(1, qd + kd, kd).reshape([b, s, kvh, d]);
                     let q = rope(q, cos.clone(), sin.clone());
                     let k = rope(k, cos.clone(), sin.clone());
-                    // Fold the query heads of each kv head into the row axis: row = r·s + t.
-                    let q = q
-                        .reshape([b, s, kvh, n_rep, d])
-                        .permute([0, 2, 3, 1, 4])
-                        .reshape([b, kvh, n_rep * s, d]);
-                    (q, k.swap_dims(1, 2), v.swap_dims(1, 2))
+                    (
+                        fold_query_heads(q, kvh),
+                        k.swap_dims(1, 2),
+                        v.swap_dims(1, 2),
+                    )
                 }
             };
             // [b, kv_h, s, d] into the cache slots of this step.
@@ -926,6 +925,17 @@ fn rms_norm_f32<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
         .sqrt()
         .recip();
     x * inv
+}
+
+/// GQA without copying K/V: `q` `[b, s, h, d]` to `[b, kv_h, n_rep·s, d]`, the `n_rep` query
+/// heads of each kv head folded into its row axis (row = r·s + t), so attention runs on `kv_h`
+/// heads against K/V as they are.
+pub(crate) fn fold_query_heads<B: Backend>(q: Tensor<B, 4>, kv_heads: usize) -> Tensor<B, 4> {
+    let [b, s, h, d] = q.dims();
+    let n_rep = h / kv_heads.max(1);
+    q.reshape([b, s, kv_heads, n_rep, d])
+        .permute([0, 2, 3, 1, 4])
+        .reshape([b, kv_heads, n_rep * s, d])
 }
 
 /// RoPE in the "halves" convention (HF `rotate_half`): element `i` of the first half rotates

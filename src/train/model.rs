@@ -310,11 +310,7 @@ impl<B: Backend> TrainLlama<B> {
             let v = blk.v.forward(xn, train).reshape([b, s, kvh, d]);
             let q = rope(q, cos.clone(), sin.clone());
             let k = rope(k, cos.clone(), sin.clone());
-            // GQA without copying K/V: the n_rep query heads of a kv head become extra rows.
-            let q = q
-                .reshape([b, s, kvh, n_rep, d])
-                .permute([0, 2, 3, 1, 4])
-                .reshape([b, kvh, n_rep * s, d]);
+            let q = crate::model::llama::fold_query_heads(q, kvh);
             let k = k.permute([0, 2, 3, 1]); // [b, kvh, d, s]
             let v = v.permute([0, 2, 1, 3]); // [b, kvh, s, d]
             let scores = q.matmul(k).mul_scalar(scale).reshape([b, h, s, s]) + bias.clone();
