@@ -10,6 +10,7 @@ use backflow::model::config::LlamaConfig;
 use backflow::model::llama::RandomWeights;
 use backflow::model::{Generator, Llama, Precision};
 use burn::backend::{Cuda, Flex};
+use burn::tensor::backend::Backend;
 
 /// Prompts of 1 to 200 tokens; the first three share a 40-token prefix.
 fn prompts() -> Vec<Vec<u32>> {
@@ -33,18 +34,8 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-fn flex_model() -> Llama<Flex> {
-    let cfg = LlamaConfig::smollm2_135m();
-    Llama::load(
-        cfg.clone(),
-        &mut RandomWeights::new(cfg, 7),
-        &Default::default(),
-        Precision::F32,
-    )
-    .expect("flex model")
-}
-
-fn cuda_model(precision: Precision) -> Llama<Cuda> {
+/// The same random weights (seed 7) on backend `B` in `precision`.
+fn model<B: Backend>(precision: Precision) -> Llama<B> {
     let cfg = LlamaConfig::smollm2_135m();
     Llama::load(
         cfg.clone(),
@@ -52,7 +43,7 @@ fn cuda_model(precision: Precision) -> Llama<Cuda> {
         &Default::default(),
         precision,
     )
-    .expect("cuda model")
+    .expect("random model")
 }
 
 /// Next-token logits on CUDA agree with flex, batched and from the prefix cache: f32 within
@@ -62,7 +53,7 @@ fn cuda_model(precision: Precision) -> Llama<Cuda> {
 #[test]
 fn cuda_agrees_with_flex() {
     let prompts = prompts();
-    let mut cpu = Generator::new(flex_model(), vec![]);
+    let mut cpu = Generator::new(model::<Flex>(Precision::F32), vec![]);
     let want = cpu.next_token_logits(&prompts).expect("flex logits");
     let spread = want
         .iter()
@@ -74,7 +65,7 @@ fn cuda_agrees_with_flex() {
         (Precision::F16, 2e-2),
         (Precision::Bf16, 4e-2),
     ] {
-        let mut gpu = Generator::new(cuda_model(precision), vec![]);
+        let mut gpu = Generator::new(model::<Cuda>(precision), vec![]);
         let got = gpu.next_token_logits(&prompts).expect("cuda logits");
         let diff = max_diff(&want, &got);
         eprintln!("{precision}: max |cuda - flex| {diff:.3e} on logits up to {spread:.3}");

@@ -361,6 +361,18 @@ fn a_choice_after_the_answer_is_the_choice_of_a_fresh_prefill() {
     }
 }
 
+/// "What is the capital of France?" in the model's chat template, and the template's stop
+/// tokens.
+fn paris_question(tok: &Tokenizer) -> (Vec<u32>, Vec<u32>) {
+    let template = ChatTemplate::for_tokenizer(tok).expect("chat template");
+    let ids = template.encode(
+        tok,
+        &[Message::user("What is the capital of France?")],
+        true,
+    );
+    (ids, template.stop_tokens(tok))
+}
+
 #[test]
 fn greedy_answer_about_paris() {
     let l = need_model!();
@@ -368,13 +380,7 @@ fn greedy_answer_about_paris() {
         eprintln!("skipped: the GGUF tokenizer did not load");
         return;
     };
-    let template = ChatTemplate::for_tokenizer(tok).expect("chat template");
-    let ids = template.encode(
-        tok,
-        &[Message::user("What is the capital of France?")],
-        true,
-    );
-    let stops = template.stop_tokens(tok);
+    let (ids, stops) = paris_question(tok);
     let mut gen = Generator::new(l.model.clone(), stops);
     let out = gen.generate(&[Request::greedy(ids, 24)]).expect("generate");
     let text = tok.decode(&out[0].ids);
@@ -405,16 +411,11 @@ fn half_precisions_stay_near_the_reference() {
     };
     let reference = reference();
     let prompts = reference["prompts"].as_array().expect("prompts");
-    let template = ChatTemplate::for_tokenizer(tok).expect("chat template");
-    let question = template.encode(
-        tok,
-        &[Message::user("What is the capital of France?")],
-        true,
-    );
+    let (question, stops) = paris_question(tok);
     for (precision, tol) in [(Precision::F16, 0.5), (Precision::Bf16, 1.0)] {
         let ck = load_checkpoint::<B>(&path, &Default::default(), precision).expect("load");
         assert_eq!(ck.model.dtype(), precision.dtype());
-        let mut gen = Generator::new(ck.model, template.stop_tokens(tok));
+        let mut gen = Generator::new(ck.model, stops.clone());
         for r in prompts {
             let logits = gen.next_token_logits(&[ids_of(&r["ids"])]).expect("logits");
             check_logits_within(&format!("{precision} {}", r["name"]), &logits[0], r, tol);

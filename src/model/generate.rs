@@ -254,12 +254,8 @@ impl<B: Backend> Generator<B> {
         let s = prompts.iter().map(|p| p.len() - p_len).max().unwrap_or(1);
         // Own slots only: a shared prefix lives apart from them.
         let cap = (s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
-        let cfg = self.model.config();
-        let device = self.model.device();
         let mut cache = match (&self.prefix, p_len) {
-            (Some(prefix), n) if n > 0 => {
-                KvCache::from_prefix(cfg, prefix, b, cap, device, self.model.dtype())
-            }
+            (Some(prefix), n) if n > 0 => self.model.new_cache(b, cap).with_prefix(prefix),
             _ => self.model.new_cache(b, cap),
         };
         let mut tokens = Vec::with_capacity(b * s);

@@ -111,20 +111,13 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
-    /// A cache for `batch` sequences that all start with `prefix` (shared, not copied), with
-    /// room for `capacity` slots after it before growing.
-    pub fn from_prefix(
-        cfg: &LlamaConfig,
-        prefix: &PrefixKv<B>,
-        batch: usize,
-        capacity: usize,
-        device: &B::Device,
-        dtype: DType,
-    ) -> Self {
-        let mut cache = Self::new(cfg, batch, capacity, device, dtype);
-        cache.next_pos = vec![prefix.len(); batch];
-        cache.prefix = Some(prefix.clone());
-        cache
+    /// This fresh cache with every sequence starting with `prefix` (shared, not copied); its
+    /// own `capacity` slots come after it. Only for a cache nothing was written to yet.
+    pub fn with_prefix(mut self, prefix: &PrefixKv<B>) -> Self {
+        debug_assert_eq!(self.len, 0, "a prefix goes before every written slot");
+        self.next_pos = vec![prefix.len(); self.batch];
+        self.prefix = Some(prefix.clone());
+        self
     }
 
     /// Tokens in the shared prefix (0 when none).
