@@ -70,6 +70,20 @@ macro_rules! need_model {
     };
 }
 
+/// The loaded model and its tokenizer, or a skip when either is missing.
+macro_rules! need_tokenizer {
+    () => {{
+        let l = need_model!();
+        match &l.tokenizer {
+            Some(tok) => (l, tok),
+            None => {
+                eprintln!("skipped: the GGUF tokenizer did not load");
+                return;
+            }
+        }
+    }};
+}
+
 fn reference() -> Value {
     let text = include_str!("reference/smollm2_logits.json");
     serde_json::from_str(text).expect("reference json")
@@ -298,11 +312,7 @@ fn stop_tokens_max_tokens_and_seeded_sampling() {
 /// choice of a fresh prefill of prompt + answer + prefill, and does not change the answers.
 #[test]
 fn a_choice_after_the_answer_is_the_choice_of_a_fresh_prefill() {
-    let l = need_model!();
-    let Some(tok) = &l.tokenizer else {
-        eprintln!("skipped: no tokenizer in the GGUF");
-        return;
-    };
+    let (l, tok) = need_tokenizer!();
     let france = france_ids(&reference());
     let prefill = tok.encode("\nScore: ", false);
     let options: Vec<u32> = ["1", "2", "3", "4", "5"]
@@ -375,11 +385,7 @@ fn paris_question(tok: &Tokenizer) -> (Vec<u32>, Vec<u32>) {
 
 #[test]
 fn greedy_answer_about_paris() {
-    let l = need_model!();
-    let Some(tok) = &l.tokenizer else {
-        eprintln!("skipped: the GGUF tokenizer did not load");
-        return;
-    };
+    let (l, tok) = need_tokenizer!();
     let (ids, stops) = paris_question(tok);
     let mut gen = Generator::new(l.model.clone(), stops);
     let out = gen.generate(&[Request::greedy(ids, 24)]).expect("generate");
@@ -401,14 +407,8 @@ fn greedy_answer_about_paris() {
 /// largest; every argmax matched.
 #[test]
 fn half_precisions_stay_near_the_reference() {
-    let Some(path) = model_path() else {
-        eprintln!("skipped: ~/.cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf is absent");
-        return;
-    };
-    let Some(tok) = loaded().and_then(|l| l.tokenizer.as_ref()) else {
-        eprintln!("skipped: the GGUF tokenizer did not load");
-        return;
-    };
+    let (_, tok) = need_tokenizer!();
+    let path = model_path().expect("the f32 model was loaded from it");
     let reference = reference();
     let prompts = reference["prompts"].as_array().expect("prompts");
     let (question, stops) = paris_question(tok);
