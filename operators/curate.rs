@@ -19,6 +19,11 @@ pub struct CurateOptions {
     pub min_instruction_chars: usize,
     /// Longest instruction kept, in characters.
     pub max_instruction_chars: usize,
+    /// Compare the graded score ([`Rating::graded`]: the parsed score where the model wrote
+    /// one, else the expected value of its forced choice) with the threshold, instead of the
+    /// paper's score (parsed, else the forced choice's pick).
+    #[serde(default)]
+    pub graded: bool,
 }
 
 impl Default for CurateOptions {
@@ -27,6 +32,7 @@ impl Default for CurateOptions {
             threshold: 5.0,
             min_instruction_chars: 10,
             max_instruction_chars: 1000,
+            graded: false,
         }
     }
 }
@@ -34,7 +40,12 @@ impl Default for CurateOptions {
 /// Why a rating is not curated, if it is not.
 pub fn verdict(rating: &Rating, options: &CurateOptions) -> Option<(DropReason, String)> {
     let n = rating.candidate.instruction.chars().count();
-    match rating.score {
+    let score = if options.graded {
+        rating.graded
+    } else {
+        rating.score
+    };
+    match score {
         None => Some((DropReason::Unrated, "no rating parsed".into())),
         Some(s) if s < options.threshold => {
             Some((DropReason::BelowThreshold, format!("score {s}")))

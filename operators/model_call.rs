@@ -130,6 +130,7 @@ where
                             ticket,
                             result: Err(e.to_string()),
                             choice: None,
+                            choice_probs: None,
                             prompt_tokens: 0,
                             new_tokens: 0,
                         });

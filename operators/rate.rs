@@ -8,7 +8,7 @@ use crate::humpback::prompts::rating_messages;
 use crate::humpback::score::parse_score;
 use crate::model::sampling::Sampling;
 use crate::records::{Candidate, Rating, RatingSample};
-use crate::serve::{Choice, ModelClient};
+use crate::serve::{Choice, GenAnswer, ModelClient};
 use crate::stats::{Drop, DropReason};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::StreamVec;
@@ -67,56 +67,22 @@ pub fn rate<'s>(
         client,
         options.max_in_flight,
         move |job: &RateJob| {
-            let (c, version) = (&job.candidate, job.model.clone());
-            let messages = rating_messages(&c.instruction, &c.passage.text);
-            (0..options.samples.max(1))
-                .map(|i| Ask {
-                    model: version.clone(),
-                    messages: messages.clone(),
-                    max_new_tokens: options.max_new_tokens,
-                    choose: None,
-                    // Cheap enough to ask always; used only when the answer has no score.
-                    choose_after: options.forced_fallback.then(forced_choice),
-                    sampling: if options.samples <= 1 {
-                        Sampling::greedy()
-                    } else {
-                        Sampling {
-                            temperature: options.temperature,
-                            top_p: 1.0,
-                            seed: options.seed
-                                ^ c.passage.id
-                                ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                        }
-                    },
-                })
-                .collect()
+            let c = &job.candidate;
+            rating_asks(
+                &c.instruction,
+                &c.passage.text,
+                &job.model,
+                c.passage.id,
+                &options,
+            )
         },
         move |job: RateJob, answers| {
             let RateJob {
                 candidate: c,
                 model,
             } = job;
+            let samples = read_samples(answers);
             let mut s = stats.borrow_mut();
-            let samples: Vec<RatingSample> = answers
-                .into_iter()
-                .map(|a| match a.result {
-                    Ok(raw) => {
-                        let score = parse_score(&raw);
-                        let forced = match score {
-                            Ok(_) => None,
-                            Err(_) => a.choice.and_then(|t| t.parse::<u8>().ok()),
-                        };
-                        RatingSample { raw, score, forced }
-                    }
-                    Err(e) => RatingSample {
-                        raw: String::new(),
-                        score: Err(crate::humpback::score::ScoreError::NotANumber(format!(
-                            "model error: {e}"
-                        ))),
-                        forced: None,
-                    },
-                })
-                .collect::<Vec<_>>();
             for sample in &samples {
                 if let Err(e) = &sample.score {
                     s.drop(Drop {
@@ -131,20 +97,107 @@ pub fn rate<'s>(
                     });
                 }
             }
-            let values: Vec<f64> = samples
+            Some(rating_of(c, model, samples))
+        },
+    )
+}
+
+/// The requests that rate the pair (`instruction`, `output`) with model `version`: the paper's
+/// prompt, `options.samples` times, each followed by the forced choice when asked for. `id`
+/// seeds the sampling (a passage id: the same pair gets the same ratings anywhere).
+pub fn rating_asks(
+    instruction: &str,
+    output: &str,
+    version: &str,
+    id: u64,
+    options: &RateOptions,
+) -> Vec<Ask> {
+    let messages = rating_messages(instruction, output);
+    (0..options.samples.max(1))
+        .map(|i| Ask {
+            model: version.to_owned(),
+            messages: messages.clone(),
+            max_new_tokens: options.max_new_tokens,
+            choose: None,
+            // Cheap enough to ask always: its probabilities make the graded score, and its
+            // pick is the score of an answer that has none.
+            choose_after: options.forced_fallback.then(forced_choice),
+            sampling: if options.samples <= 1 {
+                Sampling::greedy()
+            } else {
+                Sampling {
+                    temperature: options.temperature,
+                    top_p: 1.0,
+                    seed: options.seed ^ id ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                }
+            },
+        })
+        .collect()
+}
+
+/// The rating samples read from the answers to [`rating_asks`]: each answer's parsed score or
+/// why it has none, the forced pick when it has none, and the forced choice's probabilities.
+pub fn read_samples(answers: Vec<GenAnswer>) -> Vec<RatingSample> {
+    answers
+        .into_iter()
+        .map(|a| match a.result {
+            Ok(raw) => {
+                let score = parse_score(&raw);
+                let forced = match score {
+                    Ok(_) => None,
+                    Err(_) => a.choice.and_then(|t| t.parse::<u8>().ok()),
+                };
+                RatingSample {
+                    raw,
+                    score,
+                    forced,
+                    forced_probs: a.choice_probs,
+                }
+            }
+            Err(e) => RatingSample {
+                raw: String::new(),
+                score: Err(crate::humpback::score::ScoreError::NotANumber(format!(
+                    "model error: {e}"
+                ))),
+                forced: None,
+                forced_probs: None,
+            },
+        })
+        .collect()
+}
+
+/// A candidate's rating from the answers to its [`rating_asks`].
+pub fn rate_samples_of(
+    candidate: Candidate,
+    model_version: String,
+    answers: Vec<GenAnswer>,
+) -> Rating {
+    rating_of(candidate, model_version, read_samples(answers))
+}
+
+/// A candidate's rating from its samples: the mean of their scores (parsed, else forced) and
+/// the mean of their graded scores.
+pub fn rating_of(
+    candidate: Candidate,
+    model_version: String,
+    samples: Vec<RatingSample>,
+) -> Rating {
+    let mean = |values: Vec<f64>| {
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    Rating {
+        score: mean(
+            samples
                 .iter()
                 .filter_map(|x| x.value())
                 .map(f64::from)
-                .collect();
-            Some(Rating {
-                score: (!values.is_empty())
-                    .then(|| values.iter().sum::<f64>() / values.len() as f64),
-                model_version: model,
-                samples,
-                candidate: c,
-            })
-        },
-    )
+                .collect(),
+        ),
+        graded: mean(samples.iter().filter_map(RatingSample::graded).collect()),
+        model_version,
+        samples,
+        candidate,
+    }
 }
 
 /// The score options of a forced choice, and the text put before them.

@@ -56,7 +56,13 @@ pub struct SinkConfig {
     pub progress: Arc<Progress>,
     /// One JSON object per finished round, for the metrics and the report.
     pub rounds_done: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Evaluates each new model on the training thread, right after it is trained (its
+    /// figures go into the round's summary).
+    pub evaluator: Option<Arc<crate::eval::rounds::LoopEval>>,
 }
+
+/// What the training thread hands back: the training and, with an evaluator, its figures.
+type Trained = (TrainOutcome, Option<crate::eval::rounds::ModelEval>);
 
 #[derive(Default)]
 struct RoundData {
@@ -87,7 +93,7 @@ pub fn train_sink<'s>(
                 c
             });
             let mut data: BTreeMap<u64, RoundData> = BTreeMap::new();
-            let mut training: Option<(JoinHandle<Result<TrainOutcome, String>>, PathBuf)> = None;
+            let mut training: Option<(JoinHandle<Result<Trained, String>>, PathBuf)> = None;
             move |(curated, frontier1), (marks, frontier2), output| {
                 curated.for_each_stamp(|c, d| {
                     let r = c.least().map_or(0, |t| round_of(*t));
@@ -113,7 +119,7 @@ pub fn train_sink<'s>(
                     let result = handle
                         .join()
                         .unwrap_or_else(|_| Err("the training thread panicked".into()));
-                    let outcome = match result {
+                    let (outcome, evaluation) = match result {
                         Ok(o) => o,
                         Err(e) => {
                             config
@@ -125,7 +131,11 @@ pub fn train_sink<'s>(
                     };
                     config.progress.set_status(String::new());
                     let finished = data.remove(&round).unwrap_or_default();
-                    let summary = round_summary(round, &finished, &outcome);
+                    let mut summary = round_summary(round, &finished, &outcome);
+                    if let Some(e) = evaluation {
+                        eprintln!("{}", crate::eval::rounds::describe(&e));
+                        summary["eval"] = serde_json::to_value(&e).unwrap_or_default();
+                    }
                     eprintln!(
                         "round {}: {} rated, {} curated; trained M{} (version {}) in {:.0}s",
                         round + 1,
@@ -216,9 +226,21 @@ pub fn train_sink<'s>(
                     config.seed.len(),
                     pairs.len()
                 );
+                let evaluator = config.evaluator.clone();
+                let index = round + 1;
                 let handle = std::thread::Builder::new()
-                    .name(format!("train-M{}", round + 1))
-                    .spawn(move || run_job(&job).map_err(|e| format!("{e:#}")));
+                    .name(format!("train-M{index}"))
+                    .spawn(move || {
+                        let outcome = run_job(&job).map_err(|e| format!("{e:#}"))?;
+                        let evaluation = match evaluator {
+                            Some(ev) => Some(
+                                ev.evaluate(index, &outcome.version, &job.out)
+                                    .map_err(|e| format!("evaluating M{index}: {e:#}"))?,
+                            ),
+                            None => None,
+                        };
+                        Ok((outcome, evaluation))
+                    });
                 match handle {
                     Ok(h) => {
                         training = Some((h, out));

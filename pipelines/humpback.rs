@@ -90,6 +90,11 @@ pub struct HumpbackArgs {
     /// Curate pairs whose (mean) score is at least this (the paper's A5: 5).
     #[arg(long, default_value_t = 5.0)]
     pub threshold: f64,
+    /// Curate by the graded score: the parsed `Score: N` where the model wrote one, else the
+    /// expected value of its forced choice over 1..5 (G-Eval), instead of the forced pick. For
+    /// models too small to write a score; pair it with a threshold such as 3.5.
+    #[arg(long)]
+    pub graded: bool,
     /// Watch this folder for new complete dumps; each batch of new dumps opens a new round.
     #[arg(long, value_name = "DIR")]
     pub follow: Option<PathBuf>,
@@ -151,6 +156,27 @@ pub struct HumpbackArgs {
     /// choice among 1..5 for answers without one.
     #[arg(long)]
     pub no_forced_score: bool,
+    /// Evaluate every forward model as it is trained (M_0, M_1, ...) on these prompts (JSON or
+    /// JSONL rows with `instruction`, optional `input` and reference `output`): reference NLL,
+    /// and with --judge the win rate against M_0. Figures in metrics.json and the report.
+    #[arg(long, value_name = "FILE", conflicts_with = "eval_holdout")]
+    pub eval_prompts: Option<PathBuf>,
+    /// Hold out the last N seed pairs from every training and evaluate on them (as
+    /// --eval-prompts would): the reference NLL of each round's model needs no extra model.
+    #[arg(long, value_name = "N")]
+    pub eval_holdout: Option<usize>,
+    /// Judge model for the in-loop win rates against M_0 (e.g. a Qwen2.5 1.5B Instruct GGUF).
+    #[arg(long, value_name = "PATH")]
+    pub judge: Option<PathBuf>,
+    /// How the judge's two orders make a verdict (see `backflow eval --help`).
+    #[arg(long, value_enum, default_value_t = crate::eval::run::JudgeRule::Prob)]
+    pub judge_rule: crate::eval::run::JudgeRule,
+    /// A selector dev set (`backflow selector-devset`): each model's precision and recall.
+    #[arg(long, value_name = "FILE")]
+    pub selector_dev: Option<PathBuf>,
+    /// Most tokens of each evaluation answer (with --judge).
+    #[arg(long, default_value_t = 128)]
+    pub eval_max_tokens: usize,
     /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
     pub cluster: ClusterArgs,
@@ -311,6 +337,7 @@ struct Job {
     train: TrainJob,
     seed: Vec<Record>,
     rounds_done: Arc<Mutex<Vec<serde_json::Value>>>,
+    evaluator: Option<Arc<crate::eval::rounds::LoopEval>>,
 }
 
 impl Job {
@@ -325,8 +352,64 @@ impl Job {
             stop: self.stop.clone(),
             progress: progress.clone(),
             rounds_done: self.rounds_done.clone(),
+            evaluator: self.evaluator.clone(),
         }
     }
+}
+
+/// The loop's evaluator, when evaluation prompts are given (`--eval-prompts`) or held out of
+/// the seed (`--eval-holdout`).
+fn loop_evaluator(
+    args: &HumpbackArgs,
+    held_out: &[Record],
+    client: crate::serve::ModelClient,
+) -> Result<Option<crate::eval::rounds::LoopEval>> {
+    use crate::eval::data::{read_dev_set, read_prompts, EvalPrompt};
+    let prompts: Vec<EvalPrompt> = match &args.eval_prompts {
+        Some(path) => read_prompts(path)?.rows,
+        None => crate::eval::devset::pairs_of(held_out)
+            .into_iter()
+            .map(|(instruction, output)| EvalPrompt {
+                instruction,
+                input: String::new(),
+                output: Some(output),
+            })
+            .collect(),
+    };
+    if prompts.is_empty() {
+        if args.judge.is_some() || args.selector_dev.is_some() {
+            bail!("--judge and --selector-dev need --eval-prompts FILE or --eval-holdout N");
+        }
+        return Ok(None);
+    }
+    let dev = match &args.selector_dev {
+        Some(p) => Some(read_dev_set(p)?.rows),
+        None => None,
+    };
+    let cfg = crate::eval::run::EvalConfig {
+        prompts: args.eval_prompts.clone().unwrap_or_default(),
+        out: args.out.join("eval"),
+        entries: Vec::new(),
+        baseline: None,
+        judge: args.judge.clone(),
+        judge_rule: args.judge_rule,
+        judge_tokens: 256,
+        selector_dev: args.selector_dev.clone(),
+        threshold: args.threshold,
+        rate_tokens: args.rate_tokens,
+        limit: None,
+        max_tokens: args.eval_max_tokens.max(1),
+        temperature: 0.7,
+        top_p: 0.9,
+        seed: args.random_seed,
+        system: Some(crate::cli::eval::paper_system_prompt()),
+        max_len: args.train_max_len,
+        precision: args.dtype,
+        max_batch: args.max_batch.max(1),
+    };
+    Ok(Some(crate::eval::rounds::LoopEval::new(
+        cfg, prompts, dev, client,
+    )?))
 }
 
 /// The folder of cached assets (scripts/fetch-assets.sh).
@@ -381,8 +464,16 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         bail!("no input files found in {corpus:?}");
     }
     let mut seed_stats = DataStats::default();
-    let seed = read_records(&seed_path, &mut seed_stats)
+    let mut seed = read_records(&seed_path, &mut seed_stats)
         .with_context(|| format!("reading the seed {}", seed_path.display()))?;
+    let held_out = match args.eval_holdout {
+        Some(n) if n >= seed.len() => bail!(
+            "--eval-holdout {n}: the seed has only {} pairs, and training needs some",
+            seed.len()
+        ),
+        Some(n) => seed.split_off(seed.len() - n),
+        None => Vec::new(),
+    };
     if seed.is_empty() {
         bail!("no seed pairs in {}", seed_path.display());
     }
@@ -404,7 +495,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
 
     let train = train_template(&args, &base);
     // Step 0 on process 0; the other processes receive its models along the dataflow.
-    let (step0_updates, step0_metrics) = if process == 0 {
+    let (step0_updates, mut step0_metrics) = if process == 0 {
         let (updates, metrics) = step0(&args, &train, &seed)?;
         for u in &updates {
             install(u, &client, &models_dir, &base)?;
@@ -413,6 +504,20 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     } else {
         (Vec::new(), serde_json::Value::Null)
     };
+    // Evaluation of each forward model (process 0, where the sink trains), M_0 first.
+    let evaluator = if process == 0 {
+        loop_evaluator(&args, &held_out, client.clone())?
+    } else {
+        None
+    };
+    if let Some(ev) = &evaluator {
+        if let Some(m0) = step0_updates.iter().find(|u| u.role == ModelRole::Forward) {
+            eprintln!("step 0: evaluating M_0");
+            let e = ev.evaluate(0, &m0.version, &m0.path)?;
+            eprintln!("{}", crate::eval::rounds::describe(&e));
+            step0_metrics["eval"] = serde_json::to_value(&e)?;
+        }
+    }
 
     // With --follow, the files an earlier run of this job took come first, each at the index it
     // had (so in the same round): the restart recomputes them (answers from the cache) and no
@@ -468,12 +573,14 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         },
         curate: CurateOptions {
             threshold: args.threshold,
+            graded: args.graded,
             ..CurateOptions::default()
         },
         rounds: args.rounds,
         train,
         seed,
         rounds_done: Arc::new(Mutex::new(Vec::new())),
+        evaluator: evaluator.map(Arc::new),
     };
     let rounds_done = job.rounds_done.clone();
     let reporter = Reporter::start("humpback", progress.clone(), 0, args.quiet);

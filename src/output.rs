@@ -72,12 +72,19 @@ pub fn rating_line(r: &Rating) -> Value {
         .samples
         .iter()
         .map(|s| match &s.score {
-            Ok(v) => json!({"raw": s.raw, "score": v}),
+            Ok(v) => json!({
+                "raw": s.raw,
+                "score": v,
+                "forced_probs": s.forced_probs,
+                "expected": s.expected(),
+            }),
             Err(e) => json!({
                 "raw": s.raw,
                 "score": null,
                 "error": {"kind": e.as_str(), "value": e.detail()},
                 "forced": s.forced,
+                "forced_probs": s.forced_probs,
+                "expected": s.expected(),
             }),
         })
         .collect();
@@ -86,6 +93,7 @@ pub fn rating_line(r: &Rating) -> Value {
         "instruction": r.candidate.instruction,
         "output": r.candidate.passage.text,
         "score": r.score,
+        "graded": r.graded,
         "model_version": r.model_version,
         "samples": samples,
         "source": source(&r.candidate),
@@ -99,6 +107,7 @@ pub fn curated_line(r: &Rating) -> Value {
         "input": "",
         "output": r.candidate.passage.text,
         "score": r.score,
+        "graded": r.graded,
         "model_version": r.model_version,
         "source": source(&r.candidate),
     })

@@ -98,6 +98,30 @@ pub struct Candidate {
     pub augment_version: String,
 }
 
+impl Candidate {
+    /// A pair given as data (a dataset to rate, a selector's dev set), as a candidate: the
+    /// output is the passage, its id a hash of `file` and `index` (seeding its sampling).
+    pub fn given(file: &str, index: u64, instruction: &str, output: &str) -> Candidate {
+        let id = xxhash_rust::xxh3::xxh3_64(format!("{file}\u{0}{index}").as_bytes());
+        Candidate {
+            passage: Passage {
+                id,
+                content_hash: crate::text::minhash::content_hash(output),
+                text: output.to_owned(),
+                url: String::new(),
+                record_id: index.to_string(),
+                origin: Origin {
+                    file: file.to_owned(),
+                    offset: index,
+                },
+                header_path: Vec::new(),
+            },
+            instruction: instruction.to_owned(),
+            augment_version: "given".into(),
+        }
+    }
+}
+
 /// One self-rating of a candidate by a forward model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Rating {
@@ -108,6 +132,12 @@ pub struct Rating {
     /// The mean of the samples' scores (read from the answer, or else the forced choice), or
     /// `None` when no sample has one.
     pub score: Option<f64>,
+    /// The graded score (G-Eval's probability-weighted score, Liu et al. 2023): the mean over
+    /// samples of the parsed score where the answer has one, else the expected value of the
+    /// forced choice's probabilities over `1`..`5`; `None` when no sample has either. Unlike
+    /// the forced choice's argmax it orders candidates a small model cannot score in words.
+    #[serde(default)]
+    pub graded: Option<f64>,
     /// Every sampled rating: the raw answer and what it parsed to.
     pub samples: Vec<RatingSample>,
 }
@@ -123,11 +153,38 @@ pub struct RatingSample {
     /// `Score: ` and only 1..5 were allowed (see `operators::rate`).
     #[serde(default)]
     pub forced: Option<u8>,
+    /// The probabilities of `1`..`5` in the forced choice after the answer (under the model's
+    /// whole next-token distribution), kept for every sample that had room for the choice,
+    /// whether or not the answer had a score of its own.
+    #[serde(default)]
+    pub forced_probs: Option<Vec<f32>>,
 }
 
 impl RatingSample {
     /// The sample's score: read from the answer, else forced.
     pub fn value(&self) -> Option<u8> {
         self.score.as_ref().ok().copied().or(self.forced)
+    }
+
+    /// The expected score under the forced choice's probabilities of `1`..`5`, renormalised
+    /// over those five; `None` without probabilities or when they are all zero.
+    pub fn expected(&self) -> Option<f64> {
+        let p = self.forced_probs.as_ref()?;
+        let total: f64 = p.iter().map(|&x| x as f64).sum();
+        (p.len() == 5 && total > 0.0 && total.is_finite()).then(|| {
+            p.iter()
+                .enumerate()
+                .map(|(i, &x)| (i + 1) as f64 * x as f64)
+                .sum::<f64>()
+                / total
+        })
+    }
+
+    /// The sample's graded score: read from the answer, else [`RatingSample::expected`].
+    pub fn graded(&self) -> Option<f64> {
+        match &self.score {
+            Ok(v) => Some(*v as f64),
+            Err(_) => self.expected(),
+        }
     }
 }

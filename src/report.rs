@@ -133,6 +133,13 @@ pub fn render(metrics: &Value) -> String {
     out.push_str("<h2>Throughput</h2>\n");
     throughput_plot(&mut out, metrics, &models);
 
+    let evals = model_evals(metrics);
+    if !evals.is_empty() {
+        out.push_str("<h2>Evaluation</h2>\n");
+        eval_plots(&mut out, &evals);
+        eval_table(&mut out, &evals);
+    }
+
     out.push_str("<h2>Rounds</h2>\n");
     rounds_table(&mut out, &rounds);
     out.push_str("<h2>Trained models</h2>\n");
@@ -450,6 +457,222 @@ fn header(out: &mut String, metrics: &Value, pipeline: &str, rounds: &[Round]) {
         );
     }
     out.push_str("</dl>\n</header>\n");
+}
+
+/// The evaluation of every forward model (`step0.eval` for M_0, then each round's `eval`).
+fn model_evals(metrics: &Value) -> Vec<&Value> {
+    let mut out: Vec<&Value> = get(metrics, &["step0", "eval"]).into_iter().collect();
+    if let Some(rounds) = get(metrics, &["rounds"]).and_then(Value::as_array) {
+        out.extend(rounds.iter().filter_map(|r| r.get("eval")));
+    }
+    out.retain(|e| e.is_object());
+    out
+}
+
+/// The win rate (and its interval) of an evaluated model under `rule`.
+fn eval_pair<'a>(e: &'a Value, rule: &str) -> Option<&'a Value> {
+    get(e, &["pairs"])?
+        .as_array()?
+        .iter()
+        .find(|p| string(p, &["rule"]) == Some(rule))
+}
+
+fn ci(p: &Value) -> Option<(f64, f64)> {
+    let c = get(p, &["ci95"])?.as_array()?;
+    Some((c.first()?.as_f64()?, c.get(1)?.as_f64()?))
+}
+
+/// A point per model: the value and, if any, its interval.
+type Point = (Option<f64>, Option<(f64, f64)>);
+/// A named series of points.
+type Series = (String, Vec<Point>);
+
+/// Two plots: reference NLL per model (`eval-nll`), and win rate against M_0 with its 95%
+/// interval per judge rule (`eval-win`).
+fn eval_plots(out: &mut String, evals: &[&Value]) {
+    let names: Vec<String> = evals
+        .iter()
+        .map(|e| string(e, &["model"]).unwrap_or(NA).to_owned())
+        .collect();
+    let nll: Vec<Point> = evals
+        .iter()
+        .map(|e| (num(e, &["reference", "nll"]), None))
+        .collect();
+    points_plot(
+        out,
+        "eval-nll",
+        "Reference NLL per model",
+        "Mean negative log-likelihood per token of the held-out reference answers (lower is better).",
+        "NLL (nats/token)",
+        &names,
+        &[("reference NLL".to_owned(), nll)],
+        None,
+    );
+    let rules: Vec<String> = ["prob", "text"]
+        .iter()
+        .filter(|r| evals.iter().any(|e| eval_pair(e, r).is_some()))
+        .map(|r| (*r).to_owned())
+        .collect();
+    let series: Vec<Series> = rules
+        .iter()
+        .map(|rule| {
+            (
+                format!("win rate vs M0 ({rule})"),
+                evals
+                    .iter()
+                    .map(|e| match eval_pair(e, rule) {
+                        Some(p) => (num(p, &["win_rate"]), ci(p)),
+                        None => (None, None),
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    if !series.is_empty() {
+        points_plot(
+            out,
+            "eval-win",
+            "Win rate against M0",
+            "Pairwise win rate judged in both orders (ties count half), with its Wilson 95% interval.",
+            "win rate",
+            &names,
+            &series,
+            Some((0.0, 1.0)),
+        );
+    }
+}
+
+/// Points per model (x: the models in order), one colour per series, with error bars where an
+/// interval is given. `fixed`: the y range, else the data's with a margin.
+#[allow(clippy::too_many_arguments)]
+fn points_plot(
+    out: &mut String,
+    id: &str,
+    title: &str,
+    desc: &str,
+    y_title: &str,
+    xs: &[String],
+    series: &[Series],
+    fixed: Option<(f64, f64)>,
+) {
+    let height = MARGIN_TOP + PLOT_H + MARGIN_BOTTOM + LEGEND_ROW_H;
+    svg_open(out, id, height, title, desc);
+    let values: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, pts)| {
+            pts.iter().flat_map(|(v, ci)| {
+                v.iter()
+                    .copied()
+                    .chain(ci.iter().flat_map(|(lo, hi)| [*lo, *hi]))
+            })
+        })
+        .filter(|v| v.is_finite())
+        .collect();
+    if values.is_empty() || xs.is_empty() {
+        no_data(out, height);
+        out.push_str("</svg>\n");
+        return;
+    }
+    let (lo, hi) = fixed.unwrap_or_else(|| {
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let pad = ((hi - lo) * 0.1).max(0.01);
+        ((lo - pad).max(0.0), hi + pad)
+    });
+    y_axis(out, lo, hi, tick_label, y_title);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let y_of = |v: f64| MARGIN_TOP + (hi - v.clamp(lo, hi)) / span * PLOT_H;
+    let slot = PLOT_W / xs.len() as f64;
+    for (i, x) in xs.iter().enumerate() {
+        w!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            c(MARGIN_LEFT + (i as f64 + 0.5) * slot),
+            c(MARGIN_TOP + PLOT_H + 18.0),
+            escape(x)
+        );
+    }
+    let offset = |k: usize| (k as f64 - (series.len() as f64 - 1.0) / 2.0) * 10.0;
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let colour = PALETTE[k % PALETTE.len()];
+        let mut path = String::new();
+        for (i, (v, interval)) in pts.iter().enumerate() {
+            let Some(v) = v.filter(|v| v.is_finite()) else {
+                continue;
+            };
+            let x = MARGIN_LEFT + (i as f64 + 0.5) * slot + offset(k);
+            if let Some((a, b)) = interval {
+                w!(
+                    out,
+                    "<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"{colour}\" stroke-width=\"2\"/>\n",
+                    c(y_of(*a)),
+                    c(y_of(*b)),
+                    x = c(x)
+                );
+            }
+            path += &format!(
+                "{}{} {} ",
+                if path.is_empty() { "M" } else { "L" },
+                c(x),
+                c(y_of(v))
+            );
+            w!(
+                out,
+                "<circle cx=\"{}\" cy=\"{}\" r=\"4\" fill=\"{colour}\"><title>{} {}: {}{}</title></circle>\n",
+                c(x),
+                c(y_of(v)),
+                escape(name),
+                escape(&xs[i]),
+                fmt_num(v),
+                interval
+                    .map(|(a, b)| format!(" [{}, {}]", fmt_num(a), fmt_num(b)))
+                    .unwrap_or_default()
+            );
+        }
+        if !path.is_empty() {
+            w!(
+                out,
+                "<path d=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-opacity=\"0.5\"/>\n",
+                path.trim_end()
+            );
+        }
+    }
+    let names: Vec<String> = series.iter().map(|(n, _)| n.clone()).collect();
+    legend(out, &names, 220.0);
+    out.push_str("</svg>\n");
+}
+
+/// One row per evaluated model (id `eval`).
+fn eval_table(out: &mut String, evals: &[&Value]) {
+    out.push_str(
+        "<table id=\"eval\">\n<tr><th>Model</th><th>Reference NLL</th><th>Tokens</th>\
+         <th>Win rate vs M0 (prob)</th><th>Win rate vs M0 (text)</th>\
+         <th>Selector precision</th><th>Selector recall</th><th>Mean answer chars</th></tr>\n",
+    );
+    let win = |e: &Value, rule: &str| match eval_pair(e, rule) {
+        Some(p) => match (num(p, &["win_rate"]), ci(p)) {
+            (Some(w), Some((a, b))) => format!("{} [{}, {}]", fmt_pct(w), fmt_pct(a), fmt_pct(b)),
+            (Some(w), None) => fmt_pct(w),
+            _ => NA.into(),
+        },
+        None => NA.into(),
+    };
+    for e in evals {
+        w!(
+            out,
+            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+            escape(string(e, &["model"]).unwrap_or(NA)),
+            num(e, &["reference", "nll"]).map(|v| format!("{v:.4}")).unwrap_or_else(|| NA.into()),
+            fmt_opt(num(e, &["reference", "tokens"])),
+            win(e, "prob"),
+            win(e, "text"),
+            fmt_opt(num(e, &["selector", "precision"])),
+            fmt_opt(num(e, &["selector", "recall"])),
+            fmt_opt(num(e, &["mean_length"])),
+        );
+    }
+    out.push_str("</table>\n");
 }
 
 fn rounds_table(out: &mut String, rounds: &[Round]) {
@@ -1119,6 +1342,36 @@ mod tests {
         let duplicate = html.find("<td>duplicate</td>").expect("duplicate row");
         assert!(too_short < duplicate);
         assert!(html.contains("<tr><th>total</th><td class=\"n\">10</td></tr>"));
+    }
+
+    /// M0's evaluation in step 0, M1's in round 1: the NLL points lie where the scale puts
+    /// them, the win rate's interval is drawn, and the table shows the figures.
+    #[test]
+    fn evaluation_plots_and_table() {
+        let mut m = sample();
+        m["step0"]["eval"] = json!({"model": "M0", "reference": {"nll": 2.0, "tokens": 300},
+                                    "pairs": [], "mean_length": 120.0});
+        m["rounds"][0]["eval"] = json!({"model": "M1", "reference": {"nll": 1.5, "tokens": 300},
+            "pairs": [{"rule": "prob", "win_rate": 0.75, "ci95": [0.5, 0.9]}],
+            "selector": {"precision": 0.5, "recall": 0.25}});
+        let html = render(&m);
+        let nll = svg(&html, "eval-nll");
+        // Range 1.5..2.0 padded by 0.05 each side: 1.45..2.05 over PLOT_H = 220 from y = 24.
+        // M0 (2.0) at 24 + 0.05/0.6*220 = 42.33; M1 (1.5) at 24 + 0.55/0.6*220 = 225.67.
+        assert!(nll.contains("cx=\"224.00\" cy=\"42.33\""), "{nll}");
+        assert!(nll.contains("cx=\"544.00\" cy=\"225.67\""), "{nll}");
+        let win = svg(&html, "eval-win");
+        // 0.75 on 0..1: y = 24 + 0.25*220 = 79; interval 0.5..0.9: 134 to 46.
+        assert!(win.contains("cy=\"79.00\""), "{win}");
+        assert!(
+            win.contains("y1=\"134.00\" x2=\"544.00\" y2=\"46.00\""),
+            "{win}"
+        );
+        assert!(html.contains("<td>M1</td><td class=\"n\">1.5000</td><td class=\"n\">300</td>\
+            <td class=\"n\">75.0% [50.0%, 90.0%]</td><td class=\"n\">n/a</td><td class=\"n\">0.500</td>\
+            <td class=\"n\">0.250</td>"), "{html}");
+        // No evaluation, no section.
+        assert!(!render(&sample()).contains("id=\"eval\""));
     }
 
     #[test]

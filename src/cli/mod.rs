@@ -1,5 +1,6 @@
 //! The `backflow` command line: one subcommand per job, each with its own flags.
 
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod train;
@@ -49,11 +50,19 @@ pub enum Command {
     /// Hugging Face folder (config.json, model.safetensors, tokenizer.json) for transformers,
     /// PEFT and llama.cpp's converter.
     Export(export::ExportArgs),
+    /// Does it align? Pairwise win rates judged by an LLM (both orders), the likelihood of
+    /// reference answers, and each model's precision and recall as a selector.
+    Eval(eval::EvalArgs),
+    /// Build a labelled dev set for `eval --selector-dev`: seed pairs as good; mismatched,
+    /// truncated and web-passage pairs as bad.
+    SelectorDevset(eval::DevsetArgs),
 }
 
 /// Parses the command line and runs the job.
 pub fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // The matches too: `eval` orders its entries as given across two flags.
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
     match cli.command {
         Command::Segment(args) => pipelines::segment::run(args),
         Command::Run { name, args } => {
@@ -75,5 +84,7 @@ pub fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
+        Command::Eval(args) => eval::run(args, matches.subcommand_matches("eval")),
+        Command::SelectorDevset(args) => eval::devset(args),
     }
 }

@@ -112,6 +112,7 @@ mod tests {
                 raw: "It is fine.".into(),
                 score: Err(e),
                 forced: Some(4),
+                forced_probs: Some(vec![0.1, 0.2, 0.3, 0.25, 0.05]),
             };
             let bytes = bincode::serialize(&sample).expect("serialize");
             let back: crate::records::RatingSample =

@@ -89,6 +89,40 @@ pub struct Completion {
     /// asked, or when the context had no room for the prefill.
     #[serde(default)]
     pub choice: Option<usize>,
+    /// With [`Completion::choice`]: each option's probability under the model's full
+    /// next-token distribution (so they sum to at most 1; the rest went to other tokens).
+    #[serde(default)]
+    pub choice_probs: Option<Vec<f32>>,
+}
+
+/// A forced choice's pick: the index of the most likely option, and each option's probability.
+pub type Picked = (usize, Vec<f32>);
+
+/// The most likely of `options` in one row of next-token `logits`, with the probability the
+/// model gives each option over the whole vocabulary (softmax of the row). `None` when no
+/// option is inside the vocabulary.
+pub fn pick_option(logits: &[f32], options: &[u32]) -> Option<Picked> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    // log-sum-exp in f64: 49k-152k terms, most of them tiny.
+    let log_z = max as f64
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    let mut best: Option<(usize, f32)> = None;
+    let mut probs = Vec::with_capacity(options.len());
+    for (i, &id) in options.iter().enumerate() {
+        let l = *logits.get(id as usize)?;
+        probs.push((l as f64 - log_z).exp() as f32);
+        if best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.map(|(i, _)| (i, probs))
 }
 
 /// Where the time of the last [`Generator::generate`] call went, for benchmarks and the model
@@ -303,7 +337,7 @@ impl<B: Backend> Generator<B> {
         want: &[usize],
         logits: &Tensor<B, 2>,
         host: Option<&[f32]>,
-    ) -> Result<Vec<Option<usize>>, ModelError> {
+    ) -> Result<Vec<Option<Picked>>, ModelError> {
         let vocab = self.model.config().vocab;
         let fetched;
         let (flat, row_of): (&[f32], Vec<usize>) = match host {
@@ -324,12 +358,7 @@ impl<B: Backend> Generator<B> {
             .map(|(&r, at)| {
                 let row = flat.get(at * vocab..(at + 1) * vocab)?;
                 let options = &requests[rows[r]].then_choose.as_ref()?.options;
-                options
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, &id)| row.get(id as usize).map(|l| (i, *l)))
-                    .max_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(i, _)| i)
+                pick_option(row, options)
             })
             .collect())
     }
@@ -345,6 +374,7 @@ impl<B: Backend> Generator<B> {
                         text: String::new(),
                         stop: StopReason::MaxTokens,
                         choice: None,
+                        choice_probs: None,
                     });
                     false
                 } else {
@@ -453,6 +483,7 @@ impl<B: Backend> Generator<B> {
                         text,
                         stop,
                         choice: None,
+                        choice_probs: None,
                     };
                     let Some(after) = &req.then_choose else {
                         done[rows[r]] = Some(completion);
@@ -480,7 +511,10 @@ impl<B: Backend> Generator<B> {
                     let picked =
                         self.pick_options(requests, &rows, &want, &logits, host.as_deref())?;
                     for ((r, mut completion), choice) in choose_now.into_iter().zip(picked) {
-                        completion.choice = choice;
+                        if let Some((i, probs)) = choice {
+                            completion.choice = Some(i);
+                            completion.choice_probs = Some(probs);
+                        }
                         done[rows[r]] = Some(completion);
                     }
                 }

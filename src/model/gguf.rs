@@ -172,10 +172,20 @@ pub enum GgmlType {
     Q4_0,
     /// 32 values: f16 scale and minimum, 16 bytes of 4-bit values.
     Q4_1,
+    /// 32 values: f16 scale, 5-bit values offset by 16 (4 bits in nibbles, the 5th in a u32).
+    Q5_0,
+    /// 32 values: f16 scale and minimum, 5-bit values.
+    Q5_1,
     /// 32 values: f16 scale, 32 signed bytes.
     Q8_0,
+    /// 256 values of 2 bits in 16 sub-blocks with 4-bit scales and mins.
+    Q2_K,
+    /// 256 values of 3 bits (2 low bits + a high-bit mask) in 16 sub-blocks with 6-bit scales.
+    Q3_K,
     /// 256 values in 8 sub-blocks with 6-bit scales and mins.
     Q4_K,
+    /// 256 values of 5 bits in 8 sub-blocks with 6-bit scales and mins.
+    Q5_K,
     /// 256 values of 6 bits in 16 sub-blocks with 8-bit scales.
     Q6_K,
     /// bfloat16.
@@ -192,8 +202,13 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
             12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
             14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             other => GgmlType::Other(other),
@@ -207,17 +222,17 @@ impl GgmlType {
             GgmlType::F16 => "F16".into(),
             GgmlType::Q4_0 => "Q4_0".into(),
             GgmlType::Q4_1 => "Q4_1".into(),
+            GgmlType::Q5_0 => "Q5_0".into(),
+            GgmlType::Q5_1 => "Q5_1".into(),
             GgmlType::Q8_0 => "Q8_0".into(),
+            GgmlType::Q2_K => "Q2_K".into(),
+            GgmlType::Q3_K => "Q3_K".into(),
             GgmlType::Q4_K => "Q4_K".into(),
+            GgmlType::Q5_K => "Q5_K".into(),
             GgmlType::Q6_K => "Q6_K".into(),
             GgmlType::BF16 => "BF16".into(),
             GgmlType::Other(id) => match id {
-                6 => "Q5_0".into(),
-                7 => "Q5_1".into(),
                 9 => "Q8_1".into(),
-                10 => "Q2_K".into(),
-                11 => "Q3_K".into(),
-                13 => "Q5_K".into(),
                 15 => "Q8_K".into(),
                 _ => format!("ggml type id {id}"),
             },
@@ -231,8 +246,13 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => Some((1, 2)),
             GgmlType::Q4_0 => Some((QK, 2 + QK / 2)),
             GgmlType::Q4_1 => Some((QK, 4 + QK / 2)),
+            GgmlType::Q5_0 => Some((QK, 2 + 4 + QK / 2)),
+            GgmlType::Q5_1 => Some((QK, 4 + 4 + QK / 2)),
             GgmlType::Q8_0 => Some((QK, 2 + QK)),
+            GgmlType::Q2_K => Some((QK_K, QK_K / 16 + QK_K / 4 + 2 + 2)),
+            GgmlType::Q3_K => Some((QK_K, QK_K / 8 + QK_K / 4 + 12 + 2)),
             GgmlType::Q4_K => Some((QK_K, 4 + 12 + QK_K / 2)),
+            GgmlType::Q5_K => Some((QK_K, 4 + 12 + QK_K / 8 + QK_K / 2)),
             GgmlType::Q6_K => Some((QK_K, QK_K / 2 + QK_K / 4 + QK_K / 16 + 2)),
             GgmlType::Other(_) => None,
         }
@@ -702,6 +722,125 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
                 }
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // block_q5_0 { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; }: x = (q5 - 16) * d;
+            // block_q5_1 { ggml_half d; ggml_half m; uint8_t qh[4]; uint8_t qs[16]; }:
+            // x = q5 * d + m. Nibbles as in Q4_0; bit j of qh is the 5th bit of element j.
+            let with_min = ty == GgmlType::Q5_1;
+            let at = if with_min { 4 } else { 2 };
+            for (y, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
+                let d = f16_at(b, 0);
+                let m = if with_min { f16_at(b, 2) } else { 0.0 };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let qs = &b[at + 4..];
+                for j in 0..QK / 2 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    let (q0, q1) = ((qs[j] & 0x0F) | h0, (qs[j] >> 4) | h1);
+                    if with_min {
+                        y[j] = q0 as f32 * d + m;
+                        y[j + QK / 2] = q1 as f32 * d + m;
+                    } else {
+                        y[j] = (q0 as i32 - 16) as f32 * d;
+                        y[j + QK / 2] = (q1 as i32 - 16) as f32 * d;
+                    }
+                }
+            }
+        }
+        GgmlType::Q2_K => {
+            // block_q2_K { uint8_t scales[16]; uint8_t qs[64]; ggml_half d; ggml_half dmin; }:
+            // two halves of 128; each byte of a half's 32 holds four 2-bit values (shifts
+            // 0, 2, 4, 6), 16 values per 4-bit scale (low nibble) and min (high nibble).
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
+                let (scales, qs) = (&b[..16], &b[16..80]);
+                let d = f16_at(b, 80);
+                let dmin = f16_at(b, 82);
+                let mut is = 0;
+                for half in 0..2 {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for j in 0..4 {
+                        let shift = 2 * j;
+                        for part in 0..2 {
+                            let sc = scales[is];
+                            is += 1;
+                            let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
+                            let y = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                            for (l, v) in y.iter_mut().enumerate() {
+                                *v = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            // block_q3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; ggml_half d; }:
+            // laid out as Q2_K, each value's 3rd bit in hmask (bit j of byte l for the j-th group
+            // of 32; a clear bit subtracts 4); sixteen 6-bit scales offset by 32.
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
+                let (hmask, qs) = (&b[..32], &b[32..96]);
+                let scales = q3k_scales(&b[96..108]);
+                let d = f16_at(b, 108);
+                let mut is = 0;
+                for half in 0..2 {
+                    let q = &qs[32 * half..32 * half + 32];
+                    for j in 0..4 {
+                        let shift = 2 * j;
+                        let bit = 1u8 << (4 * half + j);
+                        for part in 0..2 {
+                            let dl = d * (scales[is] as i32 - 32) as f32;
+                            is += 1;
+                            let y = &mut y[128 * half + 32 * j + 16 * part..][..16];
+                            for (l, v) in y.iter_mut().enumerate() {
+                                let k = 16 * part + l;
+                                let low = ((q[k] >> shift) & 3) as i32;
+                                let high = if hmask[k] & bit != 0 { 0 } else { 4 };
+                                *v = dl * (low - high) as f32;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q5_K => {
+            // block_q5_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qh[32];
+            // uint8_t qs[128]; }: Q4_K's layout plus a 5th bit per value, bit 2g (low nibbles)
+            // and 2g+1 (high nibbles) of qh[l] for group g of 64.
+            for (y, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(block_bytes))
+            {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..];
+                for g in 0..QK_K / 64 {
+                    let (sc1, m1) = scale_min_k4(2 * g, scales);
+                    let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let (u1, u2) = (1u8 << (2 * g), 1u8 << (2 * g + 1));
+                    let q = &qs[32 * g..32 * g + 32];
+                    let y = &mut y[64 * g..64 * g + 64];
+                    for l in 0..32 {
+                        let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        y[l] = d1 * ((q[l] & 0x0F) + h1) as f32 - m1;
+                        y[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+                    }
+                }
+            }
+        }
         GgmlType::Q8_0 => {
             // block_q8_0 { ggml_half d; int8_t qs[32]; }
             for (y, b) in out
@@ -769,6 +908,23 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
         GgmlType::Other(_) => return Err(UnsupportedType(ty)),
     }
     Ok(out)
+}
+
+/// Q3_K's sixteen 6-bit scales, unpacked from 12 bytes as ggml's `dequantize_row_q3_K` does:
+/// the low 4 bits of scale i are nibbles of bytes 0..8 (scales 0..8 low nibbles, 8..16 high),
+/// the top 2 bits come from bytes 8..12, two bits per scale.
+fn q3k_scales(packed: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            packed[i] & 0x0F
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *o = low | (high << 4);
+    }
+    out
 }
 
 /// ggml's `get_scale_min_k4`: the j-th 6-bit (scale, min) pair packed in 12 bytes.
@@ -995,9 +1151,10 @@ mod tests {
     #[test]
     fn unsupported_type_is_an_error() {
         assert_eq!(
-            dequantize(GgmlType::Other(13), &[0u8; 176], 256),
-            Err(UnsupportedType(GgmlType::Other(13)))
+            dequantize(GgmlType::Other(9), &[0u8; 36], 32),
+            Err(UnsupportedType(GgmlType::Other(9)))
         );
-        assert_eq!(GgmlType::Other(13).name(), "Q5_K");
+        assert_eq!(GgmlType::Other(9).name(), "Q8_1");
+        assert_eq!(GgmlType::from_id(13), GgmlType::Q5_K);
     }
 }

@@ -14,7 +14,7 @@ pub mod cache;
 
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::device::{default_device, DefaultBackend, Precision};
-use crate::model::generate::{ChoiceAfter, Generator, Request};
+use crate::model::generate::{pick_option, ChoiceAfter, Generator, Request};
 use crate::model::sampling::Sampling;
 use crate::model::tokenizer::Tokenizer;
 use cache::{answer_key, AnswerCache, AnswerKey, CacheError, CachedAnswer};
@@ -146,19 +146,31 @@ impl Choice {
     }
 }
 
-/// How the answer cache stores an answer with a choice made after it: the choice (no NUL, see
-/// [`Choice::option_ids`]; empty for none), NUL, the answer.
-fn pack_choice(choice: Option<&str>, text: &str) -> String {
-    format!("{}\u{0}{text}", choice.unwrap_or(""))
+/// How the answer cache stores an answer with a choice: the choice (no NUL, see
+/// [`Choice::option_ids`]; empty for none), NUL, the options' probabilities (comma-separated,
+/// empty for none), NUL, the answer. Keys of such answers carry a tag of their own
+/// ([`Choice::cache_messages`]), so entries written before probabilities were kept are never
+/// read in this form.
+fn pack_choice(choice: Option<&str>, probs: Option<&[f32]>, text: &str) -> String {
+    let probs = probs
+        .map(|p| p.iter().map(f32::to_string).collect::<Vec<_>>().join(","))
+        .unwrap_or_default();
+    format!("{}\u{0}{probs}\u{0}{text}", choice.unwrap_or(""))
 }
 
 /// The inverse of [`pack_choice`].
-fn unpack_choice(packed: &str) -> (Option<String>, String) {
-    match packed.split_once('\u{0}') {
-        Some(("", text)) => (None, text.to_owned()),
-        Some((choice, text)) => (Some(choice.to_owned()), text.to_owned()),
-        None => (None, packed.to_owned()),
-    }
+fn unpack_choice(packed: &str) -> (Option<String>, Option<Vec<f32>>, String) {
+    let mut parts = packed.splitn(3, '\u{0}');
+    let (Some(choice), Some(probs), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+        return (None, None, packed.to_owned());
+    };
+    let probs: Option<Vec<f32>> = if probs.is_empty() {
+        None
+    } else {
+        probs.split(',').map(|p| p.parse().ok()).collect()
+    };
+    let choice = (!choice.is_empty()).then(|| choice.to_owned());
+    (choice, probs, text.to_owned())
 }
 
 /// The answer to one [`GenRequest`].
@@ -169,8 +181,13 @@ pub struct GenAnswer {
     /// The generated text, or why there is none.
     pub result: Result<String, String>,
     /// With [`GenRequest::choose_after`]: the option picked after the answer (`None` when the
-    /// context had no room for the choice, or not asked).
+    /// context had no room for the choice, or not asked); with [`GenRequest::choose`], the
+    /// option picked (also the `result`).
     pub choice: Option<String>,
+    /// With `choice`: each option's probability, in the order of [`Choice::options`], under
+    /// the model's whole next-token distribution (the probability-weighted scores of G-Eval
+    /// and a judge's verdict probabilities are read from these).
+    pub choice_probs: Option<Vec<f32>>,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
     /// Generated tokens.
@@ -562,13 +579,13 @@ fn from_cache(
     let key = match (&r.choose, &r.choose_after) {
         (Some(c), _) => answer_key(
             &version,
-            &c.cache_messages(&r.messages, "choice"),
+            &c.cache_messages(&r.messages, "choice-p"),
             1,
             &Sampling::greedy(),
         ),
         (None, Some(c)) => answer_key(
             &version,
-            &c.cache_messages(&r.messages, "choice-after"),
+            &c.cache_messages(&r.messages, "choice-after-p"),
             r.max_new_tokens,
             &r.sampling,
         ),
@@ -584,15 +601,16 @@ fn from_cache(
                     ..VersionStats::default()
                 },
             );
-            let (choice, text) = if r.choose_after.is_some() {
+            let (choice, choice_probs, text) = if r.choose.is_some() || r.choose_after.is_some() {
                 unpack_choice(&hit.text)
             } else {
-                (None, hit.text.clone())
+                (None, None, hit.text.clone())
             };
             Reply {
                 request: r,
                 result: Ok(text),
                 choice,
+                choice_probs,
                 prompt_tokens: hit.prompt_tokens,
                 new_tokens: hit.new_tokens,
             }
@@ -698,14 +716,19 @@ fn run_batches(
                             p.request.choose_after.as_ref().and_then(|after| {
                                 c.choice.and_then(|i| after.options.get(i).cloned())
                             });
+                        let probs = choice.as_ref().and(c.choice_probs);
                         let reply = settle(
                             &mut d,
                             cache.as_deref_mut(),
-                            p,
-                            text,
-                            choice,
-                            req.prompt_ids.len(),
-                            c.ids.len(),
+                            p.key,
+                            Reply {
+                                request: p.request,
+                                result: Ok(text),
+                                choice,
+                                choice_probs: probs,
+                                prompt_tokens: req.prompt_ids.len(),
+                                new_tokens: c.ids.len(),
+                            },
                         );
                         replies.push(reply);
                     }
@@ -730,6 +753,7 @@ struct Reply {
     request: GenRequest,
     result: Result<String, String>,
     choice: Option<String>,
+    choice_probs: Option<Vec<f32>>,
     prompt_tokens: usize,
     new_tokens: usize,
 }
@@ -741,6 +765,7 @@ impl Reply {
             request,
             result: Err(message),
             choice: None,
+            choice_probs: None,
             prompt_tokens: 0,
             new_tokens: 0,
         }
@@ -759,6 +784,7 @@ impl Reply {
             ticket,
             result: self.result,
             choice: self.choice,
+            choice_probs: self.choice_probs,
             prompt_tokens: self.prompt_tokens,
             new_tokens: self.new_tokens,
         });
@@ -792,21 +818,19 @@ fn fail_all(d: &mut VersionStats, chunk: Vec<Pending>, message: &str) -> Vec<Rep
         .collect()
 }
 
-/// Counts a successful answer and saves it in the cache; returns the reply to send.
+/// Counts a successful answer and saves it in the cache under `key`; returns the reply.
 fn settle(
     d: &mut VersionStats,
     cache: Option<&mut AnswerCache>,
-    p: Pending,
-    text: String,
-    choice: Option<String>,
-    prompt_tokens: usize,
-    new_tokens: usize,
+    key: Option<AnswerKey>,
+    reply: Reply,
 ) -> Reply {
-    d.prompt_tokens += prompt_tokens as u64;
-    d.new_tokens += new_tokens as u64;
-    if let (Some(cache), Some(key)) = (cache, p.key) {
-        let stored = if p.request.choose_after.is_some() {
-            pack_choice(choice.as_deref(), &text)
+    d.prompt_tokens += reply.prompt_tokens as u64;
+    d.new_tokens += reply.new_tokens as u64;
+    if let (Some(cache), Some(key), Ok(text)) = (cache, key, &reply.result) {
+        let r = &reply.request;
+        let stored = if r.choose.is_some() || r.choose_after.is_some() {
+            pack_choice(reply.choice.as_deref(), reply.choice_probs.as_deref(), text)
         } else {
             text.clone()
         };
@@ -814,18 +838,12 @@ fn settle(
             key,
             CachedAnswer {
                 text: stored,
-                prompt_tokens,
-                new_tokens,
+                prompt_tokens: reply.prompt_tokens,
+                new_tokens: reply.new_tokens,
             },
         );
     }
-    Reply {
-        request: p.request,
-        result: Ok(text),
-        choice,
-        prompt_tokens,
-        new_tokens,
-    }
+    reply
 }
 
 /// Answers a batch of [`Choice`] requests with one batched forward pass.
@@ -857,22 +875,26 @@ fn run_choices(
             for (((p, ids), opts), row) in chunk.into_iter().zip(&prompts).zip(options).zip(logits)
             {
                 let picked = opts.and_then(|opts| {
-                    opts.iter()
-                        .enumerate()
-                        .filter_map(|(i, &id)| row.get(id as usize).map(|l| (i, *l)))
-                        .max_by(|a, b| a.1.total_cmp(&b.1))
-                        .and_then(|(i, _)| p.request.choose.as_ref().map(|c| c.options[i].clone()))
+                    pick_option(&row, &opts)
+                        .and_then(|(i, probs)| {
+                            let c = p.request.choose.as_ref()?;
+                            Some((c.options.get(i)?.clone(), probs))
+                        })
                         .ok_or_else(|| "no option to choose from".to_owned())
                 });
                 match picked {
-                    Ok(text) => replies.push(settle(
+                    Ok((text, probs)) => replies.push(settle(
                         &mut d,
                         cache.as_deref_mut(),
-                        p,
-                        text,
-                        None,
-                        ids.len(),
-                        1,
+                        p.key,
+                        Reply {
+                            request: p.request,
+                            result: Ok(text.clone()),
+                            choice: Some(text),
+                            choice_probs: Some(probs),
+                            prompt_tokens: ids.len(),
+                            new_tokens: 1,
+                        },
                     )),
                     Err(e) => {
                         d.prompt_tokens += ids.len() as u64;

@@ -598,6 +598,44 @@ pub fn load_for_inference<B: Backend>(
     })
 }
 
+/// Loads a GGUF file, an HF folder, or a LoRA adapter folder (merged onto its base) as the
+/// training model, all weights frozen in f32, with its tokenizer: for losses computed exactly
+/// as training computes them (`train::sft::eval_loss`), e.g. the likelihood of reference
+/// answers in `backflow eval`.
+pub fn load_for_loss<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(TrainLlama<B>, TokenizerSource), TrainError> {
+    use super::model::TrainMode;
+    if !is_adapter(path) {
+        let mut base = BaseModel::open(path)?;
+        let cfg = base.config().clone();
+        let model = base.with_source(|src| TrainLlama::load(cfg, src, &TrainMode::Full, device))?;
+        return Ok((model, base.tokenizer().0));
+    }
+    let adapter = Adapter::read(path)?;
+    let mut base = BaseModel::open(&adapter.base)?;
+    let cfg = base.config().clone();
+    let model = base.with_source(|src| {
+        TrainLlama::load(
+            cfg,
+            &mut Merged {
+                base: src,
+                adapter: &adapter,
+            },
+            &TrainMode::Full,
+            device,
+        )
+    })?;
+    let own = path.join("tokenizer.json");
+    let tokenizer = if own.exists() {
+        TokenizerSource::TokenizerJson(own)
+    } else {
+        base.tokenizer().0
+    };
+    Ok((model, tokenizer))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,9 @@ Writes tests/reference/smollm2_logits.json: for each prompt (token ids) the next
 top-20 (ids, values), argmax, sum, sum of squares and a strided sample of 50 values.
 Also writes tests/reference/quant_blocks.json: raw blocks of every quant type the loader
 supports and gguf's numpy dequantization of them (real blocks from the model where it has that
-type, seeded random blocks with sane scales otherwise).
+type, seeded random blocks with sane scales otherwise), and tests/reference/smollm2_nll.json:
+the mean NLL per target token of one chat (its ids and target mask included), the independent
+check of `backflow eval`'s reference NLL. `--blocks-only` / `--nll-only` write only that file.
 
 Setup: python3 -m venv ~/.cache/backflow/venv-ref && ~/.cache/backflow/venv-ref/bin/pip install gguf numpy
 Run:   ~/.cache/backflow/venv-ref/bin/python tests/reference/llama_ref.py [MODEL.gguf]
@@ -82,7 +84,7 @@ def rope_adjacent(x, theta):
     return out
 
 
-def forward(cfg, w, ids):
+def forward(cfg, w, ids, all_positions=False):
     H, nh, nkv = cfg["hidden"], cfg["n_heads"], cfg["n_kv"]
     d = H // nh
     x = w["token_embd.weight"][ids]  # (seq, H)
@@ -107,9 +109,48 @@ def forward(cfg, w, ids):
         g = h @ w[p + "ffn_gate.weight"].T
         u = h @ w[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
-    x = rms(x[-1], w["output_norm.weight"], cfg["eps"])
     head = w.get("output.weight", w["token_embd.weight"])
+    if all_positions:
+        return rms(x, w["output_norm.weight"], cfg["eps"]) @ head.T  # (seq, vocab)
+    x = rms(x[-1], w["output_norm.weight"], cfg["eps"])
     return head @ x
+
+
+def chatml_ids(tokens, turns):
+    """ChatML ids of (role, text) turns, each closed by <|im_end|>\n; returns the ids and, per
+    id, whether it is a target (the assistant's text and its <|im_end|>, as training masks)."""
+    ids, target = [], []
+    for role, text in turns:
+        head = [1] + greedy_ids(tokens, role + "\n")
+        body = greedy_ids(tokens, text) + [2]
+        ids += head + body + greedy_ids(tokens, "\n")
+        target += [False] * len(head) + [role == "assistant"] * len(body) + [False]
+    return ids, target
+
+
+def reference_nll(cfg, w, tokens):
+    """The mean NLL per target token of one conversation (tests/reference/smollm2_nll.json)."""
+    turns = [
+        ("system", "Answer in the style of an AI Assistant."),
+        ("user", "Name three primary colours."),
+        ("assistant", "Red, yellow and blue are the three primary colours of paint."),
+    ]
+    ids, target = chatml_ids(tokens, turns)
+    logits = forward(cfg, w, ids, all_positions=True)
+    nll = []
+    for t in range(1, len(ids)):
+        if target[t]:
+            row = logits[t - 1]
+            m = row.max()
+            lse = m + np.log(np.exp(row - m).sum())
+            nll.append(lse - row[ids[t]])
+    return {
+        "note": "numpy float64 forward over the whole sequence; token t is predicted at t - 1",
+        "ids": ids,
+        "target": target,
+        "tokens": len(nll),
+        "nll": float(np.mean(nll)),
+    }
 
 
 def greedy_ids(tokens, text):
@@ -135,7 +176,9 @@ def quant_blocks(reader):
     by_type = {}
     for t in reader.tensors:
         by_type.setdefault(t.tensor_type, t)
-    for qt in [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]:
+    types = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
+             Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+    for qt in types:
         block_size, type_size = gguf.GGML_QUANT_SIZES[qt]
         n_blocks = 4 if block_size == 256 else 16
         if qt in by_type:
@@ -146,8 +189,20 @@ def quant_blocks(reader):
             raw = rng.integers(0, 256, size=n_blocks * type_size, dtype=np.uint8)
             blocks = raw.reshape(n_blocks, type_size)
             f16 = lambda v: np.array(v, dtype=np.float16).view(np.uint8)
-            if qt in (Q.Q4_0, Q.Q8_0):
+            half = lambda lo, hi: np.array(rng.uniform(lo, hi, n_blocks), dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
+            if qt in (Q.Q4_0, Q.Q8_0, Q.Q5_0):
                 blocks[:, 0:2] = f16(rng.uniform(-0.05, 0.05, n_blocks))[:, None].view(np.uint8).reshape(n_blocks, 2)
+            elif qt == Q.Q5_1:
+                blocks[:, 0:2] = half(0.001, 0.05)
+                blocks[:, 2:4] = half(-0.5, 0.5)
+            elif qt == Q.Q2_K:
+                blocks[:, 80:82] = half(0.001, 0.02)
+                blocks[:, 82:84] = half(0.001, 0.02)
+            elif qt == Q.Q3_K:
+                blocks[:, 108:110] = half(-0.01, 0.01)
+            elif qt == Q.Q5_K:
+                blocks[:, 0:2] = half(0.001, 0.02)
+                blocks[:, 2:4] = half(0.001, 0.02)
             elif qt == Q.Q4_K:
                 blocks[:, 0:2] = np.array(rng.uniform(0.001, 0.02, n_blocks), dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
                 blocks[:, 2:4] = np.array(rng.uniform(0.001, 0.02, n_blocks), dtype=np.float16).view(np.uint8).reshape(n_blocks, 2)
@@ -177,8 +232,18 @@ def quant_blocks(reader):
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else MODEL
+    args = [a for a in sys.argv[1:] if a not in ("--blocks-only", "--nll-only")]
+    path = args[0] if args else MODEL
     reader, cfg, w, tokens = load(path)
+    if "--nll-only" in sys.argv:
+        with open(os.path.join(HERE, "smollm2_nll.json"), "w") as f:
+            json.dump(reference_nll(cfg, w, tokens), f)
+        return
+    if "--blocks-only" in sys.argv:
+        # Only tests/reference/quant_blocks.json (the forward pass takes minutes).
+        with open(os.path.join(HERE, "quant_blocks.json"), "w") as f:
+            json.dump(quant_blocks(reader), f)
+        return
     france = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = []
     for i, part in enumerate(france.split("<|im_start|>")):
@@ -217,6 +282,8 @@ def main():
         json.dump(doc, f, indent=1)
     with open(os.path.join(HERE, "quant_blocks.json"), "w") as f:
         json.dump(quant_blocks(reader), f)
+    with open(os.path.join(HERE, "smollm2_nll.json"), "w") as f:
+        json.dump(reference_nll(cfg, w, tokens), f)
 
 
 if __name__ == "__main__":
