@@ -128,8 +128,10 @@ fetch_llamacpp() {
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet numpy
   # Built from the sdist for this machine's CPU (GGML_NATIVE: its AVX2/AVX-512), so the comparison is
-  # against llama.cpp at its best here; verbose output goes to a log, not the terminal.
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+  # against llama.cpp at its best here; verbose output goes to a log, not the terminal. AMX off: a
+  # CPU can list AMX while its VM does not grant the tile state, and llama.cpp's AMX matmul then
+  # dies of SIGILL at the first `tilezero` (seen on this project's machines, 2026-11-29).
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     "$venv/bin/pip" install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 \
     >"$tmp/llamacpp-build.log" 2>&1 || { tail -n 40 "$tmp/llamacpp-build.log" >&2; return 1; }
   touch "$venv/.complete"

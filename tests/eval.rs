@@ -11,16 +11,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn model() -> Option<PathBuf> {
-    let p = cache_dir().join("model/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let seed = cache_dir().join("seed/seed_tasks.jsonl");
-    if p.exists() && seed.exists() {
-        Some(p)
-    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
-        panic!("assets missing: run scripts/fetch-assets.sh model seed");
-    } else {
-        eprintln!("skipping: model or seed tasks not cached");
-        None
-    }
+    model_and_seed()
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
@@ -41,12 +32,7 @@ fn json(path: &Path) -> Value {
 fn reference_nll_matches_the_numpy_reference() {
     let Some(model) = model() else { return };
     let r: Value = serde_json::from_str(include_str!("reference/smollm2_nll.json")).expect("ref");
-    let ids: Vec<u32> = r["ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
+    let ids = ids(&r["ids"]);
     let trained: Vec<bool> = r["target"]
         .as_array()
         .expect("target")
@@ -234,12 +220,7 @@ fn eval_end_to_end_identical_answers_even_and_cached_rerun() {
         );
     }
     for j in judgments.iter().filter(|j| j["rule"] == "prob") {
-        let p: Vec<f64> = j["probs"]
-            .as_array()
-            .expect("probs")
-            .iter()
-            .map(|v| v.as_f64().expect("p"))
-            .collect();
+        let p = floats(&j["probs"]);
         assert_eq!(p.len(), 3);
         assert!(p.iter().all(|x| (0.0..=1.0).contains(x)) && p.iter().sum::<f64>() <= 1.0 + 1e-5);
     }
@@ -269,12 +250,7 @@ fn eval_end_to_end_identical_answers_even_and_cached_rerun() {
     assert_eq!(total, 2 * n as u64);
     for r in &rated {
         let s = &r["samples"][0];
-        let probs: Vec<f64> = s["forced_probs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("forced_probs in {r}"))
-            .iter()
-            .map(|v| v.as_f64().expect("p"))
-            .collect();
+        let probs = floats(&s["forced_probs"]);
         assert_eq!(probs.len(), 5);
         let total: f64 = probs.iter().sum();
         let expected: f64 = probs

@@ -213,6 +213,66 @@ fn report_in_a_browser(out: &Path, m: &serde_json::Value) {
     assert!(dom.contains(&m1[..12]), "the report names M1 ({m1})");
 }
 
+/// The in-loop evaluation of a run with `--eval-holdout 4 --judge`: M_0 after step 0 and each
+/// round's model, with the reference NLL of the 4 held-out pairs, and each later model judged
+/// against M_0 on them in both orders; the files hold what metrics.json counts.
+fn check_evaluation(out: &Path, m: &serde_json::Value) {
+    let m0 = &m["step0"]["eval"];
+    assert_eq!(m0["model"], "M0", "{m0}");
+    let r = &m0["reference"];
+    assert_eq!(
+        r["examples"].as_u64().unwrap() + r["skipped"].as_u64().unwrap(),
+        4,
+        "{r}"
+    );
+    assert!(r["nll"].as_f64().unwrap() > 0.0);
+    assert!(
+        m0["pairs"].as_array().unwrap().is_empty(),
+        "M0 is the baseline"
+    );
+    let rounds = m["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for (i, round) in rounds.iter().enumerate() {
+        let e = &round["eval"];
+        let name = format!("M{}", i + 1);
+        assert_eq!(e["model"], name.as_str(), "{e}");
+        assert_eq!(e["version"], round["train"]["version"]);
+        assert!(e["reference"]["nll"].as_f64().unwrap() > 0.0);
+        let pairs = e["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), 1, "the prob rule by default: {e}");
+        let p = &pairs[0];
+        assert_eq!(
+            (p["rule"].as_str(), p["baseline"].as_str()),
+            (Some("prob"), Some("M0"))
+        );
+        let counted: u64 = ["wins", "losses", "ties", "unparsed"]
+            .iter()
+            .map(|k| p[*k].as_u64().unwrap())
+            .sum();
+        assert_eq!(counted, 4);
+        let answers =
+            std::fs::read_to_string(out.join(format!("eval/answers-{name}.jsonl"))).unwrap();
+        assert_eq!(
+            answers.lines().count() as u64,
+            e["answers"].as_u64().unwrap()
+        );
+        let judgments =
+            std::fs::read_to_string(out.join(format!("eval/judgments-{name}.jsonl"))).unwrap();
+        assert_eq!(
+            judgments.lines().count(),
+            2 * 4,
+            "both orders of every prompt"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for id in ["eval-nll", "eval-win", "eval"] {
+        assert!(
+            report.contains(&format!("id=\"{id}\"")),
+            "report section {id}"
+        );
+    }
+}
+
 #[test]
 fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
     let Some((model, seed, pages)) = assets() else {
@@ -221,9 +281,18 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path(), &pages);
     let one = tmp.path().join("one");
-    run_ok(&mut humpback(&model, &seed, &corpus, &one));
+    // Every forward model evaluated on 4 seed pairs held out of training, judged against M_0 by
+    // the same small model (the flags of both runs, so their trainings match).
+    let evaluated = |cmd: &mut Command| {
+        cmd.args(["--eval-holdout", "4", "--eval-max-tokens", "8", "--judge"])
+            .arg(&model);
+    };
+    let mut cmd = humpback(&model, &seed, &corpus, &one);
+    evaluated(&mut cmd);
+    run_ok(&mut cmd);
     check_accounting(&one);
     let m = metrics(&one);
+    check_evaluation(&one, &m);
     assert_eq!(
         m["step0"]["backward"]["reused"], false,
         "step 0 trained M_yx"
@@ -248,8 +317,9 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
     .unwrap();
     let children: Vec<_> = (0..2)
         .map(|p| {
-            humpback(&model, &seed, &corpus, &two)
-                .args(["-w", "1", "-n", "2", "-p", &p.to_string(), "-h"])
+            let mut cmd = humpback(&model, &seed, &corpus, &two);
+            evaluated(&mut cmd);
+            cmd.args(["-w", "1", "-n", "2", "-p", &p.to_string(), "-h"])
                 .arg(&hostfile)
                 .spawn()
                 .unwrap()

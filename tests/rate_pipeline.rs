@@ -6,16 +6,7 @@ mod common;
 use common::*;
 
 fn model() -> Option<std::path::PathBuf> {
-    let p = cache_dir().join("model/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let seed = cache_dir().join("seed/seed_tasks.jsonl");
-    if p.exists() && seed.exists() {
-        Some(p)
-    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
-        panic!("assets missing: run scripts/fetch-assets.sh model seed");
-    } else {
-        eprintln!("skipping: model or seed tasks not cached");
-        None
-    }
+    model_and_seed()
 }
 
 fn lines(out: &std::path::Path, prefix: &str) -> Vec<serde_json::Value> {

@@ -116,6 +116,19 @@ pub struct Rows<T> {
     pub malformed: usize,
 }
 
+impl<T> Rows<T> {
+    /// The rows read from `path`, or [`DataError::Empty`] when there is none.
+    fn non_empty(path: &Path, rows: Vec<T>, malformed: usize) -> Result<Rows<T>, DataError> {
+        if rows.is_empty() {
+            return Err(DataError::Empty {
+                path: path.display().to_string(),
+                malformed,
+            });
+        }
+        Ok(Rows { rows, malformed })
+    }
+}
+
 /// The JSON values of a JSON array or JSONL file; lines that are not JSON count as malformed.
 fn values(path: &Path) -> Result<(Vec<Value>, usize), DataError> {
     let shown = path.display().to_string();
@@ -169,13 +182,7 @@ pub fn read_prompts(path: &Path) -> Result<Rows<EvalPrompt>, DataError> {
             }),
         }
     }
-    if rows.is_empty() {
-        return Err(DataError::Empty {
-            path: path.display().to_string(),
-            malformed,
-        });
-    }
-    Ok(Rows { rows, malformed })
+    Rows::non_empty(path, rows, malformed)
 }
 
 /// Reads an answers file: rows with `instruction` (optional `input`, joined to it) and
@@ -194,13 +201,7 @@ pub fn read_answers(path: &Path) -> Result<Rows<AnswerRow>, DataError> {
             _ => malformed += 1,
         }
     }
-    if rows.is_empty() {
-        return Err(DataError::Empty {
-            path: path.display().to_string(),
-            malformed,
-        });
-    }
-    Ok(Rows { rows, malformed })
+    Rows::non_empty(path, rows, malformed)
 }
 
 /// Answers keyed by the user text they answer; the number of duplicates left out.
@@ -228,13 +229,7 @@ pub fn read_dev_set(path: &Path) -> Result<Rows<DevPair>, DataError> {
             _ => malformed += 1,
         }
     }
-    if rows.is_empty() {
-        return Err(DataError::Empty {
-            path: path.display().to_string(),
-            malformed,
-        });
-    }
-    Ok(Rows { rows, malformed })
+    Rows::non_empty(path, rows, malformed)
 }
 
 #[cfg(test)]

@@ -40,15 +40,15 @@ pub fn judge_messages(question: &str, a: &str, b: &str) -> Vec<Message> {
     ]
 }
 
-/// One judge verdict about a presented pair: which position was better.
+/// One judge verdict about a presented pair: which position was better (`"A"`, `"B"`, `"tie"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// The first answer shown (assistant A).
     A,
     /// The second answer shown (assistant B).
     B,
     /// Neither.
+    #[serde(rename = "tie")]
     Tie,
 }
 

@@ -626,22 +626,29 @@ pub fn judge_entry(
         probs: None,
         outcome: None,
     };
-    if matches!(cfg.judge_rule, JudgeRule::Prob | JudgeRule::Both) {
-        let asks: Vec<Ask> = shown
+    // Both orders of every shown pair, as judge requests (greedy).
+    let asks = |max_new_tokens: usize, choose: Option<Choice>| -> Vec<Ask> {
+        shown
             .iter()
             .flat_map(|s| orders.map(|o| conversation(s, o)))
             .map(|messages| Ask {
                 model: judge.to_owned(),
                 messages,
-                max_new_tokens: 1,
+                max_new_tokens,
                 sampling: Sampling::greedy(),
-                choose: Some(Choice {
-                    prefill: VERDICT_PREFILL.to_owned(),
-                    options: VERDICT_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
-                }),
+                choose: choose.clone(),
                 choose_after: None,
             })
-            .collect();
+            .collect()
+    };
+    if matches!(cfg.judge_rule, JudgeRule::Prob | JudgeRule::Both) {
+        let asks = asks(
+            1,
+            Some(Choice {
+                prefill: VERDICT_PREFILL.to_owned(),
+                options: VERDICT_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
+            }),
+        );
         let got = ask_all(client, asks, &format!("judge {model} vs {baseline} (prob)"))?;
         let mut tally = Tally::default();
         let mut p_sum = 0.0;
@@ -685,18 +692,7 @@ pub fn judge_entry(
         );
     }
     if matches!(cfg.judge_rule, JudgeRule::Text | JudgeRule::Both) {
-        let asks: Vec<Ask> = shown
-            .iter()
-            .flat_map(|s| orders.map(|o| conversation(s, o)))
-            .map(|messages| Ask {
-                model: judge.to_owned(),
-                messages,
-                max_new_tokens: cfg.judge_tokens,
-                sampling: Sampling::greedy(),
-                choose: None,
-                choose_after: None,
-            })
-            .collect();
+        let asks = asks(cfg.judge_tokens, None);
         let got = ask_all(client, asks, &format!("judge {model} vs {baseline} (text)"))?;
         let mut tally = Tally::default();
         for (s, pair) in shown.iter().zip(got.chunks(2)) {

@@ -572,18 +572,32 @@ pub fn load_for_inference<B: Backend>(
     if !is_adapter(path) {
         return Ok(crate::model::load_checkpoint(path, device, precision)?);
     }
+    let (model, tokenizer, stop_ids) =
+        load_merged(path, |cfg, src| Llama::load(cfg, src, device, precision))?;
+    Ok(Checkpoint {
+        model,
+        tokenizer,
+        stop_ids,
+    })
+}
+
+/// The adapter folder at `path` merged onto its base as `load` builds a model from the merged
+/// weights; with the tokenizer (the folder's own `tokenizer.json` first, else the base's) and
+/// the base's stop ids.
+fn load_merged<T>(
+    path: &Path,
+    load: impl FnOnce(LlamaConfig, &mut dyn WeightSource) -> Result<T, ModelError>,
+) -> Result<(T, TokenizerSource, Vec<u32>), TrainError> {
     let adapter = Adapter::read(path)?;
     let mut base = BaseModel::open(&adapter.base)?;
     let cfg = base.config().clone();
     let model = base.with_source(|src| {
-        Llama::load(
+        load(
             cfg,
             &mut Merged {
                 base: src,
                 adapter: &adapter,
             },
-            device,
-            precision,
         )
     })?;
     let (mut tokenizer, stop_ids) = base.tokenizer();
@@ -591,11 +605,7 @@ pub fn load_for_inference<B: Backend>(
     if own.exists() {
         tokenizer = TokenizerSource::TokenizerJson(own);
     }
-    Ok(Checkpoint {
-        model,
-        tokenizer,
-        stop_ids,
-    })
+    Ok((model, tokenizer, stop_ids))
 }
 
 /// Loads a GGUF file, an HF folder, or a LoRA adapter folder (merged onto its base) as the
@@ -613,26 +623,9 @@ pub fn load_for_loss<B: Backend>(
         let model = base.with_source(|src| TrainLlama::load(cfg, src, &TrainMode::Full, device))?;
         return Ok((model, base.tokenizer().0));
     }
-    let adapter = Adapter::read(path)?;
-    let mut base = BaseModel::open(&adapter.base)?;
-    let cfg = base.config().clone();
-    let model = base.with_source(|src| {
-        TrainLlama::load(
-            cfg,
-            &mut Merged {
-                base: src,
-                adapter: &adapter,
-            },
-            &TrainMode::Full,
-            device,
-        )
+    let (model, tokenizer, _) = load_merged(path, |cfg, src| {
+        TrainLlama::load(cfg, src, &TrainMode::Full, device)
     })?;
-    let own = path.join("tokenizer.json");
-    let tokenizer = if own.exists() {
-        TokenizerSource::TokenizerJson(own)
-    } else {
-        base.tokenizer().0
-    };
     Ok((model, tokenizer))
 }
 

@@ -35,6 +35,39 @@ pub fn python_docs() -> Option<PathBuf> {
     }
 }
 
+/// The real SmolLM2-135M-Instruct GGUF, when it and the seed tasks are cached; `None` with a
+/// message otherwise (a panic when `BACKFLOW_REQUIRE_ASSETS` is set, as in CI).
+pub fn model_and_seed() -> Option<PathBuf> {
+    let p = cache_dir().join("model/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let seed = cache_dir().join("seed/seed_tasks.jsonl");
+    if p.exists() && seed.exists() {
+        Some(p)
+    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
+        panic!("assets missing: run scripts/fetch-assets.sh model seed");
+    } else {
+        eprintln!("skipping: model or seed tasks not cached");
+        None
+    }
+}
+
+/// The numbers of a JSON array (panics on anything else).
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap_or_else(|| panic!("not a number: {x}")))
+        .collect()
+}
+
+/// The token ids of a JSON array (panics on anything else).
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap_or_else(|| panic!("not an id: {x}")) as u32)
+        .collect()
+}
+
 /// The backflow binary under test.
 pub fn backflow() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_backflow"));
