@@ -6,12 +6,15 @@
 # held-out tasks; then the paper's ablation: seed + ALL candidates (uncurated) against seed +
 # curated, both trained with the loop's settings and judged against M_0.
 #
-#   scripts/experiment.sh [OUT]      (EXP_LIMIT passages, EXP_STEPS steps per training)
+#   scripts/experiment.sh [OUT]   EXP_LIMIT passages (96), EXP_STEPS steps per training (16),
+#                                 EXP_HOLDOUT held-out seed tasks (35), EXP_RULE judge rule (both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-experiment-out}"
 limit="${EXP_LIMIT:-96}"
 steps="${EXP_STEPS:-16}"
+holdout="${EXP_HOLDOUT:-35}"
+rule="${EXP_RULE:-both}"
 cache="$(scripts/fetch-assets.sh pages model seed qwen15)"
 cargo build --release --bin backflow
 bin=target/release/backflow
@@ -19,23 +22,23 @@ base="$cache/model/SmolLM2-135M-Instruct.Q4_1.gguf"
 judge="$cache/model/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 mkdir -p "$out"
 [ -f "$out/python-docs.warc.gz" ] || "$bin" warc-pack "$cache/pages/python3.11" --out "$out/python-docs.warc.gz"
-# The held-out tasks (the seed's last 35) and a selector dev set from them: good = the human
+# The held-out tasks (the seed's last $holdout) and a selector dev set from them: good = the human
 # pairs; bad = mismatched outputs, truncated outputs and crawled passages.
-tail -n 35 "$cache/seed/seed_tasks.jsonl" >"$out/heldout.jsonl"
+tail -n "$holdout" "$cache/seed/seed_tasks.jsonl" >"$out/heldout.jsonl"
 [ -d "$out/segments" ] || "$bin" segment "$out/python-docs.warc.gz" --out "$out/segments" -q
 "$bin" selector-devset --data "$out/heldout.jsonl" --passages "$out"/segments/segment-*.jsonl \
   --out "$out/dev.jsonl"
 time "$bin" run humpback --corpus "$out/python-docs.warc.gz" --out "$out/loop" \
   --model "$base" --seed "$cache/seed/seed_tasks.jsonl" --limit "$limit" --train-steps "$steps" \
   --train-max-len 256 --max-chars 1500 -w 2 \
-  --eval-holdout 35 --judge "$judge" --judge-rule both --selector-dev "$out/dev.jsonl"
+  --eval-holdout "$holdout" --judge "$judge" --judge-rule "$rule" --selector-dev "$out/dev.jsonl"
 # The ablation: the same training from the base on seed (S_a) + every candidate of the run (S_w),
-# uncurated, against the loop's own M_2 (seed + round 2's curated set).
-python3 - "$cache/seed/seed_tasks.jsonl" "$out/loop" "$out/seed-plus-all.jsonl" <<'PY'
+# uncurated, beside the loop's own M_2 (seed + round 2's curated set).
+python3 - "$cache/seed/seed_tasks.jsonl" "$out/loop" "$out/seed-plus-all.jsonl" "$holdout" <<'PY'
 import glob, json, sys
-seed, loop, dest = sys.argv[1], sys.argv[2], sys.argv[3]
+seed, loop, dest, holdout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 S_A, S_W = "Answer in the style of an AI Assistant.", "Answer with knowledge from web search."
-tasks = [json.loads(l) for l in open(seed)][:-35]
+tasks = [json.loads(l) for l in open(seed)][:-holdout]
 rows = []
 for t in tasks:
     for i in t["instances"]:
@@ -53,8 +56,9 @@ print(f"{len(rows)} pairs -> {dest}", file=sys.stderr)
 PY
 time "$bin" train --model "$base" --data "$out/seed-plus-all.jsonl" --source none --out "$out/uncurated" \
   --steps "$steps" --batch-size 8 --max-len 256 --lora-rank 8 --seed 2 --eval-frac 0
+# Judged against M_0's own answers from the loop (same prompts, sampling and judge as the loop's
+# M_1 and M_2), so the figures sit beside the loop's.
 time "$bin" eval --prompts "$out/heldout.jsonl" --out "$out/ablation" \
-  --model "M0=$out/loop/checkpoints/round-0" --model "M2=$out/loop/checkpoints/round-2" \
-  --model "uncurated=$out/uncurated" --model "base=$base" --judge "$judge" --judge-rule both \
-  --max-tokens 128 --selector-dev "$out/dev.jsonl"
+  --answers "M0=$out/loop/eval/answers-M0.jsonl" --model "uncurated=$out/uncurated" \
+  --judge "$judge" --judge-rule "$rule" --max-tokens 128 --selector-dev "$out/dev.jsonl"
 echo "loop: $out/loop/report.html   ablation: $out/ablation/eval.json"

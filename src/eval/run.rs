@@ -381,13 +381,13 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport> {
         None => None,
     };
 
+    // Every answer (models', judge's, ratings) is kept: run again, nothing is generated twice.
     let server = ModelServer::try_start(ServerConfig {
         max_batch: cfg.max_batch,
         precision: cfg.precision,
         cache: Some(cfg.out.join("_cache").join("answers.bin")),
         ..ServerConfig::default()
     })?;
-    std::fs::create_dir_all(cfg.out.join("_cache"))?;
     let client = server.client()?;
     let sampling = if cfg.temperature <= 0.0 {
         Sampling::greedy()
