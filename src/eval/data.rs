@@ -186,19 +186,30 @@ pub fn read_prompts(path: &Path) -> Result<Rows<EvalPrompt>, DataError> {
 }
 
 /// Reads an answers file: rows with `instruction` (optional `input`, joined to it) and
-/// `output`; keyed by the user text they answer. A later row for the same instruction replaces
+/// `output`, or Self-Instruct seed tasks (their instances' outputs, e.g. the human answers of
+/// held-out tasks); keyed by the user text they answer. A later row for the same instruction replaces
 /// an earlier one (counted as malformed: an answers file has one answer per prompt).
 pub fn read_answers(path: &Path) -> Result<Rows<AnswerRow>, DataError> {
     let (values, mut malformed) = values(path)?;
     let mut rows = Vec::new();
     for v in &values {
-        match (text_of(v, "instruction"), text_of(v, "output")) {
-            (Some(instruction), Some(output)) => rows.push(AnswerRow {
-                instruction: join_input(&instruction, &text_of(v, "input").unwrap_or_default()),
-                output,
-                generator: text_of(v, "generator").unwrap_or_default(),
-            }),
-            _ => malformed += 1,
+        // Self-Instruct seed tasks: each instance's output answers the instruction + its input.
+        let instances: Vec<&Value> = match v.get("instances").and_then(Value::as_array) {
+            Some(i) => i.iter().collect(),
+            None => vec![v],
+        };
+        for inst in instances {
+            match (text_of(v, "instruction"), text_of(inst, "output")) {
+                (Some(instruction), Some(output)) => rows.push(AnswerRow {
+                    instruction: join_input(
+                        &instruction,
+                        &text_of(inst, "input").unwrap_or_default(),
+                    ),
+                    output,
+                    generator: text_of(v, "generator").unwrap_or_default(),
+                }),
+                _ => malformed += 1,
+            }
         }
     }
     Rows::non_empty(path, rows, malformed)
@@ -279,14 +290,17 @@ mod tests {
             "{\"instruction\": \"Add.\", \"input\": \"2 2\", \"output\": \"4\", \"generator\": \"g\"}\n\
              {\"instruction\": \"Name a colour.\", \"output\": \"red\"}\n\
              {\"instruction\": \"Name a colour.\", \"output\": \"blue\"}\n\
-             {\"instruction\": \"no output\"}\n",
+             {\"instruction\": \"no output\"}\n\
+             {\"instruction\": \"Seed.\", \"instances\": [{\"input\": \"x\", \"output\": \"y\"}]}\n",
         );
         let a = read_answers(f.path()).expect("answers");
         assert_eq!(a.malformed, 1);
+        assert_eq!(a.rows.len(), 4);
         let (map, dups) = answers_by_instruction(&a.rows);
         assert_eq!(dups, 1);
         assert_eq!(map.get("Add.\n\n2 2").map(String::as_str), Some("4"));
         assert_eq!(map.get("Name a colour.").map(String::as_str), Some("blue"));
+        assert_eq!(map.get("Seed.\n\nx").map(String::as_str), Some("y"));
     }
 
     #[test]
