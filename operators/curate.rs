@@ -85,3 +85,61 @@ pub fn curate<'s>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::humpback::score::ScoreError;
+    use crate::records::{Candidate, RatingSample};
+
+    /// A rating of a model that wrote no score: forced pick 5, but its probabilities over
+    /// 1..5 (0.1, 0.1, 0.2, 0.2, 0.4) give an expected 3.7 = (0.1 + 0.2 + 0.6 + 0.8 + 2.0).
+    fn unscored() -> Rating {
+        let sample = RatingSample {
+            raw: "A fine answer.".into(),
+            score: Err(ScoreError::NoScore),
+            forced: Some(5),
+            forced_probs: Some(vec![0.1, 0.1, 0.2, 0.2, 0.4]),
+        };
+        crate::operators::rate::rating_of(
+            Candidate::given("f", 0, "Explain the tides.", "The moon pulls the sea."),
+            "v".into(),
+            vec![sample],
+        )
+    }
+
+    #[test]
+    fn graded_curation_uses_the_expected_score() {
+        let r = unscored();
+        assert_eq!(r.score, Some(5.0));
+        assert!((r.graded.expect("graded") - 3.7).abs() < 1e-6);
+        let paper = CurateOptions::default();
+        assert_eq!(
+            verdict(&r, &paper),
+            None,
+            "the forced pick of 5 is curated at A5"
+        );
+        let graded = CurateOptions {
+            graded: true,
+            ..CurateOptions::default()
+        };
+        assert!(matches!(
+            verdict(&r, &graded),
+            Some((DropReason::BelowThreshold, _))
+        ));
+        let graded_35 = CurateOptions {
+            threshold: 3.5,
+            ..graded
+        };
+        assert_eq!(verdict(&r, &graded_35), None);
+    }
+
+    /// A score the model wrote is the graded score too: the paper's parse stays in charge.
+    #[test]
+    fn a_written_score_wins_over_the_probabilities() {
+        let mut r = unscored();
+        r.samples[0].score = Ok(2);
+        let r = crate::operators::rate::rating_of(r.candidate, r.model_version, r.samples);
+        assert_eq!((r.score, r.graded), (Some(2.0), Some(2.0)));
+    }
+}

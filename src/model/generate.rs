@@ -567,3 +567,28 @@ fn to_u32<B: Backend>(t: Tensor<B, 2, burn::tensor::Int>) -> Result<Vec<u32>, Mo
         .map_err(|e| ModelError::Request(format!("reading token ids: {e:?}")))?;
     Ok(v.into_iter().map(|x| x as u32).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pick_option;
+
+    /// Logits ln 1, ln 2, ln 3, ln 4: the softmax is 0.1, 0.2, 0.3, 0.4 over the whole row, so
+    /// options {1, 3} have 0.2 and 0.4 (not renormalised), and 3 is picked.
+    #[test]
+    fn option_probabilities_are_over_the_whole_vocabulary() {
+        let logits = [1f32.ln(), 2f32.ln(), 3f32.ln(), 4f32.ln()];
+        let (i, p) = pick_option(&logits, &[1, 3]).expect("pick");
+        assert_eq!(i, 1);
+        assert!(
+            (p[0] - 0.2).abs() < 1e-6 && (p[1] - 0.4).abs() < 1e-6,
+            "{p:?}"
+        );
+        // An option outside the vocabulary, or a row of no finite logit, gives no pick.
+        assert_eq!(pick_option(&logits, &[1, 9]), None);
+        assert_eq!(pick_option(&[f32::NEG_INFINITY; 3], &[0]), None);
+        // Large logits do not overflow.
+        let (i, p) = pick_option(&[1000.0, 1000.0], &[0, 1]).expect("pick");
+        assert_eq!(i, 0);
+        assert!((p[0] - 0.5).abs() < 1e-6);
+    }
+}
