@@ -7,7 +7,8 @@
 # curated, both trained with the loop's settings and judged against M_0.
 #
 #   scripts/experiment.sh [OUT]   EXP_LIMIT passages (96), EXP_STEPS steps per training (16),
-#                                 EXP_HOLDOUT held-out seed tasks (35), EXP_RULE judge rule (both)
+#                                 EXP_HOLDOUT held-out seed tasks (35), EXP_RULE judge rule (both),
+#                                 EXP_ROUNDS rounds (2; the ablation compares with the last one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-experiment-out}"
@@ -15,6 +16,7 @@ limit="${EXP_LIMIT:-96}"
 steps="${EXP_STEPS:-16}"
 holdout="${EXP_HOLDOUT:-35}"
 rule="${EXP_RULE:-both}"
+rounds="${EXP_ROUNDS:-2}"
 cache="$(scripts/fetch-assets.sh pages model seed qwen15)"
 cargo build --release --bin backflow
 bin=target/release/backflow
@@ -30,10 +32,11 @@ tail -n "$holdout" "$cache/seed/seed_tasks.jsonl" >"$out/heldout.jsonl"
   --out "$out/dev.jsonl"
 time "$bin" run humpback --corpus "$out/python-docs.warc.gz" --out "$out/loop" \
   --model "$base" --seed "$cache/seed/seed_tasks.jsonl" --limit "$limit" --train-steps "$steps" \
+  --rounds "$rounds" \
   --train-max-len 256 --max-chars 1500 -w 2 \
   --eval-holdout "$holdout" --judge "$judge" --judge-rule "$rule" --selector-dev "$out/dev.jsonl"
 # The ablation: the same training from the base on seed (S_a) + every candidate of the run (S_w),
-# uncurated, beside the loop's own M_2 (seed + round 2's curated set).
+# uncurated, beside the loop's last model (M_2: seed + round 2's curated set), trained with its seed.
 python3 - "$cache/seed/seed_tasks.jsonl" "$out/loop" "$out/seed-plus-all.jsonl" "$holdout" <<'PY'
 import glob, json, sys
 seed, loop, dest, holdout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -55,9 +58,9 @@ with open(dest, "w") as o:
 print(f"{len(rows)} pairs -> {dest}", file=sys.stderr)
 PY
 time "$bin" train --model "$base" --data "$out/seed-plus-all.jsonl" --source none --out "$out/uncurated" \
-  --steps "$steps" --batch-size 8 --max-len 256 --lora-rank 8 --seed 2 --eval-frac 0
+  --steps "$steps" --batch-size 8 --max-len 256 --lora-rank 8 --seed "$rounds" --eval-frac 0
 # Judged against M_0's own answers from the loop (same prompts, sampling and judge as the loop's
-# M_1 and M_2), so the figures sit beside the loop's.
+# models), so the figures sit beside the loop's.
 time "$bin" eval --prompts "$out/heldout.jsonl" --out "$out/ablation" \
   --answers "M0=$out/loop/eval/answers-M0.jsonl" --model "uncurated=$out/uncurated" \
   --judge "$judge" --judge-rule "$rule" --max-tokens 128 --selector-dev "$out/dev.jsonl"

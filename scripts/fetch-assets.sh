@@ -130,8 +130,10 @@ fetch_llamacpp() {
   # Built from the sdist for this machine's CPU (GGML_NATIVE: its AVX2/AVX-512), so the comparison is
   # against llama.cpp at its best here; verbose output goes to a log, not the terminal. AMX off: a
   # CPU can list AMX while its VM does not grant the tile state, and llama.cpp's AMX matmul then
-  # dies of SIGILL at the first `tilezero` (seen on this project's machines, 2026-11-29).
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+  # dies of SIGILL at the first `tilezero` (seen on this project's machines, 2026-11-29). With
+  # GGML_NATIVE, -march=native turns AMX on whatever GGML_AMX_* say, so the compiler is told.
+  local noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$noamx' -DCMAKE_CXX_FLAGS='$noamx'}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     "$venv/bin/pip" install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 \
     >"$tmp/llamacpp-build.log" 2>&1 || { tail -n 40 "$tmp/llamacpp-build.log" >&2; return 1; }
   touch "$venv/.complete"
