@@ -57,7 +57,7 @@ with open(dest, "w") as o:
             {"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n")
 print(f"{len(rows)} pairs -> {dest}", file=sys.stderr)
 PY
-time "$bin" train --model "$base" --data "$out/seed-plus-all.jsonl" --source none --out "$out/uncurated" \
+time "$bin" train --model "$base" --data "$out/seed-plus-all.jsonl" --source untagged --out "$out/uncurated" \
   --steps "$steps" --batch-size 8 --max-len 256 --lora-rank 8 --seed "$rounds" --eval-frac 0
 # Judged against M_0's own answers from the loop (same prompts, sampling and judge as the loop's
 # models), so the figures sit beside the loop's.
