@@ -61,8 +61,12 @@ pub struct SinkConfig {
     pub evaluator: Option<Arc<crate::eval::rounds::LoopEval>>,
 }
 
-/// What the training thread hands back: the training and, with an evaluator, its figures.
-type Trained = (TrainOutcome, Option<crate::eval::rounds::ModelEval>);
+/// What the training thread hands back: the training and, with an evaluator, its figures or
+/// why there are none (an evaluation that fails is reported; the loop goes on).
+type Trained = (
+    TrainOutcome,
+    Option<Result<crate::eval::rounds::ModelEval, String>>,
+);
 
 #[derive(Default)]
 struct RoundData {
@@ -132,9 +136,16 @@ pub fn train_sink<'s>(
                     config.progress.set_status(String::new());
                     let finished = data.remove(&round).unwrap_or_default();
                     let mut summary = round_summary(round, &finished, &outcome);
-                    if let Some(e) = evaluation {
-                        eprintln!("{}", crate::eval::rounds::describe(&e));
-                        summary["eval"] = serde_json::to_value(&e).unwrap_or_default();
+                    match evaluation {
+                        Some(Ok(e)) => {
+                            eprintln!("{}", crate::eval::rounds::describe(&e));
+                            summary["eval"] = serde_json::to_value(&e).unwrap_or_default();
+                        }
+                        Some(Err(e)) => {
+                            log::error!("{e}");
+                            summary["eval_error"] = json!(e);
+                        }
+                        None => {}
                     }
                     eprintln!(
                         "round {}: {} rated, {} curated; trained M{} (version {}) in {:.0}s",
@@ -232,13 +243,10 @@ pub fn train_sink<'s>(
                     .name(format!("train-M{index}"))
                     .spawn(move || {
                         let outcome = run_job(&job).map_err(|e| format!("{e:#}"))?;
-                        let evaluation = match evaluator {
-                            Some(ev) => Some(
-                                ev.evaluate(index, &outcome.version, &job.out)
-                                    .map_err(|e| format!("evaluating M{index}: {e:#}"))?,
-                            ),
-                            None => None,
-                        };
+                        let evaluation = evaluator.map(|ev| {
+                            ev.evaluate(index, &outcome.version, &job.out)
+                                .map_err(|e| format!("evaluating M{index}: {e:#}"))
+                        });
                         Ok((outcome, evaluation))
                     });
                 match handle {

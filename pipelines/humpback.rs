@@ -513,9 +513,17 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     if let Some(ev) = &evaluator {
         if let Some(m0) = step0_updates.iter().find(|u| u.role == ModelRole::Forward) {
             eprintln!("step 0: evaluating M_0");
-            let e = ev.evaluate(0, &m0.version, &m0.path)?;
-            eprintln!("{}", crate::eval::rounds::describe(&e));
-            step0_metrics["eval"] = serde_json::to_value(&e)?;
+            // A failed evaluation is reported; the method goes on without its figures.
+            match ev.evaluate(0, &m0.version, &m0.path) {
+                Ok(e) => {
+                    eprintln!("{}", crate::eval::rounds::describe(&e));
+                    step0_metrics["eval"] = serde_json::to_value(&e)?;
+                }
+                Err(e) => {
+                    log::error!("evaluating M0: {e:#}");
+                    step0_metrics["eval_error"] = json!(format!("{e:#}"));
+                }
+            }
         }
     }
 
