@@ -4,9 +4,8 @@
 //! template, the next-token logits and the greedy continuation.
 //!
 //! These models are fetched only on request (`scripts/fetch-assets.sh qwen05 qwen15`), never by
-//! default: a model not fetched is skipped, even in CI, and so is the whole check until the
-//! reference has been written (2026-11-29: llama.cpp's build here died of SIGILL in its AMX
-//! kernels; `scripts/fetch-assets.sh llamacpp` now builds it without AMX).
+//! default: a model not fetched is skipped, even in CI (and the whole check when the reference
+//! has not been written).
 
 use backflow::model::chat::{ChatTemplate, Message};
 use backflow::model::tokenizer::Tokenizer;
@@ -17,10 +16,11 @@ use common::{floats, ids as id_list};
 use serde_json::Value;
 use std::path::PathBuf;
 
-/// Largest |backflow − llama.cpp| allowed on a top-20 logit. llama.cpp multiplies the
-/// quantized weights by activations rounded to 8 bits per block (Q8_K / Q8_0) where backflow
-/// multiplies the dequantized weights in f32; measured worst: see the README.
-const LOGIT_TOL: f64 = 0.6;
+/// Largest |backflow − llama.cpp| allowed on a top-20 logit (logits span ~±30). llama.cpp
+/// multiplies the quantized weights by activations rounded to 8 bits per block (Q8_K / Q8_0)
+/// where backflow multiplies the dequantized weights in f32: measured worst 0.24 (1.5B,
+/// "france"), 0.19 on the 0.5B (2026-11-29).
+const LOGIT_TOL: f64 = 0.5;
 
 fn model(name: &str) -> Option<PathBuf> {
     let p = common::cache_dir().join("model").join(name);
