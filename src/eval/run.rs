@@ -311,13 +311,25 @@ pub fn ask_all(client: &ModelClient, asks: Vec<Ask>, what: &str) -> Result<Vec<G
 
 /// The sampling of the answer to prompt `i`: the configured one, seeded by the prompt's text.
 fn answer_sampling(cfg: &EvalConfig, p: &EvalPrompt) -> Sampling {
+    let s = configured_sampling(cfg);
+    if s.temperature <= 0.0 {
+        return s;
+    }
+    Sampling {
+        seed: s.seed ^ xxhash_rust::xxh3::xxh3_64(p.user_text().as_bytes()),
+        ..s
+    }
+}
+
+/// The sampling of answers as configured (greedy at temperature 0), before a prompt's seed.
+fn configured_sampling(cfg: &EvalConfig) -> Sampling {
     if cfg.temperature <= 0.0 {
         return Sampling::greedy();
     }
     Sampling {
         temperature: cfg.temperature,
         top_p: cfg.top_p,
-        seed: cfg.seed ^ xxhash_rust::xxh3::xxh3_64(p.user_text().as_bytes()),
+        seed: cfg.seed,
     }
 }
 
@@ -389,15 +401,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport> {
         ..ServerConfig::default()
     })?;
     let client = server.client()?;
-    let sampling = if cfg.temperature <= 0.0 {
-        Sampling::greedy()
-    } else {
-        Sampling {
-            temperature: cfg.temperature,
-            top_p: cfg.top_p,
-            seed: cfg.seed,
-        }
-    };
+    let sampling = configured_sampling(cfg);
 
     // Answers and per-model figures.
     let mut models: BTreeMap<String, ModelResult> = BTreeMap::new();
