@@ -19,7 +19,8 @@
 //! [`WarcReader`] parses records from those bytes: the header up to its blank line, a block of
 //! exactly `Content-Length` bytes, then `\r\n\r\n`. Blocks up to the page limit are buffered
 //! whole (we need them anyway); larger ones are classified from their first 64 KiB and skipped
-//! as they stream by. When a record does not end where its Content-Length says, it is dropped
+//! as they stream by, up to any whole WARC header that starts a line inside them (so a
+//! Content-Length of 10^15 on a short body costs one record, not the rest of the file). When a record does not end where its Content-Length says, it is dropped
 //! and the reader scans from the start of its block for the next line beginning `WARC/1.`
 //! (a record whose length was too long swallowed the start of the next one).
 
@@ -334,25 +335,6 @@ impl<R: Read> Source<R> {
         self.consume(self.end - self.pos);
     }
 
-    /// Skips `n` bytes as they stream by, without buffering them. Returns how many were skipped
-    /// (fewer only at a barrier).
-    fn skip(&mut self, n: u64) -> u64 {
-        let mut left = n;
-        while left > 0 {
-            if self.pos == self.end {
-                if self.barrier.is_some() {
-                    break;
-                }
-                self.read_more(0);
-                continue;
-            }
-            let take = left.min((self.end - self.pos) as u64) as usize;
-            self.consume(take);
-            left -= take as u64;
-        }
-        n - left
-    }
-
     /// The record offset of decoded position `abs`: the member's compressed offset for gzip.
     fn origin_of(&self, abs: u64) -> u64 {
         if !self.is_gzip() {
@@ -441,6 +423,16 @@ enum HeadEnd {
     Found(usize),
     Barrier,
     TooLong,
+}
+
+/// How skipping an oversized block ended.
+enum BlockSkip {
+    /// All of it went by.
+    Whole,
+    /// A barrier came first.
+    Cut,
+    /// A record starts this many bytes into the block (its Content-Length lied).
+    RecordInside(u64),
 }
 
 /// A record in progress when a barrier came: what to report if the barrier is the end of input.
@@ -693,16 +685,27 @@ impl<R: Read> WarcReader<R> {
     /// as it streams by.
     fn oversized_record(&mut self, head: &WarcHead, origin: u64, hlen: usize, len: u64) {
         let peek = (CLASSIFY_PREFIX as u64).min(len) as usize;
-        if !self.src.ensure(hlen + peek) {
-            self.block_cut(origin, len);
-            return;
-        }
+        // Short of `peek` at a barrier: skipping tells whether the block is cut or lied about.
+        self.src.ensure(hlen + peek);
+        let peek = peek.min(self.src.avail().len() - hlen);
         let (reason, detail) =
             self.classify_oversized(head, &self.src.avail()[hlen..hlen + peek], len);
         self.src.consume(hlen);
-        if self.src.skip(len) < len {
-            self.block_cut(origin, len);
-            return;
+        match self.skip_block(len) {
+            BlockSkip::Whole => {}
+            BlockSkip::Cut => {
+                self.block_cut(origin, len);
+                return;
+            }
+            BlockSkip::RecordInside(at) => {
+                // The length lied: the records after this one are not lost with it.
+                self.push_drop(
+                    DropReason::ContentLengthMismatch,
+                    origin,
+                    format!("a WARC record starts {at} bytes into this record's {len}-byte block"),
+                );
+                return;
+            }
         }
         let trailer_ok = if self.src.ensure(TRAILER.len()) {
             let tlen = self.trailer_len(0);
@@ -727,6 +730,78 @@ impl<R: Read> WarcReader<R> {
             return;
         }
         self.push_drop(reason, origin, detail);
+    }
+
+    /// Skips an oversized block of `len` bytes as it streams by, stopping early where a whole
+    /// WARC header starts a line inside it: a Content-Length of 10^15 or 2^31 on a short body
+    /// would otherwise swallow every record after it. The block's bytes are not buffered; at most
+    /// one header is looked at ahead.
+    fn skip_block(&mut self, len: u64) -> BlockSkip {
+        // A version line is `WARC/1.x` CRLF: keep that many bytes back until more are read so a
+        // record start split across two reads is still seen.
+        const LOOKAHEAD: usize = MAGIC.len() + 3;
+        let mut left = len;
+        while left > 0 {
+            let have = self.src.avail().len();
+            let window = left.min(have as u64) as usize;
+            // Enough bytes after the window to tell whether a record starts at its end.
+            self.src.ensure(window + LOOKAHEAD);
+            let a = self.src.avail();
+            if a.is_empty() {
+                return BlockSkip::Cut;
+            }
+            let window = left.min(a.len() as u64) as usize;
+            let hit = memmem::find_iter(&a[..window], MAGIC)
+                .find(|&i| is_version_line(&a[i..]) && self.src.is_line_start(i));
+            match hit {
+                Some(i) => {
+                    self.src.consume(i);
+                    left -= i as u64;
+                    if self.record_starts_here() {
+                        return BlockSkip::RecordInside(len - left);
+                    }
+                    self.src.consume(1);
+                    left -= 1;
+                }
+                None => {
+                    let more_to_come = self.src.barrier.is_none();
+                    let take = if more_to_come && a.len() < window + LOOKAHEAD {
+                        window.saturating_sub(LOOKAHEAD)
+                    } else {
+                        window
+                    };
+                    if take == 0 {
+                        // Too few bytes to decide: read more (a barrier ends the block).
+                        if !self.src.ensure(a.len() + 1) {
+                            let rest = left.min(self.src.avail().len() as u64) as usize;
+                            self.src.consume(rest);
+                            left -= rest as u64;
+                            if left > 0 {
+                                return BlockSkip::Cut;
+                            }
+                        }
+                        continue;
+                    }
+                    self.src.consume(take);
+                    left -= take as u64;
+                }
+            }
+        }
+        BlockSkip::Whole
+    }
+
+    /// Whether the available bytes start a whole WARC header with the fields every record has
+    /// (type, record id, a numeric Content-Length): the test for a record hidden in a block.
+    fn record_starts_here(&mut self) -> bool {
+        match self.find_header_end() {
+            HeadEnd::Found(h) => {
+                let head = parse_head(&self.src.avail()[..h]);
+                head.warc_type.is_some()
+                    && head.record_id.is_some()
+                    && head.content_length.is_some()
+            }
+            HeadEnd::Barrier | HeadEnd::TooLong => false,
+        }
     }
 
     /// A block cut by a barrier before its end.
