@@ -22,7 +22,7 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::Operator;
+use timely::dataflow::operators::{Concat, Operator};
 use timely::dataflow::StreamVec;
 
 /// Dedup settings.
@@ -71,9 +71,15 @@ pub type VerdictUpdate = ((u64, u32, Verdict), Time, isize);
 /// `(epoch, id)`: the least rank is the representative.
 type Rank = (Time, u64);
 
+/// The `home` of passages written by an earlier run: they rank first and get no verdict.
+const WRITTEN_BEFORE: u32 = u32::MAX;
+
 /// The operator group. `passages` stays where it is; the returned stream carries verdicts.
+/// `history`, when given, holds passages an earlier run of the job already wrote (at time 0):
+/// they are never written again, and a new passage that repeats one is a duplicate.
 pub fn dedup<'s>(
     passages: StreamVec<'s, Time, Passage>,
+    history: Option<StreamVec<'s, Time, Passage>>,
     options: DedupOptions,
 ) -> Result<StreamVec<'s, Time, VerdictUpdate>, MinHashError> {
     let home = passages.scope().index() as u32;
@@ -83,36 +89,10 @@ pub fn dedup<'s>(
         options.ngram,
         options.seed,
     )?;
-
-    // Small keys for each passage: exact key, LSH band keys, signature.
-    let keys: StreamVec<'s, Time, Key> =
-        passages.unary(Pipeline, "DedupKeys", move |_cap, _info| {
-            move |input, output| {
-                input.for_each_stamp(|cap, data| {
-                    let Some(&time) = cap.least() else { return };
-                    let mut session = output.session(&cap);
-                    for p in data.flat_map(|d| d.iter()) {
-                        let signature = if options.near {
-                            hasher.signature(&p.text)
-                        } else {
-                            Vec::new()
-                        };
-                        let bands = if options.near {
-                            hasher.band_keys(&signature)
-                        } else {
-                            Vec::new()
-                        };
-                        session.give(Key {
-                            rank: (time, p.id),
-                            home,
-                            content_hash: p.content_hash,
-                            signature,
-                            bands,
-                        });
-                    }
-                });
-            }
-        });
+    let mut keys = dedup_keys(passages, home, hasher.clone(), options.near);
+    if let Some(history) = history {
+        keys = keys.concat(dedup_keys(history, WRITTEN_BEFORE, hasher, options.near));
+    }
     let keys = keys.map_updates();
 
     // 1. exact: the least rank per content hash survives.
@@ -163,7 +143,45 @@ pub fn dedup<'s>(
             .map(|(id, ((), (_time, home)))| (id, home, Verdict::Near));
         verdicts = verdicts.concat(near);
     }
-    Ok(verdicts.inner)
+    Ok(verdicts
+        .filter(|(_id, home, _verdict)| *home != WRITTEN_BEFORE)
+        .inner)
+}
+
+/// Small keys for each passage: exact key, LSH band keys, signature.
+fn dedup_keys<'s>(
+    passages: StreamVec<'s, Time, Passage>,
+    home: u32,
+    hasher: MinHasher,
+    near: bool,
+) -> StreamVec<'s, Time, Key> {
+    passages.unary(Pipeline, "DedupKeys", move |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let Some(&time) = cap.least() else { return };
+                let mut session = output.session(&cap);
+                for p in data.flat_map(|d| d.iter()) {
+                    let signature = if near {
+                        hasher.signature(&p.text)
+                    } else {
+                        Vec::new()
+                    };
+                    let bands = if near {
+                        hasher.band_keys(&signature)
+                    } else {
+                        Vec::new()
+                    };
+                    session.give(Key {
+                        rank: (time, p.id),
+                        home,
+                        content_hash: p.content_hash,
+                        signature,
+                        bands,
+                    });
+                }
+            });
+        }
+    })
 }
 
 /// The dedup keys of one passage.

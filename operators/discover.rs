@@ -27,8 +27,9 @@ pub fn file_epoch(index: u64) -> Time {
 pub struct WorkItem {
     /// The file's index in the job: its epochs start at `file_epoch(index)`.
     pub index: u64,
-    /// The file to read.
-    pub path: String,
+    /// The file to read, by its OS name (which need not be UTF-8).
+    #[serde(with = "crate::formats::os_path")]
+    pub path: PathBuf,
     /// Its format.
     pub kind: InputKind,
 }
@@ -45,7 +46,7 @@ pub struct DiscoverConfig {
     /// At most this many files in flight.
     pub max_open_files: u64,
     /// Files already ingested by an earlier run of the same job (never read again).
-    pub already_ingested: HashSet<String>,
+    pub already_ingested: HashSet<PathBuf>,
     /// The index to give the first file (after those of an earlier run).
     pub first_index: u64,
     /// Set when the job has taken enough passages (`--limit`): no new file is read.
@@ -64,7 +65,7 @@ pub struct DiscoverConfig {
 /// ends in `.part`, `.tmp` or `.partial`, or starts with `.`, and rename it into place when done
 /// (a rename is atomic on POSIX file systems), so a file under its final name is never half written.
 pub fn is_complete_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
         return false;
     };
     !(name.starts_with('.')
@@ -92,19 +93,23 @@ pub fn discover<'s>(
         if leader {
             activator.activate();
         }
-        let mut seen: HashSet<String> = config.already_ingested.clone();
+        // Files are known by their canonical paths (as the ingest logs record them).
+        let mut seen: HashSet<PathBuf> = config.already_ingested.clone();
         // Each pending file with the index it must have, if an earlier run gave it one.
         let mut pending: VecDeque<(InputFile, Option<u64>)> = VecDeque::new();
         for (input, index) in &config.replay {
-            if seen.insert(input.path.to_string_lossy().into_owned()) {
+            if seen.insert(canonical(&input.path)) {
                 pending.push_back((input.clone(), Some(*index)));
             }
         }
         for input in &config.inputs {
-            if seen.insert(input.path.to_string_lossy().into_owned()) {
+            if seen.insert(canonical(&input.path)) {
                 pending.push_back((input.clone(), None));
             }
         }
+        // Set once a stop is asked: no new file is taken, the ones in flight are finished and
+        // reported done (so a restart does not read them again).
+        let mut stopping = false;
         let mut next_index = config.first_index;
         let mut in_flight: VecDeque<WorkItem> = VecDeque::new();
         let mut last_poll: Option<Instant> = None;
@@ -119,19 +124,30 @@ pub fn discover<'s>(
                 in_flight.pop_front();
             }
             let Some(c) = cap.as_mut() else { return };
-            if stop.load(Ordering::SeqCst) || config.limit_reached.load(Ordering::SeqCst) {
+            if !stopping
+                && (stop.load(Ordering::SeqCst) || config.limit_reached.load(Ordering::SeqCst))
+            {
                 log::info!(
                     "discover: stop requested or limit reached, finishing the files in flight"
                 );
                 pending.clear();
-                cap = None;
+                stopping = true;
+            }
+            if stopping {
+                // Hold the next file's epoch (it blocks nothing in flight) until every file in
+                // flight is reported done.
+                if in_flight.is_empty() {
+                    cap = None;
+                } else {
+                    activator.activate_after(Duration::from_millis(5));
+                }
                 return;
             }
             if let Some(dir) = &config.follow {
                 if pending.is_empty() && last_poll.is_none_or(|t| t.elapsed() >= config.poll) {
                     last_poll = Some(Instant::now());
                     for input in list_complete(dir) {
-                        if seen.insert(input.path.to_string_lossy().into_owned()) {
+                        if seen.insert(canonical(&input.path)) {
                             pending.push_back((input, None));
                         }
                     }
@@ -146,7 +162,7 @@ pub fn discover<'s>(
                 let index = fixed.map_or(next_index, |i| i.max(next_index));
                 let item = WorkItem {
                     index,
-                    path: input.path.to_string_lossy().into_owned(),
+                    path: input.path.clone(),
                     kind: input.kind,
                 };
                 if let (Some(state), None) = (&config.assignments, fixed) {
@@ -184,6 +200,11 @@ pub fn discover<'s>(
             activator.activate_after(wait.min(config.poll));
         }
     })
+}
+
+/// The path a file is known by: canonical when it exists.
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Complete files in `dir` (recursively), sorted by name so every run orders them alike.

@@ -22,6 +22,7 @@ pub mod segment;
 pub mod train_sink;
 pub mod write;
 pub mod write_jsonl;
+pub mod written_before;
 
 /// Dataflow time: coarse epochs. Input file `i` owns the epochs `i * SUB_EPOCHS ..
 /// (i + 1) * SUB_EPOCHS`; a large file advances through them every `--chunk-mb` of its bytes.

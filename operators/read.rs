@@ -79,7 +79,7 @@ pub fn read<'s>(
                 while let Some(file) = queue.front_mut() {
                     let reader = file.reader.get_or_insert_with(|| {
                         let input = InputFile {
-                            path: file.item.path.clone().into(),
+                            path: file.item.path.clone(),
                             kind: file.item.kind,
                         };
                         formats::open(&input, &options)

@@ -235,7 +235,7 @@ fn humpback<'s>(
     );
     let pages = extract(records, ExtractOptions::default(), stats.clone());
     let segments = segment(pages, job.segment.clone(), stats.clone());
-    let verdicts = dedup(segments.clone(), DedupOptions::default())
+    let verdicts = dedup(segments.clone(), None, DedupOptions::default())
         .expect("the default dedup options are valid");
     let mut passages = keep(segments, verdicts, stats.clone());
     if let Some(n) = job.limit {
@@ -544,7 +544,14 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         stop: stop.clone(),
         discover: DiscoverConfig {
             inputs,
-            follow: args.follow.clone(),
+            follow: match &args.follow {
+                // One spelling of the folder: files are known by canonical paths across restarts.
+                Some(dir) => Some(
+                    dir.canonicalize()
+                        .with_context(|| format!("--follow {}", dir.display()))?,
+                ),
+                None => None,
+            },
             poll: Duration::from_millis(500),
             max_open_files: 2,
             already_ingested: Default::default(),
@@ -704,10 +711,12 @@ impl Drop for StopOnDrop {
 fn replay_files(out: &Path) -> Result<Vec<(formats::InputFile, u64)>> {
     let mut files = Vec::new();
     for (path, index) in crate::job::IngestState::new(out).load_indexed()? {
-        let p = PathBuf::from(&path);
-        match formats::detect_kind(&p) {
-            Some(kind) if p.exists() => files.push((formats::InputFile { path: p, kind }, index)),
-            _ => log::warn!("{path} was taken by an earlier run but is gone: not read again"),
+        match formats::detect_kind(&path) {
+            Some(kind) if path.is_file() => files.push((formats::InputFile { path, kind }, index)),
+            _ => log::warn!(
+                "{} was taken by an earlier run but is gone: not read again",
+                path.display()
+            ),
         }
     }
     Ok(files)

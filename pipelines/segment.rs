@@ -13,6 +13,7 @@ use crate::operators::extract::extract;
 use crate::operators::read::{read, ReadPacing};
 use crate::operators::segment::segment;
 use crate::operators::write::{write, WriteTarget};
+use crate::operators::written_before;
 use crate::operators::Time;
 use crate::progress::{Progress, Reporter};
 use crate::stats::Stats;
@@ -171,21 +172,36 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         ..ReadPacing::default()
     };
     let state = job::IngestState::new(&args.out);
-    let (already, first_index) = if args.follow.is_some() {
-        state.load()?
-    } else {
-        Default::default()
+    // One spelling of the followed folder (`dir`, `./dir`, `/abs/dir`): files are known by their
+    // canonical paths across restarts.
+    let follow_dir = match &args.follow {
+        Some(dir) => Some(
+            dir.canonicalize()
+                .with_context(|| format!("--follow {}", dir.display()))?,
+        ),
+        None => None,
     };
+    // A restarted --follow job: files finished before are skipped, files cut off are read again
+    // at their own index (their epoch files rewritten whole), and the passages written before
+    // seed dedup. Process 0 owns the state (it discovers).
+    let resume = if follow_dir.is_some() && args.cluster.process == 0 {
+        job::resume_follow(&args.out, "segment")?
+    } else {
+        job::Resume::default()
+    };
+    let written_before = resume.written.clone();
     let discover_config = DiscoverConfig {
         inputs: inputs.clone(),
-        follow: args.follow.clone(),
+        follow: follow_dir.clone(),
         poll: Duration::from_millis(500),
         max_open_files: args.max_open_files.max(1),
-        already_ingested: already,
-        first_index,
+        already_ingested: resume.done,
+        first_index: resume.first_index,
         limit_reached: Default::default(),
-        replay: Vec::new(),
-        assignments: None,
+        replay: resume.replay,
+        assignments: follow_dir
+            .is_some()
+            .then(|| job::IngestState::taken(&args.out)),
         files_per_round: None,
     };
     let total_bytes = if args.follow.is_none() && args.cluster.process == 0 {
@@ -239,7 +255,10 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             );
             let pages = extract(records, ExtractOptions::default(), stats.clone());
             let passages = segment(pages, segment_options.clone(), stats.clone());
-            let verdicts = dedup(passages.clone(), dedup_options.clone())
+            let history = (!written_before.is_empty()).then(|| {
+                written_before::written_before(scope, written_before.clone(), progress.clone())
+            });
+            let verdicts = dedup(passages.clone(), history, dedup_options.clone())
                 .expect("dedup options validated before the job started");
             write(
                 passages,

@@ -1,7 +1,9 @@
 //! What every job shares: the Ctrl-C stop flag, the record of files already ingested (for
 //! `--follow` restarts), and gathering every worker's stats on worker 0.
 
-use crate::operators::discover::WorkItem;
+use crate::formats::os_path::PathText;
+use crate::formats::InputFile;
+use crate::operators::discover::{WorkItem, SUB_EPOCHS};
 use crate::stats::Stats;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -37,66 +39,66 @@ pub fn stop_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
-/// One line of `_state/ingested.jsonl`.
+/// One line of an ingest log (`_state/ingested.jsonl`, `_state/taken.jsonl`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Ingested {
-    path: String,
+    path: PathText,
     index: u64,
 }
 
-/// Files a `--follow` job has completely written, so that a restart reads none of them again.
+/// A log of input files with the index each had, appended one synced line at a time: the files a
+/// `--follow` job has completely written (`ingested.jsonl`), or taken (`taken.jsonl`), so that a
+/// restart reads none of the first again and each of the second exactly once more.
 #[derive(Clone, Debug)]
 pub struct IngestState {
     path: PathBuf,
 }
 
 impl IngestState {
-    /// The state of the job writing to `out`.
+    /// The log of files completely written by the job writing to `out`.
     pub fn new(out: &Path) -> IngestState {
         IngestState {
             path: out.join("_state").join("ingested.jsonl"),
         }
     }
 
-    /// Files already ingested, and the index for the next file. A torn last line (a crash while
-    /// appending) is ignored: that file is read again, and its epoch file is rewritten whole.
-    pub fn load(&self) -> Result<(HashSet<String>, u64)> {
-        let mut seen = HashSet::new();
-        let mut next = 0;
-        let file = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((seen, next)),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
-        };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.with_context(|| format!("reading {}", self.path.display()))?;
-            if let Ok(entry) = serde_json::from_str::<Ingested>(&line) {
-                next = next.max(entry.index + 1);
-                seen.insert(entry.path);
-            }
+    /// The log of files the job writing to `out` has taken (given an index), done or not.
+    pub fn taken(out: &Path) -> IngestState {
+        IngestState {
+            path: out.join("_state").join("taken.jsonl"),
         }
-        Ok((seen, next))
     }
 
-    /// Every recorded file with its index, in index order (a torn last line is ignored).
-    pub fn load_indexed(&self) -> Result<Vec<(String, u64)>> {
+    /// Files already recorded, and the index for the next file. A torn last line (a crash while
+    /// appending) is ignored.
+    pub fn load(&self) -> Result<(HashSet<PathBuf>, u64)> {
+        let all = self.load_indexed()?;
+        let next = all.iter().map(|(_, i)| i + 1).max().unwrap_or(0);
+        Ok((all.into_iter().map(|(p, _)| p).collect(), next))
+    }
+
+    /// Every recorded file with its index, in index order (a torn last line is ignored). Paths
+    /// are canonical where the file still exists, so a folder spelled `dir`, `./dir` or
+    /// `/abs/dir` names one file one way.
+    pub fn load_indexed(&self) -> Result<Vec<(PathBuf, u64)>> {
         let file = match std::fs::File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
         let mut all = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
+        for line in std::io::BufReader::new(file).split(b'\n') {
             let line = line.with_context(|| format!("reading {}", self.path.display()))?;
-            if let Ok(entry) = serde_json::from_str::<Ingested>(&line) {
-                all.push((entry.path, entry.index));
+            if let Ok(entry) = serde_json::from_slice::<Ingested>(&line) {
+                let path = PathBuf::from(entry.path);
+                all.push((path.canonicalize().unwrap_or(path), entry.index));
             }
         }
         all.sort_by_key(|(_, i)| *i);
         Ok(all)
     }
 
-    /// Records that `item` is completely written.
+    /// Records `item` (synced before returning).
     pub fn record(&self, item: &WorkItem) {
         let append = || -> Result<()> {
             if let Some(dir) = self.path.parent() {
@@ -106,18 +108,107 @@ impl IngestState {
                 .create(true)
                 .append(true)
                 .open(&self.path)?;
-            let line = serde_json::to_string(&Ingested {
-                path: item.path.clone(),
+            let mut line = serde_json::to_vec(&Ingested {
+                path: PathText::from(item.path.as_path()),
                 index: item.index,
             })?;
-            f.write_all(format!("{line}\n").as_bytes())?;
+            line.push(b'\n');
+            f.write_all(&line)?;
             f.sync_data()?;
             Ok(())
         };
         if let Err(e) = append() {
-            log::warn!("cannot record {} as ingested: {e:#}", item.path);
+            log::warn!(
+                "cannot record {} in {}: {e:#}",
+                item.path.display(),
+                self.path.display()
+            );
         }
     }
+}
+
+/// Where a `--follow` job writing `{prefix}-e*.jsonl` files to `out` starts again.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// Files completely written before: never read again.
+    pub done: HashSet<PathBuf>,
+    /// Files taken but not finished (a Ctrl-C or a kill in their middle), each to be read again
+    /// at the index it had, so its epoch files are rewritten whole rather than written twice.
+    pub replay: Vec<(InputFile, u64)>,
+    /// The index for the next new file: past every index recorded or written.
+    pub first_index: u64,
+    /// The output files already written (they seed dedup: a passage written before the
+    /// restart is not written again).
+    pub written: Vec<PathBuf>,
+}
+
+/// Reads the state of the `--follow` job in `out`, and removes the epoch files of files that were
+/// taken but not finished (the replay writes them again, whole).
+pub fn resume_follow(out: &Path, prefix: &str) -> Result<Resume> {
+    let done_log = IngestState::new(out).load_indexed()?;
+    let taken_log = IngestState::taken(out).load_indexed()?;
+    let done_indexes: HashSet<u64> = done_log.iter().map(|(_, i)| *i).collect();
+    let unfinished: HashSet<u64> = taken_log
+        .iter()
+        .map(|(_, i)| *i)
+        .filter(|i| !done_indexes.contains(i))
+        .collect();
+    let mut resume = Resume {
+        first_index: done_log
+            .iter()
+            .chain(&taken_log)
+            .map(|(_, i)| i + 1)
+            .max()
+            .unwrap_or(0),
+        ..Resume::default()
+    };
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(resume),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", out.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing {}", out.display()))?
+            .path();
+        let Some(epoch) = epoch_of_output(&path, prefix) else {
+            continue;
+        };
+        let index = epoch / SUB_EPOCHS;
+        resume.first_index = resume.first_index.max(index + 1);
+        if unfinished.contains(&index) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the unfinished {}", path.display()))?;
+            log::info!("{} was not finished: it is written again", path.display());
+        } else {
+            resume.written.push(path);
+        }
+    }
+    resume.written.sort();
+    resume.done = done_log.into_iter().map(|(p, _)| p).collect();
+    for (path, index) in taken_log {
+        if !unfinished.contains(&index) {
+            continue;
+        }
+        match crate::formats::detect_kind(&path) {
+            Some(kind) if path.is_file() => resume.replay.push((InputFile { path, kind }, index)),
+            _ => log::warn!(
+                "{} was taken by an earlier run but is gone: not read again",
+                path.display()
+            ),
+        }
+    }
+    Ok(resume)
+}
+
+/// The epoch of an output file named `{prefix}-e{epoch:016x}-p…-w….jsonl`.
+fn epoch_of_output(path: &Path, prefix: &str) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix(prefix)?.strip_prefix("-e")?;
+    if !name.ends_with(".jsonl") {
+        return None;
+    }
+    u64::from_str_radix(rest.get(..16)?, 16).ok()
 }
 
 /// Sends every worker's stats to worker 0, which returns them merged; the others return `None`.

@@ -43,6 +43,17 @@ impl<'a> From<&'a Passage> for PassageLine<'a> {
     }
 }
 
+/// What dedup needs of a passage line read back (see [`PassageLine`]).
+#[derive(Debug, serde::Deserialize)]
+pub struct WrittenPassage {
+    /// The passage text.
+    pub text: String,
+    /// Hash of the normalised text (hex).
+    pub content_hash: String,
+    /// The passage's id (hex).
+    pub id: String,
+}
+
 /// Where a candidate's passage came from, as the output lines give it.
 fn source(c: &Candidate) -> Value {
     json!({

@@ -96,3 +96,126 @@ fn follow_processes_each_complete_file_once_and_stops_cleanly() {
     }
     assert_eq!(summary(&out)["files"].as_u64(), Some(1));
 }
+
+/// A dump of `n` pages starting at `first`, written in place under `name` (complete at once).
+fn big_dump(dir: &Path, name: &str, first: usize, n: usize) {
+    let records: Vec<_> = (first..first + n).map(page_record).collect();
+    let part = dir.join(format!("{name}.part"));
+    std::fs::write(&part, warc_gz(&records).0).unwrap();
+    std::fs::rename(&part, dir.join(name)).unwrap();
+}
+
+/// Every `tokenN follows` in the output, with how many times it was written.
+fn token_counts(out: &Path) -> std::collections::BTreeMap<usize, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for p in passages(out) {
+        let text = p["text"].as_str().unwrap();
+        let i: usize = text
+            .split("token")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no token in {text}"));
+        *counts.entry(i).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn start_chunked(watch: &Path, out: &Path) -> Child {
+    backflow()
+        .arg("segment")
+        .arg("--follow")
+        .arg(watch)
+        .arg("--out")
+        .arg(out)
+        .args(["--chunk-mb", "1", "-q"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Issue 14, case 3: a Ctrl-C in the middle of a file finishes it and records it, and a kill -9
+/// in the middle of one leaves it to be read again whole: either way, after a restart every
+/// passage is written exactly once.
+#[test]
+fn follow_is_exactly_once_across_ctrl_c_and_kill() {
+    const N: usize = 30_000;
+    for kill in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let watch = tmp.path().join("watch");
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&watch).unwrap();
+        big_dump(&watch, "big.warc.gz", 0, N);
+        let mut job = start_chunked(&watch, &out);
+        // The first sub-epoch of the file is written: it is in flight.
+        wait_for(&out, "token1 follows");
+        if kill {
+            job.kill().unwrap();
+            job.wait().unwrap();
+        } else {
+            interrupt(&mut job);
+        }
+        let before = token_counts(&out);
+        eprintln!(
+            "kill={kill}: {} of {N} passages written before the restart",
+            before.len()
+        );
+        assert!(
+            before.values().all(|&c| c == 1),
+            "a passage written twice before the restart"
+        );
+        let mut job = start_chunked(&watch, &out);
+        drop_dump(&watch, "after.warc.gz", &[N + 1]);
+        wait_for(&out, &format!("token{} follows", N + 1));
+        interrupt(&mut job);
+        let after = token_counts(&out);
+        let wrong: Vec<_> = (0..N)
+            .chain([N + 1])
+            .filter(|i| after.get(i) != Some(&1))
+            .take(5)
+            .map(|i| (i, after.get(&i).copied().unwrap_or(0)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "kill={kill}: passages not written exactly once (token, times): {wrong:?}; \
+             {} before the restart",
+            before.len()
+        );
+        assert_eq!(after.len(), N + 1, "kill={kill}");
+    }
+}
+
+/// Issue 14, cases 4 and 5: after a restart, dedup remembers what was written (a file repeating
+/// earlier passages writes none of them), and the followed folder spelled another way
+/// (`./watch/` from its parent) is the same folder (nothing is read again).
+#[test]
+fn follow_restart_keeps_dedup_state_and_folder_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let watch = tmp.path().join("watch");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&watch).unwrap();
+    let mut job = start(&watch, &out);
+    drop_dump(&watch, "a.warc.gz", &[1, 2, 3]);
+    wait_for(&out, "token3 follows");
+    interrupt(&mut job);
+
+    // The same folder, spelled relative to its parent with a trailing slash.
+    let mut job = backflow()
+        .current_dir(tmp.path())
+        .args(["segment", "--follow", "./watch/", "--out", "out", "-q"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop_dump(&watch, "b.warc.gz", &[1, 2, 3, 4]);
+    wait_for(&out, "token4 follows");
+    interrupt(&mut job);
+    let s = summary(&out);
+    assert_eq!(s["files"].as_u64(), Some(1), "a.warc.gz read again: {s:#}");
+    assert_eq!(dropped(&s, "exact_duplicate"), 3, "{s:#}");
+    let counts = token_counts(&out);
+    assert_eq!(
+        counts,
+        [(1, 1), (2, 1), (3, 1), (4, 1)].into_iter().collect(),
+        "each passage once"
+    );
+}

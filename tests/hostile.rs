@@ -98,3 +98,22 @@ fn huge_content_length_costs_one_record() {
         );
     }
 }
+
+/// Case 2: a file in an input folder whose name is not UTF-8 is read by its OS name, and its
+/// drops name it (lossily).
+#[cfg(unix)]
+#[test]
+fn non_utf8_file_name_is_read() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("plain.warc"), good(1)).unwrap();
+    let latin1 = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9.warc"));
+    std::fs::write(&latin1, [good(2), lying(3, "99")].concat()).unwrap();
+    let (s, texts) = segment(&dir, &tmp.path().join("out"));
+    assert_eq!(s["files"], 2, "{s:#}");
+    assert!(texts.iter().any(|t| t.contains("good2 beta")), "{s:#}");
+    let example = &s["dropped"]["content_length_mismatch"]["examples"][0];
+    assert_eq!(example["file"], latin1.to_string_lossy().as_ref(), "{s:#}");
+}

@@ -61,7 +61,8 @@ pub enum InputError {
 /// The kind of a file from its name: `.warc`, `.wet`, `.wat` (each optionally `.gz`) are WARC;
 /// `.jsonl`, `.ndjson`, `.json` are JSON Lines; `.html`, `.htm`, `.xhtml` are pages.
 pub fn kind_from_name(path: &Path) -> Option<InputKind> {
-    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    // Lossy: a name that is not UTF-8 still tells its kind by its (ASCII) extension.
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
     let name = name.strip_suffix(".gz").unwrap_or(&name);
     let ext = name.rsplit_once('.')?.1;
     match ext {
@@ -110,7 +111,7 @@ pub fn detect_kind(path: &Path) -> Option<InputKind> {
 /// Whether a path is hidden or a temporary file being written (skipped inside folders).
 fn skipped_in_folder(path: &Path) -> bool {
     path.file_name()
-        .and_then(|n| n.to_str())
+        .map(|n| n.to_string_lossy())
         .is_some_and(|n| n.starts_with('.') || n.ends_with(".tmp"))
 }
 

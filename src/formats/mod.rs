@@ -8,6 +8,7 @@
 
 pub mod html_dir;
 pub mod jsonl;
+pub mod os_path;
 pub mod warc;
 pub mod warc_writer;
 

@@ -169,7 +169,14 @@ pub fn passages(out: &Path) -> Vec<serde_json::Value> {
     for e in std::fs::read_dir(out).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.contains("segment") && name.ends_with(".jsonl") {
-            for line in std::fs::read_to_string(e.path()).unwrap().lines() {
+            // A file can go between the listing and the read (a restarted --follow job removes
+            // the epoch files of a file it reads again).
+            let text = match std::fs::read_to_string(e.path()) {
+                Ok(t) => t,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => panic!("{}: {err}", e.path().display()),
+            };
+            for line in text.lines() {
                 all.push(serde_json::from_str(line).expect("each output line is JSON"));
             }
         }
