@@ -39,7 +39,11 @@ impl Default for CurateOptions {
 
 /// Why a rating is not curated, if it is not.
 pub fn verdict(rating: &Rating, options: &CurateOptions) -> Option<(DropReason, String)> {
-    let n = rating.candidate.instruction.chars().count();
+    // Whitespace does not make an instruction plausible.
+    let n = rating.candidate.instruction.trim().chars().count();
+    if rating.candidate.passage.text.trim().is_empty() {
+        return Some((DropReason::EmptyOutput, "the output is empty".into()));
+    }
     let score = if options.graded {
         rating.graded
     } else {

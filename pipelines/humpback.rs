@@ -85,10 +85,10 @@ pub struct HumpbackArgs {
     #[arg(long, default_value_t = 2)]
     pub rounds: u64,
     /// Take at most this many passages.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
     /// Curate pairs whose (mean) score is at least this (the paper's A5: 5).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(value_parser = crate::cli::values::score_threshold, long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Curate by the graded score: the parsed `Score: N` where the model wrote one, else the
     /// expected value of its forced choice over 1..5 (G-Eval), instead of the forced pick. For
@@ -105,40 +105,40 @@ pub struct HumpbackArgs {
     #[arg(long, value_name = "PATH")]
     pub seed_model: Option<PathBuf>,
     /// Optimizer steps of each training (step 0 and every round).
-    #[arg(long, default_value_t = 24)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 24)]
     pub train_steps: usize,
     /// Examples per optimizer step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
     pub train_batch: usize,
     /// Most tokens of a training example (longer outputs are truncated).
-    #[arg(long, default_value_t = 384)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 384)]
     pub train_max_len: usize,
     /// LoRA rank of every training.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
     pub lora_rank: usize,
     /// Peak learning rate (default: backflow train's LoRA default).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::learning_rate, long)]
     pub lr: Option<f64>,
     /// Sampling temperature of augmentation (paper: 0.7).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.7)]
     pub temperature: f32,
     /// Nucleus mass of augmentation (paper: 0.9).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(value_parser = crate::cli::values::top_p, long, default_value_t = 0.9)]
     pub top_p: f32,
     /// Most tokens of a generated instruction.
-    #[arg(long, default_value_t = 64)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 64)]
     pub augment_tokens: usize,
     /// Ratings per candidate (more than one are sampled and averaged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
     pub samples: usize,
     /// Most tokens of a rating answer.
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 128)]
     pub rate_tokens: usize,
     /// Seed of sampling, data order and LoRA initialisation.
     #[arg(long, default_value_t = 0)]
     pub random_seed: u64,
     /// Most sequences per model batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
     #[arg(long)]
@@ -175,7 +175,7 @@ pub struct HumpbackArgs {
     #[arg(long, value_name = "FILE")]
     pub selector_dev: Option<PathBuf>,
     /// Most tokens of each evaluation answer (with --judge).
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 128)]
     pub eval_max_tokens: usize,
     /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
@@ -457,6 +457,10 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     if args.min_chars >= args.max_chars {
         bail!("--min-chars must be below --max-chars");
     }
+    let train = train_template(&args, &base);
+    train
+        .validate()
+        .context("the training flags (--lr, --lora-rank, --train-steps, --train-batch)")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let inputs = formats::expand_inputs(&corpus)?;
@@ -493,7 +497,6 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     let client = server.client()?;
     let models_dir = args.out.join("_models");
 
-    let train = train_template(&args, &base);
     // Step 0 on process 0; the other processes receive its models along the dataflow.
     let (step0_updates, mut step0_metrics) = if process == 0 {
         let (updates, metrics) = step0(&args, &train, &seed)?;
@@ -725,9 +728,9 @@ fn replay_files(out: &Path) -> Result<Vec<(formats::InputFile, u64)>> {
 /// The training settings every training of the job shares; data and output are set per model.
 fn train_template(args: &HumpbackArgs, base: &Path) -> TrainJob {
     let mut t = TrainJob::new(base.to_path_buf(), Vec::new(), PathBuf::new());
-    t.mode = TrainMode::Lora(LoraConfig::all_projections(args.lora_rank.max(1)));
-    t.steps = Some(args.train_steps.max(1));
-    t.batch_size = args.train_batch.max(1);
+    t.mode = TrainMode::Lora(LoraConfig::all_projections(args.lora_rank));
+    t.steps = Some(args.train_steps);
+    t.batch_size = args.train_batch;
     t.max_len = args.train_max_len;
     t.seed = args.random_seed;
     t.lr = args.lr;

@@ -49,22 +49,22 @@ pub struct RateArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Keep pairs whose (mean) score is at least this.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(value_parser = crate::cli::values::score_threshold, long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Ratings per pair (more than one are sampled and averaged).
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
     pub samples: usize,
     /// Most tokens of a rating answer.
-    #[arg(long, default_value_t = 96)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 96)]
     pub max_new_tokens: usize,
     /// Rate only the first N pairs.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
     /// Pairs per epoch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub epoch_size: usize,
     /// Most sequences per model batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
     /// Float type the model is loaded in.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
@@ -224,7 +224,9 @@ pub fn run(args: RateArgs) -> Result<()> {
             s.prompt_tokens.load(Ordering::Relaxed),
             s.new_tokens.load(Ordering::Relaxed),
         );
-        let histogram = score_histogram(&args.out)?;
+        // Every count from the rows on disk: the summary describes the files.
+        let written = WrittenRows::read(&args.out)?;
+        let histogram = &written.score_histogram;
         let summary = json!({
             "pipeline": "rate",
             "model": args.model,
@@ -232,7 +234,8 @@ pub fn run(args: RateArgs) -> Result<()> {
             "threshold": args.threshold,
             "elapsed_secs": elapsed,
             "score_histogram": histogram,
-            "curated": histogram.iter().filter(|(k, _)| k.parse::<f64>().is_ok_and(|v| v >= args.threshold)).map(|(_, v)| v).sum::<u64>(),
+            "rated": written.ratings,
+            "curated": written.curated,
             "this_process": {"requests": requests, "prompt_tokens": prompt, "new_tokens": new,
                               "prompts_per_sec": requests as f64 / elapsed,
                               "generated_tokens_per_sec": new as f64 / elapsed},
@@ -242,10 +245,12 @@ pub fn run(args: RateArgs) -> Result<()> {
             Ok(serde_json::to_writer_pretty(f, &summary)?)
         })?;
         eprintln!(
-            "rated {} pairs in {elapsed:.1}s ({:.2} prompts/s); scores {histogram:?}; unparsed {}",
-            requests,
+            "rated {} pairs in {elapsed:.1}s ({:.2} prompts/s); scores {histogram:?}; unparsed {}; \
+             curated {}",
+            written.ratings,
             requests as f64 / elapsed,
-            stats.dropped(crate::stats::DropReason::RatingUnparsed)
+            stats.dropped(crate::stats::DropReason::RatingUnparsed),
+            written.curated
         );
     }
     Ok(())
@@ -289,25 +294,48 @@ fn dataset<'s>(
     })
 }
 
-/// Counts ratings by score from the written files (the summary reports what is on disk).
-fn score_histogram(out: &std::path::Path) -> Result<BTreeMap<String, u64>> {
-    let mut hist = BTreeMap::new();
-    for entry in std::fs::read_dir(out)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !(name.starts_with("ratings-") && name.ends_with(".jsonl")) {
-            continue;
+/// What the job wrote, counted from its files (the summary reports what is on disk).
+struct WrittenRows {
+    /// Rows of `ratings-*.jsonl` by score (`unparsed` for none).
+    score_histogram: BTreeMap<String, u64>,
+    /// Rows of `ratings-*.jsonl`.
+    ratings: u64,
+    /// Rows of `curated-*.jsonl`.
+    curated: u64,
+}
+
+impl WrittenRows {
+    fn read(out: &std::path::Path) -> Result<WrittenRows> {
+        let mut rows = WrittenRows {
+            score_histogram: BTreeMap::new(),
+            ratings: 0,
+            curated: 0,
+        };
+        for entry in std::fs::read_dir(out)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !name.ends_with(".jsonl") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading back {}", path.display()))?;
+            if name.starts_with("ratings-") {
+                for line in text.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .with_context(|| format!("reading back {}", path.display()))?;
+                    let key = v["score"]
+                        .as_f64()
+                        .map_or("unparsed".to_owned(), |s| format!("{s}"));
+                    *rows.score_histogram.entry(key).or_insert(0) += 1;
+                    rows.ratings += 1;
+                }
+            } else if name.starts_with("curated-") {
+                rows.curated += text.lines().count() as u64;
+            }
         }
-        for line in std::fs::read_to_string(&path)?.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            let key = v["score"]
-                .as_f64()
-                .map_or("unparsed".to_owned(), |s| format!("{s}"));
-            *hist.entry(key).or_insert(0) += 1;
-        }
+        Ok(rows)
     }
-    Ok(hist)
 }

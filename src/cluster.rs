@@ -34,6 +34,18 @@ pub enum ClusterError {
         /// `-n`.
         processes: usize,
     },
+    /// More workers than the machine can run (each worker is a thread with channels to every
+    /// other: `-w 1000` takes gigabytes before reading a byte).
+    #[error(
+        "--workers {workers} is more than this machine runs well: at most {max} \
+         (4 per core, between 8 and 512)"
+    )]
+    TooManyWorkers {
+        /// `-w`.
+        workers: usize,
+        /// The bound on this machine.
+        max: usize,
+    },
     /// `-p` outside `0..-n`.
     #[error(
         "--process {process} is out of range for --processes {processes} (valid: 0..{processes})"
@@ -64,6 +76,12 @@ pub enum ClusterError {
     },
 }
 
+/// The most worker threads per process: 4 per core, at least 8, at most 512.
+pub fn max_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).clamp(8, 512)
+}
+
 /// The first port of the default localhost addresses (timely's convention).
 pub const DEFAULT_BASE_PORT: u16 = 2101;
 
@@ -75,6 +93,13 @@ impl ClusterArgs {
             return Err(ClusterError::Zero {
                 workers: self.workers,
                 processes: self.processes,
+            });
+        }
+        let max = max_workers();
+        if self.workers > max {
+            return Err(ClusterError::TooManyWorkers {
+                workers: self.workers,
+                max,
             });
         }
         if self.process >= self.processes {

@@ -68,6 +68,8 @@ pub enum DropReason {
     BelowThreshold,
     /// An instruction too short or too long to be plausible.
     InstructionLength,
+    /// A pair whose output (the answer) is empty: never curated, whatever its score.
+    EmptyOutput,
     /// A passage beyond `--limit` (the job took enough passages).
     OverLimit,
 }
@@ -120,6 +122,7 @@ impl DropReason {
             Unrated => "unrated",
             BelowThreshold => "below_threshold",
             InstructionLength => "instruction_length",
+            EmptyOutput => "empty_output",
             OverLimit => "over_limit",
         }
     }

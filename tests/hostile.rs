@@ -117,3 +117,214 @@ fn non_utf8_file_name_is_read() {
     let example = &s["dropped"]["content_length_mismatch"]["examples"][0];
     assert_eq!(example["file"], latin1.to_string_lossy().as_ref(), "{s:#}");
 }
+
+/// Runs a command that must fail; returns its stderr.
+fn run_fails(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("spawn backflow");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{cmd:?} succeeded, but must fail:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{cmd:?} panicked:\n{stderr}");
+    stderr
+}
+
+/// Cases 6, 10 and 12: every invalid value is a clear error naming its flag, before any work
+/// (no output folder made).
+#[test]
+fn invalid_values_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let input = tmp.path().join("one.warc");
+    std::fs::write(&input, good(1)).unwrap();
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"Say hi.\", \"output\": \"Hi.\"}\n",
+    )
+    .unwrap();
+    let (input, data, out_s) = (
+        input.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let generate = |flag: &str, v: &str| -> Vec<String> {
+        let fv = format!("{flag}={v}");
+        ["generate", "--model", data, "--prompt", "hi", &fv]
+            .map(String::from)
+            .to_vec()
+    };
+    let train = |flag: &str, v: &str| -> Vec<String> {
+        let fv = format!("{flag}={v}");
+        [
+            "train", "--model", data, "--data", data, "--out", out_s, &fv,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let rate = |flag: &str, v: &str| -> Vec<String> {
+        let fv = format!("{flag}={v}");
+        [
+            "run", "rate", "--model", data, "--data", data, "--out", out_s, &fv,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let humpback = |flag: &str, v: &str| -> Vec<String> {
+        let fv = format!("{flag}={v}");
+        ["run", "humpback", "--out", out_s, &fv]
+            .map(String::from)
+            .to_vec()
+    };
+    let segment = |flag: &str, v: &str| -> Vec<String> {
+        ["segment", input, "--out", out_s, flag, v]
+            .map(String::from)
+            .to_vec()
+    };
+    let mut cases: Vec<(Vec<String>, &str)> = Vec::new();
+    for v in ["NaN", "inf", "-1"] {
+        cases.push((generate("--temperature", v), "--temperature"));
+        cases.push((train("--lr", v), "--lr"));
+        cases.push((humpback("--lr", v), "--lr"));
+        cases.push((humpback("--temperature", v), "--temperature"));
+    }
+    for v in ["2", "-1", "NaN"] {
+        cases.push((generate("--top-p", v), "--top-p"));
+    }
+    for flag in ["--steps", "--batch-size", "--grad-accum"] {
+        cases.push((train(flag, "0"), flag));
+    }
+    for flag in [
+        "--samples",
+        "--max-new-tokens",
+        "--max-batch",
+        "--epoch-size",
+    ] {
+        cases.push((rate(flag, "0"), flag));
+    }
+    for v in ["5.5", "6", "-3", "NaN"] {
+        cases.push((rate("--threshold", v), "--threshold"));
+        cases.push((humpback("--threshold", v), "--threshold"));
+    }
+    for v in ["1000", "100000"] {
+        cases.push((segment("-w", v), "workers"));
+    }
+    for (args, flag) in &cases {
+        let stderr = run_fails(backflow().args(args));
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: the error does not name {flag}:\n{stderr}"
+        );
+        assert!(
+            !out.exists(),
+            "{args:?} made its output folder before failing"
+        );
+    }
+}
+
+/// Case 6: training that diverges (a learning rate of 1e30 makes step 2's loss NaN) stops with an
+/// error and never marks its checkpoint finished.
+#[test]
+fn diverging_training_stops_and_is_never_finished() {
+    let Some(model) = model_and_seed() else {
+        return;
+    };
+    let seed = cache_dir().join("seed/seed_tasks.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let stderr = run_fails(
+        backflow()
+            .arg("train")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&seed)
+            .arg("--out")
+            .arg(&ck)
+            .args(["--steps", "4", "--lr", "1e30", "--batch-size", "2"])
+            .args(["--max-len", "128", "--quiet"]),
+    );
+    assert!(stderr.contains("not finite"), "{stderr}");
+    let meta = std::fs::read_to_string(ck.join("backflow.json")).unwrap_or_default();
+    assert!(
+        !meta.contains("\"finished\": true") && !meta.contains("\"finished\":true"),
+        "a diverged run marked finished: {meta}"
+    );
+    // Nothing after the last finite step is logged.
+    let metrics = std::fs::read_to_string(ck.join("metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{line}");
+    }
+}
+
+/// Case 7: `run rate`'s summary counts the rows of the files it describes (rated = rows of
+/// `ratings-*`, curated = rows of `curated-*`), every rated pair is curated or dropped under a
+/// reason, and a pair with an empty output is never curated, even at threshold 1.
+#[test]
+fn rate_summary_counts_the_rows_written() {
+    let Some(model) = model_and_seed() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pairs.jsonl");
+    let rows = [
+        ("Name three primary colors.", "Red, yellow and blue."),
+        ("Hi?", "Hello! How can I help you today?"),
+        ("Explain what a noun is.", ""),
+        ("Explain what a verb is.", "   "),
+        (
+            "What is the capital of France?",
+            "Paris is the capital of France.",
+        ),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(i, o)| serde_json::json!({"instruction": i, "output": o}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let out = tmp.path().join("out");
+    run_ok(
+        backflow()
+            .args(["run", "rate", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .args(["--threshold", "1", "--max-new-tokens", "8", "-q"]),
+    );
+    let count_rows = |prefix: &str| -> u64 {
+        std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(prefix) && n.ends_with(".jsonl")
+            })
+            .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count() as u64)
+            .sum()
+    };
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (rated, curated) = (count_rows("ratings-"), count_rows("curated-"));
+    assert_eq!(rated, 5, "{s:#}");
+    assert_eq!(s["rated"].as_u64(), Some(rated), "{s:#}");
+    assert_eq!(s["curated"].as_u64(), Some(curated), "{s:#}");
+    // Threshold 1: every score passes; the short instruction and the two empty outputs do not.
+    assert_eq!(curated, 2, "{s:#}");
+    let d = &s["stats"];
+    assert_eq!(dropped(d, "empty_output"), 2, "{s:#}");
+    assert_eq!(dropped(d, "instruction_length"), 1, "{s:#}");
+    let curate_drops: u64 = [
+        "unrated",
+        "below_threshold",
+        "instruction_length",
+        "empty_output",
+    ]
+    .iter()
+    .map(|r| dropped(d, r))
+    .sum();
+    assert_eq!(rated, curated + curate_drops, "{s:#}");
+}

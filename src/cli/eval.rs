@@ -35,29 +35,29 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = JudgeRule::Both)]
     pub judge_rule: JudgeRule,
     /// Most tokens of a written judgment (text rule).
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 256)]
     pub judge_tokens: usize,
     /// A dev set of pairs labelled "good"/"bad" (`backflow selector-devset` makes one): each
     /// model's precision and recall as a selector.
     #[arg(long, value_name = "FILE")]
     pub selector_dev: Option<PathBuf>,
     /// A dev pair is selected when its score is at least this (the paper's A5: 5).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(value_parser = crate::cli::values::score_threshold, long, default_value_t = 5.0)]
     pub threshold: f64,
     /// Most tokens of a rating answer (selector).
-    #[arg(long, default_value_t = 96)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 96)]
     pub rate_tokens: usize,
     /// Use the first N prompts (and dev pairs).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
     /// Most tokens of each answer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Sampling temperature of answers (the paper evaluates with 0.7; 0 is greedy).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.7)]
     pub temperature: f32,
     /// Nucleus of answers (the paper: 0.9).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(value_parser = crate::cli::values::top_p, long, default_value_t = 0.9)]
     pub top_p: f32,
     /// Seed of answers' sampling (mixed with each prompt's text).
     #[arg(long, default_value_t = 0)]
@@ -67,16 +67,16 @@ pub struct EvalArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// Longest example of the reference NLL, in tokens (`backflow train`'s --max-len).
-    #[arg(long, default_value_t = 512)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 512)]
     pub max_len: usize,
     /// Float type of generation.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
     /// Most sequences per model batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
     /// Threads the model computes with (default: every core).
-    #[arg(short = 'w', long = "workers")]
+    #[arg(value_parser = crate::cli::values::at_least_one, short = 'w', long = "workers")]
     pub workers: Option<usize>,
 }
 
@@ -112,8 +112,9 @@ pub fn run(args: EvalArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
         bail!("--max-tokens, --judge-tokens and --max-len must be at least 1");
     }
     if let Some(w) = args.workers {
-        if w == 0 {
-            bail!("-w 0: at least one thread");
+        let max = crate::cluster::max_workers();
+        if w == 0 || w > max {
+            bail!("--workers {w}: between 1 and {max} threads on this machine");
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(w)
@@ -199,7 +200,7 @@ pub struct DevsetArgs {
     pub out: PathBuf,
     /// Use the first N pairs (the same N as a held-out split, e.g. the seed's last ones:
     /// `--skip`).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
     /// Skip the first N pairs (to build the set from pairs a model was not trained on).
     #[arg(long, default_value_t = 0)]

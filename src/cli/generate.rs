@@ -33,13 +33,13 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with_all = ["raw", "system"])]
     pub backward: bool,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::cli::values::top_p, long, default_value_t = 1.0)]
     pub top_p: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]

@@ -4,6 +4,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod train;
+pub mod values;
 pub mod warc_pack;
 
 use crate::pipelines::{self, segment::SegmentArgs};

@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// LoRA rank (the default mode, rank 8).
-    #[arg(long, conflicts_with = "full")]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, conflicts_with = "full")]
     pub lora_rank: Option<usize>,
     /// LoRA alpha (default: 2 x rank).
     #[arg(long)]
@@ -37,13 +37,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub full: bool,
     /// Optimizer steps.
-    #[arg(long, conflicts_with = "epochs")]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
     /// Epochs over the data (default 3 when --steps is not given).
     #[arg(long)]
     pub epochs: Option<f64>,
     /// Peak learning rate (default: 1e-5 full, as the paper; 2e-4 LoRA).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::values::learning_rate, long)]
     pub lr: Option<f64>,
     /// Final learning rate of the linear decay (default: 9e-6 full, as the paper; lr/10 LoRA).
     #[arg(long)]
@@ -52,16 +52,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
     /// Examples per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
     /// Max tokens per example: longer outputs are truncated, prompts this long are dropped.
-    #[arg(long, default_value_t = 512)]
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 512)]
     pub max_len: usize,
     /// Seed of data order, LoRA init, dropout and the held-out split.
     #[arg(long, default_value_t = 0)]

@@ -217,8 +217,8 @@ impl TrainJob {
         Ok(format!("{:032x}", h.digest128()))
     }
 
-    /// Checks what can be checked before loading anything.
-    fn validate(&self) -> Result<(), TrainError> {
+    /// Checks what can be checked before loading anything (a job that fails here never starts).
+    pub fn validate(&self) -> Result<(), TrainError> {
         if let TrainMode::Lora(lc) = &self.mode {
             if lc.rank == 0 {
                 return Err(TrainError::Config("LoRA rank must be positive".into()));
@@ -245,6 +245,49 @@ impl TrainJob {
                 "max length {} is too short",
                 self.max_len
             )));
+        }
+        // Every knob a NaN, an infinity or a sign would silently turn into something else: a
+        // NaN adapter marked finished, gradient ascent, a batch size quietly made 1.
+        let positive = |name: &str, v: Option<f64>| match v {
+            Some(v) if !(v.is_finite() && v > 0.0) => Err(TrainError::Config(format!(
+                "{name} must be a positive finite number, got {v}"
+            ))),
+            _ => Ok(()),
+        };
+        let non_negative = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(TrainError::Config(format!(
+                    "{name} must be a finite number >= 0, got {v}"
+                )))
+            }
+        };
+        positive("learning rate", self.lr)?;
+        if let Some(end) = self.lr_end {
+            non_negative("final learning rate", end)?;
+        }
+        non_negative("weight decay", self.weight_decay as f64)?;
+        non_negative("max gradient norm", self.max_grad_norm as f64)?;
+        for (name, v) in [
+            ("batch size", self.batch_size),
+            ("gradient accumulation", self.grad_accum),
+        ] {
+            if v == 0 {
+                return Err(TrainError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.steps == Some(0) {
+            return Err(TrainError::Config("steps must be at least 1".into()));
+        }
+        if let TrainMode::Lora(lc) = &self.mode {
+            positive("LoRA alpha", Some(lc.alpha))?;
+            if !(0.0..1.0).contains(&lc.dropout) {
+                return Err(TrainError::Config(format!(
+                    "LoRA dropout must be in [0, 1), got {}",
+                    lc.dropout
+                )));
+            }
         }
         Ok(())
     }
@@ -532,6 +575,15 @@ pub fn run_job_with(
         );
         let micro = micro_batches(&examples, &idx, sft.batch_size, pad);
         let m = trainer.train_step(&micro);
+        if !(m.loss.is_finite() && m.grad_norm.is_finite()) {
+            // Nothing of this step is logged or saved: the last save stays the checkpoint,
+            // unfinished, and the same command with a smaller --lr can resume from it.
+            return Err(TrainError::Diverged {
+                step: m.step,
+                loss: m.loss,
+                grad_norm: m.grad_norm,
+            });
+        }
         tok_total += m.tokens;
         secs_total += m.secs;
         losses.push(m.loss);

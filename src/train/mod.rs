@@ -51,6 +51,19 @@ pub enum TrainError {
     /// Inconsistent options.
     #[error("config: {0}")]
     Config(String),
+    /// Training produced a non-finite loss or gradient (a learning rate too high, bad data).
+    #[error(
+        "step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite: \
+         training stopped, nothing of this step saved (try a smaller --lr)"
+    )]
+    Diverged {
+        /// The step (1-based).
+        step: usize,
+        /// Its loss.
+        loss: f64,
+        /// Its gradient norm.
+        grad_norm: f64,
+    },
 }
 
 /// `Io` error constructor for `map_err`.
