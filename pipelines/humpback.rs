@@ -606,43 +606,45 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     let worker_progress = progress.clone();
     let loop_started = Instant::now();
     let base_for_workers = base.clone();
-    let guards = timely::execute(config, move |worker| {
-        let stats = Rc::new(RefCell::new(Stats::default()));
-        let (ingest_probe, done_probe) = (ProbeHandle::new(), ProbeHandle::new());
-        let installer = Installer {
-            client: client.clone(),
-            models_dir: models_dir.clone(),
-            base: base_for_workers.clone(),
-            book: Rc::new(RefCell::new(ModelBook::default())),
-            progress: worker_progress.clone(),
-        };
-        let step0 = if worker.index() == 0 {
-            step0_updates.clone()
-        } else {
-            Vec::new()
-        };
-        worker.dataflow::<Time, _, _>(|scope| {
-            humpback(
-                scope,
-                &job,
-                step0,
-                installer,
-                stats.clone(),
-                &worker_progress,
-                &ingest_probe,
-                &done_probe,
-            );
-        });
-        while !done_probe.done() {
-            if worker_progress.failed() {
-                job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let guards = args
+        .cluster
+        .execute(config, move |worker| {
+            let stats = Rc::new(RefCell::new(Stats::default()));
+            let (ingest_probe, done_probe) = (ProbeHandle::new(), ProbeHandle::new());
+            let installer = Installer {
+                client: client.clone(),
+                models_dir: models_dir.clone(),
+                base: base_for_workers.clone(),
+                book: Rc::new(RefCell::new(ModelBook::default())),
+                progress: worker_progress.clone(),
+            };
+            let step0 = if worker.index() == 0 {
+                step0_updates.clone()
+            } else {
+                Vec::new()
+            };
+            worker.dataflow::<Time, _, _>(|scope| {
+                humpback(
+                    scope,
+                    &job,
+                    step0,
+                    installer,
+                    stats.clone(),
+                    &worker_progress,
+                    &ingest_probe,
+                    &done_probe,
+                );
+            });
+            while !done_probe.done() {
+                if worker_progress.failed() {
+                    job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                worker.step_or_park(Some(Duration::from_millis(100)));
             }
-            worker.step_or_park(Some(Duration::from_millis(100)));
-        }
-        let local = stats.borrow().clone();
-        crate::job::gather_stats(worker, local)
-    })
-    .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
+            let local = stats.borrow().clone();
+            crate::job::gather_stats(worker, local)
+        })
+        .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
     let merged = crate::job::finish(guards, &progress);
     drop(reporter);
     let merged = merged?;

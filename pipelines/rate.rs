@@ -166,53 +166,57 @@ pub fn run(args: RateArgs) -> Result<()> {
     };
     let worker_progress = progress.clone();
 
-    let guards = timely::execute(config, move |worker| {
-        let stats: WorkerStats = Rc::new(RefCell::new(Stats::default()));
-        let probe: ProbeHandle<Time> = ProbeHandle::new();
-        let model = version.clone();
-        let progress = worker_progress.clone();
-        worker.dataflow::<Time, _, _>(|scope| {
-            let pairs = dataset(scope, candidates.clone(), epoch_size, probe.clone()).unary(
-                Exchange::new(|c: &Candidate| c.passage.id),
-                "Spread",
-                |_, _| {
-                    |input, output| {
-                        input.for_each_stamp(|cap, data| output.session(&cap).give_containers(data))
-                    }
-                },
-            );
-            let jobs = pairs.map(move |candidate| RateJob {
-                candidate,
-                model: model.clone(),
+    let guards = args
+        .cluster
+        .execute(config, move |worker| {
+            let stats: WorkerStats = Rc::new(RefCell::new(Stats::default()));
+            let probe: ProbeHandle<Time> = ProbeHandle::new();
+            let model = version.clone();
+            let progress = worker_progress.clone();
+            worker.dataflow::<Time, _, _>(|scope| {
+                let pairs = dataset(scope, candidates.clone(), epoch_size, probe.clone()).unary(
+                    Exchange::new(|c: &Candidate| c.passage.id),
+                    "Spread",
+                    |_, _| {
+                        |input, output| {
+                            input.for_each_stamp(|cap, data| {
+                                output.session(&cap).give_containers(data)
+                            })
+                        }
+                    },
+                );
+                let jobs = pairs.map(move |candidate| RateJob {
+                    candidate,
+                    model: model.clone(),
+                });
+                let ratings = rate(jobs, client.clone(), rate_options.clone(), stats.clone());
+                let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
+                write_jsonl(
+                    ratings,
+                    out.clone(),
+                    |t| format!("ratings-e{t:016x}"),
+                    process,
+                    progress.clone(),
+                    |r, out| serde_json::to_writer(out, &rating_line(r)),
+                )
+                .probe_with(&probe);
+                write_jsonl(
+                    curated,
+                    out.clone(),
+                    |t| format!("curated-e{t:016x}"),
+                    process,
+                    progress.clone(),
+                    |r, out| serde_json::to_writer(out, &curated_line(r)),
+                )
+                .probe_with(&probe);
             });
-            let ratings = rate(jobs, client.clone(), rate_options.clone(), stats.clone());
-            let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
-            write_jsonl(
-                ratings,
-                out.clone(),
-                |t| format!("ratings-e{t:016x}"),
-                process,
-                progress.clone(),
-                |r, out| serde_json::to_writer(out, &rating_line(r)),
-            )
-            .probe_with(&probe);
-            write_jsonl(
-                curated,
-                out.clone(),
-                |t| format!("curated-e{t:016x}"),
-                process,
-                progress.clone(),
-                |r, out| serde_json::to_writer(out, &curated_line(r)),
-            )
-            .probe_with(&probe);
-        });
-        while !probe.done() {
-            worker.step_or_park(Some(Duration::from_millis(50)));
-        }
-        let local = stats.borrow().clone();
-        crate::job::gather_stats(worker, local)
-    })
-    .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(50)));
+            }
+            let local = stats.borrow().clone();
+            crate::job::gather_stats(worker, local)
+        })
+        .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
     let merged = crate::job::finish(guards, &progress);
     drop(reporter);
     let merged = merged?;

@@ -227,58 +227,60 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let follow = args.follow.is_some();
     let worker_progress = progress.clone();
 
-    let guards = timely::execute(config, move |worker| {
-        let stats = Rc::new(RefCell::new(Stats::default()));
-        let probe: ProbeHandle<Time> = ProbeHandle::new();
-        let state = state.clone();
-        let on_file_done: Box<dyn FnMut(&WorkItem)> = if follow {
-            Box::new(move |item: &WorkItem| state.record(item))
-        } else {
-            Box::new(|_: &WorkItem| {})
-        };
-        let progress = worker_progress.clone();
-        worker.dataflow::<Time, _, _>(|scope| {
-            let items = discover(
-                scope,
-                discover_config.clone(),
-                probe.clone(),
-                stop.clone(),
-                on_file_done,
-            );
-            let records = read(
-                items,
-                read_options.clone(),
-                pacing.clone(),
-                probe.clone(),
-                stats.clone(),
-                progress.clone(),
-            );
-            let pages = extract(records, ExtractOptions::default(), stats.clone());
-            let passages = segment(pages, segment_options.clone(), stats.clone());
-            let history = (!written_before.is_empty()).then(|| {
-                written_before::written_before(scope, written_before.clone(), progress.clone())
+    let guards = args
+        .cluster
+        .execute(config, move |worker| {
+            let stats = Rc::new(RefCell::new(Stats::default()));
+            let probe: ProbeHandle<Time> = ProbeHandle::new();
+            let state = state.clone();
+            let on_file_done: Box<dyn FnMut(&WorkItem)> = if follow {
+                Box::new(move |item: &WorkItem| state.record(item))
+            } else {
+                Box::new(|_: &WorkItem| {})
+            };
+            let progress = worker_progress.clone();
+            worker.dataflow::<Time, _, _>(|scope| {
+                let items = discover(
+                    scope,
+                    discover_config.clone(),
+                    probe.clone(),
+                    stop.clone(),
+                    on_file_done,
+                );
+                let records = read(
+                    items,
+                    read_options.clone(),
+                    pacing.clone(),
+                    probe.clone(),
+                    stats.clone(),
+                    progress.clone(),
+                );
+                let pages = extract(records, ExtractOptions::default(), stats.clone());
+                let passages = segment(pages, segment_options.clone(), stats.clone());
+                let history = (!written_before.is_empty()).then(|| {
+                    written_before::written_before(scope, written_before.clone(), progress.clone())
+                });
+                let verdicts = dedup(passages.clone(), history, dedup_options.clone())
+                    .expect("dedup options validated before the job started");
+                write(
+                    passages,
+                    verdicts,
+                    target.clone(),
+                    stats.clone(),
+                    progress.clone(),
+                )
+                .probe_with(&probe);
             });
-            let verdicts = dedup(passages.clone(), history, dedup_options.clone())
-                .expect("dedup options validated before the job started");
-            write(
-                passages,
-                verdicts,
-                target.clone(),
-                stats.clone(),
-                progress.clone(),
-            )
-            .probe_with(&probe);
-        });
-        while !probe.done() {
-            if progress.failed() {
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            while !probe.done() {
+                if progress.failed() {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                worker.step_or_park(Some(Duration::from_millis(100)));
             }
-            worker.step_or_park(Some(Duration::from_millis(100)));
-        }
-        let local = stats.borrow().clone();
-        job::gather_stats(worker, local)
-    })
-    .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
+            let local = stats.borrow().clone();
+            job::gather_stats(worker, local)
+        })
+        .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
 
     let merged = crate::job::finish(guards, &progress);
     drop(reporter);

@@ -3,7 +3,11 @@
 //! every flag it does not know (and ours would be many).
 
 use clap::Args;
+use std::net::ToSocketAddrs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 use thiserror::Error;
 
 /// The cluster flags shared by every job.
@@ -21,6 +25,9 @@ pub struct ClusterArgs {
     /// File with one `host:port` per line, one line per process (default: localhost:2101, 2102, ...).
     #[arg(short = 'h', long = "hostfile", value_name = "HOSTFILE")]
     pub hostfile: Option<PathBuf>,
+    /// Seconds to wait for every process of the job to connect before giving up.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub connect_timeout: u64,
 }
 
 /// A cluster description that cannot run.
@@ -63,6 +70,18 @@ pub enum ClusterError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A hostfile line that is not a `host:port` this machine can resolve.
+    #[error("hostfile {path}, line for process {process}: {address:?} {why}")]
+    BadAddress {
+        /// The hostfile.
+        path: PathBuf,
+        /// The process the line is for.
+        process: usize,
+        /// The line.
+        address: String,
+        /// What is wrong with it.
+        why: String,
     },
     /// The hostfile lists fewer hosts than processes.
     #[error("hostfile {path} lists {found} addresses, but --processes is {processes}")]
@@ -153,6 +172,18 @@ impl ClusterArgs {
                         processes: self.processes,
                     });
                 }
+                // Checked here, by every process: timely retries a bad address forever.
+                for (process, line) in hosts.iter().enumerate() {
+                    // A process's line may list several addresses to listen on.
+                    for address in line.split_whitespace() {
+                        check_address(address).map_err(|why| ClusterError::BadAddress {
+                            path: path.clone(),
+                            process,
+                            address: address.to_owned(),
+                            why,
+                        })?;
+                    }
+                }
                 Ok(hosts)
             }
         }
@@ -162,6 +193,101 @@ impl ClusterArgs {
     pub fn peers(&self) -> usize {
         self.workers * self.processes
     }
+
+    /// Runs `func` on every worker of the job (`timely::execute`), with the two guards a
+    /// multi-process job needs: processes that do not all connect within `--connect-timeout`
+    /// end this one with a clear error (timely would wait forever), and a peer lost mid-job
+    /// (killed, its machine gone) ends this process with a clear error and exit status 1 rather
+    /// than a panic inside timely's networking (whose channels are then poisoned).
+    pub fn execute<T, F>(
+        &self,
+        config: timely::Config,
+        func: F,
+    ) -> Result<timely::communication::WorkerGuards<T>, String>
+    where
+        T: Send + 'static,
+        F: Fn(&mut timely::worker::Worker) -> T + Send + Sync + 'static,
+    {
+        if self.processes <= 1 {
+            return timely::execute(config, func);
+        }
+        exit_on_lost_peer(self.process);
+        let connected = Arc::new(AtomicBool::new(false));
+        let watched = connected.clone();
+        let (timeout, process, processes) = (self.connect_timeout, self.process, self.processes);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            while std::time::Instant::now() < deadline {
+                if watched.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!(
+                "error: process {process} of {processes}: not every process connected within \
+                 --connect-timeout {timeout}s; check that all {processes} are started with the \
+                 same -n and hostfile, and that their addresses are reachable"
+            );
+            std::process::exit(1);
+        });
+        let guards = timely::execute(config, func);
+        connected.store(true, Ordering::SeqCst);
+        guards
+    }
+}
+
+/// Whether `address` is a `host:port` with a port in 1..=65535 that resolves.
+fn check_address(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err("has no port: expected host:port".into());
+    };
+    if host.is_empty() {
+        return Err("has no host: expected host:port".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("has port {port:?}: expected 1..65535")),
+    }
+    match address.to_socket_addrs() {
+        Ok(addrs) if addrs.len() > 0 => Ok(()),
+        Ok(_) => Err("resolves to no address".into()),
+        Err(e) => Err(format!("does not resolve: {e}")),
+    }
+}
+
+/// Turns the panics of timely's networking (a peer's socket closed or reset, and the poisoned
+/// queues that follow in every worker) into one clear message and exit status 1. Any other panic
+/// goes to the default hook.
+fn exit_on_lost_peer(process: usize) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let from_networking = [
+                "timely communication error",
+                "MergeQueue",
+                "Send thread panic",
+                "Recv thread panic",
+            ]
+            .iter()
+            .any(|m| message.contains(m));
+            if !from_networking {
+                return default(info);
+            }
+            eprintln!(
+                "error: process {process} lost its connection to another process of the job \
+                 ({message}); stopping. Start every process again with the same command: the \
+                 job goes on from what it wrote."
+            );
+            std::process::exit(1);
+        }));
+    });
 }
 
 #[cfg(test)]
@@ -175,6 +301,7 @@ mod tests {
             processes: n,
             process: p,
             hostfile: None,
+            connect_timeout: 300,
         }
     }
 

@@ -219,3 +219,76 @@ fn follow_restart_keeps_dedup_state_and_folder_identity() {
         "each passage once"
     );
 }
+
+/// Issue 14, case 8: in a two-process `--follow` job, killing process 1 ends process 0 with a
+/// clear message and a non-zero exit (no panic) within a bounded time, and the same two
+/// commands started again go on: every passage written exactly once.
+#[test]
+fn a_lost_peer_ends_the_job_cleanly_and_a_restart_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let watch = tmp.path().join("watch");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&watch).unwrap();
+    let ports = free_ports(2);
+    let hostfile = tmp.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let start_both = || -> Vec<Child> {
+        (0..2)
+            .map(|p| {
+                backflow()
+                    .arg("segment")
+                    .arg("--follow")
+                    .arg(&watch)
+                    .arg("--out")
+                    .arg(&out)
+                    .args(["-q", "-n", "2", "-p", &p.to_string(), "-h"])
+                    .arg(&hostfile)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut jobs = start_both();
+    drop_dump(&watch, "a.warc.gz", &[1, 2, 3, 4]);
+    wait_for(&out, "token4 follows");
+    jobs[1].kill().unwrap();
+    jobs[1].wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = jobs[0].try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process 0 still running 30s after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut jobs[0].stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        !status.success(),
+        "process 0 exited 0 after losing its peer"
+    );
+    assert!(stderr.contains("lost its connection"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let mut jobs = start_both();
+    drop_dump(&watch, "b.warc.gz", &[5, 6]);
+    wait_for(&out, "token6 follows");
+    interrupt(&mut jobs[0]);
+    let exit = jobs[1].wait().unwrap();
+    assert!(exit.success(), "process 1 after the job stopped: {exit:?}");
+    let counts = token_counts(&out);
+    assert_eq!(
+        counts,
+        (1..=6).map(|i| (i, 1)).collect(),
+        "each passage exactly once"
+    );
+}

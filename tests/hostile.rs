@@ -328,3 +328,90 @@ fn rate_summary_counts_the_rows_written() {
     .sum();
     assert_eq!(rated, curated + curate_drops, "{s:#}");
 }
+
+/// Waits for `child` at most `secs`; kills it and fails the test when it runs longer.
+fn exits_within(mut child: std::process::Child, secs: u64) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return (status, stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still running after {secs}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Case 9: a hostfile line that is not a resolvable `host:port` is an error naming the line, at
+/// once, in every process; and processes that never all connect give up after
+/// `--connect-timeout` with a clear message rather than retrying forever.
+#[test]
+fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("one.warc");
+    std::fs::write(&input, good(1)).unwrap();
+    let port = free_ports(1)[0];
+    let hostfile = tmp.path().join("hosts");
+    for bad in [
+        "localhost",
+        "localhost:99999",
+        "localhost:0",
+        ":2101",
+        "no-such-host.invalid:2101",
+    ] {
+        std::fs::write(&hostfile, format!("127.0.0.1:{port}\n{bad}\n")).unwrap();
+        for p in ["0", "1"] {
+            let child = backflow()
+                .arg("segment")
+                .arg(&input)
+                .arg("--out")
+                .arg(tmp.path().join("out"))
+                .args(["-q", "-n", "2", "-p", p, "-h"])
+                .arg(&hostfile)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (status, stderr) = exits_within(child, 30);
+            assert!(!status.success(), "{bad}: -p {p} succeeded");
+            assert!(
+                stderr.contains("process 1") && stderr.contains(bad),
+                "{bad}: -p {p}: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    // A good hostfile, but process 1 never starts.
+    let ports = free_ports(2);
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    for p in ["0", "1"] {
+        let child = backflow()
+            .arg("segment")
+            .arg(&input)
+            .arg("--out")
+            .arg(tmp.path().join("out"))
+            .args(["-q", "-n", "2", "-p", p, "--connect-timeout", "2", "-h"])
+            .arg(&hostfile)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (status, stderr) = exits_within(child, 30);
+        assert!(!status.success());
+        assert!(stderr.contains("--connect-timeout 2s"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
