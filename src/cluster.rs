@@ -340,15 +340,26 @@ mod tests {
     fn hostfile_is_read_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hosts");
-        std::fs::write(&path, "# cluster\nnode-a:3000\n\nnode-b:3000\n").unwrap();
+        std::fs::write(&path, "# cluster\n127.0.0.1:3000\n\nlocalhost:3001\n").unwrap();
         let mut a = args(1, 2, 0);
         a.hostfile = Some(path.clone());
-        assert_eq!(a.addresses().unwrap(), ["node-a:3000", "node-b:3000"]);
+        assert_eq!(a.addresses().unwrap(), ["127.0.0.1:3000", "localhost:3001"]);
         a.processes = 3;
         assert!(matches!(
             a.addresses(),
             Err(ClusterError::TooFewHosts { found: 2, .. })
         ));
+        // A line timely would retry forever: no port, a port out of range, no such host.
+        for bad in ["localhost", "localhost:99999", "no-such-host.invalid:3000"] {
+            std::fs::write(&path, format!("127.0.0.1:3000\n{bad}\n")).unwrap();
+            a.processes = 2;
+            match a.addresses() {
+                Err(ClusterError::BadAddress {
+                    process, address, ..
+                }) => assert_eq!((process, address.as_str()), (1, bad)),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]
