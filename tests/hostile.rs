@@ -415,3 +415,41 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Case 11: a FIFO given as an input, or inside an input folder under an input's name, is
+/// skipped and counted (`unreadable_file`); the job does not block on it and reads the rest.
+#[cfg(unix)]
+#[test]
+fn a_fifo_is_skipped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("in");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("good.warc"), good(1)).unwrap();
+    let in_folder = dir.join("pipe.warc");
+    let named = tmp.path().join("named-pipe");
+    for fifo in [&in_folder, &named] {
+        let status = std::process::Command::new("mkfifo")
+            .arg(fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = tmp.path().join("out");
+    let child = backflow()
+        .arg("segment")
+        .arg(&dir)
+        .arg(&named)
+        .arg("--out")
+        .arg(&out)
+        .arg("-q")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = exits_within(child, 30);
+    assert!(status.success(), "{stderr}");
+    let s = summary(&out);
+    assert_eq!(dropped(&s, "unreadable_file"), 2, "{s:#}");
+    let examples = s["dropped"]["unreadable_file"]["examples"].to_string();
+    assert!(examples.contains("a FIFO"), "{s:#}");
+    assert!(passage_texts(&out).iter().any(|t| t.contains("good1 beta")));
+}

@@ -103,9 +103,35 @@ pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
 }
 
 /// The kind of a file from its name, else from its first bytes; `None` when neither tells (or
-/// the file cannot be read).
+/// the file cannot be read). Only a regular file is sniffed: opening a FIFO blocks.
 pub fn detect_kind(path: &Path) -> Option<InputKind> {
-    kind_from_name(path).or_else(|| sniff_kind(path).ok().flatten())
+    kind_from_name(path).or_else(|| {
+        let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+        regular.then(|| sniff_kind(path).ok().flatten()).flatten()
+    })
+}
+
+/// What a path that is not a regular file is, for a drop's detail.
+pub fn file_type_name(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Whether a path is hidden or a temporary file being written (skipped inside folders).
@@ -149,7 +175,8 @@ pub(crate) fn walk_sorted(
             };
             if meta.is_dir() {
                 subdirs.push(path);
-            } else if meta.is_file() && keep(&path) {
+            } else if keep(&path) {
+                // A FIFO or device named like an input is kept: reading it is a counted skip.
                 out.push(path);
             }
         }
@@ -212,8 +239,11 @@ fn add_path(path: &Path, named: bool, found: &mut Vec<InputFile>) -> Result<(), 
         }
         return Ok(());
     }
+    let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
     let kind = match kind_from_name(path) {
         Some(k) => Some(k),
+        // Never opened to sniff (a FIFO would block): reading it is a counted skip.
+        None if !regular => Some(InputKind::Warc),
         None => sniff_kind(path).map_err(|source| InputError::Io {
             path: path.to_path_buf(),
             source,

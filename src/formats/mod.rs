@@ -120,6 +120,23 @@ impl Iterator for RecordReader {
 /// Opens one input for reading. A file that cannot be opened yields one `unreadable_file` drop.
 pub fn open(input: &InputFile, opts: &ReadOptions) -> RecordReader {
     let name = input.path.to_string_lossy().into_owned();
+    // A FIFO, socket or device would block the reader forever (or never end): skipped, counted.
+    if let Ok(meta) = std::fs::metadata(&input.path) {
+        if !meta.is_file() {
+            return RecordReader {
+                inner: Inner::Failed(Some(Drop {
+                    reason: DropReason::UnreadableFile,
+                    file: name,
+                    offset: 0,
+                    detail: format!(
+                        "not a regular file ({}): skipped",
+                        html_dir::file_type_name(&meta)
+                    ),
+                })),
+                file_len: None,
+            };
+        }
+    }
     if input.kind == InputKind::Html {
         let file_len = std::fs::metadata(&input.path).ok().map(|m| m.len());
         return RecordReader {

@@ -349,7 +349,10 @@ fn relative_url_path(dir: &Path, page: &Path) -> String {
 /// `file:///<relative path>`. Dates are the files' modification times, so packing the same
 /// folder twice gives the same bytes. Written to `<out_path>.tmp` and renamed when complete.
 pub fn pack_html_dir(dir: &Path, out_path: &Path) -> Result<PackSummary, PackError> {
-    let pages = walk_sorted(dir, &is_page)?;
+    // Regular files only: a FIFO named like a page would block the packer.
+    let pages = walk_sorted(dir, &|p| {
+        is_page(p) && std::fs::metadata(p).is_ok_and(|m| m.is_file())
+    })?;
     if pages.is_empty() {
         return Err(PackError::NoPages(dir.to_path_buf()));
     }
