@@ -167,6 +167,7 @@ fn every_bad_input_is_counted_and_good_records_survive() {
             .arg("-q"),
     );
     let s = summary(&out);
+    check_ingest_accounting(&s, rows(&out, "segment-"));
     let texts = passage_texts(&out);
     let has = |needle: &str| texts.iter().any(|t| t.contains(needle));
 

@@ -44,7 +44,9 @@ fn segment(input: &Path, out: &Path) -> (serde_json::Value, Vec<String>) {
             .arg(out)
             .arg("-q"),
     );
-    (summary(out), passage_texts(out).into_iter().collect())
+    let s = summary(out);
+    check_ingest_accounting(&s, rows(out, "segment-"));
+    (s, passage_texts(out).into_iter().collect())
 }
 
 /// Case 1: a Content-Length of 10^15, 2^31 + 5, u64::MAX or 17 MiB on a short body costs that one

@@ -138,6 +138,8 @@ fn check_accounting(out: &Path) {
     let passages = lines(out, "passages-");
     assert_eq!(passages.len(), 5, "--limit 5 passages taken");
     let m = metrics(out);
+    check_ingest_accounting(&m["stats"], passages.len() as u64);
+    assert_eq!(m["passages"].as_u64(), Some(passages.len() as u64));
     let failed = m["dropped"]["augment_failed"].as_u64().unwrap_or(0) as usize;
     let cands = instructions(out);
     assert_eq!(cands.len() + failed, passages.len(), "augmented or counted");
@@ -177,6 +179,22 @@ fn check_accounting(out: &Path) {
         assert_eq!(r["unparsed"].as_u64(), Some(unparsed));
         assert_eq!(r["rated"].as_u64(), Some(cands.len() as u64));
     }
+    // Every rating of every round is curated or dropped under a curation reason.
+    let curate_drops: u64 = [
+        "unrated",
+        "below_threshold",
+        "instruction_length",
+        "empty_output",
+    ]
+    .iter()
+    .map(|r| dropped(&m["stats"], r))
+    .sum();
+    assert_eq!(
+        ratings.len() as u64,
+        rows(out, "curated-") + curate_drops,
+        "ratings = curated + curation drops: {:#}",
+        m["stats"]
+    );
     assert!(out.join("report.html").exists());
     assert!(out
         .join("checkpoints/round-1/adapter_model.safetensors")

@@ -49,6 +49,7 @@ fn planted_duplicates_are_removed_and_distinct_passages_kept() {
     let base = tmp.path().join("base");
     segment(&[&warc], &base, &["-w", "2"]);
     let base_summary = summary(&base);
+    check_ingest_accounting(&base_summary, rows(&base, "segment-"));
     let base_texts = passage_texts(&base);
     // Every page was read as a record; real docs give many passages.
     // One record per page, plus the warcinfo record warc-pack writes first.
@@ -109,6 +110,7 @@ fn planted_duplicates_are_removed_and_distinct_passages_kept() {
     let with = tmp.path().join("with");
     segment(&[&warc, &plants], &with, &["-w", "2"]);
     let s = summary(&with);
+    check_ingest_accounting(&s, rows(&with, "segment-"));
     let with_texts = passage_texts(&with);
     assert!(
         base_texts.is_subset(&with_texts),
@@ -261,6 +263,7 @@ fn same_passages_from_one_two_workers_and_two_processes() {
     );
     // The copy is read last and every one of its passages is an exact duplicate.
     let s = summary(&procs);
+    check_ingest_accounting(&s, rows(&procs, "segment-"));
     assert_eq!(s["processes"].as_u64(), Some(2));
     assert_eq!(s["files"].as_u64(), Some(5));
     assert!(passages(&procs)

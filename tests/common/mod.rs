@@ -229,3 +229,54 @@ pub fn interrupt(child: &mut Child) {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit after Ctrl-C: {exit:?}\n{stderr}");
 }
+
+/// Rows of every `{prefix}*.jsonl` file under `out`.
+pub fn rows(out: &Path, prefix: &str) -> u64 {
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(prefix) && n.ends_with(".jsonl")
+        })
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count() as u64)
+        .sum()
+}
+
+/// The ingest's books balance (issue 14): every record read became a page or was dropped under
+/// a record reason, every passage made was written or dropped as a duplicate (or over the
+/// limit), and the passages the summary counts are the rows of the files.
+pub fn check_ingest_accounting(stats: &serde_json::Value, written_rows: u64) {
+    let n = |key: &str| {
+        stats[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: {stats:#}"))
+    };
+    let drops = |reasons: &[&str]| -> u64 { reasons.iter().map(|r| dropped(stats, r)).sum() };
+    let record_drops = drops(&[
+        "malformed_record",
+        "content_length_mismatch",
+        "other_record_type",
+        "not_html",
+        "http_status",
+        "page_too_large",
+        "invalid_json",
+        "missing_text",
+        "no_text",
+    ]);
+    assert_eq!(
+        n("records_read"),
+        n("pages_kept") + record_drops,
+        "records read = pages kept + record drops: {stats:#}"
+    );
+    assert_eq!(
+        n("segments_made"),
+        n("passages_written") + drops(&["exact_duplicate", "near_duplicate", "over_limit"]),
+        "passages made = written + duplicates + over the limit: {stats:#}"
+    );
+    assert_eq!(
+        n("passages_written"),
+        written_rows,
+        "the summary counts the rows written: {stats:#}"
+    );
+}
