@@ -635,14 +635,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
                     &done_probe,
                 );
             });
-            while !done_probe.done() {
-                if worker_progress.failed() {
-                    job.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                worker.step_or_park(Some(Duration::from_millis(100)));
-            }
-            let local = stats.borrow().clone();
-            crate::job::gather_stats(worker, local)
+            crate::job::run_worker(worker, &done_probe, &job.stop, &worker_progress, &stats)
         })
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
     let merged = crate::job::finish(guards, &progress);

@@ -165,6 +165,7 @@ pub fn run(args: RateArgs) -> Result<()> {
         ..CurateOptions::default()
     };
     let worker_progress = progress.clone();
+    let stop = crate::job::stop_flag();
 
     let guards = args
         .cluster
@@ -174,7 +175,14 @@ pub fn run(args: RateArgs) -> Result<()> {
             let model = version.clone();
             let progress = worker_progress.clone();
             worker.dataflow::<Time, _, _>(|scope| {
-                let pairs = dataset(scope, candidates.clone(), epoch_size, probe.clone()).unary(
+                let pairs = dataset(
+                    scope,
+                    candidates.clone(),
+                    epoch_size,
+                    probe.clone(),
+                    stop.clone(),
+                )
+                .unary(
                     Exchange::new(|c: &Candidate| c.passage.id),
                     "Spread",
                     |_, _| {
@@ -210,11 +218,7 @@ pub fn run(args: RateArgs) -> Result<()> {
                 )
                 .probe_with(&probe);
             });
-            while !probe.done() {
-                worker.step_or_park(Some(Duration::from_millis(50)));
-            }
-            let local = stats.borrow().clone();
-            crate::job::gather_stats(worker, local)
+            crate::job::run_worker(worker, &probe, &stop, &progress, &stats)
         })
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
     let merged = crate::job::finish(guards, &progress);
@@ -261,12 +265,14 @@ pub fn run(args: RateArgs) -> Result<()> {
 }
 
 /// The dataset as a source on worker 0: `epoch_size` pairs per epoch, at most two epochs ahead of
-/// the probe.
+/// the probe; no new epoch once `stop` is set (Ctrl-C, a fatal error): the epochs in flight are
+/// rated and written.
 fn dataset<'s>(
     scope: timely::dataflow::Scope<'s, Time>,
     candidates: Vec<Candidate>,
     epoch_size: usize,
     probe: ProbeHandle<Time>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> StreamVec<'s, Time, Candidate> {
     let leader = scope.index() == 0;
     source(scope, "Dataset", move |cap, info| {
@@ -280,6 +286,11 @@ fn dataset<'s>(
         let mut epoch: Time = 0;
         move |output| {
             let Some(c) = cap.as_mut() else { return };
+            if stop.load(Ordering::SeqCst) {
+                log::info!("rate: stop requested, finishing the pairs in flight");
+                cap = None;
+                return;
+            }
             if epoch >= 2 && probe.less_than(&(epoch - 1)) {
                 activator.activate_after(Duration::from_millis(5));
                 return;

@@ -271,14 +271,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
                 )
                 .probe_with(&probe);
             });
-            while !probe.done() {
-                if progress.failed() {
-                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                worker.step_or_park(Some(Duration::from_millis(100)));
-            }
-            let local = stats.borrow().clone();
-            job::gather_stats(worker, local)
+            job::run_worker(worker, &probe, &stop, &progress, &stats)
         })
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
 

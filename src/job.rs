@@ -211,6 +211,27 @@ fn epoch_of_output(path: &Path, prefix: &str) -> Option<u64> {
     u64::from_str_radix(rest.get(..16)?, 16).ok()
 }
 
+/// Runs a worker's dataflows to the end: steps until `probe` is done, turns a fatal error any
+/// operator reported into the stop flag (the sources stop taking input, the work in flight
+/// finishes), then gathers every worker's stats on worker 0 (see [`gather_stats`]). The one
+/// run loop of every pipeline.
+pub fn run_worker(
+    worker: &mut Worker,
+    probe: &timely::dataflow::ProbeHandle<crate::operators::Time>,
+    stop: &AtomicBool,
+    progress: &crate::progress::Progress,
+    stats: &crate::operators::WorkerStats,
+) -> Option<Stats> {
+    while !probe.done() {
+        if progress.failed() {
+            stop.store(true, Ordering::SeqCst);
+        }
+        worker.step_or_park(Some(std::time::Duration::from_millis(50)));
+    }
+    let local = stats.borrow().clone();
+    gather_stats(worker, local)
+}
+
 /// Sends every worker's stats to worker 0, which returns them merged; the others return `None`.
 /// Every worker must call it, after its main dataflow is done.
 pub fn gather_stats(worker: &mut Worker, local: Stats) -> Option<Stats> {

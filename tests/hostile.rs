@@ -455,3 +455,37 @@ fn a_fifo_is_skipped_and_counted() {
     assert!(examples.contains("a FIFO"), "{s:#}");
     assert!(passage_texts(&out).iter().any(|t| t.contains("good1 beta")));
 }
+
+/// `run rate` stops on Ctrl-C like the other pipelines: no new pairs are taken, the ones in flight
+/// are rated and written, and the summary counts what was written.
+#[test]
+fn rate_stops_cleanly_on_ctrl_c() {
+    let Some(model) = model_and_seed() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut child = backflow()
+        .args(["run", "rate", "--data"])
+        .arg(cache_dir().join("seed/seed_tasks.jsonl"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .args(["--epoch-size", "1", "--max-new-tokens", "8", "-q"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !(out.exists() && rows(&out, "ratings-") > 0) {
+        assert!(std::time::Instant::now() < deadline, "no rating written");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    interrupt(&mut child);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let rated = rows(&out, "ratings-");
+    assert!(rated < 175, "stopped early: {rated} of 175 rated");
+    assert_eq!(s["rated"].as_u64(), Some(rated), "{s:#}");
+    assert_eq!(s["curated"].as_u64(), Some(rows(&out, "curated-")), "{s:#}");
+}
