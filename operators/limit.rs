@@ -47,3 +47,72 @@ pub fn limit<'s>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Origin;
+    use crate::stats::Stats;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::capture::Extract;
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Capture, Probe};
+    use timely::dataflow::InputHandleVec;
+
+    fn passage(id: u64) -> Passage {
+        Passage {
+            id,
+            content_hash: id,
+            text: format!("passage {id}"),
+            url: String::new(),
+            record_id: String::new(),
+            origin: Origin {
+                file: "f".into(),
+                offset: id,
+            },
+            header_path: Vec::new(),
+        }
+    }
+
+    /// Epoch 0 brings ids 5, 3, 9, epoch 1 brings 2, 1; with a limit of 4 the first epoch passes
+    /// whole in id order, the second gives its least id, the other is counted over the limit,
+    /// and `reached` is set.
+    #[test]
+    fn takes_the_first_passages_by_epoch_then_id() {
+        let (out, stats, reached) = timely::execute_directly(|worker| {
+            let stats = Rc::new(RefCell::new(Stats::default()));
+            let reached = Arc::new(AtomicBool::new(false));
+            let mut input: InputHandleVec<Time, Passage> = InputHandleVec::new();
+            let (probe, captured) = worker.dataflow(|scope| {
+                let limited = limit(
+                    scope.input_from(&mut input),
+                    4,
+                    reached.clone(),
+                    stats.clone(),
+                );
+                let (probe, limited) = limited.probe();
+                (probe, limited.capture())
+            });
+            for id in [5, 3, 9] {
+                input.send(passage(id));
+            }
+            input.advance_to(1);
+            for id in [2, 1] {
+                input.send(passage(id));
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            let stats = stats.borrow().clone();
+            (captured, stats, reached.load(Ordering::SeqCst))
+        });
+        let out: Vec<(Time, Vec<u64>)> = out
+            .extract()
+            .into_iter()
+            .map(|(t, ps)| (t, ps.iter().map(|p| p.id).collect()))
+            .collect();
+        assert_eq!(out, vec![(0, vec![3, 5, 9]), (1, vec![1])]);
+        assert_eq!(stats.dropped(DropReason::OverLimit), 1);
+        assert!(reached);
+    }
+}

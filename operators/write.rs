@@ -110,3 +110,88 @@ pub fn write<'s>(
     )
     .inspect(move |(_, n)| stats.borrow_mut().passages_written += n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Origin;
+    use crate::stats::Stats;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::capture::{Event, Extract};
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Capture, Probe};
+    use timely::dataflow::InputHandleVec;
+
+    fn passage(id: u64) -> Passage {
+        Passage {
+            id,
+            content_hash: id,
+            text: format!("passage {id}"),
+            url: String::new(),
+            record_id: String::new(),
+            origin: Origin {
+                file: "f".into(),
+                offset: id,
+            },
+            header_path: Vec::new(),
+        }
+    }
+
+    /// Epoch 0 holds passages 1, 2, 3 and 4. Dedup kept 1; kept 2 but found it near another; gave
+    /// 3 no verdict (an exact duplicate); kept 4 and then retracted it (a representative that
+    /// arrived with the same text and a lower rank). Only 1 passes; each other is counted under
+    /// its reason; and nothing is released before the verdicts of its epoch are complete.
+    #[test]
+    fn passes_only_what_dedup_kept_once_its_epoch_is_complete() {
+        let (out, stats) = timely::execute_directly(|worker| {
+            let stats = Rc::new(RefCell::new(Stats::default()));
+            let mut passages: InputHandleVec<Time, Passage> = InputHandleVec::new();
+            let mut verdicts: InputHandleVec<Time, VerdictUpdate> = InputHandleVec::new();
+            let (probe, captured) = worker.dataflow(|scope| {
+                let kept = keep(
+                    scope.input_from(&mut passages),
+                    scope.input_from(&mut verdicts),
+                    stats.clone(),
+                );
+                let (probe, kept) = kept.probe();
+                (probe, kept.capture())
+            });
+            for id in 1..=4 {
+                passages.send(passage(id));
+            }
+            passages.advance_to(1);
+            passages.close();
+            for (id, verdict, diff) in [
+                (1, Verdict::Keep, 1),
+                (2, Verdict::Keep, 1),
+                (2, Verdict::Near, 1),
+                (4, Verdict::Keep, 1),
+            ] {
+                verdicts.send(((id, 0, verdict), 0, diff));
+            }
+            // The verdicts of epoch 0 are not complete yet: nothing may pass.
+            for _ in 0..10 {
+                worker.step();
+            }
+            let early = captured
+                .try_iter()
+                .filter(|e| matches!(e, Event::Messages(..)))
+                .count();
+            assert_eq!(early, 0, "released before its verdicts were complete");
+            verdicts.send(((4, 0, Verdict::Keep), 0, -1));
+            verdicts.close();
+            worker.step_while(|| !probe.done());
+            let stats = stats.borrow().clone();
+            (captured, stats)
+        });
+        let out: Vec<(Time, Vec<u64>)> = out
+            .extract()
+            .into_iter()
+            .map(|(t, ps)| (t, ps.iter().map(|p| p.id).collect()))
+            .collect();
+        assert_eq!(out, vec![(0, vec![1])]);
+        assert_eq!(stats.dropped(DropReason::ExactDuplicate), 2);
+        assert_eq!(stats.dropped(DropReason::NearDuplicate), 1);
+    }
+}
