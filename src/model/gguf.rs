@@ -481,6 +481,17 @@ impl GgufFile {
             for _ in 0..n_dims {
                 dims.push(c.u64()?);
             }
+            // Found by fuzzing: dims whose product overflows would wrap to a small element
+            // count that passes the bounds check.
+            if dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .is_none()
+            {
+                return Err(GgufError::Corrupt(format!(
+                    "tensor {name} has dims {dims:?}: more elements than a u64 counts"
+                )));
+            }
             let ty = GgmlType::from_id(c.u32()?);
             let offset = c.u64()?;
             tensors.push(GgufTensorInfo {
@@ -574,7 +585,12 @@ impl GgufFile {
                 info.name
             )));
         }
-        let len = n / block_elems * block_bytes;
+        let len = (n / block_elems).checked_mul(block_bytes).ok_or_else(|| {
+            GgufError::Corrupt(format!(
+                "tensor {}: {n} elements is more bytes than memory holds",
+                info.name
+            ))
+        })?;
         let start = self
             .data_offset
             .checked_add(info.offset)
@@ -1039,6 +1055,11 @@ mod tests {
 
     /// Builds a minimal GGUF v3 file in memory: the reader must find every value back.
     fn tiny_gguf() -> Vec<u8> {
+        tiny_gguf_with_dims(2, 3)
+    }
+
+    /// [`tiny_gguf`] with its one F32 tensor declared `d0 x d1` (its data stays 6 floats).
+    fn tiny_gguf_with_dims(d0: u64, d1: u64) -> Vec<u8> {
         let mut b = Vec::new();
         let s = |b: &mut Vec<u8>, s: &str| {
             b.extend((s.len() as u64).to_le_bytes());
@@ -1062,8 +1083,8 @@ mod tests {
         b.extend(2.5f64.to_le_bytes());
         s(&mut b, "t");
         b.extend(2u32.to_le_bytes());
-        b.extend(2u64.to_le_bytes());
-        b.extend(3u64.to_le_bytes());
+        b.extend(d0.to_le_bytes());
+        b.extend(d1.to_le_bytes());
         b.extend(0u32.to_le_bytes()); // F32
         b.extend(0u64.to_le_bytes());
         while b.len() % 32 != 0 {
@@ -1122,6 +1143,14 @@ mod tests {
             open_bytes(&bytes[..40]),
             Err(GgufError::Corrupt(_))
         ));
+        // Found by fuzzing (scripts/fuzz.sh gguf): dims whose product overflows u64.
+        assert!(matches!(
+            open_bytes(&tiny_gguf_with_dims(1 << 33, 1 << 33)),
+            Err(GgufError::Corrupt(_))
+        ));
+        // A count that fits, but whose bytes (4 per F32) do not: an error, not a wrap.
+        let f = open_bytes(&tiny_gguf_with_dims(1 << 62, 1)).expect("the header parses");
+        assert!(matches!(f.tensor_f32("t"), Err(GgufError::Corrupt(_))));
     }
 
     #[test]
