@@ -531,3 +531,83 @@ fn with_follow_a_new_dump_joins_the_round_of_the_newest_model() {
         "augmentations answered from the cache"
     );
 }
+
+/// Issue 14, case 8: in a two-process loop, killing process 1 mid-round ends process 0 with a
+/// clear message and a non-zero exit within a bounded time (no panic in timely), and the same two
+/// commands started again finish the job with every passage accounted for.
+#[test]
+fn a_lost_peer_ends_the_loop_and_the_same_commands_go_on() {
+    let Some((model, seed, pages)) = assets() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), &pages);
+    let out = tmp.path().join("out");
+    let hostfile = tmp.path().join("hosts");
+    let ports = free_ports(2);
+    std::fs::write(
+        &hostfile,
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let start_both = || -> Vec<std::process::Child> {
+        (0..2)
+            .map(|p| {
+                let mut cmd = humpback(&model, &seed, &corpus, &out);
+                cmd.arg("--backward-model")
+                    .arg(&model)
+                    .arg("--seed-model")
+                    .arg(&model)
+                    .args(["-w", "1", "-n", "2", "-p", &p.to_string(), "-h"])
+                    .arg(&hostfile)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut procs = start_both();
+    let started = Instant::now();
+    while !(out.exists() && !lines(&out, "candidates-").is_empty()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no candidate written"
+        );
+        if let Some(status) = procs[0].try_wait().unwrap() {
+            panic!("finished before its peer could be killed: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    procs[1].kill().unwrap();
+    procs[1].wait().unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = procs[0].try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "process 0 still running 60s after its peer died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut procs[0].stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        !status.success(),
+        "process 0 exited 0 after losing its peer"
+    );
+    assert!(stderr.contains("lost its connection"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    for mut p in start_both() {
+        let status = p.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut p.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "after the restart: {status}\n{err}");
+    }
+    check_accounting(&out);
+}
