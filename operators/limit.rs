@@ -51,7 +51,7 @@ pub fn limit<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::Origin;
+    use crate::operators::test_passage as passage;
     use crate::stats::Stats;
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -59,21 +59,6 @@ mod tests {
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Capture, Probe};
     use timely::dataflow::InputHandleVec;
-
-    fn passage(id: u64) -> Passage {
-        Passage {
-            id,
-            content_hash: id,
-            text: format!("passage {id}"),
-            url: String::new(),
-            record_id: String::new(),
-            origin: Origin {
-                file: "f".into(),
-                offset: id,
-            },
-            header_path: Vec::new(),
-        }
-    }
 
     /// Epoch 0 brings ids 5, 3, 9, epoch 1 brings 2, 1; with a limit of 4 the first epoch passes
     /// whole in id order, the second gives its least id, the other is counted over the limit,

@@ -30,3 +30,20 @@ pub type Time = u64;
 
 /// Counters of one worker, shared by its operators (a worker is one thread: no locking).
 pub type WorkerStats = Rc<RefCell<Stats>>;
+
+/// A passage with only an id (its text, hash and offset derived from it), for operator tests.
+#[cfg(test)]
+pub(crate) fn test_passage(id: u64) -> crate::records::Passage {
+    crate::records::Passage {
+        id,
+        content_hash: id,
+        text: format!("passage {id}"),
+        url: String::new(),
+        record_id: String::new(),
+        origin: crate::records::Origin {
+            file: "f".into(),
+            offset: id,
+        },
+        header_path: Vec::new(),
+    }
+}

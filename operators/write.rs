@@ -114,7 +114,7 @@ pub fn write<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::Origin;
+    use crate::operators::test_passage as passage;
     use crate::stats::Stats;
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -122,21 +122,6 @@ mod tests {
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Capture, Probe};
     use timely::dataflow::InputHandleVec;
-
-    fn passage(id: u64) -> Passage {
-        Passage {
-            id,
-            content_hash: id,
-            text: format!("passage {id}"),
-            url: String::new(),
-            record_id: String::new(),
-            origin: Origin {
-                file: "f".into(),
-                offset: id,
-            },
-            header_path: Vec::new(),
-        }
-    }
 
     /// Epoch 0 holds passages 1, 2, 3 and 4. Dedup kept 1; kept 2 but found it near another; gave
     /// 3 no verdict (an exact duplicate); kept 4 and then retracted it (a representative that

@@ -271,7 +271,7 @@ fn rate_summary_counts_the_rows_written() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("pairs.jsonl");
-    let rows = [
+    let pairs = [
         ("Name three primary colors.", "Red, yellow and blue."),
         ("Hi?", "Hello! How can I help you today?"),
         ("Explain what a noun is.", ""),
@@ -281,7 +281,7 @@ fn rate_summary_counts_the_rows_written() {
             "Paris is the capital of France.",
         ),
     ];
-    let text: String = rows
+    let text: String = pairs
         .iter()
         .map(|(i, o)| serde_json::json!({"instruction": i, "output": o}).to_string() + "\n")
         .collect();
@@ -297,20 +297,9 @@ fn rate_summary_counts_the_rows_written() {
             .arg(&out)
             .args(["--threshold", "1", "--max-new-tokens", "8", "-q"]),
     );
-    let count_rows = |prefix: &str| -> u64 {
-        std::fs::read_dir(&out)
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.starts_with(prefix) && n.ends_with(".jsonl")
-            })
-            .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count() as u64)
-            .sum()
-    };
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let (rated, curated) = (count_rows("ratings-"), count_rows("curated-"));
+    let (rated, curated) = (rows(&out, "ratings-"), rows(&out, "curated-"));
     assert_eq!(rated, 5, "{s:#}");
     assert_eq!(s["rated"].as_u64(), Some(rated), "{s:#}");
     assert_eq!(s["curated"].as_u64(), Some(curated), "{s:#}");
@@ -329,29 +318,6 @@ fn rate_summary_counts_the_rows_written() {
     .map(|r| dropped(d, r))
     .sum();
     assert_eq!(rated, curated + curate_drops, "{s:#}");
-}
-
-/// Waits for `child` at most `secs`; kills it and fails the test when it runs longer.
-fn exits_within(mut child: std::process::Child, secs: u64) -> (std::process::ExitStatus, String) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            return (status, stderr);
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("still running after {secs}s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 /// Case 9: a hostfile line that is not a resolvable `host:port` is an error naming the line, at
@@ -373,7 +339,7 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
     ] {
         std::fs::write(&hostfile, format!("127.0.0.1:{port}\n{bad}\n")).unwrap();
         for p in ["0", "1"] {
-            let child = backflow()
+            let mut child = backflow()
                 .arg("segment")
                 .arg(&input)
                 .arg("--out")
@@ -383,7 +349,7 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            let (status, stderr) = exits_within(child, 30);
+            let (status, stderr) = exits_within(&mut child, 30);
             assert!(!status.success(), "{bad}: -p {p} succeeded");
             assert!(
                 stderr.contains("process 1") && stderr.contains(bad),
@@ -400,7 +366,7 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
     )
     .unwrap();
     for p in ["0", "1"] {
-        let child = backflow()
+        let mut child = backflow()
             .arg("segment")
             .arg(&input)
             .arg("--out")
@@ -411,7 +377,7 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let (status, stderr) = exits_within(child, 30);
+        let (status, stderr) = exits_within(&mut child, 30);
         assert!(!status.success());
         assert!(stderr.contains("--connect-timeout 2s"), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
@@ -437,7 +403,7 @@ fn a_fifo_is_skipped_and_counted() {
         assert!(status.success());
     }
     let out = tmp.path().join("out");
-    let child = backflow()
+    let mut child = backflow()
         .arg("segment")
         .arg(&dir)
         .arg(&named)
@@ -447,7 +413,7 @@ fn a_fifo_is_skipped_and_counted() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (status, stderr) = exits_within(child, 30);
+    let (status, stderr) = exits_within(&mut child, 30);
     assert!(status.success(), "{stderr}");
     let s = summary(&out);
     assert_eq!(dropped(&s, "unreadable_file"), 2, "{s:#}");

@@ -280,3 +280,23 @@ pub fn check_ingest_accounting(stats: &serde_json::Value, written_rows: u64) {
         "the summary counts the rows written: {stats:#}"
     );
 }
+
+/// Waits for `child` at most `secs` and returns its status and stderr (piped); kills it and fails
+/// the test when it runs longer.
+pub fn exits_within(child: &mut Child, secs: u64) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut stderr).unwrap();
+            }
+            return (status, stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still running after {secs}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
