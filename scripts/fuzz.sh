@@ -63,7 +63,7 @@ PY
 # directly: editing the tree while the fuzzers run does not rebuild anything under them.
 cargo +nightly fuzz build
 bin=fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release
-printf '%-12s %8s %12s %10s %8s %s\n' target seconds executions exec/s corpus findings
+printf '%-12s %8s %12s %10s %8s %s\n' target seconds executions exec/s corpus findings  # seconds: 'stopped' at a finding
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
   log="fuzz/artifacts/$t/last-run.log"
@@ -71,11 +71,18 @@ for t in "${targets[@]}"; do
   "$bin/$t" "fuzz/corpus/$t" "$seeds/$t" \
     -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
     -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1 || true
-  runs=$(grep -oE 'Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' | tail -1 || true)
-  if [ -z "$runs" ]; then
-    runs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#' || echo 0)
+  # "Done N runs in S second(s)" when it ran its time; after a finding, the last status line.
+  done_line=$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$log" | tail -1 || true)
+  if [ -n "$done_line" ]; then
+    runs=$(echo "$done_line" | awk '{print $2}')
+    ran=$(echo "$done_line" | awk '{print $5}')
+    rate=$(( runs / (ran > 0 ? ran : 1) ))
+  else
+    runs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#' || true)
+    ran="stopped"
+    rate=$(grep -oE 'exec/s: [0-9]+' "$log" | tail -1 | awk '{print $2}' || true)
   fi
   corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
   findings=$(find "fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
-  printf '%-12s %8s %12s %10s %8s %s\n' "$t" "$secs" "${runs:-0}" "$(( ${runs:-0} / secs ))" "$corpus" "$findings"
+  printf '%-12s %8s %12s %10s %8s %s\n' "$t" "$ran" "${runs:-0}" "${rate:-0}" "$corpus" "$findings"
 done

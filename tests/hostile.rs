@@ -455,3 +455,23 @@ fn rate_stops_cleanly_on_ctrl_c() {
     assert_eq!(s["rated"].as_u64(), Some(rated), "{s:#}");
     assert_eq!(s["curated"].as_u64(), Some(rows(&out, "curated-")), "{s:#}");
 }
+
+/// What the fuzzers found (scripts/fuzz.sh), kept as files: each GGUF panicked the loader
+/// (a dims product that overflowed; an embedding tensor with no dims); each is now a clear error.
+#[test]
+fn fuzzer_findings_are_clear_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    for name in [
+        "gguf-dims-overflow.gguf",
+        "gguf-embedding-without-dims.gguf",
+    ] {
+        let stderr = run_fails(
+            backflow()
+                .arg("generate")
+                .arg("--model")
+                .arg(dir.join(name))
+                .args(["--prompt", "hi", "--max-tokens", "1"]),
+        );
+        assert!(stderr.contains("error:"), "{name}: {stderr}");
+    }
+}

@@ -115,7 +115,11 @@ impl LlamaConfig {
                 .get("tokenizer.ggml.tokens")
                 .and_then(GgufValue::as_array)
                 .map(|a| a.len())
-                .or_else(|| f.tensor_info("token_embd.weight").map(|t| t.shape()[0]))
+                // Found by fuzzing: a tensor with no dims has no first one.
+                .or_else(|| {
+                    f.tensor_info("token_embd.weight")
+                        .and_then(|t| t.shape().first().copied())
+                })
                 .ok_or_else(|| ModelError::Config("cannot tell the vocabulary size".into()))?,
         };
         let cfg = LlamaConfig {
