@@ -233,12 +233,20 @@ pub fn run(args: SegmentArgs) -> Result<()> {
             let stats = Rc::new(RefCell::new(Stats::default()));
             let probe: ProbeHandle<Time> = ProbeHandle::new();
             let state = state.clone();
+            let progress = worker_progress.clone();
             let on_file_done: Box<dyn FnMut(&WorkItem)> = if follow {
-                Box::new(move |item: &WorkItem| state.record(item))
+                let progress = progress.clone();
+                Box::new(move |item: &WorkItem| {
+                    // After a fatal error (a write that failed) a file's epochs still complete,
+                    // but its passages may not be on disk: it stays unfinished, and the
+                    // restart reads it again.
+                    if !progress.failed() {
+                        state.record(item)
+                    }
+                })
             } else {
                 Box::new(|_: &WorkItem| {})
             };
-            let progress = worker_progress.clone();
             worker.dataflow::<Time, _, _>(|scope| {
                 let items = discover(
                     scope,
