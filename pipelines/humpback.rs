@@ -547,14 +547,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         stop: stop.clone(),
         discover: DiscoverConfig {
             inputs,
-            follow: match &args.follow {
-                // One spelling of the folder: files are known by canonical paths across restarts.
-                Some(dir) => Some(
-                    dir.canonicalize()
-                        .with_context(|| format!("--follow {}", dir.display()))?,
-                ),
-                None => None,
-            },
+            follow: crate::job::follow_dir(args.follow.as_deref())?,
             poll: Duration::from_millis(500),
             max_open_files: 2,
             already_ingested: Default::default(),
@@ -707,17 +700,9 @@ impl Drop for StopOnDrop {
 /// The files (and their indices) an earlier `--follow` run of the job in `out` took; files gone
 /// since are skipped with a warning.
 fn replay_files(out: &Path) -> Result<Vec<(formats::InputFile, u64)>> {
-    let mut files = Vec::new();
-    for (path, index) in crate::job::IngestState::new(out).load_indexed()? {
-        match formats::detect_kind(&path) {
-            Some(kind) if path.is_file() => files.push((formats::InputFile { path, kind }, index)),
-            _ => log::warn!(
-                "{} was taken by an earlier run but is gone: not read again",
-                path.display()
-            ),
-        }
-    }
-    Ok(files)
+    Ok(crate::job::still_readable(
+        crate::job::IngestState::new(out).load_indexed()?,
+    ))
 }
 
 /// The training settings every training of the job shares; data and output are set per model.

@@ -172,15 +172,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         ..ReadPacing::default()
     };
     let state = job::IngestState::new(&args.out);
-    // One spelling of the followed folder (`dir`, `./dir`, `/abs/dir`): files are known by their
-    // canonical paths across restarts.
-    let follow_dir = match &args.follow {
-        Some(dir) => Some(
-            dir.canonicalize()
-                .with_context(|| format!("--follow {}", dir.display()))?,
-        ),
-        None => None,
-    };
+    let follow_dir = job::follow_dir(args.follow.as_deref())?;
     // A restarted --follow job: files finished before are skipped, files cut off are read again
     // at their own index (their epoch files rewritten whole), and the passages written before
     // seed dedup. Process 0 owns the state (it discovers).

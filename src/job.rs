@@ -69,14 +69,6 @@ impl IngestState {
         }
     }
 
-    /// Files already recorded, and the index for the next file. A torn last line (a crash while
-    /// appending) is ignored.
-    pub fn load(&self) -> Result<(HashSet<PathBuf>, u64)> {
-        let all = self.load_indexed()?;
-        let next = all.iter().map(|(_, i)| i + 1).max().unwrap_or(0);
-        Ok((all.into_iter().map(|(p, _)| p).collect(), next))
-    }
-
     /// Every recorded file with its index, in index order (a torn last line is ignored). Paths
     /// are canonical where the file still exists, so a folder spelled `dir`, `./dir` or
     /// `/abs/dir` names one file one way.
@@ -186,19 +178,38 @@ pub fn resume_follow(out: &Path, prefix: &str) -> Result<Resume> {
     }
     resume.written.sort();
     resume.done = done_log.into_iter().map(|(p, _)| p).collect();
-    for (path, index) in taken_log {
-        if !unfinished.contains(&index) {
-            continue;
-        }
+    resume.replay = still_readable(
+        taken_log
+            .into_iter()
+            .filter(|(_, index)| unfinished.contains(index)),
+    );
+    Ok(resume)
+}
+
+/// The files of an ingest log that can still be read, each with its index; a file gone since
+/// (or no longer an input) is skipped with a warning.
+pub fn still_readable(taken: impl IntoIterator<Item = (PathBuf, u64)>) -> Vec<(InputFile, u64)> {
+    let mut files = Vec::new();
+    for (path, index) in taken {
         match crate::formats::detect_kind(&path) {
-            Some(kind) if path.is_file() => resume.replay.push((InputFile { path, kind }, index)),
+            Some(kind) if path.is_file() => files.push((InputFile { path, kind }, index)),
             _ => log::warn!(
                 "{} was taken by an earlier run but is gone: not read again",
                 path.display()
             ),
         }
     }
-    Ok(resume)
+    files
+}
+
+/// The `--follow` folder, canonical: files are known by canonical paths across restarts, so
+/// `dir`, `./dir/` and `/abs/dir` are one folder.
+pub fn follow_dir(dir: Option<&Path>) -> Result<Option<PathBuf>> {
+    dir.map(|d| {
+        d.canonicalize()
+            .with_context(|| format!("--follow {}", d.display()))
+    })
+    .transpose()
 }
 
 /// The epoch of an output file named `{prefix}-e{epoch:016x}-p…-w….jsonl`.
