@@ -35,7 +35,7 @@ impl Default for AugmentOptions {
         AugmentOptions {
             temperature: 0.7,
             top_p: 0.9,
-            max_new_tokens: 96,
+            max_new_tokens: 64,
             seed: 0,
             max_in_flight: 64,
         }

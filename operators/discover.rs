@@ -55,7 +55,7 @@ pub struct DiscoverConfig {
     /// loop's `--follow` restart: the same file lands in the same round again).
     pub replay: Vec<(InputFile, u64)>,
     /// Where to record the index given to each new file as it is emitted, for [`Self::replay`].
-    pub assignments: Option<crate::job::IngestState>,
+    pub assignments: Option<crate::ingest_log::IngestState>,
     /// With `--follow`, start a new round of `files_per_round` file indexes each time every file
     /// seen so far is done and the folder has nothing new (the Humpback loop's rounds).
     pub files_per_round: Option<u64>,

@@ -153,3 +153,87 @@ where
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use timely::dataflow::operators::capture::Extract;
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Capture, Probe};
+    use timely::dataflow::InputHandleVec;
+
+    fn ask(text: String) -> Ask {
+        Ask {
+            model: "m".into(),
+            messages: vec![Message::user(text)],
+            max_new_tokens: 4,
+            sampling: Sampling::greedy(),
+            choose: None,
+            choose_after: None,
+        }
+    }
+
+    /// Record `r` asks `r % 3` questions ("r.0", "r.1"); the server answers each slowly, out of
+    /// the operator's sight, and fails "7.0". With two records in flight at most, every record
+    /// still comes out exactly once, at its own time, with its answers in the order it asked
+    /// them (the failure included), and one that asks nothing comes out with none.
+    #[test]
+    fn each_record_comes_out_once_at_its_time_with_its_answers_in_order() {
+        let client = ModelClient::answering(|r| {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            let q = &r.messages[0].content;
+            if q == "7.0" {
+                Err("the model failed".into())
+            } else {
+                Ok(format!("re {q}"))
+            }
+        });
+        let captured = timely::execute_directly(move |worker| {
+            let mut input: InputHandleVec<Time, u64> = InputHandleVec::new();
+            let (probe, captured) = worker.dataflow(|scope| {
+                let out = model_call(
+                    scope.input_from(&mut input),
+                    "Test",
+                    client.clone(),
+                    2,
+                    |r: &u64| (0..r % 3).map(|i| ask(format!("{r}.{i}"))).collect(),
+                    |r, answers: Vec<GenAnswer>| {
+                        let texts: Vec<String> = answers
+                            .into_iter()
+                            .map(|a| a.result.unwrap_or_else(|e| format!("error: {e}")))
+                            .collect();
+                        Some((r, texts))
+                    },
+                );
+                let (probe, out) = out.probe();
+                (probe, out.capture())
+            });
+            for r in 0..6 {
+                input.send(r);
+            }
+            input.advance_to(1);
+            for r in 6..9 {
+                input.send(r);
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            captured
+        });
+        let expected = |rs: std::ops::Range<u64>| -> Vec<(u64, Vec<String>)> {
+            rs.map(|r| {
+                let texts = (0..r % 3)
+                    .map(|i| match (r, i) {
+                        (7, 0) => "error: the model failed".to_owned(),
+                        _ => format!("re {r}.{i}"),
+                    })
+                    .collect();
+                (r, texts)
+            })
+            .collect()
+        };
+        assert_eq!(
+            captured.extract(),
+            vec![(0, expected(0..6)), (1, expected(6..9))]
+        );
+    }
+}

@@ -37,7 +37,7 @@ impl Default for RateOptions {
         RateOptions {
             samples: 1,
             temperature: 0.7,
-            max_new_tokens: 96,
+            max_new_tokens: 128,
             seed: 0,
             max_in_flight: 64,
             forced_fallback: true,

@@ -80,3 +80,84 @@ pub fn rerate<'s>(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::humpback::rounds::{round_start, ModelBook};
+    use crate::serve::ModelClient;
+    use std::cell::RefCell;
+    use std::path::PathBuf;
+    use std::rc::Rc;
+    use std::sync::Arc;
+    use timely::dataflow::operators::capture::Extract;
+    use timely::dataflow::operators::vec::{Input, Map};
+    use timely::dataflow::operators::{Capture, Probe};
+    use timely::dataflow::InputHandleVec;
+
+    fn forward(round: u64, version: &str) -> ModelUpdate {
+        ModelUpdate {
+            role: ModelRole::Forward,
+            round,
+            version: version.into(),
+            path: PathBuf::from("/nonexistent"),
+            files: Vec::new(),
+        }
+    }
+
+    /// Round 0: M0 is there before candidates 1 and 2, which are rated by it at once. Round 1:
+    /// candidate 3 arrives before M1 and waits; when M1 arrives (at the round's start, as
+    /// along the feedback edge), it rates the earlier rounds' candidates again and the one that
+    /// waited, each at that candidate's own time.
+    #[test]
+    fn each_round_model_rates_its_round_and_every_earlier_candidate_again() {
+        let captured = timely::execute_directly(move |worker| {
+            let mut candidates: InputHandleVec<Time, Candidate> = InputHandleVec::new();
+            let mut updates: InputHandleVec<Time, ModelUpdate> = InputHandleVec::new();
+            let installer = Installer {
+                client: ModelClient::answering(|_| Ok(String::new())),
+                models_dir: PathBuf::from("/nonexistent"),
+                base: PathBuf::from("/nonexistent"),
+                book: Rc::new(RefCell::new(ModelBook::default())),
+                progress: Arc::default(),
+            };
+            let (probe, captured) = worker.dataflow(|scope| {
+                let jobs = rerate(
+                    scope.input_from(&mut candidates),
+                    scope.input_from(&mut updates),
+                    installer,
+                )
+                .map(|j| (j.candidate.instruction, j.model));
+                let (probe, jobs) = jobs.probe();
+                (probe, jobs.capture())
+            });
+            updates.send(forward(0, "m0"));
+            updates.advance_to(1);
+            for id in [1, 2] {
+                candidates.send(Candidate::given("f", id, &format!("c{id}"), "a"));
+            }
+            let later = round_start(1) + 5;
+            candidates.advance_to(later);
+            candidates.send(Candidate::given("f", 3, "c3", "a"));
+            candidates.close();
+            // Candidate 3 reaches the store, and has no model to be rated by yet.
+            for _ in 0..20 {
+                worker.step();
+            }
+            updates.advance_to(round_start(1));
+            updates.send(forward(1, "m1"));
+            updates.close();
+            worker.step_while(|| !probe.done());
+            captured
+        });
+        let m = |id: u64, v: &str| (format!("c{id}"), v.to_owned());
+        assert_eq!(
+            captured.extract(),
+            vec![
+                (0, vec![m(1, "m0"), m(2, "m0")]),
+                (round_start(1), vec![m(1, "m1"), m(2, "m1")]),
+                (round_start(1) + 5, vec![m(3, "m1")]),
+            ]
+        );
+    }
+}

@@ -10,14 +10,14 @@ use super::Time;
 use crate::humpback::rounds::{checkpoint_files, round_of, round_start, ModelRole, ModelUpdate};
 use crate::progress::Progress;
 use crate::records::Rating;
+use crate::run_records::{EvalOutcome, ExampleCounts, RoundSummary, ScoreHistogram, TrainSummary};
 use crate::train::data::{DataSource, Record};
-use crate::train::job::{run_job, DataGroup, TrainJob, TrainOutcome};
+use crate::train::{run_job, DataGroup, TrainJob, TrainOutcome};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use timely::dataflow::channels::pact::Exchange;
@@ -33,6 +33,30 @@ pub struct RatingMark {
     pub forced: bool,
     /// The rating model's version.
     pub model: String,
+}
+
+impl RatingMark {
+    /// The mark of a rating.
+    pub fn of(r: &Rating) -> Self {
+        RatingMark {
+            score: r.score,
+            forced: r
+                .samples
+                .iter()
+                .any(|s| s.score.is_err() && s.forced.is_some()),
+            model: r.model_version.clone(),
+        }
+    }
+}
+
+/// What the sink emits: each new model (into the loop's feedback edge) and each finished
+/// round's summary (for the metrics and the report), both at the round's last time.
+#[derive(Clone, Debug)]
+pub enum SinkOutput {
+    /// A model for the next round.
+    Model(ModelUpdate),
+    /// A round finished: what it rated and curated, the model trained on it.
+    Round(Box<RoundSummary>),
 }
 
 /// How the sink trains.
@@ -54,8 +78,6 @@ pub struct SinkConfig {
     pub stop: Arc<AtomicBool>,
     /// A failed training ends the job through it.
     pub progress: Arc<Progress>,
-    /// One JSON object per finished round, for the metrics and the report.
-    pub rounds_done: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Evaluates each new model on the training thread, right after it is trained (its
     /// figures go into the round's summary).
     pub evaluator: Option<Arc<crate::eval::rounds::LoopEval>>,
@@ -74,12 +96,13 @@ struct RoundData {
     marks: Vec<RatingMark>,
 }
 
-/// The operator. Only worker 0 trains; its output carries the new versions.
+/// The operator. Only worker 0 trains; its output carries the new versions and the round
+/// summaries.
 pub fn train_sink<'s>(
     curated: StreamVec<'s, Time, Rating>,
     marks: StreamVec<'s, Time, RatingMark>,
     config: SinkConfig,
-) -> StreamVec<'s, Time, ModelUpdate> {
+) -> StreamVec<'s, Time, SinkOutput> {
     let scope = curated.scope();
     let leader = scope.index() == 0;
     curated.binary_frontier(
@@ -135,18 +158,14 @@ pub fn train_sink<'s>(
                     };
                     config.progress.set_status(String::new());
                     let finished = data.remove(&round).unwrap_or_default();
-                    let mut summary = round_summary(round, &finished, &outcome);
-                    match evaluation {
-                        Some(Ok(e)) => {
-                            eprintln!("{}", crate::eval::rounds::describe(&e));
-                            summary["eval"] = serde_json::to_value(&e).unwrap_or_default();
-                        }
-                        Some(Err(e)) => {
-                            log::error!("{e}");
-                            summary["eval_error"] = json!(e);
-                        }
-                        None => {}
+                    let evaluation = EvalOutcome::from_result(evaluation);
+                    if let Some(e) = &evaluation.eval {
+                        eprintln!("{}", crate::eval::rounds::describe(e));
                     }
+                    if let Some(e) = &evaluation.eval_error {
+                        log::error!("{e}");
+                    }
+                    let summary = round_summary(round, &finished, &outcome, evaluation);
                     eprintln!(
                         "round {}: {} rated, {} curated; trained M{} (version {}) in {:.0}s",
                         round + 1,
@@ -156,9 +175,9 @@ pub fn train_sink<'s>(
                         outcome.version,
                         outcome.secs
                     );
-                    if let Ok(mut rounds) = config.rounds_done.lock() {
-                        rounds.push(summary);
-                    }
+                    output
+                        .session(&*c)
+                        .give(SinkOutput::Round(Box::new(summary)));
                     round += 1;
                     let input_may_come = config.follow
                         && !config.limit_reached.load(Ordering::SeqCst)
@@ -179,14 +198,17 @@ pub fn train_sink<'s>(
                             return;
                         }
                     };
-                    output.session(&*c).give(ModelUpdate {
+                    output.session(&*c).give(SinkOutput::Model(ModelUpdate {
                         role: ModelRole::Forward,
                         round,
                         version: outcome.version,
                         path: out,
                         files,
-                    });
+                    }));
                     c.downgrade(&(round_start(round + 1) - 1));
+                    // The next round may be complete already (its inputs closed while this
+                    // one trained): look again rather than wait for a frontier change.
+                    activator.activate();
                     return;
                 }
                 let end = round_start(round + 1);
@@ -267,35 +289,174 @@ pub fn train_sink<'s>(
 }
 
 /// One round's figures, as the metrics file and the report show them.
-fn round_summary(round: u64, data: &RoundData, outcome: &TrainOutcome) -> serde_json::Value {
-    let mut histogram: BTreeMap<String, u64> = BTreeMap::new();
+fn round_summary(
+    round: u64,
+    data: &RoundData,
+    outcome: &TrainOutcome,
+    evaluation: EvalOutcome,
+) -> RoundSummary {
+    let mut score_histogram = ScoreHistogram::default();
     for m in &data.marks {
-        let key = m.score.map_or_else(
-            || "unparsed".to_owned(),
-            |s| format!("{}", s.round() as i64),
-        );
-        *histogram.entry(key).or_insert(0) += 1;
+        score_histogram.add(m.score);
     }
-    let rated = data.marks.len();
+    let (rated, curated) = (data.marks.len() as u64, data.curated.len() as u64);
     let models: std::collections::BTreeSet<&str> =
         data.marks.iter().map(|m| m.model.as_str()).collect();
-    json!({
-        "round": round + 1,
-        "rating_model": models.into_iter().collect::<Vec<_>>().join(","),
-        "rated": rated,
-        "curated": data.curated.len(),
-        "acceptance": if rated > 0 { data.curated.len() as f64 / rated as f64 } else { 0.0 },
-        "unparsed": histogram.get("unparsed").copied().unwrap_or(0),
-        "forced": data.marks.iter().filter(|m| m.forced).count(),
-        "score_histogram": histogram,
-        "train": {
-            "version": outcome.version,
-            "reused": outcome.reused,
-            "steps": outcome.steps,
-            "losses": outcome.losses,
-            "tokens_per_sec": outcome.tokens_per_sec,
-            "secs": outcome.secs,
-            "examples": {"seed": outcome.examples.saturating_sub(data.curated.len()), "augmented": data.curated.len()},
+    let mut train = TrainSummary::trained(outcome);
+    train.examples = Some(ExampleCounts {
+        seed: outcome.examples.saturating_sub(data.curated.len()),
+        augmented: data.curated.len(),
+    });
+    RoundSummary {
+        round: round + 1,
+        rating_model: models.into_iter().collect::<Vec<_>>().join(","),
+        rated,
+        curated,
+        acceptance: if rated > 0 {
+            curated as f64 / rated as f64
+        } else {
+            0.0
         },
-    })
+        unparsed: score_histogram.unparsed(),
+        forced: data.marks.iter().filter(|m| m.forced).count() as u64,
+        score_histogram,
+        train,
+        evaluation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::humpback::rounds::round_start;
+    use crate::records::{Candidate, RatingSample};
+    use timely::dataflow::operators::capture::Event;
+    use timely::dataflow::operators::vec::Input;
+    use timely::dataflow::operators::{Capture, Probe};
+    use timely::dataflow::InputHandleVec;
+
+    fn mark(score: Option<f64>, forced: bool) -> RatingMark {
+        RatingMark {
+            score,
+            forced,
+            model: "m0".into(),
+        }
+    }
+
+    /// Two rounds on a tiny random model, one training step each. Round 1 curated one pair of
+    /// three rated (one unparsed, one forced): M1 is trained on the 2 seed pairs + 1 curated,
+    /// published for the next round, and summarised; round 2 got nothing: M2 is trained on the
+    /// seed alone, summarised, and not published (no round 3). Both summaries and the model
+    /// come out at their round's last time.
+    #[test]
+    fn each_complete_round_is_trained_summarised_and_fed_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base");
+        crate::train::tiny_base(&base);
+        let mut template = TrainJob::new(base, Vec::new(), PathBuf::new());
+        template.steps = Some(1);
+        template.batch_size = 2;
+        let config = SinkConfig {
+            rounds: 2,
+            follow: false,
+            limit_reached: Arc::default(),
+            template,
+            seed: vec![
+                Record::pair("say hi.", "hi."),
+                Record::pair("count to two.", "one, two."),
+            ],
+            checkpoints: dir.path().join("checkpoints"),
+            stop: Arc::default(),
+            progress: Arc::default(),
+            evaluator: None,
+        };
+        let progress = config.progress.clone();
+        let curated_pair = crate::operators::rate::rating_of(
+            Candidate::given("f", 0, "name a colour.", "blue."),
+            "m0".into(),
+            vec![RatingSample {
+                raw: "Score: 5".into(),
+                score: Ok(5),
+                forced: None,
+                forced_probs: None,
+            }],
+        );
+        let captured = timely::execute_directly(move |worker| {
+            let mut curated: InputHandleVec<Time, Rating> = InputHandleVec::new();
+            let mut marks: InputHandleVec<Time, RatingMark> = InputHandleVec::new();
+            let (probe, captured) = worker.dataflow(|scope| {
+                let out = train_sink(
+                    scope.input_from(&mut curated),
+                    scope.input_from(&mut marks),
+                    config,
+                );
+                let (probe, out) = out.probe();
+                (probe, out.capture())
+            });
+            curated.send(curated_pair);
+            for m in [
+                mark(Some(5.0), false),
+                mark(None, false),
+                mark(Some(1.0), true),
+            ] {
+                marks.send(m);
+            }
+            curated.close();
+            marks.close();
+            worker.step_while(|| !probe.done());
+            captured
+        });
+        assert!(!progress.failed(), "the sink reported a failure");
+        let mut rounds = Vec::new();
+        let mut models = Vec::new();
+        for event in captured.try_iter() {
+            if let Event::Messages(stamp, outputs) = event {
+                let time = *stamp.expect_singleton();
+                for o in outputs {
+                    match o {
+                        SinkOutput::Round(r) => rounds.push((time, *r)),
+                        SinkOutput::Model(u) => models.push((time, u)),
+                    }
+                }
+            }
+        }
+        assert_eq!(rounds.len(), 2, "one summary per round");
+        let (t1, r1) = &rounds[0];
+        assert_eq!(*t1, round_start(1) - 1);
+        assert_eq!(
+            (r1.round, r1.rated, r1.curated, r1.unparsed, r1.forced),
+            (1, 3, 1, 1, 1)
+        );
+        assert_eq!(r1.rating_model, "m0");
+        assert!((r1.acceptance - 1.0 / 3.0).abs() < 1e-12);
+        let histogram: Vec<(&str, u64)> = (r1.score_histogram.0.iter())
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(histogram, vec![("1", 1), ("5", 1), ("unparsed", 1)]);
+        assert_eq!(
+            r1.train.examples,
+            Some(ExampleCounts {
+                seed: 2,
+                augmented: 1
+            })
+        );
+        assert_eq!(r1.train.steps, 1);
+        let (t2, r2) = &rounds[1];
+        assert_eq!(*t2, round_start(2) - 1);
+        assert_eq!((r2.round, r2.rated, r2.curated), (2, 0, 0));
+        assert_eq!(
+            r2.train.examples,
+            Some(ExampleCounts {
+                seed: 2,
+                augmented: 0
+            })
+        );
+        assert_ne!(r1.train.version, r2.train.version, "M2 is a new training");
+        assert_eq!(models.len(), 1, "M1 is fed back; no round 3 needs M2");
+        let (tm, m1) = &models[0];
+        assert_eq!(*tm, round_start(1) - 1);
+        assert_eq!((m1.role, m1.round), (ModelRole::Forward, 1));
+        assert_eq!(m1.version, r1.train.version);
+        assert!(m1.path.ends_with("round-1") && !m1.files.is_empty());
+    }
 }

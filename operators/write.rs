@@ -1,11 +1,11 @@
 //! `keep` and `write`: hold each passage until dedup's verdicts for its epoch are complete, then
-//! pass on (and write) the survivors of that epoch as one JSONL file, atomically (written to a
-//! `.tmp` name, synced, then renamed), so a crash never leaves a half-written record under a final
-//! name.
+//! pass on the survivors of that epoch; write each epoch's passages as one JSONL file,
+//! atomically (written to a `.tmp` name, synced, then renamed), so a crash never leaves a
+//! half-written record under a final name.
 
 use super::dedup::{Verdict, VerdictUpdate};
 use super::epochs::Epochs;
-use super::write_jsonl::write_jsonl;
+use super::write_jsonl::{write_jsonl, JsonlFiles, Tally};
 use super::{Time, WorkerStats};
 use crate::output::PassageLine;
 use crate::progress::Progress;
@@ -89,25 +89,24 @@ pub fn keep<'s>(
     )
 }
 
-/// The operator: [`keep`], then each epoch's survivors as one JSONL file per worker. Emits one
-/// [`Written`] per epoch that had passages (the job's probe watches it).
+/// The operator: each epoch's passages (survivors of [`keep`]) as one JSONL file per worker.
+/// Emits one [`Written`] per epoch that had passages (the job's probe watches it).
 pub fn write<'s>(
     passages: StreamVec<'s, Time, Passage>,
-    verdicts: StreamVec<'s, Time, VerdictUpdate>,
     target: WriteTarget,
     stats: WorkerStats,
     progress: Arc<Progress>,
 ) -> StreamVec<'s, Time, Written> {
-    let kept = keep(passages, verdicts, stats.clone());
     let prefix = target.prefix.clone();
-    write_jsonl(
-        kept,
-        target.dir,
-        move |t| format!("{prefix}-e{t:016x}"),
-        target.process,
-        progress,
-        |p, out| serde_json::to_writer(out, &PassageLine::from(p)),
-    )
+    let files = JsonlFiles {
+        dir: target.dir,
+        name: move |t| format!("{prefix}-e{t:016x}"),
+        process: target.process,
+        tally: Tally::Passages,
+    };
+    write_jsonl(passages, files, progress, |p, out| {
+        serde_json::to_writer(out, &PassageLine::from(p))
+    })
     .inspect(move |(_, n)| stats.borrow_mut().passages_written += n)
 }
 

@@ -12,13 +12,31 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::StreamVec;
 
-/// The operator: files `DIR/{name(epoch)}-p{process}-w{worker}.jsonl`, one per epoch with
-/// records; `name` must be unique per epoch (it usually contains the epoch in hex).
+/// The progress counter a file's rows are added to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tally {
+    /// Passages (the progress line's main count).
+    Passages,
+    /// Rows of another kind (`candidates`, `ratings`, ...), counted under that name.
+    Rows(&'static str),
+}
+
+/// Where an epoch's rows go: `DIR/{name(epoch)}-p{process}-w{worker}.jsonl`.
+pub struct JsonlFiles<N> {
+    /// The output folder.
+    pub dir: PathBuf,
+    /// The file name of an epoch; unique per epoch (it usually holds the epoch in hex).
+    pub name: N,
+    /// This process's index.
+    pub process: usize,
+    /// Which progress counter the rows go to.
+    pub tally: Tally,
+}
+
+/// The operator: one file per epoch with records (see [`JsonlFiles`]).
 pub fn write_jsonl<'s, D, N, F>(
     records: StreamVec<'s, Time, D>,
-    dir: PathBuf,
-    name: N,
-    process: usize,
+    files: JsonlFiles<N>,
     progress: Arc<Progress>,
     to_line: F,
 ) -> StreamVec<'s, Time, (Time, u64)>
@@ -28,6 +46,12 @@ where
     F: Fn(&D, &mut dyn std::io::Write) -> serde_json::Result<()> + 'static,
 {
     let worker = records.scope().index();
+    let JsonlFiles {
+        dir,
+        name,
+        process,
+        tally,
+    } = files;
     records.unary_frontier(Pipeline, "WriteJsonl", move |_cap, _info| {
         let mut held: Epochs<D> = Epochs::default();
         move |(input, frontier), output| {
@@ -46,13 +70,9 @@ where
                         progress.fail(format!("cannot write {name}: {e:#}"));
                     }
                 }
-                // The file kind (`segment`, `candidates`, `ratings`...) is the name's first word.
-                let stem = name(time);
-                let kind = stem.split('-').next().unwrap_or("records");
-                if kind == "segment" || kind == "passages" {
-                    progress.add_passages(records.len() as u64);
-                } else {
-                    progress.add_written(kind, records.len() as u64);
+                match tally {
+                    Tally::Passages => progress.add_passages(records.len() as u64),
+                    Tally::Rows(kind) => progress.add_written(kind, records.len() as u64),
                 }
                 output.session(&cap).give((time, records.len() as u64));
             }

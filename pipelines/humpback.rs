@@ -14,53 +14,52 @@
 //! by `M_r`, and the sink trains `M_{r+1}` once round `r`'s frontier has passed, so "the round's
 //! curated set is complete" is a frontier, not a guess.
 
+use super::harness;
+use super::ingest::{ingest, Ingest, IngestFlags};
+use crate::cli::flags::{RatingFlags, ServerFlags, TrainFlags};
 use crate::cluster::ClusterArgs;
-use crate::formats::{self, ReadOptions};
+use crate::formats;
+use crate::humpback::assets::{or_default, MODEL, PAGES, SEED};
 use crate::humpback::rounds::{
     checkpoint_files, given_version, install, round_of, Installer, ModelBook, ModelRole,
     ModelUpdate,
 };
-use crate::model::Precision;
+use crate::ingest_log;
 use crate::operators::augment::{augment, AugmentOptions};
 use crate::operators::await_model::await_model;
 use crate::operators::curate::{curate, CurateOptions};
-use crate::operators::dedup::{dedup, DedupOptions};
-use crate::operators::discover::{discover, DiscoverConfig};
-use crate::operators::extract::extract;
+use crate::operators::discover::{DiscoverConfig, WorkItem};
 use crate::operators::limit::limit;
 use crate::operators::rate::{rate, RateOptions};
-use crate::operators::read::{read, ReadPacing};
 use crate::operators::rerate::rerate;
-use crate::operators::segment::segment;
-use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig};
-use crate::operators::write::keep;
-use crate::operators::write_jsonl::write_jsonl;
-use crate::operators::Time;
-use crate::output::{atomic_write, candidate_line, curated_line, rating_line, PassageLine};
+use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig, SinkOutput};
+use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
+use crate::operators::{Time, WorkerStats};
+use crate::output::{atomic_write, CandidateLine, CuratedLine, PassageLine, RatingLine};
 use crate::progress::{Progress, Reporter};
-use crate::serve::{ModelServer, ServerConfig};
+use crate::run_records::{
+    EvalOutcome, HumpbackMetrics, RoundSummary, StageThroughput, Step0Summary, Throughput,
+    TrainSummary,
+};
+use crate::serve::ModelServer;
 use crate::stats::Stats;
-use crate::text::html::ExtractOptions;
-use crate::text::segment::SegmentOptions;
 use crate::train::data::{read_records, DataSource, DataStats, Record};
-use crate::train::job::{run_job, DataGroup, TrainJob};
-use crate::train::lora::LoraConfig;
-use crate::train::model::TrainMode;
+use crate::train::{run_job, DataGroup, TrainJob};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde_json::json;
 use std::cell::RefCell;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use timely::dataflow::operators::capture::Event;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{
-    Concat, ConnectLoop, Exchange, Feedback, Inspect, Probe, ToStream,
+    Capture, Concat, ConnectLoop, Exchange, Feedback, Inspect, Probe, ToStream,
 };
-use timely::dataflow::ProbeHandle;
+use timely::dataflow::{ProbeHandle, StreamVec};
 
 /// `backflow run humpback`: the whole method, from crawl dumps and a seed set to curated data and
 /// checkpoints.
@@ -87,14 +86,6 @@ pub struct HumpbackArgs {
     /// Take at most this many passages.
     #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
-    /// Curate pairs whose (mean) score is at least this (the paper's A5: 5).
-    #[arg(value_parser = crate::cli::values::score_threshold, long, default_value_t = 5.0)]
-    pub threshold: f64,
-    /// Curate by the graded score: the parsed `Score: N` where the model wrote one, else the
-    /// expected value of its forced choice over 1..5 (G-Eval), instead of the forced pick. For
-    /// models too small to write a score; pair it with a threshold such as 3.5.
-    #[arg(long)]
-    pub graded: bool,
     /// Watch this folder for new complete dumps; each batch of new dumps opens a new round.
     #[arg(long, value_name = "DIR")]
     pub follow: Option<PathBuf>,
@@ -107,18 +98,9 @@ pub struct HumpbackArgs {
     /// Optimizer steps of each training (step 0 and every round).
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 24)]
     pub train_steps: usize,
-    /// Examples per optimizer step.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
-    pub train_batch: usize,
-    /// Most tokens of a training example (longer outputs are truncated).
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 384)]
-    pub train_max_len: usize,
     /// LoRA rank of every training.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
     pub lora_rank: usize,
-    /// Peak learning rate (default: backflow train's LoRA default).
-    #[arg(value_parser = crate::cli::values::learning_rate, long)]
-    pub lr: Option<f64>,
     /// Sampling temperature of augmentation (paper: 0.7).
     #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.7)]
     pub temperature: f32,
@@ -128,34 +110,21 @@ pub struct HumpbackArgs {
     /// Most tokens of a generated instruction.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 64)]
     pub augment_tokens: usize,
-    /// Ratings per candidate (more than one are sampled and averaged).
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
-    pub samples: usize,
-    /// Most tokens of a rating answer.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 128)]
-    pub rate_tokens: usize,
-    /// Seed of sampling, data order and LoRA initialisation.
+    /// Seed of sampling, data order and LoRA initialisation (`--seed` is the seed data here).
     #[arg(long, default_value_t = 0)]
     pub random_seed: u64,
-    /// Most sequences per model batch.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
-    pub max_batch: usize,
-    /// Compute shared prompt prefixes once (the rating template); off for comparison.
-    #[arg(long)]
-    pub no_prefix_cache: bool,
-    /// Float type the model server loads models in (training stays f32).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
-    /// Shortest passage in characters.
-    #[arg(long, default_value_t = 600)]
-    pub min_chars: usize,
-    /// Longest passage in characters.
-    #[arg(long, default_value_t = 3000)]
-    pub max_chars: usize,
-    /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
-    /// choice among 1..5 for answers without one.
-    #[arg(long)]
-    pub no_forced_score: bool,
+    /// The optimisation knobs of every training (shared with `backflow train`).
+    #[command(flatten)]
+    pub train: TrainFlags,
+    /// How candidates are rated and which are curated (shared with `run rate`).
+    #[command(flatten)]
+    pub rating: RatingFlags,
+    /// The model server (shared with `run rate`).
+    #[command(flatten)]
+    pub server: ServerFlags,
+    /// How dumps become passages (shared with `segment`).
+    #[command(flatten)]
+    pub ingest: IngestFlags,
     /// Evaluate every forward model as it is trained (M_0, M_1, ...) on these prompts (JSON or
     /// JSONL rows with `instruction`, optional `input` and reference `output`): reference NLL,
     /// and with --judge the win rate against M_0. Figures in metrics.json and the report.
@@ -194,131 +163,128 @@ pub fn main(argv: Vec<OsString>) -> Result<()> {
 }
 
 /// The dataflow of one worker: the method, operator by operator.
-#[allow(clippy::too_many_arguments)]
-fn humpback<'s>(
-    scope: timely::dataflow::Scope<'s, Time>,
-    job: &Job,
-    step0: Vec<ModelUpdate>,
-    installer: Installer,
-    stats: crate::operators::WorkerStats,
-    progress: &Arc<Progress>,
-    ingest_probe: &ProbeHandle<Time>,
-    done_probe: &ProbeHandle<Time>,
-) {
-    let write =
-        |kind: &'static str| move |t: Time| format!("{kind}-r{:02}-e{t:016x}", round_of(t) + 1);
-    let (out, process) = (job.out.clone(), job.process);
+fn humpback<'s>(scope: timely::dataflow::Scope<'s, Time>, job: &Job, w: Worker) {
+    let files = RoundFiles {
+        out: job.out.clone(),
+        process: job.process,
+        progress: w.progress.clone(),
+        done: w.done_probe.clone(),
+    };
+    let (client, stats) = (&w.installer.client, &w.stats);
 
     // Model versions: step 0's at time 0, each round's from the training sink (feedback edge).
     let (feedback, new_models) = scope.feedback::<Vec<ModelUpdate>>(1);
-    let updates = step0
-        .to_stream(scope)
-        .container::<Vec<_>>()
+    let updates = (w.step0.to_stream(scope).container::<Vec<_>>())
         .concat(new_models)
         .broadcast();
 
     // Ingest: crawl dumps to deduplicated, self-contained passages.
-    let items = discover(
+    let no_callback = Box::new(|_: &WorkItem| {});
+    let mut passages = ingest(
         scope,
-        job.discover.clone(),
-        ingest_probe.clone(),
-        job.stop.clone(),
-        Box::new(|_| {}),
+        &job.ingest,
+        no_callback,
+        &w.ingest_probe,
+        stats,
+        &w.progress,
     );
-    let records = read(
-        items,
-        ReadOptions::default(),
-        ReadPacing::default(),
-        ingest_probe.clone(),
-        stats.clone(),
-        progress.clone(),
-    );
-    let pages = extract(records, ExtractOptions::default(), stats.clone());
-    let segments = segment(pages, job.segment.clone(), stats.clone());
-    let verdicts = dedup(segments.clone(), None, DedupOptions::default())
-        .expect("the default dedup options are valid");
-    let mut passages = keep(segments, verdicts, stats.clone());
     if let Some(n) = job.limit {
-        passages = limit(
-            passages,
-            n,
-            job.discover.limit_reached.clone(),
-            stats.clone(),
-        );
+        let reached = job.ingest.discover.limit_reached.clone();
+        passages = limit(passages, n, reached, stats.clone());
     }
     let passages = passages.exchange(|p| p.id);
-    write_jsonl(
-        passages.clone(),
-        out.clone(),
-        write("passages"),
-        process,
-        progress.clone(),
-        |p, out| serde_json::to_writer(out, &PassageLine::from(p)),
-    )
-    .inspect({
-        let stats = stats.clone();
-        move |(_, n)| stats.borrow_mut().passages_written += n
-    })
-    .probe_with(done_probe);
+    let counted = stats.clone();
+    files
+        .write(&passages, Tally::Passages, |p, out| {
+            serde_json::to_writer(out, &PassageLine::from(p))
+        })
+        .inspect(move |(_, n)| counted.borrow_mut().passages_written += n);
 
     // Step 1, self-augmentation: M_yx writes an instruction for every passage.
-    let passages = await_model(passages, updates.clone(), installer.clone());
+    let passages = await_model(passages, updates.clone(), w.installer.clone());
+    let book = w.installer.book.clone();
     let candidates = augment(
         passages,
-        installer.client.clone(),
-        installer.book.clone(),
+        client.clone(),
+        book,
         job.augment.clone(),
         stats.clone(),
     );
-    write_jsonl(
-        candidates.clone(),
-        out.clone(),
-        write("candidates"),
-        process,
-        progress.clone(),
-        |x, out| serde_json::to_writer(out, &candidate_line(x)),
-    )
-    .probe_with(ingest_probe)
-    .probe_with(done_probe);
+    files
+        .write(&candidates, Tally::Rows("candidates"), |x, out| {
+            serde_json::to_writer(out, &CandidateLine::from(x))
+        })
+        .probe_with(&w.ingest_probe);
 
     // Step 2, self-curation: the round's model rates every candidate; the best are kept.
-    let jobs = rerate(candidates, updates, installer.clone());
-    let ratings = rate(
-        jobs,
-        installer.client.clone(),
-        job.rate.clone(),
-        stats.clone(),
-    );
-    write_jsonl(
-        ratings.clone(),
-        out.clone(),
-        write("ratings"),
-        process,
-        progress.clone(),
-        |x, out| serde_json::to_writer(out, &rating_line(x)),
-    )
-    .probe_with(done_probe);
-    let marks = ratings.clone().map(|r| RatingMark {
-        score: r.score,
-        forced: r
-            .samples
-            .iter()
-            .any(|s| s.score.is_err() && s.forced.is_some()),
-        model: r.model_version,
+    let jobs = rerate(candidates, updates, w.installer.clone());
+    let ratings = rate(jobs, client.clone(), job.rate.clone(), stats.clone());
+    files.write(&ratings, Tally::Rows("ratings"), |x, out| {
+        serde_json::to_writer(out, &RatingLine::from(x))
     });
+    let marks = ratings.clone().map(|r| RatingMark::of(&r));
     let curated = curate(ratings, job.curate.clone(), stats.clone());
-    write_jsonl(
-        curated.clone(),
-        out.clone(),
-        write("curated"),
-        process,
-        progress.clone(),
-        |x, out| serde_json::to_writer(out, &curated_line(x)),
-    )
-    .probe_with(done_probe);
+    files.write(&curated, Tally::Rows("curated"), |x, out| {
+        serde_json::to_writer(out, &CuratedLine::from(x))
+    });
 
     // Training: M_{r+1} from the base on seed + curated, back into the loop.
-    train_sink(curated, marks, job.sink_config(progress)).connect_loop(feedback);
+    let sink = train_sink(curated, marks, job.sink_config(&w.progress));
+    let models = sink.clone().flat_map(|o| match o {
+        SinkOutput::Model(update) => Some(update),
+        SinkOutput::Round(_) => None,
+    });
+    models.connect_loop(feedback);
+    let summaries = sink.flat_map(|o| match o {
+        SinkOutput::Round(summary) => Some(*summary),
+        SinkOutput::Model(_) => None,
+    });
+    summaries.capture_into(w.rounds);
+}
+
+/// One worker's share of the run: its counters, probes, models and where round summaries go.
+struct Worker {
+    stats: WorkerStats,
+    progress: Arc<Progress>,
+    /// Paces reading: a file runs ahead of its candidates by a few chunks at most.
+    ingest_probe: ProbeHandle<Time>,
+    /// Every file written: the run is over when it passes everything.
+    done_probe: ProbeHandle<Time>,
+    installer: Installer,
+    /// Step 0's models (worker 0 of process 0 only).
+    step0: Vec<ModelUpdate>,
+    rounds: mpsc::Sender<Event<Time, Vec<RoundSummary>>>,
+}
+
+/// Where a round's records go: `DIR/{kind}-r{round}-e{epoch}-p{process}-w{worker}.jsonl`,
+/// each file watched by the run's done probe.
+struct RoundFiles {
+    out: PathBuf,
+    process: usize,
+    progress: Arc<Progress>,
+    done: ProbeHandle<Time>,
+}
+
+impl RoundFiles {
+    /// Writes `records`, each as the line `to_line` writes; returns `(epoch, rows)` per file.
+    fn write<'s, D: Clone + 'static>(
+        &self,
+        records: &StreamVec<'s, Time, D>,
+        tally: Tally,
+        to_line: impl Fn(&D, &mut dyn std::io::Write) -> serde_json::Result<()> + 'static,
+    ) -> StreamVec<'s, Time, (Time, u64)> {
+        let kind = match tally {
+            Tally::Passages => "passages",
+            Tally::Rows(kind) => kind,
+        };
+        let files = JsonlFiles {
+            dir: self.out.clone(),
+            name: move |t: Time| format!("{kind}-r{:02}-e{t:016x}", round_of(t) + 1),
+            process: self.process,
+            tally,
+        };
+        write_jsonl(records.clone(), files, self.progress.clone(), to_line).probe_with(&self.done)
+    }
 }
 
 /// Everything a worker needs to build its dataflow (cloned into every worker).
@@ -328,15 +294,13 @@ struct Job {
     process: usize,
     limit: Option<usize>,
     stop: Arc<AtomicBool>,
-    discover: DiscoverConfig,
-    segment: SegmentOptions,
+    ingest: Ingest,
     augment: AugmentOptions,
     rate: RateOptions,
     curate: CurateOptions,
     rounds: u64,
     train: TrainJob,
     seed: Vec<Record>,
-    rounds_done: Arc<Mutex<Vec<serde_json::Value>>>,
     evaluator: Option<Arc<crate::eval::rounds::LoopEval>>,
 }
 
@@ -344,14 +308,13 @@ impl Job {
     fn sink_config(&self, progress: &Arc<Progress>) -> SinkConfig {
         SinkConfig {
             rounds: self.rounds,
-            follow: self.discover.follow.is_some(),
-            limit_reached: self.discover.limit_reached.clone(),
+            follow: self.ingest.discover.follow.is_some(),
+            limit_reached: self.ingest.discover.limit_reached.clone(),
             template: self.train.clone(),
             seed: self.seed.clone(),
             checkpoints: self.out.join("checkpoints"),
             stop: self.stop.clone(),
             progress: progress.clone(),
-            rounds_done: self.rounds_done.clone(),
             evaluator: self.evaluator.clone(),
         }
     }
@@ -395,117 +358,70 @@ fn loop_evaluator(
         judge_rule: args.judge_rule,
         judge_tokens: 256,
         selector_dev: args.selector_dev.clone(),
-        threshold: args.threshold,
-        rate_tokens: args.rate_tokens,
+        threshold: args.rating.threshold,
+        rate_tokens: args.rating.rate_tokens,
         limit: None,
-        max_tokens: args.eval_max_tokens.max(1),
+        max_tokens: args.eval_max_tokens,
         temperature: 0.7,
         top_p: 0.9,
         seed: args.random_seed,
         system: Some(crate::cli::eval::paper_system_prompt()),
-        max_len: args.train_max_len,
-        precision: args.dtype,
-        max_batch: args.max_batch.max(1),
+        max_len: args.train.max_len,
+        precision: args.server.dtype,
+        max_batch: args.server.max_batch,
     };
     Ok(Some(crate::eval::rounds::LoopEval::new(
         cfg, prompts, dev, client,
     )?))
 }
 
-/// The folder of cached assets (scripts/fetch-assets.sh).
-fn asset_cache() -> PathBuf {
-    std::env::var_os("BACKFLOW_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/backflow")))
-        .unwrap_or_else(|| PathBuf::from(".cache/backflow"))
-}
-
-/// `path`, or the cached default asset, or an error that says how to fetch it.
-fn or_default(given: Option<PathBuf>, default: &str, what: &str) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
-    }
-    let p = asset_cache().join(default);
-    if !p.exists() {
-        bail!(
-            "no {what} given and the default {} is missing: run scripts/fetch-assets.sh first",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 /// Runs the job.
 pub fn run(args: HumpbackArgs) -> Result<()> {
     let started = Instant::now();
     let config = args.cluster.timely_config()?;
-    let base = or_default(
-        args.model.clone(),
-        "model/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "--model",
-    )?;
-    let seed_path = or_default(args.seed.clone(), "seed/seed_tasks.jsonl", "--seed")?;
+    let base = or_default(args.model.clone(), MODEL, "--model")?;
+    let seed_path = or_default(args.seed.clone(), SEED, "--seed")?;
     let corpus = if args.corpus.is_empty() && args.follow.is_none() {
-        let p = or_default(None, "pages/python3.11", "--corpus")?;
-        vec![p.to_string_lossy().into_owned()]
+        vec![or_default(None, PAGES, "--corpus")?
+            .to_string_lossy()
+            .into_owned()]
     } else {
         args.corpus.clone()
     };
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    if args.min_chars >= args.max_chars {
-        bail!("--min-chars must be below --max-chars");
-    }
+    let ingest_options = args.ingest.options()?;
     let train = train_template(&args, &base);
     train
         .validate()
-        .context("the training flags (--lr, --lora-rank, --train-steps, --train-batch)")?;
+        .context("the training flags (--lr, --lora-rank, --train-steps, --batch-size)")?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let inputs = formats::expand_inputs(&corpus)?;
     if inputs.is_empty() && args.follow.is_none() {
         bail!("no input files found in {corpus:?}");
     }
-    let mut seed_stats = DataStats::default();
-    let mut seed = read_records(&seed_path, &mut seed_stats)
-        .with_context(|| format!("reading the seed {}", seed_path.display()))?;
-    let held_out = match args.eval_holdout {
-        Some(n) if n >= seed.len() => bail!(
-            "--eval-holdout {n}: the seed has only {} pairs, and training needs some",
-            seed.len()
-        ),
-        Some(n) => seed.split_off(seed.len() - n),
-        None => Vec::new(),
-    };
-    if seed.is_empty() {
-        bail!("no seed pairs in {}", seed_path.display());
-    }
+    let (seed, held_out) = read_seed(&seed_path, args.eval_holdout)?;
 
     let process = args.cluster.process;
-    let server = ModelServer::start(ServerConfig {
-        max_batch: args.max_batch.max(1),
-        prefix_cache: !args.no_prefix_cache,
-        precision: args.dtype,
-        cache: Some(
-            args.out
-                .join("_cache")
-                .join(format!("answers-p{process:03}.bin")),
-        ),
-        ..ServerConfig::default()
-    });
+    let cache = args
+        .out
+        .join("_cache")
+        .join(format!("answers-p{process:03}.bin"));
+    let server = ModelServer::start(args.server.config(Some(cache)));
     let client = server.client()?;
     let models_dir = args.out.join("_models");
 
     // Step 0 on process 0; the other processes receive its models along the dataflow.
-    let (step0_updates, mut step0_metrics) = if process == 0 {
-        let (updates, metrics) = step0(&args, &train, &seed)?;
+    let (step0_updates, mut step0_summary) = if process == 0 {
+        let (updates, summary) = step0(&args, &train, &seed)?;
         for u in &updates {
             install(u, &client, &models_dir, &base)?;
         }
-        (updates, metrics)
+        (updates, summary)
     } else {
-        (Vec::new(), serde_json::Value::Null)
+        (Vec::new(), Step0Summary::default())
     };
     // Evaluation of each forward model (process 0, where the sink trains), M_0 first.
     let evaluator = if process == 0 {
@@ -513,60 +429,58 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     } else {
         None
     };
-    if let Some(ev) = &evaluator {
-        if let Some(m0) = step0_updates.iter().find(|u| u.role == ModelRole::Forward) {
-            eprintln!("step 0: evaluating M_0");
-            // A failed evaluation is reported; the method goes on without its figures.
-            match ev.evaluate(0, &m0.version, &m0.path) {
-                Ok(e) => {
-                    eprintln!("{}", crate::eval::rounds::describe(&e));
-                    step0_metrics["eval"] = serde_json::to_value(&e)?;
-                }
-                Err(e) => {
-                    log::error!("evaluating M0: {e:#}");
-                    step0_metrics["eval_error"] = json!(format!("{e:#}"));
-                }
-            }
+    if let (Some(ev), Some(m0)) = (
+        &evaluator,
+        step0_updates.iter().find(|u| u.role == ModelRole::Forward),
+    ) {
+        eprintln!("step 0: evaluating M_0");
+        // A failed evaluation is reported; the method goes on without its figures.
+        let result = ev.evaluate(0, &m0.version, &m0.path);
+        match &result {
+            Ok(e) => eprintln!("{}", crate::eval::rounds::describe(e)),
+            Err(e) => log::error!("evaluating M0: {e:#}"),
         }
+        step0_summary.evaluation =
+            EvalOutcome::from_result(Some(result.map_err(|e| format!("{e:#}"))));
     }
 
     // With --follow, the files an earlier run of this job took come first, each at the index it
     // had (so in the same round): the restart recomputes them (answers from the cache) and no
     // passage lands in two rounds' files.
     let replay = if args.follow.is_some() && process == 0 {
-        replay_files(&args.out)?
+        ingest_log::still_readable(ingest_log::IngestState::new(&args.out).load_indexed()?)
     } else {
         Vec::new()
     };
-    let stop = crate::job::stop_flag();
+    let stop = harness::stop_flag();
     let progress = Arc::new(Progress::default());
     let job = Job {
         out: args.out.clone(),
         process,
         limit: args.limit,
         stop: stop.clone(),
-        discover: DiscoverConfig {
-            inputs,
-            follow: crate::job::follow_dir(args.follow.as_deref())?,
-            poll: Duration::from_millis(500),
-            max_open_files: 2,
-            already_ingested: Default::default(),
-            first_index: 0,
-            limit_reached: Arc::new(AtomicBool::new(false)),
-            replay,
-            assignments: args
-                .follow
-                .is_some()
-                .then(|| crate::job::IngestState::new(&args.out)),
-            files_per_round: args
-                .follow
-                .is_some()
-                .then_some(crate::humpback::rounds::FILES_PER_ROUND),
-        },
-        segment: SegmentOptions {
-            min_chars: args.min_chars,
-            max_chars: args.max_chars,
-            ..SegmentOptions::default()
+        ingest: Ingest {
+            options: ingest_options,
+            discover: DiscoverConfig {
+                inputs,
+                follow: ingest_log::follow_dir(args.follow.as_deref())?,
+                poll: Duration::from_millis(500),
+                max_open_files: args.ingest.max_open_files,
+                already_ingested: Default::default(),
+                first_index: 0,
+                limit_reached: Arc::new(AtomicBool::new(false)),
+                replay,
+                assignments: args
+                    .follow
+                    .is_some()
+                    .then(|| ingest_log::IngestState::new(&args.out)),
+                files_per_round: args
+                    .follow
+                    .is_some()
+                    .then_some(crate::humpback::rounds::FILES_PER_ROUND),
+            },
+            written_before: Vec::new(),
+            stop: stop.clone(),
         },
         augment: AugmentOptions {
             temperature: args.temperature,
@@ -575,63 +489,47 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
             seed: args.random_seed,
             ..AugmentOptions::default()
         },
-        rate: RateOptions {
-            samples: args.samples.max(1),
-            max_new_tokens: args.rate_tokens,
-            seed: args.random_seed,
-            forced_fallback: !args.no_forced_score,
-            ..RateOptions::default()
-        },
-        curate: CurateOptions {
-            threshold: args.threshold,
-            graded: args.graded,
-            ..CurateOptions::default()
-        },
+        rate: args.rating.rate_options(args.random_seed),
+        curate: args.rating.curate_options(),
         rounds: args.rounds,
         train,
         seed,
-        rounds_done: Arc::new(Mutex::new(Vec::new())),
         evaluator: evaluator.map(Arc::new),
     };
-    let rounds_done = job.rounds_done.clone();
     let reporter = Reporter::start("humpback", progress.clone(), 0, args.quiet);
     let _answers = show_model_answers(server.shared_stats(), progress.clone());
     let worker_progress = progress.clone();
     let loop_started = Instant::now();
+    let (rounds_tx, rounds_rx) = mpsc::channel();
     let base_for_workers = base.clone();
     let guards = args
         .cluster
         .execute(config, move |worker| {
-            let stats = Rc::new(RefCell::new(Stats::default()));
-            let (ingest_probe, done_probe) = (ProbeHandle::new(), ProbeHandle::new());
-            let installer = Installer {
-                client: client.clone(),
-                models_dir: models_dir.clone(),
-                base: base_for_workers.clone(),
-                book: Rc::new(RefCell::new(ModelBook::default())),
+            let w = Worker {
+                stats: Rc::new(RefCell::new(Stats::default())),
                 progress: worker_progress.clone(),
+                ingest_probe: ProbeHandle::new(),
+                done_probe: ProbeHandle::new(),
+                installer: Installer {
+                    client: client.clone(),
+                    models_dir: models_dir.clone(),
+                    base: base_for_workers.clone(),
+                    book: Rc::new(RefCell::new(ModelBook::default())),
+                    progress: worker_progress.clone(),
+                },
+                step0: if worker.index() == 0 {
+                    step0_updates.clone()
+                } else {
+                    Vec::new()
+                },
+                rounds: rounds_tx.clone(),
             };
-            let step0 = if worker.index() == 0 {
-                step0_updates.clone()
-            } else {
-                Vec::new()
-            };
-            worker.dataflow::<Time, _, _>(|scope| {
-                humpback(
-                    scope,
-                    &job,
-                    step0,
-                    installer,
-                    stats.clone(),
-                    &worker_progress,
-                    &ingest_probe,
-                    &done_probe,
-                );
-            });
-            crate::job::run_worker(worker, &done_probe, &job.stop, &worker_progress, &stats)
+            let (stats, done_probe) = (w.stats.clone(), w.done_probe.clone());
+            worker.dataflow::<Time, _, _>(|scope| humpback(scope, &job, w));
+            harness::run_worker(worker, &done_probe, &job.stop, &worker_progress, &stats)
         })
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
-    let merged = crate::job::finish(guards, &progress);
+    let merged = harness::finish(guards, &progress);
     drop(reporter);
     let merged = merged?;
     let Some(stats) = merged else { return Ok(()) };
@@ -639,34 +537,63 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     // Metrics and report (process 0).
     let elapsed = started.elapsed().as_secs_f64();
     let loop_secs = loop_started.elapsed().as_secs_f64().max(1e-9);
-    let rounds = rounds_done.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut rounds: Vec<RoundSummary> = (rounds_rx.try_iter())
+        .filter_map(|event| match event {
+            Event::Messages(_, summaries) => Some(summaries),
+            Event::Progress(_) => None,
+        })
+        .flatten()
+        .collect();
+    rounds.sort_by_key(|r| r.round);
     let passages = stats.passages_written;
-    let throughput = throughput(&server, &step0_metrics, &rounds, loop_secs);
-    let metrics = json!({
-        "pipeline": "humpback",
-        "model": base,
-        "seed": seed_path,
-        "elapsed_secs": elapsed,
-        "loop_secs": loop_secs,
-        "passages": passages,
-        "passages_per_hour": passages as f64 / elapsed.max(1e-9) * 3600.0,
-        "step0": step0_metrics,
-        "rounds": rounds,
-        "throughput": throughput,
-        "dropped": stats.dropped.iter().map(|(r, s)| (r.as_str().to_owned(), s.count)).collect::<std::collections::BTreeMap<_, _>>(),
-        "stats": stats,
-    });
+    let metrics = HumpbackMetrics {
+        pipeline: "humpback".into(),
+        model: base,
+        seed: seed_path,
+        elapsed_secs: elapsed,
+        loop_secs,
+        passages,
+        passages_per_hour: passages as f64 / elapsed.max(1e-9) * 3600.0,
+        throughput: throughput(&server, &step0_summary, &rounds, loop_secs),
+        step0: step0_summary,
+        rounds,
+        dropped: stats
+            .dropped
+            .iter()
+            .map(|(r, s)| (r.as_str().to_owned(), s.count))
+            .collect(),
+        stats,
+    };
     atomic_write(&args.out.join("metrics.json"), |f| {
         Ok(serde_json::to_writer_pretty(f, &metrics)?)
     })?;
-    let report = crate::report::write_report(&args.out, &metrics)?;
-    eprintln!("{}", crate::job::describe(&stats, elapsed));
+    let report = crate::report::write_report(&args.out, &serde_json::to_value(&metrics)?)?;
+    eprintln!("{}", harness::describe(&metrics.stats, elapsed));
     eprintln!(
         "metrics: {}  report: {}",
         args.out.join("metrics.json").display(),
         report.display()
     );
     Ok(())
+}
+
+/// The seed pairs to train on, and the last `holdout` of them held out for evaluation.
+fn read_seed(path: &Path, holdout: Option<usize>) -> Result<(Vec<Record>, Vec<Record>)> {
+    let mut stats = DataStats::default();
+    let mut seed = read_records(path, &mut stats)
+        .with_context(|| format!("reading the seed {}", path.display()))?;
+    let held_out = match holdout {
+        Some(n) if n >= seed.len() => bail!(
+            "--eval-holdout {n}: the seed has only {} pairs, and training needs some",
+            seed.len()
+        ),
+        Some(n) => seed.split_off(seed.len() - n),
+        None => Vec::new(),
+    };
+    if seed.is_empty() {
+        bail!("no seed pairs in {}", path.display());
+    }
+    Ok((seed, held_out))
 }
 
 /// Shows the model server's answers (and cache hits) on the progress line until dropped: the
@@ -697,48 +624,37 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// The files (and their indices) an earlier `--follow` run of the job in `out` took; files gone
-/// since are skipped with a warning.
-fn replay_files(out: &Path) -> Result<Vec<(formats::InputFile, u64)>> {
-    Ok(crate::job::still_readable(
-        crate::job::IngestState::new(out).load_indexed()?,
-    ))
-}
-
 /// The training settings every training of the job shares; data and output are set per model.
 fn train_template(args: &HumpbackArgs, base: &Path) -> TrainJob {
     let mut t = TrainJob::new(base.to_path_buf(), Vec::new(), PathBuf::new());
-    t.mode = TrainMode::Lora(LoraConfig::all_projections(args.lora_rank));
+    t.mode = args.train.lora(args.lora_rank);
+    args.train.apply(&mut t);
     t.steps = Some(args.train_steps);
-    t.batch_size = args.train_batch;
-    t.max_len = args.train_max_len;
     t.seed = args.random_seed;
-    t.lr = args.lr;
     t.quiet = true;
     t
 }
 
 /// Step 0: the backward model M_yx (seed pairs reversed) and the seed model M_0 (seed pairs,
-/// tagged S_a), trained, or loaded when given. Returns their updates and metrics.
+/// tagged S_a), trained, or loaded when given. Returns their updates and figures.
 fn step0(
     args: &HumpbackArgs,
     train: &TrainJob,
     seed: &[Record],
-) -> Result<(Vec<ModelUpdate>, serde_json::Value)> {
+) -> Result<(Vec<ModelUpdate>, Step0Summary)> {
     let mut updates = Vec::new();
-    let mut metrics = serde_json::Map::new();
+    let mut summary = Step0Summary::default();
     for (role, given, name) in [
         (ModelRole::Backward, &args.backward_model, "backward"),
         (ModelRole::Forward, &args.seed_model, "round-0"),
     ] {
-        let key = if role == ModelRole::Backward {
-            "backward"
-        } else {
-            "forward"
+        let slot = match role {
+            ModelRole::Backward => &mut summary.backward,
+            ModelRole::Forward => &mut summary.forward,
         };
         if let Some(path) = given {
             let version = given_version(path);
-            metrics.insert(key.into(), json!({"version": version, "given": path}));
+            *slot = Some(TrainSummary::given(version.clone(), path.clone()));
             updates.push(ModelUpdate {
                 role,
                 round: 0,
@@ -757,24 +673,17 @@ fn step0(
         }];
         job.data_label = "seed".into();
         job.quiet = args.quiet;
+        let what = match role {
+            ModelRole::Backward => "the backward model M_yx",
+            ModelRole::Forward => "the seed model M_0",
+        };
         eprintln!(
-            "step 0: training {} on {} seed pairs ({} steps)",
-            if job.backward {
-                "the backward model M_yx"
-            } else {
-                "the seed model M_0"
-            },
+            "step 0: training {what} on {} seed pairs ({} steps)",
             seed.len(),
             args.train_steps
         );
-        let outcome = run_job(&job).with_context(|| format!("step 0: training {key}"))?;
-        metrics.insert(
-            key.into(),
-            json!({
-                "version": outcome.version, "reused": outcome.reused, "losses": outcome.losses,
-                "tokens_per_sec": outcome.tokens_per_sec, "secs": outcome.secs,
-            }),
-        );
+        let outcome = run_job(&job).with_context(|| format!("step 0: training {what}"))?;
+        *slot = Some(TrainSummary::trained(&outcome));
         let files = checkpoint_files(&job.out)?;
         updates.push(ModelUpdate {
             role,
@@ -784,45 +693,40 @@ fn step0(
             files,
         });
     }
-    Ok((updates, serde_json::Value::Object(metrics)))
+    Ok((updates, summary))
 }
 
 /// Prompts/s of augmentation and rating in this process, from the server's per-version counters.
 fn throughput(
     server: &ModelServer,
-    step0: &serde_json::Value,
-    rounds: &[serde_json::Value],
+    step0: &Step0Summary,
+    rounds: &[RoundSummary],
     secs: f64,
-) -> serde_json::Value {
-    let backward = step0["backward"]["version"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let mut forward: Vec<String> = step0["forward"]["version"]
-        .as_str()
-        .map(str::to_owned)
-        .into_iter()
+) -> Throughput {
+    let backward: Vec<&str> = step0.backward.iter().map(|t| t.version.as_str()).collect();
+    let forward: Vec<&str> = (step0.forward.iter())
+        .chain(rounds.iter().map(|r| &r.train))
+        .map(|t| t.version.as_str())
         .collect();
-    forward.extend(
-        rounds
-            .iter()
-            .filter_map(|r| r["train"]["version"].as_str().map(str::to_owned)),
-    );
-    let sum = |versions: &[String]| {
+    let sum = |versions: &[&str]| {
         let mut t = crate::serve::VersionStats::default();
         for v in versions {
             t.add(&server.stats().version(v));
         }
         let busy = (t.busy_us as f64 / 1e6).max(1e-9);
-        json!({
-            "prompts": t.requests,
-            "cache_hits": t.cache_hits,
-            "new_tokens": t.new_tokens,
-            "busy_secs": t.busy_us as f64 / 1e6,
-            "prompts_per_sec": t.requests as f64 / busy,
-            "new_tokens_per_sec": t.new_tokens as f64 / busy,
-            "prompts_per_sec_wall": t.requests as f64 / secs,
-        })
+        StageThroughput {
+            prompts: t.requests,
+            cache_hits: t.cache_hits,
+            new_tokens: t.new_tokens,
+            busy_secs: t.busy_us as f64 / 1e6,
+            prompts_per_sec: t.requests as f64 / busy,
+            new_tokens_per_sec: t.new_tokens as f64 / busy,
+            prompts_per_sec_wall: t.requests as f64 / secs,
+        }
     };
-    json!({"augment": sum(&[backward]), "rate": sum(&forward), "note": "this process only; prompts_per_sec is per second of model time"})
+    Throughput {
+        augment: sum(&backward),
+        rate: sum(&forward),
+        note: "this process only; prompts_per_sec is per second of model time".into(),
+    }
 }

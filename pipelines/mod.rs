@@ -6,7 +6,9 @@
 use anyhow::Result;
 use std::ffi::OsString;
 
+pub mod harness;
 pub mod humpback;
+pub mod ingest;
 pub mod rate;
 pub mod segment;
 

@@ -6,23 +6,23 @@
 //!                                                                  \-> write ratings
 //! ```
 
+use super::harness;
+use crate::cli::flags::{RatingFlags, ServerFlags};
 use crate::cluster::ClusterArgs;
-use crate::model::Precision;
-use crate::operators::curate::{curate, CurateOptions};
-use crate::operators::rate::{rate, RateJob, RateOptions};
-use crate::operators::write_jsonl::write_jsonl;
+use crate::operators::curate::curate;
+use crate::operators::rate::{rate, RateJob};
+use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
 use crate::operators::{Time, WorkerStats};
-use crate::output::{atomic_write, curated_line, rating_line};
+use crate::output::{atomic_write, CuratedLine, RatingLine};
 use crate::progress::{Progress, Reporter};
 use crate::records::Candidate;
-use crate::serve::{ModelServer, ServerConfig};
+use crate::run_records::{ProcessThroughput, RateSummary, ScoreHistogram};
+use crate::serve::ModelServer;
 use crate::stats::Stats;
 use crate::train::data::{read_records, DataStats, Record};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use serde_json::json;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -48,36 +48,18 @@ pub struct RateArgs {
     /// Output folder: `ratings-*.jsonl`, `curated-*.jsonl` (Alpaca format) and `summary.json`.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Keep pairs whose (mean) score is at least this.
-    #[arg(value_parser = crate::cli::values::score_threshold, long, default_value_t = 5.0)]
-    pub threshold: f64,
-    /// Ratings per pair (more than one are sampled and averaged).
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
-    pub samples: usize,
-    /// Most tokens of a rating answer.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 96)]
-    pub max_new_tokens: usize,
+    /// How pairs are rated and which are curated (shared with `run humpback`).
+    #[command(flatten)]
+    pub rating: RatingFlags,
     /// Rate only the first N pairs.
     #[arg(value_parser = crate::cli::values::at_least_one, long)]
     pub limit: Option<usize>,
     /// Pairs per epoch.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub epoch_size: usize,
-    /// Most sequences per model batch.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
-    pub max_batch: usize,
-    /// Float type the model is loaded in.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
-    /// Curate by the graded score: the parsed `Score: N` where the model wrote one, else the
-    /// expected value of its forced choice over 1..5 (G-Eval), instead of the forced pick. For
-    /// models too small to write a score; pair it with a threshold such as 3.5.
-    #[arg(long)]
-    pub graded: bool,
-    /// Read scores only from the answers' `Score: N` lines (the paper's parse alone): no forced
-    /// choice among 1..5 for answers without one.
-    #[arg(long)]
-    pub no_forced_score: bool,
+    /// The model server (shared with `run humpback`).
+    #[command(flatten)]
+    pub server: ServerFlags,
     /// Cluster flags (-w, -n, -p, -h).
     #[command(flatten)]
     pub cluster: ClusterArgs,
@@ -131,11 +113,7 @@ pub fn run(args: RateArgs) -> Result<()> {
         bail!("no (instruction, output) pairs in {}", args.data.display());
     }
 
-    let server = ModelServer::start(ServerConfig {
-        max_batch: args.max_batch,
-        precision: args.dtype,
-        ..ServerConfig::default()
-    });
+    let server = ModelServer::start(args.server.config(None));
     let version = args.model.to_string_lossy().into_owned();
     let t0 = Instant::now();
     server.load(&version, &args.model)?;
@@ -148,24 +126,11 @@ pub fn run(args: RateArgs) -> Result<()> {
     let progress = Arc::new(Progress::default());
     let reporter = Reporter::start("rate", progress.clone(), 0, args.quiet);
     let started = Instant::now();
-    let (out, process, epoch_size) = (
-        args.out.clone(),
-        args.cluster.process,
-        args.epoch_size.max(1),
-    );
-    let rate_options = RateOptions {
-        samples: args.samples,
-        max_new_tokens: args.max_new_tokens,
-        forced_fallback: !args.no_forced_score,
-        ..RateOptions::default()
-    };
-    let curate_options = CurateOptions {
-        threshold: args.threshold,
-        graded: args.graded,
-        ..CurateOptions::default()
-    };
+    let (out, process, epoch_size) = (args.out.clone(), args.cluster.process, args.epoch_size);
+    let rate_options = args.rating.rate_options(0);
+    let curate_options = args.rating.curate_options();
     let worker_progress = progress.clone();
-    let stop = crate::job::stop_flag();
+    let stop = harness::stop_flag();
 
     let guards = args
         .cluster
@@ -199,29 +164,31 @@ pub fn run(args: RateArgs) -> Result<()> {
                 });
                 let ratings = rate(jobs, client.clone(), rate_options.clone(), stats.clone());
                 let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
-                write_jsonl(
-                    ratings,
-                    out.clone(),
-                    |t| format!("ratings-e{t:016x}"),
+                let files = JsonlFiles {
+                    dir: out.clone(),
+                    name: |t| format!("ratings-e{t:016x}"),
                     process,
-                    progress.clone(),
-                    |r, out| serde_json::to_writer(out, &rating_line(r)),
-                )
+                    tally: Tally::Rows("ratings"),
+                };
+                write_jsonl(ratings, files, progress.clone(), |r, out| {
+                    serde_json::to_writer(out, &RatingLine::from(r))
+                })
                 .probe_with(&probe);
-                write_jsonl(
-                    curated,
-                    out.clone(),
-                    |t| format!("curated-e{t:016x}"),
+                let files = JsonlFiles {
+                    dir: out.clone(),
+                    name: |t| format!("curated-e{t:016x}"),
                     process,
-                    progress.clone(),
-                    |r, out| serde_json::to_writer(out, &curated_line(r)),
-                )
+                    tally: Tally::Rows("curated"),
+                };
+                write_jsonl(curated, files, progress.clone(), |r, out| {
+                    serde_json::to_writer(out, &CuratedLine::from(r))
+                })
                 .probe_with(&probe);
             });
-            crate::job::run_worker(worker, &probe, &stop, &progress, &stats)
+            harness::run_worker(worker, &probe, &stop, &progress, &stats)
         })
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
-    let merged = crate::job::finish(guards, &progress);
+    let merged = harness::finish(guards, &progress);
     drop(reporter);
     let merged = merged?;
     if let Some(stats) = merged {
@@ -234,21 +201,25 @@ pub fn run(args: RateArgs) -> Result<()> {
         );
         // Every count from the rows on disk: the summary describes the files.
         let written = WrittenRows::read(&args.out)?;
-        let histogram = &written.score_histogram;
-        let summary = json!({
-            "pipeline": "rate",
-            "model": args.model,
-            "pairs": data_stats.records.min(args.limit.unwrap_or(usize::MAX)),
-            "threshold": args.threshold,
-            "elapsed_secs": elapsed,
-            "score_histogram": histogram,
-            "rated": written.ratings,
-            "curated": written.curated,
-            "this_process": {"requests": requests, "prompt_tokens": prompt, "new_tokens": new,
-                              "prompts_per_sec": requests as f64 / elapsed,
-                              "generated_tokens_per_sec": new as f64 / elapsed},
-            "stats": stats,
-        });
+        let histogram = &written.score_histogram.0;
+        let summary = RateSummary {
+            pipeline: "rate".into(),
+            model: args.model.clone(),
+            pairs: data_stats.records.min(args.limit.unwrap_or(usize::MAX)),
+            threshold: args.rating.threshold,
+            elapsed_secs: elapsed,
+            score_histogram: written.score_histogram.clone(),
+            rated: written.ratings,
+            curated: written.curated,
+            this_process: ProcessThroughput {
+                requests,
+                prompt_tokens: prompt,
+                new_tokens: new,
+                prompts_per_sec: requests as f64 / elapsed,
+                generated_tokens_per_sec: new as f64 / elapsed,
+            },
+            stats,
+        };
         atomic_write(&args.out.join("summary.json"), |f| {
             Ok(serde_json::to_writer_pretty(f, &summary)?)
         })?;
@@ -257,7 +228,7 @@ pub fn run(args: RateArgs) -> Result<()> {
              curated {}",
             written.ratings,
             requests as f64 / elapsed,
-            stats.dropped(crate::stats::DropReason::RatingUnparsed),
+            summary.stats.dropped(crate::stats::DropReason::RatingUnparsed),
             written.curated
         );
     }
@@ -309,10 +280,16 @@ fn dataset<'s>(
     })
 }
 
+/// What the histogram reads of a `ratings-*.jsonl` row.
+#[derive(serde::Deserialize)]
+struct ScoredRow {
+    score: Option<f64>,
+}
+
 /// What the job wrote, counted from its files (the summary reports what is on disk).
 struct WrittenRows {
-    /// Rows of `ratings-*.jsonl` by score (`unparsed` for none).
-    score_histogram: BTreeMap<String, u64>,
+    /// Rows of `ratings-*.jsonl` by score.
+    score_histogram: ScoreHistogram,
     /// Rows of `ratings-*.jsonl`.
     ratings: u64,
     /// Rows of `curated-*.jsonl`.
@@ -322,7 +299,7 @@ struct WrittenRows {
 impl WrittenRows {
     fn read(out: &std::path::Path) -> Result<WrittenRows> {
         let mut rows = WrittenRows {
-            score_histogram: BTreeMap::new(),
+            score_histogram: ScoreHistogram::default(),
             ratings: 0,
             curated: 0,
         };
@@ -339,12 +316,9 @@ impl WrittenRows {
                 .with_context(|| format!("reading back {}", path.display()))?;
             if name.starts_with("ratings-") {
                 for line in text.lines() {
-                    let v: serde_json::Value = serde_json::from_str(line)
+                    let row: ScoredRow = serde_json::from_str(line)
                         .with_context(|| format!("reading back {}", path.display()))?;
-                    let key = v["score"]
-                        .as_f64()
-                        .map_or("unparsed".to_owned(), |s| format!("{s}"));
-                    *rows.score_histogram.entry(key).or_insert(0) += 1;
+                    rows.score_histogram.add(row.score);
                     rows.ratings += 1;
                 }
             } else if name.starts_with("curated-") {

@@ -17,6 +17,6 @@ mkdir -p "$out"
 [ -f "$out/python-docs.warc.gz" ] || "$bin" warc-pack "$cache/pages/python3.11" --out "$out/python-docs.warc.gz"
 "$bin" run humpback --corpus "$out/python-docs.warc.gz" --out "$out/humpback" \
   --model "$cache/model/SmolLM2-135M-Instruct.Q4_1.gguf" --seed "$cache/seed/seed_tasks.jsonl" \
-  --limit "${DEMO_LIMIT:-16}" --train-steps "${DEMO_STEPS:-6}" --train-max-len 256 --max-chars 1500 -w 2 \
+  --limit "${DEMO_LIMIT:-16}" --train-steps "${DEMO_STEPS:-6}" --max-len 256 --max-chars 1500 -w 2 \
   --eval-holdout 16
 echo "curated: $out/humpback/curated-*.jsonl   report: $out/humpback/report.html"

@@ -33,7 +33,7 @@ tail -n "$holdout" "$cache/seed/seed_tasks.jsonl" >"$out/heldout.jsonl"
 time "$bin" run humpback --corpus "$out/python-docs.warc.gz" --out "$out/loop" \
   --model "$base" --seed "$cache/seed/seed_tasks.jsonl" --limit "$limit" --train-steps "$steps" \
   --rounds "$rounds" \
-  --train-max-len 256 --max-chars 1500 -w 2 \
+  --max-len 256 --max-chars 1500 -w 2 \
   --eval-holdout "$holdout" --judge "$judge" --judge-rule "$rule" --selector-dev "$out/dev.jsonl"
 # The ablation: the same training from the base on seed (S_a) + every candidate of the run (S_w),
 # uncurated, beside the loop's last model (M_2: seed + round 2's curated set), trained with its seed.

@@ -1,8 +1,7 @@
 //! Output files: JSONL written atomically, and the JSON lines users read.
 
-use crate::records::{Candidate, Passage, Rating};
+use crate::records::{Candidate, Passage, Rating, RatingSample};
 use serde::Serialize;
-use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -55,73 +54,179 @@ pub struct WrittenPassage {
 }
 
 /// Where a candidate's passage came from, as the output lines give it.
-fn source(c: &Candidate) -> Value {
-    json!({
-        "passage_id": format!("{:016x}", c.passage.id),
-        "url": c.passage.url,
-        "file": c.passage.origin.file,
-        "offset": c.passage.origin.offset,
-        "augment_version": c.augment_version,
-    })
+#[derive(Debug, Serialize)]
+pub struct SourceLine<'a> {
+    /// The passage's id (hex).
+    pub passage_id: String,
+    /// The page's URL.
+    pub url: &'a str,
+    /// The input file.
+    pub file: &'a str,
+    /// Byte offset of the record in the input file.
+    pub offset: u64,
+    /// The backward model that wrote the instruction.
+    pub augment_version: &'a str,
+}
+
+impl<'a> From<&'a Candidate> for SourceLine<'a> {
+    fn from(c: &'a Candidate) -> Self {
+        SourceLine {
+            passage_id: format!("{:016x}", c.passage.id),
+            url: &c.passage.url,
+            file: &c.passage.origin.file,
+            offset: c.passage.origin.offset,
+            augment_version: &c.augment_version,
+        }
+    }
 }
 
 /// One candidate (a line of `candidates-*.jsonl`): the generated instruction and its passage.
-pub fn candidate_line(c: &Candidate) -> Value {
-    json!({
-        "passage_id": format!("{:016x}", c.passage.id),
-        "instruction": c.instruction,
-        "output": c.passage.text,
-        "source": source(c),
-    })
+#[derive(Debug, Serialize)]
+pub struct CandidateLine<'a> {
+    /// The passage's id (hex).
+    pub passage_id: String,
+    /// The instruction M_yx wrote.
+    pub instruction: &'a str,
+    /// The passage: the answer.
+    pub output: &'a str,
+    /// Provenance.
+    pub source: SourceLine<'a>,
+}
+
+impl<'a> From<&'a Candidate> for CandidateLine<'a> {
+    fn from(c: &'a Candidate) -> Self {
+        CandidateLine {
+            passage_id: format!("{:016x}", c.passage.id),
+            instruction: &c.instruction,
+            output: &c.passage.text,
+            source: SourceLine::from(c),
+        }
+    }
+}
+
+/// Why a sampled rating answer has no score.
+#[derive(Debug, Serialize)]
+pub struct ScoreErrorLine<'a> {
+    /// `no_score`, `not_a_number` or `out_of_range`.
+    pub kind: &'static str,
+    /// What was read where the score should be.
+    pub value: Option<&'a str>,
+}
+
+/// One sampled rating answer: its raw text, the score read from it or why none was (then the
+/// forced score, `null` when there was no room for the choice), and the forced choice's
+/// probabilities with their expected value.
+#[derive(Debug, Serialize)]
+pub struct SampleLine<'a> {
+    /// The model's whole answer.
+    pub raw: &'a str,
+    /// The score read from it.
+    pub score: Option<u8>,
+    /// Why no score could be read (absent when one was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ScoreErrorLine<'a>>,
+    /// The forced score, for an answer without one (absent when the answer had a score).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced: Option<Option<u8>>,
+    /// The probabilities of `1`..`5` after the answer.
+    pub forced_probs: Option<&'a [f32]>,
+    /// Their expected value.
+    pub expected: Option<f64>,
+}
+
+impl<'a> From<&'a RatingSample> for SampleLine<'a> {
+    fn from(s: &'a RatingSample) -> Self {
+        let (score, error, forced) = match &s.score {
+            Ok(v) => (Some(*v), None, None),
+            Err(e) => (
+                None,
+                Some(ScoreErrorLine {
+                    kind: e.as_str(),
+                    value: e.detail(),
+                }),
+                Some(s.forced),
+            ),
+        };
+        SampleLine {
+            raw: &s.raw,
+            score,
+            error,
+            forced,
+            forced_probs: s.forced_probs.as_deref(),
+            expected: s.expected(),
+        }
+    }
 }
 
 /// One rating (a line of `ratings-*.jsonl`): the pair, the score, the model version, and every
 /// sampled answer with its raw text (one without a readable score with the reason, and the
 /// forced score if one was asked for).
-pub fn rating_line(r: &Rating) -> Value {
-    let samples: Vec<Value> = r
-        .samples
-        .iter()
-        .map(|s| match &s.score {
-            Ok(v) => json!({
-                "raw": s.raw,
-                "score": v,
-                "forced_probs": s.forced_probs,
-                "expected": s.expected(),
-            }),
-            Err(e) => json!({
-                "raw": s.raw,
-                "score": null,
-                "error": {"kind": e.as_str(), "value": e.detail()},
-                "forced": s.forced,
-                "forced_probs": s.forced_probs,
-                "expected": s.expected(),
-            }),
-        })
-        .collect();
-    json!({
-        "passage_id": format!("{:016x}", r.candidate.passage.id),
-        "instruction": r.candidate.instruction,
-        "output": r.candidate.passage.text,
-        "score": r.score,
-        "graded": r.graded,
-        "model_version": r.model_version,
-        "samples": samples,
-        "source": source(&r.candidate),
-    })
+#[derive(Debug, Serialize)]
+pub struct RatingLine<'a> {
+    /// The passage's id (hex).
+    pub passage_id: String,
+    /// The instruction.
+    pub instruction: &'a str,
+    /// The passage.
+    pub output: &'a str,
+    /// The (mean) score.
+    pub score: Option<f64>,
+    /// The graded score.
+    pub graded: Option<f64>,
+    /// The rating model.
+    pub model_version: &'a str,
+    /// Every sampled answer.
+    pub samples: Vec<SampleLine<'a>>,
+    /// Provenance.
+    pub source: SourceLine<'a>,
+}
+
+impl<'a> From<&'a Rating> for RatingLine<'a> {
+    fn from(r: &'a Rating) -> Self {
+        RatingLine {
+            passage_id: format!("{:016x}", r.candidate.passage.id),
+            instruction: &r.candidate.instruction,
+            output: &r.candidate.passage.text,
+            score: r.score,
+            graded: r.graded,
+            model_version: &r.model_version,
+            samples: r.samples.iter().map(SampleLine::from).collect(),
+            source: SourceLine::from(&r.candidate),
+        }
+    }
 }
 
 /// One curated pair (a line of `curated-*.jsonl`): Alpaca format with score and provenance.
-pub fn curated_line(r: &Rating) -> Value {
-    json!({
-        "instruction": r.candidate.instruction,
-        "input": "",
-        "output": r.candidate.passage.text,
-        "score": r.score,
-        "graded": r.graded,
-        "model_version": r.model_version,
-        "source": source(&r.candidate),
-    })
+#[derive(Debug, Serialize)]
+pub struct CuratedLine<'a> {
+    /// The instruction.
+    pub instruction: &'a str,
+    /// Alpaca's input: always empty (the instruction stands alone).
+    pub input: &'static str,
+    /// The passage: the answer.
+    pub output: &'a str,
+    /// The (mean) score.
+    pub score: Option<f64>,
+    /// The graded score.
+    pub graded: Option<f64>,
+    /// The rating model.
+    pub model_version: &'a str,
+    /// Provenance.
+    pub source: SourceLine<'a>,
+}
+
+impl<'a> From<&'a Rating> for CuratedLine<'a> {
+    fn from(r: &'a Rating) -> Self {
+        CuratedLine {
+            instruction: &r.candidate.instruction,
+            input: "",
+            output: &r.candidate.passage.text,
+            score: r.score,
+            graded: r.graded,
+            model_version: &r.model_version,
+            source: SourceLine::from(&r.candidate),
+        }
+    }
 }
 
 /// Writes `lines` as JSONL to `path` atomically: to `path.tmp` first, synced, then renamed.

@@ -21,6 +21,10 @@
 //!   side when they are equal).
 //! - `throughput`: horizontal bars in panels of one unit each; a value `v` with `m` the largest of
 //!   its panel is `v / m * `[`BAR_W`] long.
+//!
+//! Why one file of this size: one self-contained page; its tables and plots share the escaping, the
+//! number formats and the SVG axis and legend helpers. The next step is to render from the typed
+//! `run_records::HumpbackMetrics` instead of JSON values.
 
 use crate::output::atomic_write;
 use serde_json::Value;

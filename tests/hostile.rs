@@ -197,12 +197,7 @@ fn invalid_values_fail_before_any_work() {
     for flag in ["--steps", "--batch-size", "--grad-accum"] {
         cases.push((train(flag, "0"), flag));
     }
-    for flag in [
-        "--samples",
-        "--max-new-tokens",
-        "--max-batch",
-        "--epoch-size",
-    ] {
+    for flag in ["--samples", "--rate-tokens", "--max-batch", "--epoch-size"] {
         cases.push((rate(flag, "0"), flag));
     }
     for v in ["5.5", "6", "-3", "NaN"] {

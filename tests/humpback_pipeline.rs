@@ -445,14 +445,7 @@ fn with_follow_a_new_dump_joins_the_round_of_the_newest_model() {
         .arg(&model)
         .arg("--out")
         .arg(&out)
-        .args([
-            "--train-steps",
-            "1",
-            "--train-batch",
-            "2",
-            "--train-max-len",
-            "96",
-        ])
+        .args(["--train-steps", "1", "--batch-size", "2", "--max-len", "96"])
         .args(["--augment-tokens", "16", "--rate-tokens", "16", "-q"]);
     // Killed if the test fails before it is interrupted.
     struct Reap(std::process::Child);

@@ -2,6 +2,7 @@
 
 pub mod eval;
 pub mod export;
+pub mod flags;
 pub mod generate;
 pub mod train;
 pub mod values;

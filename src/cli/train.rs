@@ -1,16 +1,16 @@
 //! `backflow train`: supervised finetuning (LoRA or full) of a GGUF file or HF folder on
 //! instruction data; writes a checkpoint folder that `backflow generate --model DIR` loads.
-//! A thin wrapper over [`crate::train::job::run_job_with`]: one data file, one tag.
+//! A thin wrapper over [`crate::train::run_job_with`]: one data file, one tag.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::cli::flags::TrainFlags;
 use crate::train::data::{self, DataSource, DataStats};
-use crate::train::job::{run_job_with, DataGroup, TrainEvent, TrainJob};
-use crate::train::lora::LoraConfig;
 use crate::train::model::TrainMode;
+use crate::train::{run_job_with, DataGroup, TrainEvent, TrainJob};
 
 /// Flags of `backflow train`.
 #[derive(Args, Debug, Clone)]
@@ -27,12 +27,6 @@ pub struct TrainArgs {
     /// LoRA rank (the default mode, rank 8).
     #[arg(value_parser = crate::cli::values::at_least_one, long, conflicts_with = "full")]
     pub lora_rank: Option<usize>,
-    /// LoRA alpha (default: 2 x rank).
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// LoRA dropout on the adapter input.
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f64,
     /// Full finetuning instead of LoRA.
     #[arg(long)]
     pub full: bool,
@@ -42,27 +36,9 @@ pub struct TrainArgs {
     /// Epochs over the data (default 3 when --steps is not given).
     #[arg(long)]
     pub epochs: Option<f64>,
-    /// Peak learning rate (default: 1e-5 full, as the paper; 2e-4 LoRA).
-    #[arg(value_parser = crate::cli::values::learning_rate, long)]
-    pub lr: Option<f64>,
-    /// Final learning rate of the linear decay (default: 9e-6 full, as the paper; lr/10 LoRA).
-    #[arg(long)]
-    pub lr_end: Option<f64>,
-    /// AdamW weight decay (paper: 0.1).
-    #[arg(long, default_value_t = 0.1)]
-    pub weight_decay: f32,
-    /// Examples per micro-batch.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Clip the global gradient norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f32,
-    /// Max tokens per example: longer outputs are truncated, prompts this long are dropped.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 512)]
-    pub max_len: usize,
+    /// The optimisation knobs (shared with `run humpback`).
+    #[command(flatten)]
+    pub train: TrainFlags,
     /// Seed of data order, LoRA init, dropout and the held-out split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -79,9 +55,6 @@ pub struct TrainArgs {
     /// reported before and after training.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Batches of random lengths instead of grouped by length (more padding, slower steps).
-    #[arg(long)]
-    pub no_group_by_length: bool,
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
@@ -109,12 +82,9 @@ impl TrainArgs {
             if rank == 0 {
                 bail!("--lora-rank must be positive");
             }
-            let mut lc = LoraConfig::all_projections(rank);
-            lc.alpha = self.lora_alpha.unwrap_or(lc.alpha);
-            lc.dropout = self.lora_dropout;
-            TrainMode::Lora(lc)
+            self.train.lora(rank)
         };
-        Ok(TrainJob {
+        let mut job = TrainJob {
             model: self.model.clone(),
             data: vec![DataGroup {
                 source: self.source,
@@ -124,15 +94,8 @@ impl TrainArgs {
             malformed,
             out: self.out.clone(),
             mode,
-            lr: self.lr,
-            lr_end: self.lr_end,
-            weight_decay: self.weight_decay,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_grad_norm: self.max_grad_norm,
             steps: self.steps,
             epochs: self.epochs,
-            max_len: self.max_len,
             seed: self.seed,
             backward: self.backward,
             eval_frac: self.eval_frac,
@@ -144,11 +107,13 @@ impl TrainArgs {
                     records: eval_records,
                 }]
             },
-            group_by_length: !self.no_group_by_length,
             save_every: self.save_every,
             resume: self.resume,
             quiet: self.quiet,
-        })
+            ..TrainJob::new(PathBuf::new(), Vec::new(), PathBuf::new())
+        };
+        self.train.apply(&mut job);
+        Ok(job)
     }
 }
 

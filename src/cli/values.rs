@@ -34,6 +34,11 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A `u64` count that must be at least 1 (megabytes per chunk, files in flight).
+pub fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    at_least_one(s).map(|v| v as u64)
+}
+
 /// A score threshold on the paper's 5-point scale: finite, in `[1, 5]`.
 pub fn score_threshold(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;

@@ -2,6 +2,10 @@
 //! or read from files), pairwise judgments against a baseline in both orders, reference NLL and
 //! selector quality, written as `answers-NAME.jsonl`, `judgments.jsonl`, `selector-NAME.jsonl`
 //! and `eval.json`.
+//!
+//! Why one file of this size: the job's four stages share its config, answer cache and output
+//! files; each stage is a function of its own (`answers_of`, judging, `reference_nll`, the
+//! selector). To split when evaluation grows a stage.
 
 use super::data::{
     answers_by_instruction, read_answers, read_dev_set, read_prompts, AnswerRow, DevPair,
@@ -841,7 +845,7 @@ pub fn selector(
     let mut confusion = Confusion::default();
     let mut graded = Confusion::default();
     let (mut unrated, mut unparsed) = (0, 0);
-    let mut lines = Vec::new();
+    let mut rated = Vec::new();
     for ((c, d), answers) in candidates.into_iter().zip(dev).zip(got.chunks(per)) {
         let rating = rate_samples_of(c, version.to_owned(), answers.to_vec());
         unparsed += rating.samples.iter().filter(|s| s.score.is_err()).count() as u64;
@@ -851,12 +855,22 @@ pub fn selector(
         }
         confusion.add(good, rating.score.is_some_and(|s| s >= cfg.threshold));
         graded.add(good, rating.graded.is_some_and(|s| s >= cfg.threshold));
-        let mut line = crate::output::rating_line(&rating);
-        line["label"] = serde_json::json!(d.label);
-        line["kind"] = serde_json::json!(d.kind);
-        lines.push(line);
+        rated.push((rating, d));
     }
-    atomic_write_jsonl(&written, &lines)?;
+    /// A dev-set rating as written: the rating's line with the pair's label and kind.
+    #[derive(serde::Serialize)]
+    struct DevRatingLine<'a, L: serde::Serialize, K: serde::Serialize> {
+        #[serde(flatten)]
+        rating: crate::output::RatingLine<'a>,
+        label: &'a L,
+        kind: &'a K,
+    }
+    let lines = rated.iter().map(|(rating, d)| DevRatingLine {
+        rating: crate::output::RatingLine::from(rating),
+        label: &d.label,
+        kind: &d.kind,
+    });
+    atomic_write_jsonl(&written, lines)?;
     let r = SelectorResult {
         precision: confusion.precision(),
         recall: confusion.recall(),

@@ -23,6 +23,10 @@
 //! Content-Length of 10^15 on a short body costs one record, not the rest of the file). When a record does not end where its Content-Length says, it is dropped
 //! and the reader scans from the start of its block for the next line beginning `WARC/1.`
 //! (a record whose length was too long swallowed the start of the next one).
+//!
+//! Why one file of this size: the reader is one streaming state machine (gzip members, header,
+//! block, skip, resynchronisation) over one buffer; splitting it would expose that buffer's
+//! invariants across files.
 
 use super::counting::CountingReader;
 use super::http::{self, trim};

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Why a rating could not be read. Serde's default (externally tagged) representation: ratings
 /// cross processes with bincode, which cannot read internally or adjacently tagged enums; the
-/// JSON outputs spell it `{"kind", "value"}` themselves (`output::rating_line`).
+/// JSON outputs spell it `{"kind", "value"}` themselves (`output::ScoreErrorLine`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScoreError {

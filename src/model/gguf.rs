@@ -6,6 +6,9 @@
 //!
 //! Block layouts follow ggml's `ggml-common.h` / `ggml-quants.c` exactly (checked against the
 //! `gguf` Python package's numpy dequantizer by `tests/model.rs`).
+//!
+//! Why one file of this size: one format, read end to end; most of the length is one dequantizer
+//! per block type, each a few lines of ggml's layout checked against the `gguf` package.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -10,6 +10,15 @@
 //!   query-row axis (`[b, kv_h, n_rep·s, d]`), so attention runs on `kv_h` heads against the
 //!   cache as it is, and the mask is repeated per folded row.
 //! - Only the last position's hidden state goes through the output head.
+//!
+//! [`Llama::forward`] reads as the model: embed, then per layer `x += attention(norm(x))` and
+//! `x += mlp(norm(x))`, then the head. What depends on the backend sits behind functions named
+//! for it: `Llama::qkv` (the CPU kernel's one-pass split/RoPE/fold, or burn ops),
+//! `Llama::attend` (the CPU kernel, burn's fused attention, or decode matmuls) and
+//! `Llama::merge_heads`; the kernels themselves are in the `cpu` module below.
+//!
+//! Why one file of this size: the model (weights, the forward pass) and, in the `cpu` module, the
+//! flex kernels it dispatches to, which the tests here check against the same model's burn ops.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
@@ -19,7 +28,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 use super::device::Precision;
-use super::kv_cache::KvCache;
+use super::kv_cache::{AppendPlan, KvCache};
 use super::ModelError;
 
 /// A weight as it comes from a checkpoint: `f32`, row-major, Hugging Face layout.
@@ -96,6 +105,25 @@ enum AttnMask<B: Backend> {
     /// `[b, rows, cols]` on the host, true = masked, for the CPU attention kernel
     /// ([`cpu::attention`]), prefill and decode.
     Host(Vec<bool>),
+}
+
+/// What every layer of one forward step shares (see [`Llama::forward`]).
+struct Step<B: Backend> {
+    /// Sequences in the batch.
+    b: usize,
+    /// New tokens per sequence.
+    s: usize,
+    /// The first cache slot this step writes.
+    start: usize,
+    /// RoPE position of every new token, `b × s` row-major.
+    positions: Vec<i64>,
+    /// Slots of the shared prefix before the batch's own.
+    prefix_len: usize,
+    /// The mask, in the form the attention path wants.
+    mask: AttnMask<B>,
+    /// RoPE angles `[b, s, 1, d/2]` (cos, sin) for the burn-ops path; `None` on flex, whose
+    /// kernel reads the host tables.
+    angles: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
 }
 
 /// Random weights of a given shape (N(0, 0.02), norms at 1), for benchmarks and GPU runs
@@ -363,51 +391,68 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 2>, ModelError> {
         let b = cache.batch();
+        let ids = self.token_ids(tokens, b, s)?;
+        let plan = cache.append(tokens, s, self.cfg.max_seq_len)?;
+        let step = self.step(plan, cache, b, s);
+        let mut x = self.embed.clone().select(0, ids); // [b·s, hidden]
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let h = rms_norm(x.clone(), blk.attn_norm.clone(), self.cfg.rms_eps);
+            x = x + self.self_attention(blk, layer, h, &step, cache)?;
+            let h = rms_norm(x.clone(), blk.ffn_norm.clone(), self.cfg.rms_eps);
+            x = x + self.mlp(blk, h);
+        }
+        Ok(self.logits_of_last(x, b, s))
+    }
+
+    /// The token ids as a device tensor (padding as id 0: it is masked), or an error for an id
+    /// outside the vocabulary or a count that is not `b × s`.
+    fn token_ids(
+        &self,
+        tokens: &[Option<u32>],
+        b: usize,
+        s: usize,
+    ) -> Result<Tensor<B, 1, Int>, ModelError> {
         if s == 0 || tokens.len() != b * s {
             return Err(ModelError::Request(format!(
                 "{} tokens for a batch of {b} × {s}",
                 tokens.len()
             )));
         }
-        let cfg = &self.cfg;
-        let (d, kvh, n_rep) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep());
         let mut ids = Vec::with_capacity(b * s);
         for t in tokens {
             let id = t.unwrap_or(0);
-            if id as usize >= cfg.vocab {
+            if id as usize >= self.cfg.vocab {
                 return Err(ModelError::Request(format!(
                     "token id {id} outside the vocabulary of {}",
-                    cfg.vocab
+                    self.cfg.vocab
                 )));
             }
             ids.push(id as i64);
         }
-        let plan = cache.append(tokens, s, cfg.max_seq_len)?;
-        let start = plan.start;
-        // Mask columns: the shared prefix (if any), then the batch's own slots.
-        let p_len = cache.prefix_len();
-        let cols = p_len + cache.capacity();
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [b * s]),
+            &self.device,
+        ))
+    }
 
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &self.device);
+    /// What every layer of one forward step shares: positions, the mask in the form the
+    /// backend's attention path wants, and (burn-ops path) the RoPE angles.
+    fn step(&self, plan: AppendPlan, cache: &KvCache<B>, b: usize, s: usize) -> Step<B> {
+        let (d, kvh) = (self.cfg.head_dim, self.cfg.n_kv_heads);
         let flex = cpu::is_flex(&self.embed);
-        // RoPE angles as device tensors, for the burn-ops path only.
         let angles = (!flex).then(|| {
             let pos = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(plan.positions.clone(), [b * s]),
                 &self.device,
             );
             let half = d / 2;
-            let cos = self
-                .cos
-                .clone()
-                .select(0, pos.clone())
-                .reshape([b, s, 1, half]);
-            (
-                cos,
-                self.sin.clone().select(0, pos).reshape([b, s, 1, half]),
-            )
+            let cos = self.cos.clone().select(0, pos.clone());
+            let sin = self.sin.clone().select(0, pos);
+            (cos.reshape([b, s, 1, half]), sin.reshape([b, s, 1, half]))
         });
-        let rows = n_rep * s;
+        // Mask columns: the shared prefix (if any), then the batch's own slots.
+        let prefix_len = cache.prefix_len();
+        let (rows, cols) = (self.cfg.n_rep() * s, prefix_len + cache.capacity());
         let mask = if flex {
             AttnMask::Host(plan.mask)
         } else if s <= DECODE_MAX_S {
@@ -433,135 +478,197 @@ impl<B: Backend> Llama<B> {
                 &self.device,
             ))
         };
-        let scale = 1.0 / (d as f64).sqrt();
-
-        let mut x = self.embed.clone().select(0, ids); // [b·s, hidden]
-        let qd = cfg.n_heads * d;
-        let kd = kvh * d;
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let xn = rms_norm(x.clone(), blk.attn_norm.clone(), cfg.rms_eps);
-            let mut qkv = xn.matmul(blk.wqkv.clone());
-            if let Some(bias) = &blk.bqkv {
-                qkv = qkv + bias.clone();
-            }
-            let (q, k, v) = match &angles {
-                None => cpu::split_rope_fold(&qkv, &plan.positions, &self.rope_host, b, cfg)
-                    .ok_or_else(|| {
-                        ModelError::Request("CPU RoPE kernel got tensors it cannot read".into())
-                    })?,
-                Some((cos, sin)) => {
-                    let q = qkv.clone().narrow(1, 0, qd).reshape([b, s, cfg.n_heads, d]);
-                    let k = qkv.clone().narrow(1, qd, kd).reshape([b, s, kvh, d]);
-                    let v = qkv.narrow(1, qd + kd, kd).reshape([b, s, kvh, d]);
-                    let q = rope(q, cos.clone(), sin.clone());
-                    let k = rope(k, cos.clone(), sin.clone());
-                    (
-                        fold_query_heads(q, kvh),
-                        k.swap_dims(1, 2),
-                        v.swap_dims(1, 2),
-                    )
-                }
-            };
-            // [b, kv_h, s, d] into the cache slots of this step.
-            let (k_all, v_all) = cache.write(l, start, k, v);
-            let prefix = cache.prefix_kv(l);
-            let att = match &mask {
-                AttnMask::Bool(m) => {
-                    // Prefill: one fused attention over [shared prefix, own slots].
-                    let (k_all, v_all) = match prefix {
-                        Some((pk, pv)) => (
-                            Tensor::cat(vec![pk.expand([b, kvh, p_len, d]), k_all], 2),
-                            Tensor::cat(vec![pv.expand([b, kvh, p_len, d]), v_all], 2),
-                        ),
-                        None => (k_all, v_all),
-                    };
-                    attention(
-                        q,
-                        k_all,
-                        v_all,
-                        Some(m.clone()),
-                        None,
-                        AttentionModuleOptions::default(),
-                    )
-                }
-                AttnMask::Host(m) => {
-                    let pk_pv = prefix.as_ref().map(|(pk, pv)| (pk.clone(), pv.clone()));
-                    match cpu::attention(&q, &k_all, &v_all, pk_pv, m, scale as f32) {
-                        Some(out) => out,
-                        None => {
-                            return Err(ModelError::Request(
-                                "CPU attention kernel got tensors it cannot read".into(),
-                            ))
-                        }
-                    }
-                }
-                AttnMask::Bias(bias) => {
-                    // Decode: a few query rows per (sequence, kv head). Batched matmuls
-                    // parallelize over the batch, which the fused CPU attention kernel does not.
-                    let own = q.clone().matmul(k_all.swap_dims(2, 3));
-                    match prefix {
-                        None => {
-                            let scores = own.mul_scalar(scale) + bias.clone();
-                            softmax(scores, 3).matmul(v_all)
-                        }
-                        Some((pk, pv)) => {
-                            // The shared prefix is read once for the whole batch: every
-                            // sequence's query rows are stacked into one matmul per kv head.
-                            let stacked = q.permute([1, 0, 2, 3]).reshape([1, kvh, b * rows, d]);
-                            let shared = stacked
-                                .matmul(pk.swap_dims(2, 3))
-                                .reshape([kvh, b, rows, p_len])
-                                .permute([1, 0, 2, 3]);
-                            let scores =
-                                Tensor::cat(vec![shared, own], 3).mul_scalar(scale) + bias.clone();
-                            let probs = softmax(scores, 3);
-                            let own_cols = probs.dims()[3] - p_len;
-                            let p_shared = probs
-                                .clone()
-                                .narrow(3, 0, p_len)
-                                .permute([1, 0, 2, 3])
-                                .reshape([1, kvh, b * rows, p_len]);
-                            let from_prefix = p_shared
-                                .matmul(pv)
-                                .reshape([kvh, b, rows, d])
-                                .permute([1, 0, 2, 3]);
-                            probs.narrow(3, p_len, own_cols).matmul(v_all) + from_prefix
-                        }
-                    }
-                }
-            };
-            let att = match flex {
-                true => cpu::unfold_heads(&att, n_rep).ok_or_else(|| {
-                    ModelError::Request("CPU attention output is not a flex tensor".into())
-                })?,
-                false => att
-                    .reshape([b, kvh, n_rep, s, d])
-                    .permute([0, 3, 1, 2, 4])
-                    .reshape([b * s, qd]),
-            };
-            x = x + att.matmul(blk.wo.clone());
-            let xn = rms_norm(x.clone(), blk.ffn_norm.clone(), cfg.rms_eps);
-            let gu = xn.matmul(blk.w_gate_up.clone());
-            let act = match cpu::silu_mul(&gu, cfg.ffn) {
-                Some(act) => act,
-                None => {
-                    let gate = gu.clone().narrow(1, 0, cfg.ffn);
-                    let up = gu.narrow(1, cfg.ffn, cfg.ffn);
-                    silu(gate) * up
-                }
-            };
-            x = x + act.matmul(blk.w_down.clone());
+        Step {
+            b,
+            s,
+            start: plan.start,
+            positions: plan.positions,
+            prefix_len,
+            mask,
+            angles,
         }
+    }
+
+    /// Grouped-query self-attention of one layer over the cache, `[b·s, h·d]` after the output
+    /// projection: q/k/v, RoPE, the new K/V into the cache, attention, the heads merged.
+    fn self_attention(
+        &self,
+        blk: &Block<B>,
+        layer: usize,
+        h: Tensor<B, 2>,
+        step: &Step<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let (q, k, v) = self.qkv(blk, h, step)?;
+        // [b, kv_h, s, d] into the cache slots of this step.
+        let (k_all, v_all) = cache.write(layer, step.start, k, v);
+        let prefix = cache.prefix_kv(layer);
+        let att = self.attend(q, k_all, v_all, prefix, step)?;
+        Ok(self.merge_heads(att, step).matmul(blk.wo.clone()))
+    }
+
+    /// The fused q/k/v projection split into queries `[b, kv_h, n_rep·s, d]` (the query heads
+    /// sharing a kv head folded into rows) and keys and values `[b, kv_h, s, d]`, RoPE applied:
+    /// one pass of the CPU kernel on flex, burn ops elsewhere.
+    #[allow(clippy::type_complexity)]
+    fn qkv(
+        &self,
+        blk: &Block<B>,
+        h: Tensor<B, 2>,
+        step: &Step<B>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), ModelError> {
+        let cfg = &self.cfg;
+        let (b, s, d, kvh) = (step.b, step.s, cfg.head_dim, cfg.n_kv_heads);
+        let mut qkv = h.matmul(blk.wqkv.clone());
+        if let Some(bias) = &blk.bqkv {
+            qkv = qkv + bias.clone();
+        }
+        let Some((cos, sin)) = &step.angles else {
+            return cpu::split_rope_fold(&qkv, &step.positions, &self.rope_host, b, cfg)
+                .ok_or_else(|| {
+                    ModelError::Request("CPU RoPE kernel got tensors it cannot read".into())
+                });
+        };
+        let (qd, kd) = (cfg.n_heads * d, kvh * d);
+        let q = qkv.clone().narrow(1, 0, qd).reshape([b, s, cfg.n_heads, d]);
+        let k = qkv.clone().narrow(1, qd, kd).reshape([b, s, kvh, d]);
+        let v = qkv.narrow(1, qd + kd, kd).reshape([b, s, kvh, d]);
+        let q = rope(q, cos.clone(), sin.clone());
+        let k = rope(k, cos.clone(), sin.clone());
+        Ok((
+            fold_query_heads(q, kvh),
+            k.swap_dims(1, 2),
+            v.swap_dims(1, 2),
+        ))
+    }
+
+    /// softmax(q·kᵀ/√d + mask)·v over `[shared prefix, own slots]`, by the path the backend and
+    /// step want: the CPU kernel on flex (prefill and decode), burn's fused attention for a
+    /// prefill elsewhere, batched matmuls for a decode elsewhere.
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k_all: Tensor<B, 4>,
+        v_all: Tensor<B, 4>,
+        prefix: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        step: &Step<B>,
+    ) -> Result<Tensor<B, 4>, ModelError> {
+        let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+        match &step.mask {
+            AttnMask::Host(m) => cpu::attention(&q, &k_all, &v_all, prefix, m, scale as f32)
+                .ok_or_else(|| {
+                    ModelError::Request("CPU attention kernel got tensors it cannot read".into())
+                }),
+            AttnMask::Bool(m) => {
+                let (b, kvh, d, p) = (
+                    step.b,
+                    self.cfg.n_kv_heads,
+                    self.cfg.head_dim,
+                    step.prefix_len,
+                );
+                let (k_all, v_all) = match prefix {
+                    Some((pk, pv)) => (
+                        Tensor::cat(vec![pk.expand([b, kvh, p, d]), k_all], 2),
+                        Tensor::cat(vec![pv.expand([b, kvh, p, d]), v_all], 2),
+                    ),
+                    None => (k_all, v_all),
+                };
+                let options = AttentionModuleOptions::default();
+                Ok(attention(q, k_all, v_all, Some(m.clone()), None, options))
+            }
+            AttnMask::Bias(bias) => {
+                Ok(self.decode_attention(q, k_all, v_all, prefix, bias, scale, step))
+            }
+        }
+    }
+
+    /// Decode attention as batched matmuls (a few query rows per sequence and kv head: batched
+    /// matmuls parallelize over the batch, a fused kernel does not). A shared prefix is read
+    /// once for the whole batch: every sequence's query rows are stacked into one matmul per
+    /// kv head.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        q: Tensor<B, 4>,
+        k_all: Tensor<B, 4>,
+        v_all: Tensor<B, 4>,
+        prefix: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        bias: &Tensor<B, 4>,
+        scale: f64,
+        step: &Step<B>,
+    ) -> Tensor<B, 4> {
+        let own = q.clone().matmul(k_all.swap_dims(2, 3));
+        let Some((pk, pv)) = prefix else {
+            let scores = own.mul_scalar(scale) + bias.clone();
+            return softmax(scores, 3).matmul(v_all);
+        };
+        let (b, kvh, d, p_len) = (
+            step.b,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            step.prefix_len,
+        );
+        let rows = self.cfg.n_rep() * step.s;
+        let stacked = q.permute([1, 0, 2, 3]).reshape([1, kvh, b * rows, d]);
+        let shared = stacked
+            .matmul(pk.swap_dims(2, 3))
+            .reshape([kvh, b, rows, p_len])
+            .permute([1, 0, 2, 3]);
+        let scores = Tensor::cat(vec![shared, own], 3).mul_scalar(scale) + bias.clone();
+        let probs = softmax(scores, 3);
+        let own_cols = probs.dims()[3] - p_len;
+        let p_shared = probs
+            .clone()
+            .narrow(3, 0, p_len)
+            .permute([1, 0, 2, 3])
+            .reshape([1, kvh, b * rows, p_len]);
+        let from_prefix = p_shared
+            .matmul(pv)
+            .reshape([kvh, b, rows, d])
+            .permute([1, 0, 2, 3]);
+        probs.narrow(3, p_len, own_cols).matmul(v_all) + from_prefix
+    }
+
+    /// Attention output `[b, kv_h, n_rep·s, d]` back to `[b·s, h·d]` (heads side by side).
+    fn merge_heads(&self, att: Tensor<B, 4>, step: &Step<B>) -> Tensor<B, 2> {
+        let cfg = &self.cfg;
+        let n_rep = cfg.n_rep();
+        if matches!(step.mask, AttnMask::Host(_)) {
+            if let Some(merged) = cpu::unfold_heads(&att, n_rep) {
+                return merged;
+            }
+        }
+        att.reshape([step.b, cfg.n_kv_heads, n_rep, step.s, cfg.head_dim])
+            .permute([0, 3, 1, 2, 4])
+            .reshape([step.b * step.s, cfg.n_heads * cfg.head_dim])
+    }
+
+    /// The SwiGLU MLP: `down(silu(gate(h)) · up(h))`, gate and up as one fused product.
+    fn mlp(&self, blk: &Block<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        let ffn = self.cfg.ffn;
+        let gu = h.matmul(blk.w_gate_up.clone());
+        let act = cpu::silu_mul(&gu, ffn).unwrap_or_else(|| {
+            let gate = gu.clone().narrow(1, 0, ffn);
+            let up = gu.narrow(1, ffn, ffn);
+            silu(gate) * up
+        });
+        act.matmul(blk.w_down.clone())
+    }
+
+    /// The logits `[b, vocab]` (f32) of each sequence's last slot: only it goes through the
+    /// final norm and the output head.
+    fn logits_of_last(&self, x: Tensor<B, 2>, b: usize, s: usize) -> Tensor<B, 2> {
+        let hidden = self.cfg.hidden;
         let last = x
-            .reshape([b, s, cfg.hidden])
+            .reshape([b, s, hidden])
             .narrow(1, s - 1, 1)
-            .reshape([b, cfg.hidden]);
-        let last = rms_norm(last, self.norm.clone(), cfg.rms_eps);
+            .reshape([b, hidden]);
+        let last = rms_norm(last, self.norm.clone(), self.cfg.rms_eps);
         let logits = last.matmul(self.output.clone().transpose());
-        Ok(match self.dtype {
+        match self.dtype {
             DType::F32 => logits,
             _ => logits.cast(DType::F32),
-        })
+        }
     }
 }
 

@@ -365,6 +365,33 @@ fn record_at(bytes: &[u8], at: usize) -> Option<(AnswerKey, CachedAnswer, usize)
     Some((key, answer, start + len))
 }
 
+/// How the answer cache stores an answer with a choice: the choice (no NUL, see
+/// `Choice::option_ids`; empty for none), NUL, the options' probabilities (comma-separated,
+/// empty for none), NUL, the answer. Keys of such answers carry a tag of their own
+/// (`Choice::cache_messages`), so entries written before probabilities were kept are never
+/// read in this form.
+pub(super) fn pack_choice(choice: Option<&str>, probs: Option<&[f32]>, text: &str) -> String {
+    let probs = probs
+        .map(|p| p.iter().map(f32::to_string).collect::<Vec<_>>().join(","))
+        .unwrap_or_default();
+    format!("{}\u{0}{probs}\u{0}{text}", choice.unwrap_or(""))
+}
+
+/// The inverse of [`pack_choice`].
+pub(super) fn unpack_choice(packed: &str) -> (Option<String>, Option<Vec<f32>>, String) {
+    let mut parts = packed.splitn(3, '\u{0}');
+    let (Some(choice), Some(probs), Some(text)) = (parts.next(), parts.next(), parts.next()) else {
+        return (None, None, packed.to_owned());
+    };
+    let probs: Option<Vec<f32>> = if probs.is_empty() {
+        None
+    } else {
+        probs.split(',').map(|p| p.parse().ok()).collect()
+    };
+    let choice = (!choice.is_empty()).then(|| choice.to_owned());
+    (choice, probs, text.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,9 @@
 //! `no-menu`, `is-nav-open`) are not matches. And if the attribute rules removed more than
 //! [`ExtractOptions::max_attribute_drop_ratio`] of the page's text, they are assumed to have hit the
 //! content wrapper and the page is extracted again without them.
+//!
+//! Why one file of this size: the extractor is one tokenizer sink (element stack, block building,
+//! the boilerplate rules above, the re-extraction guard) whose rules read the same state.
 
 use crate::records::Block;
 use html5ever::tendril::StrTendril;

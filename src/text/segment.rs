@@ -33,6 +33,10 @@
 //! [`DropReason::NoHeader`], unless [`SegmentOptions::lead_under_title`] puts it under the page title.
 //! A page without any header (plain text from WET/JSONL, or headerless HTML) is packed greedily
 //! into passages of at most `max_chars` from its paragraphs, with an empty header path.
+//!
+//! Why one file of this size: the policy above is one walk over a page's blocks (header stack,
+//! packing, the drop rules); its parts only make sense together, and the tests of each rule sit
+//! beside it.
 
 use super::html::ExtractedPage;
 use crate::records::Block;

@@ -6,6 +6,9 @@
 //!
 //! [`load_for_inference`] loads any of: a GGUF file, an HF folder, or an adapter folder (merged
 //! onto the base named in its `adapter_config.json`).
+//!
+//! Why one file of this size: every kind of checkpoint folder (full, adapter, GGUF in) is read and
+//! written here, so the file names, the version hash and the atomic folder write have one home.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

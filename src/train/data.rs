@@ -73,6 +73,14 @@ pub fn backward_prompt(output: &str) -> String {
 }
 
 impl Record {
+    /// An (instruction, output) pair.
+    pub fn pair(instruction: &str, output: &str) -> Record {
+        Record::Pair {
+            instruction: instruction.to_owned(),
+            output: output.to_owned(),
+        }
+    }
+
     /// The first (user, assistant) exchange: the pair a backward model is trained on.
     fn first_pair(&self) -> Option<(&str, &str)> {
         match self {

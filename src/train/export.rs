@@ -165,8 +165,8 @@ mod tests {
     /// logits, and its tokenizer and config come along.
     #[test]
     fn an_exported_adapter_loads_as_the_merged_model() {
-        use crate::train::job::{run_job, DataGroup, TrainJob};
         use crate::train::{data::DataSource, lora::LoraConfig, model::TrainMode};
+        use crate::train::{run_job, DataGroup, TrainJob};
         use burn::backend::Flex;
 
         let root = tempfile::tempdir().expect("tmp");

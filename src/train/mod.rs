@@ -7,18 +7,25 @@
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
 //! - [`export`]: any loadable model (GGUF, HF folder, merged adapter) as an HF folder.
-//! - [`job`]: a whole training run as one call ([`run_job`]), reusing finished identical runs.
+//! - [`job`]: a training job's spec ([`TrainJob`]) and outcome; [`run`]: the run as one call
+//!   ([`run_job`]), reusing finished identical runs ([`fingerprint`], [`save`]) and logging every
+//!   step ([`metrics_log`]).
 
 pub mod checkpoint;
 pub mod data;
 pub mod export;
+pub mod fingerprint;
 pub mod job;
 pub mod lora;
+pub mod metrics_log;
 pub mod model;
+pub mod run;
+pub mod save;
 pub mod sft;
 pub mod tokenizer_json;
 
-pub use job::{run_job, run_job_with, DataGroup, TrainEvent, TrainJob, TrainOutcome};
+pub use job::{DataGroup, TrainEvent, TrainJob, TrainOutcome};
+pub use run::{run_job, run_job_with};
 
 use std::path::PathBuf;
 

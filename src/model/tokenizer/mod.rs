@@ -14,6 +14,10 @@
 //!
 //! Encoding caches the ids of every pre-tokenized word it has seen: prompts of one job share
 //! most of their words (the rating template above all), so nearly every word is a hash lookup.
+//!
+//! Why one file of this size: the encoder's common path (special-token split, pre-tokenization
+//! dispatch, the word cache, decoding) for every tokenizer kind; the kinds' own algorithms are in
+//! the submodules.
 
 mod bpe;
 mod bytelevel;

@@ -1,43 +1,15 @@
-//! What every job shares: the Ctrl-C stop flag, the record of files already ingested (for
-//! `--follow` restarts), and gathering every worker's stats on worker 0.
+//! The ingest logs of a `--follow` job (`_state/ingested.jsonl`: files done; `_state/taken.jsonl`:
+//! the index each file was given), and what a restarted job reads back from them: which files to
+//! skip, which to read again at their own index, and which passage files it wrote before.
 
 use crate::formats::os_path::PathText;
 use crate::formats::InputFile;
 use crate::operators::discover::{WorkItem, SUB_EPOCHS};
-use crate::stats::Stats;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use timely::dataflow::operators::{Exchange, Inspect, Probe, ToStream};
-use timely::worker::Worker;
-
-/// The process's stop flag, set by the first Ctrl-C (SIGINT/SIGTERM). Jobs stop ingesting and
-/// finish the work in flight; a second Ctrl-C exits at once.
-pub fn stop_flag() -> Arc<AtomicBool> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| {
-        let flag = Arc::new(AtomicBool::new(false));
-        let handler_flag = flag.clone();
-        let installed = ctrlc::set_handler(move || {
-            if handler_flag.swap(true, Ordering::SeqCst) {
-                eprintln!("interrupted again: exiting now");
-                std::process::exit(130);
-            }
-            eprintln!("interrupted: finishing the work in flight (Ctrl-C again to exit now)");
-        });
-        if let Err(e) = installed {
-            log::warn!("cannot install the Ctrl-C handler: {e}");
-        }
-        flag
-    })
-    .clone()
-}
 
 /// One line of an ingest log (`_state/ingested.jsonl`, `_state/taken.jsonl`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -220,86 +192,4 @@ fn epoch_of_output(path: &Path, prefix: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(rest.get(..16)?, 16).ok()
-}
-
-/// Runs a worker's dataflows to the end: steps until `probe` is done, turns a fatal error any
-/// operator reported into the stop flag (the sources stop taking input, the work in flight
-/// finishes), then gathers every worker's stats on worker 0 (see [`gather_stats`]). The one
-/// run loop of every pipeline.
-pub fn run_worker(
-    worker: &mut Worker,
-    probe: &timely::dataflow::ProbeHandle<crate::operators::Time>,
-    stop: &AtomicBool,
-    progress: &crate::progress::Progress,
-    stats: &crate::operators::WorkerStats,
-) -> Option<Stats> {
-    while !probe.done() {
-        if progress.failed() {
-            stop.store(true, Ordering::SeqCst);
-        }
-        worker.step_or_park(Some(std::time::Duration::from_millis(50)));
-    }
-    let local = stats.borrow().clone();
-    gather_stats(worker, local)
-}
-
-/// Sends every worker's stats to worker 0, which returns them merged; the others return `None`.
-/// Every worker must call it, after its main dataflow is done.
-pub fn gather_stats(worker: &mut Worker, local: Stats) -> Option<Stats> {
-    let merged = Rc::new(RefCell::new(Stats::default()));
-    let sink = merged.clone();
-    let probe = worker.dataflow::<u64, _, _>(|scope| {
-        let (probe, _) = vec![local]
-            .to_stream(scope)
-            .container::<Vec<Stats>>()
-            .exchange(|_| 0)
-            .inspect(move |s: &Stats| sink.borrow_mut().merge(s))
-            .probe();
-        probe
-    });
-    worker.step_while(|| !probe.done());
-    (worker.index() == 0).then(|| merged.borrow().clone())
-}
-
-/// Waits for every worker of this process; returns the merged stats (on process 0, whose worker 0
-/// gathered them) or `None` (other processes), or the first failure: a worker that panicked, or
-/// the fatal error an operator reported through `progress`.
-pub fn finish(
-    guards: timely::communication::WorkerGuards<Option<Stats>>,
-    progress: &crate::progress::Progress,
-) -> Result<Option<Stats>> {
-    let mut merged = None;
-    for result in guards.join() {
-        match result {
-            Ok(Some(stats)) => merged = Some(stats),
-            Ok(None) => {}
-            Err(e) => anyhow::bail!("a worker failed: {e}"),
-        }
-    }
-    if let Some(fatal) = progress.fatal() {
-        anyhow::bail!("the job stopped: {fatal}");
-    }
-    Ok(merged)
-}
-
-/// A few human lines about a finished job.
-pub fn describe(stats: &Stats, elapsed_secs: f64) -> String {
-    let mut s = format!(
-        "read {} files, {:.1} MB, {} records in {:.1}s ({:.1} MB/s); {} pages kept, {} segments, {} passages written",
-        stats.files,
-        stats.bytes_read as f64 / 1e6,
-        stats.records_read,
-        elapsed_secs,
-        stats.bytes_read as f64 / 1e6 / elapsed_secs.max(1e-9),
-        stats.pages_kept,
-        stats.segments_made,
-        stats.passages_written,
-    );
-    if !stats.dropped.is_empty() {
-        s.push_str("\ndropped:");
-        for (reason, r) in &stats.dropped {
-            s.push_str(&format!(" {}={}", reason.as_str(), r.count));
-        }
-    }
-    s
 }

@@ -1,0 +1,365 @@
+//! The records a run leaves behind for people and tools: `metrics.json` of the Humpback loop
+//! with its round summaries, the `summary.json` of `segment` and `run rate`. One type per
+//! record, written with serde and read back the same way; every field that a later version
+//! added has a default, so files of older runs still read.
+
+use crate::eval::rounds::ModelEval;
+use crate::stats::Stats;
+use crate::train::job::TrainOutcome;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Ratings by score: `"1"` .. `"5"` (a mean of several samples rounded to the nearest) and
+/// `"unparsed"` for a rating with no score.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ScoreHistogram(pub BTreeMap<String, u64>);
+
+impl ScoreHistogram {
+    /// The key of a rating that has no score.
+    pub const UNPARSED: &'static str = "unparsed";
+
+    /// Counts one rating.
+    pub fn add(&mut self, score: Option<f64>) {
+        let key = match score {
+            Some(s) => format!("{}", s.round() as i64),
+            None => Self::UNPARSED.to_owned(),
+        };
+        *self.0.entry(key).or_insert(0) += 1;
+    }
+
+    /// Ratings with no score.
+    pub fn unparsed(&self) -> u64 {
+        self.0.get(Self::UNPARSED).copied().unwrap_or(0)
+    }
+
+    /// Every rating counted.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// Examples of a training, by source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExampleCounts {
+    /// Seed pairs (S_a).
+    pub seed: usize,
+    /// Curated pairs (S_w).
+    pub augmented: usize,
+}
+
+/// One model of the loop: trained (its figures), or given on the command line.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSummary {
+    /// The checkpoint's version (content hash), or the given model's.
+    pub version: String,
+    /// The path the model was given as (`--backward-model`, `--seed-model`); not trained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub given: Option<PathBuf>,
+    /// An identical finished job was found and reused.
+    pub reused: bool,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Training loss of every step.
+    pub losses: Vec<f64>,
+    /// Training tokens per second.
+    pub tokens_per_sec: f64,
+    /// Wall seconds.
+    pub secs: f64,
+    /// Examples by source (round trainings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub examples: Option<ExampleCounts>,
+}
+
+impl TrainSummary {
+    /// A model given on the command line.
+    pub fn given(version: String, path: PathBuf) -> Self {
+        TrainSummary {
+            version,
+            given: Some(path),
+            ..TrainSummary::default()
+        }
+    }
+
+    /// A training's figures.
+    pub fn trained(outcome: &TrainOutcome) -> Self {
+        TrainSummary {
+            version: outcome.version.clone(),
+            given: None,
+            reused: outcome.reused,
+            steps: outcome.steps,
+            losses: outcome.losses.clone(),
+            tokens_per_sec: outcome.tokens_per_sec,
+            secs: outcome.secs,
+            examples: None,
+        }
+    }
+}
+
+/// A model's evaluation inside the loop: its figures, or why there are none (a failed
+/// evaluation is reported and the loop goes on).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalOutcome {
+    /// The figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<ModelEval>,
+    /// Why there are none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_error: Option<String>,
+}
+
+impl EvalOutcome {
+    /// From the evaluator's result (`None`: no evaluator).
+    pub fn from_result(result: Option<Result<ModelEval, String>>) -> Self {
+        match result {
+            None => EvalOutcome::default(),
+            Some(Ok(e)) => EvalOutcome {
+                eval: Some(e),
+                eval_error: None,
+            },
+            Some(Err(e)) => EvalOutcome {
+                eval: None,
+                eval_error: Some(e),
+            },
+        }
+    }
+}
+
+/// Step 0: the backward model M_yx and the seed model M_0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Step0Summary {
+    /// M_yx.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backward: Option<TrainSummary>,
+    /// M_0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward: Option<TrainSummary>,
+    /// M_0's evaluation.
+    #[serde(flatten)]
+    pub evaluation: EvalOutcome,
+}
+
+/// One round of the loop: what its model rated and curated, and the model trained on it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoundSummary {
+    /// 1 for the first round.
+    pub round: u64,
+    /// The version(s) that rated (comma-separated when several did).
+    pub rating_model: String,
+    /// Candidates rated.
+    pub rated: u64,
+    /// Of those, curated.
+    pub curated: u64,
+    /// `curated / rated` (0 when nothing was rated).
+    pub acceptance: f64,
+    /// Ratings with no score.
+    pub unparsed: u64,
+    /// Ratings whose score was a forced choice (the answer had none).
+    pub forced: u64,
+    /// Ratings by score.
+    pub score_histogram: ScoreHistogram,
+    /// M_{round}, trained on the seed and this round's curated pairs.
+    pub train: TrainSummary,
+    /// Its evaluation.
+    #[serde(flatten)]
+    pub evaluation: EvalOutcome,
+}
+
+/// The model server's work for one stage of the loop (this process only).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StageThroughput {
+    /// Prompts answered.
+    pub prompts: u64,
+    /// Of those, from the answer cache.
+    pub cache_hits: u64,
+    /// Tokens generated.
+    pub new_tokens: u64,
+    /// Seconds the model was busy with them.
+    pub busy_secs: f64,
+    /// Prompts per second of model time.
+    pub prompts_per_sec: f64,
+    /// Generated tokens per second of model time.
+    pub new_tokens_per_sec: f64,
+    /// Prompts per second of the loop's wall time.
+    pub prompts_per_sec_wall: f64,
+}
+
+/// Augmentation (M_yx) and rating (M_0, M_1, ...) throughput.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Throughput {
+    /// Instructions written by the backward model.
+    pub augment: StageThroughput,
+    /// Ratings by the forward models.
+    pub rate: StageThroughput,
+    /// What the figures cover.
+    pub note: String,
+}
+
+/// `metrics.json` of `run humpback`: the whole run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HumpbackMetrics {
+    /// `humpback`.
+    pub pipeline: String,
+    /// The base model.
+    pub model: PathBuf,
+    /// The seed data.
+    pub seed: PathBuf,
+    /// Wall seconds of the run, step 0 included.
+    pub elapsed_secs: f64,
+    /// Wall seconds of the dataflow (after step 0).
+    pub loop_secs: f64,
+    /// Passages written.
+    pub passages: u64,
+    /// Passages per hour of the whole run.
+    pub passages_per_hour: f64,
+    /// Step 0.
+    pub step0: Step0Summary,
+    /// Every round finished.
+    pub rounds: Vec<RoundSummary>,
+    /// The model server's throughput.
+    pub throughput: Throughput,
+    /// Drops by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Everything counted, merged over the workers.
+    pub stats: Stats,
+}
+
+/// `summary.json` of `backflow segment`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SegmentSummary {
+    /// `segment`.
+    pub pipeline: String,
+    /// Workers per process.
+    pub workers: usize,
+    /// Processes in the job.
+    pub processes: usize,
+    /// Wall time of the job in seconds.
+    pub elapsed_secs: f64,
+    /// Input megabytes per second.
+    pub mb_per_sec: f64,
+    /// Records per second.
+    pub records_per_sec: f64,
+    /// Duplicates removed (exact + near).
+    pub duplicates_removed: u64,
+    /// Everything counted, merged over all workers.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// The model server's work in one process of `run rate`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessThroughput {
+    /// Prompts answered.
+    pub requests: u64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub new_tokens: u64,
+    /// Prompts per second of wall time.
+    pub prompts_per_sec: f64,
+    /// Generated tokens per second of wall time.
+    pub generated_tokens_per_sec: f64,
+}
+
+/// `summary.json` of `run rate`. The counts of rows are read back from the files written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateSummary {
+    /// `rate`.
+    pub pipeline: String,
+    /// The rating model.
+    pub model: PathBuf,
+    /// Pairs read from the dataset (after `--limit`).
+    pub pairs: usize,
+    /// The curation threshold.
+    pub threshold: f64,
+    /// Wall seconds.
+    pub elapsed_secs: f64,
+    /// Rows of `ratings-*.jsonl` by score.
+    pub score_histogram: ScoreHistogram,
+    /// Rows of `ratings-*.jsonl`.
+    pub rated: u64,
+    /// Rows of `curated-*.jsonl`.
+    pub curated: u64,
+    /// The model server of process 0.
+    pub this_process: ProcessThroughput,
+    /// Everything counted, merged over the workers.
+    pub stats: Stats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_rounds_means_and_counts_unparsed() {
+        let mut h = ScoreHistogram::default();
+        for s in [Some(5.0), Some(4.5), Some(4.4), None, Some(1.0), None] {
+            h.add(s);
+        }
+        let expected: BTreeMap<String, u64> = [("1", 1), ("4", 1), ("5", 2), ("unparsed", 2)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(h.0, expected);
+        assert_eq!((h.unparsed(), h.total()), (2, 6));
+    }
+
+    /// A round summary as an earlier version wrote it (no `forced`, no evaluation, a given
+    /// model with no training figures) still reads, missing fields at their defaults.
+    #[test]
+    fn older_files_still_read() {
+        let old = r#"{"round": 1, "rating_model": "abc", "rated": 4, "curated": 1,
+            "acceptance": 0.25, "unparsed": 2, "score_histogram": {"5": 1, "unparsed": 2},
+            "train": {"version": "def", "losses": [2.0, 1.5]}}"#;
+        let r: RoundSummary = serde_json::from_str(old).unwrap();
+        assert_eq!((r.round, r.rated, r.curated, r.forced), (1, 4, 1, 0));
+        assert_eq!(r.train.losses, vec![2.0, 1.5]);
+        assert_eq!(r.evaluation, EvalOutcome::default());
+        let m: HumpbackMetrics =
+            serde_json::from_str(r#"{"pipeline": "humpback", "rounds": []}"#).unwrap();
+        assert!(m.step0.forward.is_none() && m.rounds.is_empty());
+    }
+
+    /// What is written reads back equal (the report and tools read these files).
+    #[test]
+    fn round_summary_round_trips() {
+        let mut h = ScoreHistogram::default();
+        h.add(Some(3.0));
+        let r = RoundSummary {
+            round: 2,
+            rating_model: "v".into(),
+            rated: 1,
+            curated: 0,
+            acceptance: 0.0,
+            unparsed: 0,
+            forced: 1,
+            score_histogram: h,
+            train: TrainSummary {
+                version: "w".into(),
+                examples: Some(ExampleCounts {
+                    seed: 3,
+                    augmented: 0,
+                }),
+                ..TrainSummary::default()
+            },
+            evaluation: EvalOutcome {
+                eval: None,
+                eval_error: Some("no judge".into()),
+            },
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#""eval_error":"no judge""#), "{text}");
+        assert_eq!(serde_json::from_str::<RoundSummary>(&text).unwrap(), r);
+    }
+}

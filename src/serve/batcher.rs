@@ -1,0 +1,163 @@
+//! The server thread's loop: takes commands, answers what the answer cache holds at once, and
+//! lets a batch fill for a short window before handing it to [`super::execute`].
+
+use super::cache::{answer_key, unpack_choice, AnswerCache, AnswerKey};
+use super::execute::{load, run_batches, Loaded, Reply};
+use super::protocol::{Command, GenRequest};
+use super::stats::{ServerStats, VersionStats};
+use super::{ServeError, ServerConfig};
+use crate::model::device::Precision;
+use crate::model::sampling::Sampling;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A request waiting for a batch, with its cache key when there is a cache.
+pub(super) struct Pending {
+    /// The request.
+    pub(super) request: GenRequest,
+    /// Its answer-cache key.
+    pub(super) key: Option<AnswerKey>,
+}
+
+/// The server thread: runs until every client is gone.
+pub(super) fn serve(
+    rx: Receiver<Command>,
+    config: ServerConfig,
+    mut cache: Option<AnswerCache>,
+    stats: &ServerStats,
+) {
+    let mut models: HashMap<String, Loaded> = HashMap::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    loop {
+        // Block for the first command, then let a batch fill for a short window.
+        let first = match rx.recv() {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let mut closed = false;
+        let deadline = Instant::now() + config.batch_window;
+        let mut next = Some(first);
+        loop {
+            match next.take() {
+                Some(Command::Load {
+                    version,
+                    path,
+                    done,
+                }) => {
+                    let result = if models.contains_key(&version) {
+                        Ok(())
+                    } else {
+                        load(&path, &config)
+                            .map(|m| {
+                                log::info!("model {version} loaded from {}", path.display());
+                                models.insert(version.clone(), m);
+                            })
+                            .map_err(|message| ServeError::Load {
+                                version,
+                                path,
+                                message,
+                            })
+                    };
+                    let _ = done.send(result);
+                }
+                Some(Command::Generate(r)) => {
+                    if let Some(p) = from_cache(r, cache.as_ref(), config.precision, stats) {
+                        pending.push(p);
+                    }
+                }
+                None => {}
+            }
+            if pending.len() >= config.max_batch {
+                break;
+            }
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(c) => next = Some(c),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if !pending.is_empty() {
+            run_batches(
+                &mut models,
+                std::mem::take(&mut pending),
+                config.max_batch,
+                cache.as_mut(),
+                stats,
+            );
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Answers `r` from the cache if it holds the answer; otherwise gives it back to be generated.
+/// Answers of a model loaded in f16/bf16 are kept apart from its f32 answers (their version
+/// carries the precision); f32 keys are those of caches written before precisions existed.
+fn from_cache(
+    r: GenRequest,
+    cache: Option<&AnswerCache>,
+    precision: Precision,
+    stats: &ServerStats,
+) -> Option<Pending> {
+    let Some(cache) = cache else {
+        return Some(Pending {
+            request: r,
+            key: None,
+        });
+    };
+    let version = match precision {
+        Precision::F32 => r.model.clone(),
+        other => format!("{}\0{other}", r.model),
+    };
+    let key = match (&r.choose, &r.choose_after) {
+        (Some(c), _) => answer_key(
+            &version,
+            &c.cache_messages(&r.messages, "choice-p"),
+            1,
+            &Sampling::greedy(),
+        ),
+        (None, Some(c)) => answer_key(
+            &version,
+            &c.cache_messages(&r.messages, "choice-after-p"),
+            r.max_new_tokens,
+            &r.sampling,
+        ),
+        (None, None) => answer_key(&version, &r.messages, r.max_new_tokens, &r.sampling),
+    };
+    match cache.get(key) {
+        Some(hit) => {
+            stats.add(
+                &r.model,
+                VersionStats {
+                    requests: 1,
+                    cache_hits: 1,
+                    ..VersionStats::default()
+                },
+            );
+            let (choice, choice_probs, text) = if r.choose.is_some() || r.choose_after.is_some() {
+                unpack_choice(&hit.text)
+            } else {
+                (None, None, hit.text.clone())
+            };
+            Reply {
+                request: r,
+                result: Ok(text),
+                choice,
+                choice_probs,
+                prompt_tokens: hit.prompt_tokens,
+                new_tokens: hit.new_tokens,
+            }
+            .send();
+            None
+        }
+        None => Some(Pending {
+            request: r,
+            key: Some(key),
+        }),
+    }
+}

@@ -1,0 +1,111 @@
+//! What flows between the operators and the server: requests, forced choices, answers, and the
+//! commands of the server's channel.
+
+use super::ServeError;
+use crate::model::chat::Message;
+use crate::model::sampling::Sampling;
+use crate::model::tokenizer::Tokenizer;
+use crossbeam_channel::Sender;
+use std::path::PathBuf;
+use timely::scheduling::SyncActivator;
+
+/// One generation request.
+pub struct GenRequest {
+    /// The caller's id for this request, returned with the answer.
+    pub ticket: u64,
+    /// The model version to use (as loaded with [`ModelServer::load`]).
+    pub model: String,
+    /// The conversation, rendered with the model's chat template.
+    pub messages: Vec<Message>,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Sampling (seed included: the same request gives the same answer on any process).
+    pub sampling: Sampling,
+    /// Where the answer goes.
+    pub reply: Sender<GenAnswer>,
+    /// Woken when the answer is sent.
+    pub wake: Option<SyncActivator>,
+    /// Instead of generating, pick one of a few one-token answers (see [`Choice`]).
+    pub choose: Option<Choice>,
+    /// Generate, then make this choice right after the answer, from the answer's own KV cache
+    /// ([`GenAnswer::choice`]): the choice of [`GenRequest::choose`] at the cost of a few
+    /// decode steps instead of a second prefill of the whole conversation.
+    pub choose_after: Option<Choice>,
+}
+
+/// A forced choice: the prompt is the conversation with the assistant's turn opened and `prefill`
+/// written into it; the answer is whichever of `options` (each one token) the model finds most
+/// likely next. One forward pass, no sampling: how a rating is read from a model too small to
+/// write its own `Score: N` line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    /// Text the assistant's turn starts with (e.g. its own reasoning, then `Score: `).
+    pub prefill: String,
+    /// The answers to pick from, each exactly one token (e.g. `1`..`5`).
+    pub options: Vec<String>,
+}
+
+impl Choice {
+    /// The conversation the answer cache keys this choice by: the request's, plus `tag`, the
+    /// prefill and the options as a last turn no chat could contain (NUL-separated).
+    pub(super) fn cache_messages(&self, messages: &[Message], tag: &str) -> Vec<Message> {
+        let mut m = messages.to_vec();
+        m.push(Message::assistant(format!(
+            "\u{0}{tag}\u{0}{}\u{0}{}",
+            self.prefill,
+            self.options.join("\u{0}")
+        )));
+        m
+    }
+
+    /// The option ids, each exactly one token, or why not.
+    pub(super) fn option_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, String> {
+        self.options
+            .iter()
+            .map(|o| match tokenizer.encode(o, false).as_slice() {
+                [id] if !o.contains('\u{0}') => Ok(*id),
+                [_] => Err(format!("choice option {o:?} contains NUL")),
+                other => Err(format!(
+                    "choice option {o:?} is {} tokens, not one",
+                    other.len()
+                )),
+            })
+            .collect()
+    }
+}
+
+/// The answer to one [`GenRequest`].
+#[derive(Clone, Debug)]
+pub struct GenAnswer {
+    /// The request's ticket.
+    pub ticket: u64,
+    /// The generated text, or why there is none.
+    pub result: Result<String, String>,
+    /// With [`GenRequest::choose_after`]: the option picked after the answer (`None` when the
+    /// context had no room for the choice, or not asked); with [`GenRequest::choose`], the
+    /// option picked (also the `result`).
+    pub choice: Option<String>,
+    /// With `choice`: each option's probability, in the order of [`Choice::options`], under
+    /// the model's whole next-token distribution (the probability-weighted scores of G-Eval
+    /// and a judge's verdict probabilities are read from these).
+    pub choice_probs: Option<Vec<f32>>,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub new_tokens: usize,
+}
+
+/// What clients send the server thread.
+pub(super) enum Command {
+    /// Load a checkpoint as a version.
+    Load {
+        /// The version.
+        version: String,
+        /// The checkpoint.
+        path: PathBuf,
+        /// Told when it is loaded, or why not.
+        done: Sender<Result<(), ServeError>>,
+    },
+    /// Answer a request.
+    Generate(GenRequest),
+}

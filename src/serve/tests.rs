@@ -1,0 +1,395 @@
+//! The server on the real model: batching, caching, choices, failures.
+
+use super::*;
+use crate::model::chat::{ChatTemplate, Message};
+use crate::model::device::{default_device, DefaultBackend};
+use crate::model::sampling::Sampling;
+use std::time::Instant;
+
+/// The real SmolLM2-135M-Instruct GGUF, or `None` (with a message) when it is not cached.
+fn model_path() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home).join(".cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (scripts/fetch-assets.sh fetches it)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// Sends every conversation at once (so they can share a batch) and waits for the answers,
+/// returned in the order asked.
+fn ask(
+    client: &ModelClient,
+    version: &str,
+    conversations: &[Vec<Message>],
+    max_new_tokens: usize,
+) -> Vec<GenAnswer> {
+    round_trip(client, conversations.len(), |ticket, reply| GenRequest {
+        choose: None,
+        choose_after: None,
+        ticket,
+        model: version.to_owned(),
+        messages: conversations[ticket as usize].clone(),
+        max_new_tokens,
+        sampling: Sampling::greedy(),
+        reply,
+        wake: None,
+    })
+}
+
+/// Sends `n` requests made by `make(ticket, reply)` (tickets 0..n) and returns every
+/// answer, in ticket order.
+fn round_trip(
+    client: &ModelClient,
+    n: usize,
+    make: impl Fn(u64, Sender<GenAnswer>) -> GenRequest,
+) -> Vec<GenAnswer> {
+    let (reply, answers) = crossbeam_channel::unbounded();
+    for ticket in 0..n as u64 {
+        client.send(make(ticket, reply.clone())).expect("send");
+    }
+    let mut out: Vec<GenAnswer> = (0..n)
+        .map(|_| {
+            answers
+                .recv_timeout(Duration::from_secs(600))
+                .expect("an answer")
+        })
+        .collect();
+    out.sort_by_key(|a| a.ticket);
+    out
+}
+
+fn question() -> Vec<Message> {
+    vec![Message::user("What is the capital of France?")]
+}
+
+#[test]
+fn serve_unloaded_version_is_an_error_counted_per_version_and_not_cached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("answers.bin");
+    {
+        let server = ModelServer::try_start(ServerConfig {
+            cache: Some(path.clone()),
+            ..ServerConfig::default()
+        })
+        .expect("start");
+        let client = server.client().expect("client");
+        let a = ask(&client, "nope", &[question(), question()], 4);
+        assert!(a.iter().all(|a| a.result.is_err()), "{a:?}");
+        let v = server.stats().version("nope");
+        assert_eq!(
+            (v.requests, v.errors, v.cache_hits, v.batches),
+            (2, 2, 0, 0)
+        );
+        assert_eq!(server.stats().errors.load(Ordering::Relaxed), 2);
+        assert_eq!(server.stats().version("other"), VersionStats::default());
+        let snap = server.stats().snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].0, "nope");
+        // A failed load is reported, and does not make the version loaded.
+        let missing = dir.path().join("missing.gguf");
+        assert!(matches!(
+            client.load("nope", &missing),
+            Err(ServeError::Load { .. })
+        ));
+    }
+    let cache = AnswerCache::open(&path).expect("reopen");
+    assert_eq!(cache.loaded(), 0, "errors are not cached");
+}
+
+#[test]
+fn serve_foreign_cache_file_fails_try_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("not-a-cache.txt");
+    std::fs::write(&path, "hello, this is a text file\n").expect("write");
+    let result = ModelServer::try_start(ServerConfig {
+        cache: Some(path.clone()),
+        ..ServerConfig::default()
+    });
+    assert!(matches!(result, Err(ServeError::Cache(_))));
+    // `start` goes on without the cache and leaves the file alone.
+    let server = ModelServer::start(ServerConfig {
+        cache: Some(path.clone()),
+        ..ServerConfig::default()
+    });
+    assert!(server.client().is_ok());
+    drop(server);
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("read"),
+        "hello, this is a text file\n"
+    );
+}
+
+#[test]
+fn serve_loading_a_loaded_version_again_is_a_no_op() {
+    let Some(model) = model_path() else { return };
+    let server = ModelServer::start(ServerConfig::default());
+    server.load("v0", &model).expect("load");
+    let client = server.client().expect("client");
+    // Several workers asking for the same version at once: all succeed.
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, model) = (client.clone(), model.clone());
+            std::thread::spawn(move || client.load("v0", &model))
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("join").expect("load again");
+    }
+    // Already loaded, the path is not even read.
+    let t0 = Instant::now();
+    client
+        .load("v0", Path::new("/nonexistent/model.gguf"))
+        .expect("no-op load");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // A new version is loaded for real, so a bad path fails.
+    assert!(matches!(
+        client.load("v1", Path::new("/nonexistent/model.gguf")),
+        Err(ServeError::Load { .. })
+    ));
+    let a = ask(&client, "v0", &[question()], 4);
+    assert!(a[0].result.is_ok(), "{a:?}");
+}
+
+#[test]
+fn serve_answers_repeated_requests_from_the_cache_across_restarts() {
+    let Some(model) = model_path() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("_cache/answers-p000.bin");
+    let config = ServerConfig {
+        cache: Some(path.clone()),
+        ..ServerConfig::default()
+    };
+    let first = {
+        let server = ModelServer::try_start(config.clone()).expect("start");
+        let client = server.client().expect("client");
+        // Before the model is there: an error, which must not be cached.
+        assert!(ask(&client, "v0", &[question()], 6)[0].result.is_err());
+        server.load("v0", &model).expect("load");
+        let a = ask(&client, "v0", &[question()], 6).remove(0);
+        let text = a.result.clone().expect("generated");
+        assert!(a.new_tokens > 0 && a.prompt_tokens > 0, "{a:?}");
+        let stats = server.stats();
+        let generated = stats.new_tokens.load(Ordering::Relaxed);
+        assert_eq!(generated, a.new_tokens as u64);
+        let b = ask(&client, "v0", &[question()], 6).remove(0);
+        assert_eq!(b.result.as_deref(), Ok(text.as_str()));
+        assert_eq!(
+            (b.prompt_tokens, b.new_tokens),
+            (a.prompt_tokens, a.new_tokens)
+        );
+        assert_eq!(stats.cache_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.new_tokens.load(Ordering::Relaxed),
+            generated,
+            "no generation"
+        );
+        let v = stats.version("v0");
+        assert_eq!(
+            (v.requests, v.cache_hits, v.errors, v.batches),
+            (3, 1, 1, 1)
+        );
+        // Another length is another answer.
+        let c = ask(&client, "v0", &[question()], 3).remove(0);
+        assert!(c.result.is_ok());
+        assert_eq!(stats.version("v0").cache_hits, 1);
+        text
+    };
+    // A fresh server on the same file: answered without generating, model loaded or not.
+    let server = ModelServer::try_start(config.clone()).expect("restart");
+    assert_eq!(server.stats().cache_loaded.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        server.stats().cache_dropped_bytes.load(Ordering::Relaxed),
+        0
+    );
+    let client = server.client().expect("client");
+    let again = ask(&client, "v0", &[question()], 6).remove(0);
+    assert_eq!(again.result.as_deref(), Ok(first.as_str()));
+    server.load("v0", &model).expect("load");
+    let again = ask(&client, "v0", &[question()], 6).remove(0);
+    assert_eq!(again.result.as_deref(), Ok(first.as_str()));
+    let stats = server.stats();
+    assert_eq!(stats.new_tokens.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.batches.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.version("v0").cache_hits, 2);
+    drop(client);
+    drop(server);
+    // The same file, the model in bf16: its answers are its own, not the f32 ones.
+    let server = ModelServer::try_start(ServerConfig {
+        precision: Precision::Bf16,
+        ..config
+    })
+    .expect("restart in bf16");
+    server.load("v0", &model).expect("load bf16");
+    let client = server.client().expect("client");
+    assert!(ask(&client, "v0", &[question()], 6)[0].result.is_ok());
+    let stats = server.stats();
+    assert_eq!(stats.version("v0").cache_hits, 0, "no f32 answer served");
+    assert!(
+        stats.new_tokens.load(Ordering::Relaxed) > 0,
+        "generated in bf16"
+    );
+}
+
+#[test]
+fn serve_forced_choice_picks_the_most_likely_option() {
+    let Some(model) = model_path() else { return };
+    let server = ModelServer::try_start(ServerConfig::default()).expect("start");
+    server.load("v0", &model).expect("load");
+    let client = server.client().expect("client");
+    let messages = vec![Message::user(
+        "Rate this answer from 1 to 5. Question: What is 2+2? Answer: 4.",
+    )];
+    let prefill = "The answer is correct and short.\nScore: ".to_owned();
+    let digits: Vec<String> = (1..=5).map(|d| d.to_string()).collect();
+    let options = [digits.clone(), vec!["1".into(), "twelve".into()]];
+    let got = round_trip(&client, 2, |ticket, reply| GenRequest {
+        ticket,
+        model: "v0".into(),
+        messages: messages.clone(),
+        max_new_tokens: 1,
+        sampling: Sampling::greedy(),
+        reply,
+        wake: None,
+        choose: Some(Choice {
+            prefill: prefill.clone(),
+            options: options[ticket as usize].clone(),
+        }),
+        choose_after: None,
+    });
+    // Reference: the model's own forward pass, batch 1, a fresh cache, no generator.
+    let device = default_device();
+    let ck = crate::model::load_checkpoint::<DefaultBackend>(&model, &device, Precision::F32)
+        .expect("load");
+    let tokenizer = ck.tokenizer.load().expect("tokenizer");
+    let template = ChatTemplate::for_tokenizer(&tokenizer).expect("template");
+    let mut ids = template.encode(&tokenizer, &messages, true);
+    ids.extend(tokenizer.encode(&prefill, false));
+    let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
+    let mut cache = ck.model.new_cache(1, ids.len());
+    let logits: Vec<f32> = ck
+        .model
+        .forward(&tokens, ids.len(), &mut cache)
+        .expect("forward")
+        .into_data()
+        .to_vec()
+        .expect("f32");
+    let vocab = ck.model.config().vocab;
+    let last = &logits[logits.len() - vocab..];
+    let best = digits
+        .iter()
+        .max_by(|a, b| {
+            let l = |d: &String| last[tokenizer.encode(d, false)[0] as usize];
+            l(a).total_cmp(&l(b))
+        })
+        .expect("options");
+    assert_eq!(got[0].result.as_deref(), Ok(best.as_str()));
+    assert_eq!(got[0].new_tokens, 1);
+    let err = got[1]
+        .result
+        .clone()
+        .expect_err("a multi-token option is refused");
+    assert!(err.contains("twelve"), "{err}");
+}
+
+#[test]
+fn serve_prefix_cache_off_gives_the_same_greedy_answers() {
+    let Some(model) = model_path() else { return };
+    // A long shared system turn (well over the generator's 32-token threshold), then
+    // different questions: the batch's common prefix is what the prefix cache keeps.
+    let system = "You are a careful assistant for the Python documentation. Answer in one \
+                  short sentence, name the module or function involved, and never invent \
+                  an API that does not exist in the standard library of Python 3.11.";
+    let conversations: Vec<Vec<Message>> = [
+        "How do I read a file line by line?",
+        "How do I sort a list of dictionaries by a key?",
+        "What does the with statement do?",
+    ]
+    .iter()
+    .map(|q| vec![Message::system(system), Message::user(*q)])
+    .collect();
+    let answers = |prefix_cache: bool| -> (Vec<String>, VersionStats) {
+        let server = ModelServer::start(ServerConfig {
+            prefix_cache,
+            ..ServerConfig::default()
+        });
+        server.load("v0", &model).expect("load");
+        let client = server.client().expect("client");
+        let texts = ask(&client, "v0", &conversations, 12)
+            .into_iter()
+            .map(|a| a.result.expect("generated"))
+            .collect();
+        (texts, server.stats().version("v0"))
+    };
+    let (with, with_stats) = answers(true);
+    let (without, without_stats) = answers(false);
+    assert!(with.iter().all(|t| !t.is_empty()), "{with:?}");
+    assert_eq!(with, without);
+    // The comparison means something only if the prefix was shared in one case and not in
+    // the other.
+    assert_eq!(with_stats.batches, 1, "the three prompts share one batch");
+    assert_eq!(with_stats.prompt_tokens, without_stats.prompt_tokens);
+    assert_eq!(without_stats.prefill_tokens, without_stats.prompt_tokens);
+    assert!(
+        with_stats.prefill_tokens + 2 * 32 <= with_stats.prompt_tokens,
+        "prefix cache on: {with_stats:?}"
+    );
+}
+
+#[test]
+fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
+    let Some(model) = model_path() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ServerConfig {
+        cache: Some(dir.path().join("answers.bin")),
+        ..ServerConfig::default()
+    };
+    let digits: Vec<String> = (1..=5).map(|d| d.to_string()).collect();
+    // Ticket 0 generates; ticket 1 generates the same, then chooses among `options`.
+    let send = |client: &ModelClient, options: &[String]| -> Vec<GenAnswer> {
+        round_trip(client, 2, |ticket, reply| GenRequest {
+            ticket,
+            model: "v0".into(),
+            messages: question(),
+            max_new_tokens: 8,
+            sampling: Sampling::greedy(),
+            reply,
+            wake: None,
+            choose: None,
+            choose_after: (ticket == 1).then(|| Choice {
+                prefill: "\nScore: ".into(),
+                options: options.to_vec(),
+            }),
+        })
+    };
+    let first = {
+        let server = ModelServer::try_start(config.clone()).expect("start");
+        server.load("v0", &model).expect("load");
+        let client = server.client().expect("client");
+        let got = send(&client, &digits);
+        // The answer is the plain request's; the choice one of the options.
+        assert_eq!(got[1].result, got[0].result);
+        assert_eq!(got[0].choice, None);
+        let choice = got[1].choice.clone().expect("a choice");
+        assert!(digits.contains(&choice), "{choice}");
+        // An option that is not one token fails the request, clearly.
+        let bad = send(&client, &["1".into(), "twelve".into()]);
+        let err = bad[1].result.clone().expect_err("refused");
+        assert!(err.contains("twelve"), "{err}");
+        got[1].clone()
+    };
+    // A fresh server on the same file: text and choice from the cache, no model needed.
+    let server = ModelServer::try_start(config).expect("restart");
+    let client = server.client().expect("client");
+    let again = send(&client, &digits);
+    assert_eq!(
+        (&again[1].result, &again[1].choice),
+        (&first.result, &first.choice)
+    );
+    assert_eq!(server.stats().batches.load(Ordering::Relaxed), 0);
+}
