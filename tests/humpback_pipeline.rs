@@ -297,7 +297,10 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = corpus(tmp.path(), &pages);
+    corpus(tmp.path(), &pages);
+    // The corpus by a relative path from the temporary folder: passage ids hash the input's
+    // path, so they, and which process each passage goes to, are the same in every run.
+    let corpus = Path::new("corpus");
     let one = tmp.path().join("one");
     // Every forward model evaluated on 4 seed pairs held out of training, judged against M_0 by
     // the same small model (the flags of both runs, so their trainings match).
@@ -305,7 +308,8 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
         cmd.args(["--eval-holdout", "4", "--eval-max-tokens", "8", "--judge"])
             .arg(&model);
     };
-    let mut cmd = humpback(&model, &seed, &corpus, &one);
+    let mut cmd = humpback(&model, &seed, corpus, &one);
+    cmd.current_dir(tmp.path());
     evaluated(&mut cmd);
     run_ok(&mut cmd);
     check_accounting(&one);
@@ -335,7 +339,8 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
     .unwrap();
     let children: Vec<_> = (0..2)
         .map(|p| {
-            let mut cmd = humpback(&model, &seed, &corpus, &two);
+            let mut cmd = humpback(&model, &seed, corpus, &two);
+            cmd.current_dir(tmp.path());
             evaluated(&mut cmd);
             cmd.args(["-w", "1", "-n", "2", "-p", &p.to_string(), "-h"])
                 .arg(&hostfile)
