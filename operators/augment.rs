@@ -90,7 +90,7 @@ pub fn augment<'s>(
                     None
                 }
                 Some(Err(e)) => {
-                    stats.borrow_mut().drop(failure(e));
+                    stats.borrow_mut().drop(failure(e.to_string()));
                     None
                 }
                 None => {

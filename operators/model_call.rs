@@ -7,7 +7,7 @@
 use super::Time;
 use crate::model::chat::Message;
 use crate::model::sampling::Sampling;
-use crate::serve::{Choice, GenAnswer, GenRequest, ModelClient};
+use crate::serve::{Choice, GenAnswer, GenError, GenRequest, ModelClient};
 use std::collections::{HashMap, VecDeque};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
@@ -125,10 +125,11 @@ where
                         choose: a.choose.clone(),
                         choose_after: a.choose_after.clone(),
                     };
-                    if let Err(e) = client.send(request) {
+                    // The only way a send fails: the server is gone.
+                    if client.send(request).is_err() {
                         failed.push(GenAnswer {
                             ticket,
-                            result: Err(e.to_string()),
+                            result: Err(GenError::Stopped),
                             choice: None,
                             choice_probs: None,
                             prompt_tokens: 0,
@@ -183,7 +184,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(3));
             let q = &r.messages[0].content;
             if q == "7.0" {
-                Err("the model failed".into())
+                Err(GenError::Model("out of memory".into()))
             } else {
                 Ok(format!("re {q}"))
             }
@@ -223,7 +224,7 @@ mod tests {
             rs.map(|r| {
                 let texts = (0..r % 3)
                     .map(|i| match (r, i) {
-                        (7, 0) => "error: the model failed".to_owned(),
+                        (7, 0) => "error: the model failed: out of memory".to_owned(),
                         _ => format!("re {r}.{i}"),
                     })
                     .collect();

@@ -156,9 +156,7 @@ pub fn read_samples(answers: Vec<GenAnswer>) -> Vec<RatingSample> {
             }
             Err(e) => RatingSample {
                 raw: String::new(),
-                score: Err(crate::humpback::score::ScoreError::NotANumber(format!(
-                    "model error: {e}"
-                ))),
+                score: Err(crate::humpback::score::ScoreError::ModelError(e.to_string())),
                 forced: None,
                 forced_probs: None,
             },

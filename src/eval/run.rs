@@ -672,7 +672,7 @@ pub fn judge_entry(
                         probs.push(Some(p.clone()));
                     }
                     (Err(e), _) => {
-                        j.error = Some(VerdictError::Model(e.clone()));
+                        j.error = Some(VerdictError::Model(e.to_string()));
                         probs.push(None);
                     }
                     (Ok(_), None) => {
@@ -723,7 +723,7 @@ pub fn judge_entry(
                         j.raw = Some(raw.clone());
                     }
                     Err(e) => {
-                        j.error = Some(VerdictError::Model(e.clone()));
+                        j.error = Some(VerdictError::Model(e.to_string()));
                         verdicts.push(None);
                     }
                 }

@@ -16,6 +16,8 @@ pub enum ScoreError {
     NotANumber(String),
     /// A number outside 1..=5 (e.g. "Score: 10").
     OutOfRange(String),
+    /// The model gave no answer to read (the server's error).
+    ModelError(String),
 }
 
 impl ScoreError {
@@ -25,6 +27,7 @@ impl ScoreError {
             ScoreError::NoScore => "no_score",
             ScoreError::NotANumber(_) => "not_a_number",
             ScoreError::OutOfRange(_) => "out_of_range",
+            ScoreError::ModelError(_) => "model_error",
         }
     }
 
@@ -32,7 +35,9 @@ impl ScoreError {
     pub fn detail(&self) -> Option<&str> {
         match self {
             ScoreError::NoScore => None,
-            ScoreError::NotANumber(s) | ScoreError::OutOfRange(s) => Some(s),
+            ScoreError::NotANumber(s) | ScoreError::OutOfRange(s) | ScoreError::ModelError(s) => {
+                Some(s)
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use super::batcher::Pending;
 use super::cache::{pack_choice, AnswerCache, AnswerKey, CachedAnswer};
-use super::protocol::{GenAnswer, GenRequest};
+use super::protocol::{GenAnswer, GenError, GenRequest};
 use super::stats::{ServerStats, VersionStats};
 use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
@@ -74,7 +74,7 @@ pub(super) fn run_batches(
                 },
             );
             for p in group {
-                Reply::failed(p.request, format!("model version {version} is not loaded")).send();
+                Reply::failed(p.request, GenError::NotLoaded(version.clone())).send();
             }
             continue;
         };
@@ -166,7 +166,7 @@ pub(super) fn run_batches(
                     }
                     replies
                 }
-                Err(e) => fail_all(&mut d, chunk, &e.to_string()),
+                Err(e) => fail_all(&mut d, chunk, GenError::Model(e.to_string())),
             };
             stats.add(&version, d);
             for reply in replies {
@@ -179,7 +179,7 @@ pub(super) fn run_batches(
 /// An answer on its way back.
 pub(super) struct Reply {
     pub(super) request: GenRequest,
-    pub(super) result: Result<String, String>,
+    pub(super) result: Result<String, GenError>,
     pub(super) choice: Option<String>,
     pub(super) choice_probs: Option<Vec<f32>>,
     pub(super) prompt_tokens: usize,
@@ -188,10 +188,10 @@ pub(super) struct Reply {
 
 impl Reply {
     /// A failure, with no tokens counted.
-    pub(super) fn failed(request: GenRequest, message: String) -> Self {
+    pub(super) fn failed(request: GenRequest, error: GenError) -> Self {
         Reply {
             request,
-            result: Err(message),
+            result: Err(error),
             choice: None,
             choice_probs: None,
             prompt_tokens: 0,
@@ -238,11 +238,11 @@ fn batch_stats<B: burn::tensor::backend::Backend>(
 }
 
 /// A model batch that failed: every request of it gets `message`, counted as an error.
-fn fail_all(d: &mut VersionStats, chunk: Vec<Pending>, message: &str) -> Vec<Reply> {
+fn fail_all(d: &mut VersionStats, chunk: Vec<Pending>, error: GenError) -> Vec<Reply> {
     d.errors = chunk.len() as u64;
     chunk
         .into_iter()
-        .map(|p| Reply::failed(p.request, message.to_owned()))
+        .map(|p| Reply::failed(p.request, error.clone()))
         .collect()
 }
 
@@ -308,7 +308,7 @@ fn run_choices(
                             let c = p.request.choose.as_ref()?;
                             Some((c.options.get(i)?.clone(), probs))
                         })
-                        .ok_or_else(|| "no option to choose from".to_owned())
+                        .ok_or(GenError::NoOption)
                 });
                 match picked {
                     Ok((text, probs)) => replies.push(settle(
@@ -338,7 +338,7 @@ fn run_choices(
                 cache.flush();
             }
         }
-        Err(e) => replies = fail_all(&mut d, chunk, &e.to_string()),
+        Err(e) => replies = fail_all(&mut d, chunk, GenError::Model(e.to_string())),
     }
     stats.add(version, d);
     for reply in replies {

@@ -19,7 +19,7 @@ mod execute;
 mod protocol;
 mod stats;
 
-pub use protocol::{Choice, GenAnswer, GenRequest};
+pub use protocol::{Choice, GenAnswer, GenError, GenRequest};
 pub use stats::{ServerStats, VersionStats};
 
 use crate::model::device::Precision;
@@ -129,7 +129,7 @@ impl ModelClient {
     /// A client whose requests `answer` answers on a thread of its own instead of a model (every
     /// load succeeds): for operator tests, which check what an operator does with answers.
     pub(crate) fn answering(
-        answer: impl Fn(&GenRequest) -> Result<String, String> + Send + 'static,
+        answer: impl Fn(&GenRequest) -> Result<String, GenError> + Send + 'static,
     ) -> ModelClient {
         let (tx, rx) = crossbeam_channel::unbounded::<Command>();
         std::thread::spawn(move || {

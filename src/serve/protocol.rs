@@ -59,19 +59,41 @@ impl Choice {
     }
 
     /// The option ids, each exactly one token, or why not.
-    pub(super) fn option_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, String> {
+    pub(super) fn option_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, GenError> {
         self.options
             .iter()
             .map(|o| match tokenizer.encode(o, false).as_slice() {
                 [id] if !o.contains('\u{0}') => Ok(*id),
-                [_] => Err(format!("choice option {o:?} contains NUL")),
-                other => Err(format!(
+                [_] => Err(GenError::BadChoice(format!(
+                    "choice option {o:?} contains NUL"
+                ))),
+                other => Err(GenError::BadChoice(format!(
                     "choice option {o:?} is {} tokens, not one",
                     other.len()
-                )),
+                ))),
             })
             .collect()
     }
+}
+
+/// Why a request got no answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GenError {
+    /// The server thread is gone.
+    #[error("the model server has stopped")]
+    Stopped,
+    /// The request named a version the server has not loaded.
+    #[error("model version {0} is not loaded")]
+    NotLoaded(String),
+    /// A choice that is not well defined: an option that is not exactly one token.
+    #[error("{0}")]
+    BadChoice(String),
+    /// The choice had no option to pick.
+    #[error("no option to choose from")]
+    NoOption,
+    /// The model failed on the batch (its error, as text: model errors are not `Clone`).
+    #[error("the model failed: {0}")]
+    Model(String),
 }
 
 /// The answer to one [`GenRequest`].
@@ -80,7 +102,7 @@ pub struct GenAnswer {
     /// The request's ticket.
     pub ticket: u64,
     /// The generated text, or why there is none.
-    pub result: Result<String, String>,
+    pub result: Result<String, GenError>,
     /// With [`GenRequest::choose_after`]: the option picked after the answer (`None` when the
     /// context had no room for the choice, or not asked); with [`GenRequest::choose`], the
     /// option picked (also the `result`).

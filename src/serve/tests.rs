@@ -293,7 +293,8 @@ fn serve_forced_choice_picks_the_most_likely_option() {
     let err = got[1]
         .result
         .clone()
-        .expect_err("a multi-token option is refused");
+        .expect_err("a multi-token option is refused")
+        .to_string();
     assert!(err.contains("twelve"), "{err}");
 }
 
@@ -379,7 +380,7 @@ fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
         assert!(digits.contains(&choice), "{choice}");
         // An option that is not one token fails the request, clearly.
         let bad = send(&client, &["1".into(), "twelve".into()]);
-        let err = bad[1].result.clone().expect_err("refused");
+        let err = bad[1].result.clone().expect_err("refused").to_string();
         assert!(err.contains("twelve"), "{err}");
         got[1].clone()
     };
