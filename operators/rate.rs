@@ -156,7 +156,9 @@ pub fn read_samples(answers: Vec<GenAnswer>) -> Vec<RatingSample> {
             }
             Err(e) => RatingSample {
                 raw: String::new(),
-                score: Err(crate::humpback::score::ScoreError::ModelError(e.to_string())),
+                score: Err(crate::humpback::score::ScoreError::ModelError(
+                    e.to_string(),
+                )),
                 forced: None,
                 forced_probs: None,
             },

@@ -62,10 +62,7 @@ pub fn run_job_with(
             )));
         }
         // Resuming another job's checkpoint would silently mix two trainings.
-        if let Some(fp) = read_meta(&job.out)
-            .as_ref()
-            .and_then(|m| m["job_fingerprint"].as_str())
-        {
+        if let Some(fp) = read_meta(&job.out).and_then(|m| m.job_fingerprint) {
             if fp != fingerprint {
                 return Err(TrainError::Config(format!(
                     "resume: the checkpoint in {} was written by a different job (data, base or knobs changed)",
@@ -405,8 +402,10 @@ mod tests {
         )
     }
 
+    /// `backflow.json` as written, every field.
     fn meta(out: &Path) -> Value {
-        read_meta(out).expect("backflow.json")
+        let text = std::fs::read_to_string(out.join(checkpoint::META)).expect("backflow.json");
+        serde_json::from_str(&text).expect("JSON")
     }
 
     fn close(a: f64, b: f64) -> bool {

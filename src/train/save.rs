@@ -25,8 +25,44 @@ pub(super) fn weights_file(mode: &TrainMode) -> &'static str {
     }
 }
 
+/// What reuse and resume read of a checkpoint's `backflow.json` (written by [`Saver::save`]);
+/// every field has a default, so a file of an older version, or one cut short, reads as "not
+/// finished" rather than failing.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct CheckpointMeta {
+    /// Content hash of the weights.
+    pub version: Option<String>,
+    /// The fingerprint of the job that wrote it.
+    pub job_fingerprint: Option<String>,
+    /// Whether the job ran to its end.
+    pub finished: bool,
+    /// Optimizer steps.
+    pub step: usize,
+    /// Training tokens per second (finished jobs).
+    pub tokens_per_sec: Option<f64>,
+    /// Wall seconds of the run (finished jobs).
+    pub train_secs: Option<f64>,
+    /// Examples trained on.
+    pub examples: usize,
+    /// The data pipeline's counts.
+    pub data_stats: Option<DataStats>,
+    /// Held-out losses (finished jobs).
+    pub eval: Option<MetaEval>,
+}
+
+/// The held-out losses of a finished checkpoint.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct MetaEval {
+    /// Loss per output token before training.
+    pub loss_before: Option<f64>,
+    /// Loss per output token after training.
+    pub loss_after: Option<f64>,
+}
+
 /// `backflow.json` of `out`, if readable.
-pub(super) fn read_meta(out: &Path) -> Option<Value> {
+pub(super) fn read_meta(out: &Path) -> Option<CheckpointMeta> {
     let text = std::fs::read_to_string(out.join(checkpoint::META)).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -40,10 +76,10 @@ pub(super) fn finished_outcome(
     let Some(meta) = read_meta(&job.out) else {
         return Ok(None);
     };
-    if meta["job_fingerprint"].as_str() != Some(fingerprint) || meta["finished"] != json!(true) {
+    if meta.job_fingerprint.as_deref() != Some(fingerprint) || !meta.finished {
         return Ok(None);
     }
-    let Some(version) = meta["version"].as_str() else {
+    let Some(version) = meta.version.as_deref() else {
         return Ok(None);
     };
     let wp = job.out.join(weights_file(&job.mode));
@@ -58,19 +94,23 @@ pub(super) fn finished_outcome(
         );
         return Ok(None);
     }
-    let data_stats: DataStats = serde_json::from_value(meta["data_stats"].clone())
-        .map_err(json_err("backflow.json data_stats"))?;
+    let Some(data_stats) = meta.data_stats.clone() else {
+        return Err(TrainError::Checkpoint(
+            "backflow.json of a finished checkpoint has no data_stats".into(),
+        ));
+    };
+    let eval = meta.eval.unwrap_or_default();
     Ok(Some(TrainOutcome {
         version: version.to_string(),
         out: job.out.clone(),
-        steps: meta["step"].as_u64().unwrap_or(0) as usize,
+        steps: meta.step,
         losses: read_losses(&job.out)?,
-        tokens_per_sec: meta["tokens_per_sec"].as_f64().unwrap_or(f64::NAN),
-        secs: meta["train_secs"].as_f64().unwrap_or(f64::NAN),
-        examples: meta["examples"].as_u64().unwrap_or(0) as usize,
+        tokens_per_sec: meta.tokens_per_sec.unwrap_or(f64::NAN),
+        secs: meta.train_secs.unwrap_or(f64::NAN),
+        examples: meta.examples,
         data_stats,
-        eval_before: meta["eval"]["loss_before"].as_f64(),
-        eval_after: meta["eval"]["loss_after"].as_f64(),
+        eval_before: eval.loss_before,
+        eval_after: eval.loss_after,
         reused: true,
     }))
 }
