@@ -20,11 +20,11 @@ use timely::dataflow::StreamVec;
 
 /// Where and under which name a worker writes.
 #[derive(Clone, Debug)]
-pub struct WriteTarget {
+pub struct WriteTarget<N> {
     /// The output folder.
     pub dir: PathBuf,
-    /// The file name prefix (`segment` for the segment pipeline).
-    pub prefix: String,
+    /// The file name of an epoch (`segment-e{epoch}` for the segment pipeline); unique per epoch.
+    pub name: N,
     /// This process's index (part of the file name).
     pub process: usize,
 }
@@ -91,16 +91,15 @@ pub fn keep<'s>(
 
 /// The operator: each epoch's passages (survivors of [`keep`]) as one JSONL file per worker.
 /// Emits one [`Written`] per epoch that had passages (the job's probe watches it).
-pub fn write<'s>(
+pub fn write<'s, N: Fn(Time) -> String + 'static>(
     passages: StreamVec<'s, Time, Passage>,
-    target: WriteTarget,
+    target: WriteTarget<N>,
     stats: WorkerStats,
     progress: Arc<Progress>,
 ) -> StreamVec<'s, Time, Written> {
-    let prefix = target.prefix.clone();
     let files = JsonlFiles {
         dir: target.dir,
-        name: move |t| format!("{prefix}-e{t:016x}"),
+        name: target.name,
         process: target.process,
         tally: Tally::Passages,
     };

@@ -74,8 +74,6 @@ pub struct IngestOptions {
     pub segment: SegmentOptions,
     /// Exact and near duplicates.
     pub dedup: DedupOptions,
-    /// At most this many input files in flight.
-    pub max_open_files: u64,
 }
 
 impl IngestFlags {
@@ -134,7 +132,6 @@ impl IngestFlags {
             extract: ExtractOptions::default(),
             segment,
             dedup,
-            max_open_files: self.max_open_files,
         })
     }
 }
@@ -144,7 +141,8 @@ impl IngestFlags {
 pub struct Ingest {
     /// The operators' options.
     pub options: IngestOptions,
-    /// The files to read and the folder to follow.
+    /// The files to read, the folder to follow, how many files at once
+    /// (`IngestFlags::max_open_files`).
     pub discover: DiscoverConfig,
     /// Passage files an earlier run of the same job wrote: dedup's history (a restarted
     /// `--follow` job never writes a passage twice).
@@ -165,11 +163,9 @@ pub fn ingest<'s>(
     progress: &Arc<Progress>,
 ) -> StreamVec<'s, Time, Passage> {
     let options = &ingest.options;
-    let mut discover_config = ingest.discover.clone();
-    discover_config.max_open_files = options.max_open_files;
     let items = discover(
         scope,
-        discover_config,
+        ingest.discover.clone(),
         probe.clone(),
         ingest.stop.clone(),
         on_file_done,

@@ -115,7 +115,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let started = Instant::now();
     let target = WriteTarget {
         dir: args.out.clone(),
-        prefix: "segment".into(),
+        name: |t: Time| format!("segment-e{t:016x}"),
         process: args.cluster.process,
     };
     let (workers, processes) = (args.cluster.workers, args.cluster.processes);

@@ -229,13 +229,7 @@ fn a_lost_peer_ends_the_job_cleanly_and_a_restart_goes_on() {
     let watch = tmp.path().join("watch");
     let out = tmp.path().join("out");
     std::fs::create_dir(&watch).unwrap();
-    let ports = free_ports(2);
-    let hostfile = tmp.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    let hostfile = localhost_hostfile(tmp.path(), 2);
     let start_both = || -> Vec<Child> {
         (0..2)
             .map(|p| {

@@ -354,12 +354,7 @@ fn bad_hostfile_or_missing_peer_fails_in_bounded_time() {
         }
     }
     // A good hostfile, but process 1 never starts.
-    let ports = free_ports(2);
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    let hostfile = localhost_hostfile(tmp.path(), 2);
     for p in ["0", "1"] {
         let mut child = backflow()
             .arg("segment")

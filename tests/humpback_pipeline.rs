@@ -327,16 +327,7 @@ fn the_loop_runs_end_to_end_and_two_processes_agree_with_one() {
 
     // Two processes on localhost, each with one worker, the same flags.
     let two = tmp.path().join("two");
-    let hostfile = tmp.path().join("hosts");
-    let ports = free_ports(2);
-    std::fs::write(
-        &hostfile,
-        ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let hostfile = localhost_hostfile(tmp.path(), 2);
     let children: Vec<_> = (0..2)
         .map(|p| {
             let mut cmd = humpback(&model, &seed, corpus, &two);
@@ -541,16 +532,7 @@ fn a_lost_peer_ends_the_loop_and_the_same_commands_go_on() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus(tmp.path(), &pages);
     let out = tmp.path().join("out");
-    let hostfile = tmp.path().join("hosts");
-    let ports = free_ports(2);
-    std::fs::write(
-        &hostfile,
-        ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let hostfile = localhost_hostfile(tmp.path(), 2);
     let start_both = || -> Vec<std::process::Child> {
         (0..2)
             .map(|p| {

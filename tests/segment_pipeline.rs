@@ -220,13 +220,7 @@ fn same_passages_from_one_two_workers_and_two_processes() {
     segment(&inputs, &two, &["-w", "2"]);
 
     let procs = tmp.path().join("n2");
-    let ports = free_ports(2);
-    let hostfile = tmp.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    let hostfile = localhost_hostfile(tmp.path(), 2);
     let children: Vec<_> = (0..2)
         .map(|p| {
             backflow()

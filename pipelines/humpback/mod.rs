@@ -35,9 +35,10 @@ use crate::operators::limit::limit;
 use crate::operators::rate::{rate, RateOptions};
 use crate::operators::rerate::rerate;
 use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig, SinkOutput};
+use crate::operators::write::{write, WriteTarget};
 use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
 use crate::operators::{Time, WorkerStats};
-use crate::output::{atomic_write, CandidateLine, CuratedLine, PassageLine, RatingLine};
+use crate::output::{atomic_write, CandidateLine, CuratedLine, RatingLine};
 use crate::progress::{Progress, Reporter};
 use crate::run_records::{HumpbackMetrics, RoundSummary, Step0Summary};
 use crate::serve::ModelServer;
@@ -56,7 +57,7 @@ use std::time::{Duration, Instant};
 use timely::dataflow::operators::capture::Event;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{
-    Capture, Concat, ConnectLoop, Exchange, Feedback, Inspect, Probe, ToStream,
+    Capture, Concat, ConnectLoop, Exchange, Feedback, Probe, ToStream,
 };
 use timely::dataflow::{ProbeHandle, StreamVec};
 
@@ -192,12 +193,12 @@ fn humpback<'s>(scope: timely::dataflow::Scope<'s, Time>, job: &Job, w: Worker) 
         passages = limit(passages, n, reached, stats.clone());
     }
     let passages = passages.exchange(|p| p.id);
-    let counted = stats.clone();
-    files
-        .write(&passages, Tally::Passages, |p, out| {
-            serde_json::to_writer(out, &PassageLine::from(p))
-        })
-        .inspect(move |(_, n)| counted.borrow_mut().passages_written += n);
+    let target = WriteTarget {
+        dir: job.out.clone(),
+        name: round_file_name("passages"),
+        process: job.process,
+    };
+    write(passages.clone(), target, stats.clone(), w.progress.clone()).probe_with(&w.done_probe);
 
     // Step 1, self-augmentation: M_yx writes an instruction for every passage.
     let passages = await_model(passages, updates.clone(), w.installer.clone());
@@ -210,7 +211,7 @@ fn humpback<'s>(scope: timely::dataflow::Scope<'s, Time>, job: &Job, w: Worker) 
         stats.clone(),
     );
     files
-        .write(&candidates, Tally::Rows("candidates"), |x, out| {
+        .write(&candidates, "candidates", |x, out| {
             serde_json::to_writer(out, &CandidateLine::from(x))
         })
         .probe_with(&w.ingest_probe);
@@ -218,12 +219,12 @@ fn humpback<'s>(scope: timely::dataflow::Scope<'s, Time>, job: &Job, w: Worker) 
     // Step 2, self-curation: the round's model rates every candidate; the best are kept.
     let jobs = rerate(candidates, updates, w.installer.clone());
     let ratings = rate(jobs, client.clone(), job.rate.clone(), stats.clone());
-    files.write(&ratings, Tally::Rows("ratings"), |x, out| {
+    files.write(&ratings, "ratings", |x, out| {
         serde_json::to_writer(out, &RatingLine::from(x))
     });
     let marks = ratings.clone().map(|r| RatingMark::of(&r));
     let curated = curate(ratings, job.curate.clone(), stats.clone());
-    files.write(&curated, Tally::Rows("curated"), |x, out| {
+    files.write(&curated, "curated", |x, out| {
         serde_json::to_writer(out, &CuratedLine::from(x))
     });
 
@@ -265,25 +266,27 @@ struct RoundFiles {
 }
 
 impl RoundFiles {
-    /// Writes `records`, each as the line `to_line` writes; returns `(epoch, rows)` per file.
+    /// Writes `records` of `kind` (counted under that name), each as the line `to_line` writes;
+    /// returns `(epoch, rows)` per file.
     fn write<'s, D: Clone + 'static>(
         &self,
         records: &StreamVec<'s, Time, D>,
-        tally: Tally,
+        kind: &'static str,
         to_line: impl Fn(&D, &mut dyn std::io::Write) -> serde_json::Result<()> + 'static,
     ) -> StreamVec<'s, Time, (Time, u64)> {
-        let kind = match tally {
-            Tally::Passages => "passages",
-            Tally::Rows(kind) => kind,
-        };
         let files = JsonlFiles {
             dir: self.out.clone(),
-            name: move |t: Time| format!("{kind}-r{:02}-e{t:016x}", round_of(t) + 1),
+            name: round_file_name(kind),
             process: self.process,
-            tally,
+            tally: Tally::Rows(kind),
         };
         write_jsonl(records.clone(), files, self.progress.clone(), to_line).probe_with(&self.done)
     }
+}
+
+/// The file name of an epoch's records of `kind`: `{kind}-r{round}-e{epoch}`.
+fn round_file_name(kind: &'static str) -> impl Fn(Time) -> String + Clone {
+    move |t| format!("{kind}-r{:02}-e{t:016x}", round_of(t) + 1)
 }
 
 /// Everything a worker needs to build its dataflow (cloned into every worker).

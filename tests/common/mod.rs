@@ -214,6 +214,17 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// `DIR/hosts`: a hostfile of `n` processes on this machine, each at a free port.
+pub fn localhost_hostfile(dir: &Path, n: usize) -> PathBuf {
+    let hostfile = dir.join("hosts");
+    let lines: String = free_ports(n)
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}\n"))
+        .collect();
+    std::fs::write(&hostfile, lines).unwrap();
+    hostfile
+}
+
 /// Ctrl-C for a running job: sends SIGINT and requires a clean exit (stderr, when piped, is in
 /// the failure message).
 pub fn interrupt(child: &mut Child) {
