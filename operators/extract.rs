@@ -44,14 +44,14 @@ pub fn extract_page(record: RawRecord, extractor: &Extractor) -> Result<Page, Dr
         record_id,
         body,
     } = record;
-    let ExtractedPage { title, blocks, .. } = match body {
+    let content = match body {
         Body::Html { bytes, charset } => {
             let decoded = charset::decode_html(&bytes, charset.as_deref());
             extractor.extract(&decoded.text)
         }
         Body::Text(text) => ExtractedPage::from_plain_text(&text),
     };
-    let has_text = blocks.iter().any(|b| match b {
+    let has_text = content.blocks.iter().any(|b| match b {
         Block::Text(t) => !t.trim().is_empty(),
         Block::Heading { .. } => false,
     });
@@ -67,7 +67,6 @@ pub fn extract_page(record: RawRecord, extractor: &Extractor) -> Result<Page, Dr
         origin,
         url,
         record_id,
-        title,
-        blocks,
+        content,
     })
 }

@@ -5,30 +5,12 @@
 //! time. At most `max_in_flight` records are in flight; the rest wait in order.
 
 use super::Time;
-use crate::model::chat::Message;
-use crate::model::sampling::Sampling;
-use crate::serve::{Choice, GenAnswer, GenError, GenRequest, ModelClient};
+pub use crate::serve::Ask;
+use crate::serve::{GenAnswer, GenError, GenRequest, ModelClient};
 use std::collections::{HashMap, VecDeque};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
-
-/// One request to make for a record.
-#[derive(Clone, Debug)]
-pub struct Ask {
-    /// Model version.
-    pub model: String,
-    /// The conversation.
-    pub messages: Vec<Message>,
-    /// Most new tokens.
-    pub max_new_tokens: usize,
-    /// Sampling, seed included.
-    pub sampling: Sampling,
-    /// A forced choice instead of generation.
-    pub choose: Option<Choice>,
-    /// A forced choice right after the generated answer, from its KV cache.
-    pub choose_after: Option<Choice>,
-}
 
 /// Most requests a record may fan out to (tickets encode the index in the low bits).
 const MAX_ASKS: u64 = 64;
@@ -116,14 +98,9 @@ where
                     let ticket = id * MAX_ASKS + i as u64;
                     let request = GenRequest {
                         ticket,
-                        model: a.model.clone(),
-                        messages: a.messages.clone(),
-                        max_new_tokens: a.max_new_tokens,
-                        sampling: a.sampling,
+                        ask: a.clone(),
                         reply: reply.clone(),
                         wake: Some(wake.clone()),
-                        choose: a.choose.clone(),
-                        choose_after: a.choose_after.clone(),
                     };
                     // The only way a send fails: the server is gone.
                     if client.send(request).is_err() {
@@ -158,6 +135,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::chat::Message;
+    use crate::model::sampling::Sampling;
     use timely::dataflow::operators::capture::Extract;
     use timely::dataflow::operators::vec::Input;
     use timely::dataflow::operators::{Capture, Probe};
@@ -182,7 +161,7 @@ mod tests {
     fn each_record_comes_out_once_at_its_time_with_its_answers_in_order() {
         let client = ModelClient::answering(|r| {
             std::thread::sleep(std::time::Duration::from_millis(3));
-            let q = &r.messages[0].content;
+            let q = &r.ask.messages[0].content;
             if q == "7.0" {
                 Err(GenError::Model("out of memory".into()))
             } else {

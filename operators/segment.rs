@@ -4,7 +4,6 @@
 use super::{Time, WorkerStats};
 use crate::records::{Origin, Page, Passage};
 use crate::stats::Drop;
-use crate::text::html::ExtractedPage;
 use crate::text::minhash::content_hash;
 use crate::text::segment::{SegmentOptions, Segmenter};
 use timely::dataflow::channels::pact::Pipeline;
@@ -38,14 +37,9 @@ pub fn segment_page(page: Page, segmenter: &Segmenter, stats: &WorkerStats) -> V
         origin,
         url,
         record_id,
-        title,
-        blocks,
+        content,
     } = page;
-    let outcome = segmenter.segment(&ExtractedPage {
-        title,
-        blocks,
-        flattened_depth: false,
-    });
+    let outcome = segmenter.segment(&content);
     let mut s = stats.borrow_mut();
     for (reason, detail) in outcome.drops {
         s.drop(Drop {

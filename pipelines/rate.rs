@@ -7,8 +7,7 @@
 //! ```
 
 use super::harness;
-use crate::cli::flags::{RatingFlags, ServerFlags};
-use crate::cluster::ClusterArgs;
+use crate::cli::flags::{JobFlags, RatingFlags, ServerFlags};
 use crate::operators::curate::curate;
 use crate::operators::rate::{rate, RateJob};
 use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
@@ -60,15 +59,9 @@ pub struct RateArgs {
     /// The model server (shared with `run humpback`).
     #[command(flatten)]
     pub server: ServerFlags,
-    /// Cluster flags (-w, -n, -p, -h).
+    /// The processes and threads of the job, and its output on the terminal.
     #[command(flatten)]
-    pub cluster: ClusterArgs,
-    /// No progress lines.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    pub help: Option<bool>,
+    pub job: JobFlags,
 }
 
 /// Entry point for `backflow run rate`.
@@ -78,7 +71,7 @@ pub fn main(argv: Vec<OsString>) -> Result<()> {
 
 /// Runs the job.
 pub fn run(args: RateArgs) -> Result<()> {
-    let config = args.cluster.timely_config()?;
+    let config = args.job.cluster.timely_config()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut data_stats = DataStats::default();
@@ -124,15 +117,16 @@ pub fn run(args: RateArgs) -> Result<()> {
     );
     let client = server.client()?;
     let progress = Arc::new(Progress::default());
-    let reporter = Reporter::start("rate", progress.clone(), 0, args.quiet);
+    let reporter = Reporter::start("rate", progress.clone(), 0, args.job.quiet);
     let started = Instant::now();
-    let (out, process, epoch_size) = (args.out.clone(), args.cluster.process, args.epoch_size);
+    let (out, process, epoch_size) = (args.out.clone(), args.job.cluster.process, args.epoch_size);
     let rate_options = args.rating.rate_options(0);
     let curate_options = args.rating.curate_options();
     let worker_progress = progress.clone();
     let stop = harness::stop_flag();
 
     let guards = args
+        .job
         .cluster
         .execute(config, move |worker| {
             let stats: WorkerStats = Rc::new(RefCell::new(Stats::default()));

@@ -6,7 +6,7 @@
 
 use super::harness;
 use super::ingest::{ingest, Ingest, IngestFlags};
-use crate::cluster::ClusterArgs;
+use crate::cli::flags::JobFlags;
 use crate::formats;
 use crate::operators::discover::{DiscoverConfig, WorkItem};
 use crate::operators::write::{write, WriteTarget};
@@ -42,18 +42,12 @@ pub struct SegmentArgs {
     /// starting with a dot) and rename them into place when complete.
     #[arg(long, value_name = "DIR")]
     pub follow: Option<PathBuf>,
-    /// Cluster flags (-w, -n, -p, -h).
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
     /// How dumps become passages (shared with `run humpback`).
     #[command(flatten)]
     pub ingest: IngestFlags,
-    /// No progress bar or progress lines.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    pub help: Option<bool>,
+    /// The processes and threads of the job, and its output on the terminal.
+    #[command(flatten)]
+    pub job: JobFlags,
 }
 
 /// Entry point for `backflow run segment`.
@@ -64,7 +58,7 @@ pub fn main(argv: Vec<OsString>) -> Result<()> {
 /// Runs the job.
 pub fn run(args: SegmentArgs) -> Result<()> {
     let options = args.ingest.options()?;
-    let config = args.cluster.timely_config()?;
+    let config = args.job.cluster.timely_config()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating output folder {}", args.out.display()))?;
     let inputs = formats::expand_inputs(&args.inputs)?;
@@ -76,7 +70,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     // A restarted --follow job: files finished before are skipped, files cut off are read again
     // at their own index (their epoch files rewritten whole), and the passages written before
     // seed dedup. Process 0 owns the state (it discovers).
-    let resume = if follow_dir.is_some() && args.cluster.process == 0 {
+    let resume = if follow_dir.is_some() && args.job.cluster.process == 0 {
         ingest_log::resume_follow(&args.out, "segment")?
     } else {
         ingest_log::Resume::default()
@@ -101,7 +95,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         written_before: resume.written,
         stop: stop.clone(),
     };
-    let total_bytes = if args.follow.is_none() && args.cluster.process == 0 {
+    let total_bytes = if args.follow.is_none() && args.job.cluster.process == 0 {
         inputs
             .iter()
             .filter_map(|f| std::fs::metadata(&f.path).ok())
@@ -111,19 +105,20 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         0
     };
     let progress = Arc::new(Progress::default());
-    let reporter = Reporter::start("segment", progress.clone(), total_bytes, args.quiet);
+    let reporter = Reporter::start("segment", progress.clone(), total_bytes, args.job.quiet);
     let started = Instant::now();
     let target = WriteTarget {
         dir: args.out.clone(),
         name: |t: Time| format!("segment-e{t:016x}"),
-        process: args.cluster.process,
+        process: args.job.cluster.process,
     };
-    let (workers, processes) = (args.cluster.workers, args.cluster.processes);
+    let (workers, processes) = (args.job.cluster.workers, args.job.cluster.processes);
     let out_dir = args.out.clone();
     let follow = args.follow.is_some();
     let worker_progress = progress.clone();
 
     let guards = args
+        .job
         .cluster
         .execute(config, move |worker| {
             let stats = Rc::new(RefCell::new(Stats::default()));

@@ -1,6 +1,7 @@
 //! The records that flow between operators. Everything here is `serde` so that timely can move it
 //! between processes (bincode on the wire).
 
+use crate::text::html::ExtractedPage;
 use serde::{Deserialize, Serialize};
 
 /// Where a record came from in its crawl dump.
@@ -62,10 +63,8 @@ pub struct Page {
     pub url: String,
     /// The record's id.
     pub record_id: String,
-    /// The page `<title>`, if any.
-    pub title: Option<String>,
-    /// Headers and text blocks in document order.
-    pub blocks: Vec<Block>,
+    /// Its title and text blocks, as extraction left them.
+    pub content: ExtractedPage,
 }
 
 /// A self-contained passage: a header with the content under it (paper §2.1).

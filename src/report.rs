@@ -2,8 +2,10 @@
 //! `backflow run humpback`), with no JavaScript and no external resource, so that it opens from a
 //! copied output folder, an e-mail attachment or a CI artifact alike. Its plots are inline SVG.
 //!
-//! The input is read tolerantly: any field may be missing, null or of the wrong type; what cannot be
-//! read shows as "n/a" (or leaves its bar or curve out), never as a panic.
+//! It renders the typed record [`HumpbackMetrics`] (the run's own, or a `metrics.json` read back
+//! with serde, older files through its defaults). A figure that cannot be shown (a non-finite
+//! loss or rate, the acceptance of a round that rated nothing) reads "n/a" or leaves its bar or
+//! curve out, never a panic.
 //!
 //! # Scales
 //! Documented so that a test can compute the expected geometry independently. Every plot draws in
@@ -23,11 +25,14 @@
 //!   its panel is `v / m * `[`BAR_W`] long.
 //!
 //! Why one file of this size: one self-contained page; its tables and plots share the escaping, the
-//! number formats and the SVG axis and legend helpers. The next step is to render from the typed
-//! `run_records::HumpbackMetrics` instead of JSON values.
+//! number formats and the SVG axis and legend helpers.
 
+use crate::eval::rounds::ModelEval;
+use crate::eval::run::PairResult;
 use crate::output::atomic_write;
-use serde_json::Value;
+use crate::run_records::{
+    HumpbackMetrics, RoundSummary, StageThroughput, Throughput, TrainSummary,
+};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -93,7 +98,7 @@ pub enum ReportError {
 
 /// Renders `metrics` (a run's `metrics.json`) into `dir/report.html`, atomically (a reader never
 /// sees half a report), and returns its path.
-pub fn write_report(dir: &Path, metrics: &Value) -> Result<PathBuf, ReportError> {
+pub fn write_report(dir: &Path, metrics: &HumpbackMetrics) -> Result<PathBuf, ReportError> {
     let path = dir.join(REPORT_FILE);
     let html = render(metrics);
     atomic_write(&path, |out| {
@@ -110,12 +115,14 @@ pub fn write_report(dir: &Path, metrics: &Value) -> Result<PathBuf, ReportError>
 /// Renders the report of a run from its `metrics.json`: a complete HTML page with a header of key
 /// figures, four inline SVG plots (ids `scores`, `acceptance`, `loss`, `throughput`) and tables of
 /// rounds, models, throughput and drops (id `drops`). Every string from the input is escaped.
-pub fn render(metrics: &Value) -> String {
+pub fn render(metrics: &HumpbackMetrics) -> String {
     let rounds = Round::all(metrics);
     let models = trained_models(metrics, &rounds);
-    let pipeline = get(metrics, &["pipeline"])
-        .and_then(Value::as_str)
-        .unwrap_or("humpback");
+    let pipeline = if metrics.pipeline.is_empty() {
+        "humpback"
+    } else {
+        &metrics.pipeline
+    };
 
     let mut out = String::with_capacity(64 * 1024);
     w!(
@@ -173,72 +180,51 @@ svg .muted{fill:#777}svg .title{font-size:13px;font-weight:600}";
 // ---------------------------------------------------------------------------------------------
 // Reading the metrics
 
-/// The value at `path` (object keys) under `v`, if every step exists.
-fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |v, key| v.get(key))
+/// A finite number, or nothing (a non-finite loss or rate draws nothing and reads "n/a").
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
-/// A finite number at `path`.
-fn num(v: &Value, path: &[&str]) -> Option<f64> {
-    get(v, path)?.as_f64().filter(|x| x.is_finite())
-}
-
-/// A string at `path`.
-fn string<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    get(v, path)?.as_str()
-}
-
-/// A boolean at `path`.
-fn boolean(v: &Value, path: &[&str]) -> Option<bool> {
-    get(v, path)?.as_bool()
+/// A count as a number to plot or print.
+fn count(n: u64) -> Option<f64> {
+    Some(n as f64)
 }
 
 /// One round of the metrics.
 struct Round<'a> {
-    /// Its number: the `round` field, else its position (from 1).
+    /// Its number.
     number: String,
-    raw: &'a Value,
-    /// Counts per [`SCORE_KEYS`] category; `None` when the round has no histogram.
+    summary: &'a RoundSummary,
+    /// Counts per [`SCORE_KEYS`] category (`None`: no such key); `None` when nothing was rated.
     histogram: Option<[Option<f64>; 6]>,
-    /// Curated / rated: the `acceptance` field, else computed from the counts.
+    /// Curated / rated (the record's); `None` when nothing was rated.
     acceptance: Option<f64>,
 }
 
 impl<'a> Round<'a> {
-    fn all(metrics: &'a Value) -> Vec<Round<'a>> {
-        let Some(rounds) = get(metrics, &["rounds"]).and_then(Value::as_array) else {
-            return Vec::new();
-        };
-        rounds
+    fn all(metrics: &'a HumpbackMetrics) -> Vec<Round<'a>> {
+        metrics
+            .rounds
             .iter()
-            .enumerate()
-            .map(|(i, raw)| {
-                let number = match get(raw, &["round"]) {
-                    Some(Value::Number(n)) => n.to_string(),
-                    Some(Value::String(s)) => s.clone(),
-                    _ => (i + 1).to_string(),
-                };
-                let histogram = get(raw, &["score_histogram"])
-                    .filter(|h| h.is_object())
-                    .map(|h| {
-                        let mut counts = [None; 6];
-                        for (slot, key) in counts.iter_mut().zip(SCORE_KEYS) {
-                            *slot = num(h, &[key]);
-                        }
-                        // The unparsed count may live beside the histogram only.
-                        if counts[5].is_none() {
-                            counts[5] = num(raw, &["unparsed"]);
-                        }
-                        counts
-                    });
-                let acceptance = num(raw, &["acceptance"]).or_else(|| {
-                    let rated = num(raw, &["rated"])?;
-                    let curated = num(raw, &["curated"])?;
-                    (rated > 0.0).then(|| curated / rated)
+            .map(|summary| {
+                let h = &summary.score_histogram;
+                let histogram = (h.total() > 0).then(|| {
+                    let mut counts = [None; 6];
+                    for (slot, key) in counts.iter_mut().zip(SCORE_KEYS) {
+                        *slot = h.0.get(key).map(|&n| n as f64);
+                    }
+                    // The unparsed count may live beside the histogram only.
+                    if counts[5].is_none() && summary.unparsed > 0 {
+                        counts[5] = count(summary.unparsed);
+                    }
+                    counts
                 });
+                let acceptance = (summary.rated > 0)
+                    .then_some(summary.acceptance)
+                    .and_then(finite);
                 Round {
-                    number,
-                    raw,
+                    number: summary.round.to_string(),
+                    summary,
                     histogram,
                     acceptance,
                 }
@@ -250,36 +236,37 @@ impl<'a> Round<'a> {
 /// A trained model: step 0's backward and forward models, then each round's.
 struct Model<'a> {
     name: String,
-    raw: &'a Value,
-    /// The loss curve: `None` for a step whose loss is missing or not finite.
+    train: &'a TrainSummary,
+    /// The loss curve: `None` for a step whose loss is not finite.
     losses: Vec<Option<f64>>,
 }
 
-fn trained_models<'a>(metrics: &'a Value, rounds: &[Round<'a>]) -> Vec<Model<'a>> {
-    let mut models = Vec::new();
-    let mut push = |name: String, raw: &'a Value| {
-        let losses = raw
-            .get("losses")
-            .and_then(Value::as_array)
-            .map(|l| {
-                l.iter()
-                    .map(|x| x.as_f64().filter(|x| x.is_finite()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        models.push(Model { name, raw, losses });
-    };
-    for which in ["backward", "forward"] {
-        if let Some(raw) = get(metrics, &["step0", which]).filter(|v| v.is_object()) {
-            push(format!("step 0 {which}"), raw);
-        }
-    }
-    for round in rounds {
-        if let Some(raw) = get(round.raw, &["train"]).filter(|v| v.is_object()) {
-            push(format!("round {}", round.number), raw);
-        }
-    }
-    models
+/// Step 0's models, then each round's that has one (a round cut short has no training).
+fn trained_models<'a>(metrics: &'a HumpbackMetrics, rounds: &[Round<'a>]) -> Vec<Model<'a>> {
+    let step0 = [
+        ("backward", metrics.step0.backward.as_ref()),
+        ("forward", metrics.step0.forward.as_ref()),
+    ];
+    let step0 = step0
+        .into_iter()
+        .filter_map(|(which, train)| Some((format!("step 0 {which}"), train?)));
+    let rounds = rounds
+        .iter()
+        .map(|r| (format!("round {}", r.number), &r.summary.train))
+        .filter(|(_, t)| !t.version.is_empty() || !t.losses.is_empty());
+    step0
+        .chain(rounds)
+        .map(|(name, train)| Model {
+            name,
+            train,
+            losses: train.losses.iter().map(|&l| finite(l)).collect(),
+        })
+        .collect()
+}
+
+/// A version, or `None` when the record has none.
+fn version_of(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,38 +398,37 @@ fn tick_label_pct(t: f64, step: f64) -> String {
 // ---------------------------------------------------------------------------------------------
 // Header and tables
 
-fn header(out: &mut String, metrics: &Value, pipeline: &str, rounds: &[Round]) {
+fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &[Round]) {
+    let model = metrics.model.display().to_string();
     w!(
         out,
         "<header>\n<h1>backflow run report: {}</h1>\n<p class=\"sub\">model <code>{}</code></p>\n",
         escape(pipeline),
-        escape(string(metrics, &["model"]).unwrap_or(NA))
+        escape(if model.is_empty() { NA } else { &model })
     );
     let last = rounds.last();
-    let dropped: Option<f64> = get(metrics, &["dropped"])
-        .and_then(Value::as_object)
-        .map(|d| d.values().filter_map(Value::as_f64).sum());
+    let dropped: u64 = metrics.dropped.values().sum();
     let figures: [(&str, String); 8] = [
         (
             "Elapsed",
-            num(metrics, &["elapsed_secs"])
+            finite(metrics.elapsed_secs)
                 .filter(|s| *s >= 0.0)
                 .map(fmt_secs)
                 .unwrap_or_else(|| NA.into()),
         ),
-        ("Passages", fmt_opt(num(metrics, &["passages"]))),
+        ("Passages", fmt_opt(count(metrics.passages))),
         (
             "Passages / hour",
-            fmt_opt(num(metrics, &["passages_per_hour"])),
+            fmt_opt(finite(metrics.passages_per_hour)),
         ),
         ("Rounds", rounds.len().to_string()),
         (
             "Rated (last round)",
-            fmt_opt(last.and_then(|r| num(r.raw, &["rated"]))),
+            fmt_opt(last.and_then(|r| count(r.summary.rated))),
         ),
         (
             "Curated (last round)",
-            fmt_opt(last.and_then(|r| num(r.raw, &["curated"]))),
+            fmt_opt(last.and_then(|r| count(r.summary.curated))),
         ),
         (
             "Acceptance (last round)",
@@ -450,7 +436,7 @@ fn header(out: &mut String, metrics: &Value, pipeline: &str, rounds: &[Round]) {
                 .map(fmt_pct)
                 .unwrap_or_else(|| NA.into()),
         ),
-        ("Dropped", fmt_opt(dropped)),
+        ("Dropped", fmt_opt(count(dropped))),
     ];
     out.push_str("<dl class=\"figures\">\n");
     for (name, value) in figures {
@@ -463,27 +449,25 @@ fn header(out: &mut String, metrics: &Value, pipeline: &str, rounds: &[Round]) {
     out.push_str("</dl>\n</header>\n");
 }
 
-/// The evaluation of every forward model (`step0.eval` for M_0, then each round's `eval`).
-fn model_evals(metrics: &Value) -> Vec<&Value> {
-    let mut out: Vec<&Value> = get(metrics, &["step0", "eval"]).into_iter().collect();
-    if let Some(rounds) = get(metrics, &["rounds"]).and_then(Value::as_array) {
-        out.extend(rounds.iter().filter_map(|r| r.get("eval")));
-    }
-    out.retain(|e| e.is_object());
-    out
+/// The evaluation of every forward model (step 0's for M_0, then each round's).
+fn model_evals(metrics: &HumpbackMetrics) -> Vec<&ModelEval> {
+    std::iter::once(&metrics.step0.evaluation)
+        .chain(metrics.rounds.iter().map(|r| &r.evaluation))
+        .filter_map(|e| e.eval.as_ref())
+        .collect()
 }
 
 /// The win rate (and its interval) of an evaluated model under `rule`.
-fn eval_pair<'a>(e: &'a Value, rule: &str) -> Option<&'a Value> {
-    get(e, &["pairs"])?
-        .as_array()?
-        .iter()
-        .find(|p| string(p, &["rule"]) == Some(rule))
+fn eval_pair<'a>(e: &'a ModelEval, rule: &str) -> Option<&'a PairResult> {
+    e.pairs.iter().find(|p| p.rule == rule)
 }
 
-fn ci(p: &Value) -> Option<(f64, f64)> {
-    let c = get(p, &["ci95"])?.as_array()?;
-    Some((c.first()?.as_f64()?, c.get(1)?.as_f64()?))
+/// A win rate and its interval, when finite.
+fn win_point(p: &PairResult) -> Point {
+    (
+        p.win_rate.and_then(finite),
+        p.ci95.filter(|(lo, hi)| lo.is_finite() && hi.is_finite()),
+    )
 }
 
 /// A point per model: the value and, if any, its interval.
@@ -493,14 +477,11 @@ type Series = (String, Vec<Point>);
 
 /// Two plots: reference NLL per model (`eval-nll`), and win rate against M_0 with its 95%
 /// interval per judge rule (`eval-win`).
-fn eval_plots(out: &mut String, evals: &[&Value]) {
-    let names: Vec<String> = evals
-        .iter()
-        .map(|e| string(e, &["model"]).unwrap_or(NA).to_owned())
-        .collect();
+fn eval_plots(out: &mut String, evals: &[&ModelEval]) {
+    let names: Vec<String> = evals.iter().map(|e| e.model.clone()).collect();
     let nll: Vec<Point> = evals
         .iter()
-        .map(|e| (num(e, &["reference", "nll"]), None))
+        .map(|e| (e.reference.as_ref().and_then(|r| finite(r.nll)), None))
         .collect();
     points_plot(
         out,
@@ -524,10 +505,7 @@ fn eval_plots(out: &mut String, evals: &[&Value]) {
                 format!("win rate vs M0 ({rule})"),
                 evals
                     .iter()
-                    .map(|e| match eval_pair(e, rule) {
-                        Some(p) => (num(p, &["win_rate"]), ci(p)),
-                        None => (None, None),
-                    })
+                    .map(|e| eval_pair(e, rule).map(win_point).unwrap_or((None, None)))
                     .collect(),
             )
         })
@@ -647,14 +625,14 @@ fn points_plot(
 }
 
 /// One row per evaluated model (id `eval`).
-fn eval_table(out: &mut String, evals: &[&Value]) {
+fn eval_table(out: &mut String, evals: &[&ModelEval]) {
     out.push_str(
         "<table id=\"eval\">\n<tr><th>Model</th><th>Reference NLL</th><th>Tokens</th>\
          <th>Win rate vs M0 (prob)</th><th>Win rate vs M0 (text)</th>\
          <th>Selector precision</th><th>Selector recall</th><th>Mean answer chars</th></tr>\n",
     );
-    let win = |e: &Value, rule: &str| match eval_pair(e, rule) {
-        Some(p) => match (num(p, &["win_rate"]), ci(p)) {
+    let win = |e: &ModelEval, rule: &str| match eval_pair(e, rule) {
+        Some(p) => match win_point(p) {
             (Some(w), Some((a, b))) => format!("{} [{}, {}]", fmt_pct(w), fmt_pct(a), fmt_pct(b)),
             (Some(w), None) => fmt_pct(w),
             _ => NA.into(),
@@ -662,18 +640,23 @@ fn eval_table(out: &mut String, evals: &[&Value]) {
         None => NA.into(),
     };
     for e in evals {
+        let reference = e.reference.as_ref();
+        let selector = e.selector.as_ref();
         w!(
             out,
             "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
-            escape(string(e, &["model"]).unwrap_or(NA)),
-            num(e, &["reference", "nll"]).map(|v| format!("{v:.4}")).unwrap_or_else(|| NA.into()),
-            fmt_opt(num(e, &["reference", "tokens"])),
+            escape(&e.model),
+            reference
+                .and_then(|r| finite(r.nll))
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| NA.into()),
+            fmt_opt(reference.map(|r| r.tokens as f64)),
             win(e, "prob"),
             win(e, "text"),
-            fmt_opt(num(e, &["selector", "precision"])),
-            fmt_opt(num(e, &["selector", "recall"])),
-            fmt_opt(num(e, &["mean_length"])),
+            fmt_opt(selector.and_then(|s| s.precision)),
+            fmt_opt(selector.and_then(|s| s.recall)),
+            fmt_opt(e.mean_length),
         );
     }
     out.push_str("</table>\n");
@@ -690,20 +673,21 @@ fn rounds_table(out: &mut String, rounds: &[Round]) {
          <th>Seed examples</th><th>Augmented examples</th></tr>\n",
     );
     for r in rounds {
+        let examples = r.summary.train.examples.as_ref();
         w!(
             out,
             "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td></tr>\n",
             escape(&r.number),
-            version_cell(string(r.raw, &["rating_model"])),
-            fmt_opt(num(r.raw, &["rated"])),
-            fmt_opt(num(r.raw, &["curated"])),
+            version_cell(version_of(&r.summary.rating_model)),
+            fmt_opt(count(r.summary.rated)),
+            fmt_opt(count(r.summary.curated)),
             r.acceptance.map(fmt_pct).unwrap_or_else(|| NA.into()),
-            fmt_opt(num(r.raw, &["unparsed"])),
-            version_cell(string(r.raw, &["train", "version"])),
-            fmt_opt(num(r.raw, &["train", "examples", "seed"])),
-            fmt_opt(num(r.raw, &["train", "examples", "augmented"])),
+            fmt_opt(count(r.summary.unparsed)),
+            version_cell(version_of(&r.summary.train.version)),
+            fmt_opt(examples.map(|e| e.seed as f64)),
+            fmt_opt(examples.map(|e| e.augmented as f64)),
         );
     }
     out.push_str("</table>\n");
@@ -726,17 +710,17 @@ fn models_table(out: &mut String, models: &[Model]) {
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
             escape(&m.name),
-            version_cell(string(m.raw, &["version"])),
-            match boolean(m.raw, &["reused"]) {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => NA,
+            version_cell(version_of(&m.train.version)),
+            match (&m.train.given, m.train.reused) {
+                (Some(_), _) => "given",
+                (None, true) => "yes",
+                (None, false) => "no",
             },
             m.losses.len(),
             fmt_opt(first),
             fmt_opt(last),
-            fmt_opt(num(m.raw, &["tokens_per_sec"])),
-            num(m.raw, &["secs"])
+            fmt_opt(finite(m.train.tokens_per_sec)),
+            finite(m.train.secs)
                 .map(fmt_secs)
                 .unwrap_or_else(|| NA.into()),
         );
@@ -744,60 +728,53 @@ fn models_table(out: &mut String, models: &[Model]) {
     out.push_str("</table>\n");
 }
 
-fn generation_table(out: &mut String, metrics: &Value) {
+fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
     out.push_str(
         "<table id=\"generation\">\n<tr><th>Stage</th><th>Prompts</th><th>Prompts / s</th>\
          <th>New tokens / s</th><th>Cache hits</th></tr>\n",
     );
-    for stage in ["augment", "rate"] {
-        let at = |field: &str| num(metrics, &["throughput", stage, field]);
+    for (stage, t) in stages(&metrics.throughput) {
         w!(
             out,
             "<tr><td>{stage}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
-            fmt_opt(at("prompts")),
-            fmt_opt(at("prompts_per_sec")),
-            fmt_opt(at("new_tokens_per_sec")),
-            fmt_opt(at("cache_hits")),
+            fmt_opt(count(t.prompts)),
+            fmt_opt(finite(t.prompts_per_sec)),
+            fmt_opt(finite(t.new_tokens_per_sec)),
+            fmt_opt(count(t.cache_hits)),
         );
     }
     out.push_str("</table>\n");
 }
 
-fn drops_table(out: &mut String, metrics: &Value) {
-    let mut drops: Vec<(&str, Option<f64>)> = get(metrics, &["dropped"])
-        .and_then(Value::as_object)
-        .map(|d| {
-            d.iter()
-                .map(|(k, v)| (k.as_str(), v.as_f64().filter(|x| x.is_finite())))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Most frequent first; ties (and unreadable counts, last) by name, for a stable page.
-    drops.sort_by(|a, b| {
-        b.1.unwrap_or(f64::NEG_INFINITY)
-            .total_cmp(&a.1.unwrap_or(f64::NEG_INFINITY))
-            .then_with(|| a.0.cmp(b.0))
-    });
+/// The model server's two stages of the loop, by name.
+fn stages(t: &Throughput) -> [(&'static str, &StageThroughput); 2] {
+    [("augment", &t.augment), ("rate", &t.rate)]
+}
+
+fn drops_table(out: &mut String, metrics: &HumpbackMetrics) {
+    let mut drops: Vec<(&str, u64)> = metrics
+        .dropped
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    // Most frequent first; ties by name, for a stable page.
+    drops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     out.push_str("<table id=\"drops\">\n<tr><th>Reason</th><th>Count</th></tr>\n");
     if drops.is_empty() {
         out.push_str("<tr><td colspan=\"2\">nothing dropped</td></tr>\n");
     }
-    for (reason, count) in &drops {
+    for (reason, n) in &drops {
         w!(
             out,
             "<tr><td>{}</td><td class=\"n\">{}</td></tr>\n",
             escape(reason),
-            fmt_opt(*count)
+            n
         );
     }
     if drops.len() > 1 {
-        let total: f64 = drops.iter().filter_map(|d| d.1).sum();
-        w!(
-            out,
-            "<tr><th>total</th><td class=\"n\">{}</td></tr>\n",
-            fmt_num(total)
-        );
+        let total: u64 = drops.iter().map(|d| d.1).sum();
+        w!(out, "<tr><th>total</th><td class=\"n\">{total}</td></tr>\n");
     }
     out.push_str("</table>\n");
 }
@@ -1036,7 +1013,7 @@ fn loss_plot(out: &mut String, models: &[Model]) {
         .collect();
     let names: Vec<String> = curves
         .iter()
-        .map(|m| match string(m.raw, &["version"]) {
+        .map(|m| match version_of(&m.train.version) {
             Some(v) => format!("{} ({})", m.name, short_version(v)),
             None => m.name.clone(),
         })
@@ -1126,45 +1103,29 @@ fn loss_plot(out: &mut String, models: &[Model]) {
 /// A throughput panel: its title and its labelled values.
 type Panel<'a> = (&'a str, Vec<(String, Option<f64>)>);
 
-fn throughput_plot(out: &mut String, metrics: &Value, models: &[Model]) {
+fn throughput_plot(out: &mut String, metrics: &HumpbackMetrics, models: &[Model]) {
+    let per_stage = |field: fn(&StageThroughput) -> f64| {
+        stages(&metrics.throughput)
+            .iter()
+            .map(|(name, t)| ((*name).to_string(), finite(field(t))))
+            .collect()
+    };
     let mut panels: Vec<Panel> = vec![
-        (
-            "Prompts per second",
-            ["augment", "rate"]
-                .iter()
-                .map(|s| {
-                    (
-                        (*s).to_string(),
-                        num(metrics, &["throughput", s, "prompts_per_sec"]),
-                    )
-                })
-                .collect(),
-        ),
-        (
-            "New tokens per second",
-            ["augment", "rate"]
-                .iter()
-                .map(|s| {
-                    (
-                        (*s).to_string(),
-                        num(metrics, &["throughput", s, "new_tokens_per_sec"]),
-                    )
-                })
-                .collect(),
-        ),
+        ("Prompts per second", per_stage(|t| t.prompts_per_sec)),
+        ("New tokens per second", per_stage(|t| t.new_tokens_per_sec)),
     ];
     if !models.is_empty() {
         panels.push((
             "Training tokens per second",
             models
                 .iter()
-                .map(|m| (m.name.clone(), num(m.raw, &["tokens_per_sec"])))
+                .map(|m| (m.name.clone(), finite(m.train.tokens_per_sec)))
                 .collect(),
         ));
     }
     panels.push((
         "Passages per hour",
-        vec![("run".to_string(), num(metrics, &["passages_per_hour"]))],
+        vec![("run".to_string(), finite(metrics.passages_per_hour))],
     ));
     let rows: usize = panels.iter().map(|p| p.1.len()).sum();
     let height = 8.0 + panels.len() as f64 * TP_TITLE_H + rows as f64 * TP_ROW_H + 8.0;
@@ -1229,11 +1190,25 @@ fn throughput_plot(out: &mut String, metrics: &Value, models: &[Model]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    /// `metrics.json` read as the report's caller reads it.
+    fn typed(m: &Value) -> HumpbackMetrics {
+        serde_json::from_value(m.clone()).expect("a metrics.json")
+    }
+
+    /// Renders a `metrics.json` written as JSON.
+    fn render_json(m: &Value) -> String {
+        render(&typed(m))
+    }
+
+    fn sample() -> HumpbackMetrics {
+        typed(&sample_json())
+    }
 
     /// Two rounds as `backflow run humpback` writes them. Largest score count: 12; largest
     /// acceptance: 0.2; losses from 1.0 to 4.0, the longest curve 4 steps.
-    fn sample() -> Value {
+    fn sample_json() -> Value {
         json!({
             "pipeline": "humpback",
             "model": "/models/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -1352,13 +1327,13 @@ mod tests {
     /// them, the win rate's interval is drawn, and the table shows the figures.
     #[test]
     fn evaluation_plots_and_table() {
-        let mut m = sample();
+        let mut m = sample_json();
         m["step0"]["eval"] = json!({"model": "M0", "reference": {"nll": 2.0, "tokens": 300},
                                     "pairs": [], "mean_length": 120.0});
         m["rounds"][0]["eval"] = json!({"model": "M1", "reference": {"nll": 1.5, "tokens": 300},
             "pairs": [{"rule": "prob", "win_rate": 0.75, "ci95": [0.5, 0.9]}],
             "selector": {"precision": 0.5, "recall": 0.25}});
-        let html = render(&m);
+        let html = render_json(&m);
         let nll = svg(&html, "eval-nll");
         // Range 1.5..2.0 padded by 0.05 each side: 1.45..2.05 over PLOT_H = 220 from y = 24.
         // M0 (2.0) at 24 + 0.05/0.6*220 = 42.33; M1 (1.5) at 24 + 0.55/0.6*220 = 225.67.
@@ -1380,50 +1355,71 @@ mod tests {
 
     #[test]
     fn strings_from_the_metrics_are_escaped() {
-        let mut m = sample();
+        let mut m = sample_json();
         m["model"] = json!("/tmp/<script>alert(\"x\")</script>&.gguf");
+        m["pipeline"] = json!("<i>humpback");
         m["dropped"] = json!({"<img src=x onerror=alert(1)>": 1});
-        m["rounds"][0]["round"] = json!("1\"><script>");
+        m["rounds"][0]["rating_model"] = json!("1\"><script>");
         m["step0"]["backward"]["version"] = json!("<b>v</b>");
-        let html = render(&m);
+        m["step0"]["eval"] = json!({"model": "<u>M0"});
+        let html = render_json(&m);
         assert!(!html.contains("<script"), "a script element got through");
         assert!(!html.contains("<img"));
         assert!(!html.contains("<b>v"));
+        assert!(!html.contains("<i>") && !html.contains("<u>"));
         assert!(html.contains("/tmp/&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;.gguf"));
         assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"));
-        assert!(html.contains("round 1&quot;&gt;&lt;script&gt;"));
+        assert!(html.contains("1&quot;&gt;&lt;script&gt;"));
+        assert!(html.contains("&lt;u&gt;M0"));
     }
 
+    /// A run cut short (nothing but step 0's first model), numbers that are not finite (a
+    /// diverged loss, an unmeasured rate) and a round that rated nothing: the page is complete,
+    /// with "n/a" where a figure cannot be shown and nothing drawn for it.
     #[test]
-    fn missing_or_malformed_fields_render_as_na() {
-        let odd = [
-            Value::Null,
-            json!({}),
-            json!([1, 2]),
-            json!({"rounds": "oops", "step0": 3, "dropped": [1], "throughput": null}),
-            json!({"rounds": [null, {"score_histogram": {"3": "many"}, "acceptance": "high"},
-                              {"rated": 0, "curated": 0, "train": {"losses": [null, "x", 2.0]}}],
-                   "step0": {"backward": {"losses": []}, "forward": {"losses": "none"}},
-                   "elapsed_secs": -1e300, "passages_per_hour": 1e308,
-                   "dropped": {"a": null, "b": -3}}),
-        ];
-        for m in &odd {
-            let html = render(m);
-            for id in ["scores", "acceptance", "loss", "throughput"] {
-                svg(&html, id);
-            }
-            assert!(html.contains(NA), "{m}");
-            assert!(html.ends_with("</html>\n"));
+    fn missing_and_non_finite_figures_render_as_na() {
+        let empty = HumpbackMetrics::default();
+        let html = render(&empty);
+        for id in ["scores", "acceptance", "loss", "throughput"] {
+            svg(&html, id);
         }
-        let html = render(&Value::Null);
-        assert!(html.contains("<dt>Passages</dt><dd>n/a</dd>"));
-        assert!(html.contains("<code>n/a</code>"));
+        assert!(html.contains("<code>n/a</code>"), "no model path");
+        assert!(html.contains("<dt>Acceptance (last round)</dt><dd>n/a</dd>"));
+        assert!(html.contains("No round was run.") && html.contains("No model was trained."));
+        assert!(html.ends_with("</html>\n"));
+
+        let mut m = sample();
+        m.elapsed_secs = f64::NAN;
+        m.passages_per_hour = f64::INFINITY;
+        m.step0.backward.as_mut().expect("backward").losses = vec![f64::NAN, 2.0, f64::INFINITY];
+        m.rounds[1].rated = 0;
+        m.rounds[1].curated = 0;
+        let html = render(&m);
+        assert!(html.contains("<dt>Elapsed</dt><dd>n/a</dd>"));
+        assert!(html.contains("<dt>Passages / hour</dt><dd>n/a</dd>"));
+        assert!(html.contains("<dt>Acceptance (last round)</dt><dd>n/a</dd>"));
+        // The backward curve keeps its one finite point, drawn as a dot at step 2 of 4.
+        let loss = svg(&html, "loss");
+        assert_eq!(loss.matches("<polyline").count(), 2, "{loss}");
+        assert!(loss.contains("<circle cx=\"277.33\""), "{loss}");
+        assert!(!html.contains("NaN") && !html.contains(">inf"));
+    }
+
+    /// Older `metrics.json` files read with defaults; a round cut short before its training
+    /// lists no trained model.
+    #[test]
+    fn older_metrics_files_render() {
+        let m = json!({"rounds": [{"round": 1, "rated": 40, "curated": 10, "acceptance": 0.25}]});
+        let html = render_json(&m);
+        assert!(html.contains("<dt>Acceptance (last round)</dt><dd>25.0%</dd>"));
+        assert!(html.contains("No model was trained."));
+        assert!(html.contains("<dt>Passages</dt><dd>0</dd>"));
     }
 
     #[test]
     fn no_rounds_renders_empty_plots() {
         let mut m = sample();
-        m["rounds"] = json!([]);
+        m.rounds.clear();
         let html = render(&m);
         assert!(svg(&html, "scores").contains("no data"));
         assert!(svg(&html, "acceptance").contains("no data"));
@@ -1431,13 +1427,6 @@ mod tests {
         assert!(html.contains("<dt>Rounds</dt><dd>0</dd>"));
         // Step 0's models are still plotted.
         assert_eq!(svg(&html, "loss").matches("<polyline").count(), 2);
-    }
-
-    #[test]
-    fn acceptance_is_computed_when_only_counts_are_given() {
-        let m = json!({"rounds": [{"round": 1, "rated": 40, "curated": 10}]});
-        let html = render(&m);
-        assert!(html.contains("<dt>Acceptance (last round)</dt><dd>25.0%</dd>"));
     }
 
     #[test]

@@ -42,9 +42,14 @@ fn browser() -> Option<PathBuf> {
     None
 }
 
-/// A run's metrics as `backflow run humpback` writes them: three rounds, realistic loss curves,
-/// and strings that would be markup if the report did not escape them.
-fn metrics() -> Value {
+/// A run's metrics as `backflow run humpback` writes them, read back as the typed record.
+fn metrics() -> backflow::run_records::HumpbackMetrics {
+    serde_json::from_value(metrics_json()).expect("a metrics.json")
+}
+
+/// A run's `metrics.json`: three rounds, realistic loss curves, and strings that would be
+/// markup if the report did not escape them.
+fn metrics_json() -> Value {
     // A decaying loss with some noise from a fixed recurrence: a real curve's shape.
     let curve = |start: f64, end: f64, steps: usize, seed: u64| -> Vec<f64> {
         let mut x = seed;

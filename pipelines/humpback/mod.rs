@@ -20,9 +20,8 @@ use self::setup::{
     evaluate_m0, loop_evaluator, read_seed, show_model_answers, step0, throughput, train_template,
 };
 use super::harness;
-use super::ingest::{ingest, Ingest, IngestFlags};
-use crate::cli::flags::{RatingFlags, ServerFlags, TrainFlags};
-use crate::cluster::ClusterArgs;
+use super::ingest::{ingest, Ingest, IngestFlags, IngestOptions};
+use crate::cli::flags::{JobFlags, RatingFlags, ServerFlags, TrainFlags};
 use crate::formats;
 use crate::humpback::assets::{or_default, MODEL, PAGES, SEED};
 use crate::humpback::rounds::{install, round_of, Installer, ModelBook, ModelUpdate};
@@ -49,7 +48,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::cell::RefCell;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
@@ -140,21 +139,18 @@ pub struct HumpbackArgs {
     /// How the judge's two orders make a verdict (see `backflow eval --help`).
     #[arg(long, value_enum, default_value_t = crate::eval::run::JudgeRule::Prob)]
     pub judge_rule: crate::eval::run::JudgeRule,
+    /// The judge prompt (see `backflow eval --help`).
+    #[arg(long, value_enum, default_value_t = crate::eval::judge::JudgePrompt::AlpacaEval)]
+    pub judge_prompt: crate::eval::judge::JudgePrompt,
     /// A selector dev set (`backflow selector-devset`): each model's precision and recall.
     #[arg(long, value_name = "FILE")]
     pub selector_dev: Option<PathBuf>,
     /// Most tokens of each evaluation answer (with --judge).
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 128)]
     pub eval_max_tokens: usize,
-    /// Cluster flags (-w, -n, -p, -h).
+    /// The processes and threads of the job, and its output on the terminal.
     #[command(flatten)]
-    pub cluster: ClusterArgs,
-    /// No progress lines.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    pub help: Option<bool>,
+    pub job: JobFlags,
 }
 
 /// Entry point for `backflow run humpback`.
@@ -322,36 +318,107 @@ impl Job {
     }
 }
 
-/// Runs the job.
+/// What the flags name, checked before anything runs: the base model, the seed (split into
+/// training and held-out pairs), the input files and the training every model gets.
+struct Inputs {
+    base: PathBuf,
+    seed_path: PathBuf,
+    seed: Vec<Record>,
+    held_out: Vec<Record>,
+    files: Vec<formats::InputFile>,
+    ingest: IngestOptions,
+    train: TrainJob,
+}
+
+impl Inputs {
+    fn read(args: &HumpbackArgs) -> Result<Inputs> {
+        let base = or_default(args.model.clone(), MODEL, "--model")?;
+        let seed_path = or_default(args.seed.clone(), SEED, "--seed")?;
+        let corpus = if args.corpus.is_empty() && args.follow.is_none() {
+            vec![or_default(None, PAGES, "--corpus")?
+                .to_string_lossy()
+                .into_owned()]
+        } else {
+            args.corpus.clone()
+        };
+        if args.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        let ingest = args.ingest.options()?;
+        let train = train_template(args, &base);
+        train
+            .validate()
+            .context("the training flags (--lr, --lora-rank, --train-steps, --batch-size)")?;
+        let files = formats::expand_inputs(&corpus)?;
+        if files.is_empty() && args.follow.is_none() {
+            bail!("no input files found in {corpus:?}");
+        }
+        let (seed, held_out) = read_seed(&seed_path, args.eval_holdout)?;
+        Ok(Inputs {
+            base,
+            seed_path,
+            seed,
+            held_out,
+            files,
+            ingest,
+            train,
+        })
+    }
+}
+
+/// The ingest subgraph's settings: the flags' options, and with `--follow` the files an
+/// earlier run of this job took, first, each at the index it had (so in the same round): the
+/// restart recomputes them (answers from the cache) and no passage lands in two rounds' files.
+fn ingest_config(
+    args: &HumpbackArgs,
+    files: Vec<formats::InputFile>,
+    options: IngestOptions,
+    process: usize,
+    stop: &Arc<AtomicBool>,
+) -> Result<Ingest> {
+    let following = args.follow.is_some();
+    let replay = if following && process == 0 {
+        ingest_log::still_readable(ingest_log::IngestState::new(&args.out).load_indexed()?)
+    } else {
+        Vec::new()
+    };
+    Ok(Ingest {
+        options,
+        discover: DiscoverConfig {
+            inputs: files,
+            follow: ingest_log::follow_dir(args.follow.as_deref())?,
+            poll: Duration::from_millis(500),
+            max_open_files: args.ingest.max_open_files,
+            already_ingested: Default::default(),
+            first_index: 0,
+            limit_reached: Arc::new(AtomicBool::new(false)),
+            replay,
+            assignments: following.then(|| ingest_log::IngestState::new(&args.out)),
+            files_per_round: following.then_some(crate::humpback::rounds::FILES_PER_ROUND),
+        },
+        written_before: Vec::new(),
+        stop: stop.clone(),
+    })
+}
+
+/// Runs the job: step 0 and M_0's evaluation (process 0), the dataflow on every worker, then
+/// `metrics.json` and the report (process 0).
 pub fn run(args: HumpbackArgs) -> Result<()> {
     let started = Instant::now();
-    let config = args.cluster.timely_config()?;
-    let base = or_default(args.model.clone(), MODEL, "--model")?;
-    let seed_path = or_default(args.seed.clone(), SEED, "--seed")?;
-    let corpus = if args.corpus.is_empty() && args.follow.is_none() {
-        vec![or_default(None, PAGES, "--corpus")?
-            .to_string_lossy()
-            .into_owned()]
-    } else {
-        args.corpus.clone()
-    };
-    if args.rounds == 0 {
-        bail!("--rounds must be at least 1");
-    }
-    let ingest_options = args.ingest.options()?;
-    let train = train_template(&args, &base);
-    train
-        .validate()
-        .context("the training flags (--lr, --lora-rank, --train-steps, --batch-size)")?;
+    let config = args.job.cluster.timely_config()?;
+    let Inputs {
+        base,
+        seed_path,
+        seed,
+        held_out,
+        files,
+        ingest: ingest_options,
+        train,
+    } = Inputs::read(&args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let inputs = formats::expand_inputs(&corpus)?;
-    if inputs.is_empty() && args.follow.is_none() {
-        bail!("no input files found in {corpus:?}");
-    }
-    let (seed, held_out) = read_seed(&seed_path, args.eval_holdout)?;
 
-    let process = args.cluster.process;
+    let process = args.job.cluster.process;
     let cache = args
         .out
         .join("_cache")
@@ -380,14 +447,6 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         step0_summary.evaluation = evaluate_m0(ev, &step0_updates);
     }
 
-    // With --follow, the files an earlier run of this job took come first, each at the index it
-    // had (so in the same round): the restart recomputes them (answers from the cache) and no
-    // passage lands in two rounds' files.
-    let replay = if args.follow.is_some() && process == 0 {
-        ingest_log::still_readable(ingest_log::IngestState::new(&args.out).load_indexed()?)
-    } else {
-        Vec::new()
-    };
     let stop = harness::stop_flag();
     let progress = Arc::new(Progress::default());
     let job = Job {
@@ -395,29 +454,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         process,
         limit: args.limit,
         stop: stop.clone(),
-        ingest: Ingest {
-            options: ingest_options,
-            discover: DiscoverConfig {
-                inputs,
-                follow: ingest_log::follow_dir(args.follow.as_deref())?,
-                poll: Duration::from_millis(500),
-                max_open_files: args.ingest.max_open_files,
-                already_ingested: Default::default(),
-                first_index: 0,
-                limit_reached: Arc::new(AtomicBool::new(false)),
-                replay,
-                assignments: args
-                    .follow
-                    .is_some()
-                    .then(|| ingest_log::IngestState::new(&args.out)),
-                files_per_round: args
-                    .follow
-                    .is_some()
-                    .then_some(crate::humpback::rounds::FILES_PER_ROUND),
-            },
-            written_before: Vec::new(),
-            stop: stop.clone(),
-        },
+        ingest: ingest_config(&args, files, ingest_options, process, &stop)?,
         augment: AugmentOptions {
             temperature: args.temperature,
             top_p: args.top_p,
@@ -432,13 +469,14 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         seed,
         evaluator: evaluator.map(Arc::new),
     };
-    let reporter = Reporter::start("humpback", progress.clone(), 0, args.quiet);
+    let reporter = Reporter::start("humpback", progress.clone(), 0, args.job.quiet);
     let _answers = show_model_answers(server.shared_stats(), progress.clone());
     let worker_progress = progress.clone();
     let loop_started = Instant::now();
     let (rounds_tx, rounds_rx) = mpsc::channel();
     let base_for_workers = base.clone();
     let guards = args
+        .job
         .cluster
         .execute(config, move |worker| {
             let w = Worker {
@@ -467,8 +505,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("starting the timely job: {e}"))?;
     let merged = harness::finish(guards, &progress);
     drop(reporter);
-    let merged = merged?;
-    let Some(stats) = merged else { return Ok(()) };
+    let Some(stats) = merged? else { return Ok(()) };
 
     // Metrics and report (process 0).
     let elapsed = started.elapsed().as_secs_f64();
@@ -500,15 +537,15 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
             .collect(),
         stats,
     };
-    atomic_write(&args.out.join("metrics.json"), |f| {
-        Ok(serde_json::to_writer_pretty(f, &metrics)?)
-    })?;
-    let report = crate::report::write_report(&args.out, &serde_json::to_value(&metrics)?)?;
+    write_metrics(&args.out, &metrics, elapsed)
+}
+
+/// Writes `metrics.json` and the report, and says where they are.
+fn write_metrics(out: &Path, metrics: &HumpbackMetrics, elapsed: f64) -> Result<()> {
+    let path = out.join("metrics.json");
+    atomic_write(&path, |f| Ok(serde_json::to_writer_pretty(f, metrics)?))?;
+    let report = crate::report::write_report(out, metrics)?;
     eprintln!("{}", harness::describe(&metrics.stats, elapsed));
-    eprintln!(
-        "metrics: {}  report: {}",
-        args.out.join("metrics.json").display(),
-        report.display()
-    );
+    eprintln!("metrics: {}  report: {}", path.display(), report.display());
     Ok(())
 }

@@ -54,6 +54,7 @@ pub(super) fn loop_evaluator(
         baseline: None,
         judge: args.judge.clone(),
         judge_rule: args.judge_rule,
+        judge_prompt: args.judge_prompt,
         judge_tokens: 256,
         selector_dev: args.selector_dev.clone(),
         threshold: args.rating.threshold,
@@ -183,7 +184,7 @@ pub(super) fn step0(
             records: seed.to_vec(),
         }];
         job.data_label = "seed".into();
-        job.quiet = args.quiet;
+        job.quiet = args.job.quiet;
         let what = match role {
             ModelRole::Backward => "the backward model M_yx",
             ModelRole::Forward => "the seed model M_0",

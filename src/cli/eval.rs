@@ -1,6 +1,7 @@
 //! `backflow eval` and `backflow selector-devset`.
 
 use crate::eval::devset;
+use crate::eval::judge::JudgePrompt;
 use crate::eval::run::{run as run_eval, Entry, EvalConfig, JudgeRule};
 use crate::humpback::prompts::{AUGMENTED_TAG, SEED_TAG};
 use crate::model::device::Precision;
@@ -34,6 +35,10 @@ pub struct EvalArgs {
     /// (written verdicts that must agree), or both.
     #[arg(long, value_enum, default_value_t = JudgeRule::Both)]
     pub judge_rule: JudgeRule,
+    /// The judge prompt: alpaca-eval (AlpacaEval's ranking of outputs `m` and `M`) or mt-bench
+    /// (MT-Bench's pairwise `[[A]]`/`[[B]]`/`[[C]]`).
+    #[arg(long, value_enum, default_value_t = JudgePrompt::AlpacaEval)]
+    pub judge_prompt: JudgePrompt,
     /// Most tokens of a written judgment (text rule).
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 256)]
     pub judge_tokens: usize,
@@ -166,6 +171,7 @@ pub fn run(args: EvalArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
         baseline: args.baseline,
         judge: args.judge,
         judge_rule: args.judge_rule,
+        judge_prompt: args.judge_prompt,
         judge_tokens: args.judge_tokens,
         selector_dev: args.selector_dev,
         threshold: args.threshold,

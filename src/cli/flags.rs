@@ -1,11 +1,13 @@
 //! Flag groups shared by several commands, so that one concern has one set of names and
 //! defaults everywhere: the model server (`run humpback`, `run rate`), rating and curation
-//! (`run humpback`, `run rate`) and training (`train`, `run humpback`). Each command flattens
+//! (`run humpback`, `run rate`), training (`train`, `run humpback`) and the job itself (the
+//! three dataflow pipelines: cluster, quiet, help). Each command flattens
 //! the groups it needs (`#[command(flatten)]`). Names a command used before the groups existed
 //! stay as hidden aliases for a release.
 //!
 //! The ingest group lives beside the ingest subgraph (`pipelines/ingest.rs`).
 
+use crate::cluster::ClusterArgs;
 use crate::model::Precision;
 use crate::operators::curate::CurateOptions;
 use crate::operators::rate::RateOptions;
@@ -15,6 +17,21 @@ use crate::train::lora::LoraConfig;
 use crate::train::model::TrainMode;
 use clap::Args;
 use std::path::PathBuf;
+
+/// The flags every dataflow pipeline (`run segment`, `run rate`, `run humpback`) takes: where
+/// its processes and threads run, and what it prints.
+#[derive(Args, Debug, Clone)]
+pub struct JobFlags {
+    /// Cluster flags (-w, -n, -p, -h).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// No progress bar or progress lines.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print help (`-h` is the hostfile).
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
 
 /// How the model server batches and holds models.
 #[derive(Args, Debug, Clone)]

@@ -40,6 +40,106 @@ pub fn judge_messages(question: &str, a: &str, b: &str) -> Vec<Message> {
     ]
 }
 
+/// Which published judge prompt asks for the verdict. Both are asked in both orders and feed
+/// both rules; they differ in wording and in the verdict's tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum JudgePrompt {
+    /// MT-Bench's pairwise prompt ("pair-v2"): reasoning, then `[[A]]`, `[[B]]` or `[[C]]`
+    /// (tie); the prob rule opens the judge's turn with `[[`.
+    MtBench,
+    /// AlpacaEval's ranking prompt (`alpaca_eval_gpt4`): the judge ranks two outputs named `m`
+    /// and `M` (AlpacaEval 2's one-token names) in a Python list; no tie. The prob rule opens
+    /// the list (`[\n    {'model': '`) and reads the probabilities of `m` and `M`. Measured
+    /// with the small judges that run here (README, "Is the judge valid?"), it tells good answers
+    /// from poor ones far more often than MT-Bench's prompt: the default.
+    #[default]
+    AlpacaEval,
+}
+
+/// AlpacaEval's ranking judge: its system prompt.
+pub const ALPACA_EVAL_SYSTEM: &str =
+    "You are a helpful assistant, that ranks models by the quality of their answers.";
+
+impl JudgePrompt {
+    /// Its name in `eval.json` and the flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            JudgePrompt::MtBench => "mt-bench",
+            JudgePrompt::AlpacaEval => "alpaca-eval",
+        }
+    }
+
+    /// The conversation that asks the judge about `question` with answers `a` then `b`.
+    pub fn messages(self, question: &str, a: &str, b: &str) -> Vec<Message> {
+        match self {
+            JudgePrompt::MtBench => judge_messages(question, a, b),
+            JudgePrompt::AlpacaEval => vec![
+                Message::system(ALPACA_EVAL_SYSTEM),
+                Message::user(format!(
+                    "I want you to create a leaderboard of different large-language models. To do so, I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank the models based on which responses would be preferred by humans. All inputs and outputs should be python dictionaries.\n\nHere is the prompt:\n{{\n    \"instruction\": \"\"\"{}\"\"\",\n}}\n\nHere are the outputs of the models:\n[\n    {{\n        \"model\": \"m\",\n        \"answer\": \"\"\"{}\"\"\"\n    }},\n    {{\n        \"model\": \"M\",\n        \"answer\": \"\"\"{}\"\"\"\n    }}\n]\n\nNow please rank the models by the quality of their answers, so that the model with rank 1 has the best output. Then return a list of the model names and ranks, i.e., produce the following output:\n[\n    {{'model': <model-name>, 'rank': <model-rank>}},\n    {{'model': <model-name>, 'rank': <model-rank>}}\n]\n\nYour response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.",
+                    question.trim(),
+                    a.trim(),
+                    b.trim()
+                )),
+            ],
+        }
+    }
+
+    /// What the prob rule's forced choice writes before the verdict token.
+    pub fn prefill(self) -> &'static str {
+        match self {
+            JudgePrompt::MtBench => VERDICT_PREFILL,
+            JudgePrompt::AlpacaEval => "[\n    {'model': '",
+        }
+    }
+
+    /// The verdict tokens, first shown, second shown, then the tie when the prompt has one.
+    pub fn options(self) -> &'static [&'static str] {
+        match self {
+            JudgePrompt::MtBench => &VERDICT_OPTIONS,
+            JudgePrompt::AlpacaEval => &["m", "M"],
+        }
+    }
+
+    /// The verdict a forced choice's option names.
+    pub fn verdict_of_option(self, option: &str) -> Option<Verdict> {
+        match self.options().iter().position(|o| *o == option)? {
+            0 => Some(Verdict::A),
+            1 => Some(Verdict::B),
+            _ => Some(Verdict::Tie),
+        }
+    }
+
+    /// Reads the verdict of a written judgment.
+    pub fn parse(self, answer: &str) -> Result<Verdict, VerdictError> {
+        match self {
+            JudgePrompt::MtBench => parse_verdict(answer),
+            JudgePrompt::AlpacaEval => parse_ranking(answer),
+        }
+    }
+}
+
+/// Reads AlpacaEval's ranking: the entries `{'model': 'm' | 'M', 'rank': N}` (either quote);
+/// the verdict is the one model ranked 1. Two models ranked 1, or none, is no verdict.
+pub fn parse_ranking(answer: &str) -> Result<Verdict, VerdictError> {
+    static ENTRY: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let entry = ENTRY.get_or_init(|| {
+        regex::Regex::new(r#"['"]model['"]\s*:\s*['"]([mM])['"]\s*,\s*['"]rank['"]\s*:\s*(\d+)"#)
+            .expect("a valid pattern")
+    });
+    let firsts: Vec<Verdict> = entry
+        .captures_iter(answer)
+        .filter(|c| &c[2] == "1")
+        .map(|c| if &c[1] == "m" { Verdict::A } else { Verdict::B })
+        .collect();
+    match firsts[..] {
+        [v] => Ok(v),
+        [a, b] if a == b => Ok(a),
+        _ => Err(VerdictError::Missing),
+    }
+}
+
 /// One judge verdict about a presented pair: which position was better (`"A"`, `"B"`, `"tie"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
@@ -130,9 +230,14 @@ pub fn combine_text(model_first: Verdict, baseline_first: Verdict) -> Outcome {
 }
 
 /// The model's probability of being better in one order, from the judge's probabilities of
-/// `A`, `B`, `C` (a tie counts half), renormalised over the three; `None` when they are all 0.
+/// the first shown, the second shown and (when the prompt has one) the tie, a tie counting
+/// half, renormalised over the options; `None` when they are all 0 or not two or three.
 pub fn model_better(order: Order, probs: &[f32]) -> Option<f64> {
-    let [a, b, c] = <[f32; 3]>::try_from(probs).ok()?;
+    let (a, b, c) = match *probs {
+        [a, b] => (a, b, 0.0),
+        [a, b, c] => (a, b, c),
+        _ => return None,
+    };
     let (a, b, c) = (a as f64, b as f64, c as f64);
     let total = a + b + c;
     if total <= 0.0 || !total.is_finite() {
@@ -240,7 +345,64 @@ mod tests {
         assert!((p - 0.5).abs() < 1e-9, "{p}");
         assert_eq!(o, Outcome::Tie);
         assert_eq!(combine_prob(&[0.0, 0.0, 0.0], &[0.5, 0.5, 0.0]), None);
-        assert_eq!(combine_prob(&[0.5, 0.5], &[0.5, 0.5, 0.0]), None);
+        assert_eq!(combine_prob(&[0.5], &[0.5, 0.5, 0.0]), None);
+        assert_eq!(combine_prob(&[0.2, 0.2, 0.2, 0.4], &[0.5, 0.5]), None);
+        // A prompt with no tie (AlpacaEval's): model first with P(m) = 0.8, P(M) = 0.2 -> 0.8;
+        // baseline first with P(m) = 0.6, P(M) = 0.2 -> 0.2 / 0.8 = 0.25. Mean 0.525: a win.
+        let (p, o) = combine_prob(&[0.8, 0.2], &[0.6, 0.2]).expect("probs");
+        assert!((p - 0.525).abs() < 1e-6, "{p}");
+        assert_eq!(o, Outcome::Win);
+    }
+
+    #[test]
+    fn rankings_read_from_text() {
+        let ranked = |first: &str, second: &str| {
+            format!("[\n    {{'model': '{first}', 'rank': 1}},\n    {{'model': '{second}', 'rank': 2}}\n]")
+        };
+        assert_eq!(parse_ranking(&ranked("m", "M")), Ok(Verdict::A));
+        assert_eq!(parse_ranking(&ranked("M", "m")), Ok(Verdict::B));
+        // Rank 1 listed second, double quotes, no spaces.
+        assert_eq!(
+            parse_ranking(r#"[{"model":"m","rank":2},{"model":"M","rank":1}]"#),
+            Ok(Verdict::B)
+        );
+        for bad in [
+            "",
+            "M is better.",
+            "[{'model': 'm', 'rank': 1}, {'model': 'M', 'rank': 1}]",
+            "[{'model': 'x', 'rank': 1}]",
+            "[{'model': 'm', 'rank': 2}, {'model': 'M', 'rank': 3}]",
+            "[{'model': 'm', 'rank': 10}]",
+        ] {
+            assert_eq!(parse_ranking(bad), Err(VerdictError::Missing), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn each_prompt_names_its_options_in_the_order_shown() {
+        for prompt in [JudgePrompt::MtBench, JudgePrompt::AlpacaEval] {
+            let m = prompt.messages("Q?", "first answer", "second answer");
+            let u = &m[1].content;
+            let (a, b) = (
+                u.find("first answer").expect("a"),
+                u.find("second answer").expect("b"),
+            );
+            assert!(a < b, "{prompt:?}");
+            let opts = prompt.options();
+            assert_eq!(prompt.verdict_of_option(opts[0]), Some(Verdict::A));
+            assert_eq!(prompt.verdict_of_option(opts[1]), Some(Verdict::B));
+            assert_eq!(prompt.verdict_of_option("zz"), None);
+        }
+        assert_eq!(
+            JudgePrompt::MtBench.verdict_of_option("C"),
+            Some(Verdict::Tie)
+        );
+        // AlpacaEval's answer `m` is the first shown: its prefill ends where the name goes.
+        let u = JudgePrompt::AlpacaEval.messages("Q?", "a", "b")[1]
+            .content
+            .clone();
+        assert!(u.find("\"model\": \"m\"").expect("m") < u.find("\"model\": \"M\"").expect("M"));
+        assert!(JudgePrompt::AlpacaEval.prefill().ends_with("'model': '"));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// The reference NLL of one model.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReferenceNll {
     /// Mean NLL per target token (nats), over every target token of every example.
     pub nll: f64,

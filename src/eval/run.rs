@@ -12,18 +12,17 @@ use super::data::{
     EvalPrompt, Label,
 };
 use super::judge::{
-    combine_prob, combine_text, judge_messages, outcome_of, parse_verdict, Order, Outcome, Verdict,
-    VerdictError, VERDICT_OPTIONS, VERDICT_PREFILL,
+    combine_prob, combine_text, outcome_of, JudgePrompt, Order, Outcome, Verdict, VerdictError,
 };
 use super::nll::{reference_nll, ReferenceNll};
 use super::stats::{Confusion, Tally};
 use crate::model::chat::Message;
 use crate::model::device::Precision;
 use crate::model::sampling::Sampling;
-use crate::operators::model_call::Ask;
 use crate::operators::rate::{rate_samples_of, rating_asks, RateOptions};
 use crate::output::atomic_write_jsonl;
 use crate::records::Candidate;
+use crate::serve::Ask;
 use crate::serve::{Choice, GenAnswer, GenRequest, ModelClient, ModelServer, ServerConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -86,6 +85,8 @@ pub struct EvalConfig {
     pub judge: Option<PathBuf>,
     /// Which judge rules to run.
     pub judge_rule: JudgeRule,
+    /// Which judge prompt asks for the verdicts.
+    pub judge_prompt: JudgePrompt,
     /// Most tokens of a written judgment (text rule).
     pub judge_tokens: usize,
     /// A labelled dev set for selector precision/recall.
@@ -146,7 +147,8 @@ pub struct Judgment {
 }
 
 /// One line of `eval.json`'s `pairs`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PairResult {
     /// The entry judged.
     pub model: String,
@@ -171,10 +173,14 @@ pub struct PairResult {
     pub mean_p: Option<f64>,
     /// Prompts left out because one of the two had no answer.
     pub missing: u64,
+    /// The judge prompt (`mt-bench`, `alpaca-eval`; absent in files of older versions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_prompt: Option<String>,
 }
 
 /// A selector's figures.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SelectorResult {
     /// tp / (tp + fp).
     pub precision: Option<f64>,
@@ -277,14 +283,9 @@ pub fn ask_all(client: &ModelClient, asks: Vec<Ask>, what: &str) -> Result<Vec<G
     for (ticket, a) in asks.into_iter().enumerate() {
         client.send(GenRequest {
             ticket: ticket as u64,
-            model: a.model,
-            messages: a.messages,
-            max_new_tokens: a.max_new_tokens,
-            sampling: a.sampling,
+            ask: a,
             reply: reply.clone(),
             wake: None,
-            choose: a.choose,
-            choose_after: a.choose_after,
         })?;
     }
     drop(reply);
@@ -608,8 +609,8 @@ pub fn judge_entry(
         match (&mine[i], &theirs[i]) {
             (Some(a), Some(b)) => shown.push((
                 i,
-                judge_messages(&p.user_text(), a, b),
-                judge_messages(&p.user_text(), b, a),
+                cfg.judge_prompt.messages(&p.user_text(), a, b),
+                cfg.judge_prompt.messages(&p.user_text(), b, a),
             )),
             _ => missing += 1,
         }
@@ -653,8 +654,13 @@ pub fn judge_entry(
         let asks = asks(
             1,
             Some(Choice {
-                prefill: VERDICT_PREFILL.to_owned(),
-                options: VERDICT_OPTIONS.iter().map(|o| (*o).to_owned()).collect(),
+                prefill: cfg.judge_prompt.prefill().to_owned(),
+                options: cfg
+                    .judge_prompt
+                    .options()
+                    .iter()
+                    .map(|o| (*o).to_owned())
+                    .collect(),
             }),
         );
         let got = ask_all(client, asks, &format!("judge {model} vs {baseline} (prob)"))?;
@@ -667,7 +673,10 @@ pub fn judge_entry(
                 match (&a.result, &a.choice_probs) {
                     (Ok(_), Some(p)) => {
                         j.probs = Some(p.clone());
-                        j.verdict = a.choice.as_deref().and_then(letter);
+                        j.verdict = a
+                            .choice
+                            .as_deref()
+                            .and_then(|o| cfg.judge_prompt.verdict_of_option(o));
                         j.outcome = j.verdict.map(|v| outcome_of(*order, v));
                         probs.push(Some(p.clone()));
                     }
@@ -696,7 +705,8 @@ pub fn judge_entry(
         let decided = tally.decided();
         results.push(
             pair_result(model, baseline, "prob", tally, missing)
-                .with_mean_p((decided > 0).then(|| p_sum / decided as f64)),
+                .with_mean_p((decided > 0).then(|| p_sum / decided as f64))
+                .asked_with(cfg.judge_prompt),
         );
     }
     if matches!(cfg.judge_rule, JudgeRule::Text | JudgeRule::Both) {
@@ -709,7 +719,7 @@ pub fn judge_entry(
                 let mut j = judgment(s.0, *order, "text");
                 match &a.result {
                     Ok(raw) => {
-                        match parse_verdict(raw) {
+                        match cfg.judge_prompt.parse(raw) {
                             Ok(v) => {
                                 j.verdict = Some(v);
                                 j.outcome = Some(outcome_of(*order, v));
@@ -734,7 +744,9 @@ pub fn judge_entry(
                 _ => tally.unparsed += 1,
             }
         }
-        results.push(pair_result(model, baseline, "text", tally, missing));
+        results.push(
+            pair_result(model, baseline, "text", tally, missing).asked_with(cfg.judge_prompt),
+        );
     }
     for r in &results {
         log::info!(
@@ -755,15 +767,6 @@ pub fn judge_entry(
         );
     }
     Ok((results, lines))
-}
-
-fn letter(option: &str) -> Option<Verdict> {
-    match option {
-        "A" => Some(Verdict::A),
-        "B" => Some(Verdict::B),
-        "C" => Some(Verdict::Tie),
-        _ => None,
-    }
 }
 
 fn count(t: &mut Tally, o: Outcome) {
@@ -787,12 +790,18 @@ fn pair_result(model: &str, baseline: &str, rule: &str, t: Tally, missing: u64) 
         ci95: t.ci95(),
         mean_p: None,
         missing,
+        judge_prompt: None,
     }
 }
 
 impl PairResult {
     fn with_mean_p(mut self, p: Option<f64>) -> Self {
         self.mean_p = p;
+        self
+    }
+
+    fn asked_with(mut self, prompt: JudgePrompt) -> Self {
+        self.judge_prompt = Some(prompt.name().to_owned());
         self
     }
 }

@@ -55,6 +55,7 @@ pub fn wilson(p: f64, n: f64) -> (f64, f64) {
 /// A selector's confusion counts against labels: positive = "good", predicted positive =
 /// score at or above the threshold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Confusion {
     /// Good pairs selected.
     pub tp: u64,

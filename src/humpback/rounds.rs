@@ -94,9 +94,7 @@ impl ModelBook {
 
 /// The version recorded in a checkpoint folder's `backflow.json`, if any.
 pub fn folder_version(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join(checkpoint::META)).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["version"].as_str().map(str::to_owned)
+    crate::train::save::read_meta(dir)?.version
 }
 
 /// The version of a model given by path: its checkpoint version when it has one, else its file

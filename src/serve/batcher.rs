@@ -53,10 +53,10 @@ pub(super) fn serve(
                                 log::info!("model {version} loaded from {}", path.display());
                                 models.insert(version.clone(), m);
                             })
-                            .map_err(|message| ServeError::Load {
+                            .map_err(|source| ServeError::Load {
                                 version,
                                 path,
-                                message,
+                                source,
                             })
                     };
                     let _ = done.send(result);
@@ -111,39 +111,45 @@ fn from_cache(
         });
     };
     let version = match precision {
-        Precision::F32 => r.model.clone(),
-        other => format!("{}\0{other}", r.model),
+        Precision::F32 => r.ask.model.clone(),
+        other => format!("{}\0{other}", r.ask.model),
     };
-    let key = match (&r.choose, &r.choose_after) {
+    let key = match (&r.ask.choose, &r.ask.choose_after) {
         (Some(c), _) => answer_key(
             &version,
-            &c.cache_messages(&r.messages, "choice-p"),
+            &c.cache_messages(&r.ask.messages, "choice-p"),
             1,
             &Sampling::greedy(),
         ),
         (None, Some(c)) => answer_key(
             &version,
-            &c.cache_messages(&r.messages, "choice-after-p"),
-            r.max_new_tokens,
-            &r.sampling,
+            &c.cache_messages(&r.ask.messages, "choice-after-p"),
+            r.ask.max_new_tokens,
+            &r.ask.sampling,
         ),
-        (None, None) => answer_key(&version, &r.messages, r.max_new_tokens, &r.sampling),
+        (None, None) => answer_key(
+            &version,
+            &r.ask.messages,
+            r.ask.max_new_tokens,
+            &r.ask.sampling,
+        ),
     };
     match cache.get(key) {
         Some(hit) => {
             stats.add(
-                &r.model,
+                &r.ask.model,
                 VersionStats {
                     requests: 1,
                     cache_hits: 1,
                     ..VersionStats::default()
                 },
             );
-            let (choice, choice_probs, text) = if r.choose.is_some() || r.choose_after.is_some() {
-                unpack_choice(&hit.text)
-            } else {
-                (None, None, hit.text.clone())
-            };
+            let (choice, choice_probs, text) =
+                if r.ask.choose.is_some() || r.ask.choose_after.is_some() {
+                    unpack_choice(&hit.text)
+                } else {
+                    (None, None, hit.text.clone())
+                };
             Reply {
                 request: r,
                 result: Ok(text),

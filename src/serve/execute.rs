@@ -22,17 +22,30 @@ pub(super) struct Loaded {
     template: ChatTemplate,
 }
 
+/// Why a checkpoint could not be made ready to answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Its weights or configuration.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::TrainError),
+    /// Its tokenizer.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::model::tokenizer::TokenizerError),
+    /// Its chat template.
+    #[error(transparent)]
+    Template(#[from] crate::model::chat::ChatError),
+}
+
 /// Loads the checkpoint at `path` for inference.
-pub(super) fn load(path: &Path, config: &ServerConfig) -> Result<Loaded, String> {
+pub(super) fn load(path: &Path, config: &ServerConfig) -> Result<Loaded, LoadError> {
     let device = default_device();
     let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(
         path,
         &device,
         config.precision,
-    )
-    .map_err(|e| format!("{e:#}"))?;
-    let tokenizer = ck.tokenizer.load().map_err(|e| e.to_string())?;
-    let template = ChatTemplate::for_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
+    )?;
+    let tokenizer = ck.tokenizer.load()?;
+    let template = ChatTemplate::for_tokenizer(&tokenizer)?;
     let mut stop_ids = ck.stop_ids.clone();
     stop_ids.extend(template.stop_tokens(&tokenizer));
     stop_ids.sort_unstable();
@@ -61,7 +74,10 @@ pub(super) fn run_batches(
 ) {
     let mut by_model: HashMap<String, Vec<Pending>> = HashMap::new();
     for p in requests {
-        by_model.entry(p.request.model.clone()).or_default().push(p);
+        by_model
+            .entry(p.request.ask.model.clone())
+            .or_default()
+            .push(p);
     }
     for (version, group) in by_model {
         let Some(model) = models.get_mut(&version) else {
@@ -78,11 +94,13 @@ pub(super) fn run_batches(
             }
             continue;
         };
-        let (mut choices, group): (Vec<Pending>, Vec<Pending>) =
-            group.into_iter().partition(|p| p.request.choose.is_some());
+        let (mut choices, group): (Vec<Pending>, Vec<Pending>) = group
+            .into_iter()
+            .partition(|p| p.request.ask.choose.is_some());
         // Similar lengths together, as for generation below (characters stand in for tokens).
         choices.sort_by_key(|p| {
             p.request
+                .ask
                 .messages
                 .iter()
                 .map(|m| m.content.len())
@@ -97,7 +115,7 @@ pub(super) fn run_batches(
         let mut encoded: Vec<(Pending, Request)> = group
             .into_iter()
             .filter_map(|p| {
-                let then_choose = match p.request.choose_after.as_ref() {
+                let then_choose = match p.request.ask.choose_after.as_ref() {
                     None => None,
                     Some(c) => match c.option_ids(&model.tokenizer) {
                         Ok(options) => Some(ChoiceAfter {
@@ -113,11 +131,13 @@ pub(super) fn run_batches(
                     },
                 };
                 let request = Request {
-                    prompt_ids: model
-                        .template
-                        .encode(&model.tokenizer, &p.request.messages, true),
-                    max_new_tokens: p.request.max_new_tokens,
-                    sampling: p.request.sampling,
+                    prompt_ids: model.template.encode(
+                        &model.tokenizer,
+                        &p.request.ask.messages,
+                        true,
+                    ),
+                    max_new_tokens: p.request.ask.max_new_tokens,
+                    sampling: p.request.ask.sampling,
                     stop_ids: Vec::new(),
                     then_choose,
                 };
@@ -141,7 +161,7 @@ pub(super) fn run_batches(
                     for ((p, req), c) in chunk.into_iter().zip(&encoded).zip(completions) {
                         let text = model.tokenizer.decode_skip_special(&c.ids);
                         let choice =
-                            p.request.choose_after.as_ref().and_then(|after| {
+                            p.request.ask.choose_after.as_ref().and_then(|after| {
                                 c.choice.and_then(|i| after.options.get(i).cloned())
                             });
                         let probs = choice.as_ref().and(c.choice_probs);
@@ -257,7 +277,7 @@ fn settle(
     d.new_tokens += reply.new_tokens as u64;
     if let (Some(cache), Some(key), Ok(text)) = (cache, key, &reply.result) {
         let r = &reply.request;
-        let stored = if r.choose.is_some() || r.choose_after.is_some() {
+        let stored = if r.ask.choose.is_some() || r.ask.choose_after.is_some() {
             pack_choice(reply.choice.as_deref(), reply.choice_probs.as_deref(), text)
         } else {
             text.clone()
@@ -285,10 +305,12 @@ fn run_choices(
     let mut prompts = Vec::with_capacity(chunk.len());
     let mut options = Vec::with_capacity(chunk.len());
     for p in &chunk {
-        let Some(c) = &p.request.choose else { continue };
+        let Some(c) = &p.request.ask.choose else {
+            continue;
+        };
         let mut ids = model
             .template
-            .encode(&model.tokenizer, &p.request.messages, true);
+            .encode(&model.tokenizer, &p.request.ask.messages, true);
         ids.extend(model.tokenizer.encode(&c.prefill, false));
         prompts.push(ids);
         // Each option must be exactly one token, or the choice is not well defined.
@@ -305,7 +327,7 @@ fn run_choices(
                 let picked = opts.and_then(|opts| {
                     pick_option(&row, &opts)
                         .and_then(|(i, probs)| {
-                            let c = p.request.choose.as_ref()?;
+                            let c = p.request.ask.choose.as_ref()?;
                             Some((c.options.get(i)?.clone(), probs))
                         })
                         .ok_or(GenError::NoOption)

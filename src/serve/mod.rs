@@ -19,7 +19,8 @@ mod execute;
 mod protocol;
 mod stats;
 
-pub use protocol::{Choice, GenAnswer, GenError, GenRequest};
+pub use execute::LoadError;
+pub use protocol::{Ask, Choice, GenAnswer, GenError, GenRequest};
 pub use stats::{ServerStats, VersionStats};
 
 use crate::model::device::Precision;
@@ -40,14 +41,15 @@ pub enum ServeError {
     #[error("the model server has stopped")]
     Stopped,
     /// A checkpoint failed to load.
-    #[error("loading model {version} from {path}: {message}")]
+    #[error("loading model {version} from {}", path.display())]
     Load {
         /// The version it was to be loaded as.
         version: String,
         /// The checkpoint.
         path: PathBuf,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: LoadError,
     },
     /// The answer cache could not be opened.
     #[error(transparent)]

@@ -9,11 +9,13 @@ use crossbeam_channel::Sender;
 use std::path::PathBuf;
 use timely::scheduling::SyncActivator;
 
-/// One generation request.
-pub struct GenRequest {
-    /// The caller's id for this request, returned with the answer.
-    pub ticket: u64,
+/// What is asked of a model: a conversation, how to answer it, and any forced choice. Operators
+/// and the evaluation build these; the server's channel carries them in a [`GenRequest`].
+#[derive(Clone, Debug)]
+pub struct Ask {
     /// The model version to use (as loaded with [`ModelServer::load`]).
+    ///
+    /// [`ModelServer::load`]: super::ModelServer::load
     pub model: String,
     /// The conversation, rendered with the model's chat template.
     pub messages: Vec<Message>,
@@ -21,16 +23,24 @@ pub struct GenRequest {
     pub max_new_tokens: usize,
     /// Sampling (seed included: the same request gives the same answer on any process).
     pub sampling: Sampling,
+    /// Instead of generating, pick one of a few one-token answers (see [`Choice`]).
+    pub choose: Option<Choice>,
+    /// Generate, then make this choice right after the answer, from the answer's own KV cache
+    /// ([`GenAnswer::choice`]): the choice of [`Ask::choose`] at the cost of a few decode steps
+    /// instead of a second prefill of the whole conversation.
+    pub choose_after: Option<Choice>,
+}
+
+/// One request on the server's channel: an [`Ask`], and where and to whom its answer goes.
+pub struct GenRequest {
+    /// The caller's id for this request, returned with the answer.
+    pub ticket: u64,
+    /// What is asked.
+    pub ask: Ask,
     /// Where the answer goes.
     pub reply: Sender<GenAnswer>,
     /// Woken when the answer is sent.
     pub wake: Option<SyncActivator>,
-    /// Instead of generating, pick one of a few one-token answers (see [`Choice`]).
-    pub choose: Option<Choice>,
-    /// Generate, then make this choice right after the answer, from the answer's own KV cache
-    /// ([`GenAnswer::choice`]): the choice of [`GenRequest::choose`] at the cost of a few
-    /// decode steps instead of a second prefill of the whole conversation.
-    pub choose_after: Option<Choice>,
 }
 
 /// A forced choice: the prompt is the conversation with the assistant's turn opened and `prefill`
@@ -103,8 +113,8 @@ pub struct GenAnswer {
     pub ticket: u64,
     /// The generated text, or why there is none.
     pub result: Result<String, GenError>,
-    /// With [`GenRequest::choose_after`]: the option picked after the answer (`None` when the
-    /// context had no room for the choice, or not asked); with [`GenRequest::choose`], the
+    /// With [`Ask::choose_after`]: the option picked after the answer (`None` when the
+    /// context had no room for the choice, or not asked); with [`Ask::choose`], the
     /// option picked (also the `result`).
     pub choice: Option<String>,
     /// With `choice`: each option's probability, in the order of [`Choice::options`], under

@@ -30,15 +30,17 @@ fn ask(
     max_new_tokens: usize,
 ) -> Vec<GenAnswer> {
     round_trip(client, conversations.len(), |ticket, reply| GenRequest {
-        choose: None,
-        choose_after: None,
         ticket,
-        model: version.to_owned(),
-        messages: conversations[ticket as usize].clone(),
-        max_new_tokens,
-        sampling: Sampling::greedy(),
         reply,
         wake: None,
+        ask: Ask {
+            choose: None,
+            choose_after: None,
+            model: version.to_owned(),
+            messages: conversations[ticket as usize].clone(),
+            max_new_tokens,
+            sampling: Sampling::greedy(),
+        },
     })
 }
 
@@ -250,17 +252,19 @@ fn serve_forced_choice_picks_the_most_likely_option() {
     let options = [digits.clone(), vec!["1".into(), "twelve".into()]];
     let got = round_trip(&client, 2, |ticket, reply| GenRequest {
         ticket,
-        model: "v0".into(),
-        messages: messages.clone(),
-        max_new_tokens: 1,
-        sampling: Sampling::greedy(),
         reply,
         wake: None,
-        choose: Some(Choice {
-            prefill: prefill.clone(),
-            options: options[ticket as usize].clone(),
-        }),
-        choose_after: None,
+        ask: Ask {
+            model: "v0".into(),
+            messages: messages.clone(),
+            max_new_tokens: 1,
+            sampling: Sampling::greedy(),
+            choose: Some(Choice {
+                prefill: prefill.clone(),
+                options: options[ticket as usize].clone(),
+            }),
+            choose_after: None,
+        },
     });
     // Reference: the model's own forward pass, batch 1, a fresh cache, no generator.
     let device = default_device();
@@ -355,17 +359,19 @@ fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
     let send = |client: &ModelClient, options: &[String]| -> Vec<GenAnswer> {
         round_trip(client, 2, |ticket, reply| GenRequest {
             ticket,
-            model: "v0".into(),
-            messages: question(),
-            max_new_tokens: 8,
-            sampling: Sampling::greedy(),
             reply,
             wake: None,
-            choose: None,
-            choose_after: (ticket == 1).then(|| Choice {
-                prefill: "\nScore: ".into(),
-                options: options.to_vec(),
-            }),
+            ask: Ask {
+                model: "v0".into(),
+                messages: question(),
+                max_new_tokens: 8,
+                sampling: Sampling::greedy(),
+                choose: None,
+                choose_after: (ticket == 1).then(|| Choice {
+                    prefill: "\nScore: ".into(),
+                    options: options.to_vec(),
+                }),
+            },
         })
     };
     let first = {

@@ -32,7 +32,9 @@ pub const AUGMENTED_TAG: &str = "Answer with knowledge from web search.";
 pub const BACKWARD_PROMPT: &str = "Below is a candidate answer to a question or instruction from an user. Write the most likely question to which the text below would be a great answer.";
 
 /// Where training pairs come from: decides the system-prompt tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum DataSource {
     /// Human-written seed data: system prompt [`SEED_TAG`].
     Seed,

@@ -9,13 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
-
 use crate::model::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::{LlamaConfig, ModelError, TokenizerSource};
 
 use super::checkpoint::{self, Adapter, BaseModel, Merged};
 use super::model::{hf_name, PROJECTION_WEIGHTS};
+use super::save::CheckpointMeta;
 use super::{io_err, TrainError};
 
 /// What [`export_hf`] wrote.
@@ -68,13 +67,15 @@ pub fn export_hf(model: &Path, out: &Path) -> Result<Exported, TrainError> {
     let weights = checkpoint::safetensors_bytes(&tensors)?;
     let version = checkpoint::content_hash(&weights);
     let source = std::fs::canonicalize(model).map_err(io_err(model))?;
-    let meta = json!({
-        "version": version,
-        "kind": "export",
-        "source": source,
-        "base_model": adapter.as_ref().map(|a| &a.base),
-        "merged_adapter": adapter.is_some(),
-    });
+    let meta = CheckpointMeta {
+        version: Some(version.clone()),
+        kind: "export".into(),
+        base_model: adapter.as_ref().map(|a| a.base.clone()),
+        exported_from: Some(source),
+        merged_adapter: Some(adapter.is_some()),
+        finished: true,
+        ..CheckpointMeta::default()
+    };
     let exported = Exported {
         out: out.to_path_buf(),
         version,

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::model::chat::ChatTemplate;
 use crate::model::device::default_device;
@@ -18,7 +18,7 @@ use super::data::{self, DataStats, Example};
 use super::job::{DataGroup, TrainEvent, TrainJob, TrainOutcome};
 use super::metrics_log::{append_metrics, truncate_metrics};
 use super::model::{TrainLlama, TrainMode};
-use super::save::{finished_outcome, json_err, read_meta, Saver};
+use super::save::{finished_outcome, json_err, read_meta, MetaEval, SaveKind, Saver};
 use super::sft::{eval_loss, micro_batches, step_indices, TrainBackend, Trainer};
 use super::{io_err, TrainError};
 
@@ -278,7 +278,7 @@ pub fn run_job_with(
             && trainer.step.is_multiple_of(job.save_every)
             && trainer.step < sft.steps
         {
-            let version = saver.save(&trainer, json!({"finished": false}))?;
+            let version = saver.save(&trainer, SaveKind::Partial)?;
             on_event(&TrainEvent::Saved {
                 step: trainer.step,
                 version,
@@ -294,17 +294,16 @@ pub fn run_job_with(
     let secs = t0.elapsed().as_secs_f64();
     let version = saver.save(
         &trainer,
-        json!({
-            "finished": true,
-            "train_secs": secs,
-            "tokens_per_sec": tokens_per_sec,
-            "eval": {
-                "held_out_examples": held_out.len(),
-                "loss_before": eval_before.map(|e| e.0),
-                "loss_after": eval_after.map(|e| e.0),
-                "output_tokens": eval_after.map(|e| e.1),
+        SaveKind::Finished {
+            secs,
+            tokens_per_sec,
+            eval: MetaEval {
+                held_out_examples: held_out.len(),
+                loss_before: eval_before.map(|e| e.0),
+                loss_after: eval_after.map(|e| e.0),
+                output_tokens: eval_after.map(|e| e.1),
             },
-        }),
+        },
     )?;
     Ok(TrainOutcome {
         version,
@@ -349,6 +348,7 @@ mod tests {
     use crate::train::lora::LoraConfig;
     use crate::train::metrics_log::metrics_lines;
     use crate::train::tiny_base;
+    use serde_json::json;
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
 

@@ -3,18 +3,22 @@
 
 use std::path::Path;
 
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{LlamaConfig, TokenizerSource};
 
 use super::checkpoint;
-use super::data::DataStats;
+use super::data::{DataSource, DataStats};
 use super::fingerprint::canonical;
 use super::job::{TrainJob, TrainOutcome};
+use super::lora::LoraConfig;
 use super::metrics_log::read_losses;
 use super::model::TrainMode;
-use super::sft::{TrainBackend, Trainer};
+use super::sft::{SftConfig, TrainBackend, Trainer};
 use super::TrainError;
 
 /// The weight file a checkpoint of `mode` holds.
@@ -25,44 +29,115 @@ pub(super) fn weights_file(mode: &TrainMode) -> &'static str {
     }
 }
 
-/// What reuse and resume read of a checkpoint's `backflow.json` (written by [`Saver::save`]);
-/// every field has a default, so a file of an older version, or one cut short, reads as "not
+/// A checkpoint's `backflow.json`: what it is (kind, base, version), how it was trained
+/// (hyper-parameters, data, job fingerprint) and how it went (steps, speed, held-out losses).
+/// Written by [`Saver::save`] (and by `export` with `kind = "export"`); read by reuse, resume and
+/// the loop. Every field has a default and the nested records read leniently (one that no longer
+/// parses reads as absent), so a file of an older version, or one cut short, reads as "not
 /// finished" rather than failing.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CheckpointMeta {
     /// Content hash of the weights.
     pub version: Option<String>,
+    /// `full`, `lora` or `export`.
+    pub kind: String,
+    /// The base model (canonical path); for an adapter, what it applies to.
+    pub base_model: Option<PathBuf>,
+    /// Optimizer steps.
+    pub step: usize,
+    /// The optimisation hyper-parameters.
+    #[serde(deserialize_with = "lenient")]
+    pub sft: Option<SftConfig>,
+    /// LoRA's hyper-parameters (`None`: full finetuning).
+    #[serde(deserialize_with = "lenient")]
+    pub lora: Option<LoraConfig>,
+    /// Trained on reversed pairs (the backward model M_yx).
+    pub backward: bool,
+    /// The data's source when every group has the same one.
+    #[serde(deserialize_with = "lenient")]
+    pub source: Option<DataSource>,
+    /// The data's groups, in training order.
+    pub groups: Vec<GroupMeta>,
+    /// Describes the data (the CLI: its file path).
+    pub data: String,
+    /// The data pipeline's counts.
+    #[serde(deserialize_with = "lenient")]
+    pub data_stats: Option<DataStats>,
+    /// Examples trained on.
+    pub examples: usize,
+    /// Max tokens per example.
+    pub max_len: usize,
     /// The fingerprint of the job that wrote it.
     pub job_fingerprint: Option<String>,
     /// Whether the job ran to its end.
     pub finished: bool,
-    /// Optimizer steps.
-    pub step: usize,
-    /// Training tokens per second (finished jobs).
-    pub tokens_per_sec: Option<f64>,
     /// Wall seconds of the run (finished jobs).
     pub train_secs: Option<f64>,
-    /// Examples trained on.
-    pub examples: usize,
-    /// The data pipeline's counts.
-    pub data_stats: Option<DataStats>,
+    /// Training tokens per second (finished jobs).
+    pub tokens_per_sec: Option<f64>,
     /// Held-out losses (finished jobs).
+    #[serde(deserialize_with = "lenient")]
     pub eval: Option<MetaEval>,
+    /// Exports: the model folder or file exported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exported_from: Option<PathBuf>,
+    /// Exports: an adapter was merged into its base.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_adapter: Option<bool>,
+}
+
+/// One group of a checkpoint's training data.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GroupMeta {
+    /// Its tag.
+    pub source: Option<DataSource>,
+    /// Records in it.
+    pub records: usize,
 }
 
 /// The held-out losses of a finished checkpoint.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MetaEval {
+    /// Held-out examples.
+    pub held_out_examples: usize,
     /// Loss per output token before training.
     pub loss_before: Option<f64>,
     /// Loss per output token after training.
     pub loss_after: Option<f64>,
+    /// Output tokens the losses are over.
+    pub output_tokens: Option<usize>,
+}
+
+/// Reads a nested record, or `None` when it is absent, null or no longer of this shape.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// How a save ended, for `backflow.json`.
+pub(super) enum SaveKind {
+    /// A periodic save of a job still running.
+    Partial,
+    /// The job's last save.
+    Finished {
+        /// Wall seconds of the run.
+        secs: f64,
+        /// Training tokens per second.
+        tokens_per_sec: f64,
+        /// Held-out losses.
+        eval: MetaEval,
+    },
 }
 
 /// `backflow.json` of `out`, if readable.
-pub(super) fn read_meta(out: &Path) -> Option<CheckpointMeta> {
+pub fn read_meta(out: &Path) -> Option<CheckpointMeta> {
     let text = std::fs::read_to_string(out.join(checkpoint::META)).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -128,12 +203,12 @@ pub(super) struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    /// Writes the checkpoint folder atomically; `extra` (an object) is merged into
-    /// `backflow.json`. Returns the version (content hash of the weights).
+    /// Writes the checkpoint folder atomically, `backflow.json` saying how the save ended.
+    /// Returns the version (content hash of the weights).
     pub(super) fn save(
         &self,
         trainer: &Trainer<TrainBackend>,
-        extra: Value,
+        kind_of_save: SaveKind,
     ) -> Result<String, TrainError> {
         let job = self.job;
         let model = trainer.valid();
@@ -164,38 +239,50 @@ impl Saver<'_> {
         // One source for single-group data, as before groups existed; `groups` has them all.
         let source = match job.data.as_slice() {
             [first, rest @ ..] if rest.iter().all(|g| g.source == first.source) => {
-                json!(first.source)
+                Some(first.source)
             }
-            _ => Value::Null,
+            _ => None,
         };
-        let groups: Vec<Value> = job
-            .data
-            .iter()
-            .map(|g| json!({"source": g.source, "records": g.records.len()}))
-            .collect();
-        let mut meta = json!({
-            "version": version,
-            "kind": kind,
-            "base_model": base,
-            "step": trainer.step,
-            "sft": trainer.cfg,
-            "lora": match &job.mode {
-                TrainMode::Lora(lc) => serde_json::to_value(lc).map_err(json_err("LoRA config"))?,
-                TrainMode::Full => Value::Null,
+        let (finished, train_secs, tokens_per_sec, eval) = match kind_of_save {
+            SaveKind::Partial => (false, None, None, None),
+            SaveKind::Finished {
+                secs,
+                tokens_per_sec,
+                eval,
+            } => (true, Some(secs), Some(tokens_per_sec), Some(eval)),
+        };
+        let meta = CheckpointMeta {
+            version: Some(version.clone()),
+            kind: kind.to_owned(),
+            base_model: Some(base),
+            step: trainer.step,
+            sft: Some(trainer.cfg.clone()),
+            lora: match &job.mode {
+                TrainMode::Lora(lc) => Some(lc.clone()),
+                TrainMode::Full => None,
             },
-            "backward": job.backward,
-            "source": source,
-            "groups": groups,
-            "data": job.data_label,
-            "data_stats": self.stats,
-            "examples": self.examples,
-            "max_len": job.max_len,
-            "eval": Value::Null,
-            "job_fingerprint": self.fingerprint,
-        });
-        if let (Some(m), Value::Object(extra)) = (meta.as_object_mut(), extra) {
-            m.extend(extra);
-        }
+            backward: job.backward,
+            source,
+            groups: job
+                .data
+                .iter()
+                .map(|g| GroupMeta {
+                    source: Some(g.source),
+                    records: g.records.len(),
+                })
+                .collect(),
+            data: job.data_label.clone(),
+            data_stats: Some(self.stats.clone()),
+            examples: self.examples,
+            max_len: job.max_len,
+            job_fingerprint: Some(self.fingerprint.to_owned()),
+            finished,
+            train_secs,
+            tokens_per_sec,
+            eval,
+            exported_from: None,
+            merged_adapter: None,
+        };
         files.push((
             checkpoint::META.into(),
             serde_json::to_vec_pretty(&meta).map_err(json_err("backflow.json"))?,
@@ -214,4 +301,31 @@ impl Saver<'_> {
 /// A `serde_json` error as a checkpoint error about `what`.
 pub(super) fn json_err(what: &'static str) -> impl FnOnce(serde_json::Error) -> TrainError {
     move |e| TrainError::Checkpoint(format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of an older version (an export's `source` was its path; a nested record of
+    /// another shape) reads, what no longer parses as absent, the rest as written.
+    #[test]
+    fn older_and_odd_files_read_leniently() {
+        let text = r#"{"version": "v1", "finished": true, "step": 3, "kind": "lora",
+            "source": "/models/base.gguf", "sft": {"lr": "high"}, "lora": null,
+            "groups": [{"source": "Augmented", "records": 4}],
+            "eval": {"loss_after": 1.5}, "job_fingerprint": "fp"}"#;
+        let m: CheckpointMeta = serde_json::from_str(text).expect("reads");
+        assert_eq!(m.version.as_deref(), Some("v1"));
+        assert_eq!((m.finished, m.step, m.kind.as_str()), (true, 3, "lora"));
+        assert!(m.source.is_none() && m.sft.is_none() && m.lora.is_none());
+        assert_eq!(m.groups[0].source, Some(DataSource::Augmented));
+        assert_eq!(m.groups[0].records, 4);
+        let eval = m.eval.expect("eval");
+        assert_eq!((eval.loss_before, eval.loss_after), (None, Some(1.5)));
+        assert_eq!(m.job_fingerprint.as_deref(), Some("fp"));
+        // A file cut short reads as a checkpoint that did not finish.
+        let empty: CheckpointMeta = serde_json::from_str("{}").expect("reads");
+        assert!(!empty.finished && empty.version.is_none());
+    }
 }
