@@ -2,9 +2,9 @@
 # The evaluation experiment of the README ("Does it align?"): the Humpback loop on real pages with
 # SmolLM2-135M-Instruct, every forward model evaluated as it is trained on the last 35 seed tasks
 # (held out of every training): reference NLL, win rate against M_0 judged by Qwen2.5-Coder-1.5B
-# (both orders, verdict probabilities), selector precision/recall on a dev set built from the same
-# held-out tasks; then the paper's ablation: seed + ALL candidates (uncurated) against seed +
-# curated, both trained with the loop's settings and judged against M_0.
+# (AlpacaEval's ranking prompt, both orders, verdict probabilities), selector precision/recall on a
+# dev set built from the same held-out tasks; then the paper's ablation: seed + ALL candidates
+# (uncurated) against seed + curated, both trained with the loop's settings and judged against M_0.
 #
 #   scripts/experiment.sh [OUT]   EXP_LIMIT passages (96), EXP_STEPS steps per training (16),
 #                                 EXP_HOLDOUT held-out seed tasks (35), EXP_RULE judge rule (both),
