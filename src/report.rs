@@ -185,11 +185,6 @@ fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
-/// A count as a number to plot or print.
-fn count(n: u64) -> Option<f64> {
-    Some(n as f64)
-}
-
 /// One round of the metrics.
 struct Round<'a> {
     /// Its number.
@@ -215,7 +210,7 @@ impl<'a> Round<'a> {
                     }
                     // The unparsed count may live beside the histogram only.
                     if counts[5].is_none() && summary.unparsed > 0 {
-                        counts[5] = count(summary.unparsed);
+                        counts[5] = Some(summary.unparsed as f64);
                     }
                     counts
                 });
@@ -416,7 +411,7 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
                 .map(fmt_secs)
                 .unwrap_or_else(|| NA.into()),
         ),
-        ("Passages", fmt_opt(count(metrics.passages))),
+        ("Passages", fmt_num(metrics.passages as f64)),
         (
             "Passages / hour",
             fmt_opt(finite(metrics.passages_per_hour)),
@@ -424,11 +419,11 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
         ("Rounds", rounds.len().to_string()),
         (
             "Rated (last round)",
-            fmt_opt(last.and_then(|r| count(r.summary.rated))),
+            fmt_opt(last.map(|r| r.summary.rated as f64)),
         ),
         (
             "Curated (last round)",
-            fmt_opt(last.and_then(|r| count(r.summary.curated))),
+            fmt_opt(last.map(|r| r.summary.curated as f64)),
         ),
         (
             "Acceptance (last round)",
@@ -436,7 +431,7 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
                 .map(fmt_pct)
                 .unwrap_or_else(|| NA.into()),
         ),
-        ("Dropped", fmt_opt(count(dropped))),
+        ("Dropped", fmt_num(dropped as f64)),
     ];
     out.push_str("<dl class=\"figures\">\n");
     for (name, value) in figures {
@@ -681,10 +676,10 @@ fn rounds_table(out: &mut String, rounds: &[Round]) {
              <td class=\"n\">{}</td></tr>\n",
             escape(&r.number),
             version_cell(version_of(&r.summary.rating_model)),
-            fmt_opt(count(r.summary.rated)),
-            fmt_opt(count(r.summary.curated)),
+            fmt_num(r.summary.rated as f64),
+            fmt_num(r.summary.curated as f64),
             r.acceptance.map(fmt_pct).unwrap_or_else(|| NA.into()),
-            fmt_opt(count(r.summary.unparsed)),
+            fmt_num(r.summary.unparsed as f64),
             version_cell(version_of(&r.summary.train.version)),
             fmt_opt(examples.map(|e| e.seed as f64)),
             fmt_opt(examples.map(|e| e.augmented as f64)),
@@ -738,10 +733,10 @@ fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
             out,
             "<tr><td>{stage}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
-            fmt_opt(count(t.prompts)),
+            fmt_num(t.prompts as f64),
             fmt_opt(finite(t.prompts_per_sec)),
             fmt_opt(finite(t.new_tokens_per_sec)),
-            fmt_opt(count(t.cache_hits)),
+            fmt_num(t.cache_hits as f64),
         );
     }
     out.push_str("</table>\n");
