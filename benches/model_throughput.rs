@@ -7,8 +7,9 @@
 //! per sequence (32), `BENCH_MODEL` another GGUF file or HF folder, `BENCH_SHARED` tokens of
 //! prefix shared by all prompts of a batch (0; with N > 0 the prefix cache computes it once per
 //! batch, as for the rating template), `BENCH_REPEAT` runs per batch size, best of (1),
-//! `BENCH_DTYPE` `f32` (default), `f16` or `bf16`: the model's float type (on flex only f32 has
-//! the CPU fast paths; the half types are there for CUDA, built with `--features cuda`).
+//! `BENCH_DTYPE` `f32` (default), `f16`, `bf16` or `q8`: the model's weight format (on flex
+//! only f32 and q8 have the CPU fast paths; the half types are there for CUDA, built with
+//! `--features cuda`; q8 is 8-bit weight blocks, CPU only).
 //!
 //! One `generate` call per batch size, timed by the generator itself
 //! ([`backflow::model::generate::GenerateTiming`]): prefill is the forward pass over every

@@ -74,8 +74,8 @@ pub struct EvalArgs {
     /// Longest example of the reference NLL, in tokens (`backflow train`'s --max-len).
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 512)]
     pub max_len: usize,
-    /// Float type of generation.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    /// Weight format of the answering and judging models (q8 on CPU, f32 on CUDA by default).
+    #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
     /// Most sequences per model batch.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]

@@ -39,8 +39,9 @@ pub struct ServerFlags {
     /// Most sequences per model batch.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
-    /// Float type the model server loads models in (training stays f32).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    /// Weight format the model server loads models in: q8 (8-bit blocks, the CPU default), f32
+    /// (the CUDA default), f16, bf16. Training stays f32.
+    #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
     #[arg(long)]

@@ -44,9 +44,9 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Float type of weights, activations and KV cache (f16/bf16 mainly for CUDA; on CPU
-    /// only f32 has the fast paths).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    /// Weight format: 8-bit blocks (q8, the CPU default), f32 (the CUDA default), f16/bf16
+    /// (for CUDA; on CPU only q8 and f32 have the fast paths).
+    #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
 }
 

@@ -29,7 +29,9 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use super::config::LlamaConfig;
 use super::device::Precision;
 use super::kv_cache::{AppendPlan, KvCache};
+use super::quant::Q8Matrix;
 use super::ModelError;
+use std::sync::Arc;
 
 /// A weight as it comes from a checkpoint: `f32`, row-major, Hugging Face layout.
 #[derive(Debug, Clone)]
@@ -180,17 +182,64 @@ impl WeightSource for RandomWeights {
 #[derive(Debug, Clone)]
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 2>,
-    /// `[hidden, (h + 2·kv_h)·d]`
-    wqkv: Tensor<B, 2>,
+    /// `hidden → (h + 2·kv_h)·d`
+    wqkv: Linear<B>,
     /// `[1, (h + 2·kv_h)·d]`
     bqkv: Option<Tensor<B, 2>>,
-    /// `[h·d, hidden]`
-    wo: Tensor<B, 2>,
+    /// `h·d → hidden`
+    wo: Linear<B>,
     ffn_norm: Tensor<B, 2>,
-    /// `[hidden, 2·ffn]`
-    w_gate_up: Tensor<B, 2>,
-    /// `[ffn, hidden]`
-    w_down: Tensor<B, 2>,
+    /// `hidden → 2·ffn`
+    w_gate_up: Linear<B>,
+    /// `ffn → hidden`
+    w_down: Linear<B>,
+}
+
+/// The weight of a linear map `x ↦ x·W`, in the form the model's [`Precision`] keeps it.
+#[derive(Debug, Clone)]
+enum Linear<B: Backend> {
+    /// `[in, out]` on the device, in the model's float type.
+    Dense(Tensor<B, 2>),
+    /// `[out, in]` 8-bit blocks on the host, multiplied by the CPU kernels of [`super::quant`].
+    Q8(Arc<Q8Matrix>),
+}
+
+impl<B: Backend> Linear<B> {
+    /// Holds `[out, in]` weights (Hugging Face layout, `out` rows of `inner` values), as the
+    /// precision wants them.
+    fn new(
+        data: Vec<f32>,
+        out: usize,
+        inner: usize,
+        precision: Precision,
+        device: &B::Device,
+    ) -> Self {
+        if precision.quantized() {
+            return Linear::Q8(Arc::new(Q8Matrix::quantize(&data, out, inner)));
+        }
+        let t = transpose_host(&data, out, inner);
+        Linear::Dense(Tensor::from_data(
+            TensorData::new(t, [inner, out]),
+            (device, precision.dtype()),
+        ))
+    }
+
+    /// `x·W` for `x` `[rows, in]`.
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Linear::Dense(w) => x.matmul(w.clone()),
+            Linear::Q8(w) => cpu::q8_product(&x, w),
+        }
+    }
+}
+
+/// The token embedding `[vocab, hidden]`, dense on the device or as 8-bit rows on the host.
+#[derive(Debug, Clone)]
+enum Embedding<B: Backend> {
+    /// On the device, looked up with `select`.
+    Dense(Tensor<B, 2>),
+    /// On the host; looked-up rows are dequantized.
+    Q8(Arc<Q8Matrix>),
 }
 
 /// A LLaMA-family decoder with its weights on a device.
@@ -201,12 +250,12 @@ pub struct Llama<B: Backend> {
     /// The float type of weights, activations and the KV cache.
     dtype: DType,
     /// `[vocab, hidden]`
-    embed: Tensor<B, 2>,
+    embed: Embedding<B>,
     blocks: Vec<Block<B>>,
     /// `[1, hidden]`
     norm: Tensor<B, 2>,
-    /// `[vocab, hidden]` (the embedding itself when tied).
-    output: Tensor<B, 2>,
+    /// `hidden → vocab` (the embedding's own storage when tied).
+    output: Linear<B>,
     /// RoPE tables `[max_pos, d/2]`.
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
@@ -253,14 +302,15 @@ fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Concatenates `[out_i, in]` matrices along `out` and transposes to `[in, Σ out_i]`.
-fn fuse_transposed(parts: &[&HostTensor], inner: usize) -> (Vec<f32>, usize) {
+/// Concatenates `[out_i, in]` matrices along `out` (one fused projection): the values and
+/// `Σ out_i`.
+fn stack_rows(parts: &[HostTensor]) -> (Vec<f32>, usize) {
     let total_out: usize = parts.iter().map(|p| p.shape[0]).sum();
-    let mut stacked = Vec::with_capacity(total_out * inner);
+    let mut stacked = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
     for p in parts {
         stacked.extend_from_slice(&p.data);
     }
-    (transpose_host(&stacked, total_out, inner), total_out)
+    (stacked, total_out)
 }
 
 impl<B: Backend> Llama<B> {
@@ -278,24 +328,38 @@ impl<B: Backend> Llama<B> {
                 B::name(device)
             )));
         }
+        if precision.quantized() && !cpu::is_flex(&Tensor::<B, 2>::zeros([1, 1], device)) {
+            return Err(ModelError::Config(format!(
+                "{precision} weights run on the CPU backend only, not on {}; use bf16 or f16 there",
+                B::name(device)
+            )));
+        }
         let dtype = precision.dtype();
         let (h, d, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
         let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
             Tensor::from_data(TensorData::new(data, shape), (device, dtype))
         };
         let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
-        let embed = to_dev(embed.data, [cfg.vocab, h]);
+        let (embed, tied_output) = if precision.quantized() {
+            let q = Arc::new(Q8Matrix::quantize(&embed.data, cfg.vocab, h));
+            (Embedding::Q8(q.clone()), Linear::Q8(q))
+        } else {
+            let e = to_dev(embed.data, [cfg.vocab, h]);
+            (Embedding::Dense(e.clone()), Linear::Dense(e.transpose()))
+        };
         let norm = required(src, WeightName::OutputNorm, &[h])?;
         let norm = to_dev(norm.data, [1, h]);
         let output = if cfg.tie_embeddings {
-            embed.clone()
+            tied_output
         } else {
             match src.load(WeightName::Output)? {
-                Some(t) if t.shape == [cfg.vocab, h] => to_dev(t.data, [cfg.vocab, h]),
+                Some(t) if t.shape == [cfg.vocab, h] => {
+                    Linear::new(t.data, cfg.vocab, h, precision, device)
+                }
                 Some(t) => return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &t.shape)),
                 // A checkpoint that declares an untied head but lacks it: fall back to tying,
                 // which is what HF does when `lm_head` is absent.
-                None => embed.clone(),
+                None => tied_output,
             }
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
@@ -307,8 +371,7 @@ impl<B: Backend> Llama<B> {
             let q = required(src, w(LayerWeight::Q), &[qd, h])?;
             let k = required(src, w(LayerWeight::K), &[kd, h])?;
             let v = required(src, w(LayerWeight::V), &[kd, h])?;
-            let (wqkv, qkv_out) = fuse_transposed(&[&q, &k, &v], h);
-            drop((q, k, v));
+            let (wqkv, qkv_out) = stack_rows(&[q, k, v]);
             let bqkv = if cfg.qkv_bias {
                 let bq = required(src, w(LayerWeight::QBias), &[qd])?;
                 let bk = required(src, w(LayerWeight::KBias), &[kd])?;
@@ -321,22 +384,20 @@ impl<B: Backend> Llama<B> {
                 None
             };
             let o = required(src, w(LayerWeight::O), &[h, qd])?;
-            let wo = transpose_host(&o.data, h, qd);
             let ffn_norm = required(src, w(LayerWeight::FfnNorm), &[h])?;
             let gate = required(src, w(LayerWeight::Gate), &[cfg.ffn, h])?;
             let up = required(src, w(LayerWeight::Up), &[cfg.ffn, h])?;
-            let (w_gate_up, _) = fuse_transposed(&[&gate, &up], h);
-            drop((gate, up));
+            let (w_gate_up, gate_up_out) = stack_rows(&[gate, up]);
             let down = required(src, w(LayerWeight::Down), &[h, cfg.ffn])?;
-            let w_down = transpose_host(&down.data, h, cfg.ffn);
+            let linear = |data, out, inner| Linear::new(data, out, inner, precision, device);
             blocks.push(Block {
                 attn_norm: to_dev(attn_norm.data, [1, h]),
-                wqkv: to_dev(wqkv, [h, qkv_out]),
+                wqkv: linear(wqkv, qkv_out, h),
                 bqkv,
-                wo: to_dev(wo, [qd, h]),
+                wo: linear(o.data, h, qd),
                 ffn_norm: to_dev(ffn_norm.data, [1, h]),
-                w_gate_up: to_dev(w_gate_up, [h, 2 * cfg.ffn]),
-                w_down: to_dev(w_down, [cfg.ffn, h]),
+                w_gate_up: linear(w_gate_up, gate_up_out, h),
+                w_down: linear(down.data, h, cfg.ffn),
             });
         }
         let rope_host = std::sync::Arc::new(rope_tables(cfg.max_seq_len, d, cfg.rope_theta));
@@ -394,7 +455,7 @@ impl<B: Backend> Llama<B> {
         let ids = self.token_ids(tokens, b, s)?;
         let plan = cache.append(tokens, s, self.cfg.max_seq_len)?;
         let step = self.step(plan, cache, b, s);
-        let mut x = self.embed.clone().select(0, ids); // [b·s, hidden]
+        let mut x = self.embed_tokens(&ids); // [b·s, hidden]
         for (layer, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), blk.attn_norm.clone(), self.cfg.rms_eps);
             x = x + self.self_attention(blk, layer, h, &step, cache)?;
@@ -404,14 +465,34 @@ impl<B: Backend> Llama<B> {
         Ok(self.logits_of_last(x, b, s))
     }
 
-    /// The token ids as a device tensor (padding as id 0: it is masked), or an error for an id
-    /// outside the vocabulary or a count that is not `b × s`.
+    /// The embeddings `[ids, hidden]` of the tokens.
+    fn embed_tokens(&self, ids: &[u32]) -> Tensor<B, 2> {
+        let h = self.cfg.hidden;
+        match &self.embed {
+            Embedding::Dense(e) => {
+                let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                let n = ids.len();
+                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+                e.clone().select(0, ids)
+            }
+            Embedding::Q8(q) => {
+                let mut rows = vec![0f32; ids.len() * h];
+                for (row, &id) in rows.chunks_exact_mut(h).zip(ids) {
+                    q.dequantize_row(id as usize, row);
+                }
+                Tensor::from_data(TensorData::new(rows, [ids.len(), h]), &self.device)
+            }
+        }
+    }
+
+    /// The token ids (padding as id 0: it is masked), or an error for an id outside the
+    /// vocabulary or a count that is not `b × s`.
     fn token_ids(
         &self,
         tokens: &[Option<u32>],
         b: usize,
         s: usize,
-    ) -> Result<Tensor<B, 1, Int>, ModelError> {
+    ) -> Result<Vec<u32>, ModelError> {
         if s == 0 || tokens.len() != b * s {
             return Err(ModelError::Request(format!(
                 "{} tokens for a batch of {b} × {s}",
@@ -427,19 +508,16 @@ impl<B: Backend> Llama<B> {
                     self.cfg.vocab
                 )));
             }
-            ids.push(id as i64);
+            ids.push(id);
         }
-        Ok(Tensor::from_data(
-            TensorData::new(ids, [b * s]),
-            &self.device,
-        ))
+        Ok(ids)
     }
 
     /// What every layer of one forward step shares: positions, the mask in the form the
     /// backend's attention path wants, and (burn-ops path) the RoPE angles.
     fn step(&self, plan: AppendPlan, cache: &KvCache<B>, b: usize, s: usize) -> Step<B> {
         let (d, kvh) = (self.cfg.head_dim, self.cfg.n_kv_heads);
-        let flex = cpu::is_flex(&self.embed);
+        let flex = cpu::is_flex(&self.norm);
         let angles = (!flex).then(|| {
             let pos = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(plan.positions.clone(), [b * s]),
@@ -504,7 +582,7 @@ impl<B: Backend> Llama<B> {
         let (k_all, v_all) = cache.write(layer, step.start, k, v);
         let prefix = cache.prefix_kv(layer);
         let att = self.attend(q, k_all, v_all, prefix, step)?;
-        Ok(self.merge_heads(att, step).matmul(blk.wo.clone()))
+        Ok(blk.wo.forward(self.merge_heads(att, step)))
     }
 
     /// The fused q/k/v projection split into queries `[b, kv_h, n_rep·s, d]` (the query heads
@@ -519,7 +597,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), ModelError> {
         let cfg = &self.cfg;
         let (b, s, d, kvh) = (step.b, step.s, cfg.head_dim, cfg.n_kv_heads);
-        let mut qkv = h.matmul(blk.wqkv.clone());
+        let mut qkv = blk.wqkv.forward(h);
         if let Some(bias) = &blk.bqkv {
             qkv = qkv + bias.clone();
         }
@@ -646,13 +724,13 @@ impl<B: Backend> Llama<B> {
     /// The SwiGLU MLP: `down(silu(gate(h)) · up(h))`, gate and up as one fused product.
     fn mlp(&self, blk: &Block<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let ffn = self.cfg.ffn;
-        let gu = h.matmul(blk.w_gate_up.clone());
+        let gu = blk.w_gate_up.forward(h);
         let act = cpu::silu_mul(&gu, ffn).unwrap_or_else(|| {
             let gate = gu.clone().narrow(1, 0, ffn);
             let up = gu.narrow(1, ffn, ffn);
             silu(gate) * up
         });
-        act.matmul(blk.w_down.clone())
+        blk.w_down.forward(act)
     }
 
     /// The logits `[b, vocab]` (f32) of each sequence's last slot: only it goes through the
@@ -664,7 +742,7 @@ impl<B: Backend> Llama<B> {
             .narrow(1, s - 1, 1)
             .reshape([b, hidden]);
         let last = rms_norm(last, self.norm.clone(), self.cfg.rms_eps);
-        let logits = last.matmul(self.output.clone().transpose());
+        let logits = self.output.forward(last);
         match self.dtype {
             DType::F32 => logits,
             _ => logits.cast(DType::F32),
@@ -709,6 +787,21 @@ mod cpu {
         } else {
             ft.to_contiguous()
         })
+    }
+
+    /// `x·Wᵀ` for `x` `[rows, in]` and the 8-bit `w` `[out, in]`, as `[rows, out]` `f32`: on
+    /// flex straight from and into the tensors' memory; elsewhere through a host copy (loading
+    /// refuses 8-bit weights off the CPU, so that path serves only tests and odd callers).
+    pub(super) fn q8_product<B: Backend>(x: &Tensor<B, 2>, w: &super::Q8Matrix) -> Tensor<B, 2> {
+        let [rows, _] = x.dims();
+        let y = match flex(x) {
+            Some(f) => match f.as_slice::<f32>() {
+                Some(s) => w.matmul_t(s, rows),
+                None => w.matmul_t(&f.into_data().iter::<f32>().collect::<Vec<_>>(), rows),
+            },
+            None => w.matmul_t(&x.to_data().iter::<f32>().collect::<Vec<_>>(), rows),
+        };
+        Tensor::from_data(TensorData::new(y, [rows, w.rows()]), &x.device())
     }
 
     /// Whether the model runs on flex in `f32` (the fast paths apply).

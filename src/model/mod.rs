@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
+pub mod quant;
 pub mod safetensors;
 pub mod sampling;
 pub mod tokenizer;

@@ -82,7 +82,7 @@ impl Default for ServerConfig {
             batch_window: Duration::from_millis(20),
             prefix_cache: true,
             cache: None,
-            precision: Precision::F32,
+            precision: Precision::backend_default(),
         }
     }
 }

@@ -1,0 +1,224 @@
+//! Dot products of Q8 rows: `Σ_blocks d_w·d_x·Σ_i w_i·x_i` over rows of [`super::QK`]-value
+//! blocks, one weight row against up to [`ROWS`] activation rows at a time (the weight block is
+//! loaded, and its absolute value taken, once for all of them).
+//!
+//! Three implementations, chosen once at run time by [`Kernel::detect`]:
+//! - `AvxVnni`: `vpdpbusd` multiplies 32 unsigned by 32 signed bytes and adds the four products
+//!   of each lane into an `i32` in one instruction;
+//! - `Avx2`: the same product as `vpmaddubsw` (pairs into saturating `i16`, safe here: both
+//!   operands are at most 127 in magnitude, so a pair is at most 32 258) then `vpmaddwd`;
+//! - `Portable`: plain integer loops, for every other machine and as the tests' reference.
+//!
+//! Both vector paths use llama.cpp's sign trick (`ggml_vec_dot_q8_0_q8_0`): the unsigned operand
+//! is `|w|` and the signed one `x·sign(w)`, so `|w|·x·sign(w) = w·x`. The `i32` block sums go to
+//! `f32` and are scaled by the two block scales into eight `f32` lanes, summed at the end.
+
+use super::QK;
+
+/// Activation rows one call of a kernel multiplies against a weight row.
+pub const ROWS: usize = 4;
+
+/// One row of Q8 blocks: `quants.len() == scales.len() * QK`.
+#[derive(Clone, Copy)]
+pub struct RowRef<'a> {
+    /// The signed 8-bit values, block after block.
+    pub quants: &'a [i8],
+    /// One scale per block.
+    pub scales: &'a [f32],
+}
+
+/// The dot-product implementation this machine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX2 with AVX-VNNI's `vpdpbusd`.
+    AvxVnni,
+    /// AVX2 and FMA.
+    Avx2,
+    /// No vector instructions assumed.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel the CPU supports.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avxvnni") {
+                return Kernel::AvxVnni;
+            }
+            if avx2 {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    /// Every kernel this CPU can run (the tests check each against the portable one).
+    pub fn available() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 {
+                all.push(Kernel::Avx2);
+            }
+            if avx2 && is_x86_feature_detected!("avxvnni") {
+                all.push(Kernel::AvxVnni);
+            }
+        }
+        all
+    }
+
+    /// The name reported by benches and `--help`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::AvxVnni => "avx-vnni",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// `out[r] = w · xs[r]` for every given activation row (at most [`ROWS`]; all rows the
+    /// same number of blocks as `w`).
+    pub fn dot(self, w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
+        // The vector kernels read blocks by raw pointer: every row must hold as many blocks as
+        // `w` (checked once per call, not per block).
+        let blocks = w.scales.len();
+        assert!(
+            xs.len() <= ROWS
+                && out.len() >= xs.len()
+                && w.quants.len() == blocks * QK
+                && xs
+                    .iter()
+                    .all(|x| x.scales.len() == blocks && x.quants.len() == blocks * QK),
+            "Kernel::dot: rows of different block counts"
+        );
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::AvxVnni` and `Kernel::Avx2` are only constructed by `detect` and
+            // `available` after checking the CPU has the features these functions enable.
+            Kernel::AvxVnni => unsafe { x86::dot_vnni(w, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernel::Avx2 => unsafe { x86::dot_avx2(w, xs, out) },
+            _ => dot_portable(w, xs, out),
+        }
+    }
+}
+
+/// `out = d·q` block by block (`out.len() == scales.len() * QK`), vectorized where the CPU
+/// allows: a weight tile is dequantized for every GEMM of a prefill.
+pub fn dequantize(quants: &[i8], scales: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { x86::dequantize_avx2(quants, scales, out) };
+        return;
+    }
+    dequantize_portable(quants, scales, out);
+}
+
+fn dequantize_portable(quants: &[i8], scales: &[f32], out: &mut [f32]) {
+    for ((o, q), &d) in out
+        .chunks_exact_mut(QK)
+        .zip(quants.chunks_exact(QK))
+        .zip(scales)
+    {
+        for (o, &q) in o.iter_mut().zip(q) {
+            *o = d * q as f32;
+        }
+    }
+}
+
+/// The reference: integer sums per block, scaled in `f32`.
+fn dot_portable(w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        let mut acc = 0f32;
+        for (b, (wq, xq)) in w
+            .quants
+            .chunks_exact(QK)
+            .zip(x.quants.chunks_exact(QK))
+            .enumerate()
+        {
+            let s: i32 = wq.iter().zip(xq).map(|(&a, &c)| a as i32 * c as i32).sum();
+            acc += w.scales[b] * x.scales[b] * s as f32;
+        }
+        *o = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{RowRef, QK, ROWS};
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of eight `f32` lanes.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The shared loop: `block_dot(|w|, x·sign(w))` gives eight `i32` partial sums of a block.
+    #[inline(always)]
+    unsafe fn dot_with(
+        w: RowRef<'_>,
+        xs: &[RowRef<'_>],
+        out: &mut [f32],
+        block_dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
+        let n = xs.len().min(ROWS);
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for b in 0..w.scales.len() {
+            let wv = _mm256_loadu_si256(w.quants.as_ptr().add(b * QK) as *const __m256i);
+            let aw = _mm256_sign_epi8(wv, wv);
+            let dw = w.scales[b];
+            for (a, x) in acc.iter_mut().zip(&xs[..n]) {
+                let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * QK) as *const __m256i);
+                let sums = block_dot(aw, _mm256_sign_epi8(xv, wv));
+                let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(b));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc).take(n) {
+            *o = hsum(*a);
+        }
+    }
+
+    /// Dequantization, eight values per instruction.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequantize_avx2(quants: &[i8], scales: &[f32], out: &mut [f32]) {
+        let blocks = scales.len().min(quants.len() / QK).min(out.len() / QK);
+        for (b, &scale) in scales.iter().enumerate().take(blocks) {
+            let d = _mm256_set1_ps(scale);
+            for j in (0..QK).step_by(8) {
+                let at = b * QK + j;
+                let q8 = _mm_loadl_epi64(quants.as_ptr().add(at) as *const __m128i);
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+                _mm256_storeu_ps(out.as_mut_ptr().add(at), _mm256_mul_ps(d, v));
+            }
+        }
+    }
+
+    /// AVX2: `vpmaddubsw` then `vpmaddwd` against ones.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        dot_with(w, xs, out, |a, s| {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, s), ones)
+        });
+    }
+
+    /// AVX-VNNI: one `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn dot_vnni(w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
+        dot_with(w, xs, out, |a, s| {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, s)
+        });
+    }
+}
