@@ -7,9 +7,10 @@
 //! per sequence (32), `BENCH_MODEL` another GGUF file or HF folder, `BENCH_SHARED` tokens of
 //! prefix shared by all prompts of a batch (0; with N > 0 the prefix cache computes it once per
 //! batch, as for the rating template), `BENCH_REPEAT` runs per batch size, best of (1),
-//! `BENCH_DTYPE` `f32` (default), `f16`, `bf16` or `q8`: the model's weight format (on flex
-//! only f32 and q8 have the CPU fast paths; the half types are there for CUDA, built with
-//! `--features cuda`; q8 is 8-bit weight blocks, CPU only).
+//! `BENCH_DTYPE` `f32` (default), `f16`, `bf16`, `q8` or `native`: the model's weight format (on
+//! flex the half types run without the CPU fast paths, they are there for CUDA, built with
+//! `--features cuda`; q8 and native are block formats, CPU only: README "Weight formats").
+//! The resident memory with the model loaded is printed too.
 //!
 //! One `generate` call per batch size, timed by the generator itself
 //! ([`backflow::model::generate::GenerateTiming`]): prefill is the forward pass over every
@@ -92,18 +93,21 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let json = std::env::var("BENCH_JSON").is_ok_and(|v| !v.is_empty() && v != "0");
+    // Resident memory with the model loaded (before the matmul probe allocates anything).
+    let rss_loaded = proc_status_mb("VmRSS");
     let gflops = matmul_gflops(&device);
     if json {
         println!(
             "{}",
             serde_json::json!({"kind": "setup", "model": what, "backend": backend_name(),
                 "threads": threads, "dtype": dtype.as_str(), "prompt": prompt_len, "shared": shared, "new": new_tokens,
-                "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops})
+                "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops, "rss_loaded_mb": rss_loaded})
         );
     } else {
         println!(
-            "model: {what} ({dtype})\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s",
-            backend_name()
+            "model: {what} ({dtype})\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s\nresident memory with the model loaded: {} MB",
+            backend_name(),
+            rss_loaded.map_or("?".into(), |m| format!("{m:.0}")),
         );
         println!(
             "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step |\n|------:|--------------:|----------:|-------------:|---------------:|"
@@ -155,7 +159,8 @@ fn main() {
             println!(
                 "{}",
                 serde_json::json!({"kind": "row", "batch": b, "prefill_tok_s": prefill_tps,
-                    "prefill_s": prefill_s, "decode_tok_s": decode_tps, "decode_ms_step": ms_step})
+                    "prefill_s": prefill_s, "decode_tok_s": decode_tps, "decode_ms_step": ms_step,
+                    "peak_rss_mb": proc_status_mb("VmHWM")})
             );
         } else {
             println!(
@@ -163,6 +168,14 @@ fn main() {
             );
         }
     }
+}
+
+/// A `/proc/self/status` figure (`VmRSS`, `VmHWM`) in MB; `None` off Linux.
+fn proc_status_mb(key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// f32 matmul throughput of the backend on one of the model's shapes (the MLP's gate/up

@@ -2,12 +2,13 @@
 """backflow's burn LLaMA beside llama.cpp on the same GGUF, the same threads, in the same run.
 
     ~/.cache/backflow/venv-llama/bin/python benches/model_vs_llamacpp.py [--batches 1,8,32]
-        [--prompt 128] [--new 32] [--threads 2] [--model PATH.gguf]
+        [--prompt 128] [--new 32] [--threads 2] [--model PATH.gguf] [--dtypes q8,f32]
 
 The venv comes from `scripts/fetch-assets.sh llamacpp` (llama-cpp-python built from source for
-this CPU). Prints one Markdown table: prefill and decode tokens/s at each batch size for both,
-the ratio backflow / llama.cpp, and the machine's f32 matmul GFLOP/s (burn flex and numpy's
-BLAS) as the ceiling both work against.
+this CPU). Prints one Markdown table: prefill and decode tokens/s at each batch size for both
+(backflow once per weight format of --dtypes), the ratio backflow / llama.cpp, the resident
+memory of each with the model loaded, and the machine's f32 matmul GFLOP/s (burn flex and
+numpy's BLAS) as the ceiling both work against.
 
 What is measured, identically on both sides:
 - prefill: one pass over batch x prompt random tokens (distinct prompts, no shared prefix),
@@ -32,10 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path.home() / ".cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def backflow_rows(args):
-    """Runs the Rust bench; returns (setup dict, {batch: row dict})."""
+def backflow_rows(args, dtype):
+    """Runs the Rust bench with weights in `dtype`; returns (setup dict, {batch: row dict})."""
     env = dict(os.environ)
     env.update(
+        BENCH_DTYPE=dtype,
         BENCH_JSON="1",
         BENCH_BATCHES=",".join(map(str, args.batches)),
         BENCH_PROMPT=str(args.prompt),
@@ -80,6 +82,15 @@ def numpy_gflops(threads):
     return float(out.stdout.strip())
 
 
+def rss_mb():
+    """This process's resident memory in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class LlamaCpp:
     """A llama.cpp context with room for `max_batch` sequences of `per_seq` tokens."""
 
@@ -87,6 +98,7 @@ class LlamaCpp:
         import llama_cpp as L
 
         self.L = L
+        rss_before = rss_mb()
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
@@ -104,6 +116,8 @@ class LlamaCpp:
             sys.exit("llama.cpp cannot create a context")
         self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.batch = L.llama_batch_init(cp.n_batch, 0, max_batch)
+        # What loading the model and making this context added to the process.
+        self.rss_added_mb = rss_mb() - rss_before
 
     def close(self):
         L = self.L
@@ -158,7 +172,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs per cell, both sides")
+    ap.add_argument("--dtypes", default="q8,f32", help="backflow weight formats to run (BENCH_DTYPE)")
     args = ap.parse_args()
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if not args.model.exists():
         sys.exit(f"{args.model} is missing: run scripts/fetch-assets.sh model")
@@ -166,10 +182,11 @@ def main():
     import numpy as np
 
     # Sequential, never concurrent: both use every core they are given.
-    setup, ours = backflow_rows(args)
+    runs = {d: backflow_rows(args, d) for d in args.dtypes}
+    setup = runs[args.dtypes[0]][0]
     npy = numpy_gflops(args.threads)
     rng = np.random.default_rng(7)
-    theirs = {}
+    theirs, their_rss = {}, None
     for b in args.batches:
         # A context sized for this batch, as a llama.cpp user would make it: its attention
         # reads every cell of the context, so a context sized for 32 would slow batch 1.
@@ -182,6 +199,8 @@ def main():
             row = dict(prefill_tok_s=b * args.prompt / pre, decode_tok_s=b * steps / dec)
             best = row if best is None else {k: max(v, row[k]) for k, v in best.items()}
         theirs[b] = best
+        if their_rss is None:
+            their_rss = lc.rss_added_mb
         lc.close()
 
     load = os.getloadavg()[0]
@@ -194,17 +213,26 @@ def main():
         f"numpy BLAS {npy:.1f} GFLOP/s"
     )
     print()
-    print("| batch | prefill tok/s backflow | llama.cpp | ratio | decode tok/s backflow | llama.cpp | ratio |")
-    print("|------:|-----------------------:|----------:|------:|----------------------:|----------:|------:|")
+    print("| batch | backflow weights | prefill tok/s backflow | llama.cpp | ratio | decode tok/s backflow | llama.cpp | ratio |")
+    print("|------:|:-----------------|-----------------------:|----------:|------:|----------------------:|----------:|------:|")
     for b in args.batches:
-        o, t = ours.get(b), theirs[b]
-        if o is None:
-            continue
-        print(
-            f"| {b:>5} | {o['prefill_tok_s']:>22.1f} | {t['prefill_tok_s']:>9.1f} | "
-            f"{o['prefill_tok_s'] / t['prefill_tok_s']:>5.2f} | {o['decode_tok_s']:>21.1f} | "
-            f"{t['decode_tok_s']:>9.1f} | {o['decode_tok_s'] / t['decode_tok_s']:>5.2f} |"
-        )
+        t = theirs[b]
+        for d in args.dtypes:
+            o = runs[d][1].get(b)
+            if o is None:
+                continue
+            print(
+                f"| {b:>5} | {d:<16} | {o['prefill_tok_s']:>22.1f} | {t['prefill_tok_s']:>9.1f} | "
+                f"{o['prefill_tok_s'] / t['prefill_tok_s']:>5.2f} | {o['decode_tok_s']:>21.1f} | "
+                f"{t['decode_tok_s']:>9.1f} | {o['decode_tok_s'] / t['decode_tok_s']:>5.2f} |"
+            )
+    print()
+    size = args.model.stat().st_size / 2**20
+    mem = ", ".join(f"backflow {d} {runs[d][0].get('rss_loaded_mb') or float('nan'):.0f} MB" for d in args.dtypes)
+    print(
+        f"resident memory with the model loaded (file {size:.0f} MB): {mem}; "
+        f"llama.cpp +{their_rss:.0f} MB (model and a batch-{args.batches[0]} context, mmap'd pages it touched)"
+    )
 
 
 if __name__ == "__main__":

@@ -50,10 +50,16 @@ fn qwen_models_match_llamacpp() {
     let reference: Value = serde_json::from_str(&text).expect("json");
     let models = reference["models"].as_object().expect("models");
     assert!(!models.is_empty(), "the reference has no model");
-    for (name, r) in models {
+    // f32, and the CPU default (`native`: these Q4_K_M files have no Q4_0/Q4_1 tensor, so every
+    // matrix is requantized to 8-bit blocks).
+    let runs = models
+        .iter()
+        .flat_map(|m| [Precision::F32, Precision::Native].map(|p| (m, p)));
+    for ((name, r), precision) in runs {
         let Some(path) = model(name) else { continue };
-        let ck = load_checkpoint::<Flex>(&path, &Default::default(), Precision::F32)
+        let ck = load_checkpoint::<Flex>(&path, &Default::default(), precision)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let name = &format!("{name} {precision}");
         let tokenizer = match &ck.tokenizer {
             TokenizerSource::Gguf(meta) => Tokenizer::from_gguf_metadata(meta).expect("tokenizer"),
             _ => panic!("{name}: no GGUF tokenizer"),

@@ -36,6 +36,10 @@ pub enum Precision {
     /// `Q8_0` layout, see `model::quant`), activations and KV cache in f32: a quarter of f32's
     /// memory and memory traffic. CPU only.
     Q8,
+    /// A GGUF file's own 4-bit blocks where backflow has a kernel for them (`Q4_0`, `Q4_1`:
+    /// the weights exactly as the file holds them, 0.75 bytes a weight), [`Precision::Q8`] for
+    /// every other tensor and for Hugging Face folders. CPU only.
+    Native,
 }
 
 impl Precision {
@@ -45,24 +49,24 @@ impl Precision {
             Precision::F32 => burn::tensor::DType::F32,
             Precision::F16 => burn::tensor::DType::F16,
             Precision::Bf16 => burn::tensor::DType::BF16,
-            Precision::Q8 => burn::tensor::DType::F32,
+            Precision::Q8 | Precision::Native => burn::tensor::DType::F32,
         }
     }
 
-    /// The default of the backend this binary is built for: 8-bit weights on the CPU (a quarter
-    /// of f32's memory, about 3x its batch-1 decoding, prefill as fast; see README, "Weight
-    /// formats"), f32 on CUDA.
+    /// The default of the backend this binary is built for: on the CPU the file's 4-bit blocks
+    /// where it has them and 8-bit blocks elsewhere (a quarter of f32's memory or less, about
+    /// 3x its batch-1 decoding, prefill near it; see README, "Weight formats"), f32 on CUDA.
     pub const fn backend_default() -> Precision {
         if cfg!(feature = "cuda") {
             Precision::F32
         } else {
-            Precision::Q8
+            Precision::Native
         }
     }
 
-    /// Whether linear weights are kept as 8-bit blocks.
+    /// Whether linear weights are kept as blocks (8-bit, or the file's 4-bit).
     pub fn quantized(self) -> bool {
-        self == Precision::Q8
+        matches!(self, Precision::Q8 | Precision::Native)
     }
 
     /// The flag's spelling (`f32`, `f16`, `bf16`, `q8`).
@@ -72,6 +76,7 @@ impl Precision {
             Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
             Precision::Q8 => "q8",
+            Precision::Native => "native",
         }
     }
 

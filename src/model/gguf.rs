@@ -19,6 +19,7 @@ use memmap2::Mmap;
 
 use super::config::{Architecture, LlamaConfig};
 use super::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
+use super::quant::{Q4Matrix, Q8Matrix, QuantWeight};
 use super::ModelError;
 
 /// The four bytes every GGUF file starts with ("GGUF" read as a little-endian u32).
@@ -624,6 +625,46 @@ impl GgufFile {
         Ok((values, info.shape()))
     }
 
+    /// A 2-D tensor by name as 8-bit blocks, `[rows, cols]` as [`GgufTensorInfo::shape`], its
+    /// row `r` taken from the file's row `source_row(r)`: each row dequantized and requantized
+    /// on its own (rows in parallel), so the tensor is never held as `f32`.
+    pub fn tensor_q8(
+        &self,
+        name: &str,
+        source_row: impl Fn(usize) -> usize + Sync,
+    ) -> Result<Q8Matrix, GgufError> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        let unsupported = || GgufError::UnsupportedTensorType {
+            name: name.to_string(),
+            ty: info.ty.name(),
+        };
+        let (block_elems, block_bytes) = info.ty.block_layout().ok_or_else(unsupported)?;
+        let shape = info.shape();
+        let [rows, cols] = shape[..] else {
+            return Err(GgufError::Corrupt(format!(
+                "tensor {name} has shape {shape:?}, not a matrix"
+            )));
+        };
+        if cols % block_elems != 0 {
+            return Err(GgufError::Corrupt(format!(
+                "tensor {name}: rows of {cols} values do not split into blocks of {block_elems}"
+            )));
+        }
+        let bytes = self.tensor_bytes(info)?;
+        let row_bytes = cols / block_elems * block_bytes;
+        Q8Matrix::from_rows(rows, cols, |r, out| {
+            let src = source_row(r);
+            let row = bytes
+                .get(src * row_bytes..(src + 1) * row_bytes)
+                .ok_or_else(|| GgufError::Corrupt(format!("tensor {name}: row {src} missing")))?;
+            let values = dequantize(info.ty, row, cols).map_err(|_| unsupported())?;
+            out.copy_from_slice(&values);
+            Ok(())
+        })
+    }
+
     /// The tokenizer metadata (`tokenizer.*` keys).
     pub fn tokenizer_meta(&self) -> Result<GgufTokenizerMeta, GgufError> {
         let strings = |key: &str| -> Vec<String> {
@@ -1004,7 +1045,62 @@ impl<'a> GgufWeights<'a> {
     }
 }
 
+impl GgufWeights<'_> {
+    /// The number of heads whose rows llama.cpp permuted in this weight (llama's q and k, see
+    /// [`GgufWeights`]), or `None`.
+    fn permuted_heads(&self, name: WeightName) -> Option<usize> {
+        if self.cfg.arch != Architecture::Llama {
+            return None;
+        }
+        match name {
+            WeightName::Layer(_, LayerWeight::Q | LayerWeight::QBias) => Some(self.cfg.n_heads),
+            WeightName::Layer(_, LayerWeight::K | LayerWeight::KBias) => Some(self.cfg.n_kv_heads),
+            _ => None,
+        }
+    }
+}
+
 impl WeightSource for GgufWeights<'_> {
+    fn load_quant(
+        &mut self,
+        name: WeightName,
+        keep_4bit: bool,
+    ) -> Result<Option<QuantWeight>, ModelError> {
+        let gname = Self::name(name);
+        let Some(info) = self.file.tensor_info(&gname) else {
+            return Ok(None);
+        };
+        let shape = info.shape();
+        let rows = shape.first().copied().unwrap_or(0);
+        let head_rows = match self.permuted_heads(name) {
+            Some(n_head) => {
+                if n_head == 0 || rows % (2 * n_head) != 0 {
+                    return Err(ModelError::Weight {
+                        name: gname,
+                        problem: format!("{rows} rows do not split into {n_head} heads"),
+                    });
+                }
+                Some(rows / n_head)
+            }
+            None => None,
+        };
+        let source_row = |r| head_rows.map_or(r, |d| unpermuted_source_row(r, d));
+        if keep_4bit && Q4Matrix::keeps(info.ty) && shape.len() == 2 {
+            let bytes = self.file.tensor_bytes(info)?;
+            let q =
+                Q4Matrix::from_gguf(info.ty, bytes, rows, shape[1], source_row).map_err(|e| {
+                    ModelError::Weight {
+                        name: gname.clone(),
+                        problem: e.to_string(),
+                    }
+                })?;
+            return Ok(Some(QuantWeight::Q4(q)));
+        }
+        Ok(Some(QuantWeight::Q8(
+            self.file.tensor_q8(&gname, source_row)?,
+        )))
+    }
+
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError> {
         let gname = Self::name(name);
         if self.file.tensor_info(&gname).is_none() {
@@ -1033,6 +1129,15 @@ impl WeightSource for GgufWeights<'_> {
         }
         Ok(Some(HostTensor { data, shape }))
     }
+}
+
+/// The file row that llama.cpp's q/k permutation put at row `r` of the "halves" layout, for
+/// heads of `d` rows: [`unpermute_rows`] row by row.
+fn unpermuted_source_row(r: usize, d: usize) -> usize {
+    let half = d / 2;
+    let (h, rem) = (r / d, r % d);
+    let (part, i) = (rem / half, rem % half);
+    h * d + 2 * i + part
 }
 
 /// Inverse of llama.cpp's q/k row permutation (see [`GgufWeights`]).
@@ -1110,6 +1215,20 @@ mod tests {
             source: e,
         })?;
         GgufFile::open(&path)
+    }
+
+    #[test]
+    fn the_row_map_is_the_unpermutation() {
+        // 2 heads of 6 rows, 3 values a row, row i holding the values i.
+        let (rows, cols, n_head) = (12, 3, 2);
+        let data: Vec<f32> = (0..rows * cols).map(|v| (v / cols) as f32).collect();
+        let whole = unpermute_rows(&data, rows, cols, n_head);
+        for r in 0..rows {
+            assert_eq!(
+                whole[r * cols] as usize,
+                unpermuted_source_row(r, rows / n_head)
+            );
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use super::config::LlamaConfig;
 use super::device::Precision;
 use super::kv_cache::{AppendPlan, KvCache};
-use super::quant::Q8Matrix;
+use super::quant::{Q8Matrix, QuantWeight};
 use super::ModelError;
 use std::sync::Arc;
 
@@ -92,6 +92,26 @@ pub trait WeightSource {
     /// The weight, or `Ok(None)` when the checkpoint does not have it (optional weights only:
     /// biases and a tied output head).
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError>;
+
+    /// A matrix weight (`[out, in]`) in a block format, or `Ok(None)` when absent: the
+    /// source's own 4-bit blocks when `keep_4bit` and it has them, else 8-bit blocks. The
+    /// default quantizes what [`WeightSource::load`] gives to 8 bits; a source that can read a
+    /// few rows at a time (GGUF) overrides it so that no tensor is ever held whole as `f32`.
+    fn load_quant(
+        &mut self,
+        name: WeightName,
+        keep_4bit: bool,
+    ) -> Result<Option<QuantWeight>, ModelError> {
+        let _ = keep_4bit;
+        Ok(self.load(name)?.map(|t| {
+            let rows = t.shape.first().copied().unwrap_or(0);
+            QuantWeight::Q8(Q8Matrix::quantize(
+                &t.data,
+                rows,
+                t.data.len() / rows.max(1),
+            ))
+        }))
+    }
 }
 
 /// Off the CPU fast paths, forward steps of at most this many tokens per sequence use the
@@ -200,8 +220,8 @@ struct Block<B: Backend> {
 enum Linear<B: Backend> {
     /// `[in, out]` on the device, in the model's float type.
     Dense(Tensor<B, 2>),
-    /// `[out, in]` 8-bit blocks on the host, multiplied by the CPU kernels of [`super::quant`].
-    Q8(Arc<Q8Matrix>),
+    /// `[out, in]` blocks on the host, multiplied by the CPU kernels of [`super::quant`].
+    Quant(Arc<QuantWeight>),
 }
 
 impl<B: Backend> Linear<B> {
@@ -215,7 +235,8 @@ impl<B: Backend> Linear<B> {
         device: &B::Device,
     ) -> Self {
         if precision.quantized() {
-            return Linear::Q8(Arc::new(Q8Matrix::quantize(&data, out, inner)));
+            let q = Q8Matrix::quantize(&data, out, inner);
+            return Linear::Quant(Arc::new(QuantWeight::Q8(q)));
         }
         let t = transpose_host(&data, out, inner);
         Linear::Dense(Tensor::from_data(
@@ -228,7 +249,7 @@ impl<B: Backend> Linear<B> {
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             Linear::Dense(w) => x.matmul(w.clone()),
-            Linear::Q8(w) => cpu::q8_product(&x, w),
+            Linear::Quant(w) => cpu::quant_product(&x, w),
         }
     }
 }
@@ -239,7 +260,7 @@ enum Embedding<B: Backend> {
     /// On the device, looked up with `select`.
     Dense(Tensor<B, 2>),
     /// On the host; looked-up rows are dequantized.
-    Q8(Arc<Q8Matrix>),
+    Quant(Arc<QuantWeight>),
 }
 
 /// A LLaMA-family decoder with its weights on a device.
@@ -302,6 +323,53 @@ fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// A required matrix weight `[out, inner]` as 8-bit blocks.
+fn required_quant(
+    src: &mut dyn WeightSource,
+    name: WeightName,
+    out: usize,
+    inner: usize,
+    precision: Precision,
+) -> Result<QuantWeight, ModelError> {
+    let keep_4bit = precision == Precision::Native;
+    let q = src
+        .load_quant(name, keep_4bit)?
+        .ok_or_else(|| ModelError::Weight {
+            name: format!("{name:?}"),
+            problem: "missing".into(),
+        })?;
+    if (q.rows(), q.cols()) != (out, inner) {
+        return Err(shape_err(name, &[out, inner], &[q.rows(), q.cols()]));
+    }
+    Ok(q)
+}
+
+/// A linear map from the `[out_i, inner]` weights `parts`, stacked along `out` (one fused
+/// projection: q/k/v, gate/up), in the form `precision` keeps it. Quantized, each part is read
+/// as 8-bit blocks directly ([`WeightSource::load_q8`]).
+fn load_linear<B: Backend>(
+    src: &mut dyn WeightSource,
+    parts: &[(WeightName, usize)],
+    inner: usize,
+    precision: Precision,
+    device: &B::Device,
+) -> Result<Linear<B>, ModelError> {
+    if precision.quantized() {
+        let mut mats = Vec::with_capacity(parts.len());
+        for &(name, out) in parts {
+            mats.push(required_quant(src, name, out, inner, precision)?);
+        }
+        return Ok(Linear::Quant(Arc::new(QuantWeight::stack(mats))));
+    }
+    let mut tensors = Vec::with_capacity(parts.len());
+    for &(name, out) in parts {
+        tensors.push(required(src, name, &[out, inner])?);
+    }
+    let (data, out) = stack_rows(&tensors);
+    drop(tensors);
+    Ok(Linear::new(data, out, inner, precision, device))
+}
+
 /// Concatenates `[out_i, in]` matrices along `out` (one fused projection): the values and
 /// `Σ out_i`.
 fn stack_rows(parts: &[HostTensor]) -> (Vec<f32>, usize) {
@@ -339,26 +407,36 @@ impl<B: Backend> Llama<B> {
         let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
             Tensor::from_data(TensorData::new(data, shape), (device, dtype))
         };
-        let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
         let (embed, tied_output) = if precision.quantized() {
-            let q = Arc::new(Q8Matrix::quantize(&embed.data, cfg.vocab, h));
-            (Embedding::Q8(q.clone()), Linear::Q8(q))
+            let q = required_quant(src, WeightName::Embedding, cfg.vocab, h, precision)?;
+            let q = Arc::new(q);
+            (Embedding::Quant(q.clone()), Linear::Quant(q))
         } else {
+            let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
             let e = to_dev(embed.data, [cfg.vocab, h]);
             (Embedding::Dense(e.clone()), Linear::Dense(e.transpose()))
         };
         let norm = required(src, WeightName::OutputNorm, &[h])?;
         let norm = to_dev(norm.data, [1, h]);
+        // A checkpoint that declares an untied head but lacks it falls back to tying, which is
+        // what HF does when `lm_head` is absent.
         let output = if cfg.tie_embeddings {
             tied_output
+        } else if precision.quantized() {
+            match src.load_quant(WeightName::Output, precision == Precision::Native)? {
+                Some(q) if (q.rows(), q.cols()) == (cfg.vocab, h) => Linear::Quant(Arc::new(q)),
+                Some(q) => {
+                    let got = [q.rows(), q.cols()];
+                    return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &got));
+                }
+                None => tied_output,
+            }
         } else {
             match src.load(WeightName::Output)? {
                 Some(t) if t.shape == [cfg.vocab, h] => {
                     Linear::new(t.data, cfg.vocab, h, precision, device)
                 }
                 Some(t) => return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &t.shape)),
-                // A checkpoint that declares an untied head but lacks it: fall back to tying,
-                // which is what HF does when `lm_head` is absent.
                 None => tied_output,
             }
         };
@@ -368,10 +446,18 @@ impl<B: Backend> Llama<B> {
         for l in 0..cfg.n_layers {
             let w = |lw| WeightName::Layer(l, lw);
             let attn_norm = required(src, w(LayerWeight::AttnNorm), &[h])?;
-            let q = required(src, w(LayerWeight::Q), &[qd, h])?;
-            let k = required(src, w(LayerWeight::K), &[kd, h])?;
-            let v = required(src, w(LayerWeight::V), &[kd, h])?;
-            let (wqkv, qkv_out) = stack_rows(&[q, k, v]);
+            // In the checkpoint's order (q, k, v, biases, o, norm, gate, up, down), which
+            // `RandomWeights` draws in.
+            let linear = |src: &mut dyn WeightSource, parts: &[(LayerWeight, usize)], inner| {
+                let parts: Vec<_> = parts.iter().map(|&(lw, out)| (w(lw), out)).collect();
+                load_linear::<B>(src, &parts, inner, precision, device)
+            };
+            let qkv_parts = [
+                (LayerWeight::Q, qd),
+                (LayerWeight::K, kd),
+                (LayerWeight::V, kd),
+            ];
+            let wqkv = linear(src, &qkv_parts, h)?;
             let bqkv = if cfg.qkv_bias {
                 let bq = required(src, w(LayerWeight::QBias), &[qd])?;
                 let bk = required(src, w(LayerWeight::KBias), &[kd])?;
@@ -379,25 +465,23 @@ impl<B: Backend> Llama<B> {
                 let mut b = bq.data;
                 b.extend_from_slice(&bk.data);
                 b.extend_from_slice(&bv.data);
-                Some(to_dev(b, [1, qkv_out]))
+                Some(to_dev(b, [1, qd + 2 * kd]))
             } else {
                 None
             };
-            let o = required(src, w(LayerWeight::O), &[h, qd])?;
+            let wo = linear(src, &[(LayerWeight::O, h)], qd)?;
             let ffn_norm = required(src, w(LayerWeight::FfnNorm), &[h])?;
-            let gate = required(src, w(LayerWeight::Gate), &[cfg.ffn, h])?;
-            let up = required(src, w(LayerWeight::Up), &[cfg.ffn, h])?;
-            let (w_gate_up, gate_up_out) = stack_rows(&[gate, up]);
-            let down = required(src, w(LayerWeight::Down), &[h, cfg.ffn])?;
-            let linear = |data, out, inner| Linear::new(data, out, inner, precision, device);
+            let gate_up = [(LayerWeight::Gate, cfg.ffn), (LayerWeight::Up, cfg.ffn)];
+            let w_gate_up = linear(src, &gate_up, h)?;
+            let w_down = linear(src, &[(LayerWeight::Down, h)], cfg.ffn)?;
             blocks.push(Block {
                 attn_norm: to_dev(attn_norm.data, [1, h]),
-                wqkv: linear(wqkv, qkv_out, h),
+                wqkv,
                 bqkv,
-                wo: linear(o.data, h, qd),
+                wo,
                 ffn_norm: to_dev(ffn_norm.data, [1, h]),
-                w_gate_up: linear(w_gate_up, gate_up_out, h),
-                w_down: linear(down.data, h, cfg.ffn),
+                w_gate_up,
+                w_down,
             });
         }
         let rope_host = std::sync::Arc::new(rope_tables(cfg.max_seq_len, d, cfg.rope_theta));
@@ -475,7 +559,7 @@ impl<B: Backend> Llama<B> {
                 let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
                 e.clone().select(0, ids)
             }
-            Embedding::Q8(q) => {
+            Embedding::Quant(q) => {
                 let mut rows = vec![0f32; ids.len() * h];
                 for (row, &id) in rows.chunks_exact_mut(h).zip(ids) {
                     q.dequantize_row(id as usize, row);
@@ -792,7 +876,10 @@ mod cpu {
     /// `x·Wᵀ` for `x` `[rows, in]` and the 8-bit `w` `[out, in]`, as `[rows, out]` `f32`: on
     /// flex straight from and into the tensors' memory; elsewhere through a host copy (loading
     /// refuses 8-bit weights off the CPU, so that path serves only tests and odd callers).
-    pub(super) fn q8_product<B: Backend>(x: &Tensor<B, 2>, w: &super::Q8Matrix) -> Tensor<B, 2> {
+    pub(super) fn quant_product<B: Backend>(
+        x: &Tensor<B, 2>,
+        w: &super::QuantWeight,
+    ) -> Tensor<B, 2> {
         let [rows, _] = x.dims();
         let y = match flex(x) {
             Some(f) => match f.as_slice::<f32>() {

@@ -1,8 +1,9 @@
 //! The LLaMA-family language model in burn: checkpoint loading (GGUF, Hugging Face folders),
 //! the forward pass, the KV cache, sampling and batched generation.
 //!
-//! Weights are dequantized to `f32` once at load, converted to the chosen [`Precision`] (f32,
-//! f16 or bf16) as they go to the device, and stay there. Both checkpoint
+//! Weights load in the chosen [`Precision`]: kept as blocks on the host (`native`: a GGUF's
+//! own 4-bit blocks where [`quant`] has a kernel for them, else 8-bit blocks; `q8`), or
+//! dequantized and converted to f32, f16 or bf16 as they go to the device. Both checkpoint
 //! formats are brought to one layout, Hugging Face's: linear weights `[out, in]`, and q/k
 //! projection rows in the "halves" RoPE order (GGUF's llama q/k rows are un-permuted at load,
 //! see [`gguf::GgufWeights`]), so a single RoPE implementation serves both.

@@ -27,6 +27,15 @@ pub struct RowRef<'a> {
     pub scales: &'a [f32],
 }
 
+/// One activation row for the 4-bit kernels: its 8-bit blocks and each block's `d·Σq`.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    /// The 8-bit blocks.
+    pub row: RowRef<'a>,
+    /// Per block, the scale times the sum of the values.
+    pub sums: &'a [f32],
+}
+
 /// The dot-product implementation this machine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -52,6 +61,12 @@ impl Kernel {
             }
         }
         Kernel::Portable
+    }
+
+    /// [`Kernel::detect`], once per process.
+    pub fn machine() -> Kernel {
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(Kernel::detect)
     }
 
     /// Every kernel this CPU can run (the tests check each against the portable one).
@@ -131,6 +146,49 @@ fn dequantize_portable(quants: &[i8], scales: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[r] = w · xs[r]` for a 4-bit weight row: per block `d_w·d_x·Σ q_w·q_x + m_w·(d_x·Σq_x)`.
+pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
+    let blocks = w.d.len();
+    // The vector kernels read blocks by raw pointer (see `Kernel::dot`).
+    assert!(
+        xs.len() <= ROWS
+            && out.len() >= xs.len()
+            && w.m.len() == blocks
+            && w.nibbles.len() == blocks * QK / 2
+            && xs.iter().all(|x| x.row.scales.len() == blocks
+                && x.row.quants.len() == blocks * QK
+                && x.sums.len() == blocks),
+        "dot_q4: rows of different block counts"
+    );
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::AvxVnni => unsafe { x86::dot_q4_vnni(w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::Avx2 => unsafe { x86::dot_q4_avx2(w, xs, out) },
+        _ => dot_q4_portable(w, xs, out),
+    }
+}
+
+fn dot_q4_portable(w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        let mut acc = 0f32;
+        for b in 0..w.d.len() {
+            let nib = &w.nibbles[b * QK / 2..(b + 1) * QK / 2];
+            let xq = &x.row.quants[b * QK..(b + 1) * QK];
+            let (lo, hi) = xq.split_at(QK / 2);
+            let s: i32 = nib
+                .iter()
+                .zip(lo.iter().zip(hi))
+                .map(|(&n, (&l, &h))| (n & 0x0F) as i32 * l as i32 + (n >> 4) as i32 * h as i32)
+                .sum();
+            acc += w.d[b] * x.row.scales[b] * s as f32 + w.m[b] * x.sums[b];
+        }
+        *o = acc;
+    }
+}
+
 /// The reference: integer sums per block, scaled in `f32`.
 fn dot_portable(w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
     for (x, o) in xs.iter().zip(out.iter_mut()) {
@@ -173,11 +231,13 @@ mod x86 {
         block_dot: impl Fn(__m256i, __m256i) -> __m256i,
     ) {
         let n = xs.len().min(ROWS);
+        // One accumulator per activation row (two sets over the two halves of the blocks, to
+        // hide the `vfmadd` latency when there is one row, measured no better on this VM).
         let mut acc = [_mm256_setzero_ps(); ROWS];
         for b in 0..w.scales.len() {
             let wv = _mm256_loadu_si256(w.quants.as_ptr().add(b * QK) as *const __m256i);
             let aw = _mm256_sign_epi8(wv, wv);
-            let dw = w.scales[b];
+            let dw = *w.scales.get_unchecked(b);
             for (a, x) in acc.iter_mut().zip(&xs[..n]) {
                 let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * QK) as *const __m256i);
                 let sums = block_dot(aw, _mm256_sign_epi8(xv, wv));
@@ -203,6 +263,64 @@ mod x86 {
                 _mm256_storeu_ps(out.as_mut_ptr().add(at), _mm256_mul_ps(d, v));
             }
         }
+    }
+
+    /// The 4-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16, high
+    /// nibbles 16..32), `block_dot(q_w, x)` multiplies the unsigned 4-bit values by the signed
+    /// activations directly (no sign trick needed), the offset term is added per block.
+    #[inline(always)]
+    unsafe fn dot_q4_with(
+        w: super::super::q4::Q4Row<'_>,
+        xs: &[super::ActRow<'_>],
+        out: &mut [f32],
+        block_dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
+        let n = xs.len().min(ROWS);
+        let low = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        let mut offsets = [0f32; ROWS];
+        for b in 0..w.d.len() {
+            let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            let qw = _mm256_set_m128i(hi, lo);
+            let (dw, mw) = (*w.d.get_unchecked(b), *w.m.get_unchecked(b));
+            for ((a, off), x) in acc.iter_mut().zip(offsets.iter_mut()).zip(&xs[..n]) {
+                let xv = _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
+                let sums = block_dot(qw, xv);
+                let scale = _mm256_set1_ps(dw * *x.row.scales.get_unchecked(b));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
+                *off += mw * *x.sums.get_unchecked(b);
+            }
+        }
+        for ((o, a), off) in out.iter_mut().zip(&acc).zip(&offsets).take(n) {
+            *o = hsum(*a) + off;
+        }
+    }
+
+    /// AVX2 4-bit: `vpmaddubsw` (at most 15·127·2 per pair: no saturation) then `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_avx2(
+        w: super::super::q4::Q4Row<'_>,
+        xs: &[super::ActRow<'_>],
+        out: &mut [f32],
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        dot_q4_with(w, xs, out, |q, x| {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
+        });
+    }
+
+    /// AVX-VNNI 4-bit: one `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn dot_q4_vnni(
+        w: super::super::q4::Q4Row<'_>,
+        xs: &[super::ActRow<'_>],
+        out: &mut [f32],
+    ) {
+        dot_q4_with(w, xs, out, |q, x| {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
+        });
     }
 
     /// AVX2: `vpmaddubsw` then `vpmaddwd` against ones.

@@ -1,10 +1,12 @@
-//! Weights kept as 8-bit blocks, and the product of `f32` activations with them.
+//! Weights kept as blocks, and the product of `f32` activations with them.
 //!
-//! The format is GGUF's `Q8_0` with an `f32` scale: each row cut into blocks of [`QK`] = 32
-//! values, each block stored as 32 signed bytes `q` and one scale `d = max|v| / 127`, so
-//! `v ≈ d·q`. Why this format first (see `README.md`, "Weight formats", for the measurements):
+//! Two formats: [`Q8Matrix`], GGUF's `Q8_0` with an `f32` scale (each row cut into blocks of
+//! [`QK`] = 32 values, each stored as 32 signed bytes `q` and one scale `d = max|v| / 127`, so
+//! `v ≈ d·q`), and [`Q4Matrix`], a GGUF file's own `Q4_0`/`Q4_1` blocks copied as they are
+//! (`q4` module). [`QuantWeight`] is either; [`product`] multiplies any [`BlockWeights`].
+//! Why the 8-bit format first (see `README.md`, "Weight formats", for the measurements):
 //! - one kernel serves every GGUF tensor type and Hugging Face folders alike (they are
-//!   dequantized one tensor at a time at load and requantized, never held as a model of `f32`);
+//!   dequantized a row at a time at load and requantized, never held as a model of `f32`);
 //! - its error is far below that of the 4- and 5-bit types the downloads use, so re-quantizing
 //!   a `Q4_K` tensor to it costs almost nothing in logits;
 //! - the product runs in integer arithmetic with the activations quantized to the same blocks
@@ -15,10 +17,12 @@
 //! conversion less per block in the inner loop.
 
 pub mod kernels;
+pub mod q4;
 
+pub use kernels::ActRow;
 use kernels::{Kernel, RowRef, ROWS};
+pub use q4::Q4Matrix;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -54,11 +58,22 @@ impl std::fmt::Debug for Q8Matrix {
 /// Quantizes one block: the scale and the 32 values, round to nearest as ggml's
 /// `quantize_row_q8_0_ref`. A non-finite value (a diverged weight or activation) quantizes to
 /// zero and does not set the scale, so it cannot turn its finite neighbours into garbage.
+///
+/// Written as selects and adds so that it vectorizes (it runs over every activation of every
+/// product, and over the whole model at load): rounding adds and subtracts 1.5·2²³, which
+/// leaves the float rounded to the nearest integer (ties to even, unlike ggml's `roundf` that
+/// rounds them away from zero: the two differ only on exact halves).
 fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
-    let amax = v
-        .iter()
-        .filter(|x| x.is_finite())
-        .fold(0f32, |m, x| m.max(x.abs()));
+    const ROUND: f32 = 12_582_912.0;
+    let amax = v.iter().fold(0f32, |m, &x| {
+        let a = x.abs();
+        // NaN compares false, so neither NaN nor infinity sets the scale.
+        if a < f32::INFINITY && a > m {
+            a
+        } else {
+            m
+        }
+    });
     if amax == 0.0 {
         q.fill(0);
         return 0.0;
@@ -66,11 +81,14 @@ fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = 1.0 / d;
     for (q, &x) in q.iter_mut().zip(v) {
-        *q = if x.is_finite() {
-            (x * id).round().clamp(-127.0, 127.0) as i8
+        let scaled = x * id;
+        // Finite values scale into ±127; the rest (NaN, ±∞) are zeroed by the select.
+        let r = if scaled.abs() <= 127.5 {
+            (scaled + ROUND) - ROUND
         } else {
-            0
+            0.0
         };
+        *q = r as i8;
     }
     d
 }
@@ -82,35 +100,86 @@ impl Q8Matrix {
     /// When `data.len() != rows * cols` (a caller's bug, never input).
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Q8Matrix::quantize: shape");
+        let filled: Result<Self, std::convert::Infallible> =
+            Q8Matrix::from_rows(rows, cols, |r, out| {
+                out.copy_from_slice(&data[r * cols..(r + 1) * cols]);
+                Ok(())
+            });
+        match filled {
+            Ok(m) => m,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Builds a `[rows, cols]` matrix a row at a time: `fill(r, out)` writes row `r` as `f32`
+    /// into `out` (`cols` values), which is quantized at once. Rows are filled in parallel, so
+    /// at no point is more than one row per thread held as `f32` (how a checkpoint's tensors
+    /// load without an `f32` copy of the tensor). The first error of `fill` is returned.
+    pub fn from_rows<E: Send>(
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
         let blocks = cols.div_ceil(QK);
         let mut scales = vec![0f32; rows * blocks];
         let mut quants = vec![0i8; rows * blocks * QK];
-        let row_jobs = scales
-            .par_chunks_mut(blocks.max(1))
-            .zip(quants.par_chunks_mut((blocks * QK).max(1)))
-            .zip(data.par_chunks(cols.max(1)));
-        row_jobs.for_each(|((s, q), row)| {
-            let mut padded = [0f32; QK];
-            for (b, (s, q)) in s.iter_mut().zip(q.chunks_exact_mut(QK)).enumerate() {
-                let start = b * QK;
-                let end = (start + QK).min(cols);
-                let v = if end - start == QK {
-                    &row[start..end]
-                } else {
-                    padded.fill(0.0);
-                    padded[..end - start].copy_from_slice(&row[start..end]);
-                    &padded[..]
-                };
-                *s = quantize_block(v, q);
-            }
-        });
-        Q8Matrix {
+        if blocks > 0 {
+            scales
+                .par_chunks_mut(blocks)
+                .zip(quants.par_chunks_mut(blocks * QK))
+                .enumerate()
+                .try_for_each_init(
+                    || vec![0f32; blocks * QK],
+                    |row, (r, (s, q))| {
+                        fill(r, &mut row[..cols])?;
+                        // The padding past `cols` stays zero: `fill` never sees it.
+                        for ((s, q), v) in s
+                            .iter_mut()
+                            .zip(q.chunks_exact_mut(QK))
+                            .zip(row.chunks_exact(QK))
+                        {
+                            *s = quantize_block(v, q);
+                        }
+                        Ok(())
+                    },
+                )?;
+        }
+        Ok(Q8Matrix {
             rows,
             cols,
             blocks,
             scales,
             quants,
+        })
+    }
+
+    /// The matrices one under the other (a fused projection: q, k and v; gate and up).
+    ///
+    /// # Panics
+    /// When the parts' column counts differ (a caller's bug: shapes are checked at load).
+    pub fn stack(mut parts: Vec<Q8Matrix>) -> Q8Matrix {
+        if parts.len() == 1 {
+            return parts.remove(0);
         }
+        let cols = parts.first().map_or(0, |p| p.cols);
+        assert!(
+            parts.iter().all(|p| p.cols == cols),
+            "Q8Matrix::stack: cols"
+        );
+        let mut out = Q8Matrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            blocks: cols.div_ceil(QK),
+            scales: Vec::new(),
+            quants: Vec::new(),
+        };
+        out.scales.reserve_exact(out.rows * out.blocks);
+        out.quants.reserve_exact(out.rows * out.blocks * QK);
+        for p in parts {
+            out.scales.extend_from_slice(&p.scales);
+            out.quants.extend_from_slice(&p.quants);
+        }
+        out
     }
 
     /// Rows (outputs, for a linear weight).
@@ -161,73 +230,239 @@ impl Q8Matrix {
     /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major, with the machine's
     /// kernel ([`Kernel::detect`]).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
-        static KERNEL: OnceLock<Kernel> = OnceLock::new();
-        self.matmul_t_with(*KERNEL.get_or_init(Kernel::detect), x, m)
+        product(self, Kernel::machine(), x, m)
     }
 
     /// [`Q8Matrix::matmul_t`] with a given kernel (the tests run each one).
-    ///
-    /// # Panics
-    /// When `x.len() != m * cols` (a caller's bug).
     pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.cols, "Q8Matrix::matmul_t: shape");
-        let n = self.rows;
-        let mut y = vec![0f32; m * n];
-        if n == 0 || m == 0 {
-            return y;
+        product(self, kernel, x, m)
+    }
+}
+
+/// A quantized matrix in one of the block formats.
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    /// 8-bit blocks.
+    Q8(Q8Matrix),
+    /// A GGUF file's 4-bit blocks, kept as they are.
+    Q4(Q4Matrix),
+}
+
+impl QuantWeight {
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        match self {
+            QuantWeight::Q8(q) => q.rows(),
+            QuantWeight::Q4(q) => q.rows(),
         }
-        // Activations are quantized to the weights' blocks in every path, so the product is
-        // the same numbers whichever path computes it.
-        let xq = Q8Matrix::quantize(x, m, self.cols);
-        // Many rows (a prefill): the weights' dequantization is paid once for all of them and
-        // f32 GEMM's register blocking wins over the row-pair dot products.
-        let xd = (m >= GEMM_MIN_ROWS).then(|| xq.dequantize());
-        // Each task owns a run of weight rows, that is a run of output columns. The dot
-        // kernels: about 8 runs per thread so rayon can balance them, at least 16 rows. GEMM
-        // packs all `m` activation rows once per call, so its runs are about GEMM_COLS wide (a
-        // packed value then serves that many products), in a multiple of the thread count.
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = if xd.is_some() {
-            let rounds = (n as f64 / (threads * GEMM_COLS) as f64).round().max(1.0) as usize;
-            n.div_ceil(threads * rounds)
-        } else {
-            n.div_ceil(threads * 8).max(16)
-        };
-        let out = OutPtr(y.as_mut_ptr());
-        (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
-            let cols = task * per_task..((task + 1) * per_task).min(n);
-            // SAFETY: `y` (m × n values) outlives the loop, and the tasks' column runs are
-            // disjoint.
-            unsafe {
-                let y = out.get();
-                match &xd {
-                    Some(xd) => self.columns_by_gemm(xd, m, cols, y),
-                    None => self.columns_by_dots(kernel, &xq, cols, y),
-                }
-            }
-        });
-        y
     }
 
-    /// Output columns `cols` of `y` `[m, rows]` for many rows `m`: those weight rows
-    /// dequantized, then one f32 GEMM against the dequantized activations `xd` `[m, cols]`.
-    ///
-    /// # Safety
-    /// `y` points to `m × self.rows` values, of which no other thread touches columns `cols`.
-    unsafe fn columns_by_gemm(
-        &self,
-        xd: &[f32],
-        m: usize,
-        cols: std::ops::Range<usize>,
-        y: *mut f32,
-    ) {
-        let (n, k, count) = (self.rows, self.cols, cols.len());
-        let mut w = vec![0f32; count * k];
-        for (j, row) in w.chunks_exact_mut(k).enumerate() {
-            self.dequantize_row(cols.start + j, row);
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        match self {
+            QuantWeight::Q8(q) => q.cols(),
+            QuantWeight::Q4(q) => q.cols(),
         }
-        // y[i·n + cols.start + j] = Σ_c xd[i·k + c] · w[j·k + c]: dst [m, count] with row
-        // stride n; lhs [m, k] row-major; rhs [k, count] = wᵀ (row stride 1, column stride k).
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantWeight::Q8(q) => q.bytes(),
+            QuantWeight::Q4(q) => q.bytes(),
+        }
+    }
+
+    /// Row `r` as `f32` (`out.len() == cols`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            QuantWeight::Q8(q) => q.dequantize_row(r, out),
+            QuantWeight::Q4(q) => q.dequantize_row(r, out),
+        }
+    }
+
+    /// `x · selfᵀ` for `x` `[m, cols]` ([`product`] with the machine's kernel).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match self {
+            QuantWeight::Q8(q) => product(q, Kernel::machine(), x, m),
+            QuantWeight::Q4(q) => product(q, Kernel::machine(), x, m),
+        }
+    }
+
+    /// As 8-bit blocks (4-bit rows dequantized and requantized one at a time).
+    pub fn into_q8(self) -> Q8Matrix {
+        match self {
+            QuantWeight::Q8(q) => q,
+            QuantWeight::Q4(q) => {
+                let filled: Result<Q8Matrix, std::convert::Infallible> =
+                    Q8Matrix::from_rows(q.rows(), q.cols(), |r, out| {
+                        q.dequantize_row(r, out);
+                        Ok(())
+                    });
+                match filled {
+                    Ok(m) => m,
+                    Err(never) => match never {},
+                }
+            }
+        }
+    }
+
+    /// The matrices one under the other (a fused projection): 4-bit when every part is, else
+    /// 8-bit (a `Q4_K_M` file's q and k are one type and v another).
+    ///
+    /// # Panics
+    /// When the parts' column counts differ (shapes are checked at load).
+    pub fn stack(parts: Vec<QuantWeight>) -> QuantWeight {
+        if parts.iter().all(|p| matches!(p, QuantWeight::Q4(_))) {
+            let q4 = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    QuantWeight::Q4(q) => Some(q),
+                    QuantWeight::Q8(_) => None,
+                })
+                .collect();
+            return QuantWeight::Q4(Q4Matrix::stack(q4));
+        }
+        QuantWeight::Q8(Q8Matrix::stack(
+            parts.into_iter().map(QuantWeight::into_q8).collect(),
+        ))
+    }
+}
+
+/// Weights stored as rows of blocks, which [`product`] multiplies: [`Q8Matrix`], [`Q4Matrix`].
+pub trait BlockWeights: Sync {
+    /// Rows (outputs).
+    fn rows(&self) -> usize;
+    /// Columns (inputs).
+    fn cols(&self) -> usize;
+    /// Row `r` as `f32` (`out.len() == cols`).
+    fn dequantize_row(&self, r: usize, out: &mut [f32]);
+    /// `out[i] = row j · xs[i]` for up to [`ROWS`] quantized activation rows.
+    fn dots(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [f32]);
+}
+
+impl BlockWeights for Q8Matrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        Q8Matrix::dequantize_row(self, r, out);
+    }
+
+    fn dots(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [f32]) {
+        let w = self.row(j);
+        let mut rows = [w; ROWS];
+        for (slot, x) in rows.iter_mut().zip(xs) {
+            *slot = x.row;
+        }
+        kernel.dot(w, &rows[..xs.len().min(ROWS)], out);
+    }
+}
+
+/// Activations quantized to 8-bit blocks, with each block's sum `d·Σq` (what a 4-bit
+/// weight's offset multiplies).
+struct Activations {
+    q: Q8Matrix,
+    sums: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
+        let q = Q8Matrix::quantize(x, m, cols);
+        let sums = q
+            .scales
+            .iter()
+            .zip(q.quants.chunks_exact(QK))
+            .map(|(&d, blk)| d * blk.iter().map(|&v| v as i32).sum::<i32>() as f32)
+            .collect();
+        Activations { q, sums }
+    }
+
+    fn row(&self, r: usize) -> ActRow<'_> {
+        let b = self.q.blocks;
+        ActRow {
+            row: self.q.row(r),
+            sums: &self.sums[r * b..(r + 1) * b],
+        }
+    }
+}
+
+/// `x · wᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major.
+///
+/// The activations are quantized to 8-bit blocks in every path, so the product is the same
+/// numbers whichever path computes it: up to [`GEMM_MIN_ROWS`] rows (decoding) the integer dot
+/// kernels; from there on (a prefill) f32 GEMM over dequantized tiles of weight rows, whose
+/// dequantization is then paid once for all rows and whose register blocking wins.
+///
+/// # Panics
+/// When `x.len() != m * cols` (a caller's bug).
+pub fn product<W: BlockWeights>(w: &W, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    assert_eq!(x.len(), m * k, "quant::product: shape");
+    let mut y = vec![0f32; m * n];
+    if n == 0 || m == 0 {
+        return y;
+    }
+    let xq = Activations::quantize(x, m, k);
+    let xd = (m >= GEMM_MIN_ROWS).then(|| xq.q.dequantize());
+    // Each task owns a run of weight rows, that is a run of output columns. The dot
+    // kernels: about 8 runs per thread so rayon can balance them, at least 16 rows. GEMM
+    // packs all `m` activation rows once per call, so its runs are about GEMM_COLS wide (a
+    // packed value then serves that many products), in a multiple of the thread count.
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = if xd.is_some() {
+        let rounds = (n as f64 / (threads * GEMM_COLS) as f64).round().max(1.0) as usize;
+        n.div_ceil(threads * rounds)
+    } else {
+        n.div_ceil(threads * 8).max(16)
+    };
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let cols = task * per_task..((task + 1) * per_task).min(n);
+        // SAFETY: `y` (m × n values) outlives the loop, and the tasks' column runs are
+        // disjoint.
+        unsafe {
+            let y = out.get();
+            match &xd {
+                Some(xd) => columns_by_gemm(w, xd, m, cols, y),
+                None => columns_by_dots(w, kernel, &xq, cols, y),
+            }
+        }
+    });
+    y
+}
+
+/// Output columns `cols` of `y` `[m, n]` for many rows `m`: those weight rows dequantized,
+/// then one f32 GEMM against the dequantized activations `xd` `[m, k]`.
+///
+/// # Safety
+/// `y` points to `m × w.rows()` values, of which no other thread touches columns `cols`.
+unsafe fn columns_by_gemm<W: BlockWeights>(
+    w: &W,
+    xd: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    thread_local! {
+        /// The dequantized tile, reused by every product on this thread (a fresh
+        /// allocation of this size comes zeroed from the OS every time).
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let (n, k, count) = (w.rows(), w.cols(), cols.len());
+    TILE.with_borrow_mut(|tile| {
+        tile.resize(count * k, 0.0);
+        for (j, row) in tile.chunks_exact_mut(k).enumerate() {
+            w.dequantize_row(cols.start + j, row);
+        }
+        // y[i·n + cols.start + j] = Σ_c xd[i·k + c] · tile[j·k + c]: dst [m, count] with row
+        // stride n; lhs [m, k] row-major; rhs [k, count] = tileᵀ (row stride 1, column
+        // stride k).
         // SAFETY: lhs and rhs cover m·k and count·k values; dst's extent is the caller's.
         unsafe {
             gemm::gemm(
@@ -241,7 +476,7 @@ impl Q8Matrix {
                 xd.as_ptr(),
                 1,
                 k as isize,
-                w.as_ptr(),
+                tile.as_ptr(),
                 k as isize,
                 1,
                 0.0,
@@ -252,39 +487,33 @@ impl Q8Matrix {
                 gemm::Parallelism::None,
             );
         }
-    }
+    });
+}
 
-    /// Output columns `cols` of `y` `[m, rows]` by the integer dot kernels. Activations are
-    /// taken a tile of rows at a time, so a tile stays in cache while the run's weight rows
-    /// pass over it.
-    ///
-    /// # Safety
-    /// As [`Q8Matrix::columns_by_gemm`].
-    unsafe fn columns_by_dots(
-        &self,
-        kernel: Kernel,
-        xq: &Q8Matrix,
-        cols: std::ops::Range<usize>,
-        y: *mut f32,
-    ) {
-        const TILE: usize = 16;
-        let (m, n) = (xq.rows, self.rows);
-        let mut dots = [0f32; ROWS];
-        for t0 in (0..m).step_by(TILE) {
-            let t1 = (t0 + TILE).min(m);
-            for j in cols.clone() {
-                let w = self.row(j);
-                for r0 in (t0..t1).step_by(ROWS) {
-                    let r1 = (r0 + ROWS).min(t1);
-                    let mut xs = [w; ROWS];
-                    for (slot, r) in xs.iter_mut().zip(r0..r1) {
-                        *slot = xq.row(r);
-                    }
-                    kernel.dot(w, &xs[..r1 - r0], &mut dots);
-                    for (r, &v) in (r0..r1).zip(&dots) {
-                        // SAFETY: r < m and j in the caller's columns.
-                        unsafe { *y.add(r * n + j) = v };
-                    }
+/// Output columns `cols` of `y` `[m, n]` by the integer dot kernels. Activations are taken a
+/// tile of rows at a time, so a tile stays in cache while the run's weight rows pass over it.
+///
+/// # Safety
+/// As [`columns_by_gemm`].
+unsafe fn columns_by_dots<W: BlockWeights>(
+    w: &W,
+    kernel: Kernel,
+    xq: &Activations,
+    cols: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    const TILE: usize = 16;
+    let (m, n) = (xq.q.rows, w.rows());
+    let mut dots = [0f32; ROWS];
+    for t0 in (0..m).step_by(TILE) {
+        let t1 = (t0 + TILE).min(m);
+        let rows: Vec<ActRow<'_>> = (t0..t1).map(|r| xq.row(r)).collect();
+        for j in cols.clone() {
+            for (g, group) in rows.chunks(ROWS).enumerate() {
+                w.dots(kernel, j, group, &mut dots);
+                for (i, &v) in dots.iter().take(group.len()).enumerate() {
+                    // SAFETY: the row is below m and j in the caller's columns.
+                    unsafe { *y.add((t0 + g * ROWS + i) * n + j) = v };
                 }
             }
         }
@@ -361,6 +590,27 @@ mod tests {
     }
 
     #[test]
+    fn values_round_to_the_nearest_step() {
+        let v = random(32 * 64, 9);
+        let q = Q8Matrix::quantize(&v, 64, 32);
+        for (r, block) in v.chunks(32).enumerate() {
+            let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let d = amax / 127.0;
+            assert_eq!(q.scales[r], d);
+            for (i, &x) in block.iter().enumerate() {
+                let want = (x / d).round();
+                let got = q.quants[r * 32 + i] as f32;
+                // Exact halves may round either way.
+                let half = ((x / d).fract().abs() - 0.5).abs() < 1e-4;
+                assert!(
+                    got == want || half,
+                    "block {r} [{i}]: {x} / {d} -> {got}, not {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn non_finite_values_quantize_to_zero_beside_their_neighbours() {
         let mut v = vec![0f32; 64];
         v[40] = f32::NAN;
@@ -426,6 +676,29 @@ mod tests {
                 assert!((g - e).abs() < 1e-4, "{kernel:?}: {g} vs {e}");
             }
         }
+    }
+
+    #[test]
+    fn rows_filled_one_by_one_and_stacked_equal_the_whole_matrix() {
+        let w = random(7 * 40, 6);
+        let whole = Q8Matrix::quantize(&w, 7, 40);
+        let top = Q8Matrix::from_rows(3, 40, |r, out: &mut [f32]| {
+            out.copy_from_slice(&w[r * 40..(r + 1) * 40]);
+            Ok::<(), String>(())
+        })
+        .expect("fill");
+        let bottom = Q8Matrix::quantize(&w[120..], 4, 40);
+        let stacked = Q8Matrix::stack(vec![top, bottom]);
+        assert_eq!(stacked.rows(), 7);
+        assert_eq!(stacked.dequantize(), whole.dequantize());
+        let failed = Q8Matrix::from_rows(3, 40, |r, _: &mut [f32]| {
+            if r == 2 {
+                Err(format!("row {r}"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(failed.err(), Some("row 2".to_string()));
     }
 
     #[test]
