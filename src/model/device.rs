@@ -21,9 +21,10 @@ pub fn backend_name() -> String {
     DefaultBackend::name(&default_device())
 }
 
-/// The float type of the model's weights, activations and KV cache at inference. Logits always
-/// come out as `f32`; RMSNorm statistics are taken in `f32` (as Hugging Face does), so f16's
-/// small range does not overflow on the squares of the residual stream.
+/// The format of the model's weights at inference, and the float type of its activations and KV
+/// cache (f32 for the block formats, which are weights only). Logits always come out as `f32`;
+/// RMSNorm statistics are taken in `f32` (as Hugging Face does), so f16's small range does not
+/// overflow on the squares of the residual stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Precision {
     /// 32-bit floats: the CUDA default, the reference the others are checked against.

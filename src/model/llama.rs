@@ -225,19 +225,16 @@ enum Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    /// Holds `[out, in]` weights (Hugging Face layout, `out` rows of `inner` values), as the
-    /// precision wants them.
-    fn new(
+    /// Puts `[out, in]` weights (Hugging Face layout, `out` rows of `inner` values) on the
+    /// device in the float type of `precision` (block formats load through
+    /// [`WeightSource::load_quant`] instead).
+    fn dense(
         data: Vec<f32>,
         out: usize,
         inner: usize,
         precision: Precision,
         device: &B::Device,
     ) -> Self {
-        if precision.quantized() {
-            let q = Q8Matrix::quantize(&data, out, inner);
-            return Linear::Quant(Arc::new(QuantWeight::Q8(q)));
-        }
         let t = transpose_host(&data, out, inner);
         Linear::Dense(Tensor::from_data(
             TensorData::new(t, [inner, out]),
@@ -367,7 +364,7 @@ fn load_linear<B: Backend>(
     }
     let (data, out) = stack_rows(&tensors);
     drop(tensors);
-    Ok(Linear::new(data, out, inner, precision, device))
+    Ok(Linear::dense(data, out, inner, precision, device))
 }
 
 /// Concatenates `[out_i, in]` matrices along `out` (one fused projection): the values and
@@ -434,7 +431,7 @@ impl<B: Backend> Llama<B> {
         } else {
             match src.load(WeightName::Output)? {
                 Some(t) if t.shape == [cfg.vocab, h] => {
-                    Linear::new(t.data, cfg.vocab, h, precision, device)
+                    Linear::dense(t.data, cfg.vocab, h, precision, device)
                 }
                 Some(t) => return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &t.shape)),
                 None => tied_output,
