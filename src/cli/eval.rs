@@ -74,7 +74,8 @@ pub struct EvalArgs {
     /// Longest example of the reference NLL, in tokens (`backflow train`'s --max-len).
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 512)]
     pub max_len: usize,
-    /// Weight format of the answering and judging models (q8 on CPU, f32 on CUDA by default).
+    /// Weight format of the answering and judging models (native on CPU, f32 on CUDA by
+    /// default; see `backflow generate --help`).
     #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
     /// Most sequences per model batch.

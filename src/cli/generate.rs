@@ -44,8 +44,9 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Weight format: 8-bit blocks (q8, the CPU default), f32 (the CUDA default), f16/bf16
-    /// (for CUDA; on CPU only q8 and f32 have the fast paths).
+    /// Weight format: native (a GGUF's own 4-bit blocks where backflow has a kernel for them,
+    /// 8-bit blocks for the rest; the CPU default), q8 (8-bit blocks), f32 (the CUDA default),
+    /// f16/bf16 (for CUDA; on CPU only the block formats and f32 have the fast paths).
     #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
 }

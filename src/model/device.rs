@@ -70,7 +70,7 @@ impl Precision {
         matches!(self, Precision::Q8 | Precision::Native)
     }
 
-    /// The flag's spelling (`f32`, `f16`, `bf16`, `q8`).
+    /// The flag's spelling (`f32`, `f16`, `bf16`, `q8`, `native`).
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::F32 => "f32",

@@ -725,7 +725,7 @@ impl GgufFile {
 pub struct UnsupportedType(pub GgmlType);
 
 #[inline]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -1046,17 +1046,29 @@ impl<'a> GgufWeights<'a> {
 }
 
 impl GgufWeights<'_> {
-    /// The number of heads whose rows llama.cpp permuted in this weight (llama's q and k, see
-    /// [`GgufWeights`]), or `None`.
-    fn permuted_heads(&self, name: WeightName) -> Option<usize> {
+    /// The rows per head of a weight whose rows llama.cpp permuted (llama's q and k, see
+    /// [`GgufWeights`]), or `None` for every other weight; an error when its `rows` do not
+    /// split into the config's heads.
+    fn permuted_head_rows(
+        &self,
+        name: WeightName,
+        rows: usize,
+    ) -> Result<Option<usize>, ModelError> {
         if self.cfg.arch != Architecture::Llama {
-            return None;
+            return Ok(None);
         }
-        match name {
-            WeightName::Layer(_, LayerWeight::Q | LayerWeight::QBias) => Some(self.cfg.n_heads),
-            WeightName::Layer(_, LayerWeight::K | LayerWeight::KBias) => Some(self.cfg.n_kv_heads),
-            _ => None,
+        let n_head = match name {
+            WeightName::Layer(_, LayerWeight::Q | LayerWeight::QBias) => self.cfg.n_heads,
+            WeightName::Layer(_, LayerWeight::K | LayerWeight::KBias) => self.cfg.n_kv_heads,
+            _ => return Ok(None),
+        };
+        if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+            return Err(ModelError::Weight {
+                name: Self::name(name),
+                problem: format!("{rows} rows do not split into {n_head} heads"),
+            });
         }
+        Ok(Some(rows / n_head))
     }
 }
 
@@ -1072,18 +1084,7 @@ impl WeightSource for GgufWeights<'_> {
         };
         let shape = info.shape();
         let rows = shape.first().copied().unwrap_or(0);
-        let head_rows = match self.permuted_heads(name) {
-            Some(n_head) => {
-                if n_head == 0 || rows % (2 * n_head) != 0 {
-                    return Err(ModelError::Weight {
-                        name: gname,
-                        problem: format!("{rows} rows do not split into {n_head} heads"),
-                    });
-                }
-                Some(rows / n_head)
-            }
-            None => None,
-        };
+        let head_rows = self.permuted_head_rows(name, rows)?;
         let source_row = |r| head_rows.map_or(r, |d| unpermuted_source_row(r, d));
         if keep_4bit && Q4Matrix::keeps(info.ty) && shape.len() == 2 {
             let bytes = self.file.tensor_bytes(info)?;
@@ -1107,25 +1108,10 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(None);
         }
         let (mut data, shape) = self.file.tensor_f32(&gname)?;
-        if self.cfg.arch == Architecture::Llama {
-            let heads = match name {
-                WeightName::Layer(_, LayerWeight::Q | LayerWeight::QBias) => Some(self.cfg.n_heads),
-                WeightName::Layer(_, LayerWeight::K | LayerWeight::KBias) => {
-                    Some(self.cfg.n_kv_heads)
-                }
-                _ => None,
-            };
-            if let Some(n_head) = heads {
-                let rows = shape[0];
-                let cols = data.len() / rows.max(1);
-                if rows % (2 * n_head) != 0 {
-                    return Err(ModelError::Weight {
-                        name: gname,
-                        problem: format!("{rows} rows do not split into {n_head} heads"),
-                    });
-                }
-                data = unpermute_rows(&data, rows, cols, n_head);
-            }
+        let rows = shape.first().copied().unwrap_or(0);
+        if let Some(d) = self.permuted_head_rows(name, rows)? {
+            let cols = data.len() / rows.max(1);
+            data = unpermute_rows(&data, rows, cols, rows / d);
         }
         Ok(Some(HostTensor { data, shape }))
     }
@@ -1140,19 +1126,14 @@ fn unpermuted_source_row(r: usize, d: usize) -> usize {
     h * d + 2 * i + part
 }
 
-/// Inverse of llama.cpp's q/k row permutation (see [`GgufWeights`]).
+/// Inverse of llama.cpp's q/k row permutation (see [`GgufWeights`]): every row moved as
+/// [`unpermuted_source_row`] says.
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-    let d = rows / n_head;
-    let half = d / 2;
+    let d = rows / n_head.max(1);
     let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for part in 0..2 {
-            for i in 0..half {
-                let hf = h * d + part * half + i;
-                let gg = h * d + 2 * i + part;
-                out[hf * cols..(hf + 1) * cols].copy_from_slice(&data[gg * cols..(gg + 1) * cols]);
-            }
-        }
+    for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        let src = unpermuted_source_row(r, d);
+        row.copy_from_slice(&data[src * cols..(src + 1) * cols]);
     }
     out
 }
@@ -1215,20 +1196,6 @@ mod tests {
             source: e,
         })?;
         GgufFile::open(&path)
-    }
-
-    #[test]
-    fn the_row_map_is_the_unpermutation() {
-        // 2 heads of 6 rows, 3 values a row, row i holding the values i.
-        let (rows, cols, n_head) = (12, 3, 2);
-        let data: Vec<f32> = (0..rows * cols).map(|v| (v / cols) as f32).collect();
-        let whole = unpermute_rows(&data, rows, cols, n_head);
-        for r in 0..rows {
-            assert_eq!(
-                whole[r * cols] as usize,
-                unpermuted_source_row(r, rows / n_head)
-            );
-        }
     }
 
     #[test]

@@ -100,9 +100,8 @@ pub trait WeightSource {
     fn load_quant(
         &mut self,
         name: WeightName,
-        keep_4bit: bool,
+        _keep_4bit: bool,
     ) -> Result<Option<QuantWeight>, ModelError> {
-        let _ = keep_4bit;
         Ok(self.load(name)?.map(|t| {
             let rows = t.shape.first().copied().unwrap_or(0);
             QuantWeight::Q8(Q8Matrix::quantize(
@@ -251,7 +250,7 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// The token embedding `[vocab, hidden]`, dense on the device or as 8-bit rows on the host.
+/// The token embedding `[vocab, hidden]`, dense on the device or as blocks on the host.
 #[derive(Debug, Clone)]
 enum Embedding<B: Backend> {
     /// On the device, looked up with `select`.
@@ -320,7 +319,8 @@ fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// A required matrix weight `[out, inner]` as 8-bit blocks.
+/// A required matrix weight `[out, inner]` in the block format `precision` asks for (the
+/// source's own 4-bit blocks under `native` where it has them, else 8-bit).
 fn required_quant(
     src: &mut dyn WeightSource,
     name: WeightName,
@@ -342,8 +342,8 @@ fn required_quant(
 }
 
 /// A linear map from the `[out_i, inner]` weights `parts`, stacked along `out` (one fused
-/// projection: q/k/v, gate/up), in the form `precision` keeps it. Quantized, each part is read
-/// as 8-bit blocks directly ([`WeightSource::load_q8`]).
+/// projection: q/k/v, gate/up), in the form `precision` keeps it. In a block format each part is
+/// read as blocks directly ([`WeightSource::load_quant`]).
 fn load_linear<B: Backend>(
     src: &mut dyn WeightSource,
     parts: &[(WeightName, usize)],

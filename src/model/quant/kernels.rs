@@ -48,19 +48,9 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel the CPU supports.
+    /// The fastest kernel the CPU supports (the last of [`Kernel::available`]).
     pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            if avx2 && is_x86_feature_detected!("avxvnni") {
-                return Kernel::AvxVnni;
-            }
-            if avx2 {
-                return Kernel::Avx2;
-            }
-        }
-        Kernel::Portable
+        Kernel::available().pop().unwrap_or(Kernel::Portable)
     }
 
     /// [`Kernel::detect`], once per process.
@@ -69,7 +59,8 @@ impl Kernel {
         *KERNEL.get_or_init(Kernel::detect)
     }
 
-    /// Every kernel this CPU can run (the tests check each against the portable one).
+    /// Every kernel this CPU can run, slowest first (the tests check each against the portable
+    /// one).
     pub fn available() -> Vec<Kernel> {
         let mut all = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -83,15 +74,6 @@ impl Kernel {
             }
         }
         all
-    }
-
-    /// The name reported by benches and `--help`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::AvxVnni => "avx-vnni",
-            Kernel::Avx2 => "avx2",
-            Kernel::Portable => "portable",
-        }
     }
 
     /// `out[r] = w · xs[r]` for every given activation row (at most [`ROWS`]; all rows the

@@ -100,9 +100,16 @@ impl Q8Matrix {
     /// When `data.len() != rows * cols` (a caller's bug, never input).
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Q8Matrix::quantize: shape");
+        Q8Matrix::from_row_fn(rows, cols, |r, out| {
+            out.copy_from_slice(&data[r * cols..(r + 1) * cols])
+        })
+    }
+
+    /// [`Q8Matrix::from_rows`] for a `fill` that cannot fail.
+    fn from_row_fn(rows: usize, cols: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
         let filled: Result<Self, std::convert::Infallible> =
             Q8Matrix::from_rows(rows, cols, |r, out| {
-                out.copy_from_slice(&data[r * cols..(r + 1) * cols]);
+                fill(r, out);
                 Ok(())
             });
         match filled {
@@ -226,17 +233,6 @@ impl Q8Matrix {
         }
         out
     }
-
-    /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major, with the machine's
-    /// kernel ([`Kernel::detect`]).
-    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
-        product(self, Kernel::machine(), x, m)
-    }
-
-    /// [`Q8Matrix::matmul_t`] with a given kernel (the tests run each one).
-    pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
-        product(self, kernel, x, m)
-    }
 }
 
 /// A quantized matrix in one of the block formats.
@@ -265,14 +261,6 @@ impl QuantWeight {
         }
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        match self {
-            QuantWeight::Q8(q) => q.bytes(),
-            QuantWeight::Q4(q) => q.bytes(),
-        }
-    }
-
     /// Row `r` as `f32` (`out.len() == cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match self {
@@ -294,15 +282,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q,
             QuantWeight::Q4(q) => {
-                let filled: Result<Q8Matrix, std::convert::Infallible> =
-                    Q8Matrix::from_rows(q.rows(), q.cols(), |r, out| {
-                        q.dequantize_row(r, out);
-                        Ok(())
-                    });
-                match filled {
-                    Ok(m) => m,
-                    Err(never) => match never {},
-                }
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
             }
         }
     }
@@ -337,6 +317,9 @@ pub trait BlockWeights: Sync {
     fn cols(&self) -> usize;
     /// Row `r` as `f32` (`out.len() == cols`).
     fn dequantize_row(&self, r: usize, out: &mut [f32]);
+    /// Whether [`BlockWeights::dots`] reads the activation blocks' sums (a 4-bit offset
+    /// multiplies them); they are computed only then.
+    const USES_SUMS: bool = false;
     /// `out[i] = row j · xs[i]` for up to [`ROWS`] quantized activation rows.
     fn dots(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [f32]);
 }
@@ -365,21 +348,24 @@ impl BlockWeights for Q8Matrix {
 }
 
 /// Activations quantized to 8-bit blocks, with each block's sum `d·Σq` (what a 4-bit
-/// weight's offset multiplies).
+/// weight's offset multiplies) when the weights use it, else no sums.
 struct Activations {
     q: Q8Matrix,
     sums: Vec<f32>,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, cols: usize, with_sums: bool) -> Self {
         let q = Q8Matrix::quantize(x, m, cols);
-        let sums = q
-            .scales
-            .iter()
-            .zip(q.quants.chunks_exact(QK))
-            .map(|(&d, blk)| d * blk.iter().map(|&v| v as i32).sum::<i32>() as f32)
-            .collect();
+        let sums = if with_sums {
+            q.scales
+                .iter()
+                .zip(q.quants.chunks_exact(QK))
+                .map(|(&d, blk)| d * blk.iter().map(|&v| v as i32).sum::<i32>() as f32)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Activations { q, sums }
     }
 
@@ -387,7 +373,7 @@ impl Activations {
         let b = self.q.blocks;
         ActRow {
             row: self.q.row(r),
-            sums: &self.sums[r * b..(r + 1) * b],
+            sums: self.sums.get(r * b..(r + 1) * b).unwrap_or(&[]),
         }
     }
 }
@@ -408,7 +394,7 @@ pub fn product<W: BlockWeights>(w: &W, kernel: Kernel, x: &[f32], m: usize) -> V
     if n == 0 || m == 0 {
         return y;
     }
-    let xq = Activations::quantize(x, m, k);
+    let xq = Activations::quantize(x, m, k, W::USES_SUMS);
     let xd = (m >= GEMM_MIN_ROWS).then(|| xq.q.dequantize());
     // Each task owns a run of weight rows, that is a run of output columns. The dot
     // kernels: about 8 runs per thread so rayon can balance them, at least 16 rows. GEMM
@@ -524,7 +510,7 @@ unsafe fn columns_by_dots<W: BlockWeights>(
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 
-// SAFETY: only used by `matmul_t_with`, whose tasks write disjoint parts of the buffer.
+// SAFETY: only used by `product`, whose tasks write disjoint parts of the buffer.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -641,9 +627,9 @@ mod tests {
             let w = random(n * k, 20 + n as u64);
             let q = Q8Matrix::quantize(&w, n, k);
             let want = reference(&x, &w, m, n, k);
-            let portable = q.matmul_t_with(Kernel::Portable, &x, m);
+            let portable = product(&q, Kernel::Portable, &x, m);
             for kernel in Kernel::available() {
-                let got = q.matmul_t_with(kernel, &x, m);
+                let got = product(&q, kernel, &x, m);
                 for (i, ((g, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
                     // The vector kernels compute the same integer sums; only the f32
                     // accumulation order differs from the portable loop.
@@ -671,7 +657,7 @@ mod tests {
         let xq = Q8Matrix::quantize(&x, m, k);
         let want = reference(&xq.dequantize(), &q.dequantize(), m, n, k);
         for kernel in Kernel::available() {
-            let got = q.matmul_t_with(kernel, &x, m);
+            let got = product(&q, kernel, &x, m);
             for (g, e) in got.iter().zip(&want) {
                 assert!((g - e).abs() < 1e-4, "{kernel:?}: {g} vs {e}");
             }

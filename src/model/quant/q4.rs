@@ -7,9 +7,9 @@
 //! `d` and `m` are kept as `f32` (the file has `f16`): 24 bytes per 32 weights instead of 20,
 //! one conversion less per block in the inner loop.
 
-use super::kernels::{self, Kernel, ROWS};
+use super::kernels::{self, Kernel};
 use super::QK;
-use crate::model::gguf::GgmlType;
+use crate::model::gguf::{f16_at, GgmlType};
 use rayon::prelude::*;
 
 /// Bytes of 4-bit values per block.
@@ -82,10 +82,9 @@ impl Q4Matrix {
         cols: usize,
         source_row: impl Fn(usize) -> usize + Sync,
     ) -> Result<Self, Q4Error> {
-        let block_bytes = match ty {
-            GgmlType::Q4_0 => 2 + NIBBLE_BYTES,
-            GgmlType::Q4_1 => 4 + NIBBLE_BYTES,
-            other => return Err(Q4Error::Type(other)),
+        let block_bytes = match ty.block_layout() {
+            Some((QK, bytes)) if Self::keeps(ty) => bytes,
+            _ => return Err(Q4Error::Type(ty)),
         };
         let blocks = cols / QK;
         let row_bytes = blocks * block_bytes;
@@ -110,7 +109,6 @@ impl Q4Matrix {
         let mut d = vec![0f32; rows * blocks];
         let mut m = vec![0f32; rows * blocks];
         let mut nibbles = vec![0u8; rows * blocks * NIBBLE_BYTES];
-        let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         if blocks > 0 {
             d.par_chunks_mut(blocks)
                 .zip(m.par_chunks_mut(blocks))
@@ -231,8 +229,9 @@ impl super::BlockWeights for Q4Matrix {
         Q4Matrix::dequantize_row(self, r, out);
     }
 
+    const USES_SUMS: bool = true;
+
     fn dots(&self, kernel: Kernel, j: usize, xs: &[super::ActRow<'_>], out: &mut [f32]) {
-        debug_assert!(xs.len() <= ROWS);
         kernels::dot_q4(kernel, self.row(j), xs, out);
     }
 }
