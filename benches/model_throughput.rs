@@ -10,6 +10,8 @@
 //! `BENCH_DTYPE` `f32` (default), `f16`, `bf16`, `q8` or `native`: the model's weight format (on
 //! flex the half types run without the CPU fast paths, they are there for CUDA, built with
 //! `--features cuda`; q8 and native are block formats, CPU only: README "Weight formats").
+//! `BENCH_LORA` a rank r > 0: every projection gets a random rank-r LoRA update applied unmerged
+//! (what a served adapter version costs over its shared base; `Llama::with_low_rank`).
 //! The resident memory with the model loaded is printed too.
 //!
 //! One `generate` call per batch size, timed by the generator itself
@@ -25,7 +27,7 @@ use std::time::Instant;
 
 use backflow::model::config::LlamaConfig;
 use backflow::model::device::{backend_name, default_device, DefaultBackend};
-use backflow::model::llama::RandomWeights;
+use backflow::model::llama::{HostTensor, LayerWeight, LowRank, RandomWeights};
 use backflow::model::{load_checkpoint, Generator, Llama, Precision, Request};
 use rand::{Rng, SeedableRng};
 
@@ -79,6 +81,18 @@ fn main() {
                 }
             }
         }
+    };
+    let lora_rank = env_usize("BENCH_LORA", 0);
+    let (model, what) = if lora_rank > 0 {
+        match with_random_lora(&model, lora_rank) {
+            Ok(m) => (m, format!("{what}, rank-{lora_rank} LoRA unmerged")),
+            Err(e) => {
+                eprintln!("cannot apply a LoRA update: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        (model, what)
     };
     let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
         .unwrap_or_else(|_| "1,8,32".into())
@@ -193,4 +207,38 @@ fn matmul_gflops(device: &burn::tensor::Device<B>) -> f64 {
         let _ = a.clone().matmul(w.clone()).into_data();
     }
     2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// `model` with a random rank-`r` update on every projection, applied unmerged.
+fn with_random_lora(model: &Llama<B>, r: usize) -> Result<Llama<B>, backflow::model::ModelError> {
+    let c = model.config();
+    let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let roles = [
+        (LayerWeight::Q, qd, c.hidden),
+        (LayerWeight::K, kd, c.hidden),
+        (LayerWeight::V, kd, c.hidden),
+        (LayerWeight::O, c.hidden, qd),
+        (LayerWeight::Gate, c.ffn, c.hidden),
+        (LayerWeight::Up, c.ffn, c.hidden),
+        (LayerWeight::Down, c.hidden, c.ffn),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut random = |rows: usize, cols: usize| HostTensor {
+        data: (0..rows * cols)
+            .map(|_| rng.random_range(-0.02..0.02))
+            .collect(),
+        shape: vec![rows, cols],
+    };
+    let updates: Vec<Vec<(LayerWeight, HostTensor, HostTensor)>> = (0..c.n_layers)
+        .map(|_| {
+            let per_role = roles.iter();
+            per_role
+                .map(|&(role, out, inp)| (role, random(r, inp), random(out, r)))
+                .collect()
+        })
+        .collect();
+    model.with_low_rank(|layer, role| {
+        let (_, a, b) = updates.get(layer)?.iter().find(|u| u.0 == role)?;
+        Some(LowRank { a, b, scale: 2.0 })
+    })
 }

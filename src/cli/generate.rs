@@ -55,12 +55,9 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let device = default_device();
-    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(
-        &args.model,
-        &device,
-        args.dtype,
-    )
-    .with_context(|| format!("loading {}", args.model.display()))?;
+    let ck =
+        crate::train::load::load_for_inference::<DefaultBackend>(&args.model, &device, args.dtype)
+            .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = ck
         .tokenizer
         .load()

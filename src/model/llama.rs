@@ -202,16 +202,136 @@ impl WeightSource for RandomWeights {
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 2>,
     /// `hidden → (h + 2·kv_h)·d`
-    wqkv: Linear<B>,
+    wqkv: Projection<B>,
     /// `[1, (h + 2·kv_h)·d]`
     bqkv: Option<Tensor<B, 2>>,
     /// `h·d → hidden`
-    wo: Linear<B>,
+    wo: Projection<B>,
     ffn_norm: Tensor<B, 2>,
     /// `hidden → 2·ffn`
-    w_gate_up: Linear<B>,
+    w_gate_up: Projection<B>,
     /// `ffn → hidden`
-    w_down: Linear<B>,
+    w_down: Projection<B>,
+}
+
+/// A block's linear map: its weight, and a LoRA adapter's update kept apart from it, so that
+/// model versions trained as adapters share one copy of the base weights (S-LoRA's and vLLM's
+/// multi-LoRA serving) and a block-format base keeps its blocks exact under the update.
+#[derive(Debug, Clone)]
+struct Projection<B: Backend> {
+    weight: Linear<B>,
+    low_rank: Option<LowRankUpdate<B>>,
+}
+
+/// `x ↦ (x·down)·up`, `down` `[in, R]`, `up` `[R, out]` with the adapter's scale folded in; a
+/// fused projection (q/k/v, gate/up) stacks its parts' ranks into `R`, `up` block diagonal.
+#[derive(Debug, Clone)]
+enum LowRankUpdate<B: Backend> {
+    /// Beside a dense weight, on its device in its float type.
+    Device(Tensor<B, 2>, Tensor<B, 2>),
+    /// Beside a block weight, on the host, `(A [R, in], up [R, out])` (`A = downᵀ`): added to
+    /// the block product's output before it becomes a tensor (no extra tensor ops).
+    Host(Arc<(HostTensor, HostTensor)>),
+}
+
+impl<B: Backend> Projection<B> {
+    fn new(weight: Linear<B>) -> Self {
+        Projection {
+            weight,
+            low_rank: None,
+        }
+    }
+
+    /// `x·W`, plus the low-rank update when there is one.
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match (&self.weight, &self.low_rank) {
+            (weight, None) => weight.forward(x),
+            (Linear::Quant(w), Some(LowRankUpdate::Host(u))) => {
+                cpu::quant_product_plus(&x, w, Some((&u.0, &u.1)))
+            }
+            (weight, Some(LowRankUpdate::Device(down, up))) => {
+                let update = x.clone().matmul(down.clone()).matmul(up.clone());
+                weight.forward(x) + update
+            }
+            // Not built by `with_low_rank` (host updates go with block weights), but correct.
+            (weight, Some(LowRankUpdate::Host(u))) => {
+                let dev = |t: &HostTensor| -> Tensor<B, 2> {
+                    let shape = [t.shape[0], t.shape[1]];
+                    Tensor::from_data(TensorData::new(t.data.clone(), shape), &x.device())
+                };
+                let update = x.clone().matmul(dev(&u.0).transpose()).matmul(dev(&u.1));
+                weight.forward(x) + update
+            }
+        }
+    }
+}
+
+/// One projection's LoRA update as an adapter stores it (PEFT layout): `ΔW = scale·B·A`, with
+/// `a` `[r, in]` and `b` `[out, r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `A`, `[r, in]`.
+    pub a: &'a HostTensor,
+    /// `B`, `[out, r]`.
+    pub b: &'a HostTensor,
+    /// `alpha / r`.
+    pub scale: f32,
+}
+
+/// The `down` `[inner, R]` and `up` `[R, Σ out]` host matrices of the updates of a fused projection's
+/// `parts` (`(role, out)` in stacking order), or `None` when none of them has one.
+fn fused_low_rank<'a>(
+    layer: usize,
+    parts: &[(LayerWeight, usize)],
+    inner: usize,
+    update: &impl Fn(usize, LayerWeight) -> Option<LowRank<'a>>,
+) -> Result<Option<(HostTensor, HostTensor)>, ModelError> {
+    let total_out: usize = parts.iter().map(|p| p.1).sum();
+    let mut found = Vec::new();
+    let mut offset = 0;
+    for &(role, out) in parts {
+        if let Some(u) = update(layer, role) {
+            let r = u.a.shape.first().copied().unwrap_or(0);
+            if r == 0 || u.a.shape != [r, inner] || u.b.shape != [out, r] {
+                return Err(ModelError::Weight {
+                    name: format!("{:?}", WeightName::Layer(layer, role)),
+                    problem: format!(
+                        "adapter A {:?} and B {:?} do not fit a [{out}, {inner}] weight",
+                        u.a.shape, u.b.shape
+                    ),
+                });
+            }
+            found.push((u, r, offset, out));
+        }
+        offset += out;
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    let rank: usize = found.iter().map(|f| f.1).sum();
+    let mut down = vec![0f32; inner * rank];
+    let mut up = vec![0f32; rank * total_out];
+    let mut col = 0;
+    for (u, r, offset, out) in found {
+        for k in 0..r {
+            for i in 0..inner {
+                down[i * rank + col + k] = u.a.data[k * inner + i];
+            }
+            for o in 0..out {
+                up[(col + k) * total_out + offset + o] = u.scale * u.b.data[o * r + k];
+            }
+        }
+        col += r;
+    }
+    let down = HostTensor {
+        data: down,
+        shape: vec![inner, rank],
+    };
+    let up = HostTensor {
+        data: up,
+        shape: vec![rank, total_out],
+    };
+    Ok(Some((down, up)))
 }
 
 /// The weight of a linear map `x ↦ x·W`, in the form the model's [`Precision`] keeps it.
@@ -454,7 +574,7 @@ impl<B: Backend> Llama<B> {
                 (LayerWeight::K, kd),
                 (LayerWeight::V, kd),
             ];
-            let wqkv = linear(src, &qkv_parts, h)?;
+            let wqkv = Projection::new(linear(src, &qkv_parts, h)?);
             let bqkv = if cfg.qkv_bias {
                 let bq = required(src, w(LayerWeight::QBias), &[qd])?;
                 let bk = required(src, w(LayerWeight::KBias), &[kd])?;
@@ -466,11 +586,11 @@ impl<B: Backend> Llama<B> {
             } else {
                 None
             };
-            let wo = linear(src, &[(LayerWeight::O, h)], qd)?;
+            let wo = Projection::new(linear(src, &[(LayerWeight::O, h)], qd)?);
             let ffn_norm = required(src, w(LayerWeight::FfnNorm), &[h])?;
             let gate_up = [(LayerWeight::Gate, cfg.ffn), (LayerWeight::Up, cfg.ffn)];
-            let w_gate_up = linear(src, &gate_up, h)?;
-            let w_down = linear(src, &[(LayerWeight::Down, h)], cfg.ffn)?;
+            let w_gate_up = Projection::new(linear(src, &gate_up, h)?);
+            let w_down = Projection::new(linear(src, &[(LayerWeight::Down, h)], cfg.ffn)?);
             blocks.push(Block {
                 attn_norm: to_dev(attn_norm.data, [1, h]),
                 wqkv,
@@ -497,6 +617,77 @@ impl<B: Backend> Llama<B> {
             sin,
             rope_host,
         })
+    }
+
+    /// This model with LoRA updates applied unmerged: every weight stays shared with `self` (a
+    /// clone of a tensor or block matrix is a reference), and each projection `update` names
+    /// gets `x·W + scale·(x·Aᵀ)·Bᵀ`, in the model's float type. Gives the merged model's outputs
+    /// (up to rounding) at the cost of the adapter's memory instead of a copy of the weights;
+    /// updates already on `self` are replaced.
+    pub fn with_low_rank<'a>(
+        &self,
+        update: impl Fn(usize, LayerWeight) -> Option<LowRank<'a>>,
+    ) -> Result<Llama<B>, ModelError> {
+        let cfg = &self.cfg;
+        let (h, qd, kd) = (
+            cfg.hidden,
+            cfg.n_heads * cfg.head_dim,
+            cfg.n_kv_heads * cfg.head_dim,
+        );
+        let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
+            Tensor::from_data(TensorData::new(data, shape), (&self.device, self.dtype))
+        };
+        let mut out = self.clone();
+        for (l, blk) in out.blocks.iter_mut().enumerate() {
+            let qkv = [
+                (LayerWeight::Q, qd),
+                (LayerWeight::K, kd),
+                (LayerWeight::V, kd),
+            ];
+            let gate_up = [(LayerWeight::Gate, cfg.ffn), (LayerWeight::Up, cfg.ffn)];
+            for (proj, parts, inner) in [
+                (&mut blk.wqkv, &qkv[..], h),
+                (&mut blk.wo, &[(LayerWeight::O, h)][..], qd),
+                (&mut blk.w_gate_up, &gate_up[..], h),
+                (&mut blk.w_down, &[(LayerWeight::Down, h)][..], cfg.ffn),
+            ] {
+                let found = fused_low_rank(l, parts, inner, &update)?;
+                proj.low_rank = found.map(|(down, up)| match proj.weight {
+                    Linear::Quant(_) => {
+                        // The host product wants A's rows: `down` transposed, `[R, inner]`.
+                        let (inner, rank) = (down.shape[0], down.shape[1]);
+                        let a = HostTensor {
+                            data: transpose_host(&down.data, inner, rank),
+                            shape: vec![rank, inner],
+                        };
+                        LowRankUpdate::Host(Arc::new((a, up)))
+                    }
+                    Linear::Dense(_) => {
+                        let dev = |t: HostTensor| to_dev(t.data, [t.shape[0], t.shape[1]]);
+                        LowRankUpdate::Device(dev(down), dev(up))
+                    }
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the two models hold the same block matrices (not copies): true for a model and
+    /// what [`Llama::with_low_rank`] made of it in a block format.
+    #[cfg(test)]
+    pub(crate) fn shares_block_weights_with(&self, other: &Llama<B>) -> bool {
+        let same = |a: &Linear<B>, b: &Linear<B>| match (a, b) {
+            (Linear::Quant(x), Linear::Quant(y)) => Arc::ptr_eq(x, y),
+            _ => false,
+        };
+        self.blocks.len() == other.blocks.len()
+            && same(&self.output, &other.output)
+            && self.blocks.iter().zip(&other.blocks).all(|(x, y)| {
+                same(&x.wqkv.weight, &y.wqkv.weight)
+                    && same(&x.wo.weight, &y.wo.weight)
+                    && same(&x.w_gate_up.weight, &y.w_gate_up.weight)
+                    && same(&x.w_down.weight, &y.w_down.weight)
+            })
     }
 
     /// The hyper-parameters.
@@ -877,16 +1068,132 @@ mod cpu {
         x: &Tensor<B, 2>,
         w: &super::QuantWeight,
     ) -> Tensor<B, 2> {
-        let [rows, _] = x.dims();
-        let y = match flex(x) {
-            Some(f) => match f.as_slice::<f32>() {
-                Some(s) => w.matmul_t(s, rows),
-                None => w.matmul_t(&f.into_data().iter::<f32>().collect::<Vec<_>>(), rows),
-            },
-            None => w.matmul_t(&x.to_data().iter::<f32>().collect::<Vec<_>>(), rows),
+        quant_product_plus(x, w, None)
+    }
+
+    /// `x·W` for block weights `w`, plus `(x·Aᵀ)·up` when a low-rank update (`A` `[R, in]`,
+    /// `up` `[R, out]`, host row-major) is given.
+    pub(super) fn quant_product_plus<B: Backend>(
+        x: &Tensor<B, 2>,
+        w: &super::QuantWeight,
+        update: Option<(&super::HostTensor, &super::HostTensor)>,
+    ) -> Tensor<B, 2> {
+        let [rows, inner] = x.dims();
+        let flex_x = flex(x);
+        let owned;
+        let xs: &[f32] = match flex_x.as_ref().and_then(|f| f.as_slice::<f32>()) {
+            Some(s) => s,
+            None => {
+                owned = x.to_data().iter::<f32>().collect::<Vec<_>>();
+                &owned
+            }
         };
+        let mut y = w.matmul_t(xs, rows);
+        if let Some((a, up)) = update {
+            add_low_rank(&mut y, xs, (&a.data, &up.data), inner, a.shape[0]);
+        }
         Tensor::from_data(TensorData::new(y, [rows, w.rows()]), &x.device())
     }
+
+    /// `y += (x·Aᵀ)·up`, `x` `[rows, inner]`, `a` `[rank, inner]`, `up` `[rank, out]`, `y`
+    /// `[rows, out]`, all row-major: row by row at decode (the rank is small: a GEMM's packing
+    /// would cost more than the product), by two GEMMs for prefill.
+    fn add_low_rank(
+        y: &mut [f32],
+        x: &[f32],
+        (a, up): (&[f32], &[f32]),
+        inner: usize,
+        rank: usize,
+    ) {
+        let out = up.len().checked_div(rank).unwrap_or(0);
+        let rows = y.len().checked_div(out).unwrap_or(0);
+        let fits = x.len() >= rows * inner && a.len() >= rank * inner;
+        debug_assert!(fits, "low-rank update shapes do not fit");
+        if out == 0 || inner == 0 || !fits {
+            return;
+        }
+        if rows < LOW_RANK_GEMM_ROWS {
+            low_rank_rows(y, x, (a, up), inner, out);
+            return;
+        }
+        // Prefill: two GEMMs, `t = x·Aᵀ` `[rows, rank]`, then `y += t·up`.
+        let mut t = vec![0f32; rows * rank];
+        // SAFETY: t, x and a hold rows·rank, rows·inner and rank·inner values (the caller's
+        // shapes: `y` has rows·out, `x` rows·inner, `up` rank·out, `a` rank·inner); strides
+        // describe row-major storage, Aᵀ read with column stride `inner`.
+        unsafe {
+            gemm::gemm(
+                rows,
+                rank,
+                inner,
+                t.as_mut_ptr(),
+                1,
+                rank as isize,
+                false,
+                x.as_ptr(),
+                1,
+                inner as isize,
+                a.as_ptr(),
+                inner as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+            gemm::gemm(
+                rows,
+                out,
+                rank,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                true,
+                t.as_ptr(),
+                1,
+                rank as isize,
+                up.as_ptr(),
+                1,
+                out as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+    }
+
+    /// `y += (x·Aᵀ)·up` a row at a time: `rank` dot products and multiply-adds per row,
+    /// compiled for AVX-512 and AVX2 besides the baseline, as the attention kernel.
+    #[multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))]
+    fn low_rank_rows(
+        y: &mut [f32],
+        x: &[f32],
+        (a, up): (&[f32], &[f32]),
+        inner: usize,
+        out: usize,
+    ) {
+        for (y_row, x_row) in y.chunks_mut(out).zip(x.chunks(inner)) {
+            for (a_row, u) in a.chunks_exact(inner).zip(up.chunks_exact(out)) {
+                let t = dot(x_row, a_row);
+                for (yv, &uv) in y_row.iter_mut().zip(u) {
+                    *yv += t * uv;
+                }
+            }
+        }
+    }
+
+    /// From this many rows on (prefill) the low-rank update is computed by GEMM, below by the
+    /// row loop (a GEMM's packing costs more than a decode step's product).
+    const LOW_RANK_GEMM_ROWS: usize = 16;
 
     /// Whether the model runs on flex in `f32` (the fast paths apply).
     pub(super) fn is_flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {

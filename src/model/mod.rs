@@ -88,7 +88,7 @@ impl TokenizerSource {
 }
 
 /// A loaded checkpoint: the model on its device, its tokenizer data and its stop tokens.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Checkpoint<B: burn::tensor::backend::Backend> {
     /// The model.
     pub model: Llama<B>,

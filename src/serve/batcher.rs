@@ -2,7 +2,7 @@
 //! lets a batch fill for a short window before handing it to [`super::execute`].
 
 use super::cache::{answer_key, unpack_choice, AnswerCache, AnswerKey};
-use super::execute::{load, run_batches, Loaded, Reply};
+use super::execute::{load, loader, run_batches, Loaded, Reply};
 use super::protocol::{Command, GenRequest};
 use super::stats::{ServerStats, VersionStats};
 use super::{ServeError, ServerConfig};
@@ -28,6 +28,7 @@ pub(super) fn serve(
     stats: &ServerStats,
 ) {
     let mut models: HashMap<String, Loaded> = HashMap::new();
+    let mut loader = loader(&config);
     let mut pending: Vec<Pending> = Vec::new();
     loop {
         // Block for the first command, then let a batch fill for a short window.
@@ -48,7 +49,7 @@ pub(super) fn serve(
                     let result = if models.contains_key(&version) {
                         Ok(())
                     } else {
-                        load(&path, &config)
+                        load(&path, &config, &mut loader)
                             .map(|m| {
                                 log::info!("model {version} loaded from {}", path.display());
                                 models.insert(version.clone(), m);

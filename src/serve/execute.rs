@@ -11,6 +11,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{pick_option, ChoiceAfter, Generator, Request};
 use crate::model::tokenizer::Tokenizer;
+use crate::train::load::InferenceLoader;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -36,14 +37,19 @@ pub enum LoadError {
     Template(#[from] crate::model::chat::ChatError),
 }
 
+/// The loader of the server's models: each base once, adapters unmerged over it, so every
+/// version of a run trained as an adapter shares its base's weights.
+pub(super) fn loader(config: &ServerConfig) -> InferenceLoader<DefaultBackend> {
+    InferenceLoader::new(default_device(), config.precision)
+}
+
 /// Loads the checkpoint at `path` for inference.
-pub(super) fn load(path: &Path, config: &ServerConfig) -> Result<Loaded, LoadError> {
-    let device = default_device();
-    let ck = crate::train::checkpoint::load_for_inference::<DefaultBackend>(
-        path,
-        &device,
-        config.precision,
-    )?;
+pub(super) fn load(
+    path: &Path,
+    config: &ServerConfig,
+    loader: &mut InferenceLoader<DefaultBackend>,
+) -> Result<Loaded, LoadError> {
+    let ck = loader.load(path)?;
     let tokenizer = ck.tokenizer.load()?;
     let template = ChatTemplate::for_tokenizer(&tokenizer)?;
     let mut stop_ids = ck.stop_ids.clone();

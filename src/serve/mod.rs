@@ -3,7 +3,8 @@
 //! back, so the model never blocks a worker. Requests from all local workers are batched together
 //! (up to `max_batch`, waiting at most `batch_window` for a batch to fill), grouped by model
 //! version; the generator reuses the KV cache of a prefix every prompt of a batch shares (the
-//! rating template), computing it once.
+//! rating template), computing it once. Versions that are LoRA adapters share their base's
+//! weights ([`crate::train::load::InferenceLoader`]): a new version costs its adapter.
 //!
 //! With [`ServerConfig::cache`] set, every successful answer is also kept in a persistent
 //! [`AnswerCache`]: a request seen before (same version, messages, length and sampling) is

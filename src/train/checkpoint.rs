@@ -4,8 +4,8 @@
 //! and the resume state (`trainer_state.json`, `optimizer.bin`). A folder is written next to
 //! its destination and renamed into place, so readers never see a half-written checkpoint.
 //!
-//! [`load_for_inference`] loads any of: a GGUF file, an HF folder, or an adapter folder (merged
-//! onto the base named in its `adapter_config.json`).
+//! [`super::load`] loads any of them for inference; [`load_for_loss`] as the training model, an
+//! adapter merged onto the base named in its `adapter_config.json`.
 //!
 //! Why one file of this size: every kind of checkpoint folder (full, adapter, GGUF in) is read and
 //! written here, so the file names, the version hash and the atomic folder write have one home.
@@ -21,10 +21,7 @@ use serde_json::json;
 
 use crate::model::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::safetensors::HfFolder;
-use crate::model::{
-    gguf::GgufWeights, Checkpoint, GgufFile, Llama, LlamaConfig, ModelError, Precision,
-    TokenizerSource,
-};
+use crate::model::{gguf::GgufWeights, GgufFile, LlamaConfig, ModelError, TokenizerSource};
 
 use super::lora::{LoraAdapter, LoraConfig};
 use super::model::{hf_name, projection_path, TrainLlama, PROJECTION_WEIGHTS};
@@ -565,25 +562,6 @@ impl WeightSource for Merged<'_> {
     }
 }
 
-/// Loads a GGUF file, an HF folder, or a LoRA adapter folder (merged onto its base) for
-/// inference, in `precision`. The adapter folder's own `tokenizer.json` is used when present.
-pub fn load_for_inference<B: Backend>(
-    path: &Path,
-    device: &B::Device,
-    precision: Precision,
-) -> Result<Checkpoint<B>, TrainError> {
-    if !is_adapter(path) {
-        return Ok(crate::model::load_checkpoint(path, device, precision)?);
-    }
-    let (model, tokenizer, stop_ids) =
-        load_merged(path, |cfg, src| Llama::load(cfg, src, device, precision))?;
-    Ok(Checkpoint {
-        model,
-        tokenizer,
-        stop_ids,
-    })
-}
-
 /// The adapter folder at `path` merged onto its base as `load` builds a model from the merged
 /// weights; with the tokenizer (the folder's own `tokenizer.json` first, else the base's) and
 /// the base's stop ids.
@@ -636,6 +614,7 @@ pub fn load_for_loss<B: Backend>(
 mod tests {
     use super::*;
     use crate::model::llama::RandomWeights;
+    use crate::model::{Llama, Precision};
     use crate::train::model::TrainMode;
     use burn::backend::Flex;
     use burn::tensor::{Distribution, Int, TensorData};
@@ -715,7 +694,8 @@ mod tests {
             &[],
         )
         .expect("write");
-        let ck = load_for_inference::<Flex>(&full, &dev, Precision::F32).expect("reload full");
+        let ck = crate::train::load::load_for_inference::<Flex>(&full, &dev, Precision::F32)
+            .expect("reload full");
         assert_close(&inference_logits(&ck.model, &ids), &want);
 
         // Adapter: PEFT folder over a base HF folder (the un-adapted weights).
@@ -749,10 +729,12 @@ mod tests {
         ];
         write_folder_atomic(&ad, &files, &[]).expect("write");
         assert!(is_adapter(&ad));
-        let ck = load_for_inference::<Flex>(&ad, &dev, Precision::F32).expect("reload adapter");
+        let ck = crate::train::load::load_for_inference::<Flex>(&ad, &dev, Precision::F32)
+            .expect("reload adapter");
         assert_close(&inference_logits(&ck.model, &ids), &want);
         // And the base alone differs (the adapter mattered).
-        let plain = load_for_inference::<Flex>(&base, &dev, Precision::F32).expect("base");
+        let plain = crate::train::load::load_for_inference::<Flex>(&base, &dev, Precision::F32)
+            .expect("base");
         let diff = inference_logits(&plain.model, &ids)
             .iter()
             .zip(&want)

@@ -212,9 +212,12 @@ mod tests {
 
         let dev = Default::default();
         let logits = |path: &Path| -> Vec<f32> {
-            let ck =
-                checkpoint::load_for_inference::<Flex>(path, &dev, crate::model::Precision::F32)
-                    .expect("load");
+            let ck = crate::train::load::load_for_inference::<Flex>(
+                path,
+                &dev,
+                crate::model::Precision::F32,
+            )
+            .expect("load");
             let ids = [3u32, 1, 4, 1, 5];
             let toks: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
             let mut cache = ck.model.new_cache(1, ids.len());

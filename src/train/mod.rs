@@ -6,6 +6,7 @@
 //! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters.
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
+//! - [`load`]: checkpoints for inference, adapters applied unmerged over a base loaded once.
 //! - [`export`]: any loadable model (GGUF, HF folder, merged adapter) as an HF folder.
 //! - [`job`]: a training job's spec ([`TrainJob`]) and outcome; [`run`]: the run as one call
 //!   ([`run_job`]), reusing finished identical runs ([`fingerprint`], [`save`]) and logging every
@@ -16,6 +17,7 @@ pub mod data;
 pub mod export;
 pub mod fingerprint;
 pub mod job;
+pub mod load;
 pub mod lora;
 pub mod metrics_log;
 pub mod model;
