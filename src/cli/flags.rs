@@ -130,7 +130,7 @@ pub struct TrainFlags {
     /// AdamW weight decay (paper: 0.1).
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
-    /// Examples per micro-batch.
+    /// Examples per batch (an optimizer step takes --grad-accum batches).
     #[arg(
         value_parser = crate::cli::values::at_least_one,
         long,
@@ -138,9 +138,13 @@ pub struct TrainFlags {
         default_value_t = 8
     )]
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Batches per optimizer step.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Examples per forward/backward pass: a batch is computed in pieces this large, with the
+    /// same gradient; activation memory scales with it (0: a whole batch at once).
+    #[arg(long, default_value_t = crate::train::sft::DEFAULT_MICRO_BATCH)]
+    pub micro_batch: usize,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
@@ -173,6 +177,7 @@ impl TrainFlags {
         job.weight_decay = self.weight_decay;
         job.batch_size = self.batch_size;
         job.grad_accum = self.grad_accum;
+        job.micro_batch = self.micro_batch;
         job.max_grad_norm = self.max_grad_norm;
         job.max_len = self.max_len;
         job.group_by_length = !self.no_group_by_length;

@@ -52,10 +52,12 @@ pub struct TrainJob {
     pub lr_end: Option<f64>,
     /// AdamW weight decay (paper: 0.1).
     pub weight_decay: f32,
-    /// Examples per micro-batch.
+    /// Examples per batch.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Batches per optimizer step.
     pub grad_accum: usize,
+    /// Examples per forward/backward pass ([`crate::train::sft::SftConfig::micro_batch`]).
+    pub micro_batch: usize,
     /// Clip the global gradient norm (0: off).
     pub max_grad_norm: f32,
     /// Optimizer steps; wins over `epochs`.
@@ -88,7 +90,7 @@ pub struct TrainJob {
 
 impl TrainJob {
     /// A job with `backflow train`'s defaults: LoRA rank 8 on all projections (alpha 16,
-    /// dropout 0.05), default learning rates, weight decay 0.1, batch 8, no accumulation, clip
+    /// dropout 0.05), default learning rates, weight decay 0.1, batch 8 in passes of 2, no accumulation, clip
     /// 1.0, [`DEFAULT_EPOCHS`] epochs, 512 tokens, seed 0, forward model, nothing held out.
     pub fn new(model: PathBuf, data: Vec<DataGroup>, out: PathBuf) -> Self {
         TrainJob {
@@ -103,6 +105,7 @@ impl TrainJob {
             weight_decay: 0.1,
             batch_size: 8,
             grad_accum: 1,
+            micro_batch: crate::train::sft::DEFAULT_MICRO_BATCH,
             max_grad_norm: 1.0,
             steps: None,
             epochs: None,
@@ -140,6 +143,7 @@ impl TrainJob {
             weight_decay: self.weight_decay,
             batch_size: self.batch_size.max(1),
             grad_accum: self.grad_accum.max(1),
+            micro_batch: self.micro_batch,
             max_grad_norm: self.max_grad_norm,
             steps: 0,
             seed: self.seed,

@@ -194,7 +194,7 @@ pub fn run_job_with(
             eval_loss(
                 &t.valid(),
                 &held_out,
-                sft.batch_size,
+                sft.micro_size(),
                 pad,
                 &default_device(),
             )
@@ -241,7 +241,7 @@ pub fn run_job_with(
             sft.effective_batch(),
             sft.seed,
         );
-        let micro = micro_batches(&examples, &idx, sft.batch_size, pad);
+        let micro = micro_batches(&examples, &idx, sft.micro_size(), pad);
         let m = trainer.train_step(&micro);
         if !(m.loss.is_finite() && m.grad_norm.is_finite()) {
             // Nothing of this step is logged or saved: the last save stays the checkpoint,

@@ -35,10 +35,15 @@ pub struct SftConfig {
     pub lr_end: f64,
     /// AdamW decoupled weight decay (paper: 0.1).
     pub weight_decay: f32,
-    /// Examples per micro-batch.
+    /// Examples per batch.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step (effective batch = `batch_size · grad_accum`).
+    /// Batches per optimizer step (effective batch = `batch_size · grad_accum`).
     pub grad_accum: usize,
+    /// Examples per forward/backward pass: a step's examples are computed in pieces this large
+    /// (0: a batch at a time). The gradient is the same (the loss is the mean over the step's
+    /// target tokens); activation memory scales with it.
+    #[serde(default)]
+    pub micro_batch: usize,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f32,
     /// Optimizer steps.
@@ -56,6 +61,7 @@ impl SftConfig {
             weight_decay: 0.1,
             batch_size: 8,
             grad_accum: 1,
+            micro_batch: DEFAULT_MICRO_BATCH,
             max_grad_norm: 1.0,
             steps,
             seed: 0,
@@ -76,6 +82,14 @@ impl SftConfig {
     /// Examples per optimizer step.
     pub fn effective_batch(&self) -> usize {
         self.batch_size.max(1) * self.grad_accum.max(1)
+    }
+
+    /// Examples per forward/backward pass.
+    pub fn micro_size(&self) -> usize {
+        match self.micro_batch {
+            0 => self.batch_size.max(1),
+            m => m.min(self.batch_size.max(1)),
+        }
     }
 
     /// The learning rate of `step` (0-based): linear from `lr` to `lr_end` over `steps`.
@@ -232,6 +246,10 @@ impl Batch {
         model.loss_sum(ids, pos, tgt, train)
     }
 }
+
+/// Examples per forward/backward pass by default: on SmolLM2-135M at 256 tokens, LoRA training
+/// in passes of 8 peaked at 7.9 GB resident, in passes of 2 at 2.7 GB, and ran no slower.
+pub const DEFAULT_MICRO_BATCH: usize = 2;
 
 /// Splits `examples` (in the given index order) into micro-batches of `batch_size`.
 pub fn micro_batches(
@@ -713,6 +731,7 @@ mod tests {
             weight_decay: 0.0,
             batch_size: 4,
             grad_accum: 2,
+            micro_batch: 0,
             max_grad_norm: 1.0,
             steps: 150,
             seed: 9,
@@ -742,7 +761,7 @@ mod tests {
         let cfg = tiny_cfg();
         let dev: burn::tensor::Device<Ad> = Default::default();
         let ex = examples();
-        let run = |batch_size: usize, grad_accum: usize, steps: usize| {
+        let run = |batch_size: usize, grad_accum: usize, micro_batch: usize, steps: usize| {
             let model: TrainLlama<Ad> = TrainLlama::load(
                 cfg.clone(),
                 &mut RandomWeights::new(cfg.clone(), 5),
@@ -756,6 +775,7 @@ mod tests {
                 weight_decay: 0.1,
                 batch_size,
                 grad_accum,
+                micro_batch,
                 max_grad_norm: 0.5,
                 steps: 4,
                 seed: 2,
@@ -764,18 +784,22 @@ mod tests {
             let mut losses = Vec::new();
             for step in 0..steps {
                 let idx = step_indices(ex.len(), None, step, sft.effective_batch(), sft.seed);
-                losses.push(tr.train_step(&micro_batches(&ex, &idx, batch_size, 0)).loss);
+                let micro = micro_batches(&ex, &idx, sft.micro_size(), 0);
+                losses.push(tr.train_step(&micro).loss);
             }
             (tr, losses)
         };
-        let (_, big) = run(8, 1, 4);
-        let (_, acc) = run(2, 4, 4);
-        for (a, b) in big.iter().zip(&acc) {
-            assert!((a - b).abs() < 1e-4 * a.abs(), "{big:?} vs {acc:?}");
+        let (_, big) = run(8, 1, 0, 4);
+        // Accumulated batches, and one batch computed in passes of 2 (--micro-batch).
+        for (batch, accum, micro) in [(2, 4, 0), (8, 1, 2)] {
+            let (_, acc) = run(batch, accum, micro, 4);
+            for (a, b) in big.iter().zip(&acc) {
+                assert!((a - b).abs() < 1e-4 * a.abs(), "{big:?} vs {acc:?}");
+            }
         }
         // Resume: 2 steps, export weights + optimizer state, rebuild, 2 more steps: the loss
         // of the 4th step depends on the restored AdamW moments.
-        let (tr2, _) = run(8, 1, 2);
+        let (tr2, _) = run(8, 1, 0, 2);
         let state = tr2.optimizer_state().expect("state");
         let mut weights = Store(HashMap::new());
         for (n, t) in crate::train::checkpoint::export_weights(&tr2.valid()).expect("export") {
@@ -789,6 +813,7 @@ mod tests {
             weight_decay: 0.1,
             batch_size: 8,
             grad_accum: 1,
+            micro_batch: 0,
             max_grad_norm: 0.5,
             steps: 4,
             seed: 2,
