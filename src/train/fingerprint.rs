@@ -22,7 +22,10 @@ const FINGERPRINT_FORMAT: u32 = 1;
 /// The job's fingerprint (hex xxh3-128); see [`TrainJob::fingerprint`].
 pub(super) fn fingerprint(job: &TrainJob) -> Result<String, TrainError> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let sft = job.sft_config();
+    let mut sft = job.sft_config();
+    // How a batch is split into passes is how the work is done, not what is learned (the same
+    // gradient, up to rounding): a job finished in other passes is the same job.
+    sft.micro_batch = 0;
     let knobs = json!({
         "format": FINGERPRINT_FORMAT,
         "base": canonical(&job.model),

@@ -460,6 +460,8 @@ mod tests {
         assert_eq!(same(&|k| k.save_every = 7), fp);
         assert_eq!(same(&|k| k.resume = true), fp);
         assert_eq!(same(&|k| k.data_label = "other".into()), fp);
+        // Nor the passes a batch is computed in (the same gradient).
+        assert_eq!(same(&|k| k.micro_batch = 8), fp);
         // `epochs` is moot when `steps` is given.
         assert_eq!(same(&|k| k.epochs = Some(5.0)), fp);
         // Everything that changes the weights does.

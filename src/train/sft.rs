@@ -42,7 +42,7 @@ pub struct SftConfig {
     /// Examples per forward/backward pass: a step's examples are computed in pieces this large
     /// (0: a batch at a time). The gradient is the same (the loss is the mean over the step's
     /// target tokens); activation memory scales with it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub micro_batch: usize,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f32,
@@ -250,6 +250,10 @@ impl Batch {
 /// Examples per forward/backward pass by default: on SmolLM2-135M at 256 tokens, LoRA training
 /// in passes of 8 peaked at 7.9 GB resident, in passes of 2 at 2.7 GB, and ran no slower.
 pub const DEFAULT_MICRO_BATCH: usize = 2;
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
 
 /// Splits `examples` (in the given index order) into micro-batches of `batch_size`.
 pub fn micro_batches(
