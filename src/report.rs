@@ -403,7 +403,7 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
     );
     let last = rounds.last();
     let dropped: u64 = metrics.dropped.values().sum();
-    let figures: [(&str, String); 8] = [
+    let figures: [(&str, String); 9] = [
         (
             "Elapsed",
             finite(metrics.elapsed_secs)
@@ -432,6 +432,10 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
                 .unwrap_or_else(|| NA.into()),
         ),
         ("Dropped", fmt_num(dropped as f64)),
+        (
+            "Peak memory (MB)",
+            fmt_opt(metrics.peak_rss_mb.and_then(finite)),
+        ),
     ];
     out.push_str("<dl class=\"figures\">\n");
     for (name, value) in figures {
@@ -726,16 +730,26 @@ fn models_table(out: &mut String, models: &[Model]) {
 fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
     out.push_str(
         "<table id=\"generation\">\n<tr><th>Stage</th><th>Prompts</th><th>Prompts / s</th>\
-         <th>New tokens / s</th><th>Cache hits</th></tr>\n",
+         <th>New tokens / s</th><th>Prefill tokens / s</th><th>Mean batch</th>\
+         <th>Prefix reused</th><th>Model busy</th><th>Cache hits</th></tr>\n",
     );
     for (stage, t) in stages(&metrics.throughput) {
         w!(
             out,
             "<tr><td>{stage}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
             fmt_num(t.prompts as f64),
             fmt_opt(finite(t.prompts_per_sec)),
             fmt_opt(finite(t.new_tokens_per_sec)),
+            fmt_opt(finite(t.prefill_tokens_per_sec)),
+            fmt_opt(finite(t.mean_batch)),
+            finite(t.prefix_saved)
+                .map(fmt_pct)
+                .unwrap_or_else(|| NA.into()),
+            finite(t.busy_fraction)
+                .map(fmt_pct)
+                .unwrap_or_else(|| NA.into()),
             fmt_num(t.cache_hits as f64),
         );
     }

@@ -188,6 +188,41 @@ pub struct StageThroughput {
     pub new_tokens_per_sec: f64,
     /// Prompts per second of the loop's wall time.
     pub prompts_per_sec_wall: f64,
+    /// Prompt tokens the model ran a forward pass over, per second of model time.
+    pub prefill_tokens_per_sec: f64,
+    /// Requests the model answered (not from the answer cache, not failed) per batch it ran.
+    pub mean_batch: f64,
+    /// Share of prompt tokens the prefix cache did not recompute (a batch's shared prefix counts
+    /// once, a prefix kept from an earlier batch not at all).
+    pub prefix_saved: f64,
+    /// Share of the loop's wall time the model spent on this stage.
+    pub busy_fraction: f64,
+}
+
+impl StageThroughput {
+    /// The figures of counters `t` over `wall_secs` of the loop.
+    pub fn from_stats(t: &crate::serve::VersionStats, wall_secs: f64) -> Self {
+        let busy_secs = t.busy_us as f64 / 1e6;
+        let per_busy = |n: u64| n as f64 / busy_secs.max(1e-9);
+        let answered = t.requests.saturating_sub(t.cache_hits + t.errors);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        StageThroughput {
+            prompts: t.requests,
+            cache_hits: t.cache_hits,
+            new_tokens: t.new_tokens,
+            busy_secs,
+            prompts_per_sec: per_busy(t.requests),
+            new_tokens_per_sec: per_busy(t.new_tokens),
+            prompts_per_sec_wall: ratio(t.requests as f64, wall_secs),
+            prefill_tokens_per_sec: per_busy(t.prefill_tokens),
+            mean_batch: ratio(answered as f64, t.batches as f64),
+            prefix_saved: ratio(
+                t.prompt_tokens.saturating_sub(t.prefill_tokens) as f64,
+                t.prompt_tokens as f64,
+            ),
+            busy_fraction: ratio(busy_secs, wall_secs),
+        }
+    }
 }
 
 /// Augmentation (M_yx) and rating (M_0, M_1, ...) throughput.
@@ -228,6 +263,8 @@ pub struct HumpbackMetrics {
     pub throughput: Throughput,
     /// Drops by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// Peak resident memory of this process (MB; Linux's `VmHWM`), training included.
+    pub peak_rss_mb: Option<f64>,
     /// Everything counted, merged over the workers.
     pub stats: Stats,
 }
@@ -313,6 +350,37 @@ mod tests {
             .collect();
         assert_eq!(h.0, expected);
         assert_eq!((h.unparsed(), h.total()), (2, 6));
+    }
+
+    /// The stage figures from counters worked out by hand: 30 requests, 6 from the cache and 4
+    /// failed, so 20 answered in 5 batches; 2 s busy in a 10 s loop; 1000 prompt tokens of which
+    /// 400 run (600 reused from the prefix cache); 300 new tokens.
+    #[test]
+    fn stage_figures_from_the_servers_counters() {
+        let t = crate::serve::VersionStats {
+            requests: 30,
+            cache_hits: 6,
+            errors: 4,
+            prompt_tokens: 1000,
+            prefill_tokens: 400,
+            new_tokens: 300,
+            batches: 5,
+            busy_us: 2_000_000,
+        };
+        let s = StageThroughput::from_stats(&t, 10.0);
+        assert_eq!((s.prompts, s.cache_hits, s.new_tokens), (30, 6, 300));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(s.busy_secs, 2.0) && close(s.busy_fraction, 0.2));
+        assert!(close(s.prompts_per_sec, 15.0) && close(s.prompts_per_sec_wall, 3.0));
+        assert!(close(s.new_tokens_per_sec, 150.0) && close(s.prefill_tokens_per_sec, 200.0));
+        assert!(close(s.mean_batch, 4.0) && close(s.prefix_saved, 0.6));
+        // Nothing run: zeros, not NaN.
+        let idle = StageThroughput::from_stats(&Default::default(), 0.0);
+        assert_eq!(
+            (idle.mean_batch, idle.prefix_saved, idle.busy_fraction),
+            (0.0, 0.0, 0.0)
+        );
+        assert!(idle.prompts_per_sec == 0.0 && idle.prompts_per_sec_wall == 0.0);
     }
 
     /// A round summary as an earlier version wrote it (no `forced`, no evaluation, a given

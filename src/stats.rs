@@ -221,3 +221,12 @@ fn push_example(examples: &mut Vec<Drop>, drop: Drop) {
         examples.truncate(MAX_EXAMPLES_PER_REASON);
     }
 }
+
+/// Peak resident memory of this process in MB (`VmHWM` of `/proc/self/status`), where the
+/// system reports it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

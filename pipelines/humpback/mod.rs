@@ -535,6 +535,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
             .iter()
             .map(|(r, s)| (r.as_str().to_owned(), s.count))
             .collect(),
+        peak_rss_mb: crate::stats::peak_rss_mb(),
         stats,
     };
     write_metrics(&args.out, &metrics, elapsed)

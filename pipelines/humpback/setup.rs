@@ -225,16 +225,7 @@ pub(super) fn throughput(
         for v in versions {
             t.add(&server.stats().version(v));
         }
-        let busy = (t.busy_us as f64 / 1e6).max(1e-9);
-        StageThroughput {
-            prompts: t.requests,
-            cache_hits: t.cache_hits,
-            new_tokens: t.new_tokens,
-            busy_secs: t.busy_us as f64 / 1e6,
-            prompts_per_sec: t.requests as f64 / busy,
-            new_tokens_per_sec: t.new_tokens as f64 / busy,
-            prompts_per_sec_wall: t.requests as f64 / secs,
-        }
+        StageThroughput::from_stats(&t, secs)
     };
     Throughput {
         augment: sum(&backward),
