@@ -7,10 +7,12 @@
 //! in request order.
 //!
 //! Prefix cache: prompts that share a long token prefix (the rating template shared by every
-//! rating) compute it once. The generator keeps the K/V of one prefix; a batch whose prompts all
-//! start with it reuses it, and a batch of several prompts with a longer common prefix
-//! ([`Generator::min_shared_prefix`] tokens or more) computes and keeps that one instead.
-//! [`Generator::cache_prefix`] sets it explicitly. Each request's sampler has its own seeded
+//! rating) compute it once. The generator keeps the K/V of the last few prefixes it used
+//! ([`Generator::prefix_slots`], least recently used dropped first), so batches of different
+//! kinds for one model (ratings, answers under a system prompt, judge prompts) do not evict each
+//! other's; a batch whose prompts all start with a kept prefix reuses the longest such, and a
+//! batch of several prompts with a longer common prefix ([`Generator::min_shared_prefix`] tokens
+//! or more) computes and keeps that one. [`Generator::cache_prefix`] adds one explicitly. Each request's sampler has its own seeded
 //! RNG, so results do not depend on which batch a request lands in.
 
 use burn::tensor::backend::Backend;
@@ -149,10 +151,13 @@ pub type Decoder = Box<dyn Fn(&[u32]) -> String + Send>;
 pub struct Generator<B: Backend> {
     model: Llama<B>,
     stop_ids: Vec<u32>,
-    prefix: Option<PrefixKv<B>>,
+    /// Kept prefixes, least recently used first.
+    prefixes: Vec<PrefixKv<B>>,
     decoder: Option<Decoder>,
     /// Shortest common prefix of a batch worth computing once and caching.
     pub min_shared_prefix: usize,
+    /// Most prefixes kept at once (a rating template's K/V on SmolLM2-135M is ~20 MB).
+    pub prefix_slots: usize,
     /// Largest batch run at once; bigger request lists are split.
     pub max_batch: usize,
     timing: GenerateTiming,
@@ -180,9 +185,10 @@ impl<B: Backend> Generator<B> {
         Generator {
             model,
             stop_ids,
-            prefix: None,
+            prefixes: Vec::new(),
             decoder: None,
             min_shared_prefix: 32,
+            prefix_slots: 4,
             max_batch: 32,
             timing: GenerateTiming::default(),
         }
@@ -204,23 +210,29 @@ impl<B: Backend> Generator<B> {
         self.timing
     }
 
-    /// Tokens in the cached prefix (0 when none).
+    /// Tokens in the most recently used prefix (0 when none is kept).
     pub fn cached_prefix_len(&self) -> usize {
-        self.prefix.as_ref().map_or(0, PrefixKv::len)
+        self.prefixes.last().map_or(0, PrefixKv::len)
     }
 
-    /// Forgets the cached prefix.
+    /// The lengths of the kept prefixes, least recently used first.
+    pub fn cached_prefix_lens(&self) -> Vec<usize> {
+        self.prefixes.iter().map(PrefixKv::len).collect()
+    }
+
+    /// Forgets every kept prefix.
     pub fn clear_prefix(&mut self) {
-        self.prefix = None;
+        self.prefixes.clear();
     }
 
-    /// Computes and keeps the K/V of `ids`, to be reused by every later prompt starting with it.
+    /// Computes (unless kept already) the K/V of `ids`, to be reused by every later prompt
+    /// starting with it, and makes it the most recently used prefix.
     pub fn cache_prefix(&mut self, ids: &[u32]) -> Result<(), ModelError> {
         if ids.is_empty() {
-            self.prefix = None;
             return Ok(());
         }
-        if self.prefix.as_ref().is_some_and(|p| p.ids == ids) {
+        if let Some(i) = self.prefixes.iter().position(|p| p.ids == ids) {
+            self.touch(i);
             return Ok(());
         }
         self.check_ids(ids)?;
@@ -228,8 +240,16 @@ impl<B: Backend> Generator<B> {
         let tokens: Vec<Option<u32>> = ids.iter().map(|&t| Some(t)).collect();
         self.model.forward(&tokens, ids.len(), &mut cache)?;
         self.timing.prefill_tokens += ids.len();
-        self.prefix = Some(cache.snapshot_prefix(ids)?);
+        self.prefixes.push(cache.snapshot_prefix(ids)?);
+        let excess = self.prefixes.len().saturating_sub(self.prefix_slots.max(1));
+        self.prefixes.drain(..excess);
         Ok(())
+    }
+
+    /// Makes kept prefix `i` the most recently used.
+    fn touch(&mut self, i: usize) {
+        let p = self.prefixes.remove(i);
+        self.prefixes.push(p);
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
@@ -250,11 +270,12 @@ impl<B: Backend> Generator<B> {
                 .iter()
                 .all(|p| p.len() > ids.len() && p.starts_with(ids))
         };
-        let current = self.prefix.as_ref().map(|p| p.ids.as_slice());
-        let current_len = match current {
-            Some(ids) if usable(ids) => ids.len(),
-            _ => 0,
-        };
+        // The longest kept prefix every prompt starts with.
+        let kept = (self.prefixes.iter().enumerate())
+            .filter(|(_, p)| usable(&p.ids))
+            .max_by_key(|(_, p)| p.len())
+            .map(|(i, p)| (i, p.len()));
+        let current_len = kept.map_or(0, |k| k.1);
         if prompts.len() >= 2 {
             let first = prompts[0];
             let mut lcp = first.len().saturating_sub(1);
@@ -270,6 +291,10 @@ impl<B: Backend> Generator<B> {
                 self.cache_prefix(&first[..lcp])?;
                 return Ok(lcp);
             }
+        }
+        // The prefix the batch uses is the most recently used one (`prefill` takes the last).
+        if let Some((i, _)) = kept {
+            self.touch(i);
         }
         Ok(current_len)
     }
@@ -288,7 +313,7 @@ impl<B: Backend> Generator<B> {
         let s = prompts.iter().map(|p| p.len() - p_len).max().unwrap_or(1);
         // Own slots only: a shared prefix lives apart from them.
         let cap = (s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
-        let mut cache = match (&self.prefix, p_len) {
+        let mut cache = match (self.prefixes.last(), p_len) {
             (Some(prefix), n) if n > 0 => self.model.new_cache(b, cap).with_prefix(prefix),
             _ => self.model.new_cache(b, cap),
         };
@@ -570,7 +595,73 @@ fn to_u32<B: Backend>(t: Tensor<B, 2, burn::tensor::Int>) -> Result<Vec<u32>, Mo
 
 #[cfg(test)]
 mod tests {
-    use super::pick_option;
+    use super::{pick_option, Generator, Request};
+    use crate::model::llama::{Llama, RandomWeights};
+    use crate::model::{Architecture, LlamaConfig, Precision};
+    use burn::backend::Flex;
+
+    fn tiny() -> Llama<Flex> {
+        let cfg = LlamaConfig {
+            arch: Architecture::Llama,
+            n_layers: 2,
+            hidden: 32,
+            ffn: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            vocab: 64,
+            max_seq_len: 128,
+            tie_embeddings: true,
+            qkv_bias: false,
+        };
+        let mut src = RandomWeights::new(cfg.clone(), 3);
+        Llama::load(cfg, &mut src, &Default::default(), Precision::F32).expect("model")
+    }
+
+    /// Two kinds of batch for one model, each with its own long shared prefix, alternate: with
+    /// room for both prefixes, the third batch computes none of its prefix again; with one
+    /// slot, it recomputes it. Answers are those of a generator with no prefix cache.
+    #[test]
+    fn prefixes_of_alternating_batches_stay_kept() {
+        let prompts = |head: u32| -> Vec<Request> {
+            let prefix: Vec<u32> = (0..40).map(|i| (i * 5 + head) % 64).collect();
+            (0..3u32)
+                .map(|k| {
+                    let mut ids = prefix.clone();
+                    ids.extend([k + 1, (k * 7) % 64, 9]);
+                    Request::greedy(ids, 4)
+                })
+                .collect()
+        };
+        let (a, b) = (prompts(1), prompts(2));
+        let mut plain = Generator::new(tiny(), vec![]);
+        plain.min_shared_prefix = usize::MAX;
+        let (want_a, want_b) = (
+            plain.generate(&a).expect("a"),
+            plain.generate(&b).expect("b"),
+        );
+        for (slots, third_prefill) in [(4, 3 * 3), (1, 40 + 3 * 3)] {
+            let mut gen = Generator::new(tiny(), vec![]);
+            gen.prefix_slots = slots;
+            let got_a = gen.generate(&a).expect("a");
+            let got_b = gen.generate(&b).expect("b");
+            let again = gen.generate(&a).expect("a again");
+            assert_eq!(
+                gen.last_timing().prefill_tokens,
+                third_prefill,
+                "{slots} slots"
+            );
+            assert_eq!(gen.cached_prefix_lens().len(), slots.min(2));
+            for (got, want) in [(&got_a, &want_a), (&got_b, &want_b), (&again, &want_a)] {
+                let ids = |c: &Vec<super::Completion>| -> Vec<Vec<u32>> {
+                    c.iter().map(|x| x.ids.clone()).collect()
+                };
+                assert_eq!(ids(got), ids(want));
+            }
+        }
+    }
 
     /// Logits ln 1, ln 2, ln 3, ln 4: the softmax is 0.1, 0.2, 0.3, 0.4 over the whole row, so
     /// options {1, 3} have 0.2 and 0.4 (not renormalised), and 3 is picked.
