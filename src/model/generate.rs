@@ -597,25 +597,12 @@ fn to_u32<B: Backend>(t: Tensor<B, 2, burn::tensor::Int>) -> Result<Vec<u32>, Mo
 mod tests {
     use super::{pick_option, Generator, Request};
     use crate::model::llama::{Llama, RandomWeights};
-    use crate::model::{Architecture, LlamaConfig, Precision};
+    use crate::model::Precision;
     use burn::backend::Flex;
 
+    /// The training tests' tiny model (2 layers, 64 positions), random weights.
     fn tiny() -> Llama<Flex> {
-        let cfg = LlamaConfig {
-            arch: Architecture::Llama,
-            n_layers: 2,
-            hidden: 32,
-            ffn: 64,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            rope_theta: 10_000.0,
-            rms_eps: 1e-5,
-            vocab: 64,
-            max_seq_len: 128,
-            tie_embeddings: true,
-            qkv_bias: false,
-        };
+        let cfg = crate::train::tiny_config();
         let mut src = RandomWeights::new(cfg.clone(), 3);
         Llama::load(cfg, &mut src, &Default::default(), Precision::F32).expect("model")
     }
