@@ -253,3 +253,75 @@ fn stream_decoding_equals_whole_decoding() {
         assert_eq!(streamed, text);
     }
 }
+
+/// A tokenizer written back as GGUF metadata (what `backflow export --format gguf` stores) is
+/// the file's own metadata: every vocabulary of llama.cpp's test set and SmolLM2's, field by
+/// field, and rebuilt from it the tokenizer still passes llama.cpp's test vectors.
+#[test]
+fn gguf_metadata_written_back_is_the_files_own() {
+    use backflow::model::tokenizer::{PreTokenizer, TokenKind};
+    let mut paths: Vec<PathBuf> = [
+        "gpt-2",
+        "refact",
+        "starcoder",
+        "llama-bpe",
+        "qwen2",
+        "llama-spm",
+    ]
+    .iter()
+    .map(|n| cache().join(format!("tokvec/ggml-vocab-{n}.gguf")))
+    .collect();
+    paths.extend(smollm2_gguf());
+    let mut checked = 0;
+    for path in paths.iter().filter(|p| p.exists()) {
+        let name = path.file_name().expect("name").to_string_lossy();
+        let meta = GgufFile::open(path)
+            .expect("open")
+            .tokenizer_meta()
+            .expect("meta");
+        let tok = Tokenizer::from_gguf_metadata(&meta).expect("tokenizer");
+        let back = tok.gguf_metadata();
+        assert_eq!(back.model, meta.model, "{name}");
+        let pre = |p: &Option<String>| p.as_deref().and_then(PreTokenizer::from_gguf_name);
+        if meta.model == "gpt2" {
+            assert_eq!(pre(&back.pre), pre(&meta.pre), "{name}: pre-tokenizer");
+        }
+        assert_eq!(back.tokens, meta.tokens, "{name}: tokens");
+        let kinds = |t: &[i32]| {
+            t.iter()
+                .map(|&c| TokenKind::from_gguf(c))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(&back.token_types), kinds(&meta.token_types), "{name}");
+        assert_eq!(back.merges, meta.merges, "{name}: merges");
+        assert_eq!(back.scores, meta.scores, "{name}: scores");
+        assert_eq!(
+            (
+                back.bos_id,
+                back.eos_id,
+                back.pad_id,
+                back.unk_id,
+                back.add_bos
+            ),
+            (
+                meta.bos_id,
+                meta.eos_id,
+                meta.pad_id,
+                meta.unk_id,
+                meta.add_bos
+            ),
+            "{name}: special ids"
+        );
+        assert_eq!(back.chat_template, meta.chat_template, "{name}");
+        if path.with_extension("gguf.inp").exists() {
+            let again = Tokenizer::from_gguf_metadata(&back).expect("rebuilt");
+            for (text, want) in read_vectors(path) {
+                assert_eq!(again.encode(&text, false), want, "{name}: {text:?}");
+            }
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        println!("skipped: no vocabulary cached (scripts/fetch-assets.sh tokvec model)");
+    }
+}

@@ -1019,7 +1019,8 @@ impl<'a> GgufWeights<'a> {
         GgufWeights { file, cfg }
     }
 
-    fn name(name: WeightName) -> String {
+    /// The GGUF name of a weight (llama.cpp's `LLM_TENSOR_NAMES`).
+    pub fn name(name: WeightName) -> String {
         match name {
             WeightName::Embedding => "token_embd.weight".into(),
             WeightName::OutputNorm => "output_norm.weight".into(),
@@ -1134,6 +1135,18 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> 
     for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
         let src = unpermuted_source_row(r, d);
         row.copy_from_slice(&data[src * cols..(src + 1) * cols]);
+    }
+    out
+}
+
+/// llama.cpp's q/k row permutation (the converter's `LlamaModel.permute`), the inverse of
+/// [`unpermute_rows`]: what a GGUF writer applies to Hugging Face rows of a llama `attn_q`/`attn_k`.
+pub fn permute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let d = rows / n_head.max(1);
+    let mut out = vec![0f32; data.len()];
+    for (r, row) in data.chunks_exact(cols.max(1)).enumerate() {
+        let dst = unpermuted_source_row(r, d);
+        out[dst * cols..(dst + 1) * cols].copy_from_slice(row);
     }
     out
 }
@@ -1264,6 +1277,8 @@ mod tests {
         let gguf = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0];
         let hf = unpermute_rows(&gguf, 8, 1, 2);
         assert_eq!(hf, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        // The writer's permutation, from the same hand-made example.
+        assert_eq!(permute_rows(&hf, 8, 1, 2), gguf.to_vec());
     }
 
     #[test]

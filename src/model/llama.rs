@@ -84,6 +84,57 @@ pub enum WeightName {
     Layer(usize, LayerWeight),
 }
 
+impl WeightName {
+    /// Every weight a checkpoint of `cfg` holds, in checkpoint order: the output head only when
+    /// it is not tied, the q/k/v biases only for an architecture with them (Qwen2).
+    pub fn all(cfg: &LlamaConfig) -> Vec<WeightName> {
+        let mut names = vec![WeightName::Embedding, WeightName::OutputNorm];
+        if !cfg.tie_embeddings {
+            names.push(WeightName::Output);
+        }
+        for l in 0..cfg.n_layers {
+            let mut layer = vec![LayerWeight::AttnNorm, LayerWeight::FfnNorm];
+            layer.extend([
+                LayerWeight::Q,
+                LayerWeight::K,
+                LayerWeight::V,
+                LayerWeight::O,
+                LayerWeight::Gate,
+                LayerWeight::Up,
+                LayerWeight::Down,
+            ]);
+            if cfg.qkv_bias {
+                layer.extend([LayerWeight::QBias, LayerWeight::KBias, LayerWeight::VBias]);
+            }
+            names.extend(layer.into_iter().map(|w| WeightName::Layer(l, w)));
+        }
+        names
+    }
+
+    /// The weight's shape under `cfg`, in Hugging Face layout (`[out, in]` for a matrix).
+    pub fn shape(self, cfg: &LlamaConfig) -> Vec<usize> {
+        let (h, q, kv) = (
+            cfg.hidden,
+            cfg.n_heads * cfg.head_dim,
+            cfg.n_kv_heads * cfg.head_dim,
+        );
+        match self {
+            WeightName::Embedding | WeightName::Output => vec![cfg.vocab, h],
+            WeightName::OutputNorm => vec![h],
+            WeightName::Layer(_, w) => match w {
+                LayerWeight::AttnNorm | LayerWeight::FfnNorm => vec![h],
+                LayerWeight::Q => vec![q, h],
+                LayerWeight::K | LayerWeight::V => vec![kv, h],
+                LayerWeight::QBias => vec![q],
+                LayerWeight::KBias | LayerWeight::VBias => vec![kv],
+                LayerWeight::O => vec![h, q],
+                LayerWeight::Gate | LayerWeight::Up => vec![cfg.ffn, h],
+                LayerWeight::Down => vec![h, cfg.ffn],
+            },
+        }
+    }
+}
+
 /// Where weights come from (a GGUF file, a Hugging Face folder, random init for benchmarks).
 ///
 /// Implementations return weights in Hugging Face layout: `[out, in]` linear weights and q/k

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_writer;
 pub mod kv_cache;
 pub mod llama;
 pub mod quant;

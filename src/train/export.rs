@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
+use crate::model::llama::{HostTensor, WeightName, WeightSource};
 use crate::model::{LlamaConfig, ModelError, TokenizerSource};
 
 use super::checkpoint::{self, Adapter, BaseModel, Merged};
-use super::model::{hf_name, PROJECTION_WEIGHTS};
+use super::model::hf_name;
 use super::save::CheckpointMeta;
 use super::{io_err, TrainError};
 
@@ -95,28 +95,12 @@ pub fn export_hf(model: &Path, out: &Path) -> Result<Exported, TrainError> {
     Ok(exported)
 }
 
-/// Every weight the model of `cfg` reads from `src`, under its HF name: the output head only
-/// when it is not tied, the q/k/v biases only for an architecture with them (Qwen2).
+/// Every weight the model of `cfg` reads from `src` ([`WeightName::all`]), under its HF name.
 fn read_all(
     cfg: &LlamaConfig,
     src: &mut dyn WeightSource,
 ) -> Result<Vec<(String, HostTensor)>, ModelError> {
-    let mut names = vec![WeightName::Embedding, WeightName::OutputNorm];
-    if !cfg.tie_embeddings {
-        names.push(WeightName::Output);
-    }
-    for l in 0..cfg.n_layers {
-        names.push(WeightName::Layer(l, LayerWeight::AttnNorm));
-        names.push(WeightName::Layer(l, LayerWeight::FfnNorm));
-        names.extend(PROJECTION_WEIGHTS.map(|w| WeightName::Layer(l, w)));
-        if cfg.qkv_bias {
-            names.extend(
-                [LayerWeight::QBias, LayerWeight::KBias, LayerWeight::VBias]
-                    .map(|w| WeightName::Layer(l, w)),
-            );
-        }
-    }
-    names
+    WeightName::all(cfg)
         .into_iter()
         .map(|name| {
             let t = src.load(name)?.ok_or_else(|| ModelError::Weight {
@@ -131,7 +115,7 @@ fn read_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::RandomWeights;
+    use crate::model::llama::{LayerWeight, RandomWeights};
     use crate::train::tiny_config;
 
     #[test]
@@ -243,6 +227,19 @@ mod tests {
         assert!(
             diff(&want, &plain) > 1e-4,
             "the adapter did not change the model"
+        );
+        // The same adapter exported as GGUF: the merged weights, in llama.cpp's layout.
+        let gguf = root.path().join("merged.gguf");
+        let done = crate::train::export_gguf::export_gguf(
+            &adapter,
+            &gguf,
+            crate::train::export_gguf::GgufOutType::F32,
+        )
+        .expect("export gguf");
+        assert!(done.merged_adapter);
+        assert!(
+            diff(&want, &logits(&gguf)) < 1e-4,
+            "GGUF export differs from the adapter"
         );
     }
 

@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod export;
+pub mod export_gguf;
 pub mod fingerprint;
 pub mod job;
 pub mod load;
@@ -112,15 +113,23 @@ pub(crate) const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyzAIQW .?,:\n";
 /// ChatML's two control tokens, so that `ChatTemplate::for_tokenizer` picks ChatML.
 #[cfg(test)]
 pub(crate) fn tiny_base(dir: &std::path::Path) {
+    tiny_base_of(
+        dir,
+        crate::model::LlamaConfig {
+            max_seq_len: 256,
+            ..crate::train::tiny_config()
+        },
+    )
+}
+
+/// [`tiny_base`] of another shape (`cfg.vocab` must hold [`ALPHABET`] and the two tokens).
+#[cfg(test)]
+pub(crate) fn tiny_base_of(dir: &std::path::Path, cfg: crate::model::LlamaConfig) {
     use crate::model::llama::RandomWeights;
     use burn::backend::Flex;
     use model::{TrainLlama, TrainMode};
     use serde_json::json;
 
-    let cfg = crate::model::LlamaConfig {
-        max_seq_len: 256,
-        ..crate::train::tiny_config()
-    };
     let dev = Default::default();
     let m: TrainLlama<Flex> = TrainLlama::load(
         cfg.clone(),

@@ -63,7 +63,7 @@ impl std::fmt::Debug for Q8Matrix {
 /// product, and over the whole model at load): rounding adds and subtracts 1.5·2²³, which
 /// leaves the float rounded to the nearest integer (ties to even, unlike ggml's `roundf` that
 /// rounds them away from zero: the two differ only on exact halves).
-fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
+pub(crate) fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let amax = v.iter().fold(0f32, |m, &x| {
         let a = x.abs();

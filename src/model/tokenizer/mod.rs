@@ -93,6 +93,18 @@ impl TokenKind {
             _ => TokenKind::Normal,
         }
     }
+
+    /// The GGUF token type code of the kind.
+    pub fn gguf_code(self) -> i32 {
+        match self {
+            TokenKind::Normal => 1,
+            TokenKind::Unknown => 2,
+            TokenKind::Control => 3,
+            TokenKind::UserDefined => 4,
+            TokenKind::Unused => 5,
+            TokenKind::Byte => 6,
+        }
+    }
 }
 
 /// The two vocabulary algorithms.
@@ -254,6 +266,48 @@ impl Tokenizer {
             add_bos: meta.add_bos,
             chat_template: meta.chat_template.clone(),
         })
+    }
+
+    /// The tokenizer as GGUF `tokenizer.*` metadata, which [`Tokenizer::from_gguf_metadata`]
+    /// (and llama.cpp) read back as the same tokenizer: the vocabulary with its kinds, the
+    /// merges by rank (byte-level BPE) or the scores (SentencePiece), the pre-tokenizer's
+    /// llama.cpp name, the special ids and the chat template. Merges that name tokens the
+    /// vocabulary lacks were never used and are not written.
+    pub fn gguf_metadata(&self) -> GgufTokenizerMeta {
+        let (model, pre, merges, scores) = match &self.model {
+            Model::Bpe { pre, merges, .. } => {
+                let mut ranked: Vec<(u32, u32, u32)> =
+                    merges.iter().map(|(&(l, r), m)| (m.rank, l, r)).collect();
+                ranked.sort_unstable();
+                let merges = ranked
+                    .into_iter()
+                    .map(|(_, l, r)| {
+                        format!("{} {}", self.tokens[l as usize], self.tokens[r as usize])
+                    })
+                    .collect();
+                (
+                    "gpt2",
+                    Some(pre.gguf_name().to_string()),
+                    merges,
+                    Vec::new(),
+                )
+            }
+            Model::Spm { scores, .. } => ("llama", None, Vec::new(), scores.clone()),
+        };
+        GgufTokenizerMeta {
+            model: model.to_string(),
+            pre,
+            tokens: self.tokens.clone(),
+            token_types: self.kinds.iter().map(|k| k.gguf_code()).collect(),
+            merges,
+            scores,
+            bos_id: self.bos,
+            eos_id: self.eos,
+            pad_id: self.pad,
+            unk_id: self.unk,
+            add_bos: self.add_bos,
+            chat_template: self.chat_template.clone(),
+        }
     }
 
     /// Builds the tokenizer of a Hugging Face `tokenizer.json` (a `BPE` model with a byte-level

@@ -39,6 +39,17 @@ impl PreTokenizer {
         })
     }
 
+    /// The llama.cpp `tokenizer.ggml.pre` name that [`PreTokenizer::from_gguf_name`] maps back
+    /// to this pre-tokenizer (and llama.cpp splits the same way).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            PreTokenizer::Gpt2 => "gpt-2",
+            PreTokenizer::DigitsThenGpt2 => "smollm",
+            PreTokenizer::Llama3 => "llama-bpe",
+            PreTokenizer::Qwen2 => "qwen2",
+        }
+    }
+
     /// Appends the byte ranges of the words of `text` to `out`, in order; together they cover
     /// `text` exactly.
     pub fn split(self, text: &str, out: &mut Vec<(usize, usize)>) {
