@@ -61,6 +61,7 @@ pub fn augment<'s>(
             vec![Ask {
                 model: ask_book.borrow().backward.clone().unwrap_or_default(),
                 choose: None,
+                raw_prompt: None,
                 choose_after: None,
                 messages: augment_messages(&p.text),
                 max_new_tokens: opts.max_new_tokens,

@@ -101,6 +101,7 @@ where
                         ask: a.clone(),
                         reply: reply.clone(),
                         wake: Some(wake.clone()),
+                        stream: None,
                     };
                     // The only way a send fails: the server is gone.
                     if client.send(request).is_err() {
@@ -149,6 +150,7 @@ mod tests {
             max_new_tokens: 4,
             sampling: Sampling::greedy(),
             choose: None,
+            raw_prompt: None,
             choose_after: None,
         }
     }

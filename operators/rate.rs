@@ -121,6 +121,7 @@ pub fn rating_asks(
             choose: None,
             // Cheap enough to ask always: its probabilities make the graded score, and its
             // pick is the score of an answer that has none.
+            raw_prompt: None,
             choose_after: options.forced_fallback.then(forced_choice),
             sampling: if options.samples <= 1 {
                 Sampling::greedy()

@@ -4,6 +4,7 @@ pub mod eval;
 pub mod export;
 pub mod flags;
 pub mod generate;
+pub mod serve;
 pub mod train;
 pub mod values;
 pub mod warc_pack;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Hugging Face folder (config.json, model.safetensors, tokenizer.json) for transformers,
     /// PEFT and llama.cpp's converter.
     Export(export::ExportArgs),
+    /// An OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions, with
+    /// streaming) over the model server: requests in flight are batched together.
+    Serve(serve::ServeArgs),
     /// Does it align? Pairwise win rates judged by an LLM (both orders), the likelihood of
     /// reference answers, and each model's precision and recall as a selector.
     Eval(eval::EvalArgs),
@@ -86,6 +90,7 @@ pub fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Eval(args) => eval::run(args, matches.subcommand_matches("eval")),
         Command::SelectorDevset(args) => eval::devset(args),
     }

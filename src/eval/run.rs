@@ -286,6 +286,7 @@ pub fn ask_all(client: &ModelClient, asks: Vec<Ask>, what: &str) -> Result<Vec<G
             ask: a,
             reply: reply.clone(),
             wake: None,
+            stream: None,
         })?;
     }
     drop(reply);
@@ -550,6 +551,7 @@ pub fn generate_answers(
             max_new_tokens: cfg.max_tokens,
             sampling: answer_sampling(cfg, p),
             choose: None,
+            raw_prompt: None,
             choose_after: None,
         })
         .collect();
@@ -646,6 +648,7 @@ pub fn judge_entry(
                 max_new_tokens,
                 sampling: Sampling::greedy(),
                 choose: choose.clone(),
+                raw_prompt: None,
                 choose_after: None,
             })
             .collect()

@@ -345,10 +345,22 @@ impl<B: Backend> Generator<B> {
 
     /// Generates a completion for every request (in request order).
     pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
+        self.generate_streaming(requests, &mut |_, _| {})
+    }
+
+    /// [`Generator::generate`], calling `on_token(request index, token)` for every token of a
+    /// completion as soon as it is picked (stop tokens and a choice's prefill are not part of a
+    /// completion and are not passed): what a streaming API sends on as it comes.
+    pub fn generate_streaming(
+        &mut self,
+        requests: &[Request],
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Completion>, ModelError> {
         self.timing = GenerateTiming::default();
         let mut out = Vec::with_capacity(requests.len());
-        for chunk in requests.chunks(self.max_batch.max(1)) {
-            out.extend(self.generate_batch(chunk)?);
+        let size = self.max_batch.max(1);
+        for (c, chunk) in requests.chunks(size).enumerate() {
+            out.extend(self.generate_batch(chunk, &mut |i, t| on_token(c * size + i, t))?);
         }
         Ok(out)
     }
@@ -388,7 +400,11 @@ impl<B: Backend> Generator<B> {
             .collect())
     }
 
-    fn generate_batch(&mut self, requests: &[Request]) -> Result<Vec<Completion>, ModelError> {
+    fn generate_batch(
+        &mut self,
+        requests: &[Request],
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Completion>, ModelError> {
         let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
         // Requests that want no tokens never enter the batch.
         let live: Vec<usize> = (0..requests.len())
@@ -482,6 +498,7 @@ impl<B: Backend> Generator<B> {
                         Some(StopReason::StopToken(tok))
                     } else {
                         generated[r].push(tok);
+                        on_token(rows[r], tok);
                         if generated[r].len() >= req.max_new_tokens {
                             Some(StopReason::MaxTokens)
                         } else if cache.next_position(r) >= max_pos {

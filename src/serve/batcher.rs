@@ -63,7 +63,7 @@ pub(super) fn serve(
                     let _ = done.send(result);
                 }
                 Some(Command::Generate(r)) => {
-                    if let Some(p) = from_cache(r, cache.as_ref(), config.precision, stats) {
+                    if let Some(p) = from_cache(*r, cache.as_ref(), config.precision, stats) {
                         pending.push(p);
                     }
                 }
@@ -118,19 +118,19 @@ fn from_cache(
     let key = match (&r.ask.choose, &r.ask.choose_after) {
         (Some(c), _) => answer_key(
             &version,
-            &c.cache_messages(&r.ask.messages, "choice-p"),
+            &c.cache_messages(&r.ask.cache_messages(), "choice-p"),
             1,
             &Sampling::greedy(),
         ),
         (None, Some(c)) => answer_key(
             &version,
-            &c.cache_messages(&r.ask.messages, "choice-after-p"),
+            &c.cache_messages(&r.ask.cache_messages(), "choice-after-p"),
             r.ask.max_new_tokens,
             &r.ask.sampling,
         ),
         (None, None) => answer_key(
             &version,
-            &r.ask.messages,
+            &r.ask.cache_messages(),
             r.ask.max_new_tokens,
             &r.ask.sampling,
         ),

@@ -10,8 +10,10 @@ use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{pick_option, ChoiceAfter, Generator, Request};
+use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
 use crate::train::load::InferenceLoader;
+use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -137,11 +139,7 @@ pub(super) fn run_batches(
                     },
                 };
                 let request = Request {
-                    prompt_ids: model.template.encode(
-                        &model.tokenizer,
-                        &p.request.ask.messages,
-                        true,
-                    ),
+                    prompt_ids: p.request.ask.prompt_ids(&model.template, &model.tokenizer),
                     max_new_tokens: p.request.ask.max_new_tokens,
                     sampling: p.request.ask.sampling,
                     stop_ids: Vec::new(),
@@ -157,7 +155,28 @@ pub(super) fn run_batches(
         for batch in chunks(encoded, max_batch) {
             let (chunk, encoded): (Vec<Pending>, Vec<Request>) = batch.into_iter().unzip();
             let started = Instant::now();
-            let result = model.generator.generate(&encoded);
+            // Rows whose caller streams get their text as it comes, whole characters only.
+            let mut streams: Vec<Option<(Sender<String>, StreamDecoder)>> = chunk
+                .iter()
+                .map(|p| {
+                    let tx = p.request.stream.clone()?;
+                    Some((tx, StreamDecoder::skipping_special()))
+                })
+                .collect();
+            let result = if streams.iter().any(Option::is_some) {
+                let tokenizer = &model.tokenizer;
+                model.generator.generate_streaming(&encoded, &mut |i, tok| {
+                    if let Some((tx, decoder)) = streams.get_mut(i).and_then(Option::as_mut) {
+                        let piece = decoder.push(tokenizer, tok);
+                        if !piece.is_empty() {
+                            // A caller that went away only stops hearing.
+                            let _ = tx.send(piece);
+                        }
+                    }
+                })
+            } else {
+                model.generator.generate(&encoded)
+            };
             let mut d = batch_stats(chunk.len(), started, &model.generator);
             // Counters and the cache file are brought up to date before anyone hears back, so
             // a caller that got its answer sees it counted, and finds it saved after a kill.
@@ -314,9 +333,7 @@ fn run_choices(
         let Some(c) = &p.request.ask.choose else {
             continue;
         };
-        let mut ids = model
-            .template
-            .encode(&model.tokenizer, &p.request.ask.messages, true);
+        let mut ids = p.request.ask.prompt_ids(&model.template, &model.tokenizer);
         ids.extend(model.tokenizer.encode(&c.prefill, false));
         prompts.push(ids);
         // Each option must be exactly one token, or the choice is not well defined.

@@ -12,11 +12,13 @@
 //! started again.
 //!
 //! The files: `protocol` (requests and answers), `stats` (counters), `batcher` (the thread's
-//! loop and the cache lookups), `execute` (batches on the model), `cache` (the answer file).
+//! loop and the cache lookups), `execute` (batches on the model), `cache` (the answer file),
+//! `openai` (`backflow serve`: the OpenAI-compatible HTTP API in front of it).
 
 mod batcher;
 pub mod cache;
 mod execute;
+pub mod openai;
 mod protocol;
 mod stats;
 
@@ -105,7 +107,7 @@ impl ModelClient {
     /// Sends a request; its answer arrives on `request.reply`.
     pub fn send(&self, request: GenRequest) -> Result<(), ServeError> {
         self.tx
-            .send(Command::Generate(request))
+            .send(Command::Generate(Box::new(request)))
             .map_err(|_| ServeError::Stopped)
     }
 

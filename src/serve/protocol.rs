@@ -19,6 +19,10 @@ pub struct Ask {
     pub model: String,
     /// The conversation, rendered with the model's chat template.
     pub messages: Vec<Message>,
+    /// Instead of `messages`: the whole prompt as text, fed as it is without the chat template
+    /// (special tokens written in it are parsed; BOS first when the vocabulary asks for it), as
+    /// an OpenAI `/v1/completions` request is.
+    pub raw_prompt: Option<String>,
     /// Most new tokens.
     pub max_new_tokens: usize,
     /// Sampling (seed included: the same request gives the same answer on any process).
@@ -41,6 +45,10 @@ pub struct GenRequest {
     pub reply: Sender<GenAnswer>,
     /// Woken when the answer is sent.
     pub wake: Option<SyncActivator>,
+    /// Where the answer's text goes as it is generated, piece by piece (whole characters, no
+    /// special tokens); the full answer still comes on `reply`. An answer from the cache comes
+    /// only on `reply`.
+    pub stream: Option<Sender<String>>,
 }
 
 /// A forced choice: the prompt is the conversation with the assistant's turn opened and `prefill`
@@ -53,6 +61,29 @@ pub struct Choice {
     pub prefill: String,
     /// The answers to pick from, each exactly one token (e.g. `1`..`5`).
     pub options: Vec<String>,
+}
+
+impl Ask {
+    /// The prompt's ids for a model with `template` and `tokenizer`.
+    pub(super) fn prompt_ids(
+        &self,
+        template: &crate::model::chat::ChatTemplate,
+        tokenizer: &Tokenizer,
+    ) -> Vec<u32> {
+        match &self.raw_prompt {
+            Some(text) => tokenizer.encode_prompt(text, true),
+            None => template.encode(tokenizer, &self.messages, true),
+        }
+    }
+
+    /// The conversation the answer cache keys this request by: `messages`, or for a raw prompt
+    /// a turn no chat could contain (NUL-tagged) holding it.
+    pub(super) fn cache_messages(&self) -> Vec<Message> {
+        match &self.raw_prompt {
+            Some(text) => vec![Message::user(format!("\u{0}raw\u{0}{text}"))],
+            None => self.messages.clone(),
+        }
+    }
 }
 
 impl Choice {
@@ -138,6 +169,6 @@ pub(super) enum Command {
         /// Told when it is loaded, or why not.
         done: Sender<Result<(), ServeError>>,
     },
-    /// Answer a request.
-    Generate(GenRequest),
+    /// Answer a request (boxed: a request is several times the size of a load).
+    Generate(Box<GenRequest>),
 }

@@ -33,8 +33,10 @@ fn ask(
         ticket,
         reply,
         wake: None,
+        stream: None,
         ask: Ask {
             choose: None,
+            raw_prompt: None,
             choose_after: None,
             model: version.to_owned(),
             messages: conversations[ticket as usize].clone(),
@@ -254,6 +256,7 @@ fn serve_forced_choice_picks_the_most_likely_option() {
         ticket,
         reply,
         wake: None,
+        stream: None,
         ask: Ask {
             model: "v0".into(),
             messages: messages.clone(),
@@ -263,6 +266,7 @@ fn serve_forced_choice_picks_the_most_likely_option() {
                 prefill: prefill.clone(),
                 options: options[ticket as usize].clone(),
             }),
+            raw_prompt: None,
             choose_after: None,
         },
     });
@@ -361,12 +365,14 @@ fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
             ticket,
             reply,
             wake: None,
+            stream: None,
             ask: Ask {
                 model: "v0".into(),
                 messages: question(),
                 max_new_tokens: 8,
                 sampling: Sampling::greedy(),
                 choose: None,
+                raw_prompt: None,
                 choose_after: (ticket == 1).then(|| Choice {
                     prefill: "\nScore: ".into(),
                     options: options.to_vec(),
