@@ -18,6 +18,8 @@ pub enum DropReason {
     EmptyFile,
     /// A gzip stream that ends before its end.
     TruncatedGzip,
+    /// A zstd stream that ends before its end.
+    TruncatedZstd,
     /// Bytes that are not a WARC record where one was expected (skipped up to the next record).
     MalformedRecord,
     /// A record whose Content-Length does not match its bytes.
@@ -99,6 +101,7 @@ impl DropReason {
             UnreadableFile => "unreadable_file",
             EmptyFile => "empty_file",
             TruncatedGzip => "truncated_gzip",
+            TruncatedZstd => "truncated_zstd",
             MalformedRecord => "malformed_record",
             ContentLengthMismatch => "content_length_mismatch",
             OtherRecordType => "other_record_type",

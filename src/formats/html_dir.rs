@@ -59,13 +59,20 @@ pub enum InputError {
 }
 
 /// The kind of a file from its name: `.warc`, `.wet`, `.wat` (each optionally `.gz`) are WARC;
-/// `.jsonl`, `.ndjson`, `.json` are JSON Lines; `.html`, `.htm`, `.xhtml` are pages.
+/// `.jsonl`, `.ndjson`, `.json` (optionally `.gz`, `.zst` or `.zstd`) are JSON Lines; `.html`,
+/// `.htm`, `.xhtml` are pages.
 pub fn kind_from_name(path: &Path) -> Option<InputKind> {
     // Lossy: a name that is not UTF-8 still tells its kind by its (ASCII) extension.
     let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
-    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    let zstd = name.ends_with(".zst") || name.ends_with(".zstd");
+    let name = [".gz", ".zst", ".zstd"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(&name);
     let ext = name.rsplit_once('.')?.1;
     match ext {
+        // The WARC reader reads gzip only.
+        "warc" | "wet" | "wat" if zstd => None,
         "warc" | "wet" | "wat" => Some(InputKind::Warc),
         "jsonl" | "ndjson" | "json" => Some(InputKind::Jsonl),
         "html" | "htm" | "xhtml" => Some(InputKind::Html),
@@ -84,6 +91,17 @@ pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
             .take(1024)
             .read_to_end(&mut plain);
         head = plain;
+    } else if head.starts_with(&super::jsonl::ZSTD_MAGIC) {
+        let mut plain = Vec::with_capacity(1024);
+        if let Ok(d) = zstd::stream::read::Decoder::new(File::open(path)?) {
+            let _ = d.take(1024).read_to_end(&mut plain);
+        }
+        // Only JSON Lines are read from zstd: anything else stays unknown.
+        return Ok(plain
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .filter(|&&b| b == b'{')
+            .map(|_| InputKind::Jsonl));
     }
     let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
     let start = text
@@ -378,6 +396,9 @@ mod tests {
         assert_eq!(k("a.WET.GZ"), Some(InputKind::Warc));
         assert_eq!(k("x.warc"), Some(InputKind::Warc));
         assert_eq!(k("d/x.jsonl.gz"), Some(InputKind::Jsonl));
+        assert_eq!(k("d/x.jsonl.zst"), Some(InputKind::Jsonl));
+        assert_eq!(k("d/x.json.zstd"), Some(InputKind::Jsonl));
+        assert_eq!(k("d/x.warc.zst"), None);
         assert_eq!(k("x.json"), Some(InputKind::Jsonl));
         assert_eq!(k("index.htm"), Some(InputKind::Html));
         assert_eq!(k("x.arc"), None);
