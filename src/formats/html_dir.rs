@@ -16,10 +16,12 @@ use std::path::{Path, PathBuf};
 pub enum InputKind {
     /// WARC or WET, plain or gzip.
     Warc,
-    /// JSON Lines, plain or gzip.
+    /// JSON Lines, plain, gzip or zstd.
     Jsonl,
     /// One HTML page.
     Html,
+    /// Parquet (a text column).
+    Parquet,
 }
 
 /// One input file and its kind.
@@ -60,11 +62,12 @@ pub enum InputError {
 
 /// The kind of a file from its name: `.warc`, `.wet`, `.wat` (each optionally `.gz`) are WARC;
 /// `.jsonl`, `.ndjson`, `.json` (optionally `.gz`, `.zst` or `.zstd`) are JSON Lines; `.html`,
-/// `.htm`, `.xhtml` are pages.
+/// `.htm`, `.xhtml` are pages; `.parquet` is Parquet.
 pub fn kind_from_name(path: &Path) -> Option<InputKind> {
     // Lossy: a name that is not UTF-8 still tells its kind by its (ASCII) extension.
     let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
     let zstd = name.ends_with(".zst") || name.ends_with(".zstd");
+    let full_len = name.len();
     let name = [".gz", ".zst", ".zstd"]
         .iter()
         .find_map(|s| name.strip_suffix(s))
@@ -76,6 +79,7 @@ pub fn kind_from_name(path: &Path) -> Option<InputKind> {
         "warc" | "wet" | "wat" => Some(InputKind::Warc),
         "jsonl" | "ndjson" | "json" => Some(InputKind::Jsonl),
         "html" | "htm" | "xhtml" => Some(InputKind::Html),
+        "parquet" if name.len() == full_len => Some(InputKind::Parquet),
         _ => None,
     }
 }
@@ -84,6 +88,9 @@ pub fn kind_from_name(path: &Path) -> Option<InputKind> {
 pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
     let mut head = Vec::with_capacity(1024);
     File::open(path)?.take(1024).read_to_end(&mut head)?;
+    if head.starts_with(b"PAR1") {
+        return Ok(Some(InputKind::Parquet));
+    }
     if head.starts_with(&[0x1f, 0x8b]) {
         let mut plain = Vec::with_capacity(1024);
         // A gzip error here just means we learnt less: sniff what came out.
@@ -399,6 +406,8 @@ mod tests {
         assert_eq!(k("d/x.jsonl.zst"), Some(InputKind::Jsonl));
         assert_eq!(k("d/x.json.zstd"), Some(InputKind::Jsonl));
         assert_eq!(k("d/x.warc.zst"), None);
+        assert_eq!(k("d/000_00000.parquet"), Some(InputKind::Parquet));
+        assert_eq!(k("d/x.parquet.gz"), None);
         assert_eq!(k("x.json"), Some(InputKind::Jsonl));
         assert_eq!(k("index.htm"), Some(InputKind::Html));
         assert_eq!(k("x.arc"), None);

@@ -1,5 +1,5 @@
-//! Crawl dumps in and out: WARC/WET (plain or gzip), JSON Lines, single HTML pages, and a WARC
-//! writer.
+//! Crawl dumps in and out: WARC/WET (plain or gzip), JSON Lines (plain, gzip, zstd), Parquet,
+//! single HTML pages, and a WARC writer.
 //!
 //! The dataflow calls [`expand_inputs`] to list its input files and [`open`] to read each one
 //! as a stream of `Result<RawRecord, Drop>`: every record either comes out or is counted as a
@@ -9,6 +9,7 @@
 pub mod html_dir;
 pub mod jsonl;
 pub mod os_path;
+pub mod parquet_file;
 pub mod warc;
 pub mod warc_writer;
 
@@ -75,6 +76,7 @@ pub fn file_url(path: &str) -> String {
 enum Inner {
     Warc(Box<WarcReader<File>>),
     Jsonl(Box<JsonlReader<File>>),
+    Parquet(Box<parquet_file::ParquetReader>),
     Html(HtmlFileReader),
     /// The file could not be opened: one drop, then nothing.
     Failed(Option<Drop>),
@@ -93,6 +95,7 @@ impl RecordReader {
         match &self.inner {
             Inner::Warc(r) => r.bytes_consumed(),
             Inner::Jsonl(r) => r.bytes_consumed(),
+            Inner::Parquet(r) => r.bytes_consumed(),
             Inner::Html(r) => r.bytes_consumed(),
             Inner::Failed(_) => 0,
         }
@@ -111,6 +114,7 @@ impl Iterator for RecordReader {
         match &mut self.inner {
             Inner::Warc(r) => r.next(),
             Inner::Jsonl(r) => r.next(),
+            Inner::Parquet(r) => r.next(),
             Inner::Html(r) => r.next(),
             Inner::Failed(d) => d.take().map(Err),
         }
@@ -159,10 +163,14 @@ pub fn open(input: &InputFile, opts: &ReadOptions) -> RecordReader {
         }
     };
     let file_len = file.metadata().ok().map(|m| m.len());
-    let inner = if input.kind == InputKind::Jsonl {
-        Inner::Jsonl(Box::new(JsonlReader::new(file, name, opts)))
-    } else {
-        Inner::Warc(Box::new(WarcReader::new(file, name, opts)))
+    let inner = match input.kind {
+        InputKind::Jsonl => Inner::Jsonl(Box::new(JsonlReader::new(file, name, opts))),
+        InputKind::Parquet => {
+            Inner::Parquet(Box::new(parquet_file::ParquetReader::new(file, name, opts)))
+        }
+        InputKind::Warc | InputKind::Html => {
+            Inner::Warc(Box::new(WarcReader::new(file, name, opts)))
+        }
     };
     RecordReader { inner, file_len }
 }
