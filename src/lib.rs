@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod dataset;
 pub mod eval;
 pub mod formats;
 pub mod humpback;

@@ -56,12 +56,49 @@ pub enum Command {
     /// An OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions, with
     /// streaming) over the model server: requests in flight are batched together.
     Serve(serve::ServeArgs),
+    /// Write a run's curated sets as a Hugging Face dataset folder (data/curated-rNN.parquet and
+    /// a README.md card whose configs `datasets.load_dataset(DIR)` reads).
+    Dataset(DatasetArgs),
     /// Does it align? Pairwise win rates judged by an LLM (both orders), the likelihood of
     /// reference answers, and each model's precision and recall as a selector.
     Eval(eval::EvalArgs),
     /// Build a labelled dev set for `eval --selector-dev`: seed pairs as good; mismatched,
     /// truncated and web-passage pairs as bad.
     SelectorDevset(eval::DevsetArgs),
+}
+
+/// Flags of `backflow dataset`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DatasetArgs {
+    /// The run's output folder (where `curated-r*.jsonl` are).
+    pub run: std::path::PathBuf,
+    /// The dataset folder to write (default: RUN/dataset).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// Runs `backflow dataset`.
+fn dataset(args: DatasetArgs) -> Result<()> {
+    let out = args.out.unwrap_or_else(|| args.run.join("dataset"));
+    let s = crate::dataset::write_dataset(&args.run, &out)?;
+    for (round, rows) in &s.rounds {
+        eprintln!(
+            "round {round}: {rows} rows -> {}/data/curated-r{round:02}.parquet",
+            out.display()
+        );
+    }
+    if s.skipped_total > 0 {
+        eprintln!("skipped {} lines that do not parse, e.g.:", s.skipped_total);
+        for (f, n, why) in &s.skipped {
+            eprintln!("  {}:{n}: {why}", f.display());
+        }
+    }
+    eprintln!(
+        "card: {}/README.md (datasets.load_dataset({:?}) loads the last round)",
+        out.display(),
+        out.display().to_string()
+    );
+    Ok(())
 }
 
 /// Parses the command line and runs the job.
@@ -91,6 +128,7 @@ pub fn main() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Dataset(args) => dataset(args),
         Command::Eval(args) => eval::run(args, matches.subcommand_matches("eval")),
         Command::SelectorDevset(args) => eval::devset(args),
     }
