@@ -195,6 +195,32 @@ fn check_accounting(out: &Path) {
         "ratings = curated + curation drops: {:#}",
         m["stats"]
     );
+    // The dataset folder holds each round's curated rows as Parquet (read back by the Parquet
+    // reader, counting rows of the instruction column).
+    for round in 1..=rounds.len() {
+        let want = lines(out, &format!("curated-r{round:02}-")).len();
+        let path = out.join(format!("dataset/data/curated-r{round:02}.parquet"));
+        if want == 0 && !path.exists() {
+            continue;
+        }
+        let opts = backflow::formats::ReadOptions {
+            text_field: "instruction".into(),
+            ..Default::default()
+        };
+        let file = std::fs::File::open(&path).expect("dataset parquet");
+        let got = backflow::formats::parquet_file::ParquetReader::new(file, "d", &opts)
+            .filter(Result::is_ok)
+            .count();
+        assert_eq!(got, want, "round {round}: parquet rows = curated lines");
+    }
+    // A run that curated nothing has no curated file, and no dataset.
+    assert_eq!(
+        out.join("dataset/README.md").exists(),
+        !lines(out, "curated-").is_empty()
+            || std::fs::read_dir(out).is_ok_and(|d| d
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("curated-")))
+    );
     assert!(out.join("report.html").exists());
     assert!(out
         .join("checkpoints/round-1/adapter_model.safetensors")

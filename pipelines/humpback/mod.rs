@@ -538,7 +538,23 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         peak_rss_mb: crate::stats::peak_rss_mb(),
         stats,
     };
-    write_metrics(&args.out, &metrics, elapsed)
+    write_metrics(&args.out, &metrics, elapsed)?;
+    // The curated sets as a dataset folder (Parquet + card) that `datasets` and the hub load:
+    // from the curated files in this process's output folder.
+    let folder = args.out.join("dataset");
+    match crate::dataset::write_dataset(&args.out, &folder) {
+        Ok(s) => {
+            let rows: Vec<String> = s.rounds.iter().map(|(r, n)| format!("r{r}: {n}")).collect();
+            eprintln!(
+                "dataset: {} (curated rows {}; datasets.load_dataset loads the last round)",
+                folder.display(),
+                rows.join(", ")
+            );
+            Ok(())
+        }
+        Err(crate::dataset::DatasetError::NoCurated(_)) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing the dataset folder")),
+    }
 }
 
 /// Writes `metrics.json` and the report, and says where they are.

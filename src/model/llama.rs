@@ -84,6 +84,17 @@ pub enum WeightName {
     Layer(usize, LayerWeight),
 }
 
+/// The seven projections of a block, in a fixed order.
+pub const PROJECTIONS: [LayerWeight; 7] = [
+    LayerWeight::Q,
+    LayerWeight::K,
+    LayerWeight::V,
+    LayerWeight::O,
+    LayerWeight::Gate,
+    LayerWeight::Up,
+    LayerWeight::Down,
+];
+
 impl WeightName {
     /// Every weight a checkpoint of `cfg` holds, in checkpoint order: the output head only when
     /// it is not tied, the q/k/v biases only for an architecture with them (Qwen2).
@@ -94,15 +105,7 @@ impl WeightName {
         }
         for l in 0..cfg.n_layers {
             let mut layer = vec![LayerWeight::AttnNorm, LayerWeight::FfnNorm];
-            layer.extend([
-                LayerWeight::Q,
-                LayerWeight::K,
-                LayerWeight::V,
-                LayerWeight::O,
-                LayerWeight::Gate,
-                LayerWeight::Up,
-                LayerWeight::Down,
-            ]);
+            layer.extend(PROJECTIONS);
             if cfg.qkv_bias {
                 layer.extend([LayerWeight::QBias, LayerWeight::KBias, LayerWeight::VBias]);
             }

@@ -32,27 +32,62 @@ pub struct Exported {
     pub merged_adapter: bool,
 }
 
+/// What an export reads: the adapter (when `model` is an adapter folder), the base it goes
+/// onto (or the model itself), its config and its tokenizer.
+pub(crate) struct ExportSource {
+    /// The adapter, merged onto `base` as the weights are read.
+    pub adapter: Option<Adapter>,
+    /// The base model (the model itself when there is no adapter).
+    pub base: BaseModel,
+    /// The hyper-parameters.
+    pub cfg: LlamaConfig,
+    /// The tokenizer: the adapter folder's own copy when it has one, else the base's.
+    pub tokenizer: TokenizerSource,
+    /// The base's stop ids.
+    pub stop_ids: Vec<u32>,
+}
+
+impl ExportSource {
+    /// Opens `model` (GGUF file, HF folder, or adapter folder).
+    pub(crate) fn open(model: &Path) -> Result<Self, TrainError> {
+        let adapter = if checkpoint::is_adapter(model) {
+            Some(Adapter::read(model)?)
+        } else {
+            None
+        };
+        let base_path = adapter
+            .as_ref()
+            .map_or_else(|| model.to_path_buf(), |a| a.base.clone());
+        let base = BaseModel::open(&base_path)?;
+        let cfg = base.config().clone();
+        let (mut tokenizer, stop_ids) = base.tokenizer();
+        // An adapter folder carries its own copy of the tokenizer (as load_for_inference uses).
+        let own = model.join("tokenizer.json");
+        if adapter.is_some() && own.exists() {
+            tokenizer = TokenizerSource::TokenizerJson(own);
+        }
+        Ok(ExportSource {
+            adapter,
+            base,
+            cfg,
+            tokenizer,
+            stop_ids,
+        })
+    }
+}
+
 /// Writes `model` (GGUF file, HF folder, or adapter folder) as an HF folder at `out`,
 /// atomically (see [`checkpoint::write_folder_atomic`]). Q/K rows come out in HF's "halves"
 /// RoPE order whatever the source (GGUF stores them permuted); a tied head is left out, as HF
 /// writes it.
 pub fn export_hf(model: &Path, out: &Path) -> Result<Exported, TrainError> {
-    let adapter = if checkpoint::is_adapter(model) {
-        Some(Adapter::read(model)?)
-    } else {
-        None
-    };
-    let base_path = adapter
-        .as_ref()
-        .map_or_else(|| model.to_path_buf(), |a| a.base.clone());
-    let mut base = BaseModel::open(&base_path)?;
-    let cfg = base.config().clone();
-    let (mut tok_src, stop_ids) = base.tokenizer();
-    // An adapter folder carries its own copy of the tokenizer (as load_for_inference uses it).
-    let own = model.join("tokenizer.json");
-    if adapter.is_some() && own.exists() {
-        tok_src = TokenizerSource::TokenizerJson(own);
-    }
+    let ExportSource {
+        adapter,
+        mut base,
+        cfg,
+        tokenizer: tok_src,
+        stop_ids,
+    } = ExportSource::open(model)?;
     let tokenizer = tok_src.load()?;
     let tensors = base.with_source(|src| match &adapter {
         Some(a) => read_all(

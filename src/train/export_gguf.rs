@@ -17,8 +17,8 @@ use crate::model::gguf_writer::{self, TensorPlan};
 use crate::model::llama::{LayerWeight, WeightName, WeightSource};
 use crate::model::{Architecture, GgufTokenizerMeta, LlamaConfig, ModelError, TokenizerSource};
 
-use super::checkpoint::{self, Adapter, BaseModel, Merged};
-use super::export::Exported;
+use super::checkpoint::Merged;
+use super::export::{ExportSource, Exported};
 use super::{io_err, TrainError};
 
 /// The weight type of an exported GGUF (`--outtype`, as llama.cpp's converter names them).
@@ -55,22 +55,13 @@ impl GgufOutType {
 /// Writes `model` (GGUF file, HF folder, or adapter folder) as the GGUF file `out`, its matrices
 /// in `ty`.
 pub fn export_gguf(model: &Path, out: &Path, ty: GgufOutType) -> Result<Exported, TrainError> {
-    let adapter = if checkpoint::is_adapter(model) {
-        Some(Adapter::read(model)?)
-    } else {
-        None
-    };
-    let base_path = adapter
-        .as_ref()
-        .map_or_else(|| model.to_path_buf(), |a| a.base.clone());
-    let mut base = BaseModel::open(&base_path)?;
-    let cfg = base.config().clone();
-    let (mut tok_src, _) = base.tokenizer();
-    // An adapter folder carries its own copy of the tokenizer (as load_for_inference uses it).
-    let own = model.join("tokenizer.json");
-    if adapter.is_some() && own.exists() {
-        tok_src = TokenizerSource::TokenizerJson(own);
-    }
+    let ExportSource {
+        adapter,
+        mut base,
+        cfg,
+        tokenizer: tok_src,
+        ..
+    } = ExportSource::open(model)?;
     let tokenizer = match tok_src {
         TokenizerSource::Gguf(meta) => *meta,
         TokenizerSource::TokenizerJson(path) => {

@@ -100,15 +100,7 @@ pub fn projection_path(layer: usize, w: LayerWeight) -> Option<(String, &'static
 }
 
 /// The seven projections of a block, in a fixed order.
-pub const PROJECTION_WEIGHTS: [LayerWeight; 7] = [
-    LayerWeight::Q,
-    LayerWeight::K,
-    LayerWeight::V,
-    LayerWeight::O,
-    LayerWeight::Gate,
-    LayerWeight::Up,
-    LayerWeight::Down,
-];
+pub const PROJECTION_WEIGHTS: [LayerWeight; 7] = crate::model::llama::PROJECTIONS;
 
 fn fetch(
     src: &mut dyn WeightSource,
