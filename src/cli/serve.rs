@@ -83,8 +83,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let names: Vec<String> = config.models.iter().map(|(n, _)| n.clone()).collect();
     let server = ApiServer::start(config).context("starting the API server")?;
     let stop = server.stopper();
+    let pressed = std::sync::atomic::AtomicBool::new(false);
     ctrlc::set_handler(move || {
-        eprintln!("stopping: answering the requests in flight, then exiting");
+        // A second press does not wait: a client that never sends its body would hold the
+        // first one's wait forever.
+        if pressed.swap(true, Ordering::SeqCst) {
+            eprintln!("stopped without waiting for the requests in flight");
+            std::process::exit(130);
+        }
+        eprintln!("stopping: answering the requests in flight, then exiting (again: now)");
         stop();
     })
     .context("installing the Ctrl-C handler")?;
