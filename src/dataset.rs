@@ -20,6 +20,8 @@ use ::parquet::file::writer::SerializedFileWriter;
 use ::parquet::schema::parser::parse_message_type;
 use serde::Deserialize;
 
+use crate::output::temp_sibling;
+
 /// Rows per row group.
 pub const ROW_GROUP: usize = 4096;
 
@@ -178,17 +180,11 @@ fn card_text(s: &DatasetSummary) -> String {
     y
 }
 
-/// Writes `bytes` to `path` through a sibling `.partial` file.
+/// Writes `bytes` to `path` through its temporary sibling.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = partial(path);
+    let tmp = temp_sibling(path);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
-}
-
-fn partial(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".partial");
-    PathBuf::from(p)
 }
 
 /// The columns of up to [`ROW_GROUP`] rows.
@@ -295,7 +291,7 @@ fn write_round(
             .set_created_by("backflow".into())
             .build(),
     );
-    let tmp = partial(path);
+    let tmp = temp_sibling(path);
     let file = File::create(&tmp).map_err(|source| DatasetError::Io {
         path: tmp.clone(),
         source,

@@ -243,15 +243,21 @@ pub fn atomic_write_jsonl<T: Serialize>(
     })
 }
 
+/// Where a file is written until it is complete: `path` with `.tmp` appended, beside it (so the
+/// rename into place is atomic).
+pub fn temp_sibling(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    std::path::PathBuf::from(name)
+}
+
 /// Writes a file atomically: `fill` writes to `path.tmp`, which is synced and renamed to `path`.
 pub fn atomic_write(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp_name);
+    let tmp = temp_sibling(path);
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     fill(&mut out)?;

@@ -10,7 +10,7 @@
 //! [`crate::model::gguf::GgufWeights`]). The file appears under its name only when complete.
 
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::model::gguf::{permute_rows, GgmlType, GgufValue, GgufWeights};
 use crate::model::gguf_writer::{self, TensorPlan};
@@ -92,7 +92,7 @@ pub fn export_gguf(model: &Path, out: &Path, ty: GgufOutType) -> Result<Exported
         })
         .collect();
 
-    let partial = partial_path(out);
+    let partial = crate::output::temp_sibling(out);
     let file = std::fs::File::create(&partial).map_err(io_err(&partial))?;
     let mut w = HashingWriter {
         inner: BufWriter::new(file),
@@ -131,13 +131,6 @@ pub fn export_gguf(model: &Path, out: &Path, ty: GgufOutType) -> Result<Exported
         weight_bytes: w.bytes as usize,
         merged_adapter: adapter.is_some(),
     })
-}
-
-/// `out` with `.partial` appended: where the file is written until it is complete.
-fn partial_path(out: &Path) -> PathBuf {
-    let mut p = out.as_os_str().to_owned();
-    p.push(".partial");
-    PathBuf::from(p)
 }
 
 /// Counts and hashes what passes through (the export's version is the hash of the whole file).
@@ -342,7 +335,7 @@ mod tests {
                     std::fs::metadata(&out).expect("file").len() as usize,
                     done.weight_bytes
                 );
-                assert!(!partial_path(&out).exists());
+                assert!(!crate::output::temp_sibling(&out).exists());
                 let file = GgufFile::open(&out).expect("open");
                 // GGUF keeps the epsilon as f32, as llama.cpp reads it.
                 let eps32 = LlamaConfig {
@@ -373,6 +366,6 @@ mod tests {
         let out = root.path().join("m.gguf");
         let err = export_gguf(&base, &out, GgufOutType::F16).expect_err("no tokenizer");
         assert!(err.to_string().contains("no tokenizer"), "{err}");
-        assert!(!out.exists() && !partial_path(&out).exists());
+        assert!(!out.exists() && !crate::output::temp_sibling(&out).exists());
     }
 }

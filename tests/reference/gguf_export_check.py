@@ -13,15 +13,12 @@ what backflow computes:
     PY gguf_export_check.py BACKFLOW_BIN REF_GGUF_F16 REF_GGUF_Q8_0 [ADAPTER_GGUF]
 """
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
-from llama_cpp import Llama
+from llamacpp_convert_check import open_llama, worst_reference_diff
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that returns the square of a number.",
@@ -35,27 +32,8 @@ PROMPTS = [
 TOLERANCE = {"f16": 0.1, "q8_0": 1.0}
 
 
-def llama(path):
-    # An f32 KV cache (llama.cpp's default is f16), so that only the weights' rounding differs.
-    return Llama(model_path=path, n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
-                 type_k=0, type_v=0, verbose=False)
-
-
 def check_logits(llm, kind):
-    ref = json.load(open(os.path.join(HERE, "smollm2_logits.json")))
-    worst = 0.0
-    for p in ref["prompts"]:
-        llm.reset()
-        llm.eval(p["ids"])
-        logits = np.asarray(llm.scores[len(p["ids"]) - 1], dtype=np.float64)
-        diff = float(np.max(np.abs(logits[p["top20_ids"]] - np.array(p["top20_values"]))))
-        sample = logits[:: p["sample_stride"]][: len(p["sample"])]
-        diff = max(diff, float(np.max(np.abs(sample - np.array(p["sample"])))))
-        argmax_ok = int(np.argmax(logits)) == p["argmax"]
-        worst = max(worst, diff)
-        print(f"  {p['name']:<14} max |diff| vs the f64 reference: {diff:.3f}  argmax equal: {argmax_ok}")
-        if not argmax_ok:
-            sys.exit(f"{kind}: argmax differs on {p['name']}")
+    worst = worst_reference_diff(llm, f"llama.cpp on the {kind} export")
     if worst > TOLERANCE[kind]:
         sys.exit(f"{kind}: logits off by {worst:.3f} (tolerance {TOLERANCE[kind]})")
 
@@ -83,12 +61,12 @@ def main():
     bf, f16, q8 = sys.argv[1:4]
     for kind, path, dtype in [("f16", f16, "f32"), ("q8_0", q8, "native")]:
         print(f"== llama.cpp on backflow's {kind} export ({os.path.getsize(path) / 1e6:.0f} MB)")
-        llm = llama(path)
+        llm = open_llama(path)
         check_logits(llm, kind)
         check_greedy(llm, bf, path, kind, dtype)
     if len(sys.argv) > 4:
         print("== llama.cpp on backflow's export of a trained adapter (merged, f16)")
-        check_greedy(llama(sys.argv[4]), bf, sys.argv[4], "adapter", "f32")
+        check_greedy(open_llama(sys.argv[4]), bf, sys.argv[4], "adapter", "f32")
     print("OK")
 
 

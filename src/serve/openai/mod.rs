@@ -573,78 +573,72 @@ fn whole_answer(job: &Job, answer: &GenAnswer) -> serde_json::Value {
         text.truncate(at);
     }
     let finish = Some(finish_reason(job, answer, cut.is_some()));
-    let created = unix_now();
-    let value = match job.kind {
-        Kind::Chat => serde_json::to_value(ChatResponse {
-            id: job.id.clone(),
-            object: "chat.completion".into(),
-            created,
-            model: job.model.clone(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: Some(Delta {
-                    role: Some("assistant".into()),
-                    content: Some(text),
-                }),
-                delta: None,
-                finish_reason: finish,
-            }],
-            usage: Some(usage(answer)),
-        }),
-        Kind::Text => serde_json::to_value(TextResponse {
-            id: job.id.clone(),
-            object: "text_completion".into(),
-            created,
-            model: job.model.clone(),
-            choices: vec![TextChoice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: Some(usage(answer)),
-        }),
-    };
-    value.unwrap_or_else(|e| serde_json::json!({"error": {"message": e.to_string()}}))
+    body(job, false, Some(text), true, finish, Some(usage(answer)))
 }
 
-/// One event of a stream: new `text` and/or the finish reason, and the usage when given.
+/// One event of a stream: new `text` and/or the finish reason.
 fn chunk(
     job: &Job,
     text: Option<String>,
     first: bool,
     finish: Option<String>,
 ) -> serde_json::Value {
-    let created = unix_now();
+    body(job, true, text, first, finish, None)
+}
+
+/// A body in `job`'s API shape: a whole answer (`message`), or an event of a stream (`delta`,
+/// the assistant's role on the first only).
+fn body(
+    job: &Job,
+    streamed: bool,
+    text: Option<String>,
+    with_role: bool,
+    finish: Option<String>,
+    usage: Option<Usage>,
+) -> serde_json::Value {
+    let (id, model, created) = (job.id.clone(), job.model.clone(), unix_now());
     let value = match job.kind {
-        Kind::Chat => serde_json::to_value(ChatResponse {
-            id: job.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: job.model.clone(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: None,
-                delta: Some(Delta {
-                    role: first.then(|| "assistant".to_string()),
-                    content: text,
-                }),
-                finish_reason: finish,
-            }],
-            usage: None,
-        }),
+        Kind::Chat => {
+            let said = Delta {
+                role: with_role.then(|| "assistant".to_string()),
+                content: text,
+            };
+            let (message, delta) = if streamed {
+                (None, Some(said))
+            } else {
+                (Some(said), None)
+            };
+            let object = if streamed {
+                "chat.completion.chunk"
+            } else {
+                "chat.completion"
+            };
+            serde_json::to_value(ChatResponse {
+                id,
+                object: object.into(),
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message,
+                    delta,
+                    finish_reason: finish,
+                }],
+                usage,
+            })
+        }
         Kind::Text => serde_json::to_value(TextResponse {
-            id: job.id.clone(),
+            id,
             object: "text_completion".into(),
             created,
-            model: job.model.clone(),
+            model,
             choices: vec![TextChoice {
                 index: 0,
                 text: text.unwrap_or_default(),
                 logprobs: None,
                 finish_reason: finish,
             }],
-            usage: None,
+            usage,
         }),
     };
     value.unwrap_or_else(|e| serde_json::json!({"error": {"message": e.to_string()}}))
