@@ -207,8 +207,30 @@ fn canonical(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Complete files in `dir` (recursively), sorted by name so every run orders them alike.
+/// Complete files in `dir` (recursively; a local folder or an object store prefix), sorted by
+/// name so every run orders them alike. A listing that fails is logged and tried again at the
+/// next poll.
 fn list_complete(dir: &Path) -> Vec<InputFile> {
+    if crate::formats::remote::is_url(dir) {
+        let listed = match crate::formats::remote::list(&dir.to_string_lossy()) {
+            Ok(listed) => listed,
+            Err(e) => {
+                log::warn!("discover: cannot list {}: {e}", dir.display());
+                return Vec::new();
+            }
+        };
+        // Object stores have no rename: a writer that follows the convention uploads under a
+        // temporary name and copies it into place, and an upload is visible only once whole.
+        return listed
+            .into_iter()
+            .map(|l| PathBuf::from(l.url))
+            .filter(|path| is_complete_name(path))
+            .filter_map(|path| {
+                let kind = crate::formats::kind_from_name(&path)?;
+                Some(InputFile { path, kind })
+            })
+            .collect();
+    }
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

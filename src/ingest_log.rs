@@ -163,8 +163,10 @@ pub fn resume_follow(out: &Path, prefix: &str) -> Result<Resume> {
 pub fn still_readable(taken: impl IntoIterator<Item = (PathBuf, u64)>) -> Vec<(InputFile, u64)> {
     let mut files = Vec::new();
     for (path, index) in taken {
+        // An object is not asked for here: if it is gone, reading it is a counted drop.
+        let readable = crate::formats::remote::is_url(&path) || path.is_file();
         match crate::formats::detect_kind(&path) {
-            Some(kind) if path.is_file() => files.push((InputFile { path, kind }, index)),
+            Some(kind) if readable => files.push((InputFile { path, kind }, index)),
             _ => log::warn!(
                 "{} was taken by an earlier run but is gone: not read again",
                 path.display()
@@ -175,9 +177,15 @@ pub fn still_readable(taken: impl IntoIterator<Item = (PathBuf, u64)>) -> Vec<(I
 }
 
 /// The `--follow` folder, canonical: files are known by canonical paths across restarts, so
-/// `dir`, `./dir/` and `/abs/dir` are one folder.
+/// `dir`, `./dir/` and `/abs/dir` are one folder. An object store prefix is listed once here, so
+/// that a wrong URL or missing credentials fail the job at its start.
 pub fn follow_dir(dir: Option<&Path>) -> Result<Option<PathBuf>> {
     dir.map(|d| {
+        if crate::formats::remote::is_url(d) {
+            crate::formats::remote::list(&d.to_string_lossy())
+                .with_context(|| format!("--follow {}", d.display()))?;
+            return Ok(d.to_path_buf());
+        }
         d.canonicalize()
             .with_context(|| format!("--follow {}", d.display()))
     })

@@ -1,5 +1,6 @@
 //! Input discovery (files, folders, glob patterns) and single HTML files as inputs.
 
+use super::remote::{self, RemoteError, RemoteObject};
 use super::{file_url, ReadOptions};
 use crate::records::{Body, Origin, RawRecord};
 use crate::stats::{Drop, DropReason};
@@ -8,6 +9,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What kind of input a file is.
 #[derive(
@@ -50,6 +52,12 @@ pub enum InputError {
     /// A named file whose format could not be told from its name or its first bytes.
     #[error("cannot tell the format of {0} (expected WARC/WET, JSONL or HTML)")]
     UnknownKind(PathBuf),
+    /// A remote input that could not be listed or opened.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// A remote prefix under which no object's name says it is an input.
+    #[error("no object under {0} whose name says WARC/WET, JSONL, HTML or Parquet")]
+    NothingUnder(String),
     /// A file or folder that could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
@@ -84,39 +92,48 @@ pub fn kind_from_name(path: &Path) -> Option<InputKind> {
     }
 }
 
+/// Raw bytes read from the start of a file to tell its kind (enough to decompress the first KiB
+/// of a gzip or zstd member).
+const SNIFF_BYTES: u64 = 16 << 10;
+
 /// The kind of a file from its first bytes (decompressed when gzip).
 pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
-    let mut head = Vec::with_capacity(1024);
-    File::open(path)?.take(1024).read_to_end(&mut head)?;
+    let mut head = Vec::with_capacity(SNIFF_BYTES as usize);
+    File::open(path)?.take(SNIFF_BYTES).read_to_end(&mut head)?;
+    Ok(sniff_head(&head))
+}
+
+/// The kind of an input from its first bytes (its first 16 KiB are plenty).
+pub fn sniff_head(head: &[u8]) -> Option<InputKind> {
     if head.starts_with(b"PAR1") {
-        return Ok(Some(InputKind::Parquet));
+        return Some(InputKind::Parquet);
     }
-    if head.starts_with(&[0x1f, 0x8b]) {
-        let mut plain = Vec::with_capacity(1024);
-        // A gzip error here just means we learnt less: sniff what came out.
-        let _ = GzDecoder::new(File::open(path)?)
-            .take(1024)
-            .read_to_end(&mut plain);
-        head = plain;
+    let mut plain = Vec::with_capacity(1024);
+    let head = if head.starts_with(&[0x1f, 0x8b]) {
+        // A gzip error here (the head ends mid-stream) just means we learnt less: sniff what
+        // came out.
+        let _ = GzDecoder::new(head).take(1024).read_to_end(&mut plain);
+        &plain[..]
     } else if head.starts_with(&super::jsonl::ZSTD_MAGIC) {
-        let mut plain = Vec::with_capacity(1024);
-        if let Ok(d) = zstd::stream::read::Decoder::new(File::open(path)?) {
+        if let Ok(d) = zstd::stream::read::Decoder::new(head) {
             let _ = d.take(1024).read_to_end(&mut plain);
         }
         // Only JSON Lines are read from zstd: anything else stays unknown.
-        return Ok(plain
+        return plain
             .iter()
             .find(|b| !b.is_ascii_whitespace())
             .filter(|&&b| b == b'{')
-            .map(|_| InputKind::Jsonl));
-    }
-    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+            .map(|_| InputKind::Jsonl);
+    } else {
+        head
+    };
+    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
     let start = text
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(text.len());
     let text = &text[start..];
-    Ok(if text.starts_with(b"WARC/") {
+    if text.starts_with(b"WARC/") {
         Some(InputKind::Warc)
     } else if text.starts_with(b"{") {
         Some(InputKind::Jsonl)
@@ -124,13 +141,17 @@ pub fn sniff_kind(path: &Path) -> io::Result<Option<InputKind>> {
         Some(InputKind::Html)
     } else {
         None
-    })
+    }
 }
 
 /// The kind of a file from its name, else from its first bytes; `None` when neither tells (or
-/// the file cannot be read). Only a regular file is sniffed: opening a FIFO blocks.
+/// the file cannot be read). Only a regular file is sniffed: opening a FIFO blocks. A remote
+/// object is known by its name only (telling it from its bytes costs a request).
 pub fn detect_kind(path: &Path) -> Option<InputKind> {
     kind_from_name(path).or_else(|| {
+        if remote::is_url(path) {
+            return None;
+        }
         let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
         regular.then(|| sniff_kind(path).ok().flatten()).flatten()
     })
@@ -217,11 +238,15 @@ pub(crate) fn walk_sorted(
 /// Each argument is a file (its kind from its name, else from its first bytes), a folder
 /// (every file under it, recursively, whose name says WARC/WET, JSONL or HTML; hidden and
 /// `.tmp` files are skipped), or a glob pattern (`glob` syntax) whose matches are files or
-/// folders as above.
+/// folders as above, or an object store URL (see [`remote_inputs`]).
 pub fn expand_inputs(args: &[String]) -> Result<Vec<InputFile>, InputError> {
     let mut found: Vec<InputFile> = Vec::new();
     for arg in args {
         let path = Path::new(arg);
+        if remote::is_url(path) {
+            found.extend(remote_inputs(arg)?);
+            continue;
+        }
         if path.exists() {
             add_path(path, true, &mut found)?;
             continue;
@@ -250,6 +275,48 @@ pub fn expand_inputs(args: &[String]) -> Result<Vec<InputFile>, InputError> {
     // The same file reached twice (two args, a link, `dir` and `dir/x`) is read once.
     let mut seen = HashSet::new();
     found.retain(|f| seen.insert(f.path.canonicalize().unwrap_or_else(|_| f.path.clone())));
+    Ok(found)
+}
+
+/// The inputs an object store URL names: the object itself when one has exactly this name (its
+/// kind from its name, else from its first bytes), else every object under it as under a
+/// folder (`s3://bucket/crawl/` or `s3://bucket/crawl`: `crawl/…`, recursively; names that say
+/// an input kind; hidden and temporary names skipped), sorted.
+pub fn remote_inputs(url: &str) -> Result<Vec<InputFile>, InputError> {
+    if !url.ends_with('/') {
+        if let Some(object) = RemoteObject::open(url)? {
+            let path = PathBuf::from(object.url());
+            let kind = match kind_from_name(&path) {
+                Some(kind) => Some(kind),
+                None => {
+                    let mut head = Vec::new();
+                    remote::RemoteReader::new(Arc::new(object))
+                        .take(SNIFF_BYTES)
+                        .read_to_end(&mut head)
+                        .map_err(|source| InputError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    sniff_head(&head)
+                }
+            };
+            return match kind {
+                Some(kind) => Ok(vec![InputFile { path, kind }]),
+                None => Err(InputError::UnknownKind(path)),
+            };
+        }
+    }
+    let found: Vec<InputFile> = remote::list(url)?
+        .into_iter()
+        .filter_map(|listed| {
+            let path = PathBuf::from(listed.url);
+            let kind = kind_from_name(&path)?;
+            (!skipped_in_folder(&path)).then_some(InputFile { path, kind })
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(InputError::NothingUnder(url.to_owned()));
+    }
     Ok(found)
 }
 
@@ -285,10 +352,12 @@ fn add_path(path: &Path, named: bool, found: &mut Vec<InputFile>) -> Result<(), 
     Ok(())
 }
 
-/// One HTML file as one record (`Body::Html`, charset `None`, URL `file://<absolute path>`).
-/// Gzip-compressed pages (`.html.gz`) are decompressed.
+/// One HTML file as one record (`Body::Html`, charset `None`, URL `file://<absolute path>`, or
+/// the object's own URL for a remote page). Gzip-compressed pages (`.html.gz`) are decompressed.
 pub struct HtmlFileReader {
     path: PathBuf,
+    /// Set for a page in an object store.
+    object: Option<Arc<RemoteObject>>,
     file: String,
     max_page: u64,
     consumed: u64,
@@ -300,10 +369,20 @@ impl HtmlFileReader {
     pub fn new(path: &Path, file: impl Into<String>, opts: &ReadOptions) -> Self {
         HtmlFileReader {
             path: path.to_path_buf(),
+            object: None,
             file: file.into(),
             max_page: opts.max_page_bytes,
             consumed: 0,
             done: false,
+        }
+    }
+
+    /// A reader of the page stored as `object`.
+    pub fn remote(object: Arc<RemoteObject>, file: impl Into<String>, opts: &ReadOptions) -> Self {
+        HtmlFileReader {
+            path: PathBuf::from(object.url()),
+            object: Some(object),
+            ..HtmlFileReader::new(Path::new(""), file, opts)
         }
     }
 
@@ -321,24 +400,47 @@ impl HtmlFileReader {
         }
     }
 
-    fn read(&self) -> Result<RawRecord, Drop> {
+    /// The file's bytes as stored, unless it is empty or over the page limit.
+    fn stored_bytes(&self) -> Result<Vec<u8>, Drop> {
         let unreadable = |e: io::Error| self.drop_at(DropReason::UnreadableFile, e.to_string());
-        let mut f = File::open(&self.path).map_err(unreadable)?;
-        let len = f.metadata().map_err(unreadable)?.len();
+        let (len, bytes) = match &self.object {
+            Some(object) => (object.size(), None),
+            None => {
+                let f = File::open(&self.path).map_err(unreadable)?;
+                let len = f.metadata().map_err(unreadable)?.len();
+                (len, Some(f))
+            }
+        };
         if len == 0 {
             return Err(self.drop_at(DropReason::EmptyFile, "the file has no bytes"));
         }
-        let too_large = |this: &Self| {
-            this.drop_at(
-                DropReason::PageTooLarge,
-                format!("page over the {}-byte limit", this.max_page),
-            )
-        };
         if len > self.max_page {
-            return Err(too_large(self));
+            return Err(self.too_large());
         }
         let mut raw = Vec::with_capacity(len as usize);
-        f.read_to_end(&mut raw).map_err(unreadable)?;
+        match (bytes, &self.object) {
+            (Some(mut f), _) => {
+                f.read_to_end(&mut raw).map_err(unreadable)?;
+            }
+            (None, Some(object)) => {
+                remote::RemoteReader::new(object.clone())
+                    .read_to_end(&mut raw)
+                    .map_err(unreadable)?;
+            }
+            (None, None) => {}
+        }
+        Ok(raw)
+    }
+
+    fn too_large(&self) -> Drop {
+        self.drop_at(
+            DropReason::PageTooLarge,
+            format!("page over the {}-byte limit", self.max_page),
+        )
+    }
+
+    fn read(&self) -> Result<RawRecord, Drop> {
+        let raw = self.stored_bytes()?;
         let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
             let mut plain = Vec::new();
             GzDecoder::new(&raw[..])
@@ -357,18 +459,24 @@ impl HtmlFileReader {
             raw
         };
         if bytes.len() as u64 > self.max_page {
-            return Err(too_large(self));
+            return Err(self.too_large());
         }
-        let abs = self
-            .path
-            .canonicalize()
-            .unwrap_or_else(|_| self.path.clone());
+        let url = match &self.object {
+            Some(object) => object.url().to_owned(),
+            None => {
+                let abs = self
+                    .path
+                    .canonicalize()
+                    .unwrap_or_else(|_| self.path.clone());
+                file_url(&abs.to_string_lossy())
+            }
+        };
         Ok(RawRecord {
             origin: Origin {
                 file: self.file.clone(),
                 offset: 0,
             },
-            url: file_url(&abs.to_string_lossy()),
+            url,
             record_id: super::derived_id(&self.file, 0),
             body: Body::Html {
                 bytes,
@@ -387,7 +495,10 @@ impl Iterator for HtmlFileReader {
         }
         self.done = true;
         let item = self.read();
-        self.consumed = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        self.consumed = match &self.object {
+            Some(object) => object.size(),
+            None => std::fs::metadata(&self.path).map_or(0, |m| m.len()),
+        };
         Some(item)
     }
 }

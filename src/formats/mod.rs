@@ -1,5 +1,6 @@
 //! Crawl dumps in and out: WARC/WET (plain or gzip), JSON Lines (plain, gzip, zstd), Parquet,
-//! single HTML pages, and a WARC writer.
+//! single HTML pages, local or in object stores ([`remote`]: S3, GCS, Azure, HTTP), and a WARC
+//! writer.
 //!
 //! The dataflow calls [`expand_inputs`] to list its input files and [`open`] to read each one
 //! as a stream of `Result<RawRecord, Drop>`: every record either comes out or is counted as a
@@ -10,6 +11,7 @@ pub mod html_dir;
 pub mod jsonl;
 pub mod os_path;
 pub mod parquet_file;
+pub mod remote;
 pub mod warc;
 pub mod warc_writer;
 
@@ -28,7 +30,11 @@ pub use warc_writer::{
 
 use crate::records::RawRecord;
 use crate::stats::{Drop, DropReason};
-use std::fs::File;
+use std::io::Read;
+use std::sync::Arc;
+
+/// The bytes of a WARC or JSONL input: a local file or a remote object's ranges.
+type InputStream = Box<dyn Read + Send>;
 
 /// How inputs are read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,8 +80,8 @@ pub fn file_url(path: &str) -> String {
 
 /// The reader behind a [`RecordReader`].
 enum Inner {
-    Warc(Box<WarcReader<File>>),
-    Jsonl(Box<JsonlReader<File>>),
+    Warc(Box<WarcReader<InputStream>>),
+    Jsonl(Box<JsonlReader<InputStream>>),
     Parquet(Box<parquet_file::ParquetReader>),
     Html(HtmlFileReader),
     /// The file could not be opened: one drop, then nothing.
@@ -121,9 +127,25 @@ impl Iterator for RecordReader {
     }
 }
 
+/// One `unreadable_file` drop for `file`, then nothing.
+fn unreadable(file: String, detail: String) -> RecordReader {
+    RecordReader {
+        inner: Inner::Failed(Some(Drop {
+            reason: DropReason::UnreadableFile,
+            file,
+            offset: 0,
+            detail,
+        })),
+        file_len: None,
+    }
+}
+
 /// Opens one input for reading. A file that cannot be opened yields one `unreadable_file` drop.
 pub fn open(input: &InputFile, opts: &ReadOptions) -> RecordReader {
     let name = input.path.to_string_lossy().into_owned();
+    if remote::is_url(&input.path) {
+        return open_remote(input.kind, name, opts);
+    }
     // A FIFO, socket or device would block the reader forever (or never end): skipped, counted.
     if let Ok(meta) = std::fs::metadata(&input.path) {
         if !meta.is_file() {
@@ -148,29 +170,49 @@ pub fn open(input: &InputFile, opts: &ReadOptions) -> RecordReader {
             file_len,
         };
     }
-    let file = match File::open(&input.path) {
+    let file = match std::fs::File::open(&input.path) {
         Ok(f) => f,
-        Err(e) => {
-            return RecordReader {
-                inner: Inner::Failed(Some(Drop {
-                    reason: DropReason::UnreadableFile,
-                    file: name,
-                    offset: 0,
-                    detail: e.to_string(),
-                })),
-                file_len: None,
-            }
-        }
+        Err(e) => return unreadable(name, e.to_string()),
     };
     let file_len = file.metadata().ok().map(|m| m.len());
     let inner = match input.kind {
-        InputKind::Jsonl => Inner::Jsonl(Box::new(JsonlReader::new(file, name, opts))),
         InputKind::Parquet => {
             Inner::Parquet(Box::new(parquet_file::ParquetReader::new(file, name, opts)))
         }
-        InputKind::Warc | InputKind::Html => {
-            Inner::Warc(Box::new(WarcReader::new(file, name, opts)))
-        }
+        kind => stream_reader(kind, Box::new(file), name, opts),
+    };
+    RecordReader { inner, file_len }
+}
+
+/// The reader of a WARC or JSONL stream.
+fn stream_reader(kind: InputKind, bytes: InputStream, name: String, opts: &ReadOptions) -> Inner {
+    match kind {
+        InputKind::Jsonl => Inner::Jsonl(Box::new(JsonlReader::new(bytes, name, opts))),
+        _ => Inner::Warc(Box::new(WarcReader::new(bytes, name, opts))),
+    }
+}
+
+/// Opens an object in a store: `unreadable_file` when it is gone or the store refuses.
+fn open_remote(kind: InputKind, name: String, opts: &ReadOptions) -> RecordReader {
+    let object = match remote::RemoteObject::open(&name) {
+        Ok(Some(object)) => Arc::new(object),
+        Ok(None) => return unreadable(name, "no such object".to_owned()),
+        Err(e) => return unreadable(name, e.to_string()),
+    };
+    let file_len = Some(object.size());
+    let inner = match kind {
+        InputKind::Html => Inner::Html(HtmlFileReader::remote(object, name, opts)),
+        InputKind::Parquet => Inner::Parquet(Box::new(parquet_file::ParquetReader::new(
+            remote::ParquetSource::new(object),
+            name,
+            opts,
+        ))),
+        kind => stream_reader(
+            kind,
+            Box::new(remote::RemoteReader::new(object)),
+            name,
+            opts,
+        ),
     };
     RecordReader { inner, file_len }
 }

@@ -8,10 +8,9 @@
 //! none, is `<file>@<row>`. Progress counts the compressed bytes of the row groups begun, so an
 //! epoch cut every N bytes falls on row group boundaries.
 
-use std::fs::File;
 use std::sync::Arc;
 
-use ::parquet::file::reader::{FileReader, SerializedFileReader};
+use ::parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use ::parquet::record::reader::RowIter;
 use ::parquet::record::Field;
 use ::parquet::schema::types::Type;
@@ -35,8 +34,13 @@ pub struct ParquetReader {
 }
 
 impl ParquetReader {
-    /// Opens `file` (named `name` in origins), reading the text column `opts.text_field`.
-    pub fn new(file: File, name: impl Into<String>, opts: &ReadOptions) -> Self {
+    /// Opens `file` (a local file, or a [`super::remote::ParquetSource`]; named `name` in
+    /// origins), reading the text column `opts.text_field`.
+    pub fn new<R: ChunkReader + 'static>(
+        file: R,
+        name: impl Into<String>,
+        opts: &ReadOptions,
+    ) -> Self {
         let name = name.into();
         let mut reader = ParquetReader {
             file: name.clone(),
@@ -203,6 +207,7 @@ impl Iterator for ParquetReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::path::PathBuf;
 
     fn data(name: &str) -> PathBuf {
