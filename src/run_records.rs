@@ -190,7 +190,8 @@ pub struct StageThroughput {
     pub prompts_per_sec_wall: f64,
     /// Prompt tokens the model ran a forward pass over, per second of model time.
     pub prefill_tokens_per_sec: f64,
-    /// Requests the model answered (not from the answer cache, not failed) per batch it ran.
+    /// Rows of the running batch per decode step (continuous batching), or, for a stage that
+    /// decodes nothing (forced choices alone), requests the model answered per batch it ran.
     pub mean_batch: f64,
     /// Share of prompt tokens the prefix cache did not recompute (a batch's shared prefix counts
     /// once, a prefix kept from an earlier batch not at all).
@@ -215,7 +216,11 @@ impl StageThroughput {
             new_tokens_per_sec: per_busy(t.new_tokens),
             prompts_per_sec_wall: ratio(t.requests as f64, wall_secs),
             prefill_tokens_per_sec: per_busy(t.prefill_tokens),
-            mean_batch: ratio(answered as f64, t.batches as f64),
+            mean_batch: if t.decode_steps > 0 {
+                ratio(t.decode_rows as f64, t.decode_steps as f64)
+            } else {
+                ratio(answered as f64, t.batches as f64)
+            },
             prefix_saved: ratio(
                 t.prompt_tokens.saturating_sub(t.prefill_tokens) as f64,
                 t.prompt_tokens as f64,
@@ -366,6 +371,7 @@ mod tests {
             new_tokens: 300,
             batches: 5,
             busy_us: 2_000_000,
+            ..Default::default()
         };
         let s = StageThroughput::from_stats(&t, 10.0);
         assert_eq!((s.prompts, s.cache_hits, s.new_tokens), (30, 6, 300));
@@ -374,6 +380,16 @@ mod tests {
         assert!(close(s.prompts_per_sec, 15.0) && close(s.prompts_per_sec_wall, 3.0));
         assert!(close(s.new_tokens_per_sec, 150.0) && close(s.prefill_tokens_per_sec, 200.0));
         assert!(close(s.mean_batch, 4.0) && close(s.prefix_saved, 0.6));
+        // Decoded in 40 steps of 300 rows in all: 7.5 rows running per step.
+        let decoded = crate::serve::VersionStats {
+            decode_steps: 40,
+            decode_rows: 300,
+            ..t
+        };
+        assert!(close(
+            StageThroughput::from_stats(&decoded, 10.0).mean_batch,
+            7.5
+        ));
         // Nothing run: zeros, not NaN.
         let idle = StageThroughput::from_stats(&Default::default(), 0.0);
         assert_eq!(

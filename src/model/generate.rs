@@ -6,6 +6,14 @@
 //! drops sequences from the batch as they finish, and answers one [`Completion`] per request
 //! in request order.
 //!
+//! Continuous batching: [`Generator::start`], [`Generator::join`] and [`Generator::step`] run a
+//! [`RunningBatch`] one step at a time, so a caller (the model server) adds sequences between two
+//! steps and hears each one the step it finishes. A newcomer is prefilled on its own (from the
+//! batch's shared prefix) and its KV joins the batch right-aligned with the rows already
+//! decoding (`KvCache::join`); slots no row uses any more are dropped from the front
+//! (`KvCache::trim_front`), so a batch that never empties reads a bounded cache.
+//! [`Generator::generate`] is `start` then `step` until done.
+//!
 //! Prefix cache: prompts that share a long token prefix (the rating template shared by every
 //! rating) compute it once. The generator keeps the K/V of the last few prefixes it used
 //! ([`Generator::prefix_slots`], least recently used dropped first), so batches of different
@@ -210,6 +218,13 @@ impl<B: Backend> Generator<B> {
         self.timing
     }
 
+    /// Where the time went since the last call of this (or since [`Generator::generate`] or
+    /// [`Generator::next_token_logits`] started), and starts counting afresh: for a caller that
+    /// runs [`Generator::start`], [`Generator::join`] and [`Generator::step`] itself.
+    pub fn take_timing(&mut self) -> GenerateTiming {
+        std::mem::take(&mut self.timing)
+    }
+
     /// Tokens in the most recently used prefix (0 when none is kept).
     pub fn cached_prefix_len(&self) -> usize {
         self.prefixes.last().map_or(0, PrefixKv::len)
@@ -308,14 +323,30 @@ impl<B: Backend> Generator<B> {
             }
             self.check_ids(p)?;
         }
+        // Computing a new shared prefix counts as prefill.
+        let t0 = std::time::Instant::now();
         let p_len = self.choose_prefix(prompts)?;
+        self.timing.prefill_s += t0.elapsed().as_secs_f64();
+        let prefix = self.prefixes.last().filter(|_| p_len > 0).cloned();
+        self.prefill_from(prompts, reserve, prefix.as_ref())
+    }
+
+    /// Prefills prompts that all start with `prefix` (and go on after it): the rest of every
+    /// prompt right-aligned in one forward pass, in a cache that starts from the prefix.
+    fn prefill_from(
+        &mut self,
+        prompts: &[&[u32]],
+        reserve: usize,
+        prefix: Option<&PrefixKv<B>>,
+    ) -> Result<Prefilled<B>, ModelError> {
+        let p_len = prefix.map_or(0, PrefixKv::len);
         let b = prompts.len();
         let s = prompts.iter().map(|p| p.len() - p_len).max().unwrap_or(1);
         // Own slots only: a shared prefix lives apart from them.
         let cap = (s + reserve.max(1)).div_ceil(GROW_CHUNK) * GROW_CHUNK;
-        let mut cache = match (self.prefixes.last(), p_len) {
-            (Some(prefix), n) if n > 0 => self.model.new_cache(b, cap).with_prefix(prefix),
-            _ => self.model.new_cache(b, cap),
+        let mut cache = match prefix {
+            Some(prefix) => self.model.new_cache(b, cap).with_prefix(prefix),
+            None => self.model.new_cache(b, cap),
         };
         let mut tokens = Vec::with_capacity(b * s);
         for p in prompts {
@@ -323,7 +354,9 @@ impl<B: Backend> Generator<B> {
             tokens.extend(std::iter::repeat_n(None, s - rest.len()));
             tokens.extend(rest.iter().map(|&t| Some(t)));
         }
+        let t0 = std::time::Instant::now();
         let logits = self.model.forward(&tokens, s, &mut cache)?;
+        self.timing.prefill_s += t0.elapsed().as_secs_f64();
         self.timing.prefill_tokens += prompts.iter().map(|p| p.len() - p_len).sum::<usize>();
         Ok(Prefilled { cache, logits })
     }
@@ -369,8 +402,7 @@ impl<B: Backend> Generator<B> {
     /// `logits` (`[rows, vocab]`), read from `host` when the logits are already there.
     fn pick_options(
         &self,
-        requests: &[Request],
-        rows: &[usize],
+        rows: &[Row],
         want: &[usize],
         logits: &Tensor<B, 2>,
         host: Option<&[f32]>,
@@ -394,7 +426,7 @@ impl<B: Backend> Generator<B> {
             .zip(row_of)
             .map(|(&r, at)| {
                 let row = flat.get(at * vocab..(at + 1) * vocab)?;
-                let options = &requests[rows[r]].then_choose.as_ref()?.options;
+                let options = &rows[r].request.then_choose.as_ref()?.options;
                 pick_option(row, options)
             })
             .collect())
@@ -406,187 +438,322 @@ impl<B: Backend> Generator<B> {
         on_token: &mut dyn FnMut(usize, u32),
     ) -> Result<Vec<Completion>, ModelError> {
         let mut done: Vec<Option<Completion>> = vec![None; requests.len()];
-        // Requests that want no tokens never enter the batch.
-        let live: Vec<usize> = (0..requests.len())
-            .filter(|&i| {
-                if requests[i].max_new_tokens == 0 {
-                    done[i] = Some(Completion {
-                        ids: Vec::new(),
-                        text: String::new(),
-                        stop: StopReason::MaxTokens,
-                        choice: None,
-                        choice_probs: None,
-                    });
-                    false
-                } else {
-                    true
+        let keyed = requests.iter().cloned().enumerate();
+        let (batch, finished) = self.start(keyed.map(|(i, r)| (i as u64, r)).collect())?;
+        for (key, completion) in finished {
+            done[key as usize] = Some(completion);
+        }
+        if let Some(mut batch) = batch {
+            while !batch.is_empty() {
+                for (key, completion) in
+                    self.step(&mut batch, &mut |k, t| on_token(k as usize, t))?
+                {
+                    done[key as usize] = Some(completion);
                 }
-            })
-            .collect();
-        if !live.is_empty() {
-            let prompts: Vec<&[u32]> = live
-                .iter()
-                .map(|&i| requests[i].prompt_ids.as_slice())
-                .collect();
-            let reserve = live
-                .iter()
-                .map(|&i| requests[i].max_new_tokens)
-                .max()
-                .unwrap_or(1)
-                .min(GROW_CHUNK);
-            let t0 = std::time::Instant::now();
-            let Prefilled {
-                mut cache,
-                mut logits,
-            } = self.prefill(&prompts, reserve)?;
-            // The prefill's logits are read (argmax) below, which waits for lazy backends.
-            let mut prefill_s = t0.elapsed().as_secs_f64();
-            let mut first_pick = true;
-            let mut step_start = std::time::Instant::now();
-            let max_pos = self.model.config().max_seq_len;
-            let vocab = self.model.config().vocab;
-            let mut rows = live; // request index of each cache row
-            let mut samplers: Vec<Sampler> = rows
-                .iter()
-                .map(|&i| Sampler::new(requests[i].sampling))
-                .collect();
-            let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
-            // Rows whose completion is done and which are being fed their choice prefill.
-            let mut forcing: Vec<Option<Forcing>> = vec![None; rows.len()];
-            loop {
-                // Greedy batches pick on the device and move `batch` ints, not the logits.
-                let (next, host): (Vec<u32>, Option<Vec<f32>>) =
-                    if samplers.iter().all(|s| s.config().is_greedy()) {
-                        (to_u32(logits.clone().argmax(1))?, None)
-                    } else {
-                        let flat = to_f32(logits.clone())?;
-                        let next = flat
-                            .chunks(vocab)
-                            .zip(samplers.iter_mut())
-                            .map(|(row, s)| s.sample(row))
-                            .collect();
-                        (next, Some(flat))
-                    };
-                if first_pick {
-                    prefill_s += step_start.elapsed().as_secs_f64();
-                    self.timing.prefill_s += prefill_s;
-                    first_pick = false;
-                } else {
-                    self.timing.decode_s += step_start.elapsed().as_secs_f64();
-                }
-                let mut keep = Vec::with_capacity(rows.len());
-                let mut step_tokens = Vec::with_capacity(rows.len());
-                // Rows whose logits now follow their whole choice prefill.
-                let mut choose_now: Vec<(usize, Completion)> = Vec::new();
-                for (r, &tok) in next.iter().enumerate() {
-                    let req = &requests[rows[r]];
-                    if let Some(f) = forcing[r].as_mut() {
-                        match f.queue.pop_front() {
-                            Some(t) => {
-                                keep.push(r);
-                                step_tokens.push(Some(t));
-                            }
-                            None => {
-                                if let Some(f) = forcing[r].take() {
-                                    choose_now.push((r, f.completion));
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    let stop = if self.stop_ids.contains(&tok) || req.stop_ids.contains(&tok) {
-                        Some(StopReason::StopToken(tok))
-                    } else {
-                        generated[r].push(tok);
-                        on_token(rows[r], tok);
-                        if generated[r].len() >= req.max_new_tokens {
-                            Some(StopReason::MaxTokens)
-                        } else if cache.next_position(r) >= max_pos {
-                            Some(StopReason::ContextFull)
-                        } else {
-                            None
-                        }
-                    };
-                    let Some(stop) = stop else {
-                        keep.push(r);
-                        step_tokens.push(Some(tok));
-                        continue;
-                    };
-                    let ids = std::mem::take(&mut generated[r]);
-                    let text = self.decoder.as_ref().map(|d| d(&ids)).unwrap_or_default();
-                    // What the cache lacks of the completion (its last token, unless that was
-                    // a stop token, which the completion leaves out), then the prefill.
-                    let mut queue = std::collections::VecDeque::new();
-                    if stop == StopReason::MaxTokens {
-                        queue.extend(ids.last().copied());
-                    }
-                    let completion = Completion {
-                        ids,
-                        text,
-                        stop,
-                        choice: None,
-                        choice_probs: None,
-                    };
-                    let Some(after) = &req.then_choose else {
-                        done[rows[r]] = Some(completion);
-                        continue;
-                    };
-                    queue.extend(after.prefill.iter().copied());
-                    if stop == StopReason::ContextFull
-                        || cache.next_position(r) + queue.len() > max_pos
-                    {
-                        done[rows[r]] = Some(completion);
-                        continue;
-                    }
-                    match queue.pop_front() {
-                        Some(t) => {
-                            keep.push(r);
-                            step_tokens.push(Some(t));
-                            forcing[r] = Some(Forcing { queue, completion });
-                        }
-                        // Nothing to feed: these logits already follow the completion.
-                        None => choose_now.push((r, completion)),
-                    }
-                }
-                if !choose_now.is_empty() {
-                    let want: Vec<usize> = choose_now.iter().map(|(r, _)| *r).collect();
-                    let picked =
-                        self.pick_options(requests, &rows, &want, &logits, host.as_deref())?;
-                    for ((r, mut completion), choice) in choose_now.into_iter().zip(picked) {
-                        if let Some((i, probs)) = choice {
-                            completion.choice = Some(i);
-                            completion.choice_probs = Some(probs);
-                        }
-                        done[rows[r]] = Some(completion);
-                    }
-                }
-                if keep.is_empty() {
-                    break;
-                }
-                if keep.len() != rows.len() {
-                    cache.retain(&keep);
-                    rows = keep.iter().map(|&r| rows[r]).collect();
-                    samplers = keep.iter().map(|&r| samplers[r].clone()).collect();
-                    generated = keep
-                        .iter()
-                        .map(|&r| std::mem::take(&mut generated[r]))
-                        .collect();
-                    forcing = keep.iter().map(|&r| forcing[r].take()).collect();
-                }
-                step_start = std::time::Instant::now();
-                self.timing.decode_steps += 1;
-                self.timing.decode_tokens += step_tokens.len();
-                logits = self.model.forward(&step_tokens, 1, &mut cache)?;
             }
         }
         done.into_iter()
             .map(|c| c.ok_or_else(|| ModelError::Request("a sequence was lost".into())))
             .collect()
     }
+
+    /// Starts a running batch of `requests`, each with the caller's key: their prompts are
+    /// prefilled together (with the prefix cache). Requests that want no tokens never enter a
+    /// batch and are answered at once (the second part); the batch is `None` when none is left.
+    #[allow(clippy::type_complexity)]
+    pub fn start(
+        &mut self,
+        requests: Vec<(u64, Request)>,
+    ) -> Result<(Option<RunningBatch<B>>, Vec<(u64, Completion)>), ModelError> {
+        let (live, finished) = split_empty(requests);
+        if live.is_empty() {
+            return Ok((None, finished));
+        }
+        let prompts: Vec<&[u32]> = live.iter().map(|(_, r)| r.prompt_ids.as_slice()).collect();
+        let Prefilled { cache, logits } = self.prefill(&prompts, reserve_for(&live))?;
+        Ok((
+            Some(RunningBatch {
+                cache,
+                logits,
+                rows: live.into_iter().map(Row::new).collect(),
+            }),
+            finished,
+        ))
+    }
+
+    /// Whether `request` can join `batch` between its steps: its prompt starts with the batch's
+    /// shared prefix and goes on after it (a batch without one takes any prompt).
+    pub fn can_join(batch: &RunningBatch<B>, request: &Request) -> bool {
+        let prefix = batch.cache.prefix_ids();
+        request.max_new_tokens == 0
+            || batch.is_empty()
+            || (request.prompt_ids.len() > prefix.len() && request.prompt_ids.starts_with(prefix))
+    }
+
+    /// Continuous batching: adds `requests` to `batch` between two steps. Their prompts are
+    /// prefilled on their own (from the batch's shared prefix) and their rows join the batch,
+    /// which goes on decoding the rows it had where they were. Every request must pass
+    /// [`Generator::can_join`]. Answers what wants no tokens at once, as [`Generator::start`].
+    pub fn join(
+        &mut self,
+        batch: &mut RunningBatch<B>,
+        requests: Vec<(u64, Request)>,
+    ) -> Result<Vec<(u64, Completion)>, ModelError> {
+        if batch.is_empty() {
+            let (started, finished) = self.start(requests)?;
+            if let Some(started) = started {
+                *batch = started;
+            }
+            return Ok(finished);
+        }
+        if let Some((key, _)) = requests.iter().find(|(_, r)| !Self::can_join(batch, r)) {
+            return Err(ModelError::Request(format!(
+                "request {key} does not start with the running batch's shared prefix"
+            )));
+        }
+        let (live, finished) = split_empty(requests);
+        if live.is_empty() {
+            return Ok(finished);
+        }
+        for (_, r) in &live {
+            self.check_ids(&r.prompt_ids)?;
+        }
+        let prefix = batch.cache.prefix().cloned();
+        let prompts: Vec<&[u32]> = live.iter().map(|(_, r)| r.prompt_ids.as_slice()).collect();
+        let pre = self.prefill_from(&prompts, reserve_for(&live), prefix.as_ref())?;
+        batch.cache.join(pre.cache)?;
+        batch.logits = Tensor::cat(vec![batch.logits.clone(), pre.logits], 0);
+        batch.rows.extend(live.into_iter().map(Row::new));
+        Ok(finished)
+    }
+
+    /// One step of `batch`: picks every row's next token, answers the rows that are done (with
+    /// their keys), and runs one forward step for the others. `on_token(key, token)` hears every
+    /// token of a completion as it is picked (not stop tokens, not a choice's prefill).
+    pub fn step(
+        &mut self,
+        batch: &mut RunningBatch<B>,
+        on_token: &mut dyn FnMut(u64, u32),
+    ) -> Result<Vec<(u64, Completion)>, ModelError> {
+        let mut done = Vec::new();
+        if batch.is_empty() {
+            return Ok(done);
+        }
+        let step_start = std::time::Instant::now();
+        let max_pos = self.model.config().max_seq_len;
+        let vocab = self.model.config().vocab;
+        let RunningBatch {
+            cache,
+            logits,
+            rows,
+        } = batch;
+        // Greedy batches pick on the device and move `batch` ints, not the logits.
+        let (next, host): (Vec<u32>, Option<Vec<f32>>) =
+            if rows.iter().all(|r| r.sampler.config().is_greedy()) {
+                (to_u32(logits.clone().argmax(1))?, None)
+            } else {
+                let flat = to_f32(logits.clone())?;
+                let next = flat
+                    .chunks(vocab)
+                    .zip(rows.iter_mut())
+                    .map(|(row, r)| r.sampler.sample(row))
+                    .collect();
+                (next, Some(flat))
+            };
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut step_tokens = Vec::with_capacity(rows.len());
+        // Rows whose logits now follow their whole choice prefill.
+        let mut choose_now: Vec<(usize, Completion)> = Vec::new();
+        for (r, &tok) in next.iter().enumerate() {
+            let row = &mut rows[r];
+            if let Some(f) = row.forcing.as_mut() {
+                match f.queue.pop_front() {
+                    Some(t) => {
+                        keep.push(r);
+                        step_tokens.push(Some(t));
+                    }
+                    None => {
+                        if let Some(f) = row.forcing.take() {
+                            choose_now.push((r, f.completion));
+                        }
+                    }
+                }
+                continue;
+            }
+            let req = &row.request;
+            let stop = if self.stop_ids.contains(&tok) || req.stop_ids.contains(&tok) {
+                Some(StopReason::StopToken(tok))
+            } else {
+                row.generated.push(tok);
+                on_token(row.key, tok);
+                if row.generated.len() >= req.max_new_tokens {
+                    Some(StopReason::MaxTokens)
+                } else if cache.next_position(r) >= max_pos {
+                    Some(StopReason::ContextFull)
+                } else {
+                    None
+                }
+            };
+            let Some(stop) = stop else {
+                keep.push(r);
+                step_tokens.push(Some(tok));
+                continue;
+            };
+            let ids = std::mem::take(&mut row.generated);
+            let text = self.decoder.as_ref().map(|d| d(&ids)).unwrap_or_default();
+            // What the cache lacks of the completion (its last token, unless that was a stop
+            // token, which the completion leaves out), then the prefill.
+            let mut queue = std::collections::VecDeque::new();
+            if stop == StopReason::MaxTokens {
+                queue.extend(ids.last().copied());
+            }
+            let completion = Completion {
+                ids,
+                text,
+                stop,
+                choice: None,
+                choice_probs: None,
+            };
+            let Some(after) = &row.request.then_choose else {
+                done.push((row.key, completion));
+                continue;
+            };
+            queue.extend(after.prefill.iter().copied());
+            if stop == StopReason::ContextFull || cache.next_position(r) + queue.len() > max_pos {
+                done.push((row.key, completion));
+                continue;
+            }
+            match queue.pop_front() {
+                Some(t) => {
+                    keep.push(r);
+                    step_tokens.push(Some(t));
+                    row.forcing = Some(Forcing { queue, completion });
+                }
+                // Nothing to feed: these logits already follow the completion.
+                None => choose_now.push((r, completion)),
+            }
+        }
+        if !choose_now.is_empty() {
+            let want: Vec<usize> = choose_now.iter().map(|(r, _)| *r).collect();
+            let picked = self.pick_options(rows, &want, logits, host.as_deref())?;
+            for ((r, mut completion), choice) in choose_now.into_iter().zip(picked) {
+                if let Some((i, probs)) = choice {
+                    completion.choice = Some(i);
+                    completion.choice_probs = Some(probs);
+                }
+                done.push((rows[r].key, completion));
+            }
+        }
+        if keep.is_empty() {
+            rows.clear();
+            self.timing.decode_s += step_start.elapsed().as_secs_f64();
+            return Ok(done);
+        }
+        if keep.len() != rows.len() {
+            cache.retain(&keep);
+            cache.trim_front();
+            let mut old: Vec<Option<Row>> = std::mem::take(rows).into_iter().map(Some).collect();
+            *rows = keep.iter().filter_map(|&r| old[r].take()).collect();
+        }
+        self.timing.decode_steps += 1;
+        self.timing.decode_tokens += step_tokens.len();
+        *logits = self.model.forward(&step_tokens, 1, cache)?;
+        self.timing.decode_s += step_start.elapsed().as_secs_f64();
+        Ok(done)
+    }
+}
+
+/// A batch being decoded, for continuous batching: sequences join it between steps
+/// ([`Generator::join`]) and leave it as they finish ([`Generator::step`]), each under the key
+/// its caller gave it.
+pub struct RunningBatch<B: Backend> {
+    cache: KvCache<B>,
+    /// Every row's next-token logits, `[rows, vocab]`.
+    logits: Tensor<B, 2>,
+    rows: Vec<Row>,
+}
+
+impl<B: Backend> RunningBatch<B> {
+    /// Sequences being decoded.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether every sequence is done.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The keys of the sequences being decoded.
+    pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.rows.iter().map(|r| r.key)
+    }
+
+    /// KV cache slots in use (after the shared prefix): what attention reads per step.
+    pub fn slots(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// One sequence of a running batch.
+struct Row {
+    key: u64,
+    request: Request,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Set once its completion is done and its choice prefill is being fed.
+    forcing: Option<Forcing>,
+}
+
+impl Row {
+    fn new((key, request): (u64, Request)) -> Row {
+        Row {
+            key,
+            sampler: Sampler::new(request.sampling),
+            request,
+            generated: Vec::new(),
+            forcing: None,
+        }
+    }
+}
+
+/// Requests that want tokens, and the answers of those that want none.
+#[allow(clippy::type_complexity)]
+fn split_empty(requests: Vec<(u64, Request)>) -> (Vec<(u64, Request)>, Vec<(u64, Completion)>) {
+    let mut finished = Vec::new();
+    let live = requests
+        .into_iter()
+        .filter_map(|(key, r)| {
+            if r.max_new_tokens > 0 {
+                return Some((key, r));
+            }
+            finished.push((
+                key,
+                Completion {
+                    ids: Vec::new(),
+                    text: String::new(),
+                    stop: StopReason::MaxTokens,
+                    choice: None,
+                    choice_probs: None,
+                },
+            ));
+            None
+        })
+        .collect();
+    (live, finished)
+}
+
+/// Cache slots to reserve after the prompts: the longest completion asked, up to a chunk.
+fn reserve_for(requests: &[(u64, Request)]) -> usize {
+    requests
+        .iter()
+        .map(|(_, r)| r.max_new_tokens)
+        .max()
+        .unwrap_or(1)
+        .min(GROW_CHUNK)
 }
 
 /// A finished row being fed its choice prefill.
-#[derive(Clone)]
 struct Forcing {
     /// Tokens still to feed.
     queue: std::collections::VecDeque<u32>,
@@ -612,10 +779,11 @@ fn to_u32<B: Backend>(t: Tensor<B, 2, burn::tensor::Int>) -> Result<Vec<u32>, Mo
 
 #[cfg(test)]
 mod tests {
-    use super::{pick_option, Generator, Request};
+    use super::{pick_option, ChoiceAfter, Completion, Generator, Request};
     use crate::model::llama::{Llama, RandomWeights};
     use crate::model::Precision;
     use burn::backend::Flex;
+    use std::collections::HashMap;
 
     /// The training tests' tiny model (2 layers, 64 positions), random weights.
     fn tiny() -> Llama<Flex> {
@@ -664,6 +832,128 @@ mod tests {
                 };
                 assert_eq!(ids(got), ids(want));
             }
+        }
+    }
+
+    fn request(seed: u32, prefix: &[u32], len: usize, max: usize) -> Request {
+        let mut ids = prefix.to_vec();
+        ids.extend((0..len as u32).map(|i| (i * 13 + seed * 7 + 1) % 64));
+        Request::greedy(ids, max)
+    }
+
+    fn alone(r: &Request) -> Completion {
+        let mut gen = Generator::new(tiny(), vec![]);
+        gen.generate(std::slice::from_ref(r))
+            .expect("alone")
+            .remove(0)
+    }
+
+    /// Continuous batching: a sequence's greedy tokens (and its forced choice) are the same
+    /// alone, in a static batch, and joining a running batch midway, whether its prompt is
+    /// shorter than what the batch has written or longer (the running rows then move), with and
+    /// without a shared prefix.
+    #[test]
+    fn joining_a_running_batch_changes_no_sequence() {
+        for prefix in [
+            vec![],
+            (0..16).map(|i| (i * 3 + 2) % 64).collect::<Vec<u32>>(),
+        ] {
+            let mut reqs = vec![
+                request(1, &prefix, 10, 12),
+                request(2, &prefix, 3, 6),
+                request(3, &prefix, 24, 8),
+                request(4, &prefix, 5, 0),
+            ];
+            reqs[1].then_choose = Some(ChoiceAfter {
+                prefill: vec![5, 6],
+                options: vec![1, 2, 3],
+            });
+            let want: Vec<Completion> = reqs.iter().map(alone).collect();
+            let stat = Generator::new(tiny(), vec![])
+                .generate(&reqs)
+                .expect("static");
+
+            let mut gen = Generator::new(tiny(), vec![]);
+            gen.cache_prefix(&prefix).expect("prefix");
+            let mut got: HashMap<u64, Completion> = HashMap::new();
+            let (batch, finished) = gen.start(vec![(0, reqs[0].clone())]).expect("start");
+            let mut batch = batch.expect("a running batch");
+            got.extend(finished);
+            for _ in 0..3 {
+                got.extend(gen.step(&mut batch, &mut |_, _| {}).expect("step"));
+            }
+            // Shorter than what the batch has written.
+            assert!(batch.slots() > 3);
+            got.extend(
+                gen.join(&mut batch, vec![(1, reqs[1].clone())])
+                    .expect("join"),
+            );
+            got.extend(gen.step(&mut batch, &mut |_, _| {}).expect("step"));
+            // Longer: the running rows move right.
+            assert!(batch.slots() < 24);
+            let more = vec![(2, reqs[2].clone()), (3, reqs[3].clone())];
+            got.extend(gen.join(&mut batch, more).expect("join"));
+            assert_eq!(batch.len(), 3);
+            while !batch.is_empty() {
+                got.extend(gen.step(&mut batch, &mut |_, _| {}).expect("step"));
+            }
+            for (k, w) in want.iter().enumerate() {
+                let c = &got[&(k as u64)];
+                assert_eq!(
+                    (&c.ids, c.choice, &c.stop),
+                    (&w.ids, w.choice, &w.stop),
+                    "request {k}, prefix {}",
+                    prefix.len()
+                );
+                assert_eq!(stat[k].ids, w.ids, "static batch, request {k}");
+            }
+            assert!(want[1].choice.is_some());
+        }
+    }
+
+    /// A batch that sequences keep joining for longer than the context keeps every sequence's
+    /// tokens and reads a bounded number of slots (the dead ones in front are dropped); a
+    /// prompt without the batch's prefix may not join.
+    #[test]
+    fn a_batch_that_never_empties_stays_bounded() {
+        let prefix: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % 64).collect();
+        let reqs: Vec<Request> = (0..64)
+            .map(|k| {
+                request(
+                    k,
+                    &prefix,
+                    2 + (k as usize * 5) % 9,
+                    6 + (k as usize * 3) % 7,
+                )
+            })
+            .collect();
+        let mut gen = Generator::new(tiny(), vec![]);
+        gen.cache_prefix(&prefix).expect("prefix");
+        let (batch, _) = gen.start(vec![(0, reqs[0].clone())]).expect("start");
+        let mut batch = batch.expect("batch");
+        let stranger = request(99, &[], 5, 3);
+        assert!(!Generator::can_join(&batch, &stranger));
+        assert!(gen.join(&mut batch, vec![(99, stranger)]).is_err());
+        let mut got: HashMap<u64, Completion> = HashMap::new();
+        let (mut next, mut steps, mut most_slots) = (1, 0, 0);
+        while !batch.is_empty() || next < reqs.len() {
+            // One newcomer every third step, so the batch is never empty until the end.
+            if steps % 3 == 0 && next < reqs.len() {
+                got.extend(
+                    gen.join(&mut batch, vec![(next as u64, reqs[next].clone())])
+                        .expect("join"),
+                );
+                next += 1;
+            }
+            got.extend(gen.step(&mut batch, &mut |_, _| {}).expect("step"));
+            most_slots = most_slots.max(batch.slots());
+            steps += 1;
+        }
+        // Untrimmed, the batch would end with a slot per step.
+        assert!(steps > 3 * 64, "{steps} steps");
+        assert!(most_slots <= 2 * 64 + 32, "{most_slots} slots");
+        for (k, r) in reqs.iter().enumerate() {
+            assert_eq!(got[&(k as u64)].ids, alone(r).ids, "request {k}");
         }
     }
 

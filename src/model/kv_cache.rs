@@ -292,6 +292,133 @@ impl<B: Backend> KvCache<B> {
         self.batch = rows.len();
     }
 
+    /// The shared prefix every sequence starts with, if any.
+    pub fn prefix(&self) -> Option<&PrefixKv<B>> {
+        self.prefix.as_ref()
+    }
+
+    /// The shared prefix's token ids (empty when the batch has none).
+    pub fn prefix_ids(&self) -> &[u32] {
+        self.prefix.as_ref().map_or(&[], |p| &p.ids)
+    }
+
+    /// Adds the sequences of `other` (prefilled on their own, from the same shared prefix or
+    /// none) after this batch's: continuous batching. Both are right-aligned to the longer of
+    /// the two, so every sequence's last token stays in the last written slot and the next step
+    /// appends one slot for all; the slots a shorter side lacks are padding. RoPE positions are
+    /// per sequence, so moving a sequence's K/V to other slots changes nothing it computes.
+    pub fn join(&mut self, other: KvCache<B>) -> Result<(), ModelError> {
+        if self.prefix_ids() != other.prefix_ids() {
+            return Err(ModelError::Request(
+                "a batch can only take sequences that start from its shared prefix".into(),
+            ));
+        }
+        if other.batch == 0 {
+            return Ok(());
+        }
+        let len = self.len.max(other.len);
+        // The room either side had reserved ahead, kept.
+        let ahead = (self.capacity - self.len).max(other.capacity - other.len);
+        let capacity = (len + ahead).max(1).div_ceil(GROW_CHUNK) * GROW_CHUNK;
+        let mine = self.aligned(len, capacity);
+        let theirs = other.aligned(len, capacity);
+        for (l, (a, b)) in mine.into_iter().zip(theirs).enumerate() {
+            self.k[l] = Tensor::cat(vec![a.0, b.0], 0);
+            self.v[l] = Tensor::cat(vec![a.1, b.1], 0);
+        }
+        let grow = len - self.len;
+        for row in &mut self.valid {
+            row.splice(0..0, std::iter::repeat_n(false, grow));
+        }
+        self.valid.extend(other.valid.into_iter().map(|mut row| {
+            row.splice(0..0, std::iter::repeat_n(false, len - other.len));
+            row
+        }));
+        self.next_pos.extend(other.next_pos);
+        self.batch += other.batch;
+        self.len = len;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Per layer, this cache's K/V moved so that its `len` written slots end at slot `to_len`,
+    /// in tensors of `capacity` slots (the rest zero).
+    fn aligned(&self, to_len: usize, capacity: usize) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let before = to_len - self.len;
+        let after = capacity - to_len;
+        let pad = |slots: usize| {
+            Tensor::<B, 4>::zeros(
+                [self.batch, self.kv_heads, slots, self.head_dim],
+                (&self.device, self.dtype),
+            )
+        };
+        let place = |t: &Tensor<B, 4>| {
+            let mut parts = Vec::with_capacity(3);
+            if before > 0 {
+                parts.push(pad(before));
+            }
+            if self.len > 0 {
+                parts.push(t.clone().slice([
+                    0..self.batch,
+                    0..self.kv_heads,
+                    0..self.len,
+                    0..self.head_dim,
+                ]));
+            }
+            if after > 0 {
+                parts.push(pad(after));
+            }
+            Tensor::cat(parts, 2)
+        };
+        self.k
+            .iter()
+            .zip(&self.v)
+            .map(|(k, v)| (place(k), place(v)))
+            .collect()
+    }
+
+    /// Drops the leading slots that no sequence uses any more (a long-running batch whose first
+    /// sequences are gone), once they make up at least a [`GROW_CHUNK`]: attention reads every
+    /// slot, so a batch that sequences keep joining must not keep the dead ones.
+    pub fn trim_front(&mut self) {
+        let dead = self
+            .valid
+            .iter()
+            .map(|row| row.iter().position(|&v| v).unwrap_or(row.len()))
+            .min()
+            .unwrap_or(0);
+        if dead < GROW_CHUNK {
+            return;
+        }
+        let (len, capacity) = (self.len - dead, self.capacity - dead);
+        let capacity = capacity.max(len + 1).div_ceil(GROW_CHUNK) * GROW_CHUNK;
+        let keep = |t: &Tensor<B, 4>| {
+            let live = t.clone().slice([
+                0..self.batch,
+                0..self.kv_heads,
+                dead..self.len,
+                0..self.head_dim,
+            ]);
+            Tensor::cat(
+                vec![
+                    live,
+                    Tensor::zeros(
+                        [self.batch, self.kv_heads, capacity - len, self.head_dim],
+                        (&self.device, self.dtype),
+                    ),
+                ],
+                2,
+            )
+        };
+        self.k = self.k.iter().map(keep).collect();
+        self.v = self.v.iter().map(keep).collect();
+        for row in &mut self.valid {
+            row.drain(..dead);
+        }
+        self.len = len;
+        self.capacity = capacity;
+    }
+
     /// Copies the first `len` slots of sequence 0 out as a reusable prefix. The slots must all
     /// hold real tokens (no padding), which is the case for a cache prefilled with one sequence.
     pub fn snapshot_prefix(&self, ids: &[u32]) -> Result<PrefixKv<B>, ModelError> {

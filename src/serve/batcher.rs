@@ -1,14 +1,18 @@
 //! The server thread's loop: takes commands, answers what the answer cache holds at once, and
-//! lets a batch fill for a short window before handing it to [`super::execute`].
+//! runs the model one step at a time ([`super::execute`]), taking the commands that arrived
+//! between two steps (continuous batching). Idle, it blocks for the first command and lets a
+//! batch fill for a short window.
 
 use super::cache::{answer_key, unpack_choice, AnswerCache, AnswerKey};
-use super::execute::{load, loader, run_batches, Loaded, Reply};
+use super::execute::{admit, has_work, load, loader, step_all, Loaded, Reply};
 use super::protocol::{Command, GenRequest};
 use super::stats::{ServerStats, VersionStats};
 use super::{ServeError, ServerConfig};
+use crate::model::device::DefaultBackend;
 use crate::model::device::Precision;
 use crate::model::sampling::Sampling;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crate::train::load::InferenceLoader;
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -20,7 +24,7 @@ pub(super) struct Pending {
     pub(super) key: Option<AnswerKey>,
 }
 
-/// The server thread: runs until every client is gone.
+/// The server thread: runs until every client is gone and every request is answered.
 pub(super) fn serve(
     rx: Receiver<Command>,
     config: ServerConfig,
@@ -30,59 +34,66 @@ pub(super) fn serve(
     let mut models: HashMap<String, Loaded> = HashMap::new();
     let mut loader = loader(&config);
     let mut pending: Vec<Pending> = Vec::new();
+    let mut closed = false;
     loop {
-        // Block for the first command, then let a batch fill for a short window.
-        let first = match rx.recv() {
-            Ok(c) => c,
-            Err(_) => return,
-        };
-        let mut closed = false;
-        let deadline = Instant::now() + config.batch_window;
-        let mut next = Some(first);
-        loop {
-            match next.take() {
-                Some(Command::Load {
-                    version,
-                    path,
-                    done,
-                }) => {
-                    let result = if models.contains_key(&version) {
-                        Ok(())
-                    } else {
-                        load(&path, &config, &mut loader)
-                            .map(|m| {
-                                log::info!("model {version} loaded from {}", path.display());
-                                models.insert(version.clone(), m);
-                            })
-                            .map_err(|source| ServeError::Load {
-                                version,
-                                path,
-                                source,
-                            })
-                    };
-                    let _ = done.send(result);
-                }
-                Some(Command::Generate(r)) => {
-                    if let Some(p) = from_cache(*r, cache.as_ref(), config.precision, stats) {
-                        pending.push(p);
+        if has_work(&models) {
+            // Decoding: take whatever arrived since the last step, without waiting.
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => take_command(
+                        c,
+                        &mut models,
+                        &mut loader,
+                        &config,
+                        cache.as_ref(),
+                        stats,
+                        &mut pending,
+                    ),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
                     }
                 }
-                None => {}
             }
-            if pending.len() >= config.max_batch {
-                break;
+        } else if closed {
+            return;
+        } else {
+            // Idle: block for the first command, then let a batch fill for a short window.
+            match rx.recv() {
+                Ok(c) => take_command(
+                    c,
+                    &mut models,
+                    &mut loader,
+                    &config,
+                    cache.as_ref(),
+                    stats,
+                    &mut pending,
+                ),
+                Err(_) => return,
             }
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(c) => next = Some(c),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    closed = true;
-                    break;
+            let deadline = Instant::now() + config.batch_window;
+            while pending.len() < config.max_batch {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(c) => take_command(
+                        c,
+                        &mut models,
+                        &mut loader,
+                        &config,
+                        cache.as_ref(),
+                        stats,
+                        &mut pending,
+                    ),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
             }
         }
         if !pending.is_empty() {
-            run_batches(
+            admit(
                 &mut models,
                 std::mem::take(&mut pending),
                 config.max_batch,
@@ -90,8 +101,46 @@ pub(super) fn serve(
                 stats,
             );
         }
-        if closed {
-            return;
+        step_all(&mut models, &config, cache.as_mut(), stats);
+    }
+}
+
+/// Loads a model, or queues a generation request (unless the cache answers it).
+fn take_command(
+    command: Command,
+    models: &mut HashMap<String, Loaded>,
+    loader: &mut InferenceLoader<DefaultBackend>,
+    config: &ServerConfig,
+    cache: Option<&AnswerCache>,
+    stats: &ServerStats,
+    pending: &mut Vec<Pending>,
+) {
+    match command {
+        Command::Load {
+            version,
+            path,
+            done,
+        } => {
+            let result = if models.contains_key(&version) {
+                Ok(())
+            } else {
+                load(&path, config, loader)
+                    .map(|m| {
+                        log::info!("model {version} loaded from {}", path.display());
+                        models.insert(version.clone(), m);
+                    })
+                    .map_err(|source| ServeError::Load {
+                        version,
+                        path,
+                        source,
+                    })
+            };
+            let _ = done.send(result);
+        }
+        Command::Generate(r) => {
+            if let Some(p) = from_cache(*r, cache, config.precision, stats) {
+                pending.push(p);
+            }
         }
     }
 }

@@ -1,6 +1,13 @@
-//! Running batches on the model: loading checkpoints, generating (with a forced choice after the
-//! answer where asked), forced choices alone, and the replies, counted and cached before anyone
-//! hears back.
+//! Running the model: loading checkpoints, generation by continuous batching (with a forced
+//! choice after the answer where asked), forced choices alone, and the replies, counted and
+//! cached before anyone hears back.
+//!
+//! Each loaded version keeps a queue of encoded requests and at most one running batch. Between
+//! two decode steps the batch takes queued requests that can join it (its shared prefix, room
+//! under `max_batch`, at most [`ServerConfig::max_join_tokens`] prompt tokens per step so the
+//! rows already decoding wait one short prefill, not a long one), and answers each row the step
+//! it finishes. A queued request that cannot join (another prefix) closes the batch to
+//! newcomers until it empties, so it is never starved by a batch that is always being refilled.
 
 use super::batcher::Pending;
 use super::cache::{pack_choice, AnswerCache, AnswerKey, CachedAnswer};
@@ -9,20 +16,57 @@ use super::stats::{ServerStats, VersionStats};
 use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
-use crate::model::generate::{pick_option, ChoiceAfter, Generator, Request};
+use crate::model::generate::{
+    pick_option, ChoiceAfter, Completion, Generator, Request, RunningBatch,
+};
 use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
 use crate::train::load::InferenceLoader;
 use crossbeam_channel::Sender;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::Instant;
 
-/// A model ready to answer: its generator, tokenizer and chat template.
+/// A model ready to answer: its generator, tokenizer and chat template, the requests waiting
+/// for it and the batch it is decoding.
 pub(super) struct Loaded {
     generator: Generator<DefaultBackend>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    /// Encoded requests not yet in the running batch, oldest first.
+    queue: VecDeque<(Pending, Request)>,
+    running: Option<InFlight>,
+}
+
+/// A running batch and who waits on each of its rows.
+struct InFlight {
+    batch: RunningBatch<DefaultBackend>,
+    rows: HashMap<u64, Waiter>,
+    next_key: u64,
+    /// Set when a queued request could not join: no one else joins until the batch is empty.
+    closed: bool,
+}
+
+/// The caller of one row: its request, its prompt's length, and its stream if it streams.
+struct Waiter {
+    pending: Pending,
+    request: Request,
+    stream: Option<(Sender<String>, StreamDecoder)>,
+}
+
+impl Waiter {
+    fn new(pending: Pending, request: Request) -> Waiter {
+        let stream = pending
+            .request
+            .stream
+            .clone()
+            .map(|tx| (tx, StreamDecoder::skipping_special()));
+        Waiter {
+            pending,
+            request,
+            stream,
+        }
+    }
 }
 
 /// Why a checkpoint could not be made ready to answer.
@@ -69,11 +113,15 @@ pub(super) fn load(
         generator,
         tokenizer,
         template,
+        queue: VecDeque::new(),
+        running: None,
     })
 }
 
-/// Answers `requests`, grouped by version, in batches of at most `max_batch`.
-pub(super) fn run_batches(
+/// Takes `requests`: forced choices are answered now (one forward pass per batch of them);
+/// generation requests are encoded and queued for their version's running batch
+/// ([`step_all`]). A request for a version not loaded is answered with an error.
+pub(super) fn admit(
     models: &mut HashMap<String, Loaded>,
     requests: Vec<Pending>,
     max_batch: usize,
@@ -105,7 +153,8 @@ pub(super) fn run_batches(
         let (mut choices, group): (Vec<Pending>, Vec<Pending>) = group
             .into_iter()
             .partition(|p| p.request.ask.choose.is_some());
-        // Similar lengths together, as for generation below (characters stand in for tokens).
+        // A batch pads every prompt to its longest: similar lengths together (characters stand
+        // in for tokens) waste the least prefill on padding.
         choices.sort_by_key(|p| {
             p.request
                 .ask
@@ -117,108 +166,253 @@ pub(super) fn run_batches(
         for chunk in chunks(choices, max_batch) {
             run_choices(model, &version, chunk, cache.as_deref_mut(), stats);
         }
-        // A batch pads every prompt to its longest: batching prompts of similar lengths
-        // together (shortest first, stable) wastes the least prefill on padding.
         let mut bad = VersionStats::default();
-        let mut encoded: Vec<(Pending, Request)> = group
-            .into_iter()
-            .filter_map(|p| {
-                let then_choose = match p.request.ask.choose_after.as_ref() {
-                    None => None,
-                    Some(c) => match c.option_ids(&model.tokenizer) {
-                        Ok(options) => Some(ChoiceAfter {
-                            prefill: model.tokenizer.encode(&c.prefill, false),
-                            options,
-                        }),
-                        Err(e) => {
-                            bad.requests += 1;
-                            bad.errors += 1;
-                            Reply::failed(p.request, e).send();
-                            return None;
-                        }
-                    },
-                };
-                let request = Request {
-                    prompt_ids: p.request.ask.prompt_ids(&model.template, &model.tokenizer),
-                    max_new_tokens: p.request.ask.max_new_tokens,
-                    sampling: p.request.ask.sampling,
-                    stop_ids: Vec::new(),
-                    then_choose,
-                };
-                Some((p, request))
-            })
-            .collect();
+        for p in group {
+            let then_choose = match p.request.ask.choose_after.as_ref() {
+                None => None,
+                Some(c) => match c.option_ids(&model.tokenizer) {
+                    Ok(options) => Some(ChoiceAfter {
+                        prefill: model.tokenizer.encode(&c.prefill, false),
+                        options,
+                    }),
+                    Err(e) => {
+                        bad.requests += 1;
+                        bad.errors += 1;
+                        Reply::failed(p.request, e).send();
+                        continue;
+                    }
+                },
+            };
+            let request = Request {
+                prompt_ids: p.request.ask.prompt_ids(&model.template, &model.tokenizer),
+                max_new_tokens: p.request.ask.max_new_tokens,
+                sampling: p.request.ask.sampling,
+                stop_ids: Vec::new(),
+                then_choose,
+            };
+            model.queue.push_back((p, request));
+        }
         if bad.requests > 0 {
             stats.add(&version, bad);
         }
-        encoded.sort_by_key(|(_, r)| r.prompt_ids.len());
-        for batch in chunks(encoded, max_batch) {
-            let (chunk, encoded): (Vec<Pending>, Vec<Request>) = batch.into_iter().unzip();
-            let started = Instant::now();
-            // Rows whose caller streams get their text as it comes, whole characters only.
-            let mut streams: Vec<Option<(Sender<String>, StreamDecoder)>> = chunk
-                .iter()
-                .map(|p| {
-                    let tx = p.request.stream.clone()?;
-                    Some((tx, StreamDecoder::skipping_special()))
-                })
-                .collect();
-            let result = if streams.iter().any(Option::is_some) {
-                let tokenizer = &model.tokenizer;
-                model.generator.generate_streaming(&encoded, &mut |i, tok| {
-                    if let Some((tx, decoder)) = streams.get_mut(i).and_then(Option::as_mut) {
-                        let piece = decoder.push(tokenizer, tok);
-                        if !piece.is_empty() {
-                            // A caller that went away only stops hearing.
-                            let _ = tx.send(piece);
-                        }
-                    }
-                })
-            } else {
-                model.generator.generate(&encoded)
-            };
-            let mut d = batch_stats(chunk.len(), started, &model.generator);
-            // Counters and the cache file are brought up to date before anyone hears back, so
-            // a caller that got its answer sees it counted, and finds it saved after a kill.
-            let replies: Vec<Reply> = match result {
-                Ok(completions) => {
-                    let mut replies = Vec::with_capacity(chunk.len());
-                    for ((p, req), c) in chunk.into_iter().zip(&encoded).zip(completions) {
-                        let text = model.tokenizer.decode_skip_special(&c.ids);
-                        let choice =
-                            p.request.ask.choose_after.as_ref().and_then(|after| {
-                                c.choice.and_then(|i| after.options.get(i).cloned())
-                            });
-                        let probs = choice.as_ref().and(c.choice_probs);
-                        let reply = settle(
-                            &mut d,
-                            cache.as_deref_mut(),
-                            p.key,
-                            Reply {
-                                request: p.request,
-                                result: Ok(text),
-                                choice,
-                                choice_probs: probs,
-                                prompt_tokens: req.prompt_ids.len(),
-                                new_tokens: c.ids.len(),
-                            },
-                        );
-                        replies.push(reply);
-                    }
-                    // At most this batch is lost if the process is killed from here on.
-                    if let Some(cache) = cache.as_deref_mut() {
-                        cache.flush();
-                    }
-                    replies
+    }
+}
+
+/// Whether any version has requests queued or a batch running.
+pub(super) fn has_work(models: &HashMap<String, Loaded>) -> bool {
+    models
+        .values()
+        .any(|m| !m.queue.is_empty() || m.running.is_some())
+}
+
+/// One step of every version with work: queued requests join (or start) its batch, then the
+/// batch decodes one token per row and the rows that finished are answered.
+pub(super) fn step_all(
+    models: &mut HashMap<String, Loaded>,
+    config: &ServerConfig,
+    mut cache: Option<&mut AnswerCache>,
+    stats: &ServerStats,
+) {
+    for (version, model) in models.iter_mut() {
+        if model.queue.is_empty() && model.running.is_none() {
+            continue;
+        }
+        let started = Instant::now();
+        let mut d = VersionStats::default();
+        let mut replies = fill(model, config, &mut d);
+        replies.extend(step(model, &mut d));
+        let replies: Vec<Reply> = replies
+            .into_iter()
+            .map(|r| match r {
+                Settle::Done(waiter, completion) => {
+                    answer(model, &mut d, cache.as_deref_mut(), *waiter, completion)
                 }
-                Err(e) => fail_all(&mut d, chunk, GenError::Model(e.to_string())),
-            };
-            stats.add(&version, d);
-            for reply in replies {
-                reply.send();
+                Settle::Failed(reply) => {
+                    d.requests += 1;
+                    d.errors += 1;
+                    *reply
+                }
+            })
+            .collect();
+        d.busy_us = started.elapsed().as_micros() as u64;
+        d.prefill_tokens = model.generator.take_timing().prefill_tokens as u64;
+        if !replies.is_empty() {
+            // At most this step's answers are lost if the process is killed from here on.
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.flush();
             }
         }
+        stats.add(version, d);
+        for reply in replies {
+            reply.send();
+        }
     }
+}
+
+/// What a step did to a request.
+enum Settle {
+    /// It is done: its completion.
+    Done(Box<Waiter>, Completion),
+    /// It failed: its reply.
+    Failed(Box<Reply>),
+}
+
+/// Moves queued requests into the running batch (or starts one) within the step's limits.
+fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<Settle> {
+    let mut out = Vec::new();
+    let max_batch = config.max_batch.max(1);
+    let in_flight = model.running.as_ref().map_or(0, |f| f.batch.len());
+    if model.running.as_ref().is_some_and(|f| f.closed) || in_flight >= max_batch {
+        return out;
+    }
+    // Who joins this step: from the front, while there is room, their prompts fit the step's
+    // prefill budget (the first always goes), and they can join.
+    let mut take = Vec::new();
+    let mut tokens = 0;
+    while let Some((_, r)) = model.queue.front() {
+        if in_flight + take.len() >= max_batch
+            || (!take.is_empty() && tokens + r.prompt_ids.len() > config.max_join_tokens)
+        {
+            break;
+        }
+        if let Some(f) = model.running.as_mut() {
+            if !Generator::can_join(&f.batch, r) {
+                f.closed = true;
+                break;
+            }
+        }
+        tokens += r.prompt_ids.len();
+        take.extend(model.queue.pop_front());
+    }
+    if take.is_empty() {
+        return out;
+    }
+    let mut keyed = Vec::with_capacity(take.len());
+    let mut waiters = HashMap::with_capacity(take.len());
+    let mut next_key = model.running.as_ref().map_or(0, |f| f.next_key);
+    for (pending, request) in take {
+        keyed.push((next_key, request.clone()));
+        waiters.insert(next_key, Waiter::new(pending, request));
+        next_key += 1;
+    }
+    let joined = match model.running.as_mut() {
+        Some(flight) => model
+            .generator
+            .join(&mut flight.batch, keyed)
+            .map(|finished| (None, finished)),
+        None => model.generator.start(keyed),
+    };
+    let finished = match joined {
+        Ok((started, finished)) => {
+            if let Some(batch) = started {
+                d.batches += 1;
+                model.running = Some(InFlight {
+                    batch,
+                    rows: HashMap::new(),
+                    next_key: 0,
+                    closed: false,
+                });
+            }
+            finished
+        }
+        Err(e) => {
+            // The running batch is as it was: only the newcomers fail.
+            let error = GenError::Model(e.to_string());
+            out.extend(waiters.into_values().map(|w| {
+                Settle::Failed(Box::new(Reply::failed(w.pending.request, error.clone())))
+            }));
+            return out;
+        }
+    };
+    for (key, completion) in finished {
+        if let Some(w) = waiters.remove(&key) {
+            out.push(Settle::Done(Box::new(w), completion));
+        }
+    }
+    match model.running.as_mut() {
+        Some(flight) => {
+            flight.next_key = next_key;
+            flight.rows.extend(waiters);
+        }
+        // Nothing left to decode: every newcomer wanted no tokens.
+        None => debug_assert!(waiters.is_empty()),
+    }
+    out
+}
+
+/// One decoding step of the running batch; a failed step fails every row of it.
+fn step(model: &mut Loaded, d: &mut VersionStats) -> Vec<Settle> {
+    let Some(flight) = model.running.as_mut() else {
+        return Vec::new();
+    };
+    d.decode_steps += 1;
+    d.decode_rows += flight.batch.len() as u64;
+    let tokenizer = &model.tokenizer;
+    let rows = &mut flight.rows;
+    let result = model.generator.step(&mut flight.batch, &mut |key, tok| {
+        // Rows whose caller streams get their text as it comes, whole characters only.
+        if let Some((tx, decoder)) = rows.get_mut(&key).and_then(|w| w.stream.as_mut()) {
+            let piece = decoder.push(tokenizer, tok);
+            if !piece.is_empty() {
+                // A caller that went away only stops hearing.
+                let _ = tx.send(piece);
+            }
+        }
+    });
+    let out = match result {
+        Ok(finished) => finished
+            .into_iter()
+            .filter_map(|(key, c)| Some(Settle::Done(Box::new(flight.rows.remove(&key)?), c)))
+            .collect(),
+        Err(e) => {
+            let error = GenError::Model(e.to_string());
+            let failed = flight.rows.drain().map(|(_, w)| {
+                Settle::Failed(Box::new(Reply::failed(w.pending.request, error.clone())))
+            });
+            let out = failed.collect();
+            model.running = None;
+            return out;
+        }
+    };
+    if flight.batch.is_empty() {
+        model.running = None;
+    }
+    out
+}
+
+/// The reply of a finished row, counted and cached.
+fn answer(
+    model: &Loaded,
+    d: &mut VersionStats,
+    cache: Option<&mut AnswerCache>,
+    waiter: Waiter,
+    c: Completion,
+) -> Reply {
+    let Waiter {
+        pending, request, ..
+    } = waiter;
+    let text = model.tokenizer.decode_skip_special(&c.ids);
+    let choice = pending
+        .request
+        .ask
+        .choose_after
+        .as_ref()
+        .and_then(|after| c.choice.and_then(|i| after.options.get(i).cloned()));
+    let probs = choice.as_ref().and(c.choice_probs);
+    d.requests += 1;
+    settle(
+        d,
+        cache,
+        pending.key,
+        Reply {
+            request: pending.request,
+            result: Ok(text),
+            choice,
+            choice_probs: probs,
+            prompt_tokens: request.prompt_ids.len(),
+            new_tokens: c.ids.len(),
+        },
+    )
 }
 
 /// An answer on its way back.
@@ -271,13 +465,13 @@ impl Reply {
 fn batch_stats<B: burn::tensor::backend::Backend>(
     n: usize,
     started: Instant,
-    generator: &Generator<B>,
+    generator: &mut Generator<B>,
 ) -> VersionStats {
     VersionStats {
         requests: n as u64,
         batches: 1,
         busy_us: started.elapsed().as_micros() as u64,
-        prefill_tokens: generator.last_timing().prefill_tokens as u64,
+        prefill_tokens: generator.take_timing().prefill_tokens as u64,
         ..VersionStats::default()
     }
 }
@@ -341,7 +535,7 @@ fn run_choices(
     }
     let started = Instant::now();
     let result = model.generator.next_token_logits(&prompts);
-    let mut d = batch_stats(chunk.len(), started, &model.generator);
+    let mut d = batch_stats(chunk.len(), started, &mut model.generator);
     let mut replies = Vec::with_capacity(chunk.len());
     match result {
         Ok(logits) => {

@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// How long the first request of a batch waits for others to join it.
     pub batch_window: Duration,
+    /// Most prompt tokens of newcomers prefilled between two decode steps of a running batch
+    /// (the first newcomer always joins): the rows already decoding wait at most one such
+    /// prefill per token they make.
+    pub max_join_tokens: usize,
     /// Whether a batch's shared prompt prefix is computed once and its KV reused (on by
     /// default; off only to measure what it saves).
     pub prefix_cache: bool,
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_batch: 32,
             batch_window: Duration::from_millis(20),
+            max_join_tokens: 1024,
             prefix_cache: true,
             cache: None,
             precision: Precision::backend_default(),

@@ -30,6 +30,13 @@ pub struct VersionStats {
     pub batches: u64,
     /// Microseconds spent generating.
     pub busy_us: u64,
+    /// Decode steps run (one token for every row of a running batch).
+    #[serde(default)]
+    pub decode_steps: u64,
+    /// Rows decoded, summed over the steps: `decode_rows / decode_steps` is the mean running
+    /// batch size.
+    #[serde(default)]
+    pub decode_rows: u64,
 }
 
 impl VersionStats {
@@ -43,6 +50,8 @@ impl VersionStats {
         self.new_tokens += d.new_tokens;
         self.batches += d.batches;
         self.busy_us += d.busy_us;
+        self.decode_steps += d.decode_steps;
+        self.decode_rows += d.decode_rows;
     }
 }
 

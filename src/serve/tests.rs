@@ -406,3 +406,75 @@ fn serve_choice_after_the_answer_comes_with_it_and_from_the_cache() {
     );
     assert_eq!(server.stats().batches.load(Ordering::Relaxed), 0);
 }
+
+/// Continuous batching on the real model: a request sent while another is decoding joins its
+/// batch and is answered first when it is shorter, with the answer it gets alone.
+#[test]
+fn serve_a_request_joins_a_batch_already_decoding() {
+    let Some(model) = model_path() else { return };
+    let server = ModelServer::start(ServerConfig::default());
+    server.load("v0", &model).expect("load");
+    let client = server.client().expect("client");
+    let (reply, answers) = crossbeam_channel::unbounded();
+    let send = |ticket: u64, text: &str, max_new_tokens: usize| {
+        client
+            .send(GenRequest {
+                ticket,
+                reply: reply.clone(),
+                wake: None,
+                stream: None,
+                ask: Ask {
+                    choose: None,
+                    raw_prompt: None,
+                    choose_after: None,
+                    model: "v0".into(),
+                    messages: vec![Message::user(text)],
+                    max_new_tokens,
+                    sampling: Sampling::greedy(),
+                },
+            })
+            .expect("send");
+    };
+    send(0, "Write a long story about a cat who learns to sail.", 64);
+    // Wait until the long one is decoding, then send two short ones.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.stats().version("v0").decode_steps < 2 {
+        assert!(Instant::now() < deadline, "never started decoding");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send(1, "What is the capital of France?", 6);
+    send(2, "Name a primary colour.", 6);
+    let order: Vec<GenAnswer> = (0..3)
+        .map(|_| {
+            answers
+                .recv_timeout(Duration::from_secs(600))
+                .expect("an answer")
+        })
+        .collect();
+    let long = order
+        .iter()
+        .find(|a| a.ticket == 0)
+        .expect("the long answer");
+    assert_eq!(
+        long.new_tokens, 64,
+        "the premise: the long answer runs its 64 tokens"
+    );
+    assert_eq!(
+        order.last().map(|a| a.ticket),
+        Some(0),
+        "the short requests waited for the long one: {:?}",
+        order.iter().map(|a| a.ticket).collect::<Vec<_>>()
+    );
+    let stats = server.stats().version("v0");
+    assert_eq!(stats.batches, 1, "one batch, joined: {stats:?}");
+    // Each short answer is what it gets on its own.
+    for a in order.iter().filter(|a| a.ticket > 0) {
+        let text = if a.ticket == 1 {
+            "What is the capital of France?"
+        } else {
+            "Name a primary colour."
+        };
+        let alone = ask(&client, "v0", &[vec![Message::user(text)]], 6).remove(0);
+        assert_eq!(a.result, alone.result, "ticket {}", a.ticket);
+    }
+}
