@@ -490,6 +490,39 @@ impl<B: Backend> Generator<B> {
             || (request.prompt_ids.len() > prefix.len() && request.prompt_ids.starts_with(prefix))
     }
 
+    /// Whether `request` is better off joining `batch` than waiting for a batch of its own: it
+    /// can join ([`Generator::can_join`]), and no longer shared prefix is to be had elsewhere:
+    /// no kept prefix longer than the batch's fits it, and it shares no stretch of
+    /// [`Generator::min_shared_prefix`] tokens or more past the batch's prefix with a row of the
+    /// batch (then a batch of its own, started when this one empties, computes that stretch
+    /// once for all who share it: the rating template behind a first batch of one).
+    pub fn should_join(&self, batch: &RunningBatch<B>, request: &Request) -> bool {
+        if !Self::can_join(batch, request) {
+            return false;
+        }
+        if request.max_new_tokens == 0 || batch.is_empty() {
+            return true;
+        }
+        let prompt = &request.prompt_ids;
+        let have = batch.cache.prefix_ids().len();
+        let better_kept = self
+            .prefixes
+            .iter()
+            .any(|p| p.len() > have && prompt.len() > p.len() && prompt.starts_with(&p.ids));
+        let longer_shared = have.saturating_add(self.min_shared_prefix);
+        let shares_more = batch.rows.iter().any(|row| {
+            let common = row
+                .request
+                .prompt_ids
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common >= longer_shared
+        });
+        !better_kept && !shares_more
+    }
+
     /// Continuous batching: adds `requests` to `batch` between two steps. Their prompts are
     /// prefilled on their own (from the batch's shared prefix) and their rows join the batch,
     /// which goes on decoding the rows it had where they were. Every request must pass
@@ -692,6 +725,11 @@ impl<B: Backend> RunningBatch<B> {
     /// KV cache slots in use (after the shared prefix): what attention reads per step.
     pub fn slots(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Tokens of the shared prefix every row starts with (0 without one).
+    pub fn prefix_len(&self) -> usize {
+        self.cache.prefix_ids().len()
     }
 }
 
@@ -933,6 +971,7 @@ mod tests {
         let mut batch = batch.expect("batch");
         let stranger = request(99, &[], 5, 3);
         assert!(!Generator::can_join(&batch, &stranger));
+        assert!(!gen.should_join(&batch, &stranger));
         assert!(gen.join(&mut batch, vec![(99, stranger)]).is_err());
         let mut got: HashMap<u64, Completion> = HashMap::new();
         let (mut next, mut steps, mut most_slots) = (1, 0, 0);
@@ -955,6 +994,37 @@ mod tests {
         for (k, r) in reqs.iter().enumerate() {
             assert_eq!(got[&(k as u64)].ids, alone(r).ids, "request {k}");
         }
+    }
+
+    /// A newcomer that shares a long stretch with a row of a batch that has no shared prefix
+    /// waits for a batch of its own (where that stretch is computed once); one that shares
+    /// little joins; so does one that starts with the batch's prefix.
+    #[test]
+    fn a_newcomer_waits_when_a_batch_of_its_own_would_share_more() {
+        let template: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 64).collect();
+        let mut gen = Generator::new(tiny(), vec![]);
+        let (batch, _) = gen
+            .start(vec![(0, request(1, &template, 4, 8))])
+            .expect("start");
+        let batch = batch.expect("batch");
+        assert!(
+            batch.cache.prefix_ids().is_empty(),
+            "a batch of one computes no prefix"
+        );
+        let sibling = request(2, &template, 4, 8);
+        assert!(Generator::can_join(&batch, &sibling));
+        assert!(!gen.should_join(&batch, &sibling));
+        assert!(gen.should_join(&batch, &request(3, &template[..3], 6, 8)));
+        // Started from the template as a shared prefix, siblings join.
+        let (batch, _) = gen
+            .start(vec![
+                (0, request(1, &template, 4, 8)),
+                (1, request(4, &template, 5, 8)),
+            ])
+            .expect("start");
+        let batch = batch.expect("batch");
+        assert_eq!(batch.cache.prefix_ids().len(), 40);
+        assert!(gen.should_join(&batch, &sibling));
     }
 
     /// Logits ln 1, ln 2, ln 3, ln 4: the softmax is 0.1, 0.2, 0.3, 0.4 over the whole row, so

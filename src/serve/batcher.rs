@@ -36,61 +36,22 @@ pub(super) fn serve(
     let mut pending: Vec<Pending> = Vec::new();
     let mut closed = false;
     loop {
-        if has_work(&models) {
-            // Decoding: take whatever arrived since the last step, without waiting.
-            loop {
-                match rx.try_recv() {
-                    Ok(c) => take_command(
-                        c,
-                        &mut models,
-                        &mut loader,
-                        &config,
-                        cache.as_ref(),
-                        stats,
-                        &mut pending,
-                    ),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-        } else if closed {
+        let busy = has_work(&models);
+        if !busy && closed {
             return;
-        } else {
-            // Idle: block for the first command, then let a batch fill for a short window.
-            match rx.recv() {
-                Ok(c) => take_command(
-                    c,
-                    &mut models,
-                    &mut loader,
-                    &config,
-                    cache.as_ref(),
-                    stats,
-                    &mut pending,
-                ),
-                Err(_) => return,
-            }
-            let deadline = Instant::now() + config.batch_window;
-            while pending.len() < config.max_batch {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(c) => take_command(
-                        c,
-                        &mut models,
-                        &mut loader,
-                        &config,
-                        cache.as_ref(),
-                        stats,
-                        &mut pending,
-                    ),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
+        }
+        let (commands, disconnected) = receive(&rx, busy, &config);
+        closed |= disconnected;
+        for c in commands {
+            take_command(
+                c,
+                &mut models,
+                &mut loader,
+                &config,
+                cache.as_ref(),
+                stats,
+                &mut pending,
+            );
         }
         if !pending.is_empty() {
             admit(
@@ -103,6 +64,35 @@ pub(super) fn serve(
         }
         step_all(&mut models, &config, cache.as_mut(), stats);
     }
+}
+
+/// The commands to take before the next step, and whether every client is gone. Decoding
+/// (`busy`), whatever arrived since the last step, without waiting; idle, the first command
+/// (blocking), then what arrives within the batch window, up to a batch.
+fn receive(rx: &Receiver<Command>, busy: bool, config: &ServerConfig) -> (Vec<Command>, bool) {
+    let mut commands = Vec::new();
+    if busy {
+        loop {
+            match rx.try_recv() {
+                Ok(c) => commands.push(c),
+                Err(TryRecvError::Empty) => return (commands, false),
+                Err(TryRecvError::Disconnected) => return (commands, true),
+            }
+        }
+    }
+    match rx.recv() {
+        Ok(c) => commands.push(c),
+        Err(_) => return (commands, true),
+    }
+    let deadline = Instant::now() + config.batch_window;
+    while commands.len() < config.max_batch {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(c) => commands.push(c),
+            Err(RecvTimeoutError::Timeout) => break,
+            Err(RecvTimeoutError::Disconnected) => return (commands, true),
+        }
+    }
+    (commands, false)
 }
 
 /// Loads a model, or queues a generation request (unless the cache answers it).

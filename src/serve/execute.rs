@@ -6,8 +6,10 @@
 //! two decode steps the batch takes queued requests that can join it (its shared prefix, room
 //! under `max_batch`, at most [`ServerConfig::max_join_tokens`] prompt tokens per step so the
 //! rows already decoding wait one short prefill, not a long one), and answers each row the step
-//! it finishes. A queued request that cannot join (another prefix) closes the batch to
-//! newcomers until it empties, so it is never starved by a batch that is always being refilled.
+//! it finishes. A queued request that should not join (another prefix, or a long stretch shared
+//! with the batch that a batch of its own would compute once: `Generator::should_join`) closes
+//! the batch to newcomers until it empties, so it is never starved by a batch that is always
+//! being refilled.
 
 use super::batcher::Pending;
 use super::cache::{pack_choice, AnswerCache, AnswerKey, CachedAnswer};
@@ -265,23 +267,26 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
     if model.running.as_ref().is_some_and(|f| f.closed) || in_flight >= max_batch {
         return out;
     }
-    // Who joins this step: from the front, while there is room, their prompts fit the step's
-    // prefill budget (the first always goes), and they can join.
+    // Who goes in: from the front, while there is room. A new batch takes a whole batch (no
+    // row is waiting on it); joining a running one, newcomers must fit the step's prefill budget
+    // of tokens past the batch's prefix (the first always goes) and should join.
     let mut take = Vec::new();
     let mut tokens = 0;
     while let Some((_, r)) = model.queue.front() {
-        if in_flight + take.len() >= max_batch
-            || (!take.is_empty() && tokens + r.prompt_ids.len() > config.max_join_tokens)
-        {
+        if in_flight + take.len() >= max_batch {
             break;
         }
         if let Some(f) = model.running.as_mut() {
-            if !Generator::can_join(&f.batch, r) {
+            let new_tokens = r.prompt_ids.len().saturating_sub(f.batch.prefix_len());
+            if !take.is_empty() && tokens + new_tokens > config.max_join_tokens {
+                break;
+            }
+            if !model.generator.should_join(&f.batch, r) {
                 f.closed = true;
                 break;
             }
+            tokens += new_tokens;
         }
-        tokens += r.prompt_ids.len();
         take.extend(model.queue.pop_front());
     }
     if take.is_empty() {

@@ -69,9 +69,10 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// How long the first request of a batch waits for others to join it.
     pub batch_window: Duration,
-    /// Most prompt tokens of newcomers prefilled between two decode steps of a running batch
-    /// (the first newcomer always joins): the rows already decoding wait at most one such
-    /// prefill per token they make.
+    /// Most prompt tokens (past the batch's shared prefix) of newcomers prefilled between two
+    /// decode steps of a running batch (the first newcomer always joins): the rows already
+    /// decoding wait at most one such prefill per token they make. A new batch takes up to
+    /// `max_batch` requests whatever their length: no row waits on it.
     pub max_join_tokens: usize,
     /// Whether a batch's shared prompt prefix is computed once and its KV reused (on by
     /// default; off only to measure what it saves).
