@@ -7,15 +7,7 @@ mod common;
 use std::process::Command;
 
 fn datasets_python() -> Option<std::path::PathBuf> {
-    let venv = common::cache_dir().join("venv-datasets");
-    if venv.join(".complete").exists() {
-        Some(venv.join("bin/python"))
-    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
-        panic!("assets missing: run scripts/fetch-assets.sh datasets");
-    } else {
-        eprintln!("skipping: datasets is not cached (scripts/fetch-assets.sh datasets)");
-        None
-    }
+    common::pip_venv("venv-datasets", "datasets").map(|v| v.join("bin/python"))
 }
 
 fn row(i: usize, round: usize) -> serde_json::Value {

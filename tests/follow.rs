@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 fn page_record(i: usize) -> Vec<u8> {
     let body = vec![format!("token{i} follows along"); 60].join(" ");
@@ -40,14 +39,7 @@ fn start(watch: &Path, out: &Path) -> Child {
 }
 
 fn wait_for(out: &Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if out.exists() && passage_texts(out).iter().any(|t| t.contains(needle)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{needle} never written under {}", out.display());
+    wait_for_passage(out, needle, 60);
 }
 
 fn count(out: &Path, needle: &str) -> usize {

@@ -15,15 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn s3_venv() -> Option<PathBuf> {
-    let venv = cache_dir().join("venv-s3");
-    if venv.join(".complete").exists() {
-        Some(venv)
-    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
-        panic!("assets missing: run scripts/fetch-assets.sh s3");
-    } else {
-        eprintln!("skipping: moto is not cached (scripts/fetch-assets.sh s3)");
-        None
-    }
+    pip_venv("venv-s3", "s3")
 }
 
 /// moto's S3 server on a free loopback port, stopped when dropped.
@@ -270,17 +262,6 @@ fn a_missing_bucket_or_prefix_is_a_clear_error() {
     }
 }
 
-fn wait_for_passage(out: &Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        if out.exists() && passage_texts(out).iter().any(|t| t.contains(needle)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{needle} never written under {}", out.display());
-}
-
 #[test]
 fn follow_on_a_prefix_reads_each_new_object_once() {
     let Some(venv) = s3_venv() else { return };
@@ -300,7 +281,7 @@ fn follow_on_a_prefix_reads_each_new_object_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_passage(&out, "page1 marker");
+    wait_for_passage(&out, "page1 marker", 90);
     // Appears after the start; then a temporary name that must never be read.
     let second = tmp.path().join("second.warc.gz");
     write_warc(&second, 10..12, 300);
@@ -313,7 +294,7 @@ fn follow_on_a_prefix_reads_each_new_object_once() {
             (&second, "incoming/second.warc.gz"),
         ],
     );
-    wait_for_passage(&out, "page11 marker");
+    wait_for_passage(&out, "page11 marker", 90);
     // Several more polls of an unchanged prefix read nothing again.
     std::thread::sleep(Duration::from_millis(1000));
     interrupt(&mut job);

@@ -8,15 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn openai_python() -> Option<std::path::PathBuf> {
-    let py = common::cache_dir().join("venv-openai/bin/python");
-    if common::cache_dir().join("venv-openai/.complete").exists() {
-        Some(py)
-    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
-        panic!("assets missing: run scripts/fetch-assets.sh openai");
-    } else {
-        eprintln!("skipping: the OpenAI client is not cached (scripts/fetch-assets.sh openai)");
-        None
-    }
+    common::pip_venv("venv-openai", "openai").map(|v| v.join("bin/python"))
 }
 
 fn generate(model: &std::path::Path, prompt: &str, extra: &[&str]) -> String {

@@ -403,12 +403,15 @@ impl HtmlFileReader {
     /// The file's bytes as stored, unless it is empty or over the page limit.
     fn stored_bytes(&self) -> Result<Vec<u8>, Drop> {
         let unreadable = |e: io::Error| self.drop_at(DropReason::UnreadableFile, e.to_string());
-        let (len, bytes) = match &self.object {
-            Some(object) => (object.size(), None),
+        // A remote object is fetched only when read, after the size checks.
+        let (len, mut source): (u64, Box<dyn Read>) = match &self.object {
+            Some(object) => (
+                object.size(),
+                Box::new(remote::RemoteReader::new(object.clone())),
+            ),
             None => {
                 let f = File::open(&self.path).map_err(unreadable)?;
-                let len = f.metadata().map_err(unreadable)?.len();
-                (len, Some(f))
+                (f.metadata().map_err(unreadable)?.len(), Box::new(f))
             }
         };
         if len == 0 {
@@ -418,17 +421,7 @@ impl HtmlFileReader {
             return Err(self.too_large());
         }
         let mut raw = Vec::with_capacity(len as usize);
-        match (bytes, &self.object) {
-            (Some(mut f), _) => {
-                f.read_to_end(&mut raw).map_err(unreadable)?;
-            }
-            (None, Some(object)) => {
-                remote::RemoteReader::new(object.clone())
-                    .read_to_end(&mut raw)
-                    .map_err(unreadable)?;
-            }
-            (None, None) => {}
-        }
+        source.read_to_end(&mut raw).map_err(unreadable)?;
         Ok(raw)
     }
 

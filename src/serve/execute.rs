@@ -52,12 +52,12 @@ struct InFlight {
 /// The caller of one row: its request, its prompt's length, and its stream if it streams.
 struct Waiter {
     pending: Pending,
-    request: Request,
+    prompt_tokens: usize,
     stream: Option<(Sender<String>, StreamDecoder)>,
 }
 
 impl Waiter {
-    fn new(pending: Pending, request: Request) -> Waiter {
+    fn new(pending: Pending, request: &Request) -> Waiter {
         let stream = pending
             .request
             .stream
@@ -65,7 +65,7 @@ impl Waiter {
             .map(|tx| (tx, StreamDecoder::skipping_special()));
         Waiter {
             pending,
-            request,
+            prompt_tokens: request.prompt_ids.len(),
             stream,
         }
     }
@@ -296,8 +296,8 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
     let mut waiters = HashMap::with_capacity(take.len());
     let mut next_key = model.running.as_ref().map_or(0, |f| f.next_key);
     for (pending, request) in take {
-        keyed.push((next_key, request.clone()));
-        waiters.insert(next_key, Waiter::new(pending, request));
+        waiters.insert(next_key, Waiter::new(pending, &request));
+        keyed.push((next_key, request));
         next_key += 1;
     }
     let joined = match model.running.as_mut() {
@@ -394,7 +394,9 @@ fn answer(
     c: Completion,
 ) -> Reply {
     let Waiter {
-        pending, request, ..
+        pending,
+        prompt_tokens,
+        ..
     } = waiter;
     let text = model.tokenizer.decode_skip_special(&c.ids);
     let choice = pending
@@ -414,7 +416,7 @@ fn answer(
             result: Ok(text),
             choice,
             choice_probs: probs,
-            prompt_tokens: request.prompt_ids.len(),
+            prompt_tokens,
             new_tokens: c.ids.len(),
         },
     )

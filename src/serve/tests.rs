@@ -34,16 +34,25 @@ fn ask(
         reply,
         wake: None,
         stream: None,
-        ask: Ask {
-            choose: None,
-            raw_prompt: None,
-            choose_after: None,
-            model: version.to_owned(),
-            messages: conversations[ticket as usize].clone(),
+        ask: greedy_ask(
+            version,
+            conversations[ticket as usize].clone(),
             max_new_tokens,
-            sampling: Sampling::greedy(),
-        },
+        ),
     })
+}
+
+/// A plain greedy generation request for `version`.
+fn greedy_ask(version: &str, messages: Vec<Message>, max_new_tokens: usize) -> Ask {
+    Ask {
+        choose: None,
+        raw_prompt: None,
+        choose_after: None,
+        model: version.to_owned(),
+        messages,
+        max_new_tokens,
+        sampling: Sampling::greedy(),
+    }
 }
 
 /// Sends `n` requests made by `make(ticket, reply)` (tickets 0..n) and returns every
@@ -423,15 +432,7 @@ fn serve_a_request_joins_a_batch_already_decoding() {
                 reply: reply.clone(),
                 wake: None,
                 stream: None,
-                ask: Ask {
-                    choose: None,
-                    raw_prompt: None,
-                    choose_after: None,
-                    model: "v0".into(),
-                    messages: vec![Message::user(text)],
-                    max_new_tokens,
-                    sampling: Sampling::greedy(),
-                },
+                ask: greedy_ask("v0", vec![Message::user(text)], max_new_tokens),
             })
             .expect("send");
     };

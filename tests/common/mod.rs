@@ -35,6 +35,20 @@ pub fn python_docs() -> Option<PathBuf> {
     }
 }
 
+/// The folder of the pinned Python venv `name` that `scripts/fetch-assets.sh WHAT` makes, once
+/// complete; `None` with a message otherwise (a panic when `BACKFLOW_REQUIRE_ASSETS` is set).
+pub fn pip_venv(name: &str, what: &str) -> Option<PathBuf> {
+    let venv = cache_dir().join(name);
+    if venv.join(".complete").exists() {
+        Some(venv)
+    } else if std::env::var_os("BACKFLOW_REQUIRE_ASSETS").is_some() {
+        panic!("assets missing: run scripts/fetch-assets.sh {what}");
+    } else {
+        eprintln!("skipping: {name} is not cached (scripts/fetch-assets.sh {what})");
+        None
+    }
+}
+
 /// The real SmolLM2-135M-Instruct GGUF, when it and the seed tasks are cached; `None` with a
 /// message otherwise (a panic when `BACKFLOW_REQUIRE_ASSETS` is set, as in CI).
 pub fn model_and_seed() -> Option<PathBuf> {
@@ -190,6 +204,18 @@ pub fn passage_texts(out: &Path) -> BTreeSet<String> {
         .iter()
         .map(|p| p["text"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Waits up to `secs` for a passage containing `needle` under `out` (a job still running).
+pub fn wait_for_passage(out: &Path, needle: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if out.exists() && passage_texts(out).iter().any(|t| t.contains(needle)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{needle} never written under {}", out.display());
 }
 
 /// The job's summary.
