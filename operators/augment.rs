@@ -2,7 +2,7 @@
 //! nucleus sampling (paper: T = 0.7, p = 0.9) seeded by the passage's id, so the same passage gets
 //! the same instruction on any worker or process.
 
-use super::model_call::{model_call, Ask};
+use super::model_call::{model_call, Ask, Backlog};
 use super::{Time, WorkerStats};
 use crate::humpback::prompts::augment_messages;
 use crate::humpback::rounds::ModelBook;
@@ -57,6 +57,7 @@ pub fn augment<'s>(
         "Augment",
         client,
         options.max_in_flight,
+        Backlog::default(),
         move |p: &Passage| {
             vec![Ask {
                 model: ask_book.borrow().backward.clone().unwrap_or_default(),

@@ -2,18 +2,66 @@
 //! requests to the process's model server; the operator keeps the capability of each record
 //! while its requests are in flight (so its epoch cannot complete), is woken by a
 //! `SyncActivator` when answers come back, and emits `finish(record, answers)` at the record's
-//! time. At most `max_in_flight` records are in flight; the rest wait in order.
+//! time. At most `max_in_flight` records are in flight; the rest wait in order, counted in the
+//! operator's [`Backlog`] so that a producer upstream can hold back.
 
 use super::Time;
 pub use crate::serve::Ask;
 use crate::serve::{GenAnswer, GenError, GenRequest, ModelClient};
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
+use timely::scheduling::Activator;
 
 /// Most requests a record may fan out to (tickets encode the index in the low bits).
 const MAX_ASKS: u64 = 64;
+
+/// Records given to a model-backed operator and not yet sent to the model server: a producer
+/// upstream in the same worker adds what it emits, the operator takes off what it sends, so a
+/// producer that could emit a great many at once (a round's re-rating) emits as they go: it
+/// waits while the line is at its limit and is woken when it falls under it.
+#[derive(Clone, Debug, Default)]
+pub struct Backlog(Rc<BacklogState>);
+
+#[derive(Debug, Default)]
+struct BacklogState {
+    waiting: Cell<usize>,
+    /// The producer to wake, and the count under which it can go on.
+    producer: RefCell<Option<(Activator, usize)>>,
+}
+
+impl Backlog {
+    /// `n` more records emitted towards the operator.
+    pub fn add(&self, n: usize) {
+        self.0.waiting.set(self.0.waiting.get() + n);
+    }
+
+    /// Records emitted and not yet sent to the server.
+    pub fn get(&self) -> usize {
+        self.0.waiting.get()
+    }
+
+    /// `n` of them sent to the server (or otherwise taken off the line); wakes the producer
+    /// when the line falls under its limit.
+    pub fn sent(&self, n: usize) {
+        let before = self.0.waiting.get();
+        let after = before.saturating_sub(n);
+        self.0.waiting.set(after);
+        if let Some((producer, limit)) = self.0.producer.borrow().as_ref() {
+            if before >= *limit && after < *limit {
+                producer.activate();
+            }
+        }
+    }
+
+    /// Wakes `producer` whenever the line falls under `limit`.
+    pub fn wake_under(&self, limit: usize, producer: Activator) {
+        *self.0.producer.borrow_mut() = Some((producer, limit));
+    }
+}
 
 struct InFlight<D> {
     cap: Capability<Time>,
@@ -23,11 +71,13 @@ struct InFlight<D> {
 }
 
 /// The operator. `ask` may return no request (then `finish` gets no answers at once).
+/// `backlog` is decreased by one for every record taken from the waiting line.
 pub fn model_call<'s, D, O, A, F>(
     records: StreamVec<'s, Time, D>,
     name: &str,
     client: ModelClient,
     max_in_flight: usize,
+    backlog: Backlog,
     mut ask: A,
     mut finish: F,
 ) -> StreamVec<'s, Time, O>
@@ -83,6 +133,7 @@ where
                 let Some((cap, record)) = waiting.pop_front() else {
                     break;
                 };
+                backlog.sent(1);
                 let asks = ask(&record);
                 let asks = &asks[..asks.len().min(MAX_ASKS as usize)];
                 if asks.is_empty() {
@@ -178,6 +229,7 @@ mod tests {
                     "Test",
                     client.clone(),
                     2,
+                    Backlog::default(),
                     |r: &u64| (0..r % 3).map(|i| ask(format!("{r}.{i}"))).collect(),
                     |r, answers: Vec<GenAnswer>| {
                         let texts: Vec<String> = answers

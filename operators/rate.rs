@@ -2,7 +2,7 @@
 //! prompt, `samples` times (averaged when more than one). Every answer is kept with its raw text;
 //! one that does not parse is counted by reason, never dropped silently.
 
-use super::model_call::{model_call, Ask};
+use super::model_call::{model_call, Ask, Backlog};
 use super::{Time, WorkerStats};
 use crate::humpback::prompts::rating_messages;
 use crate::humpback::score::parse_score;
@@ -54,18 +54,21 @@ pub struct RateJob {
     pub model: String,
 }
 
-/// The operator.
+/// The operator. `backlog` counts the jobs waiting for the model server (see
+/// [`super::rerate`], which holds back a re-rating by it).
 pub fn rate<'s>(
     jobs: StreamVec<'s, Time, RateJob>,
     client: ModelClient,
     options: RateOptions,
     stats: WorkerStats,
+    backlog: Backlog,
 ) -> StreamVec<'s, Time, Rating> {
     model_call(
         jobs,
         "Rate",
         client,
         options.max_in_flight,
+        backlog,
         move |job: &RateJob| {
             let c = &job.candidate;
             rating_asks(

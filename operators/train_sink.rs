@@ -90,10 +90,26 @@ type Trained = (
     Option<Result<crate::eval::rounds::ModelEval, String>>,
 );
 
+/// What the sink keeps of a round: its curated pairs, as training records (by passage id, for a
+/// data order that does not depend on arrival), and its ratings counted, not kept.
 #[derive(Default)]
 struct RoundData {
-    curated: Vec<Rating>,
-    marks: Vec<RatingMark>,
+    curated: Vec<(u64, Record)>,
+    histogram: ScoreHistogram,
+    rated: u64,
+    forced: u64,
+    models: std::collections::BTreeSet<String>,
+}
+
+impl RoundData {
+    fn mark(&mut self, m: RatingMark) {
+        self.histogram.add(m.score);
+        self.rated += 1;
+        self.forced += u64::from(m.forced);
+        if !self.models.contains(&m.model) {
+            self.models.insert(m.model);
+        }
+    }
 }
 
 /// The operator. Only worker 0 trains; its output carries the new versions and the round
@@ -125,15 +141,22 @@ pub fn train_sink<'s>(
                 curated.for_each_stamp(|c, d| {
                     let r = c.least().map_or(0, |t| round_of(*t));
                     let entry = data.entry(r).or_default();
-                    for batch in d {
-                        entry.curated.append(batch);
+                    for r in d.flat_map(|batch| batch.drain(..)) {
+                        let id = r.candidate.passage.id;
+                        entry.curated.push((
+                            id,
+                            Record::Pair {
+                                instruction: r.candidate.instruction,
+                                output: r.candidate.passage.text,
+                            },
+                        ));
                     }
                 });
                 marks.for_each_stamp(|c, d| {
                     let r = c.least().map_or(0, |t| round_of(*t));
                     let entry = data.entry(r).or_default();
-                    for batch in d {
-                        entry.marks.append(batch);
+                    for m in d.flat_map(|batch| batch.drain(..)) {
+                        entry.mark(m);
                     }
                 });
                 let Some(c) = cap.as_mut() else { return };
@@ -169,7 +192,7 @@ pub fn train_sink<'s>(
                     eprintln!(
                         "round {}: {} rated, {} curated; trained M{} (version {}) in {:.0}s",
                         round + 1,
-                        finished.marks.len(),
+                        finished.rated,
                         finished.curated.len(),
                         round + 1,
                         outcome.version,
@@ -220,18 +243,12 @@ pub fn train_sink<'s>(
                     return;
                 }
                 // The round is complete: train M_{round+1} from the base.
-                let mut pairs: Vec<&Rating> = data
+                let mut pairs: Vec<&(u64, Record)> = data
                     .get(&round)
                     .map(|d| d.curated.iter().collect())
                     .unwrap_or_default();
-                pairs.sort_by_key(|r| r.candidate.passage.id);
-                let augmented: Vec<Record> = pairs
-                    .iter()
-                    .map(|r| Record::Pair {
-                        instruction: r.candidate.instruction.clone(),
-                        output: r.candidate.passage.text.clone(),
-                    })
-                    .collect();
+                pairs.sort_by_key(|(id, _)| *id);
+                let augmented: Vec<Record> = pairs.iter().map(|(_, r)| r.clone()).collect();
                 let out = config.checkpoints.join(format!("round-{}", round + 1));
                 let mut job = config.template.clone();
                 job.data = vec![
@@ -295,13 +312,9 @@ fn round_summary(
     outcome: &TrainOutcome,
     evaluation: EvalOutcome,
 ) -> RoundSummary {
-    let mut score_histogram = ScoreHistogram::default();
-    for m in &data.marks {
-        score_histogram.add(m.score);
-    }
-    let (rated, curated) = (data.marks.len() as u64, data.curated.len() as u64);
-    let models: std::collections::BTreeSet<&str> =
-        data.marks.iter().map(|m| m.model.as_str()).collect();
+    let score_histogram = data.histogram.clone();
+    let (rated, curated) = (data.rated, data.curated.len() as u64);
+    let models: Vec<&str> = data.models.iter().map(String::as_str).collect();
     let mut train = TrainSummary::trained(outcome);
     train.examples = Some(ExampleCounts {
         seed: outcome.examples.saturating_sub(data.curated.len()),
@@ -309,7 +322,7 @@ fn round_summary(
     });
     RoundSummary {
         round: round + 1,
-        rating_model: models.into_iter().collect::<Vec<_>>().join(","),
+        rating_model: models.join(","),
         rated,
         curated,
         acceptance: if rated > 0 {
@@ -318,7 +331,7 @@ fn round_summary(
             0.0
         },
         unparsed: score_histogram.unparsed(),
-        forced: data.marks.iter().filter(|m| m.forced).count() as u64,
+        forced: data.forced,
         score_histogram,
         train,
         evaluation,

@@ -9,6 +9,7 @@
 use super::harness;
 use crate::cli::flags::{JobFlags, RatingFlags, ServerFlags};
 use crate::operators::curate::curate;
+use crate::operators::model_call::Backlog;
 use crate::operators::rate::{rate, RateJob};
 use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
 use crate::operators::{Time, WorkerStats};
@@ -156,7 +157,13 @@ pub fn run(args: RateArgs) -> Result<()> {
                     candidate,
                     model: model.clone(),
                 });
-                let ratings = rate(jobs, client.clone(), rate_options.clone(), stats.clone());
+                let ratings = rate(
+                    jobs,
+                    client.clone(),
+                    rate_options.clone(),
+                    stats.clone(),
+                    Backlog::default(),
+                );
                 let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
                 let files = JsonlFiles {
                     dir: out.clone(),

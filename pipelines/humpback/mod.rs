@@ -31,6 +31,7 @@ use crate::operators::await_model::await_model;
 use crate::operators::curate::{curate, CurateOptions};
 use crate::operators::discover::{DiscoverConfig, WorkItem};
 use crate::operators::limit::limit;
+use crate::operators::model_call::Backlog;
 use crate::operators::rate::{rate, RateOptions};
 use crate::operators::rerate::rerate;
 use crate::operators::train_sink::{train_sink, RatingMark, SinkConfig, SinkOutput};
@@ -213,8 +214,27 @@ fn humpback<'s>(scope: timely::dataflow::Scope<'s, Time>, job: &Job, w: Worker) 
         .probe_with(&w.ingest_probe);
 
     // Step 2, self-curation: the round's model rates every candidate; the best are kept.
-    let jobs = rerate(candidates, updates, w.installer.clone());
-    let ratings = rate(jobs, client.clone(), job.rate.clone(), stats.clone());
+    // Every candidate is kept on disk (re-rated each round), read back as the rater keeps up.
+    let backlog = Backlog::default();
+    let store = (job.out.join("_spill")).join(format!(
+        "candidates-p{}-w{}.bin",
+        job.process,
+        scope.index()
+    ));
+    let jobs = rerate(
+        candidates,
+        updates,
+        w.installer.clone(),
+        store,
+        backlog.clone(),
+    );
+    let ratings = rate(
+        jobs,
+        client.clone(),
+        job.rate.clone(),
+        stats.clone(),
+        backlog,
+    );
     files.write(&ratings, "ratings", |x, out| {
         serde_json::to_writer(out, &RatingLine::from(x))
     });

@@ -213,6 +213,12 @@ impl<B: Backend> Generator<B> {
         &self.model
     }
 
+    /// Bytes of KV cache one token of one sequence takes: every layer's K and V.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = self.model.config();
+        2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.dtype().size()
+    }
+
     /// Where the time of the last [`Generator::generate`] call went.
     pub fn last_timing(&self) -> GenerateTiming {
         self.timing
@@ -731,6 +737,28 @@ impl<B: Backend> RunningBatch<B> {
     pub fn prefix_len(&self) -> usize {
         self.cache.prefix_ids().len()
     }
+
+    /// The most forward steps a row may still take (the rest of its new tokens, then its
+    /// choice's prefill): how many slots the cache may still grow by.
+    pub fn steps_left(&self) -> usize {
+        (self.rows.iter())
+            .map(|r| match &r.forcing {
+                Some(f) => f.queue.len(),
+                None => steps_of(&r.request).saturating_sub(r.generated.len()),
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The most forward steps `request` takes after its prompt: its new tokens, then the prefill
+/// of its choice.
+pub fn steps_of(request: &Request) -> usize {
+    request.max_new_tokens
+        + request
+            .then_choose
+            .as_ref()
+            .map_or(0, |c| c.prefill.len() + 1)
 }
 
 /// One sequence of a running batch.

@@ -14,7 +14,7 @@ use crate::model::sampling::Sampling;
 use crate::train::load::InferenceLoader;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A request waiting for a batch, with its cache key when there is a cache.
 pub(super) struct Pending {
@@ -35,6 +35,7 @@ pub(super) fn serve(
     let mut loader = loader(&config);
     let mut pending: Vec<Pending> = Vec::new();
     let mut closed = false;
+    let mut tick: u64 = 0;
     loop {
         let busy = has_work(&models);
         if !busy && closed {
@@ -62,9 +63,14 @@ pub(super) fn serve(
                 stats,
             );
         }
-        step_all(&mut models, &config, cache.as_mut(), stats);
+        step_all(&mut models, &config, cache.as_mut(), stats, tick);
+        tick = tick.wrapping_add(1);
     }
 }
+
+/// How long the server waits idle before it hands its freed memory back (not at once: a
+/// server answering one request after another would fault its pages in again each time).
+const RELEASE_AFTER: Duration = Duration::from_millis(200);
 
 /// The commands to take before the next step, and whether every client is gone. Decoding
 /// (`busy`), whatever arrived since the last step, without waiting; idle, the first command
@@ -80,7 +86,16 @@ fn receive(rx: &Receiver<Command>, busy: bool, config: &ServerConfig) -> (Vec<Co
             }
         }
     }
-    match rx.recv() {
+    let first = match rx.recv_timeout(RELEASE_AFTER) {
+        Err(RecvTimeoutError::Timeout) => {
+            // Idle for a while: the batches' caches and activations go back to the system
+            // rather than wait here while a training (another thread) needs memory.
+            crate::memory::release_free_memory();
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        }
+        other => other,
+    };
+    match first {
         Ok(c) => commands.push(c),
         Err(_) => return (commands, true),
     }
@@ -115,8 +130,9 @@ fn take_command(
                 Ok(())
             } else {
                 load(&path, config, loader)
-                    .map(|m| {
+                    .map(|mut m| {
                         log::info!("model {version} loaded from {}", path.display());
+                        m.order = models.len();
                         models.insert(version.clone(), m);
                     })
                     .map_err(|source| ServeError::Load {

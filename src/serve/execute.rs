@@ -19,7 +19,7 @@ use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{
-    pick_option, ChoiceAfter, Completion, Generator, Request, RunningBatch,
+    pick_option, steps_of, ChoiceAfter, Completion, Generator, Request, RunningBatch,
 };
 use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
@@ -38,6 +38,9 @@ pub(super) struct Loaded {
     /// Encoded requests not yet in the running batch, oldest first.
     queue: VecDeque<(Pending, Request)>,
     running: Option<InFlight>,
+    /// When it was loaded, among the server's versions (0 first): the last loaded with work
+    /// goes first ([`step_all`]).
+    pub(super) order: usize,
 }
 
 /// A running batch and who waits on each of its rows.
@@ -117,6 +120,7 @@ pub(super) fn load(
         template,
         queue: VecDeque::new(),
         running: None,
+        order: 0,
     })
 }
 
@@ -207,16 +211,39 @@ pub(super) fn has_work(models: &HashMap<String, Loaded>) -> bool {
         .any(|m| !m.queue.is_empty() || m.running.is_some())
 }
 
-/// One step of every version with work: queued requests join (or start) its batch, then the
-/// batch decodes one token per row and the rows that finished are answered.
+/// Of the versions with work, the one loaded last (in the loop, the current round's model,
+/// whose ratings the next training waits for) steps every tick; the others one tick in this
+/// many: the round in progress goes first, and older work (the backward model's instructions)
+/// still moves.
+pub(super) const OLDER_EVERY: u64 = 4;
+
+/// Whether a version loaded `order`-th steps at `tick`, when the last loaded with work is
+/// `newest`.
+fn steps_now(order: usize, newest: usize, tick: u64) -> bool {
+    order == newest || tick.is_multiple_of(OLDER_EVERY)
+}
+
+/// One step (at `tick`, the server loop's count) of the versions with work whose turn it is
+/// ([`OLDER_EVERY`]): queued requests join (or start) its batch, then the batch decodes one
+/// token per row and the rows that finished are answered.
 pub(super) fn step_all(
     models: &mut HashMap<String, Loaded>,
     config: &ServerConfig,
     mut cache: Option<&mut AnswerCache>,
     stats: &ServerStats,
+    tick: u64,
 ) {
+    let has_work = |m: &Loaded| !m.queue.is_empty() || m.running.is_some();
+    let Some(newest) = models
+        .values()
+        .filter(|m| has_work(m))
+        .map(|m| m.order)
+        .max()
+    else {
+        return;
+    };
     for (version, model) in models.iter_mut() {
-        if model.queue.is_empty() && model.running.is_none() {
+        if !has_work(model) || !steps_now(model.order, newest, tick) {
             continue;
         }
         let started = Instant::now();
@@ -269,13 +296,24 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
     }
     // Who goes in: from the front, while there is room. A new batch takes a whole batch (no
     // row is waiting on it); joining a running one, newcomers must fit the step's prefill budget
-    // of tokens past the batch's prefix (the first always goes) and should join.
-    let mut take = Vec::new();
+    // of tokens past the batch's prefix (the first always goes) and should join. Either way the
+    // batch's KV cache, projected to every row's longest (rows x slots), stays within
+    // `kv_cache_bytes`: a request past it waits, in its place, for rows to finish.
+    let budget = config.kv_cache_bytes / model.generator.kv_bytes_per_token().max(1);
+    let fits = |rows: usize, slots: usize| rows.saturating_mul(slots) <= budget;
+    let (mut rows, mut reach, mut ahead) = match model.running.as_ref() {
+        Some(f) => (f.batch.len(), f.batch.slots(), f.batch.steps_left()),
+        None => (0, 0, 0),
+    };
+    // A new batch: the prompts' longest and their common start (computed once, not per row).
+    let (mut longest, mut common) = (0, usize::MAX);
+    let mut take: Vec<(Pending, Request)> = Vec::new();
     let mut tokens = 0;
     while let Some((_, r)) = model.queue.front() {
         if in_flight + take.len() >= max_batch {
             break;
         }
+        let steps = ahead.max(steps_of(r));
         if let Some(f) = model.running.as_mut() {
             let new_tokens = r.prompt_ids.len().saturating_sub(f.batch.prefix_len());
             if !take.is_empty() && tokens + new_tokens > config.max_join_tokens {
@@ -285,8 +323,34 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
                 f.closed = true;
                 break;
             }
-            tokens += new_tokens;
+            let slots = reach.max(new_tokens);
+            if rows > 0 && !fits(rows + 1, slots + steps) {
+                break;
+            }
+            (tokens, reach) = (tokens + new_tokens, slots);
+        } else {
+            let len = r.prompt_ids.len();
+            if let Some((_, first)) = take.first() {
+                let shared = first.prompt_ids.iter().zip(&r.prompt_ids);
+                common = common.min(shared.take_while(|(a, b)| a == b).count());
+            }
+            let prefix = if take.is_empty() || common < model.generator.min_shared_prefix {
+                0
+            } else {
+                common.min(len.saturating_sub(1))
+            };
+            if !take.is_empty()
+                && !fits(
+                    take.len() + 1,
+                    longest.max(len).saturating_sub(prefix) + steps,
+                )
+            {
+                break;
+            }
+            longest = longest.max(len);
         }
+        rows += 1;
+        ahead = steps;
         take.extend(model.queue.pop_front());
     }
     if take.is_empty() {

@@ -62,6 +62,9 @@ pub enum ServeError {
     Spawn(#[source] std::io::Error),
 }
 
+/// The default of [`ServerConfig::kv_cache_bytes`], in MiB.
+pub const DEFAULT_KV_CACHE_MB: usize = 512;
+
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -74,6 +77,11 @@ pub struct ServerConfig {
     /// decoding wait at most one such prefill per token they make. A new batch takes up to
     /// `max_batch` requests whatever their length: no row waits on it.
     pub max_join_tokens: usize,
+    /// Most bytes of KV cache a version's running batch may take, as projected for every row
+    /// running to its longest (rows x slots, the shared prefix apart): a request that would
+    /// pass it waits for rows to finish (one alone always runs). It bounds the server's memory
+    /// whatever `max_batch` and the prompts' lengths, as vLLM's KV cache size does.
+    pub kv_cache_bytes: usize,
     /// Whether a batch's shared prompt prefix is computed once and its KV reused (on by
     /// default; off only to measure what it saves).
     pub prefix_cache: bool,
@@ -89,6 +97,7 @@ impl Default for ServerConfig {
             max_batch: 32,
             batch_window: Duration::from_millis(20),
             max_join_tokens: 1024,
+            kv_cache_bytes: DEFAULT_KV_CACHE_MB << 20,
             prefix_cache: true,
             cache: None,
             precision: Precision::backend_default(),

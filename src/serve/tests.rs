@@ -479,3 +479,101 @@ fn serve_a_request_joins_a_batch_already_decoding() {
         assert_eq!(a.result, alone.result, "ticket {}", a.ticket);
     }
 }
+
+/// The KV budget bounds the running batch: with room for no second row, four requests sent
+/// together run one at a time (one row per decode step, a batch each), with the answers a
+/// server of batches of one gives; with the default budget the same four share decode steps.
+#[test]
+fn serve_the_kv_cache_budget_bounds_the_running_batch() {
+    let Some(model) = model_path() else { return };
+    let questions: Vec<Vec<Message>> = [
+        "What is the capital of France?",
+        "Name a primary colour.",
+        "Write a haiku about rain.",
+        "What is 2 + 2?",
+    ]
+    .iter()
+    .map(|q| vec![Message::user(*q)])
+    .collect();
+    let run = |config: ServerConfig| {
+        let server = ModelServer::start(config);
+        server.load("v0", &model).expect("load");
+        let client = server.client().expect("client");
+        let answers = ask(&client, "v0", &questions, 12);
+        (answers, server.stats().version("v0"))
+    };
+    let (tight_answers, tight) = run(ServerConfig {
+        kv_cache_bytes: 1,
+        ..ServerConfig::default()
+    });
+    let (one_answers, _) = run(ServerConfig {
+        max_batch: 1,
+        ..ServerConfig::default()
+    });
+    let (_, roomy) = run(ServerConfig::default());
+    assert!(tight.decode_steps > 0, "{tight:?}");
+    assert_eq!(tight.decode_rows, tight.decode_steps, "one row at a time");
+    assert_eq!(tight.batches, 4, "{tight:?}");
+    assert!(
+        roomy.decode_rows > roomy.decode_steps,
+        "the premise: without the limit they share steps: {roomy:?}"
+    );
+    for (a, b) in tight_answers.iter().zip(&one_answers) {
+        assert!(
+            matches!(&a.result, Ok(t) if !t.is_empty()),
+            "{:?}",
+            a.result
+        );
+        assert_eq!(a.result, b.result, "ticket {}", a.ticket);
+    }
+}
+
+/// The version loaded last goes first: four requests for an older version (12 tokens each) and
+/// four longer ones for the newer (16), sent together: every answer of the newer version comes
+/// before any of the older one's (it steps every tick, the older one tick in four; taking turns,
+/// the shorter older ones would finish first), and the older one's are still answered.
+#[test]
+fn serve_the_last_loaded_version_goes_first() {
+    let Some(model) = model_path() else { return };
+    let server = ModelServer::start(ServerConfig::default());
+    server.load("old", &model).expect("load");
+    server.load("new", &model).expect("load");
+    let client = server.client().expect("client");
+    let (reply, answers) = crossbeam_channel::unbounded();
+    let tokens = |ticket: u64| if ticket < 4 { 12 } else { 16 };
+    for ticket in 0..8u64 {
+        let version = if ticket < 4 { "old" } else { "new" };
+        let animal = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"][ticket as usize];
+        let text = format!("Write a long story about a {animal} who learns to sail.");
+        client
+            .send(GenRequest {
+                ticket,
+                reply: reply.clone(),
+                wake: None,
+                stream: None,
+                ask: greedy_ask(version, vec![Message::user(text)], tokens(ticket)),
+            })
+            .expect("send");
+    }
+    let order: Vec<GenAnswer> = (0..8)
+        .map(|_| {
+            answers
+                .recv_timeout(Duration::from_secs(600))
+                .expect("an answer")
+        })
+        .collect();
+    let tickets: Vec<u64> = order.iter().map(|a| a.ticket).collect();
+    assert!(
+        order.iter().all(|a| a.new_tokens == tokens(a.ticket)),
+        "the premise: every answer runs its 12 or 16 tokens: {:?}",
+        order.iter().map(|a| a.new_tokens).collect::<Vec<_>>()
+    );
+    let mut sorted = tickets.clone();
+    sorted[..4].sort_unstable();
+    sorted[4..].sort_unstable();
+    assert_eq!(
+        sorted,
+        [4, 5, 6, 7, 0, 1, 2, 3],
+        "answered in the order {tickets:?}"
+    );
+}

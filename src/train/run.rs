@@ -24,7 +24,7 @@ use super::{io_err, TrainError};
 
 /// Trains `job` (or reuses its finished checkpoint in `job.out`), logging the held-out losses.
 pub fn run_job(job: &TrainJob) -> Result<TrainOutcome, TrainError> {
-    run_job_with(job, &mut |e| match e {
+    let outcome = run_job_with(job, &mut |e| match e {
         TrainEvent::EvalBefore { loss, tokens } => {
             log::info!("held-out loss before training: {loss:.4} ({tokens} output tokens)")
         }
@@ -32,7 +32,12 @@ pub fn run_job(job: &TrainJob) -> Result<TrainOutcome, TrainError> {
             log::info!("held-out loss after training:  {loss:.4} ({tokens} output tokens)")
         }
         _ => {}
-    })
+    });
+    // The model, its activations and its optimizer are gone: their pages go back now, not
+    // when this thread next allocates (in a loop, the model server would meanwhile need its
+    // own and the next training as much again).
+    crate::memory::release_free_memory();
+    outcome
 }
 
 /// [`run_job`], reporting held-out losses, steps and saves to `on_event` (which does its own
