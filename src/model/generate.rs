@@ -301,12 +301,7 @@ impl<B: Backend> Generator<B> {
             let first = prompts[0];
             let mut lcp = first.len().saturating_sub(1);
             for p in &prompts[1..] {
-                let common = first
-                    .iter()
-                    .zip(p.iter())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                lcp = lcp.min(common).min(p.len().saturating_sub(1));
+                lcp = lcp.min(common_len(first, p)).min(p.len().saturating_sub(1));
             }
             if lcp >= self.min_shared_prefix && lcp > current_len {
                 self.cache_prefix(&first[..lcp])?;
@@ -516,16 +511,8 @@ impl<B: Backend> Generator<B> {
             .iter()
             .any(|p| p.len() > have && prompt.len() > p.len() && prompt.starts_with(&p.ids));
         let longer_shared = have.saturating_add(self.min_shared_prefix);
-        let shares_more = batch.rows.iter().any(|row| {
-            let common = row
-                .request
-                .prompt_ids
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            common >= longer_shared
-        });
+        let shares_more = (batch.rows.iter())
+            .any(|row| common_len(&row.request.prompt_ids, prompt) >= longer_shared);
         !better_kept && !shares_more
     }
 
@@ -749,6 +736,11 @@ impl<B: Backend> RunningBatch<B> {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// How many tokens `a` and `b` start with in common.
+pub fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The most forward steps `request` takes after its prompt: its new tokens, then the prefill

@@ -19,7 +19,7 @@ use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{
-    pick_option, steps_of, ChoiceAfter, Completion, Generator, Request, RunningBatch,
+    common_len, pick_option, steps_of, ChoiceAfter, Completion, Generator, Request, RunningBatch,
 };
 use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
@@ -206,9 +206,14 @@ pub(super) fn admit(
 
 /// Whether any version has requests queued or a batch running.
 pub(super) fn has_work(models: &HashMap<String, Loaded>) -> bool {
-    models
-        .values()
-        .any(|m| !m.queue.is_empty() || m.running.is_some())
+    models.values().any(Loaded::has_work)
+}
+
+impl Loaded {
+    /// Whether it has requests queued or a batch running.
+    fn has_work(&self) -> bool {
+        !self.queue.is_empty() || self.running.is_some()
+    }
 }
 
 /// Of the versions with work, the one loaded last (in the loop, the current round's model,
@@ -233,17 +238,16 @@ pub(super) fn step_all(
     stats: &ServerStats,
     tick: u64,
 ) {
-    let has_work = |m: &Loaded| !m.queue.is_empty() || m.running.is_some();
     let Some(newest) = models
         .values()
-        .filter(|m| has_work(m))
+        .filter(|m| m.has_work())
         .map(|m| m.order)
         .max()
     else {
         return;
     };
     for (version, model) in models.iter_mut() {
-        if !has_work(model) || !steps_now(model.order, newest, tick) {
+        if !model.has_work() || !steps_now(model.order, newest, tick) {
             continue;
         }
         let started = Instant::now();
@@ -331,8 +335,7 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
         } else {
             let len = r.prompt_ids.len();
             if let Some((_, first)) = take.first() {
-                let shared = first.prompt_ids.iter().zip(&r.prompt_ids);
-                common = common.min(shared.take_while(|(a, b)| a == b).count());
+                common = common.min(common_len(&first.prompt_ids, &r.prompt_ids));
             }
             let prefix = if take.is_empty() || common < model.generator.min_shared_prefix {
                 0

@@ -66,15 +66,20 @@ fn round_trip(
     for ticket in 0..n as u64 {
         client.send(make(ticket, reply.clone())).expect("send");
     }
-    let mut out: Vec<GenAnswer> = (0..n)
+    let mut out = receive(&answers, n);
+    out.sort_by_key(|a| a.ticket);
+    out
+}
+
+/// The next `n` answers, in the order they come.
+fn receive(answers: &crossbeam_channel::Receiver<GenAnswer>, n: usize) -> Vec<GenAnswer> {
+    (0..n)
         .map(|_| {
             answers
                 .recv_timeout(Duration::from_secs(600))
                 .expect("an answer")
         })
-        .collect();
-    out.sort_by_key(|a| a.ticket);
-    out
+        .collect()
 }
 
 fn question() -> Vec<Message> {
@@ -445,13 +450,7 @@ fn serve_a_request_joins_a_batch_already_decoding() {
     }
     send(1, "What is the capital of France?", 6);
     send(2, "Name a primary colour.", 6);
-    let order: Vec<GenAnswer> = (0..3)
-        .map(|_| {
-            answers
-                .recv_timeout(Duration::from_secs(600))
-                .expect("an answer")
-        })
-        .collect();
+    let order = receive(&answers, 3);
     let long = order
         .iter()
         .find(|a| a.ticket == 0)
@@ -555,13 +554,7 @@ fn serve_the_last_loaded_version_goes_first() {
             })
             .expect("send");
     }
-    let order: Vec<GenAnswer> = (0..8)
-        .map(|_| {
-            answers
-                .recv_timeout(Duration::from_secs(600))
-                .expect("an answer")
-        })
-        .collect();
+    let order = receive(&answers, 8);
     let tickets: Vec<u64> = order.iter().map(|a| a.ticket).collect();
     assert!(
         order.iter().all(|a| a.new_tokens == tokens(a.ticket)),
