@@ -106,9 +106,7 @@ impl RoundData {
         self.histogram.add(m.score);
         self.rated += 1;
         self.forced += u64::from(m.forced);
-        if !self.models.contains(&m.model) {
-            self.models.insert(m.model);
-        }
+        self.models.insert(m.model);
     }
 }
 
