@@ -16,7 +16,7 @@ use crate::operators::{Time, WorkerStats};
 use crate::output::{atomic_write, CuratedLine, RatingLine};
 use crate::progress::{Progress, Reporter};
 use crate::records::Candidate;
-use crate::run_records::{ProcessThroughput, RateSummary, ScoreHistogram};
+use crate::run_records::{ProcessThroughput, RateSummary, ScoreHistogram, StageThroughput};
 use crate::serve::ModelServer;
 use crate::stats::Stats;
 use crate::train::data::{read_records, DataStats, Record};
@@ -125,6 +125,7 @@ pub fn run(args: RateArgs) -> Result<()> {
     let curate_options = args.rating.curate_options();
     let worker_progress = progress.clone();
     let stop = harness::stop_flag();
+    let rating_version = version.clone();
 
     let guards = args
         .job
@@ -212,6 +213,10 @@ pub fn run(args: RateArgs) -> Result<()> {
             score_histogram: written.score_histogram.clone(),
             rated: written.ratings,
             curated: written.curated,
+            model_server: StageThroughput::from_stats(
+                &server.stats().version(&rating_version),
+                elapsed,
+            ),
             this_process: ProcessThroughput {
                 requests,
                 prompt_tokens: prompt,

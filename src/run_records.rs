@@ -335,6 +335,9 @@ pub struct RateSummary {
     pub curated: u64,
     /// The model server of process 0.
     pub this_process: ProcessThroughput,
+    /// The rating model's work in the model server of process 0: model-busy time, prefill and
+    /// decode tokens/s of model time, mean running batch, prefix-cache savings.
+    pub model_server: StageThroughput,
     /// Everything counted, merged over the workers.
     pub stats: Stats,
 }

@@ -150,6 +150,10 @@ pub struct TrainFlags {
     /// same gradient; activation memory scales with it (0: a whole batch at once).
     #[arg(long, default_value_t = crate::train::sft::DEFAULT_MICRO_BATCH)]
     pub micro_batch: usize,
+    /// Keep every activation of a pass for the backward pass instead of recomputing each
+    /// block from its input (the default): ~25% faster steps, several times the memory.
+    #[arg(long)]
+    pub no_recompute: bool,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
@@ -183,6 +187,7 @@ impl TrainFlags {
         job.batch_size = self.batch_size;
         job.grad_accum = self.grad_accum;
         job.micro_batch = self.micro_batch;
+        job.recompute = !self.no_recompute;
         job.max_grad_norm = self.max_grad_norm;
         job.max_len = self.max_len;
         job.group_by_length = !self.no_group_by_length;

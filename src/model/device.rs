@@ -37,9 +37,10 @@ pub enum Precision {
     /// `Q8_0` layout, see `model::quant`), activations and KV cache in f32: a quarter of f32's
     /// memory and memory traffic. CPU only.
     Q8,
-    /// A GGUF file's own 4-bit blocks where backflow has a kernel for them (`Q4_0`, `Q4_1`:
-    /// the weights exactly as the file holds them, 0.75 bytes a weight), [`Precision::Q8`] for
-    /// every other tensor and for Hugging Face folders. CPU only.
+    /// A GGUF file's own 4-bit blocks where backflow has a kernel for them (`Q4_0`, `Q4_1`,
+    /// and `Q4_K` repacked into `Q4_1`-style sub-blocks: the weights exactly as the file holds
+    /// them, 0.75 bytes a weight), [`Precision::Q8`] for every other tensor and for Hugging
+    /// Face folders. CPU only.
     Native,
 }
 

@@ -29,7 +29,7 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Elements per block of the "legacy" quants (Q4_0, Q4_1, Q8_0, ...).
 const QK: usize = 32;
 /// Elements per super-block of the k-quants.
-const QK_K: usize = 256;
+pub(crate) const QK_K: usize = 256;
 
 /// Errors while reading a GGUF file or one of its tensors.
 #[derive(Debug, thiserror::Error)]
@@ -989,7 +989,7 @@ fn q3k_scales(packed: &[u8]) -> [u8; 16] {
 
 /// ggml's `get_scale_min_k4`: the j-th 6-bit (scale, min) pair packed in 12 bytes.
 #[inline]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

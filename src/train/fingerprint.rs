@@ -17,7 +17,8 @@ use super::{io_err, TrainError};
 
 /// Bumped when the fingerprint's inputs or encoding change, so that checkpoints fingerprinted
 /// differently are never taken for the same job.
-const FINGERPRINT_FORMAT: u32 = 1;
+/// 2: dropout masks seeded per (step, micro-batch, block), not drawn in one stream per step.
+const FINGERPRINT_FORMAT: u32 = 2;
 
 /// The job's fingerprint (hex xxh3-128); see [`TrainJob::fingerprint`].
 pub(super) fn fingerprint(job: &TrainJob) -> Result<String, TrainError> {
@@ -26,6 +27,8 @@ pub(super) fn fingerprint(job: &TrainJob) -> Result<String, TrainError> {
     // How a batch is split into passes is how the work is done, not what is learned (the same
     // gradient, up to rounding): a job finished in other passes is the same job.
     sft.micro_batch = 0;
+    // Recomputing blocks gives the same gradients too (the dropout masks are seeded per block).
+    sft.recompute = false;
     let knobs = json!({
         "format": FINGERPRINT_FORMAT,
         "base": canonical(&job.model),

@@ -58,6 +58,9 @@ pub struct TrainJob {
     pub grad_accum: usize,
     /// Examples per forward/backward pass ([`crate::train::sft::SftConfig::micro_batch`]).
     pub micro_batch: usize,
+    /// Recompute each block in the backward pass instead of keeping its activations
+    /// ([`crate::train::sft::SftConfig::recompute`]).
+    pub recompute: bool,
     /// Clip the global gradient norm (0: off).
     pub max_grad_norm: f32,
     /// Optimizer steps; wins over `epochs`.
@@ -90,7 +93,7 @@ pub struct TrainJob {
 
 impl TrainJob {
     /// A job with `backflow train`'s defaults: LoRA rank 8 on all projections (alpha 16,
-    /// dropout 0.05), default learning rates, weight decay 0.1, batch 8 in passes of 2, no accumulation, clip
+    /// dropout 0.05), default learning rates, weight decay 0.1, batch 8 in passes of one example (blocks recomputed), no accumulation, clip
     /// 1.0, [`DEFAULT_EPOCHS`] epochs, 512 tokens, seed 0, forward model, nothing held out.
     pub fn new(model: PathBuf, data: Vec<DataGroup>, out: PathBuf) -> Self {
         TrainJob {
@@ -106,6 +109,7 @@ impl TrainJob {
             batch_size: 8,
             grad_accum: 1,
             micro_batch: crate::train::sft::DEFAULT_MICRO_BATCH,
+            recompute: crate::train::sft::RECOMPUTE_BY_DEFAULT,
             max_grad_norm: 1.0,
             steps: None,
             epochs: None,
@@ -144,6 +148,7 @@ impl TrainJob {
             batch_size: self.batch_size.max(1),
             grad_accum: self.grad_accum.max(1),
             micro_batch: self.micro_batch,
+            recompute: self.recompute,
             max_grad_norm: self.max_grad_norm,
             steps: 0,
             seed: self.seed,

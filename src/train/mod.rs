@@ -4,7 +4,8 @@
 //! - [`data`]: reading Alpaca / Self-Instruct / conversation data, paper tags, reversed pairs
 //!   for the backward model, chat-template tokenization with output-only labels.
 //! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters.
-//! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping.
+//! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping;
+//!   [`backward`]: one micro-batch's gradients, whole-graph or recomputed block by block.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
 //! - [`load`]: checkpoints for inference, adapters applied unmerged over a base loaded once.
 //! - [`export`]: any loadable model (GGUF, HF folder, merged adapter) as an HF folder.
@@ -12,6 +13,7 @@
 //!   ([`run_job`]), reusing finished identical runs ([`fingerprint`], [`save`]) and logging every
 //!   step ([`metrics_log`]).
 
+pub mod backward;
 pub mod checkpoint;
 pub mod data;
 pub mod export;

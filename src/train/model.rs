@@ -140,6 +140,11 @@ impl<B: Backend> Block<B> {
         })
     }
 
+    /// The adapter of projection `w`, when it has one.
+    pub fn projection_lora_mut(&mut self, w: LayerWeight) -> Option<&mut LoraAdapter<B>> {
+        self.projection_mut(w).and_then(|l| l.lora.as_mut())
+    }
+
     fn projection_mut(&mut self, w: LayerWeight) -> Option<&mut Linear<B>> {
         Some(match w {
             LayerWeight::Q => &mut self.q,
@@ -151,6 +156,58 @@ impl<B: Backend> Block<B> {
             LayerWeight::Down => &mut self.down,
             _ => return None,
         })
+    }
+}
+
+/// What the blocks of one forward pass over `[b, s]` tokens share ([`TrainLlama::context`]).
+#[derive(Debug, Clone)]
+pub struct BlockContext<B: Backend> {
+    /// Rows.
+    pub b: usize,
+    /// Positions per row.
+    pub s: usize,
+    /// RoPE cosines `[1, s, 1, d/2]`.
+    pub cos: Tensor<B, 4>,
+    /// RoPE sines `[1, s, 1, d/2]`.
+    pub sin: Tensor<B, 4>,
+    /// The causal mask as an additive bias `[1, 1, s, s]`.
+    pub bias: Tensor<B, 4>,
+}
+
+impl<B: Backend> Block<B> {
+    /// The block over hidden states `x` `[b·s, hidden]`: pre-norm attention and SwiGLU MLP,
+    /// each added to its input. With `train`, LoRA dropout draws masks from the backend RNG.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        ctx: &BlockContext<B>,
+        cfg: &LlamaConfig,
+        train: bool,
+    ) -> Tensor<B, 2> {
+        let (b, s) = (ctx.b, ctx.s);
+        let (d, kvh, n_rep, h) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep(), cfg.n_heads);
+        let scale = 1.0 / (d as f64).sqrt();
+        let xn = rms_norm(x.clone(), self.attn_norm.val(), cfg.rms_eps);
+        let q = self.q.forward(xn.clone(), train).reshape([b, s, h, d]);
+        let k = self.k.forward(xn.clone(), train).reshape([b, s, kvh, d]);
+        let v = self.v.forward(xn, train).reshape([b, s, kvh, d]);
+        let q = rope(q, ctx.cos.clone(), ctx.sin.clone());
+        let k = rope(k, ctx.cos.clone(), ctx.sin.clone());
+        let q = crate::model::llama::fold_query_heads(q, kvh);
+        let k = k.permute([0, 2, 3, 1]); // [b, kvh, d, s]
+        let v = v.permute([0, 2, 1, 3]); // [b, kvh, s, d]
+        let scores = q.matmul(k).mul_scalar(scale).reshape([b, h, s, s]) + ctx.bias.clone();
+        let probs = softmax(scores, 3).reshape([b, kvh, n_rep * s, s]);
+        let att = probs
+            .matmul(v)
+            .reshape([b, kvh, n_rep, s, d])
+            .permute([0, 3, 1, 2, 4])
+            .reshape([b * s, h * d]);
+        let x = x + self.o.forward(att, train);
+        let xn = rms_norm(x.clone(), self.ffn_norm.val(), cfg.rms_eps);
+        let gate = self.gate.forward(xn.clone(), train);
+        let up = self.up.forward(xn, train);
+        x + self.down.forward(silu(gate) * up, train)
     }
 }
 
@@ -276,12 +333,18 @@ impl<B: Backend> TrainLlama<B> {
     /// Final hidden states `[b·s, hidden]` of `ids` (`[b, s]`, row-major; right padding is
     /// harmless: with a causal mask no real position ever attends to a later pad).
     pub fn hidden(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 2> {
-        let cfg = &self.cfg;
         let [b, s] = ids.dims();
-        let (d, kvh, n_rep) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep());
-        let h = cfg.n_heads;
-        let half = d / 2;
-        let device = ids.device();
+        let ctx = self.context(b, s, &ids.device());
+        let mut x = self.embed_tokens(ids);
+        for blk in &self.blocks {
+            x = blk.forward(x, &ctx, &self.cfg, train);
+        }
+        self.final_norm(x)
+    }
+
+    /// What every block's forward over `[b, s]` tokens shares: RoPE tables and causal mask.
+    pub fn context(&self, b: usize, s: usize, device: &B::Device) -> BlockContext<B> {
+        let half = self.cfg.head_dim / 2;
         let cos = self.cos.clone().narrow(0, 0, s).reshape([1, s, 1, half]);
         let sin = self.sin.clone().narrow(0, 0, s).reshape([1, s, 1, half]);
         // Causal mask as an additive bias, broadcast over batch and heads.
@@ -291,34 +354,25 @@ impl<B: Backend> TrainLlama<B> {
                 bias[r * s + c] = f32::NEG_INFINITY;
             }
         }
-        let bias: Tensor<B, 4> = Tensor::from_data(TensorData::new(bias, [1, 1, s, s]), &device);
-        let scale = 1.0 / (d as f64).sqrt();
-
-        let mut x = self.embed.val().select(0, ids.reshape([b * s]));
-        for blk in &self.blocks {
-            let xn = rms_norm(x.clone(), blk.attn_norm.val(), cfg.rms_eps);
-            let q = blk.q.forward(xn.clone(), train).reshape([b, s, h, d]);
-            let k = blk.k.forward(xn.clone(), train).reshape([b, s, kvh, d]);
-            let v = blk.v.forward(xn, train).reshape([b, s, kvh, d]);
-            let q = rope(q, cos.clone(), sin.clone());
-            let k = rope(k, cos.clone(), sin.clone());
-            let q = crate::model::llama::fold_query_heads(q, kvh);
-            let k = k.permute([0, 2, 3, 1]); // [b, kvh, d, s]
-            let v = v.permute([0, 2, 1, 3]); // [b, kvh, s, d]
-            let scores = q.matmul(k).mul_scalar(scale).reshape([b, h, s, s]) + bias.clone();
-            let probs = softmax(scores, 3).reshape([b, kvh, n_rep * s, s]);
-            let att = probs
-                .matmul(v)
-                .reshape([b, kvh, n_rep, s, d])
-                .permute([0, 3, 1, 2, 4])
-                .reshape([b * s, h * d]);
-            x = x + blk.o.forward(att, train);
-            let xn = rms_norm(x.clone(), blk.ffn_norm.val(), cfg.rms_eps);
-            let gate = blk.gate.forward(xn.clone(), train);
-            let up = blk.up.forward(xn, train);
-            x = x + blk.down.forward(silu(gate) * up, train);
+        let bias = Tensor::from_data(TensorData::new(bias, [1, 1, s, s]), device);
+        BlockContext {
+            b,
+            s,
+            cos,
+            sin,
+            bias,
         }
-        rms_norm(x, self.norm.val(), cfg.rms_eps)
+    }
+
+    /// The embeddings of `ids` `[b, s]`, `[b·s, hidden]`: the first block's input.
+    pub fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, s] = ids.dims();
+        self.embed.val().select(0, ids.reshape([b * s]))
+    }
+
+    /// The final RMSNorm of the last block's output.
+    pub fn final_norm(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        rms_norm(x, self.norm.val(), self.cfg.rms_eps)
     }
 
     /// Logits of the given hidden rows `[n, hidden]` -> `[n, vocab]`.
@@ -345,8 +399,26 @@ impl<B: Backend> TrainLlama<B> {
         targets: Tensor<B, 1, Int>,
         train: bool,
     ) -> Tensor<B, 1> {
+        let [b, s] = ids.dims();
+        let ctx = self.context(b, s, &ids.device());
+        let mut x = self.embed_tokens(ids);
+        for blk in &self.blocks {
+            x = blk.forward(x, &ctx, &self.cfg, train);
+        }
+        self.head_loss(x, positions, targets)
+    }
+
+    /// The loss part of [`Self::loss_sum`] from the last block's output `x` `[b·s, hidden]`:
+    /// final norm, the output head at `positions`, the summed cross-entropy of `targets`.
+    pub fn head_loss(
+        &self,
+        x: Tensor<B, 2>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
         let n = targets.dims()[0];
-        let hidden = self.hidden(ids, train).select(0, positions);
+        // RMSNorm is per row: only the trained rows need it.
+        let hidden = self.final_norm(x.select(0, positions));
         let logp = log_softmax(self.head(hidden), 1);
         logp.gather(1, targets.reshape([n, 1])).sum().neg()
     }

@@ -4,8 +4,8 @@
 //!
 //! Reproducibility: the example order is a pure function of `(seed, position in the stream)`
 //! (one seeded shuffle per epoch), and the backend RNG (LoRA dropout) is re-seeded from
-//! `(seed, step)` before every step, so a run resumed at step k continues exactly as the
-//! uninterrupted run would.
+//! `(seed, step, micro-batch, block)` before every block ([`super::backward::DropoutSeed`]), so
+//! a run resumed at step k continues exactly as the uninterrupted run would.
 
 use std::marker::PhantomData;
 
@@ -18,6 +18,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use super::backward::{self, DropoutSeed};
 use super::data::Example;
 use super::model::TrainLlama;
 use super::TrainError;
@@ -44,6 +45,11 @@ pub struct SftConfig {
     /// target tokens); activation memory scales with it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub micro_batch: usize,
+    /// Keep only each block's input in the forward pass and recompute the block in the
+    /// backward pass ([`super::backward::recomputed`]): the same gradients in a fraction of
+    /// the activation memory, for one more forward pass of compute.
+    #[serde(default = "recompute_by_default")]
+    pub recompute: bool,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_grad_norm: f32,
     /// Optimizer steps.
@@ -62,6 +68,7 @@ impl SftConfig {
             batch_size: 8,
             grad_accum: 1,
             micro_batch: DEFAULT_MICRO_BATCH,
+            recompute: RECOMPUTE_BY_DEFAULT,
             max_grad_norm: 1.0,
             steps,
             seed: 0,
@@ -252,6 +259,13 @@ impl Batch {
 /// 1.8 GB, each no slower than the larger (one example is already a matrix of 256 rows).
 pub const DEFAULT_MICRO_BATCH: usize = 1;
 
+/// Whether training recomputes blocks by default ([`SftConfig::recompute`]).
+pub const RECOMPUTE_BY_DEFAULT: bool = true;
+
+fn recompute_by_default() -> bool {
+    RECOMPUTE_BY_DEFAULT
+}
+
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
@@ -388,22 +402,26 @@ impl<B: AutodiffBackend> Trainer<B> {
         let total: usize = micro.iter().map(Batch::n_targets).sum();
         let lr = self.cfg.lr_at(self.step);
         // Dropout masks depend on (seed, step) only: resumed runs repeat them.
-        B::seed(
-            &self.device,
-            self.cfg
-                .seed
-                .wrapping_add(1 + self.step as u64)
-                .wrapping_mul(0x2545_F491_4F6C_DD1D),
-        );
+        let step_seed = self
+            .cfg
+            .seed
+            .wrapping_add(1 + self.step as u64)
+            .wrapping_mul(0x2545_F491_4F6C_DD1D);
         let mut acc = GradientsAccumulator::<TrainLlama<B>>::new();
         let mut loss_sum = 0f64;
         let (mut tokens, mut padded) = (0, 0);
-        for b in micro.iter().filter(|b| b.n_targets() > 0) {
-            let loss = b.loss_sum(&self.model, true, &self.device);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let scaled = loss.div_scalar(total.max(1) as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &self.model);
-            acc.accumulate(&self.model, grads);
+        let scale = 1.0 / total.max(1) as f64;
+        for (m, b) in micro.iter().enumerate().filter(|(_, b)| b.n_targets() > 0) {
+            let dropout = DropoutSeed {
+                step: step_seed,
+                micro: m,
+            };
+            let grads_of = if self.cfg.recompute {
+                backward::recomputed
+            } else {
+                backward::stored
+            };
+            loss_sum += grads_of(&self.model, b, scale, dropout, &mut acc, &self.device);
             tokens += b.tokens;
             padded += b.rows * b.len;
         }
@@ -469,7 +487,7 @@ mod tests {
     use crate::model::llama::{HostTensor, LayerWeight, RandomWeights, WeightName, WeightSource};
     use crate::model::{LlamaConfig, ModelError};
     use crate::train::lora::{LoraAdapter, LoraConfig};
-    use crate::train::model::{hf_name, TrainMode};
+    use crate::train::model::{hf_name, TrainMode, PROJECTION_WEIGHTS};
     use burn::backend::{Autodiff, Flex};
     use std::collections::HashMap;
 
@@ -737,6 +755,7 @@ mod tests {
             batch_size: 4,
             grad_accum: 2,
             micro_batch: 0,
+            recompute: true,
             max_grad_norm: 1.0,
             steps: 150,
             seed: 9,
@@ -766,7 +785,11 @@ mod tests {
         let cfg = tiny_cfg();
         let dev: burn::tensor::Device<Ad> = Default::default();
         let ex = examples();
-        let run = |batch_size: usize, grad_accum: usize, micro_batch: usize, steps: usize| {
+        let run = |batch_size: usize,
+                   grad_accum: usize,
+                   micro_batch: usize,
+                   recompute: bool,
+                   steps: usize| {
             let model: TrainLlama<Ad> = TrainLlama::load(
                 cfg.clone(),
                 &mut RandomWeights::new(cfg.clone(), 5),
@@ -781,6 +804,7 @@ mod tests {
                 batch_size,
                 grad_accum,
                 micro_batch,
+                recompute,
                 max_grad_norm: 0.5,
                 steps: 4,
                 seed: 2,
@@ -794,17 +818,20 @@ mod tests {
             }
             (tr, losses)
         };
-        let (_, big) = run(8, 1, 0, 4);
-        // Accumulated batches, and one batch computed in passes of 2 (--micro-batch).
-        for (batch, accum, micro) in [(2, 4, 0), (8, 1, 2)] {
-            let (_, acc) = run(batch, accum, micro, 4);
+        let (_, big) = run(8, 1, 0, false, 4);
+        // Accumulated batches, one batch computed in passes of 2 (--micro-batch), and with
+        // blocks recomputed.
+        for (batch, accum, micro, recompute) in
+            [(2, 4, 0, false), (8, 1, 2, false), (8, 1, 0, true)]
+        {
+            let (_, acc) = run(batch, accum, micro, recompute, 4);
             for (a, b) in big.iter().zip(&acc) {
                 assert!((a - b).abs() < 1e-4 * a.abs(), "{big:?} vs {acc:?}");
             }
         }
         // Resume: 2 steps, export weights + optimizer state, rebuild, 2 more steps: the loss
         // of the 4th step depends on the restored AdamW moments.
-        let (tr2, _) = run(8, 1, 0, 2);
+        let (tr2, _) = run(8, 1, 0, false, 2);
         let state = tr2.optimizer_state().expect("state");
         let mut weights = Store(HashMap::new());
         for (n, t) in crate::train::checkpoint::export_weights(&tr2.valid()).expect("export") {
@@ -819,6 +846,7 @@ mod tests {
             batch_size: 8,
             grad_accum: 1,
             micro_batch: 0,
+            recompute: false,
             max_grad_norm: 0.5,
             steps: 4,
             seed: 2,
@@ -834,6 +862,129 @@ mod tests {
             (resumed[1] - big[3]).abs() < 1e-5 * big[3].abs(),
             "resumed {resumed:?} vs {big:?}"
         );
+    }
+
+    /// Every parameter gradient of one micro-batch, the whole graph kept or blocks
+    /// recomputed, with LoRA dropout on: the same values (the dropout masks drawn again).
+    #[test]
+    fn recomputed_blocks_give_the_stored_graphs_gradients() {
+        use crate::train::backward::{recomputed, stored, DropoutSeed};
+        let cfg = tiny_cfg();
+        let dev: burn::tensor::Device<Ad> = Default::default();
+        let ex = examples();
+        let refs: Vec<&Example> = ex.iter().take(3).collect();
+        let batch = Batch::new(&refs, 0);
+        let mut lc = LoraConfig::all_projections(4);
+        lc.dropout = 0.3;
+        for mode in [TrainMode::Full, TrainMode::Lora(lc)] {
+            let store = Store::random(&cfg, 13, 12.0);
+            Ad::seed(&dev, 5);
+            let mut model: TrainLlama<Ad> =
+                TrainLlama::load(cfg.clone(), &mut store.clone(), &mode, &dev).expect("load");
+            // B = 0 would leave A without a gradient: give every adapter a random B.
+            for blk in model.blocks.iter_mut() {
+                for w in PROJECTION_WEIGHTS {
+                    if let Some(l) = blk.projection_lora_mut(w) {
+                        let b =
+                            l.b.val()
+                                .random_like(burn::tensor::Distribution::Normal(0.0, 0.3));
+                        l.b = Param::initialized(l.b.id, b.require_grad());
+                    }
+                }
+            }
+            let dropout = DropoutSeed { step: 77, micro: 1 };
+            let grads = |recompute: bool| {
+                let mut acc = GradientsAccumulator::<TrainLlama<Ad>>::new();
+                let f = if recompute { recomputed } else { stored };
+                let loss = f(&model, &batch, 0.1, dropout, &mut acc, &dev);
+                (loss, acc.grads())
+            };
+            let ((l1, g1), (l2, g2)) = (grads(false), grads(true));
+            assert!(
+                (l1 - l2).abs() < 1e-5 * l1.abs(),
+                "{mode:?}: loss {l1} vs {l2}"
+            );
+            let mut ids = Vec::new();
+            let mut collect = ParamIds(&mut ids);
+            model.visit(&mut collect);
+            let mut compared = 0;
+            for (id, dims) in ids {
+                let get = |g: &GradientsParams| -> Option<Vec<f32>> {
+                    let t: Option<Vec<f32>> = match dims {
+                        1 => g
+                            .get::<Inner, 1>(id)
+                            .map(|t| t.into_data().to_vec().expect("f32")),
+                        _ => g
+                            .get::<Inner, 2>(id)
+                            .map(|t| t.into_data().to_vec().expect("f32")),
+                    };
+                    t
+                };
+                match (get(&g1), get(&g2)) {
+                    (None, None) => {}
+                    (Some(a), Some(b)) => {
+                        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        assert!(scale > 0.0, "{mode:?}: a zero gradient");
+                        for (x, y) in a.iter().zip(&b) {
+                            assert!(
+                                (x - y).abs() <= 1e-4 * scale,
+                                "{mode:?}: gradient {x} stored vs {y} recomputed"
+                            );
+                        }
+                        compared += 1;
+                    }
+                    (a, b) => panic!(
+                        "{mode:?}: gradient present stored {} recomputed {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                }
+            }
+            // Full: embedding, final norm and 2 x 9 block weights; LoRA: 2 x 7 x (A, B).
+            let want = match mode {
+                TrainMode::Full => 2 + 2 * 9,
+                TrainMode::Lora(_) => 2 * 7 * 2,
+            };
+            assert_eq!(compared, want, "{mode:?}");
+        }
+        // Other masks give other gradients: the dropout is live in this test.
+        let mut lc = LoraConfig::all_projections(4);
+        lc.dropout = 0.3;
+        Ad::seed(&dev, 5);
+        let mut model: TrainLlama<Ad> = TrainLlama::load(
+            cfg.clone(),
+            &mut Store::random(&cfg, 13, 12.0),
+            &TrainMode::Lora(lc),
+            &dev,
+        )
+        .expect("load");
+        if let Some(l) = model.blocks[0].projection_lora_mut(LayerWeight::Q) {
+            let b =
+                l.b.val()
+                    .random_like(burn::tensor::Distribution::Normal(0.0, 0.3));
+            l.b = Param::initialized(l.b.id, b.require_grad());
+        }
+        let loss = |micro: usize| {
+            let mut acc = GradientsAccumulator::<TrainLlama<Ad>>::new();
+            stored(
+                &model,
+                &batch,
+                1.0,
+                DropoutSeed { step: 77, micro },
+                &mut acc,
+                &dev,
+            )
+        };
+        assert_ne!(loss(0), loss(1));
+    }
+
+    /// The id and rank of every parameter of a module.
+    struct ParamIds<'a>(&'a mut Vec<(ParamId, usize)>);
+
+    impl<B: Backend> ModuleVisitor<B> for ParamIds<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.id, D));
+        }
     }
 
     #[test]

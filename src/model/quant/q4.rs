@@ -6,10 +6,19 @@
 //!
 //! `d` and `m` are kept as `f32` (the file has `f16`): 24 bytes per 32 weights instead of 20,
 //! one conversion less per block in the inner loop.
+//!
+//! `Q4_K` (the bulk of a `Q4_K_M` file) is the same arithmetic one level down: a super-block of
+//! 256 values has an `f16` scale `d` and min `dmin`, and each of its eight sub-blocks of 32 a
+//! 6-bit scale `sc` and min `mn`, so a value is `(d·sc)·q − (dmin·mn)`: a `Q4_1` block with
+//! `d = d·sc` and `m = −dmin·mn`, both exact in `f32` (11 bits of `f16` times 6 bits). Its
+//! sub-blocks are repacked at load into this layout (the nibbles reordered, ggml's low half of
+//! 32 bytes being one sub-block and the high half the next), so the `Q4_1` kernels run it and
+//! give the file's values bit for bit. In memory: 6 bits a weight against the file's 4.5 (the
+//! `f32` scale and offset per 32), against 9 as 8-bit blocks.
 
 use super::kernels::{self, Kernel};
 use super::QK;
-use crate::model::gguf::{f16_at, GgmlType};
+use crate::model::gguf::{f16_at, scale_min_k4, GgmlType, QK_K};
 use rayon::prelude::*;
 
 /// Bytes of 4-bit values per block.
@@ -50,8 +59,8 @@ pub struct Q4Row<'a> {
 /// Why GGUF bytes are not a 4-bit matrix this module reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Q4Error {
-    /// Not `Q4_0` or `Q4_1`.
-    #[error("{0:?} is not a 4-bit block type kept as is (Q4_0, Q4_1)")]
+    /// Not `Q4_0`, `Q4_1` or `Q4_K`.
+    #[error("{0:?} is not a 4-bit block type kept as is (Q4_0, Q4_1, Q4_K)")]
     Type(GgmlType),
     /// The bytes do not hold `rows × cols` values of the type.
     #[error("{got} bytes for {rows} x {cols} values of {ty:?}")]
@@ -70,7 +79,7 @@ pub enum Q4Error {
 impl Q4Matrix {
     /// Whether tensors of type `ty` can be kept as 4-bit blocks.
     pub fn keeps(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K)
     }
 
     /// Copies a GGUF tensor of `rows × cols` values of type `ty` (`Q4_0` or `Q4_1`), its row
@@ -82,13 +91,13 @@ impl Q4Matrix {
         cols: usize,
         source_row: impl Fn(usize) -> usize + Sync,
     ) -> Result<Self, Q4Error> {
-        let block_bytes = match ty.block_layout() {
-            Some((QK, bytes)) if Self::keeps(ty) => bytes,
+        let (per_block, block_bytes) = match ty.block_layout() {
+            Some(layout) if Self::keeps(ty) => layout,
             _ => return Err(Q4Error::Type(ty)),
         };
         let blocks = cols / QK;
-        let row_bytes = blocks * block_bytes;
-        if !cols.is_multiple_of(QK) || bytes.len() != rows * row_bytes {
+        let row_bytes = cols / per_block * block_bytes;
+        if !cols.is_multiple_of(per_block) || bytes.len() != rows * row_bytes {
             return Err(Q4Error::Size {
                 ty,
                 rows,
@@ -117,6 +126,14 @@ impl Q4Matrix {
                 .for_each(|(r, ((d, m), nib))| {
                     let src = source_row(r);
                     let row = &bytes[src * row_bytes..(src + 1) * row_bytes];
+                    if ty == GgmlType::Q4_K {
+                        for (k, blk) in row.chunks_exact(block_bytes).enumerate() {
+                            let at = k * (QK_K / QK);
+                            let (d, m) = (&mut d[at..at + 8], &mut m[at..at + 8]);
+                            repack_q4_k(blk, d, m, &mut nib[at * NIBBLE_BYTES..]);
+                        }
+                        return;
+                    }
                     for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
                         let (scale, offset, values) = match ty {
                             GgmlType::Q4_0 => {
@@ -216,6 +233,30 @@ impl Q4Matrix {
     }
 }
 
+/// One `Q4_K` super-block (`block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`) as
+/// eight `Q4_1`-style sub-blocks: their scales into `d`, offsets into `m`, and 8 × 16 bytes of
+/// nibbles at the start of `nib` (value `j` of a sub-block in the low nibble of its byte `j`,
+/// value `j + 16` in the high one).
+fn repack_q4_k(blk: &[u8], d: &mut [f32], m: &mut [f32], nib: &mut [u8]) {
+    let (scale, min) = (f16_at(blk, 0), f16_at(blk, 2));
+    let (scales, qs) = (&blk[4..16], &blk[16..]);
+    for s in 0..QK_K / QK {
+        let (sc, mn) = scale_min_k4(s, scales);
+        d[s] = scale * sc as f32;
+        m[s] = -(min * mn as f32);
+        // Sub-blocks 2g and 2g + 1 share 32 bytes: the low nibbles are 2g's values 0..32,
+        // the high nibbles 2g + 1's.
+        let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
+        let value = |l: usize| if s % 2 == 0 { q[l] & 0x0F } else { q[l] >> 4 };
+        for (j, out) in nib[s * NIBBLE_BYTES..(s + 1) * NIBBLE_BYTES]
+            .iter_mut()
+            .enumerate()
+        {
+            *out = value(j) | (value(j + NIBBLE_BYTES) << 4);
+        }
+    }
+}
+
 impl super::BlockWeights for Q4Matrix {
     fn rows(&self) -> usize {
         self.rows
@@ -282,6 +323,38 @@ mod tests {
         }
     }
 
+    /// GGUF bytes of random `Q4_K` super-blocks (every byte random but the two `f16` scales).
+    fn random_q4_k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK_K {
+            bytes.extend(half::f16::from_f32(rng.random_range(0.0005f32..0.004)).to_le_bytes());
+            bytes.extend(half::f16::from_f32(rng.random_range(0.0f32..0.01)).to_le_bytes());
+            bytes.extend((0..12 + QK_K / 2).map(|_| rng.random::<u8>()));
+        }
+        bytes
+    }
+
+    /// The repacked super-blocks hold the values the GGUF reader's `Q4_K` dequantization gives
+    /// (that one is checked against the `gguf` Python package), bit for bit.
+    #[test]
+    fn q4_k_super_blocks_repack_exactly() {
+        let (rows, cols) = (3, 512);
+        let bytes = random_q4_k(rows, cols, 5);
+        let want =
+            crate::model::gguf::dequantize(GgmlType::Q4_K, &bytes, rows * cols).expect("Q4_K");
+        let q = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| r).expect("q4");
+        assert_eq!(q.dequantize(), want);
+        assert_eq!(q.bytes(), rows * cols / QK * 24);
+        let rev = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| 2 - r).expect("q4");
+        let mut row = vec![0f32; cols];
+        rev.dequantize_row(0, &mut row);
+        assert_eq!(row, want[2 * cols..].to_vec());
+        // A row that does not fill whole super-blocks is refused.
+        let short = random_q4_k(1, 256, 6);
+        assert!(Q4Matrix::from_gguf(GgmlType::Q4_K, &short, 2, 128, |r| r).is_err());
+    }
+
     #[test]
     fn wrong_types_sizes_and_row_maps_are_errors() {
         let (bytes, _) = random_blocks(GgmlType::Q4_1, 2, 32, 2);
@@ -293,9 +366,20 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_f32_product() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
-            for &(m, n, k) in &[(1, 7, 32), (3, 33, 64), (6, 17, 160), (50, 20, 96)] {
-                let (bytes, w) = random_blocks(ty, n, k, 3 + m as u64);
+        let shapes = |ty| match ty {
+            GgmlType::Q4_K => vec![(1, 7, 256), (5, 9, 512), (50, 6, 256)],
+            _ => vec![(1, 7, 32), (3, 33, 64), (6, 17, 160), (50, 20, 96)],
+        };
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K] {
+            for (m, n, k) in shapes(ty) {
+                let (bytes, w) = match ty {
+                    GgmlType::Q4_K => {
+                        let bytes = random_q4_k(n, k, 3 + m as u64);
+                        let w = crate::model::gguf::dequantize(ty, &bytes, n * k).expect("Q4_K");
+                        (bytes, w)
+                    }
+                    _ => random_blocks(ty, n, k, 3 + m as u64),
+                };
                 let q = Q4Matrix::from_gguf(ty, &bytes, n, k, |r| r).expect("q4");
                 let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
