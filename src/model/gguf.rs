@@ -610,6 +610,30 @@ impl GgufFile {
         }
     }
 
+    /// Tells the kernel that a tensor's bytes, once converted, are not needed again: their
+    /// pages leave this process's resident set (read back from the file if touched again).
+    /// Loading touches every page of the file once; without this, a model's peak resident
+    /// size is the file plus the model built from it.
+    pub fn release(&self, info: &GgufTensorInfo) {
+        let Ok(bytes) = self.tensor_bytes(info) else {
+            return;
+        };
+        let offset = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only file mapping: MADV_DONTNEED drops its pages and a later
+        // access reads them from the file again, the same bytes (a file changed under a map is
+        // already outside what a map can guard against). Advice only: an error changes nothing.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset,
+                bytes.len(),
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = offset;
+    }
+
     /// Dequantizes a tensor by name to `f32`, row-major with shape [`GgufTensorInfo::shape`].
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), GgufError> {
         let info = self
@@ -622,6 +646,7 @@ impl GgufFile {
                 ty: info.ty.name(),
             }
         })?;
+        self.release(info);
         Ok((values, info.shape()))
     }
 
@@ -654,7 +679,7 @@ impl GgufFile {
         }
         let bytes = self.tensor_bytes(info)?;
         let row_bytes = cols / block_elems * block_bytes;
-        Q8Matrix::from_rows(rows, cols, |r, out| {
+        let q = Q8Matrix::from_rows(rows, cols, |r, out| {
             let src = source_row(r);
             let row = bytes
                 .get(src * row_bytes..(src + 1) * row_bytes)
@@ -662,7 +687,9 @@ impl GgufFile {
             let values = dequantize(info.ty, row, cols).map_err(|_| unsupported())?;
             out.copy_from_slice(&values);
             Ok(())
-        })
+        });
+        self.release(info);
+        q
     }
 
     /// The tokenizer metadata (`tokenizer.*` keys).
@@ -1096,6 +1123,7 @@ impl WeightSource for GgufWeights<'_> {
                         problem: e.to_string(),
                     }
                 })?;
+            self.file.release(info);
             return Ok(Some(QuantWeight::Q4(q)));
         }
         Ok(Some(QuantWeight::Q8(
@@ -1227,6 +1255,8 @@ mod tests {
         let (v, shape) = f.tensor_f32("t").expect("tensor");
         assert_eq!(shape, vec![3, 2]);
         assert_eq!(v, vec![0.0, 1.5, 3.0, 4.5, 6.0, 7.5]);
+        // Reading released its pages; read again, they come back from the file unchanged.
+        assert_eq!(f.tensor_f32("t").expect("tensor again").0, v);
     }
 
     #[test]
