@@ -12,16 +12,17 @@
 //!   product). One block's graph lives at a time: memory is the kept inputs plus one block,
 //!   for one more forward pass of compute.
 //!
-//! LoRA dropout draws its masks from the backend RNG; both ways seed it before every block
-//! from `(step seed, micro-batch, block)` ([`DropoutSeed`]), so a block run again draws the
-//! masks it drew the first time, and the two ways give the same gradients.
+//! LoRA dropout's masks are functions of `(step seed, micro-batch, block, projection)`
+//! ([`DropoutSeed`], [`super::lora::dropout_mask`]), not draws from a shared generator, so a
+//! block run again draws the masks it drew the first time (whatever else in the process drew
+//! random numbers meanwhile), and the two ways give the same gradients.
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
-use super::model::{BlockContext, TrainLlama};
+use super::model::{mix_seed, BlockContext, TrainLlama};
 use super::sft::Batch;
 
 /// Where the dropout masks of one block come from: the step's seed, the micro-batch's place in
@@ -35,15 +36,9 @@ pub struct DropoutSeed {
 }
 
 impl DropoutSeed {
-    /// Seeds the backend RNG for block `block`.
-    pub fn seed_block<B: Backend>(&self, device: &B::Device, block: usize) {
-        let mut z = self.step
-            ^ (self.micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ (block as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        // splitmix64's finaliser: neighbouring (micro, block) give unrelated seeds.
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        B::seed(device, z ^ (z >> 31));
+    /// The dropout seed of block `block` ([`super::model::Block::forward`]).
+    pub fn block(&self, block: usize) -> u64 {
+        mix_seed(mix_seed(self.step, self.micro as u64), block as u64)
     }
 }
 
@@ -76,8 +71,7 @@ pub fn stored<B: AutodiffBackend>(
     let ctx = model.context(batch.rows, batch.len, device);
     let mut x = model.embed_tokens(ids);
     for (i, blk) in model.blocks.iter().enumerate() {
-        dropout.seed_block::<B>(device, i);
-        x = blk.forward(x, &ctx, &model.cfg, true);
+        x = blk.forward(x, &ctx, &model.cfg, Some(dropout.block(i)));
     }
     let loss = model.head_loss(x, pos, tgt);
     let value = loss.clone().into_scalar().elem::<f64>();
@@ -105,8 +99,8 @@ pub fn recomputed<B: AutodiffBackend>(
     let mut inputs = Vec::with_capacity(model.blocks.len());
     let mut x = embedded.clone().inner();
     for (i, blk) in model.blocks.iter().enumerate() {
-        dropout.seed_block::<B>(device, i);
-        let out = blk.valid().forward(x.clone(), &plain_ctx, &model.cfg, true);
+        let seed = Some(dropout.block(i));
+        let out = blk.valid().forward(x.clone(), &plain_ctx, &model.cfg, seed);
         inputs.push(x);
         x = out;
     }
@@ -123,9 +117,8 @@ pub fn recomputed<B: AutodiffBackend>(
         let (Some(up), Some(input)) = (upstream.take(), inputs.pop()) else {
             return value;
         };
-        dropout.seed_block::<B>(device, i);
         let input = Tensor::<B, 2>::from_inner(input).require_grad();
-        let out = blk.forward(input.clone(), &ctx, &model.cfg, true);
+        let out = blk.forward(input.clone(), &ctx, &model.cfg, Some(dropout.block(i)));
         let grads = (out * Tensor::from_inner(up)).sum().backward();
         upstream = input.grad(&grads);
         acc.accumulate(model, GradientsParams::from_grads(grads, blk));

@@ -638,7 +638,7 @@ mod tests {
             TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]),
             &Default::default(),
         );
-        m.forward(t, false)
+        m.forward(t)
             .narrow(0, s - 1, 1)
             .into_data()
             .to_vec::<f32>()

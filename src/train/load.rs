@@ -153,7 +153,7 @@ mod tests {
         let s = ids.len();
         let data = TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, s]);
         let t = Tensor::<Flex, 2, Int>::from_data(data, &Default::default());
-        let out = m.forward(t, false).narrow(0, s - 1, 1);
+        let out = m.forward(t).narrow(0, s - 1, 1);
         out.into_data().to_vec::<f32>().expect("f32")
     }
 

@@ -7,7 +7,8 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -125,14 +126,17 @@ impl<B: Backend> LoraAdapter<B> {
         }
     }
 
-    /// `(α/r)·dropout(x)·Aᵀ·Bᵀ` for `x` `[n, in]`.
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
-        let x = if train && self.dropout > 0.0 {
-            let keep = 1.0 - self.dropout;
-            let mask = x.random_like(Distribution::Bernoulli(keep));
-            x * mask.div_scalar(keep)
-        } else {
-            x
+    /// `(α/r)·dropout(x)·Aᵀ·Bᵀ` for `x` `[n, in]`; dropout only when training, its mask drawn
+    /// from `dropout_seed` (see [`dropout_mask`]).
+    pub fn forward(&self, x: Tensor<B, 2>, dropout_seed: Option<u64>) -> Tensor<B, 2> {
+        let x = match dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let [n, inp] = x.dims();
+                let mask = dropout_mask(seed, n * inp, self.dropout);
+                let mask = Tensor::from_data(TensorData::new(mask, [n, inp]), &x.device());
+                x * mask
+            }
+            _ => x,
         };
         x.matmul(self.a.val().transpose())
             .matmul(self.b.val().transpose())
@@ -145,15 +149,27 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+/// An inverted-dropout mask of `n` values: `0` with probability `p`, else `1 / (1 − p)`, drawn
+/// from a generator seeded with `seed` alone. The mask is a function of the seed, not of a
+/// shared generator's state: a block recomputed in the backward pass draws the masks of its
+/// forward pass again, whatever else in the process drew random numbers in between.
+pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let kept = (1.0 / (1.0 - p)) as f32;
+    (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { kept })
+        .collect()
+}
+
 impl<B: Backend> Linear<B> {
-    /// `x·Wᵀ (+ b) (+ LoRA)` for `x` `[n, in]`.
-    pub fn forward(&self, x: Tensor<B, 2>, train: bool) -> Tensor<B, 2> {
+    /// `x·Wᵀ (+ b) (+ LoRA)` for `x` `[n, in]`; LoRA dropout when training (`dropout_seed`).
+    pub fn forward(&self, x: Tensor<B, 2>, dropout_seed: Option<u64>) -> Tensor<B, 2> {
         let mut y = x.clone().matmul(self.weight.val().transpose());
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
         }
         if let Some(l) = &self.lora {
-            y = y + l.forward(x, train);
+            y = y + l.forward(x, dropout_seed);
         }
         y
     }
@@ -164,5 +180,24 @@ impl<B: Backend> Linear<B> {
             Some(l) => self.weight.val() + l.delta(),
             None => self.weight.val(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dropout_mask;
+
+    #[test]
+    fn dropout_masks_are_functions_of_their_seed() {
+        let p = 0.25;
+        let m = dropout_mask(7, 20_000, p);
+        // Every value is 0 or 1 / (1 - p); about a quarter are 0 (binomial sd ~0.003).
+        assert!(m.iter().all(|&v| v == 0.0 || v == (1.0 / (1.0 - p)) as f32));
+        let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+        assert!((dropped - p).abs() < 0.015, "dropped {dropped}");
+        // The same seed draws the same mask; another seed, another one.
+        assert_eq!(dropout_mask(7, 20_000, p), m);
+        assert_ne!(dropout_mask(8, 20_000, p), m);
+        assert!(dropout_mask(9, 100, 0.0).iter().all(|&v| v == 1.0));
     }
 }

@@ -176,21 +176,24 @@ pub struct BlockContext<B: Backend> {
 
 impl<B: Backend> Block<B> {
     /// The block over hidden states `x` `[b·s, hidden]`: pre-norm attention and SwiGLU MLP,
-    /// each added to its input. With `train`, LoRA dropout draws masks from the backend RNG.
+    /// each added to its input. Training passes a `dropout_seed`: each projection's LoRA
+    /// dropout mask is drawn from it and the projection's place in the block.
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         ctx: &BlockContext<B>,
         cfg: &LlamaConfig,
-        train: bool,
+        dropout_seed: Option<u64>,
     ) -> Tensor<B, 2> {
+        // One seed per projection (q, k, v, o, gate, up, down).
+        let seed = |i: u64| dropout_seed.map(|s| mix_seed(s, i));
         let (b, s) = (ctx.b, ctx.s);
         let (d, kvh, n_rep, h) = (cfg.head_dim, cfg.n_kv_heads, cfg.n_rep(), cfg.n_heads);
         let scale = 1.0 / (d as f64).sqrt();
         let xn = rms_norm(x.clone(), self.attn_norm.val(), cfg.rms_eps);
-        let q = self.q.forward(xn.clone(), train).reshape([b, s, h, d]);
-        let k = self.k.forward(xn.clone(), train).reshape([b, s, kvh, d]);
-        let v = self.v.forward(xn, train).reshape([b, s, kvh, d]);
+        let q = self.q.forward(xn.clone(), seed(0)).reshape([b, s, h, d]);
+        let k = self.k.forward(xn.clone(), seed(1)).reshape([b, s, kvh, d]);
+        let v = self.v.forward(xn, seed(2)).reshape([b, s, kvh, d]);
         let q = rope(q, ctx.cos.clone(), ctx.sin.clone());
         let k = rope(k, ctx.cos.clone(), ctx.sin.clone());
         let q = crate::model::llama::fold_query_heads(q, kvh);
@@ -203,11 +206,11 @@ impl<B: Backend> Block<B> {
             .reshape([b, kvh, n_rep, s, d])
             .permute([0, 3, 1, 2, 4])
             .reshape([b * s, h * d]);
-        let x = x + self.o.forward(att, train);
+        let x = x + self.o.forward(att, seed(3));
         let xn = rms_norm(x.clone(), self.ffn_norm.val(), cfg.rms_eps);
-        let gate = self.gate.forward(xn.clone(), train);
-        let up = self.up.forward(xn, train);
-        x + self.down.forward(silu(gate) * up, train)
+        let gate = self.gate.forward(xn.clone(), seed(4));
+        let up = self.up.forward(xn, seed(5));
+        x + self.down.forward(silu(gate) * up, seed(6))
     }
 }
 
@@ -332,14 +335,20 @@ impl<B: Backend> TrainLlama<B> {
 
     /// Final hidden states `[b·s, hidden]` of `ids` (`[b, s]`, row-major; right padding is
     /// harmless: with a causal mask no real position ever attends to a later pad).
-    pub fn hidden(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 2> {
+    /// No dropout: this is the model as it infers (training's passes are in `train::backward`).
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.final_norm(self.blocks_output(ids))
+    }
+
+    /// The last block's output `[b·s, hidden]` for `ids` `[b, s]` (before the final norm).
+    fn blocks_output(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let [b, s] = ids.dims();
         let ctx = self.context(b, s, &ids.device());
         let mut x = self.embed_tokens(ids);
         for blk in &self.blocks {
-            x = blk.forward(x, &ctx, &self.cfg, train);
+            x = blk.forward(x, &ctx, &self.cfg, None);
         }
-        self.final_norm(x)
+        x
     }
 
     /// What every block's forward over `[b, s]` tokens shares: RoPE tables and causal mask.
@@ -385,8 +394,8 @@ impl<B: Backend> TrainLlama<B> {
     }
 
     /// Logits of every position, `[b·s, vocab]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, train: bool) -> Tensor<B, 2> {
-        self.head(self.hidden(ids, train))
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.head(self.hidden(ids))
     }
 
     /// Sum of the cross-entropy of `targets` predicted at flat positions `positions`
@@ -397,15 +406,8 @@ impl<B: Backend> TrainLlama<B> {
         ids: Tensor<B, 2, Int>,
         positions: Tensor<B, 1, Int>,
         targets: Tensor<B, 1, Int>,
-        train: bool,
     ) -> Tensor<B, 1> {
-        let [b, s] = ids.dims();
-        let ctx = self.context(b, s, &ids.device());
-        let mut x = self.embed_tokens(ids);
-        for blk in &self.blocks {
-            x = blk.forward(x, &ctx, &self.cfg, train);
-        }
-        self.head_loss(x, positions, targets)
+        self.head_loss(self.blocks_output(ids), positions, targets)
     }
 
     /// The loss part of [`Self::loss_sum`] from the last block's output `x` `[b·s, hidden]`:
@@ -435,7 +437,7 @@ impl<B: Backend> TrainLlama<B> {
             }
             let s = seq.len();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(seq.clone(), [1, s]), &device);
-            let last = self.hidden(ids, false).narrow(0, s - 1, 1);
+            let last = self.hidden(ids).narrow(0, s - 1, 1);
             let next = self.head(last).argmax(1).into_data();
             let Some(next) = next.iter::<i64>().next() else {
                 break;
@@ -448,6 +450,15 @@ impl<B: Backend> TrainLlama<B> {
         }
         out
     }
+}
+
+/// A seed derived from `seed` and `i` (splitmix64's finaliser over their mix): neighbouring
+/// inputs give unrelated seeds.
+pub fn mix_seed(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ (i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// RMSNorm over the last axis: the inference model's, with the weight as a trainable vector.

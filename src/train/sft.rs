@@ -3,9 +3,9 @@
 //! a linear learning-rate decay; seeded and resumable.
 //!
 //! Reproducibility: the example order is a pure function of `(seed, position in the stream)`
-//! (one seeded shuffle per epoch), and the backend RNG (LoRA dropout) is re-seeded from
-//! `(seed, step, micro-batch, block)` before every block ([`super::backward::DropoutSeed`]), so
-//! a run resumed at step k continues exactly as the uninterrupted run would.
+//! (one seeded shuffle per epoch), and LoRA dropout's masks are functions of `(seed, step,
+//! micro-batch, block, projection)` ([`super::backward::DropoutSeed`]), so a run resumed at
+//! step k continues exactly as the uninterrupted run would.
 
 use std::marker::PhantomData;
 
@@ -234,13 +234,8 @@ impl Batch {
         self.targets.len()
     }
 
-    /// Summed cross-entropy of the batch's targets under `model`.
-    pub fn loss_sum<B: Backend>(
-        &self,
-        model: &TrainLlama<B>,
-        train: bool,
-        device: &B::Device,
-    ) -> Tensor<B, 1> {
+    /// Summed cross-entropy of the batch's targets under `model` (no dropout).
+    pub fn loss_sum<B: Backend>(&self, model: &TrainLlama<B>, device: &B::Device) -> Tensor<B, 1> {
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(self.ids.clone(), [self.rows, self.len]),
             device,
@@ -250,7 +245,7 @@ impl Batch {
             Tensor::<B, 1, Int>::from_data(TensorData::new(self.positions.clone(), [n]), device);
         let tgt =
             Tensor::<B, 1, Int>::from_data(TensorData::new(self.targets.clone(), [n]), device);
-        model.loss_sum(ids, pos, tgt, train)
+        model.loss_sum(ids, pos, tgt)
     }
 }
 
@@ -320,7 +315,7 @@ pub fn eval_loss<B: Backend>(
     let idx: Vec<usize> = (0..examples.len()).collect();
     let (mut sum, mut n) = (0f64, 0usize);
     for b in micro_batches(examples, &idx, batch_size, pad) {
-        sum += b.loss_sum(model, false, device).into_scalar().elem::<f64>();
+        sum += b.loss_sum(model, device).into_scalar().elem::<f64>();
         n += b.n_targets();
     }
     (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
@@ -571,11 +566,7 @@ mod tests {
 
     fn mean_loss(model: &TrainLlama<Inner>, batch: &Batch) -> f64 {
         let dev = Default::default();
-        batch
-            .loss_sum(model, false, &dev)
-            .into_scalar()
-            .elem::<f64>()
-            / batch.n_targets() as f64
+        batch.loss_sum(model, &dev).into_scalar().elem::<f64>() / batch.n_targets() as f64
     }
 
     fn grad_of(g: &GradientsParams, p: &Param<Tensor<Ad, 2>>) -> Vec<f32> {
@@ -602,7 +593,7 @@ mod tests {
             TrainLlama::load(cfg.clone(), &mut store.clone(), &TrainMode::Full, &dev)
                 .expect("load");
         let loss = batch
-            .loss_sum(&model, false, &dev)
+            .loss_sum(&model, &dev)
             .div_scalar(batch.n_targets() as f64);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         // (weight name, flat index, analytic gradient)
@@ -702,7 +693,7 @@ mod tests {
         let batch = Batch::new(&refs, 0);
         let model: TrainLlama<Ad> = build(&cfg, &store, &lc, &a_host, &b_host);
         let loss = batch
-            .loss_sum(&model, false, &dev)
+            .loss_sum(&model, &dev)
             .div_scalar(batch.n_targets() as f64);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lora = model.blocks[1].q.lora.as_ref().expect("adapter");

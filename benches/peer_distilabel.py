@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""The peer: backflow's augment + rate against distilabel over llama.cpp, in one run, same
+passages, same GGUF, same prompts, sampling and token limits, same threads. Prints a table.
+
+    scripts/fetch-assets.sh pages model llamacpp
+    ~/.cache/backflow/venv-llama/bin/pip install distilabel==1.5.3 requests
+    cargo build --release
+    ~/.cache/backflow/venv-llama/bin/python benches/peer_distilabel.py [--passages 256]
+        [--threads 2] [--model PATH.gguf]
+
+What each side does, per passage of the Python docs (`backflow segment`'s passages, the first N):
+- augment: the paper's backward prompt (`train::data::backward_prompt`: the instruction request,
+  the passage, the seed tag) as the user turn of the model's chat template; sampled at T = 0.7,
+  top-p 0.9, at most 64 new tokens (backflow's `--augment-tokens` default);
+- rate: the paper's self-curation prompt (Table 1) with the generated instruction and the passage
+  as its answer; at most 128 new tokens (backflow's `--rate-tokens`); the score parsed from
+  `Score: N`.
+backflow: `backflow run humpback --backward-model GGUF --seed-model GGUF --rounds 1` over the same
+passages (no step-0 training: both models are the GGUF), `-w 2`; its time is the run's wall time
+less round 1's training of M_1 (reported apart), so both sides are timed on augment + rate, model
+loading included. backflow also computes a forced score when a rating has none (more work, not
+less). distilabel: a `Pipeline` of `LoadDataFromDicts` -> `TextGeneration` (the backward prompt)
+-> `InstructionBacktranslation` (distilabel's task for the paper's self-curation prompt), both on
+`LlamaCppLLM` with the same GGUF and `n_threads`, as distilabel's documentation sets them up;
+timed from `pipeline.run` to its return. Its rating turn has no system prompt (backflow's has the
+seed tag); distilabel's template is its own rendering of the paper's prompt.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("BACKFLOW_CACHE", Path.home() / ".cache/backflow"))
+BIN = ROOT / "target/release/backflow"
+DEFAULT_MODEL = CACHE / "model/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# train::data::BACKWARD_PROMPT and SEED_TAG, as backflow sends them (src/train/data.rs).
+BACKWARD_PROMPT = ("Below is a candidate answer to a question or instruction from an user. Write "
+                   "the most likely question to which the text below would be a great answer.")
+SEED_TAG = "Answer in the style of an AI Assistant."
+
+
+def passages(tmp, n):
+    """The first n passages `backflow segment` makes of the Python docs."""
+    warc = tmp / "python-docs.warc.gz"
+    subprocess.run([str(BIN), "warc-pack", str(CACHE / "pages/python3.11"), "--out", str(warc)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([str(BIN), "segment", str(warc), "--out", str(tmp / "seg"), "-q"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    for f in sorted((tmp / "seg").glob("segment-*.jsonl")):
+        rows += [json.loads(line)["text"] for line in f.open()]
+    if len(rows) < n:
+        sys.exit(f"only {len(rows)} passages")
+    return rows[:n]
+
+
+def run_backflow(tmp, texts, args):
+    corpus = tmp / "passages.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp / "backflow"
+    cmd = [str(BIN), "run", "humpback", "--corpus", str(corpus), "--out", str(out),
+           "--limit", str(len(texts)), "--backward-model", str(args.model),
+           "--seed-model", str(args.model), "--model", str(args.model), "--rounds", "1",
+           "--train-steps", "1", "--max-chars", "100000", "-w", str(args.threads), "-q"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    m = json.loads((out / "metrics.json").read_text())
+    train = sum(r["train"]["secs"] for r in m["rounds"])
+    ratings = [json.loads(line) for f in out.glob("ratings-*.jsonl") for line in f.open()]
+    scored = sum(1 for r in ratings if any(x.get("score") is not None for x in r["samples"]))
+    return {"wall": wall, "train": train, "secs": wall - train, "passages": m["passages"],
+            "ratings": len(ratings), "peak_rss_mb": m.get("peak_rss_mb"),
+            "rated_with_score": scored}
+
+
+def run_distilabel(texts, args):
+    from distilabel.models.llms import LlamaCppLLM
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps.tasks import InstructionBacktranslation, TextGeneration
+
+    def llm(max_new_tokens, sampled):
+        kwargs = {"max_new_tokens": max_new_tokens}
+        kwargs.update({"temperature": 0.7, "top_p": 0.9} if sampled else {"temperature": 0.0})
+        return LlamaCppLLM(model_path=str(args.model), n_ctx=4096, n_gpu_layers=0,
+                           extra_kwargs={"n_threads": args.threads},
+                           generation_kwargs=kwargs)
+
+    rows = [{"text": t, "backward_prompt": f"{BACKWARD_PROMPT}\n\n{t.strip()}\n\n{SEED_TAG}"}
+            for t in texts]
+    with Pipeline(name="backtranslation-peer", cache_dir=str(args.tmp / "distilabel-cache")) as p:
+        load = LoadDataFromDicts(data=rows, batch_size=args.batch)
+        augment = TextGeneration(llm=llm(64, True), template="{{ backward_prompt }}",
+                                 columns=["backward_prompt"], input_batch_size=args.batch,
+                                 output_mappings={"generation": "instruction"})
+        rate = InstructionBacktranslation(llm=llm(128, False), input_batch_size=args.batch,
+                                          input_mappings={"generation": "text"})
+        load >> augment >> rate
+    t = time.perf_counter()
+    dist = p.run(use_cache=False)
+    secs = time.perf_counter() - t
+    out = dist["default"]["train"]
+    scores = [s for s in out["score"] if s is not None]
+    return {"secs": secs, "rows": len(out), "scored": len(scores)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--passages", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16, help="distilabel's input_batch_size")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    args = ap.parse_args()
+    if not BIN.exists():
+        sys.exit("build first: cargo build --release")
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = Path(tmp)
+        texts = passages(args.tmp, args.passages)
+        print(f"backflow: {len(texts)} passages", file=sys.stderr)
+        bf = run_backflow(args.tmp, texts, args)
+        print(f"backflow: {bf}", file=sys.stderr)
+        print(f"distilabel: {len(texts)} passages", file=sys.stderr)
+        dl = run_distilabel(texts, args)
+        print(f"distilabel: {dl}", file=sys.stderr)
+    n = len(texts)
+    print(f"\n{n} passages of the Python docs, {args.model.name}, {args.threads} threads, "
+          f"{os.cpu_count()} cores\n")
+    print("| | seconds (augment + rate) | passages/hour | rated | with a parsed score |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| backflow (`run humpback`, -w {args.threads}) | {bf['secs']:.1f} | "
+          f"{n / bf['secs'] * 3600:.0f} | {bf['ratings']} | {bf['rated_with_score']} |")
+    print(f"| distilabel + llama.cpp | {dl['secs']:.1f} | {n / dl['secs'] * 3600:.0f} | "
+          f"{dl['rows']} | {dl['scored']} |")
+    print(f"\nbackflow / distilabel: {dl['secs'] / bf['secs']:.2f}x passages/hour; backflow's "
+          f"run {bf['wall']:.1f} s wall with M_1's training ({bf['train']:.1f} s) set apart; "
+          f"peak RSS {bf['peak_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()
