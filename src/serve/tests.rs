@@ -55,6 +55,26 @@ fn greedy_ask(version: &str, messages: Vec<Message>, max_new_tokens: usize) -> A
     }
 }
 
+/// Sends one greedy request for the user message `text` to `version`, answered on `reply`.
+fn send_greedy(
+    client: &ModelClient,
+    reply: &Sender<GenAnswer>,
+    ticket: u64,
+    version: &str,
+    text: &str,
+    max_new_tokens: usize,
+) {
+    client
+        .send(GenRequest {
+            ticket,
+            reply: reply.clone(),
+            wake: None,
+            stream: None,
+            ask: greedy_ask(version, vec![Message::user(text)], max_new_tokens),
+        })
+        .expect("send");
+}
+
 /// Sends `n` requests made by `make(ticket, reply)` (tickets 0..n) and returns every
 /// answer, in ticket order.
 fn round_trip(
@@ -431,15 +451,7 @@ fn serve_a_request_joins_a_batch_already_decoding() {
     let client = server.client().expect("client");
     let (reply, answers) = crossbeam_channel::unbounded();
     let send = |ticket: u64, text: &str, max_new_tokens: usize| {
-        client
-            .send(GenRequest {
-                ticket,
-                reply: reply.clone(),
-                wake: None,
-                stream: None,
-                ask: greedy_ask("v0", vec![Message::user(text)], max_new_tokens),
-            })
-            .expect("send");
+        send_greedy(&client, &reply, ticket, "v0", text, max_new_tokens);
     };
     send(0, "Write a long story about a cat who learns to sail.", 64);
     // Wait until the long one is decoding, then send two short ones.
@@ -544,15 +556,7 @@ fn serve_the_last_loaded_version_goes_first() {
         let version = if ticket < 4 { "old" } else { "new" };
         let animal = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"][ticket as usize];
         let text = format!("Write a long story about a {animal} who learns to sail.");
-        client
-            .send(GenRequest {
-                ticket,
-                reply: reply.clone(),
-                wake: None,
-                stream: None,
-                ask: greedy_ask(version, vec![Message::user(text)], tokens(ticket)),
-            })
-            .expect("send");
+        send_greedy(&client, &reply, ticket, version, &text, tokens(ticket));
     }
     let order = receive(&answers, 8);
     let tickets: Vec<u64> = order.iter().map(|a| a.ticket).collect();
