@@ -403,7 +403,7 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
     );
     let last = rounds.last();
     let dropped: u64 = metrics.dropped.values().sum();
-    let figures: [(&str, String); 9] = [
+    let figures: [(&str, String); 10] = [
         (
             "Elapsed",
             finite(metrics.elapsed_secs)
@@ -435,6 +435,10 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
         (
             "Peak memory (MB)",
             fmt_opt(metrics.peak_rss_mb.and_then(finite)),
+        ),
+        (
+            "Peak KV cache (MB)",
+            fmt_opt(finite(metrics.throughput.kv_cache_peak_mb)),
         ),
     ];
     out.push_str("<dl class=\"figures\">\n");

@@ -238,6 +238,9 @@ pub struct Throughput {
     pub augment: StageThroughput,
     /// Ratings by the forward models.
     pub rate: StageThroughput,
+    /// The most KV cache the server's running batches held together (MiB, projected for
+    /// every row running to its longest; bounded by `--kv-cache-mb`).
+    pub kv_cache_peak_mb: f64,
     /// What the figures cover.
     pub note: String,
 }

@@ -230,6 +230,9 @@ pub(super) fn throughput(
     Throughput {
         augment: sum(&backward),
         rate: sum(&forward),
+        kv_cache_peak_mb: (server.stats().kv_bytes_peak).load(std::sync::atomic::Ordering::Relaxed)
+            as f64
+            / (1u64 << 20) as f64,
         note: "this process only; prompts_per_sec is per second of model time".into(),
     }
 }

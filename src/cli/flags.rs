@@ -46,8 +46,8 @@ pub struct ServerFlags {
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Most MiB of KV cache per model version's running batch (rows x slots, projected to
-    /// their longest); requests past it wait for rows to finish.
+    /// Most MiB of KV cache the running batches of every model version take together (rows x
+    /// slots, projected to their longest); requests past it wait for rows to finish.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = crate::serve::DEFAULT_KV_CACHE_MB)]
     pub kv_cache_mb: usize,
 }

@@ -214,6 +214,17 @@ impl Loaded {
     fn has_work(&self) -> bool {
         !self.queue.is_empty() || self.running.is_some()
     }
+
+    /// Bytes of KV cache its running batch holds once every row has run to its longest (rows
+    /// x slots after the shared prefix, as `fill` projects them); 0 with no batch running.
+    fn kv_bytes_projected(&self) -> usize {
+        self.running.as_ref().map_or(0, |f| {
+            let slots = f.batch.slots() + f.batch.steps_left();
+            (f.batch.len())
+                .saturating_mul(slots)
+                .saturating_mul(self.generator.kv_bytes_per_token())
+        })
+    }
 }
 
 /// Of the versions with work, the one loaded last (in the loop, the current round's model,
@@ -246,14 +257,29 @@ pub(super) fn step_all(
     else {
         return;
     };
-    for (version, model) in models.iter_mut() {
+    // One KV budget for the whole server: each version fills within what the others' running
+    // batches leave of it, the newest first (its rows are what the round waits for).
+    let mut held: HashMap<String, usize> = (models.iter())
+        .map(|(v, m)| (v.clone(), m.kv_bytes_projected()))
+        .collect();
+    let mut turns: Vec<(&String, &mut Loaded)> = models.iter_mut().collect();
+    turns.sort_by_key(|(_, m)| std::cmp::Reverse(m.order));
+    for (version, model) in turns {
         if !model.has_work() || !steps_now(model.order, newest, tick) {
             continue;
         }
+        let others: usize = (held.iter())
+            .filter(|(v, _)| *v != version)
+            .map(|(_, b)| *b)
+            .sum();
+        let free = config.kv_cache_bytes.saturating_sub(others);
         let started = Instant::now();
         let mut d = VersionStats::default();
-        let mut replies = fill(model, config, &mut d);
+        let mut replies = fill(model, config, free, &mut d);
+        let together = others + model.kv_bytes_projected();
+        (stats.kv_bytes_peak).fetch_max(together as u64, std::sync::atomic::Ordering::Relaxed);
         replies.extend(step(model, &mut d));
+        held.insert(version.clone(), model.kv_bytes_projected());
         let replies: Vec<Reply> = replies
             .into_iter()
             .map(|r| match r {
@@ -290,8 +316,14 @@ enum Settle {
     Failed(Box<Reply>),
 }
 
-/// Moves queued requests into the running batch (or starts one) within the step's limits.
-fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<Settle> {
+/// Moves queued requests into the running batch (or starts one) within the step's limits and
+/// `kv_bytes` of KV cache (what the server's budget leaves after the other versions' batches).
+fn fill(
+    model: &mut Loaded,
+    config: &ServerConfig,
+    kv_bytes: usize,
+    d: &mut VersionStats,
+) -> Vec<Settle> {
     let mut out = Vec::new();
     let max_batch = config.max_batch.max(1);
     let in_flight = model.running.as_ref().map_or(0, |f| f.batch.len());
@@ -302,8 +334,8 @@ fn fill(model: &mut Loaded, config: &ServerConfig, d: &mut VersionStats) -> Vec<
     // row is waiting on it); joining a running one, newcomers must fit the step's prefill budget
     // of tokens past the batch's prefix (the first always goes) and should join. Either way the
     // batch's KV cache, projected to every row's longest (rows x slots), stays within
-    // `kv_cache_bytes`: a request past it waits, in its place, for rows to finish.
-    let budget = config.kv_cache_bytes / model.generator.kv_bytes_per_token().max(1);
+    // `kv_bytes`: a request past it waits, in its place, for rows to finish.
+    let budget = kv_bytes / model.generator.kv_bytes_per_token().max(1);
     let fits = |rows: usize, slots: usize| rows.saturating_mul(slots) <= budget;
     let (mut rows, mut reach, mut ahead) = match model.running.as_ref() {
         Some(f) => (f.batch.len(), f.batch.slots(), f.batch.steps_left()),

@@ -77,10 +77,12 @@ pub struct ServerConfig {
     /// decoding wait at most one such prefill per token they make. A new batch takes up to
     /// `max_batch` requests whatever their length: no row waits on it.
     pub max_join_tokens: usize,
-    /// Most bytes of KV cache a version's running batch may take, as projected for every row
-    /// running to its longest (rows x slots, the shared prefix apart): a request that would
-    /// pass it waits for rows to finish (one alone always runs). It bounds the server's memory
-    /// whatever `max_batch` and the prompts' lengths, as vLLM's KV cache size does.
+    /// Most bytes of KV cache the running batches of every version may take together, each
+    /// projected for every row running to its longest (rows x slots, the shared prefix apart):
+    /// a request that would pass it waits for rows to finish (the first row of a version's
+    /// batch always runs, so no version waits forever on another). It bounds the server's
+    /// memory whatever `max_batch`, the prompts' lengths and the number of versions loaded, as
+    /// vLLM's KV cache size does; the version loaded last fills first.
     pub kv_cache_bytes: usize,
     /// Whether a batch's shared prompt prefix is computed once and its KV reused (on by
     /// default; off only to measure what it saves).

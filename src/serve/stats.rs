@@ -80,6 +80,9 @@ pub struct ServerStats {
     pub cache_loaded: AtomicU64,
     /// Bytes of torn or corrupt tail dropped from the cache file at start.
     pub cache_dropped_bytes: AtomicU64,
+    /// The most KV cache the running batches of every version held together, as projected
+    /// for every row running to its longest (what `ServerConfig::kv_cache_bytes` bounds).
+    pub kv_bytes_peak: AtomicU64,
     versions: Mutex<HashMap<String, VersionStats>>,
 }
 

@@ -574,3 +574,56 @@ fn serve_the_last_loaded_version_goes_first() {
         "answered in the order {tickets:?}"
     );
 }
+
+/// The KV budget holds for the server, not per version: four requests alone set the peak a
+/// batch of four takes (`kv_bytes_peak`); with that peak as the budget, four requests for each
+/// of two versions sent together hold at most it plus the other version's first row (which
+/// always runs), where with room for both the two batches run side by side at twice it. Every
+/// request is answered either way.
+#[test]
+fn serve_one_kv_cache_budget_holds_across_versions() {
+    let Some(model) = model_path() else { return };
+    let animals = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"];
+    let run = |config: ServerConfig, versions: &[&str]| {
+        let server = ModelServer::start(config);
+        for v in versions {
+            server.load(v, &model).expect("load");
+        }
+        let client = server.client().expect("client");
+        let (reply, answers) = crossbeam_channel::unbounded();
+        let n = 4 * versions.len();
+        for ticket in 0..n as u64 {
+            let version = versions[ticket as usize / 4];
+            let text = format!(
+                "Write a long story about a {} who learns to sail.",
+                animals[ticket as usize]
+            );
+            send_greedy(&client, &reply, ticket, version, &text, 12);
+        }
+        let got = receive(&answers, n);
+        assert!(
+            got.iter().all(|a| a.new_tokens == 12),
+            "every request answered in full: {:?}",
+            got.iter().map(|a| &a.result).collect::<Vec<_>>()
+        );
+        server.stats().kv_bytes_peak.load(Ordering::Relaxed)
+    };
+    let alone = run(ServerConfig::default(), &["v0"]);
+    assert!(alone > 0, "a batch ran");
+    let side_by_side = run(ServerConfig::default(), &["old", "new"]);
+    assert!(
+        side_by_side as f64 > 1.75 * alone as f64,
+        "the premise: with room for both, both batches run at once: {side_by_side} vs {alone}"
+    );
+    let bounded = run(
+        ServerConfig {
+            kv_cache_bytes: alone as usize,
+            ..ServerConfig::default()
+        },
+        &["old", "new"],
+    );
+    assert!(
+        (bounded as f64) < 1.5 * alone as f64,
+        "one budget for both versions: {bounded} vs {alone}"
+    );
+}
