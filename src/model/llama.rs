@@ -1429,6 +1429,9 @@ mod cpu {
         } = blk;
         let (p, cols) = (k.0.len() / d, blk.cols());
         let rows = out.len() / d;
+        if cols == 0 {
+            return;
+        }
         // The columns any row of the tile sees.
         let (mut lo, mut hi) = (cols, 0);
         for mrow in mask.chunks_exact(cols) {
