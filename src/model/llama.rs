@@ -1323,6 +1323,35 @@ mod cpu {
         scale: f32,
     }
 
+    impl<'a> Block<'a> {
+        /// Key columns: the shared prefix's, then the own slots'.
+        fn cols(&self) -> usize {
+            (self.k.0.len() + self.k.1.len()) / self.d
+        }
+
+        /// Column `j`'s key: the prefix's `j`-th, or past the prefix its own slot.
+        #[inline(always)]
+        fn key(&self, j: usize) -> &'a [f32] {
+            Self::column(self.k, j * self.d, self.d)
+        }
+
+        /// Column `j`'s value, as [`Block::key`].
+        #[inline(always)]
+        fn value(&self, j: usize) -> &'a [f32] {
+            Self::column(self.v, j * self.d, self.d)
+        }
+
+        /// The `d` values at offset `at` of the prefix and own slots laid end to end (by
+        /// offset, so the hot loops divide nothing).
+        #[inline(always)]
+        fn column((prefix, own): (&'a [f32], &'a [f32]), at: usize, d: usize) -> &'a [f32] {
+            match at < prefix.len() {
+                true => &prefix[at..at + d],
+                false => &own[at - prefix.len()..at - prefix.len() + d],
+            }
+        }
+    }
+
     /// Softmax attention of one [`Block`] into `out` `[rows, d]`, compiled for AVX-512 and
     /// AVX2 besides the baseline (the crate is built for plain x86-64, where these loops would
     /// run 4 lanes wide). A row that sees nothing stays zero, as burn's kernel gives.
@@ -1332,54 +1361,18 @@ mod cpu {
         "aarch64+neon"
     ))]
     fn attend_block(blk: Block<'_>, out: &mut [f32]) {
-        let Block {
-            q,
-            k,
-            v,
-            mask,
-            d,
-            scale,
-        } = blk;
-        let p = k.0.len() / d;
-        let cols = p + k.1.len() / d;
-        let key = |j: usize| match j < p {
-            true => &k.0[j * d..(j + 1) * d],
-            false => &k.1[(j - p) * d..(j - p + 1) * d],
-        };
-        let value = |j: usize| match j < p {
-            true => &v.0[j * d..(j + 1) * d],
-            false => &v.1[(j - p) * d..(j - p + 1) * d],
-        };
+        let (d, cols) = (blk.d, blk.cols());
         let mut scores = vec![0f32; cols];
         for (r, orow) in out.chunks_exact_mut(d).enumerate() {
-            let qrow = &q[r * d..(r + 1) * d];
-            let mrow = &mask[r * cols..(r + 1) * cols];
-            let mut max = f32::NEG_INFINITY;
+            let qrow = &blk.q[r * d..(r + 1) * d];
+            let mrow = &blk.mask[r * cols..(r + 1) * cols];
             for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = match mrow[j] {
-                    true => f32::NEG_INFINITY,
-                    false => dot(qrow, key(j)) * scale,
-                };
-                max = max.max(*sc);
-            }
-            if max == f32::NEG_INFINITY {
-                continue;
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            for (j, &w) in scores.iter().enumerate() {
-                if w == 0.0 {
-                    continue;
-                }
-                let w = w * inv;
-                for (o, &x) in orow.iter_mut().zip(value(j)) {
-                    *o += w * x;
+                if !mrow[j] {
+                    *sc = dot(qrow, blk.key(j)) * blk.scale;
                 }
             }
+            softmax_masked(&mut scores, mrow);
+            add_weighted_rows(orow, &scores, |j| blk.value(j));
         }
     }
 
@@ -1410,22 +1403,15 @@ mod cpu {
             });
     }
 
-    impl Block<'_> {
-        /// Key columns: the shared prefix's, then the own slots'.
-        fn cols(&self) -> usize {
-            (self.k.0.len() + self.k.1.len()) / self.d
-        }
-    }
-
     /// One tile of [`attend_block_tiled`]: `blk` holds the tile's query and mask rows.
     fn attend_tile(blk: Block<'_>, out: &mut [f32]) {
         let Block {
             q,
             k,
-            v,
             mask,
             d,
             scale,
+            ..
         } = blk;
         let (p, cols) = (k.0.len() / d, blk.cols());
         let rows = out.len() / d;
@@ -1486,20 +1472,16 @@ mod cpu {
         for (srow, mrow) in scores.chunks_exact_mut(width).zip(mask.chunks_exact(cols)) {
             softmax_masked(srow, &mrow[lo..hi]);
         }
-        let value = |j: usize| match j < p {
-            true => &v.0[j * d..(j + 1) * d],
-            false => &v.1[(j - p) * d..(j - p + 1) * d],
-        };
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
-            add_weighted_rows(orow, srow, |j| value(lo + j));
+            add_weighted_rows(orow, srow, |j| blk.value(lo + j));
         }
     }
 
     /// `out += Σ_j w[j]·row(j)` over the nonzero weights, in column order: the weighted sum of
-    /// values of one query row, term for term as [`attend_block`] adds it, so a token's output
-    /// does not depend on which path, tile or layout (shared prefix apart or not) computed it
-    /// (a GEMM would split the sum by its own blocking, and greedy answers could flip on a near
-    /// tie between the prefix cache on and off). Compiled for AVX-512 and AVX2 as that kernel.
+    /// values of one query row, for both paths, so a token's output does not depend on which
+    /// path, tile or layout (shared prefix apart or not) computed it (a GEMM would split the sum
+    /// by its own blocking, and greedy answers could flip on a near tie between the prefix
+    /// cache on and off). Compiled for AVX-512 and AVX2 as the attention kernel.
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
