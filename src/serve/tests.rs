@@ -75,6 +75,13 @@ fn send_greedy(
         .expect("send");
 }
 
+/// A prompt that runs long (greedy answers do not stop early), one animal per ticket (0..8).
+fn story(ticket: u64) -> String {
+    let animals = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"];
+    let animal = animals[ticket as usize % animals.len()];
+    format!("Write a long story about a {animal} who learns to sail.")
+}
+
 /// Sends `n` requests made by `make(ticket, reply)` (tickets 0..n) and returns every
 /// answer, in ticket order.
 fn round_trip(
@@ -453,7 +460,7 @@ fn serve_a_request_joins_a_batch_already_decoding() {
     let send = |ticket: u64, text: &str, max_new_tokens: usize| {
         send_greedy(&client, &reply, ticket, "v0", text, max_new_tokens);
     };
-    send(0, "Write a long story about a cat who learns to sail.", 64);
+    send(0, &story(0), 64);
     // Wait until the long one is decoding, then send two short ones.
     let deadline = Instant::now() + Duration::from_secs(120);
     while server.stats().version("v0").decode_steps < 2 {
@@ -554,9 +561,14 @@ fn serve_the_last_loaded_version_goes_first() {
     let tokens = |ticket: u64| if ticket < 4 { 12 } else { 16 };
     for ticket in 0..8u64 {
         let version = if ticket < 4 { "old" } else { "new" };
-        let animal = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"][ticket as usize];
-        let text = format!("Write a long story about a {animal} who learns to sail.");
-        send_greedy(&client, &reply, ticket, version, &text, tokens(ticket));
+        send_greedy(
+            &client,
+            &reply,
+            ticket,
+            version,
+            &story(ticket),
+            tokens(ticket),
+        );
     }
     let order = receive(&answers, 8);
     let tickets: Vec<u64> = order.iter().map(|a| a.ticket).collect();
@@ -583,7 +595,6 @@ fn serve_the_last_loaded_version_goes_first() {
 #[test]
 fn serve_one_kv_cache_budget_holds_across_versions() {
     let Some(model) = model_path() else { return };
-    let animals = ["cat", "dog", "fox", "owl", "bear", "frog", "goat", "crow"];
     let run = |config: ServerConfig, versions: &[&str]| {
         let server = ModelServer::start(config);
         for v in versions {
@@ -594,11 +605,7 @@ fn serve_one_kv_cache_budget_holds_across_versions() {
         let n = 4 * versions.len();
         for ticket in 0..n as u64 {
             let version = versions[ticket as usize / 4];
-            let text = format!(
-                "Write a long story about a {} who learns to sail.",
-                animals[ticket as usize]
-            );
-            send_greedy(&client, &reply, ticket, version, &text, 12);
+            send_greedy(&client, &reply, ticket, version, &story(ticket), 12);
         }
         let got = receive(&answers, n);
         assert!(
