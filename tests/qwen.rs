@@ -50,8 +50,8 @@ fn qwen_models_match_llamacpp() {
     let reference: Value = serde_json::from_str(&text).expect("json");
     let models = reference["models"].as_object().expect("models");
     assert!(!models.is_empty(), "the reference has no model");
-    // f32, and the CPU default (`native`: these Q4_K_M files have no Q4_0/Q4_1 tensor, so every
-    // matrix is requantized to 8-bit blocks).
+    // f32, and the CPU default (`native`: these Q4_K_M files' Q4_K and Q5_0 matrices on the 4-
+    // and 5-bit kernels as the file holds them, Q6_K and Q8_0 requantized to 8-bit blocks).
     let runs = models
         .iter()
         .flat_map(|m| [Precision::F32, Precision::Native].map(|p| (m, p)));

@@ -39,7 +39,7 @@ pub struct ServerFlags {
     /// Most sequences per model batch.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
-    /// Weight format the model server loads models in: native (a GGUF's 4-bit blocks, else
+    /// Weight format the model server loads models in: native (a GGUF's 4/5-bit blocks, else
     /// 8-bit; the CPU default), q8, f32 (the CUDA default), f16, bf16. Training stays f32.
     #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,

@@ -44,7 +44,7 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Weight format: native (a GGUF's own 4-bit blocks where backflow has a kernel for them,
+    /// Weight format: native (a GGUF's own 4/5-bit blocks where backflow has a kernel for them,
     /// 8-bit blocks for the rest; the CPU default), q8 (8-bit blocks), f32 (the CUDA default),
     /// f16/bf16 (for CUDA; on CPU only the block formats and f32 have the fast paths).
     #[arg(long, value_enum, default_value_t = Precision::backend_default())]

@@ -37,10 +37,10 @@ pub enum Precision {
     /// `Q8_0` layout, see `model::quant`), activations and KV cache in f32: a quarter of f32's
     /// memory and memory traffic. CPU only.
     Q8,
-    /// A GGUF file's own 4-bit blocks where backflow has a kernel for them (`Q4_0`, `Q4_1`,
-    /// and `Q4_K` repacked into `Q4_1`-style sub-blocks: the weights exactly as the file holds
-    /// them, 0.75 bytes a weight), [`Precision::Q8`] for every other tensor and for Hugging
-    /// Face folders. CPU only.
+    /// A GGUF file's own 4- and 5-bit blocks where backflow has a kernel for them (`Q4_0`,
+    /// `Q4_1`, `Q5_0`, `Q5_1`, and `Q4_K`/`Q5_K` repacked into `Q4_1`-style sub-blocks: the
+    /// weights exactly as the file holds them, 0.75 bytes a weight at 4 bits, 0.875 at 5),
+    /// [`Precision::Q8`] for every other tensor and for Hugging Face folders. CPU only.
     Native,
 }
 
@@ -55,8 +55,8 @@ impl Precision {
         }
     }
 
-    /// The default of the backend this binary is built for: on the CPU the file's 4-bit blocks
-    /// where it has them and 8-bit blocks elsewhere (a quarter of f32's memory or less, about
+    /// The default of the backend this binary is built for: on the CPU the file's 4- and 5-bit
+    /// blocks where it has them and 8-bit blocks elsewhere (a quarter of f32's memory or less, about
     /// 3x its batch-1 decoding, prefill near it; see README, "Weight formats"), f32 on CUDA.
     pub const fn backend_default() -> Precision {
         if cfg!(feature = "cuda") {

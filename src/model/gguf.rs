@@ -1104,7 +1104,7 @@ impl WeightSource for GgufWeights<'_> {
     fn load_quant(
         &mut self,
         name: WeightName,
-        keep_4bit: bool,
+        keep_native: bool,
     ) -> Result<Option<QuantWeight>, ModelError> {
         let gname = Self::name(name);
         let Some(info) = self.file.tensor_info(&gname) else {
@@ -1114,7 +1114,7 @@ impl WeightSource for GgufWeights<'_> {
         let rows = shape.first().copied().unwrap_or(0);
         let head_rows = self.permuted_head_rows(name, rows)?;
         let source_row = |r| head_rows.map_or(r, |d| unpermuted_source_row(r, d));
-        if keep_4bit && Q4Matrix::keeps(info.ty) && shape.len() == 2 {
+        if keep_native && Q4Matrix::keeps(info.ty) && shape.len() == 2 {
             let bytes = self.file.tensor_bytes(info)?;
             let q =
                 Q4Matrix::from_gguf(info.ty, bytes, rows, shape[1], source_row).map_err(|e| {

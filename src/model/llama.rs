@@ -148,13 +148,13 @@ pub trait WeightSource {
     fn load(&mut self, name: WeightName) -> Result<Option<HostTensor>, ModelError>;
 
     /// A matrix weight (`[out, in]`) in a block format, or `Ok(None)` when absent: the
-    /// source's own 4-bit blocks when `keep_4bit` and it has them, else 8-bit blocks. The
+    /// source's own 4- or 5-bit blocks when `keep_native` and it has them, else 8-bit blocks. The
     /// default quantizes what [`WeightSource::load`] gives to 8 bits; a source that can read a
     /// few rows at a time (GGUF) overrides it so that no tensor is ever held whole as `f32`.
     fn load_quant(
         &mut self,
         name: WeightName,
-        _keep_4bit: bool,
+        _keep_native: bool,
     ) -> Result<Option<QuantWeight>, ModelError> {
         Ok(self.load(name)?.map(|t| {
             let rows = t.shape.first().copied().unwrap_or(0);
@@ -494,7 +494,7 @@ fn transpose_host(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A required matrix weight `[out, inner]` in the block format `precision` asks for (the
-/// source's own 4-bit blocks under `native` where it has them, else 8-bit).
+/// source's own 4- or 5-bit blocks under `native` where it has them, else 8-bit).
 fn required_quant(
     src: &mut dyn WeightSource,
     name: WeightName,
@@ -502,9 +502,9 @@ fn required_quant(
     inner: usize,
     precision: Precision,
 ) -> Result<QuantWeight, ModelError> {
-    let keep_4bit = precision == Precision::Native;
+    let keep_native = precision == Precision::Native;
     let q = src
-        .load_quant(name, keep_4bit)?
+        .load_quant(name, keep_native)?
         .ok_or_else(|| ModelError::Weight {
             name: format!("{name:?}"),
             problem: "missing".into(),

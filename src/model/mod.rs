@@ -2,7 +2,7 @@
 //! the forward pass, the KV cache, sampling and batched generation.
 //!
 //! Weights load in the chosen [`Precision`]: kept as blocks on the host (`native`: a GGUF's
-//! own 4-bit blocks where [`quant`] has a kernel for them, else 8-bit blocks; `q8`), or
+//! own 4- and 5-bit blocks where [`quant`] has a kernel for them, else 8-bit blocks; `q8`), or
 //! dequantized and converted to f32, f16 or bf16 as they go to the device. Both checkpoint
 //! formats are brought to one layout, Hugging Face's: linear weights `[out, in]`, and q/k
 //! projection rows in the "halves" RoPE order (GGUF's llama q/k rows are un-permuted at load,

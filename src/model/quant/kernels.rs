@@ -128,7 +128,8 @@ fn dequantize_portable(quants: &[i8], scales: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `out[r] = w · xs[r]` for a 4-bit weight row: per block `d_w·d_x·Σ q_w·q_x + m_w·(d_x·Σq_x)`.
+/// `out[r] = w · xs[r]` for a 4- or 5-bit weight row: per block
+/// `d_w·d_x·Σ q_w·q_x + m_w·(d_x·Σq_x)`.
 pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
     let blocks = w.d.len();
     // The vector kernels read blocks by raw pointer (see `Kernel::dot`).
@@ -137,6 +138,7 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
             && out.len() >= xs.len()
             && w.m.len() == blocks
             && w.nibbles.len() == blocks * QK / 2
+            && (w.high.is_empty() || w.high.len() == blocks * QK / 8)
             && xs.iter().all(|x| x.row.scales.len() == blocks
                 && x.row.quants.len() == blocks * QK
                 && x.sums.len() == blocks),
@@ -145,10 +147,16 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `Kernel::dot`.
-        Kernel::AvxVnni => unsafe { x86::dot_q4_vnni(w, xs, out) },
+        Kernel::AvxVnni if w.high.is_empty() => unsafe { x86::dot_q4_vnni::<false>(w, xs, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `Kernel::dot`.
-        Kernel::Avx2 => unsafe { x86::dot_q4_avx2(w, xs, out) },
+        Kernel::AvxVnni => unsafe { x86::dot_q4_vnni::<true>(w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::Avx2 if w.high.is_empty() => unsafe { x86::dot_q4_avx2::<false>(w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::Avx2 => unsafe { x86::dot_q4_avx2::<true>(w, xs, out) },
         _ => dot_q4_portable(w, xs, out),
     }
 }
@@ -160,10 +168,16 @@ fn dot_q4_portable(w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) 
             let nib = &w.nibbles[b * QK / 2..(b + 1) * QK / 2];
             let xq = &x.row.quants[b * QK..(b + 1) * QK];
             let (lo, hi) = xq.split_at(QK / 2);
+            let fifth = super::q4::fifth_bits(w.high, b);
             let s: i32 = nib
                 .iter()
                 .zip(lo.iter().zip(hi))
-                .map(|(&n, (&l, &h))| (n & 0x0F) as i32 * l as i32 + (n >> 4) as i32 * h as i32)
+                .enumerate()
+                .map(|(j, (&n, (&l, &h)))| {
+                    let ql = (n & 0x0F) as i32 | (((fifth >> j) & 1) << 4) as i32;
+                    let qh = (n >> 4) as i32 | (((fifth >> (j + QK / 2)) & 1) << 4) as i32;
+                    ql * l as i32 + qh * h as i32
+                })
                 .sum();
             acc += w.d[b] * x.row.scales[b] * s as f32 + w.m[b] * x.sums[b];
         }
@@ -247,11 +261,29 @@ mod x86 {
         }
     }
 
-    /// The 4-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16, high
-    /// nibbles 16..32), `block_dot(q_w, x)` multiplies the unsigned 4-bit values by the signed
-    /// activations directly (no sign trick needed), the offset term is added per block.
+    /// 32 bytes of `0x10` where block `b`'s fifth bit of that value is set, else 0: each byte
+    /// takes the `u32`'s byte that holds its bit (byte `i` of the result bit `i`), keeps that
+    /// bit, and compares.
     #[inline(always)]
-    unsafe fn dot_q4_with(
+    unsafe fn fifth_bits_x16(high: &[u8], b: usize) -> __m256i {
+        let bits = std::ptr::read_unaligned(high.as_ptr().add(b * QK / 8) as *const i32);
+        #[rustfmt::skip]
+        let which_byte = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), which_byte);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// The 4- and 5-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16,
+    /// high nibbles 16..32) and, when `FIVE`, their fifth bits; `block_dot(q_w, x)` multiplies
+    /// the unsigned values (at most 31) by the signed activations directly (no sign trick
+    /// needed), the offset term is added per block.
+    #[inline(always)]
+    unsafe fn dot_q4_with<const FIVE: bool>(
         w: super::super::q4::Q4Row<'_>,
         xs: &[super::ActRow<'_>],
         out: &mut [f32],
@@ -265,7 +297,10 @@ mod x86 {
             let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
             let lo = _mm_and_si128(raw, low);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            let qw = _mm256_set_m128i(hi, lo);
+            let mut qw = _mm256_set_m128i(hi, lo);
+            if FIVE {
+                qw = _mm256_or_si256(qw, fifth_bits_x16(w.high, b));
+            }
             let (dw, mw) = (*w.d.get_unchecked(b), *w.m.get_unchecked(b));
             for ((a, off), x) in acc.iter_mut().zip(offsets.iter_mut()).zip(&xs[..n]) {
                 let xv = _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
@@ -280,27 +315,28 @@ mod x86 {
         }
     }
 
-    /// AVX2 4-bit: `vpmaddubsw` (at most 15·127·2 per pair: no saturation) then `vpmaddwd`.
+    /// AVX2 4- or 5-bit: `vpmaddubsw` (at most 31·127·2 per pair: no saturation) then
+    /// `vpmaddwd`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q4_avx2(
+    pub(super) unsafe fn dot_q4_avx2<const FIVE: bool>(
         w: super::super::q4::Q4Row<'_>,
         xs: &[super::ActRow<'_>],
         out: &mut [f32],
     ) {
         let ones = _mm256_set1_epi16(1);
-        dot_q4_with(w, xs, out, |q, x| {
+        dot_q4_with::<FIVE>(w, xs, out, |q, x| {
             _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
         });
     }
 
-    /// AVX-VNNI 4-bit: one `vpdpbusd`.
+    /// AVX-VNNI 4- or 5-bit: one `vpdpbusd`.
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn dot_q4_vnni(
+    pub(super) unsafe fn dot_q4_vnni<const FIVE: bool>(
         w: super::super::q4::Q4Row<'_>,
         xs: &[super::ActRow<'_>],
         out: &mut [f32],
     ) {
-        dot_q4_with(w, xs, out, |q, x| {
+        dot_q4_with::<FIVE>(w, xs, out, |q, x| {
             _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
         });
     }

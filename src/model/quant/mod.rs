@@ -2,8 +2,9 @@
 //!
 //! Two formats: [`Q8Matrix`], GGUF's `Q8_0` with an `f32` scale (each row cut into blocks of
 //! [`QK`] = 32 values, each stored as 32 signed bytes `q` and one scale `d = max|v| / 127`, so
-//! `v ≈ d·q`), and [`Q4Matrix`], a GGUF file's own `Q4_0`/`Q4_1` blocks copied as they are,
-//! and its `Q4_K` super-blocks repacked, exactly, into the same sub-blocks (`q4` module). [`QuantWeight`] is either; [`product`] multiplies any [`BlockWeights`].
+//! `v ≈ d·q`), and [`Q4Matrix`], a GGUF file's own `Q4_0`/`Q4_1`/`Q5_0`/`Q5_1` blocks copied
+//! as they are, and its `Q4_K`/`Q5_K` super-blocks repacked, exactly, into the same
+//! sub-blocks (`q4` module). [`QuantWeight`] is either; [`product`] multiplies any [`BlockWeights`].
 //! Why the 8-bit format first (see `README.md`, "Weight formats", for the measurements):
 //! - one kernel serves every GGUF tensor type and Hugging Face folders alike (they are
 //!   dequantized a row at a time at load and requantized, never held as a model of `f32`);
@@ -240,7 +241,7 @@ impl Q8Matrix {
 pub enum QuantWeight {
     /// 8-bit blocks.
     Q8(Q8Matrix),
-    /// A GGUF file's 4-bit blocks, kept as they are.
+    /// A GGUF file's 4- or 5-bit blocks, kept as they are.
     Q4(Q4Matrix),
 }
 

@@ -1,11 +1,13 @@
-//! 4-bit weights as GGUF files store them: `Q4_1` blocks (32 values `v = d·q + m`, `q` in
-//! 0..16, two values a byte) and `Q4_0` blocks (`v = d·(q − 8)`, kept as `Q4_1` with
+//! 4- and 5-bit weights as GGUF files store them: `Q4_1` blocks (32 values `v = d·q + m`, `q`
+//! in 0..16, two values a byte) and `Q4_0` blocks (`v = d·(q − 8)`, kept as `Q4_1` with
 //! `m = −8·d`, which is exact: `d` comes from an `f16` and `q` has 4 bits, so `d·q` and `8·d`
-//! are exact in `f32`). The blocks are copied from the file, never requantized: the model
-//! computes with the weights the file holds, as llama.cpp does.
+//! are exact in `f32`). `Q5_0` and `Q5_1` are the same blocks with a fifth bit per value (`q`
+//! in 0..32; `Q5_0`'s offset `m = −16·d`), kept as the same nibbles plus a plane of fifth bits,
+//! 4 bytes a block (bit `j` is value `j`'s, ggml's `qh`). The blocks are copied from the file,
+//! never requantized: the model computes with the weights the file holds, as llama.cpp does.
 //!
-//! `d` and `m` are kept as `f32` (the file has `f16`): 24 bytes per 32 weights instead of 20,
-//! one conversion less per block in the inner loop.
+//! `d` and `m` are kept as `f32` (the file has `f16`): 24 bytes per 32 weights instead of 20
+//! (28 instead of 22 or 24 with fifth bits), one conversion less per block in the inner loop.
 //!
 //! `Q4_K` (the bulk of a `Q4_K_M` file) is the same arithmetic one level down: a super-block of
 //! 256 values has an `f16` scale `d` and min `dmin`, and each of its eight sub-blocks of 32 a
@@ -14,7 +16,8 @@
 //! sub-blocks are repacked at load into this layout (the nibbles reordered, ggml's low half of
 //! 32 bytes being one sub-block and the high half the next), so the `Q4_1` kernels run it and
 //! give the file's values bit for bit. In memory: 6 bits a weight against the file's 4.5 (the
-//! `f32` scale and offset per 32), against 9 as 8-bit blocks.
+//! `f32` scale and offset per 32), against 9 as 8-bit blocks. `Q5_K` (the bulk of a `Q5_K_M`
+//! file) is `Q4_K` plus a fifth bit per value, repacked the same way with its fifth bits.
 
 use super::kernels::{self, Kernel};
 use super::QK;
@@ -24,7 +27,10 @@ use rayon::prelude::*;
 /// Bytes of 4-bit values per block.
 pub const NIBBLE_BYTES: usize = QK / 2;
 
-/// A `[rows, cols]` matrix of 4-bit blocks, row-major (`cols` a multiple of [`QK`]).
+/// Bytes of fifth bits per block of 5-bit values.
+pub const HIGH_BYTES: usize = QK / 8;
+
+/// A `[rows, cols]` matrix of 4- or 5-bit blocks, row-major (`cols` a multiple of [`QK`]).
 #[derive(Clone)]
 pub struct Q4Matrix {
     rows: usize,
@@ -37,6 +43,9 @@ pub struct Q4Matrix {
     /// `rows × blocks × 16` bytes: value `j` of a block in the low nibble of byte `j`, value
     /// `j + 16` in its high nibble (ggml's layout).
     nibbles: Vec<u8>,
+    /// Empty for 4-bit values; else `rows × blocks × 4` bytes, a block's fifth bits as a
+    /// little-endian `u32` whose bit `j` is value `j`'s 16.
+    high: Vec<u8>,
 }
 
 impl std::fmt::Debug for Q4Matrix {
@@ -50,6 +59,8 @@ impl std::fmt::Debug for Q4Matrix {
 pub struct Q4Row<'a> {
     /// `blocks × 16` bytes.
     pub nibbles: &'a [u8],
+    /// Empty (4-bit values) or `blocks × 4` bytes of fifth bits.
+    pub high: &'a [u8],
     /// One scale per block.
     pub d: &'a [f32],
     /// One offset per block.
@@ -59,8 +70,10 @@ pub struct Q4Row<'a> {
 /// Why GGUF bytes are not a 4-bit matrix this module reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Q4Error {
-    /// Not `Q4_0`, `Q4_1` or `Q4_K`.
-    #[error("{0:?} is not a 4-bit block type kept as is (Q4_0, Q4_1, Q4_K)")]
+    /// Not `Q4_0`, `Q4_1`, `Q4_K`, `Q5_0`, `Q5_1` or `Q5_K`.
+    #[error(
+        "{0:?} is not a 4- or 5-bit block type kept as is (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K)"
+    )]
     Type(GgmlType),
     /// The bytes do not hold `rows × cols` values of the type.
     #[error("{got} bytes for {rows} x {cols} values of {ty:?}")]
@@ -77,13 +90,27 @@ pub enum Q4Error {
 }
 
 impl Q4Matrix {
-    /// Whether tensors of type `ty` can be kept as 4-bit blocks.
+    /// Whether tensors of type `ty` can be kept as 4- or 5-bit blocks.
     pub fn keeps(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K)
+        matches!(
+            ty,
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q4_K
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q5_K
+        )
     }
 
-    /// Copies a GGUF tensor of `rows × cols` values of type `ty` (`Q4_0` or `Q4_1`), its row
-    /// `r` taken from the file's row `source_row(r)` (llama's q/k un-permutation, or `r`).
+    /// Whether values of type `ty` have a fifth bit.
+    fn five_bit(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K)
+    }
+
+    /// Copies a GGUF tensor of `rows × cols` values of type `ty` (one [`Q4Matrix::keeps`]),
+    /// its row `r` taken from the file's row `source_row(r)` (llama's q/k un-permutation, or
+    /// `r`).
     pub fn from_gguf(
         ty: GgmlType,
         bytes: &[u8],
@@ -115,37 +142,27 @@ impl Q4Matrix {
                 got: bytes.len(),
             });
         }
+        let five = Self::five_bit(ty);
         let mut d = vec![0f32; rows * blocks];
         let mut m = vec![0f32; rows * blocks];
         let mut nibbles = vec![0u8; rows * blocks * NIBBLE_BYTES];
+        let mut high = vec![0u8; if five { rows * blocks * HIGH_BYTES } else { 0 }];
         if blocks > 0 {
+            // Each row's fifth bits, or an empty slice per row for 4-bit types.
+            let high_rows: Vec<&mut [u8]> = if five {
+                high.chunks_mut(blocks * HIGH_BYTES).collect()
+            } else {
+                (0..rows).map(|_| &mut [][..]).collect()
+            };
             d.par_chunks_mut(blocks)
                 .zip(m.par_chunks_mut(blocks))
                 .zip(nibbles.par_chunks_mut(blocks * NIBBLE_BYTES))
+                .zip(high_rows)
                 .enumerate()
-                .for_each(|(r, ((d, m), nib))| {
+                .for_each(|(r, (((d, m), nib), high))| {
                     let src = source_row(r);
                     let row = &bytes[src * row_bytes..(src + 1) * row_bytes];
-                    if ty == GgmlType::Q4_K {
-                        for (k, blk) in row.chunks_exact(block_bytes).enumerate() {
-                            let at = k * (QK_K / QK);
-                            let (d, m) = (&mut d[at..at + 8], &mut m[at..at + 8]);
-                            repack_q4_k(blk, d, m, &mut nib[at * NIBBLE_BYTES..]);
-                        }
-                        return;
-                    }
-                    for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
-                        let (scale, offset, values) = match ty {
-                            GgmlType::Q4_0 => {
-                                let s = f16_at(blk, 0);
-                                (s, -8.0 * s, &blk[2..])
-                            }
-                            _ => (f16_at(blk, 0), f16_at(blk, 2), &blk[4..]),
-                        };
-                        d[b] = scale;
-                        m[b] = offset;
-                        nib[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES].copy_from_slice(values);
-                    }
+                    copy_row(ty, row, block_bytes, d, m, nib, high);
                 });
         }
         Ok(Q4Matrix {
@@ -155,6 +172,7 @@ impl Q4Matrix {
             d,
             m,
             nibbles,
+            high,
         })
     }
 
@@ -168,6 +186,8 @@ impl Q4Matrix {
         }
         let cols = parts.first().map_or(0, |p| p.cols);
         assert!(parts.iter().all(|p| p.cols == cols), "Q4Matrix::stack");
+        // A 4-bit part stacked with 5-bit ones gets fifth bits of zero: the same values.
+        let five = parts.iter().any(|p| !p.high.is_empty());
         let mut out = Q4Matrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
@@ -175,11 +195,18 @@ impl Q4Matrix {
             d: Vec::new(),
             m: Vec::new(),
             nibbles: Vec::new(),
+            high: Vec::new(),
         };
         for p in parts {
             out.d.extend_from_slice(&p.d);
             out.m.extend_from_slice(&p.m);
             out.nibbles.extend_from_slice(&p.nibbles);
+            if !p.high.is_empty() {
+                out.high.extend_from_slice(&p.high);
+            } else if five {
+                out.high
+                    .resize(out.high.len() + p.rows * p.blocks * HIGH_BYTES, 0);
+            }
         }
         out
     }
@@ -196,7 +223,12 @@ impl Q4Matrix {
 
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
-        (self.d.len() + self.m.len()) * 4 + self.nibbles.len()
+        (self.d.len() + self.m.len()) * 4 + self.nibbles.len() + self.high.len()
+    }
+
+    /// Whether the values have a fifth bit.
+    pub fn is_five_bit(&self) -> bool {
+        !self.high.is_empty()
     }
 
     /// Row `r` for the kernels.
@@ -204,6 +236,10 @@ impl Q4Matrix {
         let b = self.blocks;
         Q4Row {
             nibbles: &self.nibbles[r * b * NIBBLE_BYTES..(r + 1) * b * NIBBLE_BYTES],
+            high: self
+                .high
+                .get(r * b * HIGH_BYTES..(r + 1) * b * HIGH_BYTES)
+                .unwrap_or(&[]),
             d: &self.d[r * b..(r + 1) * b],
             m: &self.m[r * b..(r + 1) * b],
         }
@@ -215,10 +251,13 @@ impl Q4Matrix {
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let nib = &row.nibbles[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES];
             let (d, m) = (row.d[b], row.m[b]);
+            let fifth = fifth_bits(row.high, b);
             let (lo, hi) = o.split_at_mut(NIBBLE_BYTES);
-            for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(nib) {
-                *l = d * (byte & 0x0F) as f32 + m;
-                *h = d * (byte >> 4) as f32 + m;
+            for (j, ((l, h), &byte)) in lo.iter_mut().zip(hi.iter_mut()).zip(nib).enumerate() {
+                let l5 = ((fifth >> j) & 1) << 4;
+                let h5 = ((fifth >> (j + NIBBLE_BYTES)) & 1) << 4;
+                *l = d * ((byte & 0x0F) as u32 | l5) as f32 + m;
+                *h = d * ((byte >> 4) as u32 | h5) as f32 + m;
             }
         }
     }
@@ -233,13 +272,77 @@ impl Q4Matrix {
     }
 }
 
-/// One `Q4_K` super-block (`block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`) as
-/// eight `Q4_1`-style sub-blocks: their scales into `d`, offsets into `m`, and 8 × 16 bytes of
-/// nibbles at the start of `nib` (value `j` of a sub-block in the low nibble of its byte `j`,
-/// value `j + 16` in the high one).
-fn repack_q4_k(blk: &[u8], d: &mut [f32], m: &mut [f32], nib: &mut [u8]) {
+/// Block `b`'s fifth bits (bit `j` is value `j`'s), 0 for 4-bit rows.
+pub(super) fn fifth_bits(high: &[u8], b: usize) -> u32 {
+    high.get(b * HIGH_BYTES..(b + 1) * HIGH_BYTES)
+        .map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]))
+}
+
+/// One file row of type `ty` into a row's scales `d`, offsets `m`, nibbles and (5-bit types)
+/// fifth bits.
+fn copy_row(
+    ty: GgmlType,
+    row: &[u8],
+    block_bytes: usize,
+    d: &mut [f32],
+    m: &mut [f32],
+    nib: &mut [u8],
+    high: &mut [u8],
+) {
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+        for (k, blk) in row.chunks_exact(block_bytes).enumerate() {
+            let at = k * (QK_K / QK);
+            let (d, m) = (&mut d[at..at + 8], &mut m[at..at + 8]);
+            let nib = &mut nib[at * NIBBLE_BYTES..];
+            if ty == GgmlType::Q4_K {
+                repack_k(blk, &blk[16..], None, d, m, nib, &mut []);
+            } else {
+                let high = &mut high[at * HIGH_BYTES..];
+                repack_k(blk, &blk[48..], Some(&blk[16..48]), d, m, nib, high);
+            }
+        }
+        return;
+    }
+    for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
+        // (scale, offset, fifth bits, nibbles) of each GGUF block layout.
+        let (scale, offset, fifth, values) = match ty {
+            GgmlType::Q4_0 => {
+                let s = f16_at(blk, 0);
+                (s, -8.0 * s, None, &blk[2..])
+            }
+            GgmlType::Q5_0 => {
+                let s = f16_at(blk, 0);
+                (s, -16.0 * s, Some(&blk[2..6]), &blk[6..])
+            }
+            GgmlType::Q5_1 => (f16_at(blk, 0), f16_at(blk, 2), Some(&blk[4..8]), &blk[8..]),
+            _ => (f16_at(blk, 0), f16_at(blk, 2), None, &blk[4..]),
+        };
+        d[b] = scale;
+        m[b] = offset;
+        nib[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES].copy_from_slice(values);
+        if let Some(fifth) = fifth {
+            high[b * HIGH_BYTES..(b + 1) * HIGH_BYTES].copy_from_slice(fifth);
+        }
+    }
+}
+
+/// One `Q4_K` super-block (`block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`), or
+/// `Q5_K`'s (the same with `u8 qh[32]` before `qs`: bit `s` of `qh[l]` is the fifth bit of
+/// value `l` of sub-block `s`) as eight `Q4_1`-style sub-blocks: their scales into `d`,
+/// offsets into `m`, 8 × 16 bytes of nibbles at the start of `nib` (value `j` of a sub-block
+/// in the low nibble of its byte `j`, value `j + 16` in the high one) and, with `qh`, 8 × 4
+/// bytes of fifth bits at the start of `high`.
+fn repack_k(
+    blk: &[u8],
+    qs: &[u8],
+    qh: Option<&[u8]>,
+    d: &mut [f32],
+    m: &mut [f32],
+    nib: &mut [u8],
+    high: &mut [u8],
+) {
     let (scale, min) = (f16_at(blk, 0), f16_at(blk, 2));
-    let (scales, qs) = (&blk[4..16], &blk[16..]);
+    let scales = &blk[4..16];
     for s in 0..QK_K / QK {
         let (sc, mn) = scale_min_k4(s, scales);
         d[s] = scale * sc as f32;
@@ -253,6 +356,10 @@ fn repack_q4_k(blk: &[u8], d: &mut [f32], m: &mut [f32], nib: &mut [u8]) {
             .enumerate()
         {
             *out = value(j) | (value(j + NIBBLE_BYTES) << 4);
+        }
+        if let Some(qh) = qh {
+            let bits = (0..QK).fold(0u32, |acc, l| acc | ((((qh[l] >> s) & 1) as u32) << l));
+            high[s * HIGH_BYTES..(s + 1) * HIGH_BYTES].copy_from_slice(&bits.to_le_bytes());
         }
     }
 }
@@ -282,25 +389,33 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// GGUF bytes of random `Q4_1` (or `Q4_0`) blocks, and their values computed here from the
-    /// format's definition (the independent reference).
+    /// GGUF bytes of random `Q4_0`, `Q4_1`, `Q5_0` or `Q5_1` blocks, and their values computed
+    /// here from the format's definition (the independent reference): a 5-bit value's fifth
+    /// bit `j` is bit `j` of the little-endian `u32` before the nibbles.
     fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (mut bytes, mut values) = (Vec::new(), vec![0f32; rows * cols]);
+        let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
         for blk in 0..rows * cols / QK {
             let d = half::f16::from_f32(rng.random_range(0.001f32..0.05));
             let m = half::f16::from_f32(rng.random_range(-0.4f32..0.0));
             bytes.extend(d.to_le_bytes());
-            if ty == GgmlType::Q4_1 {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                 bytes.extend(m.to_le_bytes());
             }
-            let q: Vec<u8> = (0..QK).map(|_| rng.random_range(0..16u8)).collect();
+            let top = if five { 32 } else { 16 };
+            let q: Vec<u8> = (0..QK).map(|_| rng.random_range(0..top)).collect();
+            if five {
+                let bits = (0..QK).fold(0u32, |acc, j| acc | (((q[j] >> 4) as u32) << j));
+                bytes.extend(bits.to_le_bytes());
+            }
             for j in 0..NIBBLE_BYTES {
-                bytes.push(q[j] | (q[j + NIBBLE_BYTES] << 4));
+                bytes.push((q[j] & 0x0F) | ((q[j + NIBBLE_BYTES] & 0x0F) << 4));
             }
             for (j, &q) in q.iter().enumerate() {
                 values[blk * QK + j] = match ty {
                     GgmlType::Q4_0 => d.to_f32() * (q as f32 - 8.0),
+                    GgmlType::Q5_0 => d.to_f32() * (q as f32 - 16.0),
                     _ => d.to_f32() * q as f32 + m.to_f32(),
                 };
             }
@@ -310,11 +425,22 @@ mod tests {
 
     #[test]
     fn blocks_are_kept_exactly() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+        ] {
             let (bytes, values) = random_blocks(ty, 5, 64, 1);
             let q = Q4Matrix::from_gguf(ty, &bytes, 5, 64, |r| r).expect("q4");
             assert_eq!(q.dequantize(), values, "{ty:?}");
-            assert_eq!(q.bytes(), 5 * 2 * 24);
+            // The GGUF reader's dequantization (checked against the `gguf` Python package)
+            // agrees with the values made here.
+            let reader = crate::model::gguf::dequantize(ty, &bytes, 5 * 64).expect("reader");
+            assert_eq!(reader, values, "{ty:?}");
+            let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+            assert_eq!(q.is_five_bit(), five);
+            assert_eq!(q.bytes(), 5 * 2 * if five { 28 } else { 24 });
             // A row map: reversed rows.
             let rev = Q4Matrix::from_gguf(ty, &bytes, 5, 64, |r| 4 - r).expect("q4");
             let mut row = vec![0f32; 64];
@@ -323,36 +449,53 @@ mod tests {
         }
     }
 
-    /// GGUF bytes of random `Q4_K` super-blocks (every byte random but the two `f16` scales).
-    fn random_q4_k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    /// GGUF bytes of random `Q4_K` super-blocks (every byte random but the two `f16` scales),
+    /// or `Q5_K` ones (32 random bytes of fifth bits more).
+    fn random_k(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut bytes = Vec::new();
+        let fifth = if ty == GgmlType::Q5_K { 32 } else { 0 };
         for _ in 0..rows * cols / QK_K {
             bytes.extend(half::f16::from_f32(rng.random_range(0.0005f32..0.004)).to_le_bytes());
             bytes.extend(half::f16::from_f32(rng.random_range(0.0f32..0.01)).to_le_bytes());
-            bytes.extend((0..12 + QK_K / 2).map(|_| rng.random::<u8>()));
+            bytes.extend((0..12 + fifth + QK_K / 2).map(|_| rng.random::<u8>()));
         }
         bytes
     }
 
-    /// The repacked super-blocks hold the values the GGUF reader's `Q4_K` dequantization gives
-    /// (that one is checked against the `gguf` Python package), bit for bit.
+    /// The repacked super-blocks hold the values the GGUF reader's `Q4_K`/`Q5_K`
+    /// dequantization gives (that one is checked against the `gguf` Python package), bit for
+    /// bit.
     #[test]
-    fn q4_k_super_blocks_repack_exactly() {
+    fn k_super_blocks_repack_exactly() {
         let (rows, cols) = (3, 512);
-        let bytes = random_q4_k(rows, cols, 5);
-        let want =
-            crate::model::gguf::dequantize(GgmlType::Q4_K, &bytes, rows * cols).expect("Q4_K");
-        let q = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| r).expect("q4");
-        assert_eq!(q.dequantize(), want);
-        assert_eq!(q.bytes(), rows * cols / QK * 24);
-        let rev = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| 2 - r).expect("q4");
-        let mut row = vec![0f32; cols];
-        rev.dequantize_row(0, &mut row);
-        assert_eq!(row, want[2 * cols..].to_vec());
-        // A row that does not fill whole super-blocks is refused.
-        let short = random_q4_k(1, 256, 6);
-        assert!(Q4Matrix::from_gguf(GgmlType::Q4_K, &short, 2, 128, |r| r).is_err());
+        for (ty, per_block) in [(GgmlType::Q4_K, 24), (GgmlType::Q5_K, 28)] {
+            let bytes = random_k(ty, rows, cols, 5);
+            let want = crate::model::gguf::dequantize(ty, &bytes, rows * cols).expect("k-quant");
+            let q = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("q4");
+            assert_eq!(q.dequantize(), want, "{ty:?}");
+            assert_eq!(q.bytes(), rows * cols / QK * per_block);
+            let rev = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| 2 - r).expect("q4");
+            let mut row = vec![0f32; cols];
+            rev.dequantize_row(0, &mut row);
+            assert_eq!(row, want[2 * cols..].to_vec(), "{ty:?}");
+            // A row that does not fill whole super-blocks is refused.
+            let short = random_k(ty, 1, 256, 6);
+            assert!(Q4Matrix::from_gguf(ty, &short, 2, 128, |r| r).is_err());
+        }
+    }
+
+    /// A fused projection of 4- and 5-bit parts keeps every part's values.
+    #[test]
+    fn stacking_four_and_five_bit_parts_keeps_their_values() {
+        let (b4, v4) = random_blocks(GgmlType::Q4_0, 2, 64, 7);
+        let (b5, v5) = random_blocks(GgmlType::Q5_0, 3, 64, 8);
+        let q4 = Q4Matrix::from_gguf(GgmlType::Q4_0, &b4, 2, 64, |r| r).expect("q4");
+        let q5 = Q4Matrix::from_gguf(GgmlType::Q5_0, &b5, 3, 64, |r| r).expect("q5");
+        let both = Q4Matrix::stack(vec![q4.clone(), q5.clone(), q4]);
+        assert!(both.is_five_bit());
+        assert_eq!(both.rows(), 7);
+        assert_eq!(both.dequantize(), [&v4[..], &v5[..], &v4[..]].concat());
     }
 
     #[test]
@@ -367,15 +510,23 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_f32_product() {
         let shapes = |ty| match ty {
-            GgmlType::Q4_K => vec![(1, 7, 256), (5, 9, 512), (50, 6, 256)],
+            GgmlType::Q4_K | GgmlType::Q5_K => vec![(1, 7, 256), (5, 9, 512), (50, 6, 256)],
             _ => vec![(1, 7, 32), (3, 33, 64), (6, 17, 160), (50, 20, 96)],
         };
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K] {
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q4_K,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q5_K,
+        ];
+        for ty in types {
             for (m, n, k) in shapes(ty) {
                 let (bytes, w) = match ty {
-                    GgmlType::Q4_K => {
-                        let bytes = random_q4_k(n, k, 3 + m as u64);
-                        let w = crate::model::gguf::dequantize(ty, &bytes, n * k).expect("Q4_K");
+                    GgmlType::Q4_K | GgmlType::Q5_K => {
+                        let bytes = random_k(ty, n, k, 3 + m as u64);
+                        let w = crate::model::gguf::dequantize(ty, &bytes, n * k).expect("k");
                         (bytes, w)
                     }
                     _ => random_blocks(ty, n, k, 3 + m as u64),
