@@ -58,7 +58,7 @@ pub(super) fn serve(
             admit(
                 &mut models,
                 std::mem::take(&mut pending),
-                config.max_batch,
+                &config,
                 cache.as_mut(),
                 stats,
             );

@@ -124,13 +124,14 @@ pub(super) fn load(
     })
 }
 
-/// Takes `requests`: forced choices are answered now (one forward pass per batch of them);
-/// generation requests are encoded and queued for their version's running batch
-/// ([`step_all`]). A request for a version not loaded is answered with an error.
+/// Takes `requests`: forced choices are answered now (one forward pass per batch of them, at
+/// most `max_batch` prompts and [`ServerConfig::max_choice_tokens`] tokens); generation
+/// requests are encoded and queued for their version's running batch ([`step_all`]). A request
+/// for a version not loaded is answered with an error.
 pub(super) fn admit(
     models: &mut HashMap<String, Loaded>,
     requests: Vec<Pending>,
-    max_batch: usize,
+    config: &ServerConfig,
     mut cache: Option<&mut AnswerCache>,
     stats: &ServerStats,
 ) {
@@ -156,21 +157,29 @@ pub(super) fn admit(
             }
             continue;
         };
-        let (mut choices, group): (Vec<Pending>, Vec<Pending>) = group
+        let (choices, group): (Vec<Pending>, Vec<Pending>) = group
             .into_iter()
             .partition(|p| p.request.ask.choose.is_some());
-        // A batch pads every prompt to its longest: similar lengths together (characters stand
-        // in for tokens) waste the least prefill on padding.
-        choices.sort_by_key(|p| {
-            p.request
-                .ask
-                .messages
-                .iter()
-                .map(|m| m.content.len())
-                .sum::<usize>()
-        });
-        for chunk in chunks(choices, max_batch) {
-            run_choices(model, &version, chunk, cache.as_deref_mut(), stats);
+        let mut choices: Vec<(Pending, Vec<u32>)> = choices
+            .into_iter()
+            .filter_map(|p| {
+                let c = p.request.ask.choose.as_ref()?;
+                let mut ids = p.request.ask.prompt_ids(&model.template, &model.tokenizer);
+                ids.extend(model.tokenizer.encode(&c.prefill, false));
+                Some((p, ids))
+            })
+            .collect();
+        // A pass pads every prompt to its longest: similar lengths together waste the least
+        // prefill on padding.
+        choices.sort_by_key(|(_, ids)| ids.len());
+        let passes = choice_passes(
+            choices,
+            config.max_batch.max(1),
+            config.max_choice_tokens,
+            |(_, ids)| ids.len(),
+        );
+        for pass in passes {
+            run_choices(model, &version, pass, cache.as_deref_mut(), stats);
         }
         let mut bad = VersionStats::default();
         for p in group {
@@ -623,22 +632,18 @@ fn settle(
 fn run_choices(
     model: &mut Loaded,
     version: &str,
-    chunk: Vec<Pending>,
+    pass: Vec<(Pending, Vec<u32>)>,
     mut cache: Option<&mut AnswerCache>,
     stats: &ServerStats,
 ) {
-    let mut prompts = Vec::with_capacity(chunk.len());
-    let mut options = Vec::with_capacity(chunk.len());
-    for p in &chunk {
-        let Some(c) = &p.request.ask.choose else {
-            continue;
-        };
-        let mut ids = p.request.ask.prompt_ids(&model.template, &model.tokenizer);
-        ids.extend(model.tokenizer.encode(&c.prefill, false));
-        prompts.push(ids);
-        // Each option must be exactly one token, or the choice is not well defined.
-        options.push(c.option_ids(&model.tokenizer));
-    }
+    let (chunk, prompts): (Vec<Pending>, Vec<Vec<u32>>) = pass.into_iter().unzip();
+    // Each option must be exactly one token, or the choice is not well defined.
+    let options: Vec<_> = (chunk.iter())
+        .map(|p| match &p.request.ask.choose {
+            Some(c) => c.option_ids(&model.tokenizer),
+            None => Err(GenError::NoOption),
+        })
+        .collect();
     let started = Instant::now();
     let result = model.generator.next_token_logits(&prompts);
     let mut d = batch_stats(chunk.len(), started, &mut model.generator);
@@ -691,12 +696,58 @@ fn run_choices(
     }
 }
 
-/// `v` cut into pieces of at most `n`.
-fn chunks<T>(mut v: Vec<T>, n: usize) -> Vec<Vec<T>> {
-    let mut out = Vec::new();
-    while !v.is_empty() {
-        let rest = v.split_off(v.len().min(n.max(1)));
-        out.push(std::mem::replace(&mut v, rest));
+/// `items` (shortest first) cut, in order, into forward passes of at most `max_rows` items
+/// whose padded size (items x the longest `len`) is at most `max_tokens`; an item longer than
+/// that alone makes a pass.
+fn choice_passes<T>(
+    items: Vec<T>,
+    max_rows: usize,
+    max_tokens: usize,
+    len: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut passes: Vec<Vec<T>> = Vec::new();
+    let mut current: Vec<T> = Vec::new();
+    let mut longest = 0;
+    for item in items {
+        let l = longest.max(len(&item));
+        let fits = current.len() < max_rows.max(1) && (current.len() + 1) * l <= max_tokens;
+        if !current.is_empty() && !fits {
+            passes.push(std::mem::take(&mut current));
+            longest = 0;
+        }
+        longest = longest.max(len(&item));
+        current.push(item);
     }
-    out
+    if !current.is_empty() {
+        passes.push(current);
+    }
+    passes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choice_passes;
+
+    #[test]
+    fn choice_passes_keep_order_and_bound_rows_and_padded_tokens() {
+        let lens = vec![100, 100, 200, 300, 300, 900, 2000];
+        // 4096 tokens and 3 rows a pass: [100, 100, 200] (3 rows, 600 padded), [300, 300,
+        // 900] (2700), then 2000 alone would fit with nothing else: [2000].
+        let passes = choice_passes(lens.clone(), 3, 4096, |&l| l);
+        assert_eq!(
+            passes,
+            vec![vec![100, 100, 200], vec![300, 300, 900], vec![2000]]
+        );
+        // 1000 tokens: 100 + 100 + 200 -> 600; 300 joins at 4 x 300 = 1200 > 1000: cut; 300,
+        // 300 -> 600; 900 with them 2700: cut; 900 alone; 2000 over the budget alone.
+        let passes = choice_passes(lens.clone(), 32, 1000, |&l| l);
+        assert_eq!(
+            passes,
+            vec![vec![100, 100, 200], vec![300, 300], vec![900], vec![2000]]
+        );
+        // Every item once, in order.
+        let flat: Vec<usize> = passes.into_iter().flatten().collect();
+        assert_eq!(flat, lens);
+        assert!(choice_passes(Vec::<usize>::new(), 4, 10, |&l| l).is_empty());
+    }
 }

@@ -77,6 +77,12 @@ pub struct ServerConfig {
     /// decoding wait at most one such prefill per token they make. A new batch takes up to
     /// `max_batch` requests whatever their length: no row waits on it.
     pub max_join_tokens: usize,
+    /// Most prompt tokens (each prompt counted at the longest of its pass, padding included)
+    /// of one forward pass of forced choices (a judge's verdicts, a selector's ratings): they
+    /// are answered a pass at a time, so this bounds the pass's activations (32 judge prompts
+    /// of ~600 tokens in one pass held ~2 GB of them with a 1.5B model) and lets answers come
+    /// back as each pass ends. A prompt longer than this runs in a pass of its own.
+    pub max_choice_tokens: usize,
     /// Most bytes of KV cache the running batches of every version may take together, each
     /// projected for every row running to its longest (rows x slots, the shared prefix apart):
     /// a request that would pass it waits for rows to finish (the first row of a version's
@@ -99,6 +105,7 @@ impl Default for ServerConfig {
             max_batch: 32,
             batch_window: Duration::from_millis(20),
             max_join_tokens: 1024,
+            max_choice_tokens: 4096,
             kv_cache_bytes: DEFAULT_KV_CACHE_MB << 20,
             prefix_cache: true,
             cache: None,
