@@ -1352,10 +1352,9 @@ mod cpu {
         }
     }
 
-    /// Softmax attention of one [`Block`] into `out` `[rows, d]`, row by row: the reference the
-    /// decode kernel ([`attend_decode_group`]) must equal bit for bit. A row that sees nothing
-    /// stays zero, as burn's kernel gives.
-    #[cfg(test)]
+    /// Softmax attention of one [`Block`] into `out` `[rows, d]`, compiled for AVX-512 and
+    /// AVX2 besides the baseline (the crate is built for plain x86-64, where these loops would
+    /// run 4 lanes wide). A row that sees nothing stays zero, as burn's kernel gives.
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
@@ -1377,89 +1376,11 @@ mod cpu {
         }
     }
 
-    /// Softmax attention of a decode step for several sequences of one kv head (`blks`, their
-    /// outputs one after the other in `out`), sharing one prefix (or none): each key and value
-    /// is read once for every query row of the group (the kv head's folded query heads, and
-    /// every sequence's for the prefix's columns), where row by row (`attend_block`, the tests'
-    /// reference) reads them once per row. Row by row the arithmetic is the same, in the same
-    /// order (scores by
-    /// [`dot`], [`softmax_masked`], values added in column order), so the outputs are the same
-    /// bits; only the memory traffic differs (a rating batch's ~450-token template was read
-    /// once per row and sequence).
-    #[multiversion::multiversion(targets(
-        "x86_64+avx512f+avx512vl+avx2+fma",
-        "x86_64+avx2+fma",
-        "aarch64+neon"
-    ))]
-    fn attend_decode_group(blks: &[Block<'_>], out: &mut [f32]) {
-        let Some(first) = blks.first() else {
-            return;
-        };
-        let (d, cols) = (first.d, first.cols());
-        let (p, rows) = (first.k.0.len() / d, first.q.len() / d);
-        let mut scores = vec![0f32; blks.len() * rows * cols];
-        // Scores: a prefix key once for the whole group, an own key once for its sequence.
-        for j in 0..p {
-            let key = first.key(j);
-            for (b, blk) in blks.iter().enumerate() {
-                for r in 0..rows {
-                    if !blk.mask[r * cols + j] {
-                        scores[(b * rows + r) * cols + j] =
-                            dot(&blk.q[r * d..(r + 1) * d], key) * blk.scale;
-                    }
-                }
-            }
-        }
-        for (b, blk) in blks.iter().enumerate() {
-            for j in p..cols {
-                let key = blk.key(j);
-                for r in 0..rows {
-                    if !blk.mask[r * cols + j] {
-                        scores[(b * rows + r) * cols + j] =
-                            dot(&blk.q[r * d..(r + 1) * d], key) * blk.scale;
-                    }
-                }
-            }
-        }
-        for (b, blk) in blks.iter().enumerate() {
-            for r in 0..rows {
-                let at = (b * rows + r) * cols;
-                softmax_masked(
-                    &mut scores[at..at + cols],
-                    &blk.mask[r * cols..(r + 1) * cols],
-                );
-            }
-        }
-        // Values, each row's in column order ([`add_weighted_rows`]'s sum term for term).
-        let add = |out: &mut [f32], at: usize, value: &[f32]| {
-            let w = scores[at];
-            if w != 0.0 {
-                for (o, &x) in out.iter_mut().zip(value) {
-                    *o += w * x;
-                }
-            }
-        };
-        for j in 0..p {
-            let value = first.value(j);
-            for (i, orow) in out.chunks_exact_mut(d).enumerate() {
-                add(orow, i * cols + j, value);
-            }
-        }
-        for (b, (blk, o)) in blks.iter().zip(out.chunks_exact_mut(rows * d)).enumerate() {
-            for j in p..cols {
-                let value = blk.value(j);
-                for (r, orow) in o.chunks_exact_mut(d).enumerate() {
-                    add(orow, (b * rows + r) * cols + j, value);
-                }
-            }
-        }
-    }
-
     /// Query rows per tile of [`attend_block_tiled`]: a tile's scores (`[64, cols]`, 256 KiB
     /// at 1024 columns) stay in cache between the two GEMMs and the softmax.
     const ATTN_TILE: usize = 64;
 
-    /// Softmax attention of one [`Block`] with many query rows, tiled as flash attention is: per tile of
+    /// [`attend_block`] for many query rows, tiled as flash attention is: per tile of
     /// [`ATTN_TILE`] rows, the scores over the columns any of its rows sees (a causal mask
     /// leaves the tile's future out, so a prefill does about half the dense work) are one GEMM
     /// `q·kᵀ`, the masked softmax runs on them in place, and the weighted values are added row
@@ -1607,9 +1528,8 @@ mod cpu {
     /// `mask` `[b, rows, p + cap]` (true = masked; prefix columns first). Masked columns cost
     /// nothing, so a causal prefill does half the work of burn-flex's dense attention.
     /// `prefill` (more than one query token per sequence) runs in tiles of GEMMs
-    /// ([`attend_block_tiled`]), a decode step's few rows per kv head row by row, in groups of
-    /// sequences that read each key and value once ([`attend_decode_group`]): the choice goes
-    /// by the step, not by the row count, so a token is
+    /// ([`attend_block_tiled`]), a decode step's few rows per kv head row by row
+    /// ([`attend_block`]): the choice goes by the step, not by the row count, so a token is
     /// computed the same way whether its prompt came with a cached prefix or not.
     /// Returns `[b, kv_h, rows, d]`; `None` off flex.
     pub(super) fn attention<B: Backend>(
@@ -1651,48 +1571,26 @@ mod cpu {
             return None;
         }
         let mut out = vec![0f32; b * kvh * rows * d];
-        let block = |bh: usize| {
-            let (bi, h) = (bh / kvh, bh % kvh);
-            let own = bh * cap * d..(bh + 1) * cap * d;
-            let pre = h * p * d..(h + 1) * p * d;
-            Block {
-                q: &qs[bh * rows * d..(bh + 1) * rows * d],
-                k: (&pks[pre.clone()], &ks[own.clone()]),
-                v: (&pvs[pre], &vs[own]),
-                mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
-                d,
-                scale,
-            }
-        };
-        if prefill {
-            // One task per (sequence, kv head): its rows share the K/V they read.
-            out.par_chunks_mut(rows * d)
-                .enumerate()
-                .for_each(|(bh, o)| attend_block_tiled(block(bh), o));
-        } else {
-            // One task per kv head and group of sequences, about four per thread: the group
-            // reads the kv head's prefix once ([`attend_decode_group`]).
-            let tasks = rayon::current_num_threads().max(1) * 4;
-            let per = (b * kvh).div_ceil(tasks).clamp(1, b.max(1));
-            let groups: Vec<(usize, std::ops::Range<usize>)> = (0..kvh)
-                .flat_map(|h| (0..b).step_by(per).map(move |s| (h, s..(s + per).min(b))))
-                .collect();
-            let done: Vec<Vec<f32>> = groups
-                .par_iter()
-                .map(|(h, seqs)| {
-                    let blks: Vec<Block<'_>> = seqs.clone().map(|bi| block(bi * kvh + h)).collect();
-                    let mut o = vec![0f32; blks.len() * rows * d];
-                    attend_decode_group(&blks, &mut o);
-                    o
-                })
-                .collect();
-            for ((h, seqs), o) in groups.iter().zip(done) {
-                for (bi, part) in seqs.clone().zip(o.chunks_exact(rows * d)) {
-                    let bh = bi * kvh + h;
-                    out[bh * rows * d..(bh + 1) * rows * d].copy_from_slice(part);
+        // One task per (sequence, kv head): its rows share the K/V they read.
+        out.par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each(|(bh, o)| {
+                let (bi, h) = (bh / kvh, bh % kvh);
+                let own = bh * cap * d..(bh + 1) * cap * d;
+                let pre = h * p * d..(h + 1) * p * d;
+                let blk = Block {
+                    q: &qs[bh * rows * d..(bh + 1) * rows * d],
+                    k: (&pks[pre.clone()], &ks[own.clone()]),
+                    v: (&pvs[pre], &vs[own]),
+                    mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
+                    d,
+                    scale,
+                };
+                match prefill {
+                    true => attend_block_tiled(blk, o),
+                    false => attend_block(blk, o),
                 }
-            }
-        }
+            });
         Some(Tensor::from_data(
             TensorData::new(out, [b, kvh, rows, d]),
             &q.device(),
@@ -1802,67 +1700,6 @@ mod cpu {
             &att.device(),
         ))
     }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        use rand::{Rng, SeedableRng};
-
-        /// A decode group (several sequences of one kv head, a shared prefix, each sequence
-        /// left-padded differently) gives every row [`attend_block`]'s bits: the same
-        /// arithmetic in the same order, the keys and values only read fewer times.
-        #[test]
-        fn decode_groups_give_the_row_by_row_bits() {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-            let (d, rows, cap) = (16, 3, 11);
-            let mut vals =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
-            for p in [0, 7] {
-                let cols = p + cap;
-                let (pk, pv) = (vals(p * d), vals(p * d));
-                let seqs = 5;
-                let (q, k, v) = (
-                    vals(seqs * rows * d),
-                    vals(seqs * cap * d),
-                    vals(seqs * cap * d),
-                );
-                // Sequence i's own slots before i are padding; sequence 4 sees nothing of its
-                // own but its last slot; every row sees the prefix.
-                let mask: Vec<bool> = (0..seqs * rows * cols)
-                    .map(|x| {
-                        let (i, j) = (x / (rows * cols), x % cols);
-                        j >= p && (j - p < i || (i == 4 && j - p != cap - 1))
-                    })
-                    .collect();
-                let blks: Vec<Block<'_>> = (0..seqs)
-                    .map(|i| Block {
-                        q: &q[i * rows * d..(i + 1) * rows * d],
-                        k: (&pk, &k[i * cap * d..(i + 1) * cap * d]),
-                        v: (&pv, &v[i * cap * d..(i + 1) * cap * d]),
-                        mask: &mask[i * rows * cols..(i + 1) * rows * cols],
-                        d,
-                        scale: 0.25,
-                    })
-                    .collect();
-                let mut group = vec![0f32; seqs * rows * d];
-                attend_decode_group(&blks, &mut group);
-                for (i, blk) in blks.iter().enumerate() {
-                    let mut alone = vec![0f32; rows * d];
-                    attend_block(*blk, &mut alone);
-                    let got = &group[i * rows * d..(i + 1) * rows * d];
-                    assert!(
-                        alone.iter().any(|&x| x != 0.0),
-                        "sequence {i} computed nothing"
-                    );
-                    let same = got
-                        .iter()
-                        .zip(&alone)
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "prefix {p}, sequence {i}: {got:?} vs {alone:?}");
-                }
-            }
-        }
-    }
 }
 
 /// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) * w`. A half-precision `x` is
@@ -1969,21 +1806,6 @@ mod tests {
             .collect();
         for prefill in [false, true] {
             assert_attention_matches_burn(b, 2, rows, cap, p, &mask, prefill);
-        }
-
-        // A decode step of 9 sequences (groups of several per task), 3 query heads folded per
-        // kv head, sequence i left-padded by i % 6 of its 6 own slots, with and without a
-        // 4-token prefix.
-        let (b9, rows, cap) = (9, 3, 6);
-        for p in [4, 0] {
-            let cols = p + cap;
-            let mask: Vec<bool> = (0..b9 * rows * cols)
-                .map(|i| {
-                    let (seq, j) = (i / (rows * cols), i % cols);
-                    j >= p && j - p < seq % cap
-                })
-                .collect();
-            assert_attention_matches_burn(b9, 2, rows, cap, p, &mask, false);
         }
 
         // A prefill in tiles of GEMMs: 2 query heads per kv head folded into rows (row = r·s
