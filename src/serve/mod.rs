@@ -79,9 +79,9 @@ pub struct ServerConfig {
     pub max_join_tokens: usize,
     /// Most prompt tokens (each prompt counted at the longest of its pass, padding included)
     /// of one forward pass of forced choices (a judge's verdicts, a selector's ratings): they
-    /// are answered a pass at a time, so this bounds the pass's activations (32 judge prompts
-    /// of ~600 tokens in one pass held ~2 GB of them with a 1.5B model) and lets answers come
-    /// back as each pass ends. A prompt longer than this runs in a pass of its own.
+    /// are answered a pass at a time, so this bounds the pass's activations (with 32 prompts a
+    /// pass, judging 98 pairs with a 1.5B model peaked at 12 GB resident) and lets answers
+    /// come back as each pass ends. A prompt longer than this runs in a pass of its own.
     pub max_choice_tokens: usize,
     /// Most bytes of KV cache the running batches of every version may take together, each
     /// projected for every row running to its longest (rows x slots, the shared prefix apart):
