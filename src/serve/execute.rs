@@ -628,7 +628,8 @@ fn settle(
     reply
 }
 
-/// Answers a batch of [`Choice`] requests with one batched forward pass.
+/// Answers one pass of forced-choice requests (each with its encoded prompt, see
+/// [`choice_passes`]) with one batched forward pass.
 fn run_choices(
     model: &mut Loaded,
     version: &str,
