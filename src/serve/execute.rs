@@ -157,32 +157,38 @@ pub(super) fn admit(
             }
             continue;
         };
-        let (choices, group): (Vec<Pending>, Vec<Pending>) = group
-            .into_iter()
-            .partition(|p| p.request.ask.choose.is_some());
-        let mut choices: Vec<(Pending, Vec<u32>)> = choices
-            .into_iter()
-            .filter_map(|p| {
-                let c = p.request.ask.choose.as_ref()?;
-                let mut ids = p.request.ask.prompt_ids(&model.template, &model.tokenizer);
-                ids.extend(model.tokenizer.encode(&c.prefill, false));
-                Some((p, ids))
-            })
-            .collect();
+        let mut choices: Vec<EncodedChoice> = Vec::new();
+        let mut rest: Vec<Pending> = Vec::new();
+        for p in group {
+            match &p.request.ask.choose {
+                Some(c) => {
+                    let mut prompt = p.request.ask.prompt_ids(&model.template, &model.tokenizer);
+                    prompt.extend(model.tokenizer.encode(&c.prefill, false));
+                    // Each option must be exactly one token, or the choice is not well defined.
+                    let options = c.option_ids(&model.tokenizer);
+                    choices.push(EncodedChoice {
+                        pending: p,
+                        prompt,
+                        options,
+                    });
+                }
+                None => rest.push(p),
+            }
+        }
         // A pass pads every prompt to its longest: similar lengths together waste the least
         // prefill on padding.
-        choices.sort_by_key(|(_, ids)| ids.len());
+        choices.sort_by_key(|c| c.prompt.len());
         let passes = choice_passes(
             choices,
             config.max_batch.max(1),
             config.max_choice_tokens,
-            |(_, ids)| ids.len(),
+            |c| c.prompt.len(),
         );
         for pass in passes {
             run_choices(model, &version, pass, cache.as_deref_mut(), stats);
         }
         let mut bad = VersionStats::default();
-        for p in group {
+        for p in rest {
             let then_choose = match p.request.ask.choose_after.as_ref() {
                 None => None,
                 Some(c) => match c.option_ids(&model.tokenizer) {
@@ -628,23 +634,29 @@ fn settle(
     reply
 }
 
-/// Answers one pass of forced-choice requests (each with its encoded prompt, see
-/// [`choice_passes`]) with one batched forward pass.
+/// A forced-choice request encoded for its model: its prompt with the choice's prefill, and
+/// its options' token ids (or why they are not one token each).
+struct EncodedChoice {
+    pending: Pending,
+    prompt: Vec<u32>,
+    options: Result<Vec<u32>, GenError>,
+}
+
+/// Answers one pass of forced-choice requests (see [`choice_passes`]) with one batched forward
+/// pass.
 fn run_choices(
     model: &mut Loaded,
     version: &str,
-    pass: Vec<(Pending, Vec<u32>)>,
+    pass: Vec<EncodedChoice>,
     mut cache: Option<&mut AnswerCache>,
     stats: &ServerStats,
 ) {
-    let (chunk, prompts): (Vec<Pending>, Vec<Vec<u32>>) = pass.into_iter().unzip();
-    // Each option must be exactly one token, or the choice is not well defined.
-    let options: Vec<_> = (chunk.iter())
-        .map(|p| match &p.request.ask.choose {
-            Some(c) => c.option_ids(&model.tokenizer),
-            None => Err(GenError::NoOption),
-        })
-        .collect();
+    let (mut chunk, mut prompts, mut options) = (Vec::new(), Vec::new(), Vec::new());
+    for c in pass {
+        chunk.push(c.pending);
+        prompts.push(c.prompt);
+        options.push(c.options);
+    }
     let started = Instant::now();
     let result = model.generator.next_token_logits(&prompts);
     let mut d = batch_stats(chunk.len(), started, &mut model.generator);

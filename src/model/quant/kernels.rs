@@ -138,7 +138,7 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
             && out.len() >= xs.len()
             && w.m.len() == blocks
             && w.nibbles.len() == blocks * QK / 2
-            && (w.high.is_empty() || w.high.len() == blocks * QK / 8)
+            && (w.high.is_empty() || w.high.len() == blocks * super::q4::HIGH_BYTES)
             && xs.iter().all(|x| x.row.scales.len() == blocks
                 && x.row.quants.len() == blocks * QK
                 && x.sums.len() == blocks),
@@ -165,19 +165,9 @@ fn dot_q4_portable(w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) 
     for (x, o) in xs.iter().zip(out.iter_mut()) {
         let mut acc = 0f32;
         for b in 0..w.d.len() {
-            let nib = &w.nibbles[b * QK / 2..(b + 1) * QK / 2];
             let xq = &x.row.quants[b * QK..(b + 1) * QK];
-            let (lo, hi) = xq.split_at(QK / 2);
-            let fifth = super::q4::fifth_bits(w.high, b);
-            let s: i32 = nib
-                .iter()
-                .zip(lo.iter().zip(hi))
-                .enumerate()
-                .map(|(j, (&n, (&l, &h)))| {
-                    let ql = (n & 0x0F) as i32 | (((fifth >> j) & 1) << 4) as i32;
-                    let qh = (n >> 4) as i32 | (((fifth >> (j + QK / 2)) & 1) << 4) as i32;
-                    ql * l as i32 + qh * h as i32
-                })
+            let s: i32 = (w.block_values(b).iter().zip(xq))
+                .map(|(&q, &x)| q as i32 * x as i32)
                 .sum();
             acc += w.d[b] * x.row.scales[b] * s as f32 + w.m[b] * x.sums[b];
         }
@@ -266,7 +256,8 @@ mod x86 {
     /// bit, and compares.
     #[inline(always)]
     unsafe fn fifth_bits_x16(high: &[u8], b: usize) -> __m256i {
-        let bits = std::ptr::read_unaligned(high.as_ptr().add(b * QK / 8) as *const i32);
+        let at = b * super::super::q4::HIGH_BYTES;
+        let bits = std::ptr::read_unaligned(high.as_ptr().add(at) as *const i32);
         #[rustfmt::skip]
         let which_byte = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,

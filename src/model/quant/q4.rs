@@ -92,15 +92,7 @@ pub enum Q4Error {
 impl Q4Matrix {
     /// Whether tensors of type `ty` can be kept as 4- or 5-bit blocks.
     pub fn keeps(ty: GgmlType) -> bool {
-        matches!(
-            ty,
-            GgmlType::Q4_0
-                | GgmlType::Q4_1
-                | GgmlType::Q4_K
-                | GgmlType::Q5_0
-                | GgmlType::Q5_1
-                | GgmlType::Q5_K
-        )
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K) || Self::five_bit(ty)
     }
 
     /// Whether values of type `ty` have a fifth bit.
@@ -249,15 +241,9 @@ impl Q4Matrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let nib = &row.nibbles[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES];
             let (d, m) = (row.d[b], row.m[b]);
-            let fifth = fifth_bits(row.high, b);
-            let (lo, hi) = o.split_at_mut(NIBBLE_BYTES);
-            for (j, ((l, h), &byte)) in lo.iter_mut().zip(hi.iter_mut()).zip(nib).enumerate() {
-                let l5 = ((fifth >> j) & 1) << 4;
-                let h5 = ((fifth >> (j + NIBBLE_BYTES)) & 1) << 4;
-                *l = d * ((byte & 0x0F) as u32 | l5) as f32 + m;
-                *h = d * ((byte >> 4) as u32 | h5) as f32 + m;
+            for (o, &q) in o.iter_mut().zip(&row.block_values(b)) {
+                *o = d * q as f32 + m;
             }
         }
     }
@@ -272,10 +258,21 @@ impl Q4Matrix {
     }
 }
 
-/// Block `b`'s fifth bits (bit `j` is value `j`'s), 0 for 4-bit rows.
-pub(super) fn fifth_bits(high: &[u8], b: usize) -> u32 {
-    high.get(b * HIGH_BYTES..(b + 1) * HIGH_BYTES)
-        .map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]))
+impl Q4Row<'_> {
+    /// Block `b`'s 32 unsigned values (0..16, or 0..32 with fifth bits), in order: what the
+    /// dequantization and the portable kernel read.
+    pub fn block_values(&self, b: usize) -> [u8; QK] {
+        let nib = &self.nibbles[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES];
+        let fifth = (self.high.get(b * HIGH_BYTES..(b + 1) * HIGH_BYTES))
+            .map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+        let bit = |j: usize| (((fifth >> j) & 1) << 4) as u8;
+        let mut q = [0u8; QK];
+        for (j, &byte) in nib.iter().enumerate() {
+            q[j] = (byte & 0x0F) | bit(j);
+            q[j + NIBBLE_BYTES] = (byte >> 4) | bit(j + NIBBLE_BYTES);
+        }
+        q
+    }
 }
 
 /// One file row of type `ty` into a row's scales `d`, offsets `m`, nibbles and (5-bit types)
