@@ -35,8 +35,9 @@ pub struct EvalArgs {
     /// (written verdicts that must agree), or both.
     #[arg(long, value_enum, default_value_t = JudgeRule::Both)]
     pub judge_rule: JudgeRule,
-    /// The judge prompt: alpaca-eval (AlpacaEval's ranking of outputs `m` and `M`) or mt-bench
-    /// (MT-Bench's pairwise `[[A]]`/`[[B]]`/`[[C]]`).
+    /// The judge prompt: alpaca-eval (AlpacaEval's ranking of outputs `m` and `M`; the prob rule
+    /// reads which name is listed first), alpaca-eval-rank (the same prompt; the prob rule reads
+    /// the rank given to `m`) or mt-bench (MT-Bench's pairwise `[[A]]`/`[[B]]`/`[[C]]`).
     #[arg(long, value_enum, default_value_t = JudgePrompt::AlpacaEval)]
     pub judge_prompt: JudgePrompt,
     /// Most tokens of a written judgment (text rule).

@@ -55,6 +55,13 @@ pub enum JudgePrompt {
     /// from poor ones far more often than MT-Bench's prompt: the default.
     #[default]
     AlpacaEval,
+    /// AlpacaEval's ranking prompt, the same conversation, but the prob rule reads the *rank*
+    /// the judge gives the first-shown answer rather than which name it lists first: the turn
+    /// is opened with `[\n    {'model': 'm', 'rank': ` and the probabilities of `1` and `2` are
+    /// read. A small judge tends to list the models in the order shown and put its judgement in
+    /// the ranks, which the `m`/`M` choice of [`JudgePrompt::AlpacaEval`] does not see. The text
+    /// rule reads the written ranking exactly as for [`JudgePrompt::AlpacaEval`].
+    AlpacaEvalRank,
 }
 
 /// AlpacaEval's ranking judge: its system prompt.
@@ -67,6 +74,7 @@ impl JudgePrompt {
         match self {
             JudgePrompt::MtBench => "mt-bench",
             JudgePrompt::AlpacaEval => "alpaca-eval",
+            JudgePrompt::AlpacaEvalRank => "alpaca-eval-rank",
         }
     }
 
@@ -74,7 +82,7 @@ impl JudgePrompt {
     pub fn messages(self, question: &str, a: &str, b: &str) -> Vec<Message> {
         match self {
             JudgePrompt::MtBench => judge_messages(question, a, b),
-            JudgePrompt::AlpacaEval => vec![
+            JudgePrompt::AlpacaEval | JudgePrompt::AlpacaEvalRank => vec![
                 Message::system(ALPACA_EVAL_SYSTEM),
                 Message::user(format!(
                     "I want you to create a leaderboard of different large-language models. To do so, I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank the models based on which responses would be preferred by humans. All inputs and outputs should be python dictionaries.\n\nHere is the prompt:\n{{\n    \"instruction\": \"\"\"{}\"\"\",\n}}\n\nHere are the outputs of the models:\n[\n    {{\n        \"model\": \"m\",\n        \"answer\": \"\"\"{}\"\"\"\n    }},\n    {{\n        \"model\": \"M\",\n        \"answer\": \"\"\"{}\"\"\"\n    }}\n]\n\nNow please rank the models by the quality of their answers, so that the model with rank 1 has the best output. Then return a list of the model names and ranks, i.e., produce the following output:\n[\n    {{'model': <model-name>, 'rank': <model-rank>}},\n    {{'model': <model-name>, 'rank': <model-rank>}}\n]\n\nYour response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.",
@@ -91,6 +99,7 @@ impl JudgePrompt {
         match self {
             JudgePrompt::MtBench => VERDICT_PREFILL,
             JudgePrompt::AlpacaEval => "[\n    {'model': '",
+            JudgePrompt::AlpacaEvalRank => "[\n    {'model': 'm', 'rank': ",
         }
     }
 
@@ -99,6 +108,8 @@ impl JudgePrompt {
         match self {
             JudgePrompt::MtBench => &VERDICT_OPTIONS,
             JudgePrompt::AlpacaEval => &["m", "M"],
+            // Rank 1 for `m` (the first shown) is a verdict for A, rank 2 one for B.
+            JudgePrompt::AlpacaEvalRank => &["1", "2"],
         }
     }
 
@@ -115,7 +126,7 @@ impl JudgePrompt {
     pub fn parse(self, answer: &str) -> Result<Verdict, VerdictError> {
         match self {
             JudgePrompt::MtBench => parse_verdict(answer),
-            JudgePrompt::AlpacaEval => parse_ranking(answer),
+            JudgePrompt::AlpacaEval | JudgePrompt::AlpacaEvalRank => parse_ranking(answer),
         }
     }
 }
@@ -380,7 +391,11 @@ mod tests {
 
     #[test]
     fn each_prompt_names_its_options_in_the_order_shown() {
-        for prompt in [JudgePrompt::MtBench, JudgePrompt::AlpacaEval] {
+        for prompt in [
+            JudgePrompt::MtBench,
+            JudgePrompt::AlpacaEval,
+            JudgePrompt::AlpacaEvalRank,
+        ] {
             let m = prompt.messages("Q?", "first answer", "second answer");
             let u = &m[1].content;
             let (a, b) = (
@@ -403,6 +418,23 @@ mod tests {
             .clone();
         assert!(u.find("\"model\": \"m\"").expect("m") < u.find("\"model\": \"M\"").expect("M"));
         assert!(JudgePrompt::AlpacaEval.prefill().ends_with("'model': '"));
+        // The rank variant asks the same question and fixes the first-listed name to `m`, the
+        // first shown, so rank `1` is a verdict for A.
+        assert_eq!(
+            JudgePrompt::AlpacaEvalRank.messages("Q?", "a", "b"),
+            JudgePrompt::AlpacaEval.messages("Q?", "a", "b")
+        );
+        assert!(JudgePrompt::AlpacaEvalRank
+            .prefill()
+            .ends_with("{'model': 'm', 'rank': "));
+        assert_eq!(
+            JudgePrompt::AlpacaEvalRank.verdict_of_option("1"),
+            Some(Verdict::A)
+        );
+        assert_eq!(
+            JudgePrompt::AlpacaEvalRank.verdict_of_option("2"),
+            Some(Verdict::B)
+        );
     }
 
     #[test]
