@@ -40,7 +40,7 @@ pub struct ServerFlags {
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 32)]
     pub max_batch: usize,
     /// Weight format the model server loads models in: native (a GGUF's 4/5-bit blocks, else
-    /// 8-bit; the CPU default), q8, f32 (the CUDA default), f16, bf16. Training stays f32.
+    /// 8-bit; the CPU default), q8, f32 (the CUDA default), f16, bf16. Training's base: --base-dtype.
     #[arg(long, value_enum, default_value_t = Precision::backend_default())]
     pub dtype: Precision,
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
@@ -168,6 +168,11 @@ pub struct TrainFlags {
     /// Batches of random lengths instead of grouped by length (more padding, slower steps).
     #[arg(long)]
     pub no_group_by_length: bool,
+    /// Format of the base's projections while training: under LoRA `native` (a GGUF's own
+    /// 4/5-bit blocks, else 8-bit; the CPU default) or `q8`, frozen and dequantized for each
+    /// product as QLoRA does; `f32` (the CUDA default, and full finetuning's only format).
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<Precision>,
 }
 
 impl TrainFlags {
@@ -191,6 +196,7 @@ impl TrainFlags {
         job.max_grad_norm = self.max_grad_norm;
         job.max_len = self.max_len;
         job.group_by_length = !self.no_group_by_length;
+        job.base_dtype = self.base_dtype;
     }
 }
 

@@ -62,6 +62,7 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, Train
 pub fn export_weights<B: Backend>(
     m: &TrainLlama<B>,
 ) -> Result<Vec<(String, HostTensor)>, TrainError> {
+    let device = m.embed.val().device();
     let mut out = vec![
         (hf_name(WeightName::Embedding), host(m.embed.val())?),
         (hf_name(WeightName::OutputNorm), host(m.norm.val())?),
@@ -77,7 +78,7 @@ pub fn export_weights<B: Backend>(
             let Some(lin) = blk.projection(lw) else {
                 continue;
             };
-            out.push((w(lw), host(lin.merged_weight())?));
+            out.push((w(lw), host(lin.merged_weight(&device))?));
             let bias = match lw {
                 LayerWeight::Q => Some(LayerWeight::QBias),
                 LayerWeight::K => Some(LayerWeight::KBias),

@@ -18,7 +18,8 @@ use super::{io_err, TrainError};
 /// Bumped when the fingerprint's inputs or encoding change, so that checkpoints fingerprinted
 /// differently are never taken for the same job.
 /// 2: dropout masks seeded per (step, micro-batch, block), not drawn in one stream per step.
-const FINGERPRINT_FORMAT: u32 = 2;
+/// 3: the base's format (LoRA over blocks).
+const FINGERPRINT_FORMAT: u32 = 3;
 
 /// The job's fingerprint (hex xxh3-128); see [`TrainJob::fingerprint`].
 pub(super) fn fingerprint(job: &TrainJob) -> Result<String, TrainError> {
@@ -36,6 +37,9 @@ pub(super) fn fingerprint(job: &TrainJob) -> Result<String, TrainError> {
             TrainMode::Full => Value::from("full"),
             TrainMode::Lora(lc) => serde_json::to_value(lc).map_err(json_err("LoRA config"))?,
         },
+        // A base kept as blocks is the same weights for a file's own blocks, but rounds
+        // differently, and `q8` of a float checkpoint is other weights.
+        "base_dtype": job.base_format().as_str(),
         "sft": sft,
         "steps": job.steps,
         "epochs": job.steps.is_none().then(|| job.epochs.unwrap_or(DEFAULT_EPOCHS)),

@@ -16,6 +16,7 @@ use super::lora::LoraConfig;
 use super::model::TrainMode;
 use super::sft::{SftConfig, StepMetrics};
 use super::TrainError;
+use crate::model::Precision;
 
 /// Epochs over the data when neither `steps` nor `epochs` is given.
 pub const DEFAULT_EPOCHS: f64 = 3.0;
@@ -46,6 +47,10 @@ pub struct TrainJob {
     pub out: PathBuf,
     /// LoRA (with its hyper-parameters) or full finetuning.
     pub mode: TrainMode,
+    /// The format the base's projections are kept in while training ([`TrainJob::base_format`]
+    /// when `None`): `f32`, or under LoRA `native` / `q8` blocks, frozen and dequantized for
+    /// each product (QLoRA's way).
+    pub base_dtype: Option<Precision>,
     /// Peak learning rate (default: 1e-5 full, as the paper; 2e-4 LoRA).
     pub lr: Option<f64>,
     /// Final learning rate of the linear decay (default: 9e-6 full; lr/10 LoRA).
@@ -103,6 +108,7 @@ impl TrainJob {
             malformed: 0,
             out,
             mode: TrainMode::Lora(LoraConfig::all_projections(8)),
+            base_dtype: None,
             lr: None,
             lr_end: None,
             weight_decay: 0.1,
@@ -166,6 +172,17 @@ impl TrainJob {
             }
         }
         .max(1)
+    }
+
+    /// The base's format: `base_dtype`, else under LoRA the backend's block default on the CPU
+    /// (`native`: a GGUF's own blocks, the model server's format) and f32 on CUDA, and f32 for
+    /// full finetuning (its master weights).
+    pub fn base_format(&self) -> Precision {
+        match (self.base_dtype, &self.mode) {
+            (Some(p), _) => p,
+            (None, TrainMode::Full) => Precision::F32,
+            (None, TrainMode::Lora(_)) => Precision::backend_default(),
+        }
     }
 
     /// The job's fingerprint (hex xxh3-128): the base model's canonical path and content, every

@@ -9,6 +9,9 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+use crate::model::quant::QuantWeight;
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,12 +73,18 @@ pub struct LoraAdapter<B: Backend> {
     pub dropout: f64,
 }
 
-/// A linear projection without bias, HF layout `[out, in]` for the weight, with an optional
-/// LoRA adapter.
+/// A linear projection, HF layout `[out, in]` for the weight, with an optional bias and an
+/// optional LoRA adapter. The base weight is either an f32 [`Param`] (frozen under LoRA, trained
+/// in full finetuning) or, for LoRA over a quantized base as QLoRA does (Dettmers et al. 2023),
+/// the frozen weight kept as blocks and dequantized for each product: the model then holds the
+/// blocks, and f32 copies live only while one block's forward and backward need them.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// `[out, in]` in f32; `None` when the base is kept as [`Linear::blocks`].
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    /// The frozen base `[out, in]` as blocks (`--base-dtype native|q8`); never trained.
+    #[module(skip)]
+    pub blocks: Option<Arc<QuantWeight>>,
     /// `[out]` (Qwen2 q/k/v).
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The adapter, when LoRA targets this projection.
@@ -164,7 +173,7 @@ pub fn dropout_mask(seed: u64, n: usize, p: f64) -> Vec<f32> {
 impl<B: Backend> Linear<B> {
     /// `x·Wᵀ (+ b) (+ LoRA)` for `x` `[n, in]`; LoRA dropout when training (`dropout_seed`).
     pub fn forward(&self, x: Tensor<B, 2>, dropout_seed: Option<u64>) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val().transpose());
+        let mut y = x.clone().matmul(self.base_weight(&x.device()).transpose());
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
         }
@@ -174,11 +183,46 @@ impl<B: Backend> Linear<B> {
         y
     }
 
+    /// A projection over an f32 weight (trainable or frozen, as the param says).
+    pub fn dense(weight: Param<Tensor<B, 2>>) -> Self {
+        Linear {
+            weight: Some(weight),
+            blocks: None,
+            bias: None,
+            lora: None,
+        }
+    }
+
+    /// A projection over a frozen base kept as blocks.
+    pub fn frozen_blocks(blocks: Arc<QuantWeight>) -> Self {
+        Linear {
+            weight: None,
+            blocks: Some(blocks),
+            bias: None,
+            lora: None,
+        }
+    }
+
+    /// The base weight `[out, in]` in f32: the param, or the blocks dequantized on `device`
+    /// (a constant: no gradient reaches it).
+    pub fn base_weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        match (&self.weight, &self.blocks) {
+            (Some(w), _) => w.val(),
+            (None, Some(q)) => Tensor::from_data(
+                TensorData::new(q.dequantize(), [q.rows(), q.cols()]),
+                device,
+            ),
+            // Every constructor sets one of the two.
+            (None, None) => unreachable!("a projection without a base weight"),
+        }
+    }
+
     /// The weight with the adapter folded in, `[out, in]`: what inference runs.
-    pub fn merged_weight(&self) -> Tensor<B, 2> {
+    pub fn merged_weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        let base = self.base_weight(device);
         match &self.lora {
-            Some(l) => self.weight.val() + l.delta(),
-            None => self.weight.val(),
+            Some(l) => base + l.delta(),
+            None => base,
         }
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 // "Halves" RoPE on `[b, s, heads, d]` with `cos`/`sin` `[1, s, 1, d/2]`: the inference model's.
 use crate::model::llama::{rope, rope_tables, HostTensor, LayerWeight, WeightName, WeightSource};
-use crate::model::{LlamaConfig, ModelError};
+use crate::model::{LlamaConfig, ModelError, Precision};
 
 use super::lora::{param, Linear, LoraAdapter, LoraConfig};
 
@@ -224,7 +224,32 @@ impl<B: Backend> TrainLlama<B> {
         mode: &TrainMode,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
+        Self::load_with_base(cfg, src, mode, Precision::F32, device)
+    }
+
+    /// As [`TrainLlama::load`], the seven projections of every block kept in `base`'s format:
+    /// `F32` as params, or (LoRA only) `Native` / `Q8` as frozen blocks read straight from the
+    /// source ([`WeightSource::load_quant`]: a GGUF file's own 4/5-bit blocks under `Native`),
+    /// dequantized for each product. The embedding, the output head and the norms stay f32.
+    pub fn load_with_base(
+        cfg: LlamaConfig,
+        src: &mut dyn WeightSource,
+        mode: &TrainMode,
+        base: Precision,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let full = matches!(mode, TrainMode::Full);
+        let keep_blocks = match base {
+            Precision::F32 => false,
+            Precision::Native | Precision::Q8 if !full => true,
+            other => {
+                let why = if full { " with full finetuning" } else { "" };
+                return Err(ModelError::Config(format!(
+                    "training keeps its base in f32, or (LoRA only) in native or q8 blocks; \
+                     not {other}{why}"
+                )));
+            }
+        };
         let (h, d) = (cfg.hidden, cfg.head_dim);
         let (qd, kd) = (cfg.n_heads * d, cfg.n_kv_heads * d);
         let p2 = |name: WeightName, want: [usize; 2], src: &mut dyn WeightSource| {
@@ -264,18 +289,38 @@ impl<B: Backend> TrainLlama<B> {
                        bias: Option<(LayerWeight, usize)>,
                        src: &mut dyn WeightSource|
              -> Result<Linear<B>, ModelError> {
-                let weight = p2(w(lw), [out, inp], src)?;
-                let bias = match bias {
+                let mut linear = if keep_blocks {
+                    let q = src
+                        .load_quant(w(lw), base == Precision::Native)?
+                        .ok_or_else(|| ModelError::Weight {
+                            name: hf_name(w(lw)),
+                            problem: "missing".into(),
+                        })?;
+                    if (q.rows(), q.cols()) != (out, inp) {
+                        return Err(ModelError::Weight {
+                            name: hf_name(w(lw)),
+                            problem: format!(
+                                "shape {:?}, expected {:?}",
+                                [q.rows(), q.cols()],
+                                [out, inp]
+                            ),
+                        });
+                    }
+                    Linear::frozen_blocks(std::sync::Arc::new(q))
+                } else {
+                    Linear::dense(p2(w(lw), [out, inp], src)?)
+                };
+                linear.bias = match bias {
                     Some((bw, n)) if cfg.qkv_bias => Some(p1(w(bw), n, src)?),
                     _ => None,
                 };
-                let lora = match (mode, projection_path(l, lw)) {
+                linear.lora = match (mode, projection_path(l, lw)) {
                     (TrainMode::Lora(lc), Some((path, short))) if lc.targets(short) => {
                         Some(LoraAdapter::init(&path, out, inp, lc, device))
                     }
                     _ => None,
                 };
-                Ok(Linear { weight, bias, lora })
+                Ok(linear)
             };
             let q = lin(LayerWeight::Q, qd, h, Some((LayerWeight::QBias, qd)), src)?;
             let k = lin(LayerWeight::K, kd, h, Some((LayerWeight::KBias, kd)), src)?;

@@ -150,8 +150,9 @@ pub fn run_job_with(
     let mut sft = job.sft_config();
     sft.steps = job.steps_for(&sft, examples.len());
 
-    let mut model: TrainLlama<TrainBackend> =
-        base.with_source(|src| TrainLlama::load(cfg.clone(), src, &job.mode, &device))?;
+    let mut model: TrainLlama<TrainBackend> = base.with_source(|src| {
+        TrainLlama::load_with_base(cfg.clone(), src, &job.mode, job.base_format(), &device)
+    })?;
     let mut start_step = 0;
     let mut losses = Vec::new();
     let opt_state = if job.resume {
@@ -182,10 +183,11 @@ pub fn run_job_with(
         trainer.restore(&state, start_step)?;
     }
     log::info!(
-        "{} on {} ({} layers), {:?}; {} steps x {} examples, lr {:.2e} -> {:.2e}; loaded in {:.1}s",
+        "{} on {} ({} layers, base {}), {:?}; {} steps x {} examples, lr {:.2e} -> {:.2e}; loaded in {:.1}s",
         job.model.display(),
         crate::model::device::backend_name(),
         cfg.n_layers,
+        job.base_format(),
         job.mode,
         sft.steps,
         sft.effective_batch(),

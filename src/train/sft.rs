@@ -609,13 +609,34 @@ mod tests {
         };
         let named: Vec<(&str, &Param<Tensor<Ad, 2>>)> = vec![
             ("model.embed_tokens.weight", &model.embed),
-            ("model.layers.0.self_attn.q_proj.weight", &b0.q.weight),
-            ("model.layers.0.self_attn.k_proj.weight", &b0.k.weight),
-            ("model.layers.1.self_attn.v_proj.weight", &b1.v.weight),
-            ("model.layers.0.self_attn.o_proj.weight", &b0.o.weight),
-            ("model.layers.1.mlp.gate_proj.weight", &b1.gate.weight),
-            ("model.layers.0.mlp.up_proj.weight", &b0.up.weight),
-            ("model.layers.1.mlp.down_proj.weight", &b1.down.weight),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                b0.q.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.0.self_attn.k_proj.weight",
+                b0.k.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.1.self_attn.v_proj.weight",
+                b1.v.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.0.self_attn.o_proj.weight",
+                b0.o.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.1.mlp.gate_proj.weight",
+                b1.gate.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.0.mlp.up_proj.weight",
+                b0.up.weight.as_ref().expect("f32 base"),
+            ),
+            (
+                "model.layers.1.mlp.down_proj.weight",
+                b1.down.weight.as_ref().expect("f32 base"),
+            ),
         ];
         let mut checks: Vec<(String, usize, f32)> = named
             .into_iter()
@@ -628,7 +649,7 @@ mod tests {
         checks.push((
             "model.layers.1.mlp.down_proj.weight".into(),
             64 * 3 + 10,
-            grad_of(&grads, &b1.down.weight)[64 * 3 + 10],
+            grad_of(&grads, b1.down.weight.as_ref().expect("f32 base"))[64 * 3 + 10],
         ));
         let eps = 4e-3f32;
         for (name, i, analytic) in checks {
@@ -645,6 +666,94 @@ mod tests {
                 "{name}[{i}]: autodiff {analytic} vs finite difference {numeric}"
             );
         }
+    }
+
+    /// LoRA over a base kept as 8-bit blocks computes what LoRA over those blocks' own f32
+    /// values does: the same loss and the same adapter gradients (the blocks are dequantized
+    /// for each product, never trained); over the original f32 weights it is close, not equal.
+    #[test]
+    fn lora_over_blocks_matches_lora_over_their_f32_values() {
+        use crate::model::quant::Q8Matrix;
+        use crate::model::Precision;
+        let cfg = tiny_cfg();
+        let store = Store::random(&cfg, 5, 12.0);
+        // The same weights as the blocks hold them: every projection through 8-bit blocks and
+        // back (the embedding stays f32 either way).
+        let mut rounded = store.clone();
+        for (_, t) in rounded
+            .0
+            .iter_mut()
+            .filter(|(n, _)| n.starts_with("model.layers."))
+        {
+            if t.shape.len() != 2 {
+                continue;
+            }
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            t.data = Q8Matrix::quantize(&t.data, rows, cols).dequantize();
+        }
+        let dev = Default::default();
+        let lc = LoraConfig::all_projections(4);
+        let mut lora = lc.clone();
+        lora.dropout = 0.0;
+        let mode = TrainMode::Lora(lora);
+        let ex = examples();
+        let refs: Vec<&Example> = ex.iter().take(4).collect();
+        let batch = Batch::new(&refs, 0);
+        let run = |src: &Store, base: Precision| {
+            Ad::seed(&dev, 21);
+            let mut m: TrainLlama<Ad> =
+                TrainLlama::load_with_base(cfg.clone(), &mut src.clone(), &mode, base, &dev)
+                    .expect("load");
+            // B nonzero on one projection, so A has a gradient and the adapter moves the loss.
+            let b = Tensor::from_data(
+                TensorData::new(
+                    (0..32 * 4).map(|i| (i as f32 * 0.37).sin()).collect(),
+                    [32, 4],
+                ),
+                &dev,
+            );
+            let a = m.blocks[1].down.lora.as_ref().expect("adapter").a.val();
+            m.set_adapter(
+                1,
+                LayerWeight::Down,
+                LoraAdapter::from_tensors("model.layers.1.mlp.down_proj", a, b, &lc),
+            )
+            .expect("adapter");
+            let loss = batch
+                .loss_sum(&m, &dev)
+                .div_scalar(batch.n_targets() as f64);
+            let value = loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            let adapter = m.blocks[1].down.lora.as_ref().expect("adapter");
+            let q = m.blocks[0].q.lora.as_ref().expect("adapter");
+            (value, grad_of(&grads, &adapter.a), grad_of(&grads, &q.b), m)
+        };
+        let (l_f32, ga_f32, gb_f32, _) = run(&rounded, Precision::F32);
+        let (l_q8, ga_q8, gb_q8, m) = run(&store, Precision::Q8);
+        assert!(m.blocks[0].q.weight.is_none() && m.blocks[0].q.blocks.is_some());
+        assert!(
+            (l_f32 - l_q8).abs() <= 1e-5 * l_f32.abs(),
+            "{l_f32} vs {l_q8}"
+        );
+        for (x, y) in ga_f32.iter().zip(&ga_q8).chain(gb_f32.iter().zip(&gb_q8)) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{x} vs {y}");
+        }
+        // Against the unrounded f32 weights: 8-bit rounding moves the loss a little.
+        let (l_orig, ..) = run(&store, Precision::F32);
+        assert!(
+            l_orig != l_q8 && (l_orig - l_q8).abs() < 0.02 * l_orig,
+            "{l_orig} vs {l_q8}"
+        );
+        // Full finetuning trains f32 master weights: blocks are refused, with a reason.
+        let err = TrainLlama::<Ad>::load_with_base(
+            cfg.clone(),
+            &mut store.clone(),
+            &TrainMode::Full,
+            Precision::Native,
+            &dev,
+        )
+        .expect_err("full finetuning over blocks");
+        assert!(err.to_string().contains("full finetuning"), "{err}");
     }
 
     #[test]
@@ -700,7 +809,9 @@ mod tests {
         let ga = grad_of(&grads, &lora.a);
         let gb = grad_of(&grads, &lora.b);
         assert!(
-            grads.get::<Inner, 2>(model.blocks[1].q.weight.id).is_none(),
+            grads
+                .get::<Inner, 2>(model.blocks[1].q.weight.as_ref().expect("f32 base").id)
+                .is_none(),
             "base weight got a gradient"
         );
         assert!(

@@ -270,6 +270,28 @@ impl QuantWeight {
         }
     }
 
+    /// The whole matrix as `f32`, row-major, rows dequantized in parallel: what training over
+    /// a frozen block-format base multiplies by (one projection at a time, never the model).
+    pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let cols = self.cols();
+        let mut out = vec![0f32; self.rows() * cols];
+        if cols > 0 {
+            out.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(r, o)| self.dequantize_row(r, o));
+        }
+        out
+    }
+
+    /// Bytes of the blocks (quantized values, scales, offsets, fifth bits).
+    pub fn bytes(&self) -> usize {
+        match self {
+            QuantWeight::Q8(q) => q.bytes(),
+            QuantWeight::Q4(q) => q.bytes(),
+        }
+    }
+
     /// `x · selfᵀ` for `x` `[m, cols]` ([`product`] with the machine's kernel).
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         match self {
