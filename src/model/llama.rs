@@ -1506,6 +1506,10 @@ mod cpu {
     /// that call it: the maximum and the sum run in [`SOFTMAX_LANES`] lanes (a scalar running
     /// sum is one dependent add per score) and `e^x` is [`exp_nonpositive`], inlined, where
     /// libm's `expf` was a call per score (1024-token prefill 1.2x faster at batch 1 for it).
+    ///
+    /// The sum's lanes follow each visible column's rank among the visible ones, not its
+    /// index: a sequence's weights are then the same bits whatever its padding, prefix gap or
+    /// tile (alone or in a batch, in one process or two), as a scalar sum in column order gave.
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
@@ -1513,6 +1517,7 @@ mod cpu {
     ))]
     pub(super) fn softmax_masked(scores: &mut [f32], mask: &[bool]) {
         const L: usize = SOFTMAX_LANES;
+        // The maximum is exact in any order.
         let mut maxes = [f32::NEG_INFINITY; L];
         let mut sc = scores.chunks_exact_mut(L);
         let mut mc = mask.chunks_exact(L);
@@ -1535,21 +1540,42 @@ mod cpu {
             scores.fill(0.0);
             return;
         }
+        // Masked columns hold -inf, so they become exactly 0.
+        for s in scores.iter_mut() {
+            *s = exp_nonpositive(*s - max);
+        }
         let mut sums = [0f32; L];
-        let mut sc = scores.chunks_exact_mut(L);
-        for s in &mut sc {
-            for i in 0..L {
-                let e = exp_nonpositive(s[i] - max);
-                s[i] = e;
+        let mut rank = 0usize;
+        let mut j = 0usize;
+        while j < scores.len() {
+            if mask[j] {
+                j += 1;
+                continue;
+            }
+            let end = mask[j..]
+                .iter()
+                .position(|&m| m)
+                .map_or(mask.len(), |n| j + n);
+            let run = &scores[j..end];
+            // The run's first values fill the lanes up to the next multiple of L in rank; its
+            // whole chunks then start at lane 0.
+            let head = ((L - rank % L) % L).min(run.len());
+            for (i, &e) in run[..head].iter().enumerate() {
+                sums[(rank + i) % L] += e;
+            }
+            let mut chunks = run[head..].chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    sums[i] += c[i];
+                }
+            }
+            for (i, &e) in chunks.remainder().iter().enumerate() {
                 sums[i] += e;
             }
+            rank += run.len();
+            j = end;
         }
-        let mut tail = 0f32;
-        for s in sc.into_remainder() {
-            *s = exp_nonpositive(*s - max);
-            tail += *s;
-        }
-        let inv = 1.0 / (sums.iter().sum::<f32>() + tail);
+        let inv = 1.0 / sums.iter().sum::<f32>();
         scores.iter_mut().for_each(|s| *s *= inv);
     }
 
@@ -1965,6 +1991,60 @@ mod tests {
         let mut all_masked = vec![1.0f32; 20];
         cpu::softmax_masked(&mut all_masked, &[true; 20]);
         assert_eq!(all_masked, vec![0.0; 20]);
+    }
+
+    /// A row's softmax does not depend on where its visible columns lie: the same scores
+    /// behind a different shared prefix gap, padding or tile offset (a sequence alone, in a
+    /// batch, or in another tile) weigh bit for bit the same. Sampled answers diverged between
+    /// a one-process and a two-process loop when the lanes of the sum followed column indices.
+    #[test]
+    fn cpu_softmax_masked_does_not_depend_on_the_layout() {
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f32 / (1u64 << 31) as f32
+        };
+        for len in [3usize, 17, 40, 129, 700] {
+            let visible: Vec<f32> = (0..len).map(|_| (next() - 0.5) * 30.0).collect();
+            // (masked columns before, after the first `split` visible ones, after the rest)
+            let layouts = [
+                (0, 0, 0, 0),
+                (3, len / 3, 7, 5),
+                (16, len / 2, 1, 0),
+                (21, 1, 40, 9),
+            ];
+            let mut reference: Option<Vec<f32>> = None;
+            for (lead, split, gap, trail) in layouts {
+                let split = split.min(len);
+                let mut row = vec![123.0f32; lead];
+                let mut mask = vec![true; lead];
+                row.extend_from_slice(&visible[..split]);
+                mask.extend(std::iter::repeat_n(false, split));
+                row.extend(std::iter::repeat_n(-5.0f32, gap));
+                mask.extend(std::iter::repeat_n(true, gap));
+                row.extend_from_slice(&visible[split..]);
+                mask.extend(std::iter::repeat_n(false, len - split));
+                row.extend(std::iter::repeat_n(9.0f32, trail));
+                mask.extend(std::iter::repeat_n(true, trail));
+                cpu::softmax_masked(&mut row, &mask);
+                let weights: Vec<f32> = (row.iter().zip(&mask))
+                    .filter(|(_, &m)| !m)
+                    .map(|(&w, _)| w)
+                    .collect();
+                match &reference {
+                    None => reference = Some(weights),
+                    Some(want) => assert!(
+                        want.iter()
+                            .zip(&weights)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "len {len}, layout {:?}: weights differ",
+                        (lead, split, gap, trail)
+                    ),
+                }
+            }
+        }
     }
 
     /// [`cpu::attention`] against burn's matmul-softmax-matmul on random tensors of `b`
