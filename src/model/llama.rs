@@ -1945,17 +1945,23 @@ mod tests {
         assert_eq!(cpu::exp_nonpositive(f32::NEG_INFINITY), 0.0);
     }
 
-    /// The masked softmax in lanes against an f64 softmax, on rows shorter and longer than its
-    /// lanes and not a multiple of them, masked in patterns, and masked whole (zeros).
-    #[test]
-    fn cpu_softmax_masked_matches_f64() {
-        let mut state = 7u64;
-        let mut next = move || {
+    /// Uniform values in [0, 1) from a 64-bit LCG (Knuth's MMIX constants): the softmax
+    /// tests' scores, reproducible and free of `rand`'s version.
+    fn uniform_lcg(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (state >> 33) as f32 / (1u64 << 31) as f32
-        };
+        }
+    }
+
+    /// The masked softmax in lanes against an f64 softmax, on rows shorter and longer than its
+    /// lanes and not a multiple of them, masked in patterns, and masked whole (zeros).
+    #[test]
+    fn cpu_softmax_masked_matches_f64() {
+        let mut next = uniform_lcg(7);
         for len in [1usize, 5, 15, 16, 17, 33, 100, 1000] {
             for pattern in 0..3 {
                 let scores: Vec<f32> = (0..len).map(|_| (next() - 0.5) * 40.0).collect();
@@ -1999,13 +2005,7 @@ mod tests {
     /// a one-process and a two-process loop when the lanes of the sum followed column indices.
     #[test]
     fn cpu_softmax_masked_does_not_depend_on_the_layout() {
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as f32 / (1u64 << 31) as f32
-        };
+        let mut next = uniform_lcg(11);
         for len in [3usize, 17, 40, 129, 700] {
             let visible: Vec<f32> = (0..len).map(|_| (next() - 0.5) * 30.0).collect();
             // (masked columns before, after the first `split` visible ones, after the rest)

@@ -607,36 +607,18 @@ mod tests {
                 .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
                 .unwrap_or((0, 0.0))
         };
+        fn f32_base(l: &crate::train::lora::Linear<Ad>) -> &Param<Tensor<Ad, 2>> {
+            l.weight.as_ref().expect("f32 base")
+        }
         let named: Vec<(&str, &Param<Tensor<Ad, 2>>)> = vec![
             ("model.embed_tokens.weight", &model.embed),
-            (
-                "model.layers.0.self_attn.q_proj.weight",
-                b0.q.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.0.self_attn.k_proj.weight",
-                b0.k.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.1.self_attn.v_proj.weight",
-                b1.v.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.0.self_attn.o_proj.weight",
-                b0.o.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.1.mlp.gate_proj.weight",
-                b1.gate.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.0.mlp.up_proj.weight",
-                b0.up.weight.as_ref().expect("f32 base"),
-            ),
-            (
-                "model.layers.1.mlp.down_proj.weight",
-                b1.down.weight.as_ref().expect("f32 base"),
-            ),
+            ("model.layers.0.self_attn.q_proj.weight", f32_base(&b0.q)),
+            ("model.layers.0.self_attn.k_proj.weight", f32_base(&b0.k)),
+            ("model.layers.1.self_attn.v_proj.weight", f32_base(&b1.v)),
+            ("model.layers.0.self_attn.o_proj.weight", f32_base(&b0.o)),
+            ("model.layers.1.mlp.gate_proj.weight", f32_base(&b1.gate)),
+            ("model.layers.0.mlp.up_proj.weight", f32_base(&b0.up)),
+            ("model.layers.1.mlp.down_proj.weight", f32_base(&b1.down)),
         ];
         let mut checks: Vec<(String, usize, f32)> = named
             .into_iter()
