@@ -184,15 +184,15 @@ impl Q4Matrix {
         // what it holds (`backflow generate` on the 0.5B Qwen file peaked at 740-746 MB before,
         // 732 after).
         let rows: usize = parts.iter().map(|p| p.rows).sum();
-        let blocks = rows * (cols / QK);
+        let all_blocks = rows * (cols / QK);
         let mut out = Q4Matrix {
             rows,
             cols,
             blocks: cols / QK,
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(blocks),
-            nibbles: Vec::with_capacity(blocks * NIBBLE_BYTES),
-            high: Vec::with_capacity(if five { blocks * HIGH_BYTES } else { 0 }),
+            d: Vec::with_capacity(all_blocks),
+            m: Vec::with_capacity(all_blocks),
+            nibbles: Vec::with_capacity(all_blocks * NIBBLE_BYTES),
+            high: Vec::with_capacity(if five { all_blocks * HIGH_BYTES } else { 0 }),
         };
         for p in parts {
             out.d.extend_from_slice(&p.d);
