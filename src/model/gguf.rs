@@ -19,7 +19,7 @@ use memmap2::Mmap;
 
 use super::config::{Architecture, LlamaConfig};
 use super::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
-use super::quant::{Q4Matrix, Q8Matrix, QuantWeight};
+use super::quant::{Q4Matrix, Q6Matrix, Q8Matrix, QuantWeight};
 use super::ModelError;
 
 /// The four bytes every GGUF file starts with ("GGUF" read as a little-endian u32).
@@ -967,34 +967,39 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Unsu
             }
         }
         GgmlType::Q6_K => {
-            // block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; }
             for (y, b) in out
                 .chunks_exact_mut(QK_K)
                 .zip(bytes.chunks_exact(block_bytes))
             {
-                let d = f16_at(b, 208);
-                for half in 0..2 {
-                    let ql = &b[64 * half..64 * half + 64];
-                    let qh = &b[128 + 32 * half..128 + 32 * half + 32];
-                    let sc = &b[192 + 8 * half..192 + 8 * half + 8];
-                    let y = &mut y[128 * half..128 * half + 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
+                dequantize_q6_k(b, y);
             }
         }
         GgmlType::Other(_) => return Err(UnsupportedType(ty)),
     }
     Ok(out)
+}
+
+/// One `Q6_K` super-block's 256 values into `y`.
+pub(crate) fn dequantize_q6_k(b: &[u8], y: &mut [f32]) {
+    // block_q6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; ggml_half d; }
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+        let y = &mut y[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
 }
 
 /// Q3_K's sixteen 6-bit scales, unpacked from 12 bytes as ggml's `dequantize_row_q3_K` does:
@@ -1125,6 +1130,18 @@ impl WeightSource for GgufWeights<'_> {
                 })?;
             self.file.release(info);
             return Ok(Some(QuantWeight::Q4(q)));
+        }
+        if keep_native && Q6Matrix::keeps(info.ty) && shape.len() == 2 {
+            let bytes = self.file.tensor_bytes(info)?;
+            let q =
+                Q6Matrix::from_gguf(info.ty, bytes, rows, shape[1], source_row).map_err(|e| {
+                    ModelError::Weight {
+                        name: gname.clone(),
+                        problem: e.to_string(),
+                    }
+                })?;
+            self.file.release(info);
+            return Ok(Some(QuantWeight::Q6(q)));
         }
         Ok(Some(QuantWeight::Q8(
             self.file.tensor_q8(&gname, source_row)?,

@@ -131,12 +131,12 @@ fn dequantize_portable(quants: &[i8], scales: &[f32], out: &mut [f32]) {
 /// `out[r] = w · xs[r]` for a 4- or 5-bit weight row: per block
 /// `d_w·d_x·Σ q_w·q_x + m_w·(d_x·Σq_x)`.
 pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
-    let blocks = w.d.len();
+    let blocks = w.scales.blocks();
     // The vector kernels read blocks by raw pointer (see `Kernel::dot`).
     assert!(
         xs.len() <= ROWS
             && out.len() >= xs.len()
-            && w.m.len() == blocks
+            && w.scales.fit(blocks)
             && w.nibbles.len() == blocks * QK / 2
             && (w.high.is_empty() || w.high.len() == blocks * super::q4::HIGH_BYTES)
             && xs.iter().all(|x| x.row.scales.len() == blocks
@@ -161,15 +161,65 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
     }
 }
 
+/// `out[r] = w · xs[r]` for a row of `Q6_K` super-blocks (`w.len()` a multiple of
+/// [`super::q6::BLOCK_BYTES`], every activation row holding its 8 blocks per super-block): per
+/// block `d_x·(s_0·Σ_{i<16} w_i·x_i + s_1·Σ_{i≥16} w_i·x_i)` with `s = d·sc` of each half.
+pub fn dot_q6(kernel: Kernel, w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+    use super::q6::BLOCK_BYTES;
+    let supers = w.len() / BLOCK_BYTES;
+    let blocks = supers * (crate::model::gguf::QK_K / QK);
+    // The vector kernels read blocks by raw pointer (see `Kernel::dot`).
+    assert!(
+        xs.len() <= ROWS
+            && out.len() >= xs.len()
+            && w.len() == supers * BLOCK_BYTES
+            && xs
+                .iter()
+                .all(|x| x.row.scales.len() == blocks && x.row.quants.len() == blocks * QK),
+        "dot_q6: rows of different block counts"
+    );
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::AvxVnni => unsafe { x86::dot_q6_vnni(w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`.
+        Kernel::Avx2 => unsafe { x86::dot_q6_avx2(w, xs, out) },
+        _ => dot_q6_portable(w, xs, out),
+    }
+}
+
+fn dot_q6_portable(w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
+    use super::q6::{block_values, BLOCK_BYTES};
+    for (x, o) in xs.iter().zip(out.iter_mut()) {
+        let mut acc = 0f32;
+        for (s, sb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+            for k in 0..8 {
+                let b = s * 8 + k;
+                let (q, sc) = block_values(sb, k);
+                let xq = &x.row.quants[b * QK..(b + 1) * QK];
+                let half = |h: usize| -> i32 {
+                    (q[16 * h..16 * h + 16].iter().zip(&xq[16 * h..16 * h + 16]))
+                        .map(|(&w, &x)| w as i32 * x as i32)
+                        .sum()
+                };
+                acc += x.row.scales[b] * (sc[0] * half(0) as f32 + sc[1] * half(1) as f32);
+            }
+        }
+        *o = acc;
+    }
+}
+
 fn dot_q4_portable(w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
     for (x, o) in xs.iter().zip(out.iter_mut()) {
         let mut acc = 0f32;
-        for b in 0..w.d.len() {
+        for b in 0..w.scales.blocks() {
             let xq = &x.row.quants[b * QK..(b + 1) * QK];
             let s: i32 = (w.block_values(b).iter().zip(xq))
                 .map(|(&q, &x)| q as i32 * x as i32)
                 .sum();
-            acc += w.d[b] * x.row.scales[b] * s as f32 + w.m[b] * x.sums[b];
+            let (d, m) = w.scales.of(b);
+            acc += d * x.row.scales[b] * s as f32 + m * x.sums[b];
         }
         *o = acc;
     }
@@ -269,10 +319,23 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
+    /// `f · q[i]` for the eight bytes at `q`, as `f32` (the product is rounded as the scalar
+    /// `f * q as f32` is: both are one IEEE multiplication).
+    #[inline(always)]
+    unsafe fn times_bytes(f: f32, q: *const u8) -> [f32; 8] {
+        let bytes = _mm_loadl_epi64(q as *const __m128i);
+        let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(f), v));
+        out
+    }
+
     /// The 4- and 5-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16,
     /// high nibbles 16..32) and, when `FIVE`, their fifth bits; `block_dot(q_w, x)` multiplies
     /// the unsigned values (at most 31) by the signed activations directly (no sign trick
-    /// needed), the offset term is added per block.
+    /// needed), the offset term is added per block. Super-block scales are multiplied out
+    /// eight blocks at a time, before those blocks, into two small arrays the blocks read as
+    /// they read per-block scales.
     #[inline(always)]
     unsafe fn dot_q4_with<const FIVE: bool>(
         w: super::super::q4::Q4Row<'_>,
@@ -280,11 +343,12 @@ mod x86 {
         out: &mut [f32],
         block_dot: impl Fn(__m256i, __m256i) -> __m256i,
     ) {
+        use super::super::q4::{RowScales, SUB_BLOCKS};
         let n = xs.len().min(ROWS);
         let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); ROWS];
         let mut offsets = [0f32; ROWS];
-        for b in 0..w.d.len() {
+        let mut block = |b: usize, dw: f32, mw: f32| {
             let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
             let lo = _mm_and_si128(raw, low);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
@@ -292,13 +356,36 @@ mod x86 {
             if FIVE {
                 qw = _mm256_or_si256(qw, fifth_bits_x16(w.high, b));
             }
-            let (dw, mw) = (*w.d.get_unchecked(b), *w.m.get_unchecked(b));
             for ((a, off), x) in acc.iter_mut().zip(offsets.iter_mut()).zip(&xs[..n]) {
                 let xv = _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
                 let sums = block_dot(qw, xv);
                 let scale = _mm256_set1_ps(dw * *x.row.scales.get_unchecked(b));
                 *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
                 *off += mw * *x.sums.get_unchecked(b);
+            }
+        };
+        match w.scales {
+            RowScales::Centered { d, offset } => {
+                for b in 0..d.len() {
+                    let db = *d.get_unchecked(b);
+                    block(b, db, offset * db);
+                }
+            }
+            RowScales::Block { d, m } => {
+                for b in 0..d.len() {
+                    block(b, *d.get_unchecked(b), *m.get_unchecked(b));
+                }
+            }
+            RowScales::Super { d, dmin, sc, mn } => {
+                for s in 0..d.len() {
+                    let at = s * SUB_BLOCKS;
+                    let ds = times_bytes(*d.get_unchecked(s), sc.as_ptr().add(at));
+                    // −(dmin·mn), as the scalar offset is: negation is exact.
+                    let ms = times_bytes(-*dmin.get_unchecked(s), mn.as_ptr().add(at));
+                    for k in 0..SUB_BLOCKS {
+                        block(at + k, ds[k], ms[k]);
+                    }
+                }
             }
         }
         for ((o, a), off) in out.iter_mut().zip(&acc).zip(&offsets).take(n) {
@@ -328,6 +415,97 @@ mod x86 {
         out: &mut [f32],
     ) {
         dot_q4_with::<FIVE>(w, xs, out, |q, x| {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
+        });
+    }
+
+    /// The `Q6_K` loop. Per super-block the sixteen scales `d·sc` are multiplied out into a
+    /// small array; per half (four blocks) one 32-byte load of `qh` serves the four blocks,
+    /// each of which takes its nibbles from one of two 32-byte loads of `ql`. The values
+    /// `q − 32` are signed, so the product uses the sign trick of [`dot_with`]; the eight
+    /// `i32` lanes of a block are its values 0..16 (lanes 0..4) and 16..32 (4..8), scaled by
+    /// the two halves' scales.
+    #[inline(always)]
+    unsafe fn dot_q6_with(
+        w: &[u8],
+        xs: &[super::ActRow<'_>],
+        out: &mut [f32],
+        block_dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
+        use super::super::q6::BLOCK_BYTES;
+        let n = xs.len().min(ROWS);
+        let (nib, two, bias) = (
+            _mm256_set1_epi8(0x0F),
+            _mm256_set1_epi8(0x03),
+            _mm256_set1_epi8(32),
+        );
+        let mut acc = [_mm256_setzero_ps(); ROWS];
+        for s in 0..w.len() / BLOCK_BYTES {
+            let sb = w.as_ptr().add(s * BLOCK_BYTES);
+            let d = _mm256_set1_ps(
+                half::f16::from_bits(std::ptr::read_unaligned(sb.add(208) as *const u16)).to_f32(),
+            );
+            let mut ds = [0f32; 16];
+            for (i, chunk) in ds.chunks_exact_mut(8).enumerate() {
+                let sc = _mm_loadl_epi64(sb.add(192 + 8 * i) as *const __m128i);
+                let v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                _mm256_storeu_ps(chunk.as_mut_ptr(), v);
+            }
+            for half in 0..2 {
+                let ql0 = _mm256_loadu_si256(sb.add(64 * half) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(sb.add(64 * half + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(sb.add(128 + 32 * half) as *const __m256i);
+                let lows = [
+                    _mm256_and_si256(ql0, nib),
+                    _mm256_and_si256(ql1, nib),
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nib),
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nib),
+                ];
+                let highs = [
+                    qh,
+                    _mm256_srli_epi16(qh, 2),
+                    _mm256_srli_epi16(qh, 4),
+                    _mm256_srli_epi16(qh, 6),
+                ];
+                for k in 0..4 {
+                    let b = s * 8 + half * 4 + k;
+                    let high = _mm256_slli_epi16(_mm256_and_si256(highs[k], two), 4);
+                    let q = _mm256_sub_epi8(_mm256_or_si256(lows[k], high), bias);
+                    let aq = _mm256_sign_epi8(q, q);
+                    let j = 2 * (half * 4 + k);
+                    let scales = _mm256_set_m128(
+                        _mm_set1_ps(*ds.get_unchecked(j + 1)),
+                        _mm_set1_ps(*ds.get_unchecked(j)),
+                    );
+                    for (a, x) in acc.iter_mut().zip(&xs[..n]) {
+                        let xv =
+                            _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
+                        let sums = block_dot(aq, _mm256_sign_epi8(xv, q));
+                        let scale =
+                            _mm256_mul_ps(scales, _mm256_set1_ps(*x.row.scales.get_unchecked(b)));
+                        *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc).take(n) {
+            *o = hsum(*a);
+        }
+    }
+
+    /// AVX2 `Q6_K`: `vpmaddubsw` (at most 32·127·2 per pair) then `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q6_avx2(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        dot_q6_with(w, xs, out, |q, x| {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
+        });
+    }
+
+    /// AVX-VNNI `Q6_K`: one `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn dot_q6_vnni(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
+        dot_q6_with(w, xs, out, |q, x| {
             _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
         });
     }

@@ -1,10 +1,11 @@
 //! Weights kept as blocks, and the product of `f32` activations with them.
 //!
-//! Two formats: [`Q8Matrix`], GGUF's `Q8_0` with an `f32` scale (each row cut into blocks of
+//! Three formats: [`Q8Matrix`], GGUF's `Q8_0` with an `f32` scale (each row cut into blocks of
 //! [`QK`] = 32 values, each stored as 32 signed bytes `q` and one scale `d = max|v| / 127`, so
-//! `v ≈ d·q`), and [`Q4Matrix`], a GGUF file's own `Q4_0`/`Q4_1`/`Q5_0`/`Q5_1` blocks copied
+//! `v ≈ d·q`); [`Q4Matrix`], a GGUF file's own `Q4_0`/`Q4_1`/`Q5_0`/`Q5_1` blocks copied
 //! as they are, and its `Q4_K`/`Q5_K` super-blocks repacked, exactly, into the same
-//! sub-blocks (`q4` module). [`QuantWeight`] is either; [`product`] multiplies any [`BlockWeights`].
+//! sub-blocks (`q4` module); [`Q6Matrix`], a file's `Q6_K` super-blocks byte for byte (`q6`
+//! module). [`QuantWeight`] is any of them; [`product`] multiplies any [`BlockWeights`].
 //! Why the 8-bit format first (see `README.md`, "Weight formats", for the measurements):
 //! - one kernel serves every GGUF tensor type and Hugging Face folders alike (they are
 //!   dequantized a row at a time at load and requantized, never held as a model of `f32`);
@@ -19,10 +20,12 @@
 
 pub mod kernels;
 pub mod q4;
+pub mod q6;
 
 pub use kernels::ActRow;
 use kernels::{Kernel, RowRef, ROWS};
 pub use q4::Q4Matrix;
+pub use q6::Q6Matrix;
 use rayon::prelude::*;
 
 /// Values per block.
@@ -243,6 +246,8 @@ pub enum QuantWeight {
     Q8(Q8Matrix),
     /// A GGUF file's 4- or 5-bit blocks, kept as they are.
     Q4(Q4Matrix),
+    /// A GGUF file's `Q6_K` super-blocks, kept as they are.
+    Q6(Q6Matrix),
 }
 
 impl QuantWeight {
@@ -251,6 +256,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q.rows(),
             QuantWeight::Q4(q) => q.rows(),
+            QuantWeight::Q6(q) => q.rows(),
         }
     }
 
@@ -259,6 +265,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q.cols(),
             QuantWeight::Q4(q) => q.cols(),
+            QuantWeight::Q6(q) => q.cols(),
         }
     }
 
@@ -267,6 +274,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q.dequantize_row(r, out),
             QuantWeight::Q4(q) => q.dequantize_row(r, out),
+            QuantWeight::Q6(q) => q.dequantize_row(r, out),
         }
     }
 
@@ -289,6 +297,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q.bytes(),
             QuantWeight::Q4(q) => q.bytes(),
+            QuantWeight::Q6(q) => q.bytes(),
         }
     }
 
@@ -297,21 +306,25 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q4(q) => product(q, Kernel::machine(), x, m),
+            QuantWeight::Q6(q) => product(q, Kernel::machine(), x, m),
         }
     }
 
-    /// As 8-bit blocks (4-bit rows dequantized and requantized one at a time).
+    /// As 8-bit blocks (4- and 6-bit rows dequantized and requantized one at a time).
     pub fn into_q8(self) -> Q8Matrix {
         match self {
             QuantWeight::Q8(q) => q,
             QuantWeight::Q4(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
             }
+            QuantWeight::Q6(q) => {
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
+            }
         }
     }
 
-    /// The matrices one under the other (a fused projection): 4-bit when every part is, else
-    /// 8-bit (a `Q4_K_M` file's q and k are one type and v another).
+    /// The matrices one under the other (a fused projection): 4- or 6-bit when every part is
+    /// of that format, else 8-bit (a `Q4_K_M` file's q and k are one type and v another).
     ///
     /// # Panics
     /// When the parts' column counts differ (shapes are checked at load).
@@ -321,10 +334,20 @@ impl QuantWeight {
                 .into_iter()
                 .filter_map(|p| match p {
                     QuantWeight::Q4(q) => Some(q),
-                    QuantWeight::Q8(_) => None,
+                    _ => None,
                 })
                 .collect();
             return QuantWeight::Q4(Q4Matrix::stack(q4));
+        }
+        if parts.iter().all(|p| matches!(p, QuantWeight::Q6(_))) {
+            let q6 = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    QuantWeight::Q6(q) => Some(q),
+                    _ => None,
+                })
+                .collect();
+            return QuantWeight::Q6(Q6Matrix::stack(q6));
         }
         QuantWeight::Q8(Q8Matrix::stack(
             parts.into_iter().map(QuantWeight::into_q8).collect(),
@@ -332,7 +355,8 @@ impl QuantWeight {
     }
 }
 
-/// Weights stored as rows of blocks, which [`product`] multiplies: [`Q8Matrix`], [`Q4Matrix`].
+/// Weights stored as rows of blocks, which [`product`] multiplies: [`Q8Matrix`], [`Q4Matrix`],
+/// [`Q6Matrix`].
 pub trait BlockWeights: Sync {
     /// Rows (outputs).
     fn rows(&self) -> usize;

@@ -6,18 +6,26 @@
 //! 4 bytes a block (bit `j` is value `j`'s, ggml's `qh`). The blocks are copied from the file,
 //! never requantized: the model computes with the weights the file holds, as llama.cpp does.
 //!
-//! `d` and `m` are kept as `f32` (the file has `f16`): 24 bytes per 32 weights instead of 20
-//! (28 instead of 22 or 24 with fifth bits), one conversion less per block in the inner loop.
+//! `d` is kept as `f32` (the file has `f16`), one conversion less per block in the inner loop;
+//! `Q4_0`'s and `Q5_0`'s offsets are not stored at all (they follow from `d`), `Q4_1`'s and
+//! `Q5_1`'s `m` is an `f32` too: 20 bytes per 32 weights of `Q4_0` (the file: 18), 24 of
+//! `Q5_0` (22), 24 of `Q4_1` (20), 28 of `Q5_1` (24).
 //!
 //! `Q4_K` (the bulk of a `Q4_K_M` file) is the same arithmetic one level down: a super-block of
 //! 256 values has an `f16` scale `d` and min `dmin`, and each of its eight sub-blocks of 32 a
 //! 6-bit scale `sc` and min `mn`, so a value is `(d·sc)·q − (dmin·mn)`: a `Q4_1` block with
-//! `d = d·sc` and `m = −dmin·mn`, both exact in `f32` (11 bits of `f16` times 6 bits). Its
-//! sub-blocks are repacked at load into this layout (the nibbles reordered, ggml's low half of
-//! 32 bytes being one sub-block and the high half the next), so the `Q4_1` kernels run it and
-//! give the file's values bit for bit. In memory: 6 bits a weight against the file's 4.5 (the
-//! `f32` scale and offset per 32), against 9 as 8-bit blocks. `Q5_K` (the bulk of a `Q5_K_M`
-//! file) is `Q4_K` plus a fifth bit per value, repacked the same way with its fifth bits.
+//! `d = d·sc` and `m = −dmin·mn`, both exact in `f32` (11 bits of `f16` times 6 bits). The
+//! sub-blocks are repacked at load into this module's nibble layout (ggml's low half of 32
+//! bytes being one sub-block and the high half the next), and their scales are kept factored
+//! as the file has them: `d` and `dmin` per super-block (as `f32`), `sc` and `mn` per sub-block
+//! (a byte each), 4.75 bits a weight against the file's 4.5 (6 bits with an `f32` scale and
+//! offset per sub-block, which is what this module kept before; with this and `Q6_K` kept as
+//! it is (the `q6` module), `backflow generate` on the 1.5B Qwen file peaks at 1.22x the
+//! file's size where it peaked at 1.53x, see the README). The kernels
+//! multiply the eight sub-block scales of a super-block out in one vector instruction before
+//! its eight blocks (`kernels::dot_q4`), so they give the file's values bit for bit and run
+//! as fast as on per-block scales. `Q5_K` (the bulk of a `Q5_K_M` file) is `Q4_K` plus a fifth
+//! bit per value, repacked the same way with its fifth bits.
 
 use super::kernels::{self, Kernel};
 use super::QK;
@@ -30,16 +38,49 @@ pub const NIBBLE_BYTES: usize = QK / 2;
 /// Bytes of fifth bits per block of 5-bit values.
 pub const HIGH_BYTES: usize = QK / 8;
 
+/// Blocks of [`QK`] values in a k-quant super-block.
+pub const SUB_BLOCKS: usize = QK_K / QK;
+
+/// How a [`Q4Matrix`] holds its blocks' scales and offsets.
+#[derive(Clone)]
+enum Scales {
+    /// One `f32` scale `d` per block and an offset implied by it, `m = offset·d` (`Q4_0`:
+    /// `offset = −8`, `Q5_0`: `−16`): a third less than a stored offset per block.
+    Centered {
+        /// `rows × blocks` scales.
+        d: Vec<f32>,
+        /// The offset in units of `d`, the same for every block.
+        offset: f32,
+    },
+    /// One `f32` scale `d` and offset `m` per block, `v = d·q + m` (`Q4_1`, `Q5_1`, and parts
+    /// of other kinds stacked with those).
+    Block {
+        /// `rows × blocks` scales.
+        d: Vec<f32>,
+        /// `rows × blocks` offsets.
+        m: Vec<f32>,
+    },
+    /// k-quants: per super-block of [`SUB_BLOCKS`] blocks a scale `d` and a min `dmin`, per
+    /// block 6-bit multipliers `sc` and `mn`: block scale `d·sc`, offset `−dmin·mn`.
+    Super {
+        /// `rows × blocks / 8` super-block scales.
+        d: Vec<f32>,
+        /// `rows × blocks / 8` super-block mins.
+        dmin: Vec<f32>,
+        /// `rows × blocks` scale multipliers (0..64).
+        sc: Vec<u8>,
+        /// `rows × blocks` min multipliers (0..64).
+        mn: Vec<u8>,
+    },
+}
+
 /// A `[rows, cols]` matrix of 4- or 5-bit blocks, row-major (`cols` a multiple of [`QK`]).
 #[derive(Clone)]
 pub struct Q4Matrix {
     rows: usize,
     cols: usize,
     blocks: usize,
-    /// `rows × blocks` scales.
-    d: Vec<f32>,
-    /// `rows × blocks` offsets.
-    m: Vec<f32>,
+    scales: Scales,
     /// `rows × blocks × 16` bytes: value `j` of a block in the low nibble of byte `j`, value
     /// `j + 16` in its high nibble (ggml's layout).
     nibbles: Vec<u8>,
@@ -61,10 +102,77 @@ pub struct Q4Row<'a> {
     pub nibbles: &'a [u8],
     /// Empty (4-bit values) or `blocks × 4` bytes of fifth bits.
     pub high: &'a [u8],
-    /// One scale per block.
-    pub d: &'a [f32],
-    /// One offset per block.
-    pub m: &'a [f32],
+    /// The blocks' scales and offsets.
+    pub scales: RowScales<'a>,
+}
+
+/// One row's scales and offsets (see `Scales`).
+#[derive(Clone, Copy)]
+pub enum RowScales<'a> {
+    /// Per block: scale `d[b]`, offset `offset·d[b]`.
+    Centered {
+        /// One scale per block.
+        d: &'a [f32],
+        /// The offset in units of the scale.
+        offset: f32,
+    },
+    /// Per block: scale `d[b]`, offset `m[b]`.
+    Block {
+        /// One scale per block.
+        d: &'a [f32],
+        /// One offset per block.
+        m: &'a [f32],
+    },
+    /// Per super-block `s` a scale `d[s]` and a min `dmin[s]`; block `b`'s scale is
+    /// `d[b / 8]·sc[b]`, its offset `−dmin[b / 8]·mn[b]`.
+    Super {
+        /// One scale per super-block.
+        d: &'a [f32],
+        /// One min per super-block.
+        dmin: &'a [f32],
+        /// One scale multiplier per block.
+        sc: &'a [u8],
+        /// One min multiplier per block.
+        mn: &'a [u8],
+    },
+}
+
+impl RowScales<'_> {
+    /// Blocks in the row.
+    pub fn blocks(&self) -> usize {
+        match self {
+            RowScales::Centered { d, .. } | RowScales::Block { d, .. } => d.len(),
+            RowScales::Super { sc, .. } => sc.len(),
+        }
+    }
+
+    /// Whether the lengths fit a row of `blocks` blocks (the kernels read them unchecked).
+    pub fn fit(&self, blocks: usize) -> bool {
+        match self {
+            RowScales::Centered { d, .. } => d.len() == blocks,
+            RowScales::Block { d, m } => d.len() == blocks && m.len() == blocks,
+            RowScales::Super { d, dmin, sc, mn } => {
+                blocks.is_multiple_of(SUB_BLOCKS)
+                    && d.len() * SUB_BLOCKS == blocks
+                    && dmin.len() == d.len()
+                    && sc.len() == blocks
+                    && mn.len() == blocks
+            }
+        }
+    }
+
+    /// Block `b`'s scale and offset: `v = d·q + m`.
+    pub fn of(&self, b: usize) -> (f32, f32) {
+        match self {
+            // The product the file's format defines (`Q4_0`: `−8·d`), exact in `f32`.
+            RowScales::Centered { d, offset } => (d[b], offset * d[b]),
+            RowScales::Block { d, m } => (d[b], m[b]),
+            RowScales::Super { d, dmin, sc, mn } => {
+                let s = b / SUB_BLOCKS;
+                (d[s] * sc[b] as f32, -(dmin[s] * mn[b] as f32))
+            }
+        }
+    }
 }
 
 /// Why GGUF bytes are not a 4-bit matrix this module reads.
@@ -135,40 +243,114 @@ impl Q4Matrix {
             });
         }
         let five = Self::five_bit(ty);
-        let mut d = vec![0f32; rows * blocks];
-        let mut m = vec![0f32; rows * blocks];
+        let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K);
         let mut nibbles = vec![0u8; rows * blocks * NIBBLE_BYTES];
         let mut high = vec![0u8; if five { rows * blocks * HIGH_BYTES } else { 0 }];
-        if blocks > 0 {
-            // Each row's fifth bits, or an empty slice per row for 4-bit types.
-            let high_rows: Vec<&mut [u8]> = if five {
-                high.chunks_mut(blocks * HIGH_BYTES).collect()
-            } else {
+        let file_row = |r: usize| {
+            let src = source_row(r);
+            &bytes[src * row_bytes..(src + 1) * row_bytes]
+        };
+        // Each row's fifth bits, or an empty slice per row for 4-bit types.
+        let high_rows: Vec<&mut [u8]> = if five && blocks > 0 {
+            high.chunks_mut(blocks * HIGH_BYTES).collect()
+        } else {
+            (0..rows).map(|_| &mut [][..]).collect()
+        };
+        let scales = if blocks == 0 {
+            Scales::Block {
+                d: Vec::new(),
+                m: Vec::new(),
+            }
+        } else if k_quant {
+            let supers = blocks / SUB_BLOCKS;
+            let (mut d, mut dmin) = (vec![0f32; rows * supers], vec![0f32; rows * supers]);
+            let (mut sc, mut mn) = (vec![0u8; rows * blocks], vec![0u8; rows * blocks]);
+            d.par_chunks_mut(supers)
+                .zip(dmin.par_chunks_mut(supers))
+                .zip(sc.par_chunks_mut(blocks).zip(mn.par_chunks_mut(blocks)))
+                .zip(nibbles.par_chunks_mut(blocks * NIBBLE_BYTES))
+                .zip(high_rows)
+                .enumerate()
+                .for_each(|(r, ((((d, dmin), (sc, mn)), nib), high))| {
+                    let row = file_row(r);
+                    for (k, blk) in row.chunks_exact(block_bytes).enumerate() {
+                        let at = k * SUB_BLOCKS;
+                        (d[k], dmin[k]) = (f16_at(blk, 0), f16_at(blk, 2));
+                        for s in 0..SUB_BLOCKS {
+                            (sc[at + s], mn[at + s]) = scale_min_k4(s, &blk[4..16]);
+                        }
+                        let nib = &mut nib[at * NIBBLE_BYTES..];
+                        if five {
+                            let high = &mut high[at * HIGH_BYTES..];
+                            repack_k(&blk[48..], Some(&blk[16..48]), nib, high);
+                        } else {
+                            repack_k(&blk[16..], None, nib, &mut []);
+                        }
+                    }
+                });
+            Scales::Super { d, dmin, sc, mn }
+        } else {
+            // `Q4_0`/`Q5_0` offsets follow from their scales: none stored (`m` stays empty).
+            let centered = match ty {
+                GgmlType::Q4_0 => Some(-8.0),
+                GgmlType::Q5_0 => Some(-16.0),
+                _ => None,
+            };
+            let mut d = vec![0f32; rows * blocks];
+            let mut m = vec![0f32; if centered.is_some() { 0 } else { rows * blocks }];
+            let m_rows: Vec<&mut [f32]> = if centered.is_some() {
                 (0..rows).map(|_| &mut [][..]).collect()
+            } else {
+                m.chunks_mut(blocks).collect()
             };
             d.par_chunks_mut(blocks)
-                .zip(m.par_chunks_mut(blocks))
+                .zip(m_rows)
                 .zip(nibbles.par_chunks_mut(blocks * NIBBLE_BYTES))
                 .zip(high_rows)
                 .enumerate()
                 .for_each(|(r, (((d, m), nib), high))| {
-                    let src = source_row(r);
-                    let row = &bytes[src * row_bytes..(src + 1) * row_bytes];
-                    copy_row(ty, row, block_bytes, d, m, nib, high);
+                    copy_row(ty, file_row(r), block_bytes, d, m, nib, high);
                 });
-        }
+            match centered {
+                Some(offset) => Scales::Centered { d, offset },
+                None => Scales::Block { d, m },
+            }
+        };
         Ok(Q4Matrix {
             rows,
             cols,
             blocks,
-            d,
-            m,
+            scales,
             nibbles,
             high,
         })
     }
 
-    /// The matrices one under the other (a fused projection).
+    /// The same values with one scale and offset per block (what a part stacked with parts of
+    /// other scale kinds becomes: exact, the products of `f16` and 6 bits, or of `f16` and a
+    /// power of two, fit in `f32`).
+    fn into_block_scales(self) -> Q4Matrix {
+        if let Scales::Block { .. } = self.scales {
+            return self;
+        }
+        let n = self.rows * self.blocks;
+        let (mut d, mut m) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for r in 0..self.rows {
+            let row = self.row(r).scales;
+            for b in 0..self.blocks {
+                let (db, mb) = row.of(b);
+                d.push(db);
+                m.push(mb);
+            }
+        }
+        Q4Matrix {
+            scales: Scales::Block { d, m },
+            ..self
+        }
+    }
+
+    /// The matrices one under the other (a fused projection): with the parts' scales when
+    /// they are all of one kind (super-block, or centered with one offset), else per block.
     ///
     /// # Panics
     /// When the parts' column counts differ (a caller's bug: shapes are checked at load).
@@ -178,6 +360,21 @@ impl Q4Matrix {
         }
         let cols = parts.first().map_or(0, |p| p.cols);
         assert!(parts.iter().all(|p| p.cols == cols), "Q4Matrix::stack");
+        let factored = parts
+            .iter()
+            .all(|p| matches!(p.scales, Scales::Super { .. }));
+        let offset = match parts.first().map(|p| &p.scales) {
+            Some(&Scales::Centered { offset, .. }) => Some(offset),
+            _ => None,
+        };
+        let centered = offset.is_some_and(|o| {
+            parts
+                .iter()
+                .all(|p| matches!(p.scales, Scales::Centered { offset, .. } if offset == o))
+        });
+        if !factored && !centered {
+            parts = parts.into_iter().map(Q4Matrix::into_block_scales).collect();
+        }
         // A 4-bit part stacked with 5-bit ones gets fifth bits of zero: the same values.
         let five = parts.iter().any(|p| !p.high.is_empty());
         // Reserved whole: extended part by part, each Vec's capacity would grow to up to twice
@@ -185,27 +382,66 @@ impl Q4Matrix {
         // 732 after).
         let rows: usize = parts.iter().map(|p| p.rows).sum();
         let all_blocks = rows * (cols / QK);
-        let mut out = Q4Matrix {
+        let mut scales = if let (true, Some(offset)) = (centered, offset) {
+            Scales::Centered {
+                d: Vec::with_capacity(all_blocks),
+                offset,
+            }
+        } else if factored {
+            Scales::Super {
+                d: Vec::with_capacity(all_blocks / SUB_BLOCKS),
+                dmin: Vec::with_capacity(all_blocks / SUB_BLOCKS),
+                sc: Vec::with_capacity(all_blocks),
+                mn: Vec::with_capacity(all_blocks),
+            }
+        } else {
+            Scales::Block {
+                d: Vec::with_capacity(all_blocks),
+                m: Vec::with_capacity(all_blocks),
+            }
+        };
+        let mut nibbles = Vec::with_capacity(all_blocks * NIBBLE_BYTES);
+        let mut high = Vec::with_capacity(if five { all_blocks * HIGH_BYTES } else { 0 });
+        for p in parts {
+            match (&mut scales, &p.scales) {
+                (Scales::Centered { d, .. }, Scales::Centered { d: pd, .. }) => {
+                    d.extend_from_slice(pd);
+                }
+                (Scales::Block { d, m }, Scales::Block { d: pd, m: pm }) => {
+                    d.extend_from_slice(pd);
+                    m.extend_from_slice(pm);
+                }
+                (
+                    Scales::Super { d, dmin, sc, mn },
+                    Scales::Super {
+                        d: pd,
+                        dmin: pdmin,
+                        sc: psc,
+                        mn: pmn,
+                    },
+                ) => {
+                    d.extend_from_slice(pd);
+                    dmin.extend_from_slice(pdmin);
+                    sc.extend_from_slice(psc);
+                    mn.extend_from_slice(pmn);
+                }
+                _ => unreachable!("Q4Matrix::stack: the parts' scales were made one kind above"),
+            }
+            nibbles.extend_from_slice(&p.nibbles);
+            if !p.high.is_empty() {
+                high.extend_from_slice(&p.high);
+            } else if five {
+                high.resize(high.len() + p.rows * p.blocks * HIGH_BYTES, 0);
+            }
+        }
+        Q4Matrix {
             rows,
             cols,
             blocks: cols / QK,
-            d: Vec::with_capacity(all_blocks),
-            m: Vec::with_capacity(all_blocks),
-            nibbles: Vec::with_capacity(all_blocks * NIBBLE_BYTES),
-            high: Vec::with_capacity(if five { all_blocks * HIGH_BYTES } else { 0 }),
-        };
-        for p in parts {
-            out.d.extend_from_slice(&p.d);
-            out.m.extend_from_slice(&p.m);
-            out.nibbles.extend_from_slice(&p.nibbles);
-            if !p.high.is_empty() {
-                out.high.extend_from_slice(&p.high);
-            } else if five {
-                out.high
-                    .resize(out.high.len() + p.rows * p.blocks * HIGH_BYTES, 0);
-            }
+            scales,
+            nibbles,
+            high,
         }
-        out
     }
 
     /// Rows (outputs).
@@ -220,7 +456,12 @@ impl Q4Matrix {
 
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
-        (self.d.len() + self.m.len()) * 4 + self.nibbles.len() + self.high.len()
+        let scales = match &self.scales {
+            Scales::Centered { d, .. } => d.len() * 4,
+            Scales::Block { d, m } => (d.len() + m.len()) * 4,
+            Scales::Super { d, dmin, sc, mn } => (d.len() + dmin.len()) * 4 + sc.len() + mn.len(),
+        };
+        scales + self.nibbles.len() + self.high.len()
     }
 
     /// Whether the values have a fifth bit.
@@ -228,17 +469,37 @@ impl Q4Matrix {
         !self.high.is_empty()
     }
 
+    /// Whether the scales are kept per super-block (a k-quant's), not per block.
+    pub fn has_super_block_scales(&self) -> bool {
+        matches!(self.scales, Scales::Super { .. })
+    }
+
     /// Row `r` for the kernels.
     pub fn row(&self, r: usize) -> Q4Row<'_> {
         let b = self.blocks;
+        let s = b / SUB_BLOCKS;
         Q4Row {
             nibbles: &self.nibbles[r * b * NIBBLE_BYTES..(r + 1) * b * NIBBLE_BYTES],
             high: self
                 .high
                 .get(r * b * HIGH_BYTES..(r + 1) * b * HIGH_BYTES)
                 .unwrap_or(&[]),
-            d: &self.d[r * b..(r + 1) * b],
-            m: &self.m[r * b..(r + 1) * b],
+            scales: match &self.scales {
+                Scales::Centered { d, offset } => RowScales::Centered {
+                    d: &d[r * b..(r + 1) * b],
+                    offset: *offset,
+                },
+                Scales::Block { d, m } => RowScales::Block {
+                    d: &d[r * b..(r + 1) * b],
+                    m: &m[r * b..(r + 1) * b],
+                },
+                Scales::Super { d, dmin, sc, mn } => RowScales::Super {
+                    d: &d[r * s..(r + 1) * s],
+                    dmin: &dmin[r * s..(r + 1) * s],
+                    sc: &sc[r * b..(r + 1) * b],
+                    mn: &mn[r * b..(r + 1) * b],
+                },
+            },
         }
     }
 
@@ -246,7 +507,7 @@ impl Q4Matrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let (d, m) = (row.d[b], row.m[b]);
+            let (d, m) = row.scales.of(b);
             for (o, &q) in o.iter_mut().zip(&row.block_values(b)) {
                 *o = d * q as f32 + m;
             }
@@ -280,8 +541,8 @@ impl Q4Row<'_> {
     }
 }
 
-/// One file row of type `ty` into a row's scales `d`, offsets `m`, nibbles and (5-bit types)
-/// fifth bits.
+/// One file row of a `Q4_0`, `Q4_1`, `Q5_0` or `Q5_1` tensor into a row's scales `d`,
+/// offsets `m`, nibbles and (5-bit types) fifth bits.
 fn copy_row(
     ty: GgmlType,
     row: &[u8],
@@ -291,20 +552,6 @@ fn copy_row(
     nib: &mut [u8],
     high: &mut [u8],
 ) {
-    if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
-        for (k, blk) in row.chunks_exact(block_bytes).enumerate() {
-            let at = k * (QK_K / QK);
-            let (d, m) = (&mut d[at..at + 8], &mut m[at..at + 8]);
-            let nib = &mut nib[at * NIBBLE_BYTES..];
-            if ty == GgmlType::Q4_K {
-                repack_k(blk, &blk[16..], None, d, m, nib, &mut []);
-            } else {
-                let high = &mut high[at * HIGH_BYTES..];
-                repack_k(blk, &blk[48..], Some(&blk[16..48]), d, m, nib, high);
-            }
-        }
-        return;
-    }
     for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
         // (scale, offset, fifth bits, nibbles) of each GGUF block layout.
         let (scale, offset, fifth, values) = match ty {
@@ -320,7 +567,10 @@ fn copy_row(
             _ => (f16_at(blk, 0), f16_at(blk, 2), None, &blk[4..]),
         };
         d[b] = scale;
-        m[b] = offset;
+        // Empty for `Q4_0`/`Q5_0`, whose offsets follow from their scales.
+        if let Some(m) = m.get_mut(b) {
+            *m = offset;
+        }
         nib[b * NIBBLE_BYTES..(b + 1) * NIBBLE_BYTES].copy_from_slice(values);
         if let Some(fifth) = fifth {
             high[b * HIGH_BYTES..(b + 1) * HIGH_BYTES].copy_from_slice(fifth);
@@ -328,27 +578,13 @@ fn copy_row(
     }
 }
 
-/// One `Q4_K` super-block (`block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }`), or
-/// `Q5_K`'s (the same with `u8 qh[32]` before `qs`: bit `s` of `qh[l]` is the fifth bit of
-/// value `l` of sub-block `s`) as eight `Q4_1`-style sub-blocks: their scales into `d`,
-/// offsets into `m`, 8 × 16 bytes of nibbles at the start of `nib` (value `j` of a sub-block
-/// in the low nibble of its byte `j`, value `j + 16` in the high one) and, with `qh`, 8 × 4
-/// bytes of fifth bits at the start of `high`.
-fn repack_k(
-    blk: &[u8],
-    qs: &[u8],
-    qh: Option<&[u8]>,
-    d: &mut [f32],
-    m: &mut [f32],
-    nib: &mut [u8],
-    high: &mut [u8],
-) {
-    let (scale, min) = (f16_at(blk, 0), f16_at(blk, 2));
-    let scales = &blk[4..16];
-    for s in 0..QK_K / QK {
-        let (sc, mn) = scale_min_k4(s, scales);
-        d[s] = scale * sc as f32;
-        m[s] = -(min * mn as f32);
+/// The values of one `Q4_K` super-block (`block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8
+/// qs[128]; }`), or `Q5_K`'s (the same with `u8 qh[32]` before `qs`: bit `s` of `qh[l]` is
+/// the fifth bit of value `l` of sub-block `s`), as eight sub-blocks: 8 × 16 bytes of nibbles
+/// at the start of `nib` (value `j` of a sub-block in the low nibble of its byte `j`, value
+/// `j + 16` in the high one) and, with `qh`, 8 × 4 bytes of fifth bits at the start of `high`.
+fn repack_k(qs: &[u8], qh: Option<&[u8]>, nib: &mut [u8], high: &mut [u8]) {
+    for s in 0..SUB_BLOCKS {
         // Sub-blocks 2g and 2g + 1 share 32 bytes: the low nibbles are 2g's values 0..32,
         // the high nibbles 2g + 1's.
         let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
@@ -442,7 +678,11 @@ mod tests {
             assert_eq!(reader, values, "{ty:?}");
             let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
             assert_eq!(q.is_five_bit(), five);
-            assert_eq!(q.bytes(), 5 * 2 * if five { 28 } else { 24 });
+            // Per block 16 bytes of nibbles, 4 of fifth bits, an f32 scale, an f32 offset
+            // unless the format fixes it.
+            let stored_offset = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+            let per_block = 16 + 4 * (five as usize) + 4 + 4 * (stored_offset as usize);
+            assert_eq!(q.bytes(), 5 * 2 * per_block);
             // A row map: reversed rows.
             let rev = Q4Matrix::from_gguf(ty, &bytes, 5, 64, |r| 4 - r).expect("q4");
             let mut row = vec![0f32; 64];
@@ -471,10 +711,13 @@ mod tests {
     #[test]
     fn k_super_blocks_repack_exactly() {
         let (rows, cols) = (3, 512);
-        for (ty, per_block) in [(GgmlType::Q4_K, 24), (GgmlType::Q5_K, 28)] {
+        // Bytes per 32 values: 16 of nibbles, a byte each of `sc` and `mn`, an eighth of the
+        // super-block's two `f32` (8 bytes), and 4 of fifth bits for `Q5_K`.
+        for (ty, per_block) in [(GgmlType::Q4_K, 19), (GgmlType::Q5_K, 23)] {
             let bytes = random_k(ty, rows, cols, 5);
             let want = crate::model::gguf::dequantize(ty, &bytes, rows * cols).expect("k-quant");
             let q = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("q4");
+            assert!(q.has_super_block_scales());
             assert_eq!(q.dequantize(), want, "{ty:?}");
             assert_eq!(q.bytes(), rows * cols / QK * per_block);
             let rev = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| 2 - r).expect("q4");
@@ -498,6 +741,76 @@ mod tests {
         assert!(both.is_five_bit());
         assert_eq!(both.rows(), 7);
         assert_eq!(both.dequantize(), [&v4[..], &v5[..], &v4[..]].concat());
+        // Parts of one centered type stay centered (no offsets stored: 24 bytes a 5-bit
+        // block), with their values.
+        let five = Q4Matrix::stack(vec![q5.clone(), q5]);
+        assert_eq!(five.bytes(), 6 * 2 * (16 + 4 + 4));
+        assert_eq!(five.dequantize(), [&v5[..], &v5[..]].concat());
+        // Mixed offsets (−8 and −16) cannot share one: offsets stored per block.
+        assert_eq!(both.bytes(), 7 * 2 * (16 + 4 + 4 + 4));
+    }
+
+    /// k-quant parts stacked together keep their super-block scales; stacked with another
+    /// block type they get per-block ones; the values are every part's either way, and the
+    /// product of each stack is its dequantized product (every kernel).
+    #[test]
+    fn stacking_k_quant_parts_keeps_their_values() {
+        let k4 = random_k(GgmlType::Q4_K, 2, 256, 9);
+        let k5 = random_k(GgmlType::Q5_K, 3, 256, 10);
+        let (b0, v0) = random_blocks(GgmlType::Q5_0, 1, 256, 11);
+        let v4 = crate::model::gguf::dequantize(GgmlType::Q4_K, &k4, 2 * 256).expect("k4");
+        let v5 = crate::model::gguf::dequantize(GgmlType::Q5_K, &k5, 3 * 256).expect("k5");
+        let q4 = Q4Matrix::from_gguf(GgmlType::Q4_K, &k4, 2, 256, |r| r).expect("q4");
+        let q5 = Q4Matrix::from_gguf(GgmlType::Q5_K, &k5, 3, 256, |r| r).expect("q5");
+        let q0 = Q4Matrix::from_gguf(GgmlType::Q5_0, &b0, 1, 256, |r| r).expect("q0");
+        let factored = Q4Matrix::stack(vec![q4.clone(), q5.clone()]);
+        assert!(factored.has_super_block_scales() && factored.is_five_bit());
+        assert_eq!(factored.dequantize(), [&v4[..], &v5[..]].concat());
+        let mixed = Q4Matrix::stack(vec![q4, q0, q5]);
+        assert!(!mixed.has_super_block_scales());
+        assert_eq!(mixed.dequantize(), [&v4[..], &v0[..], &v5[..]].concat());
+        let x: Vec<f32> = (0..3 * 256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let xq = super::super::Q8Matrix::quantize(&x, 3, 256).dequantize();
+        for (q, n) in [(&factored, 5), (&mixed, 6)] {
+            let w = q.dequantize();
+            for kernel in Kernel::available() {
+                let got = super::super::product(q, kernel, &x, 3);
+                for i in 0..3 {
+                    for j in 0..n {
+                        let want: f64 = (0..256)
+                            .map(|c| xq[i * 256 + c] as f64 * w[j * 256 + c] as f64)
+                            .sum();
+                        let g = got[i * n + j] as f64;
+                        assert!((g - want).abs() < 1e-4 * (1.0 + want.abs()), "{kernel:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kept factored, a k-quant's products are the same bits as with the per-block scales it
+    /// multiplies out to (what this module kept before), on every kernel.
+    #[test]
+    fn super_block_scales_give_the_same_products_as_block_scales() {
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+            let bytes = random_k(ty, 7, 512, 12);
+            let factored = Q4Matrix::from_gguf(ty, &bytes, 7, 512, |r| r).expect("k");
+            let unfolded = factored.clone().into_block_scales();
+            assert!(!unfolded.has_super_block_scales());
+            assert_eq!(unfolded.dequantize(), factored.dequantize());
+            for m in [1, 3, 4, 9] {
+                let x: Vec<f32> = (0..m * 512)
+                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0)
+                    .collect();
+                for kernel in Kernel::available() {
+                    let a = super::super::product(&factored, kernel, &x, m);
+                    let b = super::super::product(&unfolded, kernel, &x, m);
+                    assert_eq!(a, b, "{ty:?} {kernel:?} m = {m}");
+                }
+            }
+        }
     }
 
     #[test]
