@@ -348,7 +348,28 @@ mod x86 {
         let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); ROWS];
         let mut offsets = [0f32; ROWS];
-        let mut block = |b: usize, dw: f32, mw: f32| {
+        // One loop, no closure: a closure is compiled without the caller's target features
+        // and the intrinsics in it became calls (decode on the 1.5B Qwen file fell from 8 to
+        // 1.6 tokens/s on an AVX2 machine, `perf` showing `_mm256_fmadd_ps` as a function).
+        let (mut ds, mut ms) = ([0f32; SUB_BLOCKS], [0f32; SUB_BLOCKS]);
+        for b in 0..w.scales.blocks() {
+            let (dw, mw) = match w.scales {
+                RowScales::Centered { d, offset } => {
+                    let db = *d.get_unchecked(b);
+                    (db, offset * db)
+                }
+                RowScales::Block { d, m } => (*d.get_unchecked(b), *m.get_unchecked(b)),
+                RowScales::Super { d, dmin, sc, mn } => {
+                    let k = b % SUB_BLOCKS;
+                    if k == 0 {
+                        let s = b / SUB_BLOCKS;
+                        ds = times_bytes(*d.get_unchecked(s), sc.as_ptr().add(b));
+                        // −(dmin·mn), as the scalar offset is: negation is exact.
+                        ms = times_bytes(-*dmin.get_unchecked(s), mn.as_ptr().add(b));
+                    }
+                    (ds[k], ms[k])
+                }
+            };
             let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
             let lo = _mm_and_si128(raw, low);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
@@ -362,30 +383,6 @@ mod x86 {
                 let scale = _mm256_set1_ps(dw * *x.row.scales.get_unchecked(b));
                 *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
                 *off += mw * *x.sums.get_unchecked(b);
-            }
-        };
-        match w.scales {
-            RowScales::Centered { d, offset } => {
-                for b in 0..d.len() {
-                    let db = *d.get_unchecked(b);
-                    block(b, db, offset * db);
-                }
-            }
-            RowScales::Block { d, m } => {
-                for b in 0..d.len() {
-                    block(b, *d.get_unchecked(b), *m.get_unchecked(b));
-                }
-            }
-            RowScales::Super { d, dmin, sc, mn } => {
-                for s in 0..d.len() {
-                    let at = s * SUB_BLOCKS;
-                    let ds = times_bytes(*d.get_unchecked(s), sc.as_ptr().add(at));
-                    // −(dmin·mn), as the scalar offset is: negation is exact.
-                    let ms = times_bytes(-*dmin.get_unchecked(s), mn.as_ptr().add(at));
-                    for k in 0..SUB_BLOCKS {
-                        block(at + k, ds[k], ms[k]);
-                    }
-                }
             }
         }
         for ((o, a), off) in out.iter_mut().zip(&acc).zip(&offsets).take(n) {

@@ -248,6 +248,11 @@ pub enum QuantWeight {
     Q4(Q4Matrix),
     /// A GGUF file's `Q6_K` super-blocks, kept as they are.
     Q6(Q6Matrix),
+    /// Parts of different formats one under the other, each kept in its own: a fused
+    /// projection whose parts the file stores in different types (a `Q4_K_M` file's q and k
+    /// are `Q4_K`, its v `Q6_K` or `Q8_0`). Each part is multiplied by its own kernel and the
+    /// outputs are set side by side.
+    Stacked(Vec<QuantWeight>),
 }
 
 impl QuantWeight {
@@ -257,6 +262,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.rows(),
             QuantWeight::Q4(q) => q.rows(),
             QuantWeight::Q6(q) => q.rows(),
+            QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::rows).sum(),
         }
     }
 
@@ -266,6 +272,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.cols(),
             QuantWeight::Q4(q) => q.cols(),
             QuantWeight::Q6(q) => q.cols(),
+            QuantWeight::Stacked(parts) => parts.first().map_or(0, QuantWeight::cols),
         }
     }
 
@@ -275,6 +282,16 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.dequantize_row(r, out),
             QuantWeight::Q4(q) => q.dequantize_row(r, out),
             QuantWeight::Q6(q) => q.dequantize_row(r, out),
+            QuantWeight::Stacked(parts) => {
+                let mut r = r;
+                for p in parts {
+                    if r < p.rows() {
+                        return p.dequantize_row(r, out);
+                    }
+                    r -= p.rows();
+                }
+                panic!("QuantWeight::dequantize_row: row out of range");
+            }
         }
     }
 
@@ -298,6 +315,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.bytes(),
             QuantWeight::Q4(q) => q.bytes(),
             QuantWeight::Q6(q) => q.bytes(),
+            QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::bytes).sum(),
         }
     }
 
@@ -307,6 +325,20 @@ impl QuantWeight {
             QuantWeight::Q8(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q4(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q6(q) => product(q, Kernel::machine(), x, m),
+            QuantWeight::Stacked(parts) => {
+                let n = self.rows();
+                let mut y = vec![0f32; m * n];
+                let mut at = 0;
+                for p in parts.iter().filter(|p| p.rows() > 0) {
+                    let np = p.rows();
+                    let part = p.matmul_t(x, m);
+                    for (row, part_row) in y.chunks_exact_mut(n).zip(part.chunks_exact(np)) {
+                        row[at..at + np].copy_from_slice(part_row);
+                    }
+                    at += np;
+                }
+                y
+            }
         }
     }
 
@@ -320,38 +352,74 @@ impl QuantWeight {
             QuantWeight::Q6(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
             }
+            QuantWeight::Stacked(parts) => {
+                Q8Matrix::stack(parts.into_iter().map(QuantWeight::into_q8).collect())
+            }
         }
     }
 
-    /// The matrices one under the other (a fused projection): 4- or 6-bit when every part is
-    /// of that format, else 8-bit (a `Q4_K_M` file's q and k are one type and v another).
+    /// The matrices one under the other (a fused projection), each in the format it has:
+    /// neighbouring parts of one format are stacked into one matrix of it, parts of different
+    /// formats are kept [`QuantWeight::Stacked`] (a `Q4_K_M` file's q and k are `Q4_K`, its v
+    /// `Q6_K`; as 8-bit blocks they would take 9 bits a weight where the file has 4.5-6.6).
     ///
     /// # Panics
     /// When the parts' column counts differ (shapes are checked at load).
     pub fn stack(parts: Vec<QuantWeight>) -> QuantWeight {
-        if parts.iter().all(|p| matches!(p, QuantWeight::Q4(_))) {
-            let q4 = parts
-                .into_iter()
-                .filter_map(|p| match p {
-                    QuantWeight::Q4(q) => Some(q),
-                    _ => None,
-                })
-                .collect();
-            return QuantWeight::Q4(Q4Matrix::stack(q4));
+        let cols = parts.first().map_or(0, QuantWeight::cols);
+        assert!(
+            parts.iter().all(|p| p.cols() == cols),
+            "QuantWeight::stack: column counts differ"
+        );
+        // Runs of neighbouring parts of one format, in order (a stacked part is opened into
+        // its own parts); each run stacked at once into one matrix of its format.
+        let mut groups: Vec<Vec<QuantWeight>> = Vec::new();
+        let flat = parts.into_iter().flat_map(|p| match p {
+            QuantWeight::Stacked(inner) => inner,
+            p => vec![p],
+        });
+        for p in flat {
+            match groups.last_mut() {
+                Some(g)
+                    if g.first().map(std::mem::discriminant)
+                        == Some(std::mem::discriminant(&p)) =>
+                {
+                    g.push(p)
+                }
+                _ => groups.push(vec![p]),
+            }
         }
-        if parts.iter().all(|p| matches!(p, QuantWeight::Q6(_))) {
-            let q6 = parts
-                .into_iter()
-                .filter_map(|p| match p {
-                    QuantWeight::Q6(q) => Some(q),
-                    _ => None,
-                })
-                .collect();
-            return QuantWeight::Q6(Q6Matrix::stack(q6));
+        let mut runs: Vec<QuantWeight> = groups.into_iter().map(Self::stack_one_format).collect();
+        match runs.len() {
+            0 => QuantWeight::Q8(Q8Matrix::stack(Vec::new())),
+            1 => runs.remove(0),
+            _ => QuantWeight::Stacked(runs),
         }
-        QuantWeight::Q8(Q8Matrix::stack(
-            parts.into_iter().map(QuantWeight::into_q8).collect(),
-        ))
+    }
+
+    /// Parts all of one format (not [`QuantWeight::Stacked`]) as one matrix of it.
+    fn stack_one_format(parts: Vec<QuantWeight>) -> QuantWeight {
+        let mut q8 = Vec::new();
+        let mut q4 = Vec::new();
+        let mut q6 = Vec::new();
+        for p in parts {
+            match p {
+                QuantWeight::Q8(q) => q8.push(q),
+                QuantWeight::Q4(q) => q4.push(q),
+                QuantWeight::Q6(q) => q6.push(q),
+                QuantWeight::Stacked(inner) => q8.extend(inner.into_iter().map(Self::into_q8)),
+            }
+        }
+        match (q4.is_empty(), q6.is_empty(), q8.is_empty()) {
+            (false, true, true) => QuantWeight::Q4(Q4Matrix::stack(q4)),
+            (true, false, true) => QuantWeight::Q6(Q6Matrix::stack(q6)),
+            // All 8-bit, or (not reached from `stack`) mixed: 8-bit blocks.
+            _ => {
+                q8.extend(q4.into_iter().map(|q| QuantWeight::Q4(q).into_q8()));
+                q8.extend(q6.into_iter().map(|q| QuantWeight::Q6(q).into_q8()));
+                QuantWeight::Q8(Q8Matrix::stack(q8))
+            }
+        }
     }
 }
 
@@ -575,6 +643,7 @@ impl OutPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gguf::GgmlType;
     use rand::{Rng, SeedableRng};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -732,6 +801,62 @@ mod tests {
             }
         });
         assert_eq!(failed.err(), Some("row 2".to_string()));
+    }
+
+    /// GGUF `Q4_0` bytes of `rows × cols` random blocks (`f16` scale, 16 bytes of nibbles).
+    fn q4_0_bytes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK {
+            bytes.extend(half::f16::from_f32(rng.random_range(0.01f32..0.05)).to_le_bytes());
+            bytes.extend((0..QK / 2).map(|_| rng.random::<u8>()));
+        }
+        bytes
+    }
+
+    /// Parts of different formats stacked stay in their formats (neighbours of one format
+    /// merged), and the stack multiplies as its dequantized rows do, on the dot kernels
+    /// (decode) and on the GEMM path (prefill).
+    #[test]
+    fn parts_of_different_formats_stack_in_their_own_formats() {
+        let k = 64;
+        let q4 = |rows, seed| {
+            let bytes = q4_0_bytes(rows, k, seed);
+            QuantWeight::Q4(
+                Q4Matrix::from_gguf(GgmlType::Q4_0, &bytes, rows, k, |r| r).expect("q4"),
+            )
+        };
+        let q8 = QuantWeight::Q8(Q8Matrix::quantize(&random(3 * k, 9), 3, k));
+        let parts = vec![q4(5, 1), q4(2, 2), q8.clone()];
+        let want_rows: Vec<f32> = parts.iter().flat_map(QuantWeight::dequantize).collect();
+        let want_bytes: usize = parts.iter().map(QuantWeight::bytes).sum();
+        let stacked = QuantWeight::stack(parts);
+        let QuantWeight::Stacked(runs) = &stacked else {
+            panic!("not kept in their formats: {stacked:?}");
+        };
+        assert_eq!(runs.len(), 2, "the two Q4_0 parts are one run");
+        assert!(matches!(runs[0], QuantWeight::Q4(_)) && matches!(runs[1], QuantWeight::Q8(_)));
+        assert_eq!((stacked.rows(), stacked.cols()), (10, k));
+        assert_eq!(stacked.dequantize(), want_rows);
+        assert_eq!(stacked.bytes(), want_bytes);
+        // One format throughout is one matrix.
+        assert!(matches!(
+            QuantWeight::stack(vec![q4(1, 3), q4(2, 4)]),
+            QuantWeight::Q4(_)
+        ));
+        for m in [3, GEMM_MIN_ROWS + 1] {
+            let x = random(m * k, 10 + m as u64);
+            let got = stacked.matmul_t(&x, m);
+            // Activations are quantized to 8 bits per block: compare with the product of the
+            // dequantized weights by the dequantized activations.
+            let xq = Q8Matrix::quantize(&x, m, k).dequantize();
+            let want = reference(&xq, &want_rows, m, 10, k);
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() < 2e-3 * (1.0 + e.abs()), "m={m}: {g} vs {e}");
+            }
+        }
+        let as_q8 = stacked.into_q8();
+        assert_eq!(as_q8.rows(), 10);
     }
 
     #[test]
