@@ -640,6 +640,39 @@ impl OutPtr {
     }
 }
 
+/// Checks every kernel the machine has: `w`'s product with `m` random activation rows (seed
+/// `m`) against the f64 product of those rows quantized to 8-bit blocks, as the product
+/// quantizes them, and `values`, the weights computed independently of `w` (row-major
+/// `[w.rows(), w.cols()]`). `label` names the case in a failure.
+#[cfg(test)]
+pub(crate) fn assert_every_kernel_matches(
+    w: &impl BlockWeights,
+    values: &[f32],
+    m: usize,
+    label: &str,
+) {
+    use rand::{Rng, SeedableRng};
+    let (n, k) = (w.rows(), w.cols());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let xq = Q8Matrix::quantize(&x, m, k).dequantize();
+    for kernel in Kernel::available() {
+        let got = product(w, kernel, &x, m);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| xq[i * k + c] as f64 * values[j * k + c] as f64)
+                    .sum();
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{label} {kernel:?} {m}x{n}x{k} [{i},{j}]: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@
 //! as the file has them: `d` and `dmin` per super-block (as `f32`), `sc` and `mn` per sub-block
 //! (a byte each), 4.75 bits a weight against the file's 4.5 (6 bits with an `f32` scale and
 //! offset per sub-block, which is what this module kept before; with this and `Q6_K` kept as
-//! it is (the `q6` module), `backflow generate` on the 1.5B Qwen file peaks at 1.22x the
+//! it is (the `q6` module), `backflow generate` on the 1.5B Qwen file peaks at 1.21x the
 //! file's size where it peaked at 1.53x, see the README). The kernels
 //! multiply the eight sub-block scales of a super-block out in one vector instruction before
 //! its eight blocks (`kernels::dot_q4`), so they give the file's values bit for bit and run
@@ -847,26 +847,7 @@ mod tests {
                     _ => random_blocks(ty, n, k, 3 + m as u64),
                 };
                 let q = Q4Matrix::from_gguf(ty, &bytes, n, k, |r| r).expect("q4");
-                let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
-                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                // The reference: the activations quantized to 8-bit blocks as the product
-                // does, then multiplied in f64 by the block values computed from the format.
-                let xq = super::super::Q8Matrix::quantize(&x, m, k).dequantize();
-                for kernel in Kernel::available() {
-                    let got = super::super::product(&q, kernel, &x, m);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let want: f64 = (0..k)
-                                .map(|c| xq[i * k + c] as f64 * w[j * k + c] as f64)
-                                .sum();
-                            let g = got[i * n + j] as f64;
-                            assert!(
-                                (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{ty:?} {kernel:?} {m}x{n}x{k} [{i},{j}]: {g} vs {want}"
-                            );
-                        }
-                    }
-                }
+                super::super::assert_every_kernel_matches(&q, &w, m, &format!("{ty:?}"));
             }
         }
     }

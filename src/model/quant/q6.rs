@@ -283,26 +283,7 @@ mod tests {
                 .flat_map(reference_values)
                 .collect();
             let q = Q6Matrix::from_gguf(GgmlType::Q6_K, &bytes, n, k, |r| r).expect("q6");
-            let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
-            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            // The activations quantized to 8-bit blocks as the product does, then multiplied
-            // in f64 by the values computed from the format.
-            let xq = super::super::Q8Matrix::quantize(&x, m, k).dequantize();
-            for kernel in Kernel::available() {
-                let got = super::super::product(&q, kernel, &x, m);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|c| xq[i * k + c] as f64 * w[j * k + c] as f64)
-                            .sum();
-                        let g = got[i * n + j] as f64;
-                        assert!(
-                            (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "{kernel:?} {m}x{n}x{k} [{i},{j}]: {g} vs {want}"
-                        );
-                    }
-                }
-            }
+            super::super::assert_every_kernel_matches(&q, &w, m, "Q6_K");
         }
     }
 }
