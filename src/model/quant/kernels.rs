@@ -439,9 +439,10 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); ROWS];
         for s in 0..w.len() / BLOCK_BYTES {
             let sb = w.as_ptr().add(s * BLOCK_BYTES);
-            let d = _mm256_set1_ps(
-                half::f16::from_bits(std::ptr::read_unaligned(sb.add(208) as *const u16)).to_f32(),
-            );
+            let d = _mm256_set1_ps(crate::model::gguf::f16_at(
+                w.get_unchecked(s * BLOCK_BYTES..),
+                208,
+            ));
             let mut ds = [0f32; 16];
             for (i, chunk) in ds.chunks_exact_mut(8).enumerate() {
                 let sc = _mm_loadl_epi64(sb.add(192 + 8 * i) as *const __m128i);

@@ -371,54 +371,49 @@ impl QuantWeight {
             parts.iter().all(|p| p.cols() == cols),
             "QuantWeight::stack: column counts differ"
         );
-        // Runs of neighbouring parts of one format, in order (a stacked part is opened into
-        // its own parts); each run stacked at once into one matrix of its format.
-        let mut groups: Vec<Vec<QuantWeight>> = Vec::new();
-        let flat = parts.into_iter().flat_map(|p| match p {
-            QuantWeight::Stacked(inner) => inner,
-            p => vec![p],
-        });
-        for p in flat {
-            match groups.last_mut() {
-                Some(g)
-                    if g.first().map(std::mem::discriminant)
-                        == Some(std::mem::discriminant(&p)) =>
-                {
-                    g.push(p)
-                }
-                _ => groups.push(vec![p]),
-            }
+        // Runs of neighbouring parts of one format, in order, each stacked at once into one
+        // matrix of its format.
+        let mut runs = Vec::new();
+        for p in parts {
+            Run::push(&mut runs, p);
         }
-        let mut runs: Vec<QuantWeight> = groups.into_iter().map(Self::stack_one_format).collect();
+        let mut runs: Vec<QuantWeight> = runs.into_iter().map(Run::stack).collect();
         match runs.len() {
             0 => QuantWeight::Q8(Q8Matrix::stack(Vec::new())),
             1 => runs.remove(0),
             _ => QuantWeight::Stacked(runs),
         }
     }
+}
 
-    /// Parts all of one format (not [`QuantWeight::Stacked`]) as one matrix of it.
-    fn stack_one_format(parts: Vec<QuantWeight>) -> QuantWeight {
-        let mut q8 = Vec::new();
-        let mut q4 = Vec::new();
-        let mut q6 = Vec::new();
-        for p in parts {
-            match p {
-                QuantWeight::Q8(q) => q8.push(q),
-                QuantWeight::Q4(q) => q4.push(q),
-                QuantWeight::Q6(q) => q6.push(q),
-                QuantWeight::Stacked(inner) => q8.extend(inner.into_iter().map(Self::into_q8)),
-            }
+/// Neighbouring parts of one format, for [`QuantWeight::stack`].
+enum Run {
+    Q8(Vec<Q8Matrix>),
+    Q4(Vec<Q4Matrix>),
+    Q6(Vec<Q6Matrix>),
+}
+
+impl Run {
+    /// Appends `p` to the last run when it is of `p`'s format, else starts a run; a stacked
+    /// part is opened into its own parts.
+    fn push(runs: &mut Vec<Run>, p: QuantWeight) {
+        match (runs.last_mut(), p) {
+            (_, QuantWeight::Stacked(inner)) => inner.into_iter().for_each(|p| Run::push(runs, p)),
+            (Some(Run::Q8(v)), QuantWeight::Q8(q)) => v.push(q),
+            (Some(Run::Q4(v)), QuantWeight::Q4(q)) => v.push(q),
+            (Some(Run::Q6(v)), QuantWeight::Q6(q)) => v.push(q),
+            (_, QuantWeight::Q8(q)) => runs.push(Run::Q8(vec![q])),
+            (_, QuantWeight::Q4(q)) => runs.push(Run::Q4(vec![q])),
+            (_, QuantWeight::Q6(q)) => runs.push(Run::Q6(vec![q])),
         }
-        match (q4.is_empty(), q6.is_empty(), q8.is_empty()) {
-            (false, true, true) => QuantWeight::Q4(Q4Matrix::stack(q4)),
-            (true, false, true) => QuantWeight::Q6(Q6Matrix::stack(q6)),
-            // All 8-bit, or (not reached from `stack`) mixed: 8-bit blocks.
-            _ => {
-                q8.extend(q4.into_iter().map(|q| QuantWeight::Q4(q).into_q8()));
-                q8.extend(q6.into_iter().map(|q| QuantWeight::Q6(q).into_q8()));
-                QuantWeight::Q8(Q8Matrix::stack(q8))
-            }
+    }
+
+    /// The run as one matrix.
+    fn stack(self) -> QuantWeight {
+        match self {
+            Run::Q8(v) => QuantWeight::Q8(Q8Matrix::stack(v)),
+            Run::Q4(v) => QuantWeight::Q4(Q4Matrix::stack(v)),
+            Run::Q6(v) => QuantWeight::Q6(Q6Matrix::stack(v)),
         }
     }
 }

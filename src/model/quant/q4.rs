@@ -74,6 +74,39 @@ enum Scales {
     },
 }
 
+impl Scales {
+    /// Whether scales of `other` can be appended to these as they are (`Centered` ones only
+    /// with the same offset).
+    fn same_kind(&self, other: &Scales) -> bool {
+        match (self, other) {
+            (Scales::Centered { offset: a, .. }, Scales::Centered { offset: b, .. }) => a == b,
+            (Scales::Block { .. }, Scales::Block { .. })
+            | (Scales::Super { .. }, Scales::Super { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// Empty scales of this kind, with room for `blocks` blocks.
+    fn empty_like(&self, blocks: usize) -> Scales {
+        match self {
+            Scales::Centered { offset, .. } => Scales::Centered {
+                d: Vec::with_capacity(blocks),
+                offset: *offset,
+            },
+            Scales::Block { .. } => Scales::Block {
+                d: Vec::with_capacity(blocks),
+                m: Vec::with_capacity(blocks),
+            },
+            Scales::Super { .. } => Scales::Super {
+                d: Vec::with_capacity(blocks / SUB_BLOCKS),
+                dmin: Vec::with_capacity(blocks / SUB_BLOCKS),
+                sc: Vec::with_capacity(blocks),
+                mn: Vec::with_capacity(blocks),
+            },
+        }
+    }
+}
+
 /// A `[rows, cols]` matrix of 4- or 5-bit blocks, row-major (`cols` a multiple of [`QK`]).
 #[derive(Clone)]
 pub struct Q4Matrix {
@@ -360,19 +393,8 @@ impl Q4Matrix {
         }
         let cols = parts.first().map_or(0, |p| p.cols);
         assert!(parts.iter().all(|p| p.cols == cols), "Q4Matrix::stack");
-        let factored = parts
-            .iter()
-            .all(|p| matches!(p.scales, Scales::Super { .. }));
-        let offset = match parts.first().map(|p| &p.scales) {
-            Some(&Scales::Centered { offset, .. }) => Some(offset),
-            _ => None,
-        };
-        let centered = offset.is_some_and(|o| {
-            parts
-                .iter()
-                .all(|p| matches!(p.scales, Scales::Centered { offset, .. } if offset == o))
-        });
-        if !factored && !centered {
+        let one_kind = parts.iter().all(|p| p.scales.same_kind(&parts[0].scales));
+        if !one_kind {
             parts = parts.into_iter().map(Q4Matrix::into_block_scales).collect();
         }
         // A 4-bit part stacked with 5-bit ones gets fifth bits of zero: the same values.
@@ -382,23 +404,12 @@ impl Q4Matrix {
         // 732 after).
         let rows: usize = parts.iter().map(|p| p.rows).sum();
         let all_blocks = rows * (cols / QK);
-        let mut scales = if let (true, Some(offset)) = (centered, offset) {
-            Scales::Centered {
-                d: Vec::with_capacity(all_blocks),
-                offset,
-            }
-        } else if factored {
-            Scales::Super {
-                d: Vec::with_capacity(all_blocks / SUB_BLOCKS),
-                dmin: Vec::with_capacity(all_blocks / SUB_BLOCKS),
-                sc: Vec::with_capacity(all_blocks),
-                mn: Vec::with_capacity(all_blocks),
-            }
-        } else {
-            Scales::Block {
-                d: Vec::with_capacity(all_blocks),
-                m: Vec::with_capacity(all_blocks),
-            }
+        let mut scales = match parts.first() {
+            Some(p) => p.scales.empty_like(all_blocks),
+            None => Scales::Block {
+                d: Vec::new(),
+                m: Vec::new(),
+            },
         };
         let mut nibbles = Vec::with_capacity(all_blocks * NIBBLE_BYTES);
         let mut high = Vec::with_capacity(if five { all_blocks * HIGH_BYTES } else { 0 });
