@@ -12,6 +12,13 @@
 //! Both vector paths use llama.cpp's sign trick (`ggml_vec_dot_q8_0_q8_0`): the unsigned operand
 //! is `|w|` and the signed one `x·sign(w)`, so `|w|·x·sign(w) = w·x`. The `i32` block sums go to
 //! `f32` and are scaled by the two block scales into eight `f32` lanes, summed at the end.
+//!
+//! The k-quant kernels (`Q4_K`, `Q5_K`, `Q6_K`) take activations with one scale per 256-value
+//! super-block, as llama.cpp's `Q8_K` (the product quantizes them so: `BlockWeights::
+//! activation_group`): the weights' small integer sub-block scales then multiply the `i16`
+//! pair sums in `vpmaddwd`, a super-block's sums add up in `i32`, and only one conversion and
+//! float multiply-add per super-block remain (both vector kernels use `vpmaddubsw` there:
+//! `vpdpbusd` would need a separate multiply by the scale).
 
 use super::QK;
 
@@ -34,6 +41,9 @@ pub struct ActRow<'a> {
     pub row: RowRef<'a>,
     /// Per block, the scale times the sum of the values.
     pub sums: &'a [f32],
+    /// Whether each super-block's eight blocks (256 values) share one scale, as the k-quant
+    /// kernels need ([`super::Q8Matrix::quantize_grouped`]).
+    pub super_scaled: bool,
 }
 
 /// The dot-product implementation this machine runs.
@@ -144,20 +154,41 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
                 && x.sums.len() == blocks),
         "dot_q4: rows of different block counts"
     );
-    match kernel {
+    use super::q4::RowScales;
+    let vector = matches!(kernel, Kernel::AvxVnni | Kernel::Avx2);
+    match w.scales {
+        // k-quant super-blocks: the integer kernel needs one activation scale per
+        // super-block; over per-block scales (never from `product`) the portable loop.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `Kernel::dot`.
-        Kernel::AvxVnni if w.high.is_empty() => unsafe { x86::dot_q4_vnni::<false>(w, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `Kernel::dot`.
-        Kernel::AvxVnni => unsafe { x86::dot_q4_vnni::<true>(w, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `Kernel::dot`.
-        Kernel::Avx2 if w.high.is_empty() => unsafe { x86::dot_q4_avx2::<false>(w, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `Kernel::dot`.
-        Kernel::Avx2 => unsafe { x86::dot_q4_avx2::<true>(w, xs, out) },
-        _ => dot_q4_portable(w, xs, out),
+        RowScales::Super { d, dmin, sc, mn } if vector && xs.iter().all(|x| x.super_scaled) => {
+            let scales = x86::SuperScales { d, dmin, sc, mn };
+            // SAFETY: as in `Kernel::dot`; `fit` checked the scales' lengths.
+            unsafe {
+                if w.high.is_empty() {
+                    x86::dot_q4_super::<false>(w, scales, xs, out)
+                } else {
+                    x86::dot_q4_super::<true>(w, scales, xs, out)
+                }
+            }
+        }
+        RowScales::Super { .. } => dot_q4_portable(w, xs, out),
+        _ => match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`.
+            Kernel::AvxVnni if w.high.is_empty() => unsafe {
+                x86::dot_q4_vnni::<false>(w, xs, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`.
+            Kernel::AvxVnni => unsafe { x86::dot_q4_vnni::<true>(w, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`.
+            Kernel::Avx2 if w.high.is_empty() => unsafe { x86::dot_q4_avx2::<false>(w, xs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`.
+            Kernel::Avx2 => unsafe { x86::dot_q4_avx2::<true>(w, xs, out) },
+            _ => dot_q4_portable(w, xs, out),
+        },
     }
 }
 
@@ -179,12 +210,13 @@ pub fn dot_q6(kernel: Kernel, w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
         "dot_q6: rows of different block counts"
     );
     match kernel {
+        // The integer kernel needs one activation scale per super-block; over per-block
+        // scales (never from `product`) the portable loop.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `Kernel::dot`.
-        Kernel::AvxVnni => unsafe { x86::dot_q6_vnni(w, xs, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `Kernel::dot`.
-        Kernel::Avx2 => unsafe { x86::dot_q6_avx2(w, xs, out) },
+        Kernel::AvxVnni | Kernel::Avx2 if xs.iter().all(|x| x.super_scaled) => unsafe {
+            x86::dot_q6_super(w, xs, out)
+        },
         _ => dot_q6_portable(w, xs, out),
     }
 }
@@ -319,23 +351,11 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// `f · q[i]` for the eight bytes at `q`, as `f32` (the product is rounded as the scalar
-    /// `f * q as f32` is: both are one IEEE multiplication).
-    #[inline(always)]
-    unsafe fn times_bytes(f: f32, q: *const u8) -> [f32; 8] {
-        let bytes = _mm_loadl_epi64(q as *const __m128i);
-        let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(f), v));
-        out
-    }
-
     /// The 4- and 5-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16,
     /// high nibbles 16..32) and, when `FIVE`, their fifth bits; `block_dot(q_w, x)` multiplies
     /// the unsigned values (at most 31) by the signed activations directly (no sign trick
-    /// needed), the offset term is added per block. Super-block scales are multiplied out
-    /// eight blocks at a time, before those blocks, into two small arrays the blocks read as
-    /// they read per-block scales.
+    /// needed), the offset term is added per block. For per-block scales (`Q4_0`, `Q4_1`,
+    /// `Q5_0`, `Q5_1`); k-quant super-blocks go to [`dot_q4_super`].
     #[inline(always)]
     unsafe fn dot_q4_with<const FIVE: bool>(
         w: super::super::q4::Q4Row<'_>,
@@ -343,7 +363,7 @@ mod x86 {
         out: &mut [f32],
         block_dot: impl Fn(__m256i, __m256i) -> __m256i,
     ) {
-        use super::super::q4::{RowScales, SUB_BLOCKS};
+        use super::super::q4::RowScales;
         let n = xs.len().min(ROWS);
         let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); ROWS];
@@ -351,7 +371,6 @@ mod x86 {
         // One loop, no closure: a closure is compiled without the caller's target features
         // and the intrinsics in it became calls (decode on the 1.5B Qwen file fell from 8 to
         // 1.6 tokens/s on an AVX2 machine, `perf` showing `_mm256_fmadd_ps` as a function).
-        let (mut ds, mut ms) = ([0f32; SUB_BLOCKS], [0f32; SUB_BLOCKS]);
         for b in 0..w.scales.blocks() {
             let (dw, mw) = match w.scales {
                 RowScales::Centered { d, offset } => {
@@ -359,16 +378,8 @@ mod x86 {
                     (db, offset * db)
                 }
                 RowScales::Block { d, m } => (*d.get_unchecked(b), *m.get_unchecked(b)),
-                RowScales::Super { d, dmin, sc, mn } => {
-                    let k = b % SUB_BLOCKS;
-                    if k == 0 {
-                        let s = b / SUB_BLOCKS;
-                        ds = times_bytes(*d.get_unchecked(s), sc.as_ptr().add(b));
-                        // −(dmin·mn), as the scalar offset is: negation is exact.
-                        ms = times_bytes(-*dmin.get_unchecked(s), mn.as_ptr().add(b));
-                    }
-                    (ds[k], ms[k])
-                }
+                // `dot_q4_super`'s (not sent here by `dot_q4`), read as any block's.
+                RowScales::Super { .. } => w.scales.of(b),
             };
             let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
             let lo = _mm_and_si128(raw, low);
@@ -416,39 +427,126 @@ mod x86 {
         });
     }
 
-    /// The `Q6_K` loop. Per super-block the sixteen scales `d·sc` are multiplied out into a
-    /// small array; per half (four blocks) one 32-byte load of `qh` serves the four blocks,
-    /// each of which takes its nibbles from one of two 32-byte loads of `ql`. The values
-    /// `q − 32` are signed, so the product uses the sign trick of [`dot_with`]; the eight
-    /// `i32` lanes of a block are its values 0..16 (lanes 0..4) and 16..32 (4..8), scaled by
-    /// the two halves' scales.
-    #[inline(always)]
-    unsafe fn dot_q6_with(
-        w: &[u8],
+    /// The scales of a row of k-quant super-blocks ([`super::super::q4::RowScales::Super`]).
+    pub(super) struct SuperScales<'a> {
+        pub d: &'a [f32],
+        pub dmin: &'a [f32],
+        pub sc: &'a [u8],
+        pub mn: &'a [u8],
+    }
+
+    /// `Q4_K` and `Q5_K` against activations with one scale per super-block (`Q8_K`-style,
+    /// as llama.cpp's `ggml_vec_dot_q4_K_q8_K`): a block's 32 products go through
+    /// `vpmaddubsw` into `i16` pairs (at most 31·127·2: no saturation), `vpmaddwd` multiplies
+    /// them by the block's 6-bit `sc` and adds the pairs, and the eight blocks' `i32` lanes
+    /// add up exactly (at most 8·2·7874·63 < 2³¹); per super-block one conversion to `f32`
+    /// scaled by `d·d_x`, and one multiply-add of eight lanes for the offsets
+    /// `−dmin·mn[b]·(d_x·Σq_x)`. Per block that is four vector instructions per activation
+    /// row where the per-block loop of [`dot_q4_with`] needs a scalar product, a broadcast,
+    /// a conversion and a float multiply-add besides.
+    ///
+    /// The row count is a constant of each instance ([`q4_super_rows`]), so the loops over
+    /// rows unroll and the accumulators stay in registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_super<const FIVE: bool>(
+        w: super::super::q4::Q4Row<'_>,
+        scales: SuperScales<'_>,
         xs: &[super::ActRow<'_>],
         out: &mut [f32],
-        block_dot: impl Fn(__m256i, __m256i) -> __m256i,
     ) {
+        match xs.len() {
+            0 => {}
+            1 => q4_super_rows::<FIVE, 1>(w, &scales, xs, out),
+            2 => q4_super_rows::<FIVE, 2>(w, &scales, xs, out),
+            3 => q4_super_rows::<FIVE, 3>(w, &scales, xs, out),
+            _ => q4_super_rows::<FIVE, ROWS>(w, &scales, xs, out),
+        }
+    }
+
+    /// [`dot_q4_super`] for the first `N` rows of `xs`.
+    #[inline(always)]
+    unsafe fn q4_super_rows<const FIVE: bool, const N: usize>(
+        w: super::super::q4::Q4Row<'_>,
+        scales: &SuperScales<'_>,
+        xs: &[super::ActRow<'_>],
+        out: &mut [f32],
+    ) {
+        use super::super::q4::SUB_BLOCKS;
+        let xs = &xs[..N];
+        let low = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for s in 0..scales.d.len() {
+            let mut isum = [_mm256_setzero_si256(); N];
+            for k in 0..SUB_BLOCKS {
+                let b = s * SUB_BLOCKS + k;
+                let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
+                let lo = _mm_and_si128(raw, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                let mut qw = _mm256_set_m128i(hi, lo);
+                if FIVE {
+                    qw = _mm256_or_si256(qw, fifth_bits_x16(w.high, b));
+                }
+                let sc = _mm256_set1_epi16(*scales.sc.get_unchecked(b) as i16);
+                for (sum, x) in isum.iter_mut().zip(xs) {
+                    let xv =
+                        _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(qw, xv);
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, sc));
+                }
+            }
+            let first = s * SUB_BLOCKS;
+            let d = *scales.d.get_unchecked(s);
+            // −(dmin·mn[b]) per block, as the scalar offset is: negation is exact.
+            let mn = _mm_loadl_epi64(scales.mn.as_ptr().add(first) as *const __m128i);
+            let mins = _mm256_mul_ps(
+                _mm256_set1_ps(-*scales.dmin.get_unchecked(s)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)),
+            );
+            for ((a, sum), x) in acc.iter_mut().zip(&isum).zip(xs) {
+                let scale = _mm256_set1_ps(d * *x.row.scales.get_unchecked(first));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(*sum), *a);
+                let sums = _mm256_loadu_ps(x.sums.as_ptr().add(first));
+                *a = _mm256_fmadd_ps(mins, sums, *a);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = hsum(*a);
+        }
+    }
+
+    /// `Q6_K` against activations with one scale per super-block (`Q8_K`-style). Per half
+    /// super-block one 32-byte load of `qh` serves four blocks, each of which takes its
+    /// nibbles from one of two 32-byte loads of `ql`. The values `q − 32` are signed, so the
+    /// product uses the sign trick of [`dot_with`] through `vpmaddubsw` (at most 32·127·2 per
+    /// pair); `vpmaddwd` multiplies the pairs of values 0..16 by their part's signed `sc` and
+    /// those of 16..32 by the next one's, and the sixteen parts' `i32` lanes add up exactly
+    /// (at most 8·2·8128·128 < 2³¹); per super-block one conversion to `f32` scaled by `d·d_x`.
+    /// As [`dot_q4_super`], one instance per row count ([`q6_super_rows`]).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q6_super(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
+        match xs.len() {
+            0 => {}
+            1 => q6_super_rows::<1>(w, xs, out),
+            2 => q6_super_rows::<2>(w, xs, out),
+            3 => q6_super_rows::<3>(w, xs, out),
+            _ => q6_super_rows::<ROWS>(w, xs, out),
+        }
+    }
+
+    /// [`dot_q6_super`] for the first `N` rows of `xs`.
+    #[inline(always)]
+    unsafe fn q6_super_rows<const N: usize>(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
         use super::super::q6::BLOCK_BYTES;
-        let n = xs.len().min(ROWS);
+        let xs = &xs[..N];
         let (nib, two, bias) = (
             _mm256_set1_epi8(0x0F),
             _mm256_set1_epi8(0x03),
             _mm256_set1_epi8(32),
         );
-        let mut acc = [_mm256_setzero_ps(); ROWS];
+        let mut acc = [_mm256_setzero_ps(); N];
         for s in 0..w.len() / BLOCK_BYTES {
             let sb = w.as_ptr().add(s * BLOCK_BYTES);
-            let d = _mm256_set1_ps(crate::model::gguf::f16_at(
-                w.get_unchecked(s * BLOCK_BYTES..),
-                208,
-            ));
-            let mut ds = [0f32; 16];
-            for (i, chunk) in ds.chunks_exact_mut(8).enumerate() {
-                let sc = _mm_loadl_epi64(sb.add(192 + 8 * i) as *const __m128i);
-                let v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-                _mm256_storeu_ps(chunk.as_mut_ptr(), v);
-            }
+            let mut isum = [_mm256_setzero_si256(); N];
             for half in 0..2 {
                 let ql0 = _mm256_loadu_si256(sb.add(64 * half) as *const __m256i);
                 let ql1 = _mm256_loadu_si256(sb.add(64 * half + 32) as *const __m256i);
@@ -471,41 +569,28 @@ mod x86 {
                     let q = _mm256_sub_epi8(_mm256_or_si256(lows[k], high), bias);
                     let aq = _mm256_sign_epi8(q, q);
                     let j = 2 * (half * 4 + k);
-                    let scales = _mm256_set_m128(
-                        _mm_set1_ps(*ds.get_unchecked(j + 1)),
-                        _mm_set1_ps(*ds.get_unchecked(j)),
+                    // Values 0..16 are the low 128 bits of the pairs, 16..32 the high ones.
+                    let sc = _mm256_set_m128i(
+                        _mm_set1_epi16(*(sb.add(192 + j + 1) as *const i8) as i16),
+                        _mm_set1_epi16(*(sb.add(192 + j) as *const i8) as i16),
                     );
-                    for (a, x) in acc.iter_mut().zip(&xs[..n]) {
+                    for (sum, x) in isum.iter_mut().zip(xs) {
                         let xv =
                             _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
-                        let sums = block_dot(aq, _mm256_sign_epi8(xv, q));
-                        let scale =
-                            _mm256_mul_ps(scales, _mm256_set1_ps(*x.row.scales.get_unchecked(b)));
-                        *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), *a);
+                        let pairs = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, sc));
                     }
                 }
             }
+            let d = crate::model::gguf::f16_at(w.get_unchecked(s * BLOCK_BYTES..), 208);
+            for ((a, sum), x) in acc.iter_mut().zip(&isum).zip(xs) {
+                let scale = _mm256_set1_ps(d * *x.row.scales.get_unchecked(s * 8));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(*sum), *a);
+            }
         }
-        for (o, a) in out.iter_mut().zip(&acc).take(n) {
+        for (o, a) in out.iter_mut().zip(&acc) {
             *o = hsum(*a);
         }
-    }
-
-    /// AVX2 `Q6_K`: `vpmaddubsw` (at most 32·127·2 per pair) then `vpmaddwd`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_q6_avx2(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        dot_q6_with(w, xs, out, |q, x| {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones)
-        });
-    }
-
-    /// AVX-VNNI `Q6_K`: one `vpdpbusd`.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn dot_q6_vnni(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
-        dot_q6_with(w, xs, out, |q, x| {
-            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x)
-        });
     }
 
     /// AVX2: `vpmaddubsw` then `vpmaddwd` against ones.

@@ -68,8 +68,12 @@ impl std::fmt::Debug for Q8Matrix {
 /// leaves the float rounded to the nearest integer (ties to even, unlike ggml's `roundf` that
 /// rounds them away from zero: the two differ only on exact halves).
 pub(crate) fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
-    const ROUND: f32 = 12_582_912.0;
-    let amax = v.iter().fold(0f32, |m, &x| {
+    quantize_with_amax(v, q, finite_amax(v))
+}
+
+/// The largest finite magnitude in `v` (NaN and infinities are skipped; 0 for none).
+fn finite_amax(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, &x| {
         let a = x.abs();
         // NaN compares false, so neither NaN nor infinity sets the scale.
         if a < f32::INFINITY && a > m {
@@ -77,7 +81,12 @@ pub(crate) fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
         } else {
             m
         }
-    });
+    })
+}
+
+/// `v` quantized with the scale `amax / 127` (see [`quantize_block`]); returns that scale.
+fn quantize_with_amax(v: &[f32], q: &mut [i8], amax: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
     if amax == 0.0 {
         q.fill(0);
         return 0.0;
@@ -103,10 +112,27 @@ impl Q8Matrix {
     /// # Panics
     /// When `data.len() != rows * cols` (a caller's bug, never input).
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> Self {
+        Q8Matrix::quantize_grouped(data, rows, cols, 1)
+    }
+
+    /// [`Q8Matrix::quantize`] with one scale for every `group` neighbouring blocks (the
+    /// largest magnitude among their values over 127), repeated in each block's scale: with
+    /// `group` = 8, one scale per 256 values, what llama.cpp's `Q8_K` activations give its
+    /// k-quant kernels, which then sum a super-block's eight blocks in integers
+    /// ([`ActRow::super_scaled`]). A row's last group may be shorter.
+    ///
+    /// # Panics
+    /// When `data.len() != rows * cols` (a caller's bug, never input).
+    pub fn quantize_grouped(data: &[f32], rows: usize, cols: usize, group: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Q8Matrix::quantize: shape");
-        Q8Matrix::from_row_fn(rows, cols, |r, out| {
-            out.copy_from_slice(&data[r * cols..(r + 1) * cols])
-        })
+        let fill = |r: usize, out: &mut [f32]| {
+            out.copy_from_slice(&data[r * cols..(r + 1) * cols]);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        match Q8Matrix::from_rows_grouped(rows, cols, group.max(1), fill) {
+            Ok(m) => m,
+            Err(never) => match never {},
+        }
     }
 
     /// [`Q8Matrix::from_rows`] for a `fill` that cannot fail.
@@ -131,6 +157,16 @@ impl Q8Matrix {
         cols: usize,
         fill: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
     ) -> Result<Self, E> {
+        Q8Matrix::from_rows_grouped(rows, cols, 1, fill)
+    }
+
+    /// [`Q8Matrix::from_rows`], one scale per `group` blocks ([`Q8Matrix::quantize_grouped`]).
+    fn from_rows_grouped<E: Send>(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        fill: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
         let blocks = cols.div_ceil(QK);
         let mut scales = vec![0f32; rows * blocks];
         let mut quants = vec![0i8; rows * blocks * QK];
@@ -145,11 +181,12 @@ impl Q8Matrix {
                         fill(r, &mut row[..cols])?;
                         // The padding past `cols` stays zero: `fill` never sees it.
                         for ((s, q), v) in s
-                            .iter_mut()
-                            .zip(q.chunks_exact_mut(QK))
-                            .zip(row.chunks_exact(QK))
+                            .chunks_mut(group)
+                            .zip(q.chunks_mut(group * QK))
+                            .zip(row.chunks(group * QK))
                         {
-                            *s = quantize_block(v, q);
+                            let d = quantize_with_amax(v, q, finite_amax(v));
+                            s.fill(d);
                         }
                         Ok(())
                     },
@@ -430,6 +467,12 @@ pub trait BlockWeights: Sync {
     /// Whether [`BlockWeights::dots`] reads the activation blocks' sums (a 4-bit offset
     /// multiplies them); they are computed only then.
     const USES_SUMS: bool = false;
+    /// Blocks that share one activation scale in the products with these weights: 1, or 8
+    /// for k-quant super-blocks, whose kernels then sum a super-block's blocks in integers
+    /// and scale them once (see [`Q8Matrix::quantize_grouped`]).
+    fn activation_group(&self) -> usize {
+        1
+    }
     /// `out[i] = row j · xs[i]` for up to [`ROWS`] quantized activation rows.
     fn dots(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [f32]);
 }
@@ -457,16 +500,17 @@ impl BlockWeights for Q8Matrix {
     }
 }
 
-/// Activations quantized to 8-bit blocks, with each block's sum `d·Σq` (what a 4-bit
-/// weight's offset multiplies) when the weights use it, else no sums.
+/// Activations quantized to 8-bit blocks, one scale per `group` blocks, with each block's
+/// sum `d·Σq` (what a 4-bit weight's offset multiplies) when the weights use it, else no sums.
 struct Activations {
     q: Q8Matrix,
     sums: Vec<f32>,
+    group: usize,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, cols: usize, with_sums: bool) -> Self {
-        let q = Q8Matrix::quantize(x, m, cols);
+    fn quantize(x: &[f32], m: usize, cols: usize, with_sums: bool, group: usize) -> Self {
+        let q = Q8Matrix::quantize_grouped(x, m, cols, group);
         let sums = if with_sums {
             q.scales
                 .iter()
@@ -476,7 +520,7 @@ impl Activations {
         } else {
             Vec::new()
         };
-        Activations { q, sums }
+        Activations { q, sums, group }
     }
 
     fn row(&self, r: usize) -> ActRow<'_> {
@@ -484,14 +528,16 @@ impl Activations {
         ActRow {
             row: self.q.row(r),
             sums: self.sums.get(r * b..(r + 1) * b).unwrap_or(&[]),
+            super_scaled: self.group == crate::model::gguf::QK_K / QK,
         }
     }
 }
 
 /// `x · wᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major.
 ///
-/// The activations are quantized to 8-bit blocks in every path, so the product is the same
-/// numbers whichever path computes it: up to [`GEMM_MIN_ROWS`] rows (decoding) the integer dot
+/// The activations are quantized to 8-bit blocks in every path (one scale per block, or per
+/// 256-value super-block for k-quant weights: [`BlockWeights::activation_group`]), so the
+/// product is the same numbers whichever path computes it: up to [`GEMM_MIN_ROWS`] rows (decoding) the integer dot
 /// kernels; from there on (a prefill) f32 GEMM over dequantized tiles of weight rows, whose
 /// dequantization is then paid once for all rows and whose register blocking wins.
 ///
@@ -504,7 +550,7 @@ pub fn product<W: BlockWeights>(w: &W, kernel: Kernel, x: &[f32], m: usize) -> V
     if n == 0 || m == 0 {
         return y;
     }
-    let xq = Activations::quantize(x, m, k, W::USES_SUMS);
+    let xq = Activations::quantize(x, m, k, W::USES_SUMS, w.activation_group());
     let xd = (m >= GEMM_MIN_ROWS).then(|| xq.q.dequantize());
     // Each task owns a run of weight rows, that is a run of output columns. The dot
     // kernels: about 8 runs per thread so rayon can balance them, at least 16 rows. GEMM
@@ -650,7 +696,7 @@ pub(crate) fn assert_every_kernel_matches(
     let (n, k) = (w.rows(), w.cols());
     let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
     let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let xq = Q8Matrix::quantize(&x, m, k).dequantize();
+    let xq = Q8Matrix::quantize_grouped(&x, m, k, w.activation_group()).dequantize();
     for kernel in Kernel::available() {
         let got = product(w, kernel, &x, m);
         for i in 0..m {
@@ -717,6 +763,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With a group of 8 blocks, each run of 256 values (and a row's shorter last run) gets
+    /// one scale, its largest magnitude over 127, in each of its blocks; every value within
+    /// half that step.
+    #[test]
+    fn grouped_blocks_share_their_groups_scale() {
+        let (rows, cols) = (3, 256 + 96);
+        let mut v = random(rows * cols, 4);
+        // One large value per group, so a group's scale differs from most of its blocks'.
+        v[5] = 3.0;
+        v[cols + 300] = -2.0;
+        let q = Q8Matrix::quantize_grouped(&v, rows, cols, 8);
+        let back = q.dequantize();
+        for r in 0..rows {
+            let row = &v[r * cols..(r + 1) * cols];
+            for (g, range) in [(0, 0..256), (1, 256..cols)] {
+                let amax = row[range.clone()].iter().fold(0f32, |m, x| m.max(x.abs()));
+                let want = amax / 127.0;
+                let blocks = &q.scales[r * 11..(r + 1) * 11];
+                let group = if g == 0 { &blocks[..8] } else { &blocks[8..] };
+                assert!(group.iter().all(|&d| (d - want).abs() <= 1e-7 * want));
+                for c in range {
+                    let (x, y) = (row[c], back[r * cols + c]);
+                    assert!((x - y).abs() <= want / 2.0 + 1e-6, "[{r},{c}]: {x} vs {y}");
+                }
+            }
+        }
+        assert!((q.scales[0] - 3.0 / 127.0).abs() < 1e-7);
+        assert!((q.scales[11 + 9] - 2.0 / 127.0).abs() < 1e-7);
     }
 
     #[test]

@@ -628,6 +628,15 @@ impl super::BlockWeights for Q4Matrix {
 
     const USES_SUMS: bool = true;
 
+    /// A super-block's eight blocks share their activations' scale: the kernel sums them in
+    /// integers, each times its 6-bit `sc`, and scales the sum once.
+    fn activation_group(&self) -> usize {
+        match self.scales {
+            Scales::Super { .. } => SUB_BLOCKS,
+            _ => 1,
+        }
+    }
+
     fn dots(&self, kernel: Kernel, j: usize, xs: &[super::ActRow<'_>], out: &mut [f32]) {
         kernels::dot_q4(kernel, self.row(j), xs, out);
     }
@@ -780,46 +789,35 @@ mod tests {
         let mixed = Q4Matrix::stack(vec![q4, q0, q5]);
         assert!(!mixed.has_super_block_scales());
         assert_eq!(mixed.dequantize(), [&v4[..], &v0[..], &v5[..]].concat());
-        let x: Vec<f32> = (0..3 * 256)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-            .collect();
-        let xq = super::super::Q8Matrix::quantize(&x, 3, 256).dequantize();
-        for (q, n) in [(&factored, 5), (&mixed, 6)] {
-            let w = q.dequantize();
-            for kernel in Kernel::available() {
-                let got = super::super::product(q, kernel, &x, 3);
-                for i in 0..3 {
-                    for j in 0..n {
-                        let want: f64 = (0..256)
-                            .map(|c| xq[i * 256 + c] as f64 * w[j * 256 + c] as f64)
-                            .sum();
-                        let g = got[i * n + j] as f64;
-                        assert!((g - want).abs() < 1e-4 * (1.0 + want.abs()), "{kernel:?}");
-                    }
-                }
-            }
+        for (q, values) in [
+            (&factored, [&v4[..], &v5[..]].concat()),
+            (&mixed, [&v4[..], &v0[..], &v5[..]].concat()),
+        ] {
+            super::super::assert_every_kernel_matches(q, &values, 3, "stacked");
         }
     }
 
-    /// Kept factored, a k-quant's products are the same bits as with the per-block scales it
-    /// multiplies out to (what this module kept before), on every kernel.
+    /// Kept factored, a k-quant multiplies out to the same per-block scales (what this module
+    /// kept before); the factored form takes activations with one scale per super-block
+    /// (`Q8_K`-style) and the per-block form one per block, and each product is the f64
+    /// product of its own activations with the file's values, on every kernel.
     #[test]
-    fn super_block_scales_give_the_same_products_as_block_scales() {
+    fn super_block_scales_multiply_out_to_block_scales() {
+        use super::super::BlockWeights;
         for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
             let bytes = random_k(ty, 7, 512, 12);
+            let values = crate::model::gguf::dequantize(ty, &bytes, 7 * 512).expect("values");
             let factored = Q4Matrix::from_gguf(ty, &bytes, 7, 512, |r| r).expect("k");
             let unfolded = factored.clone().into_block_scales();
             assert!(!unfolded.has_super_block_scales());
             assert_eq!(unfolded.dequantize(), factored.dequantize());
+            assert_eq!(
+                (factored.activation_group(), unfolded.activation_group()),
+                (8, 1)
+            );
             for m in [1, 3, 4, 9] {
-                let x: Vec<f32> = (0..m * 512)
-                    .map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0)
-                    .collect();
-                for kernel in Kernel::available() {
-                    let a = super::super::product(&factored, kernel, &x, m);
-                    let b = super::super::product(&unfolded, kernel, &x, m);
-                    assert_eq!(a, b, "{ty:?} {kernel:?} m = {m}");
-                }
+                super::super::assert_every_kernel_matches(&factored, &values, m, "factored");
+                super::super::assert_every_kernel_matches(&unfolded, &values, m, "unfolded");
             }
         }
     }

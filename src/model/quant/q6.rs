@@ -190,6 +190,12 @@ impl super::BlockWeights for Q6Matrix {
         Q6Matrix::dequantize_row(self, r, out);
     }
 
+    /// A super-block's eight blocks share their activations' scale: the kernel sums its
+    /// sixteen 16-value parts in integers, each times its `sc`, and scales the sum once.
+    fn activation_group(&self) -> usize {
+        QK_K / QK
+    }
+
     fn dots(&self, kernel: Kernel, j: usize, xs: &[super::ActRow<'_>], out: &mut [f32]) {
         kernels::dot_q6(kernel, self.row(j), xs, out);
     }
