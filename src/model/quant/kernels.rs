@@ -155,12 +155,14 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
         "dot_q4: rows of different block counts"
     );
     use super::q4::RowScales;
-    let vector = matches!(kernel, Kernel::AvxVnni | Kernel::Avx2);
     match w.scales {
         // k-quant super-blocks: the integer kernel needs one activation scale per
         // super-block; over per-block scales (never from `product`) the portable loop.
         #[cfg(target_arch = "x86_64")]
-        RowScales::Super { d, dmin, sc, mn } if vector && xs.iter().all(|x| x.super_scaled) => {
+        RowScales::Super { d, dmin, sc, mn }
+            if matches!(kernel, Kernel::AvxVnni | Kernel::Avx2)
+                && xs.iter().all(|x| x.super_scaled) =>
+        {
             let scales = x86::SuperScales { d, dmin, sc, mn };
             // SAFETY: as in `Kernel::dot`; `fit` checked the scales' lengths.
             unsafe {
