@@ -353,10 +353,25 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// The 4- and 5-bit loop: 32 weights unpacked from 16 bytes (low nibbles are values 0..16,
-    /// high nibbles 16..32) and, when `FIVE`, their fifth bits; `block_dot(q_w, x)` multiplies
-    /// the unsigned values (at most 31) by the signed activations directly (no sign trick
-    /// needed), the offset term is added per block. For per-block scales (`Q4_0`, `Q4_1`,
+    /// Block `b`'s 32 unsigned values as bytes: low nibbles are values 0..16, high nibbles
+    /// 16..32, and, when `FIVE`, their fifth bits.
+    #[inline(always)]
+    unsafe fn block_q4<const FIVE: bool>(w: super::super::q4::Q4Row<'_>, b: usize) -> __m256i {
+        let low = _mm_set1_epi8(0x0F);
+        let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
+        let lo = _mm_and_si128(raw, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        let qw = _mm256_set_m128i(hi, lo);
+        if FIVE {
+            _mm256_or_si256(qw, fifth_bits_x16(w.high, b))
+        } else {
+            qw
+        }
+    }
+
+    /// The 4- and 5-bit loop: 32 weights unpacked from 16 bytes ([`block_q4`]);
+    /// `block_dot(q_w, x)` multiplies the unsigned values (at most 31) by the signed
+    /// activations directly (no sign trick needed), the offset term is added per block. For per-block scales (`Q4_0`, `Q4_1`,
     /// `Q5_0`, `Q5_1`); k-quant super-blocks go to [`dot_q4_super`].
     #[inline(always)]
     unsafe fn dot_q4_with<const FIVE: bool>(
@@ -367,7 +382,6 @@ mod x86 {
     ) {
         use super::super::q4::RowScales;
         let n = xs.len().min(ROWS);
-        let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); ROWS];
         let mut offsets = [0f32; ROWS];
         // One loop, no closure: a closure is compiled without the caller's target features
@@ -383,13 +397,7 @@ mod x86 {
                 // `dot_q4_super`'s (not sent here by `dot_q4`), read as any block's.
                 RowScales::Super { .. } => w.scales.of(b),
             };
-            let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
-            let lo = _mm_and_si128(raw, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            let mut qw = _mm256_set_m128i(hi, lo);
-            if FIVE {
-                qw = _mm256_or_si256(qw, fifth_bits_x16(w.high, b));
-            }
+            let qw = block_q4::<FIVE>(w, b);
             for ((a, off), x) in acc.iter_mut().zip(offsets.iter_mut()).zip(&xs[..n]) {
                 let xv = _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
                 let sums = block_dot(qw, xv);
@@ -475,19 +483,12 @@ mod x86 {
     ) {
         use super::super::q4::SUB_BLOCKS;
         let xs = &xs[..N];
-        let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); N];
         for s in 0..scales.d.len() {
             let mut isum = [_mm256_setzero_si256(); N];
             for k in 0..SUB_BLOCKS {
                 let b = s * SUB_BLOCKS + k;
-                let raw = _mm_loadu_si128(w.nibbles.as_ptr().add(b * QK / 2) as *const __m128i);
-                let lo = _mm_and_si128(raw, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                let mut qw = _mm256_set_m128i(hi, lo);
-                if FIVE {
-                    qw = _mm256_or_si256(qw, fifth_bits_x16(w.high, b));
-                }
+                let qw = block_q4::<FIVE>(w, b);
                 let sc = _mm256_set1_epi16(*scales.sc.get_unchecked(b) as i16);
                 for (sum, x) in isum.iter_mut().zip(xs) {
                     let xv =

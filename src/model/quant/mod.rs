@@ -59,8 +59,8 @@ impl std::fmt::Debug for Q8Matrix {
     }
 }
 
-/// Quantizes one block: the scale and the 32 values, round to nearest as ggml's
-/// `quantize_row_q8_0_ref`. A non-finite value (a diverged weight or activation) quantizes to
+/// Quantizes one block (or a group of blocks sharing one scale): the scale and the values,
+/// round to nearest as ggml's `quantize_row_q8_0_ref`. A non-finite value (a diverged weight or activation) quantizes to
 /// zero and does not set the scale, so it cannot turn its finite neighbours into garbage.
 ///
 /// Written as selects and adds so that it vectorizes (it runs over every activation of every
@@ -68,12 +68,8 @@ impl std::fmt::Debug for Q8Matrix {
 /// leaves the float rounded to the nearest integer (ties to even, unlike ggml's `roundf` that
 /// rounds them away from zero: the two differ only on exact halves).
 pub(crate) fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
-    quantize_with_amax(v, q, finite_amax(v))
-}
-
-/// The largest finite magnitude in `v` (NaN and infinities are skipped; 0 for none).
-fn finite_amax(v: &[f32]) -> f32 {
-    v.iter().fold(0f32, |m, &x| {
+    const ROUND: f32 = 12_582_912.0;
+    let amax = v.iter().fold(0f32, |m, &x| {
         let a = x.abs();
         // NaN compares false, so neither NaN nor infinity sets the scale.
         if a < f32::INFINITY && a > m {
@@ -81,12 +77,7 @@ fn finite_amax(v: &[f32]) -> f32 {
         } else {
             m
         }
-    })
-}
-
-/// `v` quantized with the scale `amax / 127` (see [`quantize_block`]); returns that scale.
-fn quantize_with_amax(v: &[f32], q: &mut [i8], amax: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0;
+    });
     if amax == 0.0 {
         q.fill(0);
         return 0.0;
@@ -125,20 +116,20 @@ impl Q8Matrix {
     /// When `data.len() != rows * cols` (a caller's bug, never input).
     pub fn quantize_grouped(data: &[f32], rows: usize, cols: usize, group: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "Q8Matrix::quantize: shape");
-        let fill = |r: usize, out: &mut [f32]| {
-            out.copy_from_slice(&data[r * cols..(r + 1) * cols]);
-            Ok::<(), std::convert::Infallible>(())
-        };
-        match Q8Matrix::from_rows_grouped(rows, cols, group.max(1), fill) {
-            Ok(m) => m,
-            Err(never) => match never {},
-        }
+        Q8Matrix::from_row_fn(rows, cols, group.max(1), |r, out| {
+            out.copy_from_slice(&data[r * cols..(r + 1) * cols])
+        })
     }
 
-    /// [`Q8Matrix::from_rows`] for a `fill` that cannot fail.
-    fn from_row_fn(rows: usize, cols: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+    /// [`Q8Matrix::from_rows`] for a `fill` that cannot fail, one scale per `group` blocks.
+    fn from_row_fn(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
         let filled: Result<Self, std::convert::Infallible> =
-            Q8Matrix::from_rows(rows, cols, |r, out| {
+            Q8Matrix::from_rows_grouped(rows, cols, group, |r, out| {
                 fill(r, out);
                 Ok(())
             });
@@ -185,8 +176,8 @@ impl Q8Matrix {
                             .zip(q.chunks_mut(group * QK))
                             .zip(row.chunks(group * QK))
                         {
-                            let d = quantize_with_amax(v, q, finite_amax(v));
-                            s.fill(d);
+                            // One block's values or a group's: one scale for all of them.
+                            s.fill(quantize_block(v, q));
                         }
                         Ok(())
                     },
@@ -384,10 +375,10 @@ impl QuantWeight {
         match self {
             QuantWeight::Q8(q) => q,
             QuantWeight::Q4(q) => {
-                Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Q6(q) => {
-                Q8Matrix::from_row_fn(q.rows(), q.cols(), |r, out| q.dequantize_row(r, out))
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Stacked(parts) => {
                 Q8Matrix::stack(parts.into_iter().map(QuantWeight::into_q8).collect())
