@@ -777,6 +777,23 @@ impl<B: Backend> Llama<B> {
         s: usize,
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 2>, ModelError> {
+        // On the CPU every product of a layer fans out over rayon's pool. From a thread outside
+        // the pool (the caller's, the server's), each of the ~10 fan-outs per layer injects a
+        // job and parks this thread on a futex until the pool has run it, the workers falling
+        // asleep and being woken in between: at batch 1 on SmolLM2 that cost a third of every
+        // decode step (perf: sched_yield, futex wake-ups). Run the whole pass on a worker
+        // instead: one hand-off per pass, and the fan-outs inside it are rayon joins. (Already
+        // on a worker, `scope` runs in place.)
+        rayon::scope(|_| self.forward_on_worker(tokens, s, cache))
+    }
+
+    /// [`Llama::forward`]'s pass, on whatever thread calls it.
+    fn forward_on_worker(
+        &self,
+        tokens: &[Option<u32>],
+        s: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>, ModelError> {
         let b = cache.batch();
         let ids = self.token_ids(tokens, b, s)?;
         let plan = cache.append(tokens, s, self.cfg.max_seq_len)?;
