@@ -393,6 +393,13 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// One optimizer step over `micro` (the micro-batches of one effective batch): the loss is
     /// the mean over all their target tokens, so accumulation equals one big batch.
     pub fn train_step(&mut self, micro: &[Batch]) -> StepMetrics {
+        // On a rayon worker, as the model's forward pass: the many products of a step fan out
+        // over the pool as joins, not as one futex hand-off each from the caller's thread.
+        rayon::scope(|_| self.train_step_on_worker(micro))
+    }
+
+    /// [`Trainer::train_step`] on whatever thread calls it.
+    fn train_step_on_worker(&mut self, micro: &[Batch]) -> StepMetrics {
         let t0 = std::time::Instant::now();
         let total: usize = micro.iter().map(Batch::n_targets).sum();
         let lr = self.cfg.lr_at(self.step);
