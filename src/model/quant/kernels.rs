@@ -2,7 +2,12 @@
 //! blocks, one weight row against up to [`ROWS`] activation rows at a time (the weight block is
 //! loaded, and its absolute value taken, once for all of them).
 //!
-//! Three implementations, chosen once at run time by [`Kernel::detect`]:
+//! Four implementations, chosen once at run time by [`Kernel::detect`]:
+//! - `Avx512Vnni`: two blocks per 512-bit register (`vpdpbusd` on 64 bytes, the two blocks'
+//!   scales side by side in one float multiply-add), and two weight rows per call where the
+//!   caller has them (`dot_pair`, `dot_q4_pair`), so an activation block is loaded once for
+//!   both; for the per-block formats (`Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`). The k-quants
+//!   run the AVX2 kernels under it;
 //! - `AvxVnni`: `vpdpbusd` multiplies 32 unsigned by 32 signed bytes and adds the four products
 //!   of each lane into an `i32` in one instruction;
 //! - `Avx2`: the same product as `vpmaddubsw` (pairs into saturating `i16`, safe here: both
@@ -49,6 +54,8 @@ pub struct ActRow<'a> {
 /// The dot-product implementation this machine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    /// AVX-512 F, BW, VL and VNNI (with AVX2 and FMA).
+    Avx512Vnni,
     /// AVX2 with AVX-VNNI's `vpdpbusd`.
     AvxVnni,
     /// AVX2 and FMA.
@@ -82,6 +89,14 @@ impl Kernel {
             if avx2 && is_x86_feature_detected!("avxvnni") {
                 all.push(Kernel::AvxVnni);
             }
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                all.push(Kernel::Avx512Vnni);
+            }
         }
         all
     }
@@ -89,22 +104,19 @@ impl Kernel {
     /// `out[r] = w · xs[r]` for every given activation row (at most [`ROWS`]; all rows the
     /// same number of blocks as `w`).
     pub fn dot(self, w: RowRef<'_>, xs: &[RowRef<'_>], out: &mut [f32]) {
-        // The vector kernels read blocks by raw pointer: every row must hold as many blocks as
-        // `w` (checked once per call, not per block).
-        let blocks = w.scales.len();
-        assert!(
-            xs.len() <= ROWS
-                && out.len() >= xs.len()
-                && w.quants.len() == blocks * QK
-                && xs
-                    .iter()
-                    .all(|x| x.scales.len() == blocks && x.quants.len() == blocks * QK),
-            "Kernel::dot: rows of different block counts"
-        );
+        check_rows(&[w], xs, out.len());
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::AvxVnni` and `Kernel::Avx2` are only constructed by `detect` and
-            // `available` after checking the CPU has the features these functions enable.
+            // SAFETY: `Kernel::Avx512Vnni`, `Kernel::AvxVnni` and `Kernel::Avx2` are only
+            // constructed by `detect` and `available` after checking the CPU has the features
+            // these functions enable.
+            Kernel::Avx512Vnni => unsafe {
+                let mut o = [[0f32; ROWS]; 1];
+                x86::dot_q8_512::<1>(&[w], xs, &mut o);
+                out[..xs.len()].copy_from_slice(&o[0][..xs.len()]);
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
             Kernel::AvxVnni => unsafe { x86::dot_vnni(w, xs, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
@@ -112,6 +124,42 @@ impl Kernel {
             _ => dot_portable(w, xs, out),
         }
     }
+
+    /// `out[i][r] = w[i] · xs[r]`: [`Kernel::dot`] for two weight rows, in one pass over the
+    /// activation blocks where the kernel has one (each pair's value is the same as
+    /// [`Kernel::dot`]'s).
+    pub fn dot_pair(self, w: [RowRef<'_>; 2], xs: &[RowRef<'_>], out: &mut [[f32; ROWS]; 2]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`; the rows are checked as there.
+            Kernel::Avx512Vnni => unsafe {
+                check_rows(&w, xs, ROWS);
+                x86::dot_q8_512::<2>(&w, xs, out)
+            },
+            _ => {
+                let [a, b] = out;
+                self.dot(w[0], xs, a);
+                self.dot(w[1], xs, b);
+            }
+        }
+    }
+}
+
+/// The vector kernels read blocks by raw pointer: every row must hold as many blocks as the
+/// weight rows (checked once per call, not per block).
+fn check_rows(ws: &[RowRef<'_>], xs: &[RowRef<'_>], out_len: usize) {
+    let blocks = ws.first().map_or(0, |w| w.scales.len());
+    assert!(
+        xs.len() <= ROWS
+            && out_len >= xs.len()
+            && ws
+                .iter()
+                .all(|w| w.scales.len() == blocks && w.quants.len() == blocks * QK)
+            && xs
+                .iter()
+                .all(|x| x.scales.len() == blocks && x.quants.len() == blocks * QK),
+        "Kernel::dot: rows of different block counts"
+    );
 }
 
 /// `out = d·q` block by block (`out.len() == scales.len() * QK`), vectorized where the CPU
@@ -141,26 +189,14 @@ fn dequantize_portable(quants: &[i8], scales: &[f32], out: &mut [f32]) {
 /// `out[r] = w · xs[r]` for a 4- or 5-bit weight row: per block
 /// `d_w·d_x·Σ q_w·q_x + m_w·(d_x·Σq_x)`.
 pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &mut [f32]) {
-    let blocks = w.scales.blocks();
-    // The vector kernels read blocks by raw pointer (see `Kernel::dot`).
-    assert!(
-        xs.len() <= ROWS
-            && out.len() >= xs.len()
-            && w.scales.fit(blocks)
-            && w.nibbles.len() == blocks * QK / 2
-            && (w.high.is_empty() || w.high.len() == blocks * super::q4::HIGH_BYTES)
-            && xs.iter().all(|x| x.row.scales.len() == blocks
-                && x.row.quants.len() == blocks * QK
-                && x.sums.len() == blocks),
-        "dot_q4: rows of different block counts"
-    );
+    check_q4_rows(&[w], xs, out.len());
     use super::q4::RowScales;
     match w.scales {
         // k-quant super-blocks: the integer kernel needs one activation scale per
         // super-block; over per-block scales (never from `product`) the portable loop.
         #[cfg(target_arch = "x86_64")]
         RowScales::Super { d, dmin, sc, mn }
-            if matches!(kernel, Kernel::AvxVnni | Kernel::Avx2)
+            if matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2)
                 && xs.iter().all(|x| x.super_scaled) =>
         {
             let scales = x86::SuperScales { d, dmin, sc, mn };
@@ -175,6 +211,13 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
         }
         RowScales::Super { .. } => dot_q4_portable(w, xs, out),
         _ => match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `Kernel::dot`; the scales are per block (this arm).
+            Kernel::Avx512Vnni => unsafe {
+                let mut o = [[0f32; ROWS]; 1];
+                x86::dot_q4_512::<1>(&[w], xs, &mut o);
+                out[..xs.len()].copy_from_slice(&o[0][..xs.len()]);
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `Kernel::dot`.
             Kernel::AvxVnni if w.high.is_empty() => unsafe {
@@ -192,6 +235,50 @@ pub fn dot_q4(kernel: Kernel, w: super::q4::Q4Row<'_>, xs: &[ActRow<'_>], out: &
             _ => dot_q4_portable(w, xs, out),
         },
     }
+}
+
+/// `out[i][r] = w[i] · xs[r]`: [`dot_q4`] for two rows of one matrix, in one pass over the
+/// activation blocks where the kernel has one (each pair's value is the same as
+/// [`dot_q4`]'s).
+pub fn dot_q4_pair(
+    kernel: Kernel,
+    w: [super::q4::Q4Row<'_>; 2],
+    xs: &[ActRow<'_>],
+    out: &mut [[f32; ROWS]; 2],
+) {
+    use super::q4::RowScales;
+    let per_block = |r: &super::q4::Q4Row<'_>| !matches!(r.scales, RowScales::Super { .. });
+    let same_bits = w[0].high.is_empty() == w[1].high.is_empty();
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `Kernel::dot`; both rows' scales are per block (the guard).
+        Kernel::Avx512Vnni if per_block(&w[0]) && per_block(&w[1]) && same_bits => unsafe {
+            check_q4_rows(&w, xs, ROWS);
+            x86::dot_q4_512::<2>(&w, xs, out)
+        },
+        _ => {
+            let [a, b] = out;
+            dot_q4(kernel, w[0], xs, a);
+            dot_q4(kernel, w[1], xs, b);
+        }
+    }
+}
+
+/// As [`check_rows`], for 4- and 5-bit weight rows and their activations.
+fn check_q4_rows(ws: &[super::q4::Q4Row<'_>], xs: &[ActRow<'_>], out_len: usize) {
+    let blocks = ws.first().map_or(0, |w| w.scales.blocks());
+    assert!(
+        xs.len() <= ROWS
+            && out_len >= xs.len()
+            && ws.iter().all(|w| w.scales.blocks() == blocks
+                && w.scales.fit(blocks)
+                && w.nibbles.len() == blocks * QK / 2
+                && (w.high.is_empty() || w.high.len() == blocks * super::q4::HIGH_BYTES))
+            && xs.iter().all(|x| x.row.scales.len() == blocks
+                && x.row.quants.len() == blocks * QK
+                && x.sums.len() == blocks),
+        "dot_q4: rows of different block counts"
+    );
 }
 
 /// `out[r] = w · xs[r]` for a row of `Q6_K` super-blocks (`w.len()` a multiple of
@@ -216,9 +303,9 @@ pub fn dot_q6(kernel: Kernel, w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
         // scales (never from `product`) the portable loop.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `Kernel::dot`.
-        Kernel::AvxVnni | Kernel::Avx2 if xs.iter().all(|x| x.super_scaled) => unsafe {
-            x86::dot_q6_super(w, xs, out)
-        },
+        Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2
+            if xs.iter().all(|x| x.super_scaled) =>
+        unsafe { x86::dot_q6_super(w, xs, out) },
         _ => dot_q6_portable(w, xs, out),
     }
 }
@@ -611,5 +698,218 @@ mod x86 {
         dot_with(w, xs, out, |a, s| {
             _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, s)
         });
+    }
+
+    /// Blocks `b` and `b + 1`'s scales, each in eight lanes: `[s_b ×8, s_{b+1} ×8]`.
+    #[inline(always)]
+    unsafe fn two_scales(scales: *const f32) -> __m512 {
+        let pair = _mm_castpd_ps(_mm_load_sd(scales as *const f64));
+        let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(pair))
+    }
+
+    /// Blocks `b` and `b + 1` of a 4- or 5-bit row as 64 unsigned bytes, block `b`'s values
+    /// 0..32 first: the 32 nibble bytes of both split into low and high halves, the 128-bit
+    /// lanes put in value order, and, when `FIVE`, 16 added where the two blocks' fifth bits
+    /// (one little-endian `u64`, bit `j` for value `j`) are set: a mask register, one add.
+    #[inline(always)]
+    unsafe fn two_blocks_q4<const FIVE: bool>(
+        w: &super::super::q4::Q4Row<'_>,
+        b: usize,
+    ) -> __m512i {
+        let low = _mm256_set1_epi8(0x0F);
+        let raw = _mm256_loadu_si256(w.nibbles.as_ptr().add(b * QK / 2) as *const __m256i);
+        let lo = _mm256_and_si256(raw, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        // Lanes [lo_b, lo_b+1, hi_b, hi_b+1] -> [lo_b, hi_b, lo_b+1, hi_b+1].
+        let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        let v = _mm512_shuffle_i64x2(v, v, 0b11_01_10_00);
+        if FIVE {
+            let at = b * super::super::q4::HIGH_BYTES;
+            let bits = std::ptr::read_unaligned(w.high.as_ptr().add(at) as *const u64);
+            _mm512_mask_add_epi8(v, bits, v, _mm512_set1_epi8(0x10))
+        } else {
+            v
+        }
+    }
+
+    /// `W` per-block 4- or 5-bit weight rows (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`) against up to
+    /// [`ROWS`] activation rows, two blocks per step: `vpdpbusd` of the 64 unsigned weight
+    /// values by the 64 signed activations into sixteen `i32` lanes (eight per block), one
+    /// conversion, and one multiply-add by the two blocks' `d_w·d_x` side by side. An odd last
+    /// block takes the 256-bit step. The offsets `m_w·(d_x·Σq_x)` are summed after the loop. Each activation block is loaded once for the `W`
+    /// weight rows, each weight block unpacked once for the activation rows.
+    ///
+    /// # Safety
+    /// The CPU has the features enabled; the rows passed `check_q4_rows`, and their scales
+    /// are per block (`Centered` or `Block`).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_q4_512<const W: usize>(
+        w: &[super::super::q4::Q4Row<'_>; W],
+        xs: &[super::ActRow<'_>],
+        out: &mut [[f32; ROWS]; W],
+    ) {
+        let five = !w[0].high.is_empty();
+        match (xs.len(), five) {
+            (0, _) => {}
+            (1, false) => q4_512::<false, W, 1>(w, xs, out),
+            (2, false) => q4_512::<false, W, 2>(w, xs, out),
+            (3, false) => q4_512::<false, W, 3>(w, xs, out),
+            (_, false) => q4_512::<false, W, ROWS>(w, xs, out),
+            (1, true) => q4_512::<true, W, 1>(w, xs, out),
+            (2, true) => q4_512::<true, W, 2>(w, xs, out),
+            (3, true) => q4_512::<true, W, 3>(w, xs, out),
+            (_, true) => q4_512::<true, W, ROWS>(w, xs, out),
+        }
+    }
+
+    /// [`dot_q4_512`] for `N` activation rows.
+    #[inline(always)]
+    unsafe fn q4_512<const FIVE: bool, const W: usize, const N: usize>(
+        w: &[super::super::q4::Q4Row<'_>; W],
+        xs: &[super::ActRow<'_>],
+        out: &mut [[f32; ROWS]; W],
+    ) {
+        use super::super::q4::RowScales;
+        let xs = &xs[..N];
+        let blocks = w[0].scales.blocks();
+        let mut d = [&[][..]; W];
+        for (d, w) in d.iter_mut().zip(w) {
+            *d = match w.scales {
+                RowScales::Centered { d, .. } | RowScales::Block { d, .. } => d,
+                RowScales::Super { .. } => &[],
+            };
+        }
+        let mut acc = [[_mm512_setzero_ps(); N]; W];
+        for b in (0..blocks & !1).step_by(2) {
+            let mut q = [_mm512_setzero_si512(); W];
+            let mut dw = [_mm512_setzero_ps(); W];
+            for i in 0..W {
+                q[i] = two_blocks_q4::<FIVE>(&w[i], b);
+                dw[i] = two_scales(d[i].as_ptr().add(b));
+            }
+            for (r, x) in xs.iter().enumerate() {
+                let xv = _mm512_loadu_si512(x.row.quants.as_ptr().add(b * QK) as *const __m512i);
+                let dx = two_scales(x.row.scales.as_ptr().add(b));
+                for i in 0..W {
+                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], xv);
+                    let scale = _mm512_mul_ps(dw[i], dx);
+                    acc[i][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[i][r]);
+                }
+            }
+        }
+        let mut tail = [[_mm256_setzero_ps(); N]; W];
+        if blocks % 2 == 1 {
+            let b = blocks - 1;
+            for i in 0..W {
+                let q = block_q4::<FIVE>(w[i], b);
+                let dw = *d[i].get_unchecked(b);
+                for (r, x) in xs.iter().enumerate() {
+                    let xv =
+                        _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
+                    let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+                    let scale = _mm256_set1_ps(dw * *x.row.scales.get_unchecked(b));
+                    tail[i][r] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sums));
+                }
+            }
+        }
+        for i in 0..W {
+            for (r, x) in xs.iter().enumerate() {
+                // Block by block in order, each `m_w` as `RowScales::of` gives it: the same
+                // rounding as the 256-bit kernels, so every x86 kernel gives the same offsets.
+                let mut offset = 0f32;
+                match w[i].scales {
+                    RowScales::Centered { d, offset: o } => {
+                        for (&d, &s) in d.iter().zip(x.sums) {
+                            offset += o * d * s;
+                        }
+                    }
+                    RowScales::Block { m, .. } => {
+                        for (&m, &s) in m.iter().zip(x.sums) {
+                            offset += m * s;
+                        }
+                    }
+                    RowScales::Super { .. } => {}
+                }
+                out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + hsum(tail[i][r]) + offset;
+            }
+        }
+    }
+
+    /// `W` rows of 8-bit blocks (`Q8_0`, and the 8-bit repacking of other types) against up
+    /// to [`ROWS`] activation rows, two blocks per step as [`dot_q4_512`], with the sign trick
+    /// of [`dot_with`]: `|w|` unsigned, the activations negated where `w` is negative (a mask
+    /// from `w`'s sign bits, one masked subtraction per activation row).
+    ///
+    /// # Safety
+    /// The CPU has the features enabled; the rows passed `check_rows`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_q8_512<const W: usize>(
+        w: &[RowRef<'_>; W],
+        xs: &[RowRef<'_>],
+        out: &mut [[f32; ROWS]; W],
+    ) {
+        match xs.len() {
+            0 => {}
+            1 => q8_512::<W, 1>(w, xs, out),
+            2 => q8_512::<W, 2>(w, xs, out),
+            3 => q8_512::<W, 3>(w, xs, out),
+            _ => q8_512::<W, ROWS>(w, xs, out),
+        }
+    }
+
+    /// [`dot_q8_512`] for `N` activation rows.
+    #[inline(always)]
+    unsafe fn q8_512<const W: usize, const N: usize>(
+        w: &[RowRef<'_>; W],
+        xs: &[RowRef<'_>],
+        out: &mut [[f32; ROWS]; W],
+    ) {
+        let xs = &xs[..N];
+        let blocks = w[0].scales.len();
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[_mm512_setzero_ps(); N]; W];
+        for b in (0..blocks & !1).step_by(2) {
+            let mut aw = [zero; W];
+            let mut neg = [0 as __mmask64; W];
+            let mut dw = [_mm512_setzero_ps(); W];
+            for i in 0..W {
+                let wv = _mm512_loadu_si512(w[i].quants.as_ptr().add(b * QK) as *const __m512i);
+                aw[i] = _mm512_abs_epi8(wv);
+                neg[i] = _mm512_movepi8_mask(wv);
+                dw[i] = two_scales(w[i].scales.as_ptr().add(b));
+            }
+            for (r, x) in xs.iter().enumerate() {
+                let xv = _mm512_loadu_si512(x.quants.as_ptr().add(b * QK) as *const __m512i);
+                let dx = two_scales(x.scales.as_ptr().add(b));
+                for i in 0..W {
+                    let signed = _mm512_mask_sub_epi8(xv, neg[i], zero, xv);
+                    let sums = _mm512_dpbusd_epi32(zero, aw[i], signed);
+                    let scale = _mm512_mul_ps(dw[i], dx);
+                    acc[i][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[i][r]);
+                }
+            }
+        }
+        let mut tail = [[_mm256_setzero_ps(); N]; W];
+        if blocks % 2 == 1 {
+            let b = blocks - 1;
+            for i in 0..W {
+                let wv = _mm256_loadu_si256(w[i].quants.as_ptr().add(b * QK) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                let dw = *w[i].scales.get_unchecked(b);
+                for (r, x) in xs.iter().enumerate() {
+                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * QK) as *const __m256i);
+                    let sums =
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, wv));
+                    let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(b));
+                    tail[i][r] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sums));
+                }
+            }
+        }
+        for i in 0..W {
+            for r in 0..N {
+                out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + hsum(tail[i][r]);
+            }
+        }
     }
 }

@@ -466,6 +466,14 @@ pub trait BlockWeights: Sync {
     }
     /// `out[i] = row j · xs[i]` for up to [`ROWS`] quantized activation rows.
     fn dots(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [f32]);
+    /// `out[0][i] = row j · xs[i]` and `out[1][i] = row (j + 1) · xs[i]` (`j + 1 <
+    /// rows()`), each the same value as [`BlockWeights::dots`] gives; a format whose kernel
+    /// shares each activation block between two weight rows overrides it.
+    fn dots_pair(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [[f32; ROWS]; 2]) {
+        let [a, b] = out;
+        self.dots(kernel, j, xs, a);
+        self.dots(kernel, j + 1, xs, b);
+    }
 }
 
 impl BlockWeights for Q8Matrix {
@@ -488,6 +496,15 @@ impl BlockWeights for Q8Matrix {
             *slot = x.row;
         }
         kernel.dot(w, &rows[..xs.len().min(ROWS)], out);
+    }
+
+    fn dots_pair(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [[f32; ROWS]; 2]) {
+        let w = [self.row(j), self.row(j + 1)];
+        let mut rows = [w[0]; ROWS];
+        for (slot, x) in rows.iter_mut().zip(xs) {
+            *slot = x.row;
+        }
+        kernel.dot_pair(w, &rows[..xs.len().min(ROWS)], out);
     }
 }
 
@@ -637,18 +654,29 @@ unsafe fn columns_by_dots<W: BlockWeights>(
 ) {
     const TILE: usize = 16;
     let (m, n) = (xq.q.rows, w.rows());
-    let mut dots = [0f32; ROWS];
+    let mut pair = [[0f32; ROWS]; 2];
     for t0 in (0..m).step_by(TILE) {
         let t1 = (t0 + TILE).min(m);
         let rows: Vec<ActRow<'_>> = (t0..t1).map(|r| xq.row(r)).collect();
-        for j in cols.clone() {
+        // Two weight rows at a time (kernels that have it load each activation block once for
+        // both), the last one alone when the run is odd.
+        let mut j = cols.start;
+        while j < cols.end {
+            let both = j + 1 < cols.end;
             for (g, group) in rows.chunks(ROWS).enumerate() {
-                w.dots(kernel, j, group, &mut dots);
-                for (i, &v) in dots.iter().take(group.len()).enumerate() {
-                    // SAFETY: the row is below m and j in the caller's columns.
-                    unsafe { *y.add((t0 + g * ROWS + i) * n + j) = v };
+                if both {
+                    w.dots_pair(kernel, j, group, &mut pair);
+                } else {
+                    w.dots(kernel, j, group, &mut pair[0]);
+                }
+                for (c, dots) in pair.iter().take(1 + both as usize).enumerate() {
+                    for (i, &v) in dots.iter().take(group.len()).enumerate() {
+                        // SAFETY: the row is below m and j + c in the caller's columns.
+                        unsafe { *y.add((t0 + g * ROWS + i) * n + j + c) = v };
+                    }
                 }
             }
+            j += 1 + both as usize;
         }
     }
 }

@@ -640,6 +640,16 @@ impl super::BlockWeights for Q4Matrix {
     fn dots(&self, kernel: Kernel, j: usize, xs: &[super::ActRow<'_>], out: &mut [f32]) {
         kernels::dot_q4(kernel, self.row(j), xs, out);
     }
+
+    fn dots_pair(
+        &self,
+        kernel: Kernel,
+        j: usize,
+        xs: &[super::ActRow<'_>],
+        out: &mut [[f32; super::ROWS]; 2],
+    ) {
+        kernels::dot_q4_pair(kernel, [self.row(j), self.row(j + 1)], xs, out);
+    }
 }
 
 #[cfg(test)]
@@ -835,7 +845,13 @@ mod tests {
     fn every_kernel_matches_the_f32_product() {
         let shapes = |ty| match ty {
             GgmlType::Q4_K | GgmlType::Q5_K => vec![(1, 7, 256), (5, 9, 512), (50, 6, 256)],
-            _ => vec![(1, 7, 32), (3, 33, 64), (6, 17, 160), (50, 20, 96)],
+            _ => vec![
+                (1, 7, 32),
+                (3, 33, 64),
+                (6, 17, 160),
+                (21, 9, 96),
+                (50, 20, 96),
+            ],
         };
         let types = [
             GgmlType::Q4_0,
