@@ -737,8 +737,9 @@ mod x86 {
     /// [`ROWS`] activation rows, two blocks per step: `vpdpbusd` of the 64 unsigned weight
     /// values by the 64 signed activations into sixteen `i32` lanes (eight per block), one
     /// conversion, and one multiply-add by the two blocks' `d_w·d_x` side by side. An odd last
-    /// block takes the 256-bit step. The offsets `m_w·(d_x·Σq_x)` are summed after the loop. Each activation block is loaded once for the `W`
-    /// weight rows, each weight block unpacked once for the activation rows.
+    /// block takes the 256-bit step. The offsets `m_w·(d_x·Σq_x)` are summed after the loop.
+    /// Each activation block is loaded once for the `W` weight rows, each weight block
+    /// unpacked once for the activation rows.
     ///
     /// # Safety
     /// The CPU has the features enabled; the rows passed `check_q4_rows`, and their scales
