@@ -7,7 +7,8 @@
 //!   scales side by side in one float multiply-add), and two weight rows per call where the
 //!   caller has them (`dot_pair`, `dot_q4_pair`), so an activation block is loaded once for
 //!   both; for the per-block formats (`Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`). The k-quants
-//!   run the AVX2 kernels under it;
+//!   run the AVX2 kernels under it. From [`super::PANEL_MIN_ROWS`] activation rows on, this
+//!   machine multiplies through packed panels instead ([`super::panels`]);
 //! - `AvxVnni`: `vpdpbusd` multiplies 32 unsigned by 32 signed bytes and adds the four products
 //!   of each lane into an `i32` in one instruction;
 //! - `Avx2`: the same product as `vpmaddubsw` (pairs into saturating `i16`, safe here: both
@@ -307,6 +308,64 @@ pub fn dot_q6(kernel: Kernel, w: &[u8], xs: &[ActRow<'_>], out: &mut [f32]) {
             if xs.iter().all(|x| x.super_scaled) =>
         unsafe { x86::dot_q6_super(w, xs, out) },
         _ => dot_q6_portable(w, xs, out),
+    }
+}
+
+/// A 4- or 5-bit row's unsigned values in order (`out.len()` = the row's blocks × [`QK`]), as
+/// [`super::q4::Q4Row::block_values`] gives them block by block: what the panels pack.
+///
+/// # Panics
+/// When the lengths do not fit (a caller's bug).
+pub fn unpack_q4(w: super::q4::Q4Row<'_>, out: &mut [u8]) {
+    let blocks = w.scales.blocks();
+    assert!(
+        out.len() == blocks * QK
+            && w.nibbles.len() == blocks * QK / 2
+            && (w.high.is_empty() || w.high.len() == blocks * super::q4::HIGH_BYTES),
+        "unpack_q4: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above), the lengths just above.
+        unsafe {
+            if w.high.is_empty() {
+                x86::unpack_q4::<false>(w, out)
+            } else {
+                x86::unpack_q4::<true>(w, out)
+            }
+        };
+        return;
+    }
+    for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+        o.copy_from_slice(&w.block_values(b));
+    }
+}
+
+/// A `Q6_K` row's raw 6-bit values in order (0..64, `v = d·sc·(q − 32)`; `out.len()` = the
+/// row's super-blocks × 256).
+///
+/// # Panics
+/// When the lengths do not fit (a caller's bug).
+pub fn unpack_q6(w: &[u8], out: &mut [u8]) {
+    use super::q6::BLOCK_BYTES;
+    let supers = w.len() / BLOCK_BYTES;
+    assert!(
+        w.len() == supers * BLOCK_BYTES && out.len() == supers * crate::model::gguf::QK_K,
+        "unpack_q6: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above), the lengths just above.
+        unsafe { x86::unpack_q6(w, out) };
+        return;
+    }
+    for (s, sb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+        for b in 0..8 {
+            let (q, _) = super::q6::block_values(sb, b);
+            for (o, &v) in out[(s * 8 + b) * QK..][..QK].iter_mut().zip(&q) {
+                *o = (v + 32) as u8;
+            }
+        }
     }
 }
 
@@ -628,35 +687,16 @@ mod x86 {
     unsafe fn q6_super_rows<const N: usize>(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
         use super::super::q6::BLOCK_BYTES;
         let xs = &xs[..N];
-        let (nib, two, bias) = (
-            _mm256_set1_epi8(0x0F),
-            _mm256_set1_epi8(0x03),
-            _mm256_set1_epi8(32),
-        );
+        let bias = _mm256_set1_epi8(32);
         let mut acc = [_mm256_setzero_ps(); N];
         for s in 0..w.len() / BLOCK_BYTES {
             let sb = w.as_ptr().add(s * BLOCK_BYTES);
             let mut isum = [_mm256_setzero_si256(); N];
             for half in 0..2 {
-                let ql0 = _mm256_loadu_si256(sb.add(64 * half) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(sb.add(64 * half + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(sb.add(128 + 32 * half) as *const __m256i);
-                let lows = [
-                    _mm256_and_si256(ql0, nib),
-                    _mm256_and_si256(ql1, nib),
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nib),
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nib),
-                ];
-                let highs = [
-                    qh,
-                    _mm256_srli_epi16(qh, 2),
-                    _mm256_srli_epi16(qh, 4),
-                    _mm256_srli_epi16(qh, 6),
-                ];
-                for k in 0..4 {
+                let values = q6_half(sb, half);
+                for (k, &v) in values.iter().enumerate() {
                     let b = s * 8 + half * 4 + k;
-                    let high = _mm256_slli_epi16(_mm256_and_si256(highs[k], two), 4);
-                    let q = _mm256_sub_epi8(_mm256_or_si256(lows[k], high), bias);
+                    let q = _mm256_sub_epi8(v, bias);
                     let aq = _mm256_sign_epi8(q, q);
                     let j = 2 * (half * 4 + k);
                     // Values 0..16 are the low 128 bits of the pairs, 16..32 the high ones.
@@ -680,6 +720,68 @@ mod x86 {
         }
         for (o, a) in out.iter_mut().zip(&acc) {
             *o = hsum(*a);
+        }
+    }
+
+    /// Half `half` (0 or 1) of the `Q6_K` super-block at `sb`: its four blocks' raw 6-bit
+    /// values (0..64, before `− 32`), block `k` from the low (`k` < 2) or high nibbles of
+    /// `ql[32·(k % 2)..][..32]` and bits `2k, 2k + 1` of `qh[..32]` (see `q6`'s doc).
+    #[inline(always)]
+    unsafe fn q6_half(sb: *const u8, half: usize) -> [__m256i; 4] {
+        let (nib, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+        let ql0 = _mm256_loadu_si256(sb.add(64 * half) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(sb.add(64 * half + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(sb.add(128 + 32 * half) as *const __m256i);
+        let lows = [
+            _mm256_and_si256(ql0, nib),
+            _mm256_and_si256(ql1, nib),
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nib),
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nib),
+        ];
+        let highs = [
+            qh,
+            _mm256_srli_epi16(qh, 2),
+            _mm256_srli_epi16(qh, 4),
+            _mm256_srli_epi16(qh, 6),
+        ];
+        let mut out = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            let high = _mm256_slli_epi16(_mm256_and_si256(highs[k], two), 4);
+            out[k] = _mm256_or_si256(lows[k], high);
+        }
+        out
+    }
+
+    /// [`super::unpack_q6`] on AVX2: 32 values per store.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `out.len() == w.len() / BLOCK_BYTES × 256`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpack_q6(w: &[u8], out: &mut [u8]) {
+        use super::super::q6::BLOCK_BYTES;
+        for s in 0..w.len() / BLOCK_BYTES {
+            let sb = w.as_ptr().add(s * BLOCK_BYTES);
+            for half in 0..2 {
+                for (k, v) in q6_half(sb, half).iter().enumerate() {
+                    let b = s * 8 + half * 4 + k;
+                    _mm256_storeu_si256(out.as_mut_ptr().add(b * QK) as *mut __m256i, *v);
+                }
+            }
+        }
+    }
+
+    /// [`super::unpack_q4`] on AVX2: one block per store.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the row's lengths fit its blocks and `out` (checked by the caller).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpack_q4<const FIVE: bool>(
+        w: super::super::q4::Q4Row<'_>,
+        out: &mut [u8],
+    ) {
+        for b in 0..w.scales.blocks() {
+            let v = block_q4::<FIVE>(w, b);
+            _mm256_storeu_si256(out.as_mut_ptr().add(b * QK) as *mut __m256i, v);
         }
     }
 

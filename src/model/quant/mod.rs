@@ -19,11 +19,13 @@
 //! conversion less per block in the inner loop.
 
 pub mod kernels;
+pub mod panels;
 pub mod q4;
 pub mod q6;
 
 pub use kernels::ActRow;
 use kernels::{Kernel, RowRef, ROWS};
+pub use panels::PanelFormat;
 pub use q4::Q4Matrix;
 pub use q6::Q6Matrix;
 use rayon::prelude::*;
@@ -31,9 +33,10 @@ use rayon::prelude::*;
 /// Values per block.
 pub const QK: usize = 32;
 
-/// From this many activation rows on, products go through f32 GEMM over dequantized weight
-/// tiles instead of the integer dot kernels (measured on SmolLM2-135M, `benches/
-/// model_throughput.rs`: the integer kernels win at decode batch 8 and lose at prefill).
+/// From this many activation rows on, on a kernel without panels, products go through f32
+/// GEMM over dequantized weight tiles instead of the integer dot kernels (measured on
+/// SmolLM2-135M, `benches/model_throughput.rs`: the integer kernels win at decode batch 8 and
+/// lose at prefill).
 pub const GEMM_MIN_ROWS: usize = 48;
 
 /// About how many weight rows one GEMM call of [`GEMM_MIN_ROWS`]-or-more rows multiplies.
@@ -474,6 +477,12 @@ pub trait BlockWeights: Sync {
         self.dots(kernel, j, xs, a);
         self.dots(kernel, j + 1, xs, b);
     }
+    /// How [`BlockWeights::unpack_row`] writes a row for the packed panels.
+    fn panel_format(&self) -> PanelFormat;
+    /// Row `r` as the panels read it ([`PanelFormat`]): its values as unsigned bytes
+    /// (`values.len()` = blocks × [`QK`]), a scale per step of `panel_format().step` values,
+    /// and, when the format has them, an offset per block (else `offsets` is empty).
+    fn unpack_row(&self, r: usize, values: &mut [u8], scales: &mut [f32], offsets: &mut [f32]);
 }
 
 impl BlockWeights for Q8Matrix {
@@ -496,6 +505,23 @@ impl BlockWeights for Q8Matrix {
             *slot = x.row;
         }
         kernel.dot(w, &rows[..xs.len().min(ROWS)], out);
+    }
+
+    /// `q + 128`, the zero point taken back in the integer sums.
+    fn panel_format(&self) -> PanelFormat {
+        PanelFormat {
+            step: QK,
+            zero: 128,
+            offsets: false,
+        }
+    }
+
+    fn unpack_row(&self, r: usize, values: &mut [u8], scales: &mut [f32], _: &mut [f32]) {
+        let row = self.row(r);
+        for (v, &q) in values.iter_mut().zip(row.quants) {
+            *v = (q as u8) ^ 0x80;
+        }
+        scales.copy_from_slice(row.scales);
     }
 
     fn dots_pair(&self, kernel: Kernel, j: usize, xs: &[ActRow<'_>], out: &mut [[f32; ROWS]; 2]) {
@@ -541,46 +567,113 @@ impl Activations {
     }
 }
 
+/// Which loop computes a product ([`product`] chooses by the kernel and the row count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The integer dot kernels, a few activation rows per weight row (decoding).
+    Dots,
+    /// f32 GEMM over dequantized tiles of weight rows (many rows, no VNNI panels).
+    Gemm,
+    /// The integer GEMM over packed panels ([`panels`]; AVX-512 VNNI only).
+    Panels,
+}
+
+impl Path {
+    /// The path for `m` activation rows on `kernel`.
+    pub fn for_rows(kernel: Kernel, m: usize) -> Path {
+        if panels::supported(kernel) && m >= panel_min_rows() {
+            Path::Panels
+        } else if m >= GEMM_MIN_ROWS {
+            Path::Gemm
+        } else {
+            Path::Dots
+        }
+    }
+}
+
+/// [`PANEL_MIN_ROWS`], or `BACKFLOW_PANEL_MIN_ROWS` where set (tuning on another CPU).
+fn panel_min_rows() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("BACKFLOW_PANEL_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PANEL_MIN_ROWS)
+    })
+}
+
+/// From this many activation rows on, a kernel that has panels ([`panels::supported`])
+/// multiplies through them (`BACKFLOW_PANEL_MIN_ROWS` overrides it). Measured with
+/// `benches/model_throughput.rs` on an AVX-512 EPYC, 2 threads, decode: the dot kernels win
+/// at 1, 2 and 4 rows (the panel's packing is paid for few rows), the panels from 8 on, on
+/// all three models (Qwen2.5-1.5B Q4_K_M at 8 rows 37 -> 47 tokens/s, SmolLM2-135M Q4_1
+/// 333 -> 463).
+pub const PANEL_MIN_ROWS: usize = 8;
+
 /// `x · wᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major.
 ///
 /// The activations are quantized to 8-bit blocks in every path (one scale per block, or per
 /// 256-value super-block for k-quant weights: [`BlockWeights::activation_group`]), so the
-/// product is the same numbers whichever path computes it: up to [`GEMM_MIN_ROWS`] rows (decoding) the integer dot
-/// kernels; from there on (a prefill) f32 GEMM over dequantized tiles of weight rows, whose
-/// dequantization is then paid once for all rows and whose register blocking wins.
+/// product is the same numbers, up to rounding, whichever path computes it ([`Path`]): for a
+/// few rows (decoding) the integer dot kernels; for many, the integer GEMM over packed panels
+/// where the machine has AVX-512 VNNI, else f32 GEMM over dequantized tiles of weight rows,
+/// whose dequantization is then paid once for all rows and whose register blocking wins.
 ///
 /// # Panics
 /// When `x.len() != m * cols` (a caller's bug).
 pub fn product<W: BlockWeights>(w: &W, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
+    product_by(w, kernel, x, m, Path::for_rows(kernel, m))
+}
+
+/// [`product`] by the given path (the panels only where the kernel has them, else GEMM).
+///
+/// # Panics
+/// As [`product`].
+pub fn product_by<W: BlockWeights>(
+    w: &W,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    path: Path,
+) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), m * k, "quant::product: shape");
     let mut y = vec![0f32; m * n];
     if n == 0 || m == 0 {
         return y;
     }
+    let path = match path {
+        Path::Panels if !panels::supported(kernel) => Path::Gemm,
+        p => p,
+    };
     let xq = Activations::quantize(x, m, k, W::USES_SUMS, w.activation_group());
-    let xd = (m >= GEMM_MIN_ROWS).then(|| xq.q.dequantize());
+    let xd = (path == Path::Gemm).then(|| xq.q.dequantize());
+    let xp = (path == Path::Panels).then(|| panels::PanelActivations::new(&xq, w.panel_format()));
     // Each task owns a run of weight rows, that is a run of output columns. The dot
     // kernels: about 8 runs per thread so rayon can balance them, at least 16 rows. GEMM
     // packs all `m` activation rows once per call, so its runs are about GEMM_COLS wide (a
     // packed value then serves that many products), in a multiple of the thread count.
+    // Panels: about 4 runs per thread, whole panels.
     let threads = rayon::current_num_threads().max(1);
-    let per_task = if xd.is_some() {
-        let rounds = (n as f64 / (threads * GEMM_COLS) as f64).round().max(1.0) as usize;
-        n.div_ceil(threads * rounds)
-    } else {
-        n.div_ceil(threads * 8).max(16)
+    let per_task = match path {
+        Path::Gemm => {
+            let rounds = (n as f64 / (threads * GEMM_COLS) as f64).round().max(1.0) as usize;
+            n.div_ceil(threads * rounds)
+        }
+        Path::Panels => n.div_ceil(threads * 4).next_multiple_of(panels::PANEL),
+        Path::Dots => n.div_ceil(threads * 8).max(16),
     };
     let out = OutPtr(y.as_mut_ptr());
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|task| {
         let cols = task * per_task..((task + 1) * per_task).min(n);
         // SAFETY: `y` (m × n values) outlives the loop, and the tasks' column runs are
-        // disjoint.
+        // disjoint; the panels only where the kernel has them (checked above).
         unsafe {
             let y = out.get();
-            match &xd {
-                Some(xd) => columns_by_gemm(w, xd, m, cols, y),
-                None => columns_by_dots(w, kernel, &xq, cols, y),
+            match (&xd, &xp) {
+                (Some(xd), _) => columns_by_gemm(w, xd, m, cols, y),
+                (_, Some(xp)) => panels::columns_by_panels(w, xp, cols, y),
+                _ => columns_by_dots(w, kernel, &xq, cols, y),
             }
         }
     });
@@ -716,8 +809,12 @@ pub(crate) fn assert_every_kernel_matches(
     let mut rng = rand::rngs::StdRng::seed_from_u64(m as u64);
     let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let xq = Q8Matrix::quantize_grouped(&x, m, k, w.activation_group()).dequantize();
-    for kernel in Kernel::available() {
-        let got = product(w, kernel, &x, m);
+    let paths = [Path::Dots, Path::Gemm, Path::Panels];
+    for (kernel, path) in Kernel::available()
+        .into_iter()
+        .flat_map(|k| paths.map(|p| (k, p)))
+    {
+        let got = product_by(w, kernel, &x, m, path);
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k)
@@ -726,7 +823,7 @@ pub(crate) fn assert_every_kernel_matches(
                 let g = got[i * n + j] as f64;
                 assert!(
                     (g - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "{label} {kernel:?} {m}x{n}x{k} [{i},{j}]: {g} vs {want}"
+                    "{label} {kernel:?} {path:?} {m}x{n}x{k} [{i},{j}]: {g} vs {want}"
                 );
             }
         }

@@ -650,6 +650,23 @@ impl super::BlockWeights for Q4Matrix {
     ) {
         kernels::dot_q4_pair(kernel, [self.row(j), self.row(j + 1)], xs, out);
     }
+
+    /// The unsigned values, each block's offset times the activations' block sums.
+    fn panel_format(&self) -> super::PanelFormat {
+        super::PanelFormat {
+            step: QK,
+            zero: 0,
+            offsets: true,
+        }
+    }
+
+    fn unpack_row(&self, r: usize, values: &mut [u8], scales: &mut [f32], offsets: &mut [f32]) {
+        let row = self.row(r);
+        kernels::unpack_q4(row, values);
+        for (b, (d, m)) in scales.iter_mut().zip(offsets.iter_mut()).enumerate() {
+            (*d, *m) = row.scales.of(b);
+        }
+    }
 }
 
 #[cfg(test)]

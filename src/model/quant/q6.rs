@@ -199,6 +199,29 @@ impl super::BlockWeights for Q6Matrix {
     fn dots(&self, kernel: Kernel, j: usize, xs: &[super::ActRow<'_>], out: &mut [f32]) {
         kernels::dot_q6(kernel, self.row(j), xs, out);
     }
+
+    /// The raw 6-bit values, zero point 32, a scale `d·sc` per 16 values.
+    fn panel_format(&self) -> super::PanelFormat {
+        super::PanelFormat {
+            step: 16,
+            zero: 32,
+            offsets: false,
+        }
+    }
+
+    fn unpack_row(&self, r: usize, values: &mut [u8], scales: &mut [f32], _: &mut [f32]) {
+        let row = self.row(r);
+        kernels::unpack_q6(row, values);
+        for (sb, scales) in row
+            .chunks_exact(BLOCK_BYTES)
+            .zip(scales.chunks_exact_mut(16))
+        {
+            let d = f16_at(sb, 208);
+            for (i, s) in scales.iter_mut().enumerate() {
+                *s = d * (sb[192 + i] as i8) as f32;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
