@@ -41,8 +41,7 @@ pub struct PanelFormat {
     pub offsets: bool,
 }
 
-/// [`PANEL`] weight rows packed for the micro-kernel, and the scratch that packs them (one per
-/// thread, reused across products).
+/// [`PANEL`] weight rows packed for the micro-kernel (reused across products by each thread).
 #[derive(Default)]
 pub(super) struct Panel {
     format: Option<PanelFormat>,
@@ -52,15 +51,23 @@ pub(super) struct Panel {
     scales: Vec<f32>,
     /// Per block, `PANEL` offsets (empty without offsets).
     offsets: Vec<f32>,
-    /// One row unpacked: its values, its scales per step, its offsets per block.
-    row: (Vec<u8>, Vec<f32>, Vec<f32>),
 }
+
+/// The rows of a panel unpacked before they are interleaved: `PANEL` rows' values, one row's
+/// scales per step and offsets per block.
+type Unpacked = (Vec<u8>, Vec<f32>, Vec<f32>);
 
 impl Panel {
     /// Packs weight rows `rows` (at most [`PANEL`]; the panel's other columns get scale 0)
     /// of a matrix of `blocks` blocks per row: each row unpacked whole, then the 32 rows'
     /// values interleaved four bytes at a time.
-    fn pack<W: BlockWeights>(&mut self, w: &W, rows: std::ops::Range<usize>, blocks: usize) {
+    fn pack<W: BlockWeights>(
+        &mut self,
+        w: &W,
+        rows: std::ops::Range<usize>,
+        blocks: usize,
+        scratch: &mut Unpacked,
+    ) {
         let format = w.panel_format();
         let k = blocks * QK;
         let steps = k / format.step;
@@ -73,7 +80,7 @@ impl Panel {
         self.scales.resize(steps * PANEL, 0.0);
         self.offsets.clear();
         self.offsets.resize(block_offsets * PANEL, 0.0);
-        let (values, scales, offsets) = &mut self.row;
+        let (values, scales, offsets) = scratch;
         values.resize(k * PANEL, 0);
         scales.resize(steps, 0.0);
         offsets.resize(block_offsets, 0.0);
@@ -145,8 +152,23 @@ impl<'a> PanelActivations<'a> {
     }
 }
 
-/// Output columns `cols` of `y` `[m, n]` through panels: each run of [`PANEL`] weight rows
-/// packed once, then every tile of activation rows multiplied against it.
+/// Packed panels of one run kept at most this size, so they stay in cache while every chunk
+/// of activation rows passes over them.
+const PACKED_BYTES: usize = 2 << 20;
+
+/// Activation rows of one chunk take about this many bytes (but at least [`CHUNK_MIN_ROWS`]
+/// rows), so a chunk stays in cache while the packed panels pass over it.
+const CHUNK_BYTES: usize = 512 << 10;
+
+/// Rows of the smallest chunk: fewer passes over the panels for wide rows (`ffn_down`'s
+/// 8960 values), where 32-row chunks measured slower than one pass of 128 rows.
+const CHUNK_MIN_ROWS: usize = 256;
+
+/// Output columns `cols` of `y` `[m, n]` through panels: the run's weight rows packed a group
+/// of panels at a time (once each), and every chunk of activation rows multiplied against the
+/// group's panels, a tile of [`TILE_ROWS`] rows per call. For a few hundred rows or fewer there
+/// is one chunk; a long prefill (thousands of rows, megabytes of activations) is taken in
+/// chunks so neither side is read from memory once per panel.
 ///
 /// # Safety
 /// `y` points to `m × w.rows()` values, of which no other thread touches columns `cols`;
@@ -158,26 +180,43 @@ pub(super) unsafe fn columns_by_panels<W: BlockWeights>(
     y: *mut f32,
 ) {
     thread_local! {
-        static PANEL_SCRATCH: std::cell::RefCell<Panel> = std::cell::RefCell::new(Panel::default());
+        static SCRATCH: std::cell::RefCell<(Vec<Panel>, Unpacked)> =
+            std::cell::RefCell::new(Default::default());
     }
     let (m, n, blocks) = (xs.x.q.rows, w.rows(), xs.x.q.blocks);
-    PANEL_SCRATCH.with_borrow_mut(|panel| {
-        for c0 in cols.clone().step_by(PANEL) {
-            let c1 = (c0 + PANEL).min(cols.end);
-            panel.pack(w, c0..c1, blocks);
+    let k = (blocks * QK).max(1);
+    let group = (PACKED_BYTES / (k * PANEL)).max(1);
+    let chunk = (CHUNK_BYTES / k)
+        .max(CHUNK_MIN_ROWS)
+        .next_multiple_of(TILE_ROWS);
+    let starts: Vec<usize> = cols.clone().step_by(PANEL).collect();
+    SCRATCH.with_borrow_mut(|(panels, unpacked)| {
+        for starts in starts.chunks(group) {
+            if panels.len() < starts.len() {
+                panels.resize_with(starts.len(), Panel::default);
+            }
+            for (panel, &c0) in panels.iter_mut().zip(starts) {
+                panel.pack(w, c0..(c0 + PANEL).min(cols.end), blocks, unpacked);
+            }
             let mut out = [[0f32; PANEL]; TILE_ROWS];
-            for r0 in (0..m).step_by(TILE_ROWS) {
-                let r1 = (r0 + TILE_ROWS).min(m);
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller's CPU has the features (`supported`); the panel and the
-                // activations hold `blocks` blocks per row.
-                unsafe {
-                    x86::tile(panel, xs, r0..r1, &mut out)
-                };
-                for (i, row) in out.iter().enumerate().take(r1 - r0) {
-                    for (c, &v) in row.iter().enumerate().take(c1 - c0) {
-                        // SAFETY: the row is below m, the column in the caller's run.
-                        unsafe { *y.add((r0 + i) * n + c0 + c) = v };
+            for chunk0 in (0..m).step_by(chunk) {
+                let chunk1 = (chunk0 + chunk).min(m);
+                for (panel, &c0) in panels.iter().zip(starts) {
+                    let c1 = (c0 + PANEL).min(cols.end);
+                    for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
+                        let r1 = (r0 + TILE_ROWS).min(chunk1);
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the caller's CPU has the features (`supported`); the panel
+                        // and the activations hold `blocks` blocks per row.
+                        unsafe {
+                            x86::tile(panel, xs, r0..r1, &mut out)
+                        };
+                        for (i, row) in out.iter().enumerate().take(r1 - r0) {
+                            for (c, &v) in row.iter().enumerate().take(c1 - c0) {
+                                // SAFETY: the row is below m, the column in the caller's run.
+                                unsafe { *y.add((r0 + i) * n + c0 + c) = v };
+                            }
+                        }
                     }
                 }
             }
