@@ -875,47 +875,19 @@ mod x86 {
     ) {
         use super::super::q4::RowScales;
         let xs = &xs[..N];
-        let blocks = w[0].scales.blocks();
-        let mut d = [&[][..]; W];
-        for (d, w) in d.iter_mut().zip(w) {
-            *d = match w.scales {
+        let mut pairs = [Q4Blocks::<FIVE> { row: w[0], d: &[] }; W];
+        for (p, w) in pairs.iter_mut().zip(w) {
+            p.row = *w;
+            p.d = match w.scales {
                 RowScales::Centered { d, .. } | RowScales::Block { d, .. } => d,
                 RowScales::Super { .. } => &[],
             };
         }
-        let mut acc = [[_mm512_setzero_ps(); N]; W];
-        for b in (0..blocks & !1).step_by(2) {
-            let mut q = [_mm512_setzero_si512(); W];
-            let mut dw = [_mm512_setzero_ps(); W];
-            for i in 0..W {
-                q[i] = two_blocks_q4::<FIVE>(&w[i], b);
-                dw[i] = two_scales(d[i].as_ptr().add(b));
-            }
-            for (r, x) in xs.iter().enumerate() {
-                let xv = _mm512_loadu_si512(x.row.quants.as_ptr().add(b * QK) as *const __m512i);
-                let dx = two_scales(x.row.scales.as_ptr().add(b));
-                for i in 0..W {
-                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[i], xv);
-                    let scale = _mm512_mul_ps(dw[i], dx);
-                    acc[i][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[i][r]);
-                }
-            }
+        let mut rows = [xs[0].row; N];
+        for (r, x) in rows.iter_mut().zip(xs) {
+            *r = x.row;
         }
-        let mut tail = [[_mm256_setzero_ps(); N]; W];
-        if blocks % 2 == 1 {
-            let b = blocks - 1;
-            for i in 0..W {
-                let q = block_q4::<FIVE>(w[i], b);
-                let dw = *d[i].get_unchecked(b);
-                for (r, x) in xs.iter().enumerate() {
-                    let xv =
-                        _mm256_loadu_si256(x.row.quants.as_ptr().add(b * QK) as *const __m256i);
-                    let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-                    let scale = _mm256_set1_ps(dw * *x.row.scales.get_unchecked(b));
-                    tail[i][r] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sums));
-                }
-            }
-        }
+        let dots = block_pairs_512(&pairs, &rows, w[0].scales.blocks());
         for i in 0..W {
             for (r, x) in xs.iter().enumerate() {
                 // Block by block in order, each `m_w` as `RowScales::of` gives it: the same
@@ -934,7 +906,7 @@ mod x86 {
                     }
                     RowScales::Super { .. } => {}
                 }
-                out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + hsum(tail[i][r]) + offset;
+                out[i][r] = dots[i][r] + offset;
             }
         }
     }
@@ -968,26 +940,100 @@ mod x86 {
         xs: &[RowRef<'_>],
         out: &mut [[f32; ROWS]; W],
     ) {
-        let xs = &xs[..N];
-        let blocks = w[0].scales.len();
+        let mut rows = [xs[0]; N];
+        rows.copy_from_slice(&xs[..N]);
+        let dots = block_pairs_512(w, &rows, w[0].scales.len());
+        for i in 0..W {
+            out[i][..N].copy_from_slice(&dots[i]);
+        }
+    }
+
+    /// A weight row as the 512-bit per-block kernels read it: two blocks at a time as 64
+    /// unsigned bytes with their scales side by side, or one block as 32 (an odd last one).
+    /// Signed weights (`SIGNED`) are given as `|w|` and the activations negated where `w` is
+    /// negative (the sign trick of [`dot_with`]).
+    trait BlockPairs: Copy {
+        /// Whether the weights are signed (the activations take their signs).
+        const SIGNED: bool;
+        /// Blocks `b` and `b + 1`: the unsigned values, the mask of negative weights (`SIGNED`
+        /// only), and the two scales, eight lanes each ([`two_scales`]).
+        unsafe fn pair(&self, b: usize) -> (__m512i, __mmask64, __m512);
+        /// Block `b` alone: the unsigned values, the signed ones whose signs the activations
+        /// take (`SIGNED` only), and its scale.
+        unsafe fn single(&self, b: usize) -> (__m256i, __m256i, f32);
+    }
+
+    /// A per-block 4- or 5-bit row ([`two_blocks_q4`], [`block_q4`]) and its scales.
+    #[derive(Clone, Copy)]
+    struct Q4Blocks<'a, const FIVE: bool> {
+        row: super::super::q4::Q4Row<'a>,
+        d: &'a [f32],
+    }
+
+    impl<const FIVE: bool> BlockPairs for Q4Blocks<'_, FIVE> {
+        const SIGNED: bool = false;
+
+        #[inline(always)]
+        unsafe fn pair(&self, b: usize) -> (__m512i, __mmask64, __m512) {
+            let q = two_blocks_q4::<FIVE>(&self.row, b);
+            (q, 0, two_scales(self.d.as_ptr().add(b)))
+        }
+
+        #[inline(always)]
+        unsafe fn single(&self, b: usize) -> (__m256i, __m256i, f32) {
+            let q = block_q4::<FIVE>(self.row, b);
+            (q, q, *self.d.get_unchecked(b))
+        }
+    }
+
+    impl BlockPairs for RowRef<'_> {
+        const SIGNED: bool = true;
+
+        #[inline(always)]
+        unsafe fn pair(&self, b: usize) -> (__m512i, __mmask64, __m512) {
+            let wv = _mm512_loadu_si512(self.quants.as_ptr().add(b * QK) as *const __m512i);
+            let scales = two_scales(self.scales.as_ptr().add(b));
+            (_mm512_abs_epi8(wv), _mm512_movepi8_mask(wv), scales)
+        }
+
+        #[inline(always)]
+        unsafe fn single(&self, b: usize) -> (__m256i, __m256i, f32) {
+            let wv = _mm256_loadu_si256(self.quants.as_ptr().add(b * QK) as *const __m256i);
+            (_mm256_sign_epi8(wv, wv), wv, *self.scales.get_unchecked(b))
+        }
+    }
+
+    /// `out[i][r] = Σ_b d_w·d_x·(w[i] · xs[r])` over `blocks` blocks, shared by [`dot_q4_512`]
+    /// and [`dot_q8_512`]: two blocks per step, `vpdpbusd` of the 64 unsigned weight values by
+    /// the 64 signed activations into sixteen `i32` lanes (eight per block), one conversion,
+    /// and one multiply-add by the two blocks' `d_w·d_x` side by side; an odd last block takes
+    /// the 256-bit step. Each activation block is loaded once for the `W` weight rows, each
+    /// weight block prepared once for the `N` activation rows.
+    #[inline(always)]
+    unsafe fn block_pairs_512<R: BlockPairs, const W: usize, const N: usize>(
+        w: &[R; W],
+        xs: &[RowRef<'_>; N],
+        blocks: usize,
+    ) -> [[f32; N]; W] {
         let zero = _mm512_setzero_si512();
         let mut acc = [[_mm512_setzero_ps(); N]; W];
         for b in (0..blocks & !1).step_by(2) {
-            let mut aw = [zero; W];
+            let mut q = [zero; W];
             let mut neg = [0 as __mmask64; W];
             let mut dw = [_mm512_setzero_ps(); W];
             for i in 0..W {
-                let wv = _mm512_loadu_si512(w[i].quants.as_ptr().add(b * QK) as *const __m512i);
-                aw[i] = _mm512_abs_epi8(wv);
-                neg[i] = _mm512_movepi8_mask(wv);
-                dw[i] = two_scales(w[i].scales.as_ptr().add(b));
+                (q[i], neg[i], dw[i]) = w[i].pair(b);
             }
             for (r, x) in xs.iter().enumerate() {
                 let xv = _mm512_loadu_si512(x.quants.as_ptr().add(b * QK) as *const __m512i);
                 let dx = two_scales(x.scales.as_ptr().add(b));
                 for i in 0..W {
-                    let signed = _mm512_mask_sub_epi8(xv, neg[i], zero, xv);
-                    let sums = _mm512_dpbusd_epi32(zero, aw[i], signed);
+                    let signed = if R::SIGNED {
+                        _mm512_mask_sub_epi8(xv, neg[i], zero, xv)
+                    } else {
+                        xv
+                    };
+                    let sums = _mm512_dpbusd_epi32(zero, q[i], signed);
                     let scale = _mm512_mul_ps(dw[i], dx);
                     acc[i][r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[i][r]);
                 }
@@ -997,22 +1043,26 @@ mod x86 {
         if blocks % 2 == 1 {
             let b = blocks - 1;
             for i in 0..W {
-                let wv = _mm256_loadu_si256(w[i].quants.as_ptr().add(b * QK) as *const __m256i);
-                let aw = _mm256_sign_epi8(wv, wv);
-                let dw = *w[i].scales.get_unchecked(b);
+                let (q, signs, dw) = w[i].single(b);
                 for (r, x) in xs.iter().enumerate() {
                     let xv = _mm256_loadu_si256(x.quants.as_ptr().add(b * QK) as *const __m256i);
-                    let sums =
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv, wv));
+                    let signed = if R::SIGNED {
+                        _mm256_sign_epi8(xv, signs)
+                    } else {
+                        xv
+                    };
+                    let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, signed);
                     let scale = _mm256_set1_ps(dw * *x.scales.get_unchecked(b));
                     tail[i][r] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sums));
                 }
             }
         }
+        let mut out = [[0f32; N]; W];
         for i in 0..W {
             for r in 0..N {
                 out[i][r] = _mm512_reduce_add_ps(acc[i][r]) + hsum(tail[i][r]);
             }
         }
+        out
     }
 }
