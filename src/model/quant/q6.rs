@@ -172,9 +172,12 @@ pub fn block_values(sb: &[u8], b: usize) -> ([i8; QK], [f32; 2]) {
         let high = (qh[l] >> (2 * k)) & 3;
         *v = (low | (high << 4)) as i8 - 32;
     }
-    let d = f16_at(sb, 208);
-    let sc = |i: usize| d * (sb[192 + i] as i8) as f32;
-    (q, [sc(2 * b), sc(2 * b + 1)])
+    (q, [part_scale(sb, 2 * b), part_scale(sb, 2 * b + 1)])
+}
+
+/// The scale `d·sc[i]` of values `16i..16i + 16` (`i` in 0..16) of a `Q6_K` super-block.
+fn part_scale(sb: &[u8], i: usize) -> f32 {
+    f16_at(sb, 208) * (sb[192 + i] as i8) as f32
 }
 
 impl super::BlockWeights for Q6Matrix {
@@ -216,9 +219,8 @@ impl super::BlockWeights for Q6Matrix {
             .chunks_exact(BLOCK_BYTES)
             .zip(scales.chunks_exact_mut(16))
         {
-            let d = f16_at(sb, 208);
             for (i, s) in scales.iter_mut().enumerate() {
-                *s = d * (sb[192 + i] as i8) as f32;
+                *s = part_scale(sb, i);
             }
         }
     }
