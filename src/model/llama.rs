@@ -530,7 +530,9 @@ fn load_linear<B: Backend>(
         for &(name, out) in parts {
             mats.push(required_quant(src, name, out, inner, precision)?);
         }
-        return Ok(Linear::Quant(Arc::new(QuantWeight::stack(mats))));
+        return Ok(Linear::Quant(Arc::new(
+            QuantWeight::stack(mats).laid_out_for_machine(),
+        )));
     }
     let mut tensors = Vec::with_capacity(parts.len());
     for &(name, out) in parts {
@@ -580,7 +582,7 @@ impl<B: Backend> Llama<B> {
         };
         let (embed, tied_output) = if precision.quantized() {
             let q = required_quant(src, WeightName::Embedding, cfg.vocab, h, precision)?;
-            let q = Arc::new(q);
+            let q = Arc::new(q.laid_out_for_machine());
             (Embedding::Quant(q.clone()), Linear::Quant(q))
         } else {
             let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
@@ -595,7 +597,9 @@ impl<B: Backend> Llama<B> {
             tied_output
         } else if precision.quantized() {
             match src.load_quant(WeightName::Output, precision == Precision::Native)? {
-                Some(q) if (q.rows(), q.cols()) == (cfg.vocab, h) => Linear::Quant(Arc::new(q)),
+                Some(q) if (q.rows(), q.cols()) == (cfg.vocab, h) => {
+                    Linear::Quant(Arc::new(q.laid_out_for_machine()))
+                }
                 Some(q) => {
                     let got = [q.rows(), q.cols()];
                     return Err(shape_err(WeightName::Output, &[cfg.vocab, h], &got));

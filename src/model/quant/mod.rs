@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod panels;
 pub mod q4;
 pub mod q6;
+pub mod resident;
 
 pub use kernels::ActRow;
 use kernels::{Kernel, RowRef, ROWS};
@@ -29,6 +30,7 @@ pub use panels::PanelFormat;
 pub use q4::Q4Matrix;
 pub use q6::Q6Matrix;
 use rayon::prelude::*;
+pub use resident::{Q4kPanels, Q6kPanels};
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -279,6 +281,11 @@ pub enum QuantWeight {
     Q4(Q4Matrix),
     /// A GGUF file's `Q6_K` super-blocks, kept as they are.
     Q6(Q6Matrix),
+    /// A GGUF file's `Q4_K` values laid out at load in panels for the AVX-512 VNNI kernels
+    /// ([`QuantWeight::laid_out_for_machine`], the `resident` module).
+    Q4kPanels(Q4kPanels),
+    /// A GGUF file's `Q6_K` values laid out the same way.
+    Q6kPanels(Q6kPanels),
     /// Parts of different formats one under the other, each kept in its own: a fused
     /// projection whose parts the file stores in different types (a `Q4_K_M` file's q and k
     /// are `Q4_K`, its v `Q6_K` or `Q8_0`). Each part is multiplied by its own kernel and the
@@ -293,6 +300,8 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.rows(),
             QuantWeight::Q4(q) => q.rows(),
             QuantWeight::Q6(q) => q.rows(),
+            QuantWeight::Q4kPanels(q) => q.rows(),
+            QuantWeight::Q6kPanels(q) => q.rows(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::rows).sum(),
         }
     }
@@ -303,6 +312,8 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.cols(),
             QuantWeight::Q4(q) => q.cols(),
             QuantWeight::Q6(q) => q.cols(),
+            QuantWeight::Q4kPanels(q) => q.cols(),
+            QuantWeight::Q6kPanels(q) => q.cols(),
             QuantWeight::Stacked(parts) => parts.first().map_or(0, QuantWeight::cols),
         }
     }
@@ -313,6 +324,8 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.dequantize_row(r, out),
             QuantWeight::Q4(q) => q.dequantize_row(r, out),
             QuantWeight::Q6(q) => q.dequantize_row(r, out),
+            QuantWeight::Q4kPanels(q) => q.dequantize_row(r, out),
+            QuantWeight::Q6kPanels(q) => q.dequantize_row(r, out),
             QuantWeight::Stacked(parts) => {
                 let mut r = r;
                 for p in parts {
@@ -346,6 +359,8 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.bytes(),
             QuantWeight::Q4(q) => q.bytes(),
             QuantWeight::Q6(q) => q.bytes(),
+            QuantWeight::Q4kPanels(q) => q.bytes(),
+            QuantWeight::Q6kPanels(q) => q.bytes(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::bytes).sum(),
         }
     }
@@ -356,6 +371,8 @@ impl QuantWeight {
             QuantWeight::Q8(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q4(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q6(q) => product(q, Kernel::machine(), x, m),
+            QuantWeight::Q4kPanels(q) => q.matmul_t(x, m),
+            QuantWeight::Q6kPanels(q) => q.matmul_t(x, m),
             QuantWeight::Stacked(parts) => {
                 let n = self.rows();
                 let mut y = vec![0f32; m * n];
@@ -381,6 +398,12 @@ impl QuantWeight {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Q6(q) => {
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
+            }
+            QuantWeight::Q4kPanels(q) => {
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
+            }
+            QuantWeight::Q6kPanels(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Stacked(parts) => {
@@ -415,6 +438,33 @@ impl QuantWeight {
             _ => QuantWeight::Stacked(runs),
         }
     }
+
+    /// The matrix in the layout this machine's kernels read fastest: on AVX-512 VNNI
+    /// ([`resident::enabled`]) `Q4_K` and `Q6_K` parts of whole panels laid out in panels
+    /// ([`Q4kPanels`], [`Q6kPanels`]: the same values and scales), everything else as it is.
+    /// Called once at load, after [`QuantWeight::stack`].
+    pub fn laid_out_for_machine(self) -> QuantWeight {
+        if !resident::enabled() {
+            return self;
+        }
+        match self {
+            QuantWeight::Q4(q) => match Q4kPanels::from_q4(&q) {
+                Some(p) => QuantWeight::Q4kPanels(p),
+                None => QuantWeight::Q4(q),
+            },
+            QuantWeight::Q6(q) => match Q6kPanels::from_q6(&q) {
+                Some(p) => QuantWeight::Q6kPanels(p),
+                None => QuantWeight::Q6(q),
+            },
+            QuantWeight::Stacked(parts) => QuantWeight::Stacked(
+                parts
+                    .into_iter()
+                    .map(QuantWeight::laid_out_for_machine)
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
 }
 
 /// Neighbouring parts of one format, for [`QuantWeight::stack`].
@@ -422,6 +472,11 @@ enum Run {
     Q8(Vec<Q8Matrix>),
     Q4(Vec<Q4Matrix>),
     Q6(Vec<Q6Matrix>),
+    /// Panels are laid out after stacking ([`QuantWeight::laid_out_for_machine`]); one met
+    /// here is kept as a part of its own.
+    Q4kPanels(Q4kPanels),
+    /// As above.
+    Q6kPanels(Q6kPanels),
 }
 
 impl Run {
@@ -436,6 +491,8 @@ impl Run {
             (_, QuantWeight::Q8(q)) => runs.push(Run::Q8(vec![q])),
             (_, QuantWeight::Q4(q)) => runs.push(Run::Q4(vec![q])),
             (_, QuantWeight::Q6(q)) => runs.push(Run::Q6(vec![q])),
+            (_, QuantWeight::Q4kPanels(q)) => runs.push(Run::Q4kPanels(q)),
+            (_, QuantWeight::Q6kPanels(q)) => runs.push(Run::Q6kPanels(q)),
         }
     }
 
@@ -445,6 +502,8 @@ impl Run {
             Run::Q8(v) => QuantWeight::Q8(Q8Matrix::stack(v)),
             Run::Q4(v) => QuantWeight::Q4(Q4Matrix::stack(v)),
             Run::Q6(v) => QuantWeight::Q6(Q6Matrix::stack(v)),
+            Run::Q4kPanels(q) => QuantWeight::Q4kPanels(q),
+            Run::Q6kPanels(q) => QuantWeight::Q6kPanels(q),
         }
     }
 }

@@ -26,7 +26,7 @@ use super::{Activations, BlockWeights, QK};
 pub const PANEL: usize = 32;
 
 /// Activation rows one call of the micro-kernel multiplies against a panel.
-const TILE_ROWS: usize = 4;
+pub(super) const TILE_ROWS: usize = 4;
 
 /// How a matrix's rows unpack for the panels ([`BlockWeights::unpack_row`]): every value is
 /// `v = d·(u − zero) + m`, `u` an unsigned byte, `d` one scale per `step` values and `m` (when
@@ -94,6 +94,47 @@ impl Panel {
             }
         }
         interleave(values, k, &mut self.values);
+    }
+}
+
+impl Panel {
+    /// Fills the panel for `k` values a row in `format` through `fill(values, scales,
+    /// offsets)`, given buffers of the panel's layout (`k × PANEL` values, `PANEL` scales per
+    /// step, `PANEL` offsets per block when `format.offsets`): how weights kept in panels of
+    /// their own ([`super::Q4kPanels`]) unpack into this kernel's.
+    pub(super) fn fill(
+        &mut self,
+        format: PanelFormat,
+        k: usize,
+        fill: impl FnOnce(&mut [u8], &mut [f32], &mut [f32]),
+    ) {
+        self.format = Some(format);
+        self.values.resize(k * PANEL, 0);
+        self.scales.resize(k / format.step * PANEL, 0.0);
+        let offsets = if format.offsets { k / QK * PANEL } else { 0 };
+        self.offsets.resize(offsets, 0.0);
+        fill(&mut self.values, &mut self.scales, &mut self.offsets);
+    }
+
+    /// `out[i][c]` = activation row `rows.start + i` times the panel's row `c`
+    /// (`rows.len() ≤ TILE_ROWS`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI ([`supported`]); the panel holds as many values
+    /// a row as the activations.
+    pub(super) unsafe fn multiply(
+        &self,
+        xs: &PanelActivations<'_>,
+        rows: std::ops::Range<usize>,
+        out: &mut [[f32; PANEL]; TILE_ROWS],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's.
+        unsafe {
+            x86::tile(self, xs, rows, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (xs, rows, out);
     }
 }
 

@@ -1,0 +1,344 @@
+//! k-quant weights laid out at load as panels of [`PANEL`] rows, for the AVX-512 VNNI machines:
+//! every product, from one activation row (batch-1 decode) to thousands (prefill), reads the
+//! weights straight from the panels, with no per-row call and no packing per product.
+//!
+//! Why: at one activation row the dot kernels ([`super::kernels`]) pay per weight row (a row
+//! view, length checks, a horizontal sum), and on a 1536-wide row that is six super-blocks of
+//! work per call; `perf` put that overhead at a tenth of Qwen2.5-1.5B's decode step, and the
+//! kernels themselves below the memory bandwidth two cores have. The packed panels
+//! ([`super::panels`]) have the right inner loop (one `vpdpbusd` adds 64 products into 16
+//! output columns, scales applied per 16 columns) but pack 8-bit panels from the blocks at
+//! every product, which pays only for many rows. Here the panel layout is the storage: the
+//! values and scales a file's `Q4_K` ([`Q4kPanels`]) or `Q6_K` ([`Q6kPanels`]) tensor holds,
+//! rearranged so that the kernel's loads are whole registers of 16 columns × 4 values (the
+//! idea of llama.cpp's repacked `Q4_K` 8x8 layout, with 16-lane registers and `vpdpbusd`).
+//!
+//! Both formats keep a group of 8 values' low 4 bits in one layout: per group `g` 128 bytes,
+//! the first 64 for the panel's columns 0..16 and the next 64 for 16..32, column `c` holding 4
+//! bytes whose low nibbles are its values `8g..8g+4` and high nibbles `8g+4..8g+8`. One load,
+//! a mask and a shift give two registers of 16 columns × 4 unsigned values, each multiplied by
+//! four activation bytes broadcast to every lane.
+//!
+//! From [`UNPACK_MIN_ROWS`] activation rows on (a prefill), each panel is unpacked once into the
+//! 8-bit panels' layout and multiplied by their kernel: with thousands of rows the unpacking
+//! is paid once for all of them, and the nibble kernel's shifts and masks per tile are not.
+
+pub mod q4k;
+pub mod q6k;
+
+pub use q4k::Q4kPanels;
+pub use q6k::Q6kPanels;
+
+use super::panels::{self, PanelActivations, PanelFormat};
+use super::q4::SUB_BLOCKS;
+use super::{Q8Matrix, QK};
+use rayon::prelude::*;
+
+/// Weight rows per panel: two 16-lane registers of output columns.
+pub const PANEL: usize = 32;
+
+/// Bytes of one group of 8 values' low nibbles in a panel.
+const GROUP_BYTES: usize = PANEL * 4;
+
+/// Activation rows one kernel call multiplies against a panel (the weights' loads and
+/// unpacking shared by all of them): the 8-bit panels' tile.
+const TILE_ROWS: usize = panels::TILE_ROWS;
+
+/// One kernel call's outputs: `[activation row][panel column]`.
+type Tile = [[f32; PANEL]; TILE_ROWS];
+
+/// Activation rows of one chunk take about this many bytes (at least [`CHUNK_MIN_ROWS`]), so
+/// that a chunk stays in cache while a task's panels pass over it.
+const CHUNK_BYTES: usize = 512 << 10;
+
+/// Rows of the smallest chunk.
+const CHUNK_MIN_ROWS: usize = 256;
+
+/// Unpacked 8-bit panels of one task kept at most this size, so they stay in cache while
+/// every chunk of activation rows passes over them.
+const UNPACKED_BYTES: usize = 2 << 20;
+
+/// From this many activation rows on, the panels are unpacked to 8-bit panels once per
+/// product (see the module's doc). Measured on Qwen2.5-1.5B Q4_K_M, 2 threads
+/// (`benches/model_throughput.rs`, `BACKFLOW_Q4K_UNPACK_MIN_ROWS`): at batch-32 decode the
+/// nibble kernel gave 113 and 153 tokens/s against 110 and 110 unpacked; at a 128-token
+/// prefill unpacking gave 274 and 268 against 266 and 234.
+pub const UNPACK_MIN_ROWS: usize = 64;
+
+/// [`UNPACK_MIN_ROWS`], or `BACKFLOW_Q4K_UNPACK_MIN_ROWS` where set (tuning on another CPU).
+fn unpack_min_rows() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("BACKFLOW_Q4K_UNPACK_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(UNPACK_MIN_ROWS)
+    })
+}
+
+/// Whether the machine lays k-quant weights out in panels: AVX-512 VNNI, unless
+/// `BACKFLOW_Q4K_PANELS=0` (comparing with the dot kernels in one binary).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        panels::supported(super::Kernel::machine())
+            && std::env::var("BACKFLOW_Q4K_PANELS").map_or(true, |v| v != "0")
+    })
+}
+
+/// Where a panel keeps column `c`'s value `v`'s low 4 bits: the byte and whether it is the
+/// high nibble.
+fn nibble_at(v: usize, c: usize) -> (usize, bool) {
+    let (g, half, t) = (v / 8, (v % 8) / 4, v % 4);
+    (
+        g * GROUP_BYTES + (c / 16) * 64 + (c % 16) * 4 + t,
+        half == 1,
+    )
+}
+
+/// Column `c`'s value `v`'s low 4 bits in a panel's `nibbles`.
+fn nibble(nibbles: &[u8], v: usize, c: usize) -> u8 {
+    let (byte, high) = nibble_at(v, c);
+    if high {
+        nibbles[byte] >> 4
+    } else {
+        nibbles[byte] & 0x0F
+    }
+}
+
+/// Sets column `c`'s value `v`'s low 4 bits (`u`'s) in zeroed `nibbles`.
+fn set_nibble(nibbles: &mut [u8], v: usize, c: usize, u: u8) {
+    let (byte, high) = nibble_at(v, c);
+    nibbles[byte] |= if high { (u & 0x0F) << 4 } else { u & 0x0F };
+}
+
+/// Weights laid out in panels, as [`matmul`] multiplies them.
+trait Panels: Sync {
+    /// Values per integer sum of activations the nibble kernel reads: a block's 32 (what a
+    /// `Q4_K` block's `mn` multiplies) or a part's 16 (`Q6_K`'s zero point times its `sc`).
+    const SUM_STEP: usize;
+    /// The 8-bit panels' format the panels unpack to.
+    const UNPACKED: PanelFormat;
+    /// Rows (outputs), a multiple of [`PANEL`].
+    fn rows(&self) -> usize;
+    /// Columns (inputs), a multiple of 256.
+    fn cols(&self) -> usize;
+    /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, on AVX-512
+    /// VNNI when `simd` ([`enabled`]), else in plain Rust.
+    fn tile(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+        simd: bool,
+    );
+    /// Panel `p` as an 8-bit panel in [`Panels::UNPACKED`]'s format.
+    fn unpack(&self, p: usize, into: &mut panels::Panel);
+}
+
+/// The activation rows of a product for the nibble kernels: 8-bit values with one scale per
+/// super-block (as llama.cpp's `Q8_K`), and each step's integer sum `Σq_x`.
+struct Activations {
+    q: Q8Matrix,
+    /// `m × cols / step` sums.
+    sums: Vec<i32>,
+    /// Sums per row.
+    steps: usize,
+}
+
+impl Activations {
+    fn new(x: &[f32], m: usize, k: usize, step: usize) -> Self {
+        let q = Q8Matrix::quantize_grouped(x, m, k, SUB_BLOCKS);
+        let sums = q
+            .quants
+            .chunks_exact(step)
+            .map(|s| s.iter().map(|&v| v as i32).sum())
+            .collect();
+        Activations {
+            q,
+            sums,
+            steps: k / step,
+        }
+    }
+
+    /// Row `r`'s values.
+    fn row(&self, r: usize) -> &[i8] {
+        let k = self.q.blocks * QK;
+        &self.q.quants[r * k..(r + 1) * k]
+    }
+
+    /// Row `r`'s sums.
+    fn row_sums(&self, r: usize) -> &[i32] {
+        &self.sums[r * self.steps..(r + 1) * self.steps]
+    }
+
+    /// Row `r`'s scale for super-block `s`.
+    fn scale(&self, r: usize, s: usize) -> f32 {
+        self.q.scales[r * self.q.blocks + s * SUB_BLOCKS]
+    }
+}
+
+/// `x · wᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major. The panels are split between
+/// rayon's threads (about four runs each); each run takes the activation rows in chunks that
+/// stay in cache, [`TILE_ROWS`] rows per kernel call, through the nibble kernel or, from
+/// [`UNPACK_MIN_ROWS`] rows, through 8-bit panels unpacked a group at a time.
+///
+/// # Panics
+/// When `x.len() != m * cols` (a caller's bug).
+fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    assert_eq!(x.len(), m * k, "resident panels: shape");
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    let simd = enabled();
+    let count = n / PANEL;
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = count.div_ceil(threads * 4).max(1);
+    let chunk = (CHUNK_BYTES / k)
+        .max(CHUNK_MIN_ROWS)
+        .next_multiple_of(TILE_ROWS);
+    let out = OutPtr(y.as_mut_ptr());
+    let runs = (0..count.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(count));
+    if simd && m >= unpack_min_rows() {
+        thread_local! {
+            static UNPACKED: std::cell::RefCell<Vec<panels::Panel>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let xq = super::Activations::quantize(x, m, k, W::UNPACKED.offsets, SUB_BLOCKS);
+        let xs = PanelActivations::new(&xq, W::UNPACKED);
+        let group = (UNPACKED_BYTES / (k * PANEL)).max(1);
+        runs.collect::<Vec<_>>().into_par_iter().for_each(|run| {
+            let starts: Vec<usize> = run.collect();
+            UNPACKED.with_borrow_mut(|unpacked| {
+                let mut tile = [[0f32; PANEL]; TILE_ROWS];
+                for starts in starts.chunks(group) {
+                    if unpacked.len() < starts.len() {
+                        unpacked.resize_with(starts.len(), Default::default);
+                    }
+                    for (into, &p) in unpacked.iter_mut().zip(starts) {
+                        w.unpack(p, into);
+                    }
+                    for chunk0 in (0..m).step_by(chunk) {
+                        let chunk1 = (chunk0 + chunk).min(m);
+                        for (panel, &p) in unpacked.iter().zip(starts) {
+                            for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
+                                let rows = r0..(r0 + TILE_ROWS).min(chunk1);
+                                // SAFETY: only on AVX-512 VNNI (`enabled`); the panel was
+                                // unpacked with `k` values a row, as the activations have.
+                                unsafe { panel.multiply(&xs, rows.clone(), &mut tile) };
+                                // SAFETY: the rows are below m; panel p is this task's.
+                                unsafe { out.write(&tile, rows, p, n) };
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    } else {
+        let xs = Activations::new(x, m, k, W::SUM_STEP);
+        runs.collect::<Vec<_>>().into_par_iter().for_each(|run| {
+            let mut tile = [[0f32; PANEL]; TILE_ROWS];
+            for chunk0 in (0..m).step_by(chunk) {
+                let chunk1 = (chunk0 + chunk).min(m);
+                for p in run.clone() {
+                    for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
+                        let rows = r0..(r0 + TILE_ROWS).min(chunk1);
+                        w.tile(p, &xs, rows.clone(), &mut tile, simd);
+                        // SAFETY: the rows are below m; panel p is this task's.
+                        unsafe { out.write(&tile, rows, p, n) };
+                    }
+                }
+            }
+        });
+    }
+    y
+}
+
+/// The output buffer of a product, shared by the tasks that write its disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: only used by `matmul`, whose tasks write disjoint columns.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes `tile`'s first `rows.len()` rows into rows `rows` and panel `p`'s columns of the
+    /// `[m, n]` output.
+    ///
+    /// # Safety
+    /// The buffer holds `m × n` values with `rows.end ≤ m` and `(p + 1)·PANEL ≤ n`, and no other
+    /// thread writes panel `p`'s columns.
+    unsafe fn write(self, tile: &Tile, rows: std::ops::Range<usize>, p: usize, n: usize) {
+        for (i, row) in tile.iter().enumerate().take(rows.len()) {
+            // SAFETY: the caller's.
+            let dst = unsafe { self.0.add((rows.start + i) * n + p * PANEL) };
+            // SAFETY: as above; PANEL values from there are panel p's columns of that row.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst, PANEL) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product of `w` with `m` random rows against the f64 product of `values` (the
+    /// weights' `f32` values, computed independently of the panels, `[rows, cols]`) with the
+    /// rows quantized as the product quantizes them (8 bits, one scale per 256 values), on
+    /// the machine's path and the portable kernel, for every tile size and a tile after full
+    /// ones, and for the unpacked path's row counts.
+    pub(super) fn assert_product_matches<W: Panels>(w: &W, values: &[f32], label: &str) {
+        use rand::{Rng, SeedableRng};
+        let (n, k) = (w.rows(), w.cols());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        for m in [1usize, 2, 3, 4, 5, 9, unpack_min_rows() + 3] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let xq = Q8Matrix::quantize_grouped(&x, m, k, SUB_BLOCKS).dequantize();
+            let got = matmul(w, &x, m);
+            let xs = Activations::new(&x, m, k, W::SUM_STEP);
+            let mut portable = vec![0f32; m * n];
+            for p in 0..n / PANEL {
+                let mut tile = [[0f32; PANEL]; TILE_ROWS];
+                for r0 in (0..m).step_by(TILE_ROWS) {
+                    let rows = r0..(r0 + TILE_ROWS).min(m);
+                    w.tile(p, &xs, rows.clone(), &mut tile, false);
+                    for (i, row) in tile.iter().enumerate().take(rows.len()) {
+                        portable[(r0 + i) * n + p * PANEL..][..PANEL].copy_from_slice(row);
+                    }
+                }
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let terms = (0..k).map(|c| xq[i * k + c] as f64 * values[j * k + c] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let tol = 1e-5 * terms.map(f64::abs).sum::<f64>().max(1e-3);
+                    for (path, v) in [
+                        ("machine", got[i * n + j]),
+                        ("portable", portable[i * n + j]),
+                    ] {
+                        assert!(
+                            (v as f64 - want).abs() <= tol,
+                            "{label} {path} m={m} [{i},{j}]: {v} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nibbles_sit_where_the_layout_says() {
+        // Column 17's value 13: group 1, high nibble (13 % 8 = 5), second half of the columns.
+        assert_eq!(nibble_at(13, 17), (GROUP_BYTES + 64 + 4 + 1, true));
+        let mut bytes = vec![0u8; 2 * GROUP_BYTES];
+        set_nibble(&mut bytes, 13, 17, 0xA);
+        set_nibble(&mut bytes, 9, 17, 0x5);
+        assert_eq!(bytes[GROUP_BYTES + 64 + 4 + 1], 0xA5);
+        assert_eq!((nibble(&bytes, 13, 17), nibble(&bytes, 9, 17)), (0xA, 0x5));
+    }
+}

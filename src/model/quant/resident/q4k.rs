@@ -1,0 +1,426 @@
+//! `Q4_K` values in panels ([`super`]): the same bytes a [`Q4Matrix`] of `Q4_K` holds (4-bit
+//! values, per block a 6-bit `sc` and `mn` byte, per super-block an `f32` `d` and `dmin`: 4.75
+//! bits a weight), laid out per panel as
+//! - the values' nibbles, `16·k` bytes (the module's group layout);
+//! - `sc` and `mn`: per block of 32 values, 32 bytes (one per column);
+//! - `d` and `dmin`: per super-block of 256 values, 32 `f32` (one per column).
+//!
+//! The arithmetic is the dot kernels' (`v = (d·sc)·q − dmin·mn`): per block and column the
+//! integer `Σq·q_x`, times `sc` and summed over the super-block's eight blocks in integers (at
+//! most 8·63·32·15·127 < 2³¹), as is `Σ mn·Σq_x`; per super-block one conversion and two
+//! multiply-adds by `d·d_x` and `−dmin·d_x`.
+
+use super::{nibble, set_nibble, Activations, Panels, Tile, GROUP_BYTES, PANEL};
+use crate::model::quant::panels::{self, PanelFormat};
+use crate::model::quant::q4::{Q4Matrix, RowScales, SUB_BLOCKS};
+use crate::model::quant::QK;
+use rayon::prelude::*;
+
+/// A `[rows, cols]` matrix of `Q4_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
+/// of 256.
+#[derive(Clone)]
+pub struct Q4kPanels {
+    rows: usize,
+    cols: usize,
+    /// `rows · cols / 2` bytes, a panel after the other.
+    values: Vec<u8>,
+    /// Per panel, per block, [`PANEL`] scale multipliers.
+    sc: Vec<u8>,
+    /// Per panel, per block, [`PANEL`] min multipliers.
+    mn: Vec<u8>,
+    /// Per panel, per super-block, [`PANEL`] scales.
+    d: Vec<f32>,
+    /// Per panel, per super-block, [`PANEL`] mins.
+    dmin: Vec<f32>,
+}
+
+impl std::fmt::Debug for Q4kPanels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4kPanels[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// One panel's parts.
+struct Panel<'a> {
+    values: &'a [u8],
+    sc: &'a [u8],
+    mn: &'a [u8],
+    d: &'a [f32],
+    dmin: &'a [f32],
+    supers: usize,
+}
+
+impl Q4kPanels {
+    /// `q` in panels, when it holds 4-bit `Q4_K` values (super-block scales, no fifth bit) and
+    /// its rows fill whole panels; else `None` (it stays as it is).
+    pub fn from_q4(q: &Q4Matrix) -> Option<Q4kPanels> {
+        let (rows, cols) = (q.rows(), q.cols());
+        if !q.has_super_block_scales()
+            || q.is_five_bit()
+            || rows == 0
+            || !rows.is_multiple_of(PANEL)
+            || cols == 0
+            || !cols.is_multiple_of(QK * SUB_BLOCKS)
+        {
+            return None;
+        }
+        let blocks = cols / QK;
+        let supers = blocks / SUB_BLOCKS;
+        let mut out = Q4kPanels {
+            rows,
+            cols,
+            values: vec![0; rows * cols / 2],
+            sc: vec![0; rows * blocks],
+            mn: vec![0; rows * blocks],
+            d: vec![0.0; rows * supers],
+            dmin: vec![0.0; rows * supers],
+        };
+        out.values
+            .par_chunks_mut(PANEL * cols / 2)
+            .zip(out.sc.par_chunks_mut(PANEL * blocks))
+            .zip(out.mn.par_chunks_mut(PANEL * blocks))
+            .zip(out.d.par_chunks_mut(PANEL * supers))
+            .zip(out.dmin.par_chunks_mut(PANEL * supers))
+            .enumerate()
+            .for_each(|(p, ((((values, sc), mn), d), dmin))| {
+                for c in 0..PANEL {
+                    let row = q.row(p * PANEL + c);
+                    let RowScales::Super {
+                        d: rd,
+                        dmin: rdmin,
+                        sc: rsc,
+                        mn: rmn,
+                    } = row.scales
+                    else {
+                        unreachable!("checked above: super-block scales");
+                    };
+                    for s in 0..supers {
+                        d[s * PANEL + c] = rd[s];
+                        dmin[s * PANEL + c] = rdmin[s];
+                    }
+                    for b in 0..blocks {
+                        sc[b * PANEL + c] = rsc[b];
+                        mn[b * PANEL + c] = rmn[b];
+                        for (j, &u) in row.block_values(b).iter().enumerate() {
+                            set_nibble(values, b * QK + j, c, u);
+                        }
+                    }
+                }
+            });
+        Some(out)
+    }
+
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the matrix holds in memory (the same as the [`Q4Matrix`] it came from).
+    pub fn bytes(&self) -> usize {
+        self.values.len() + self.sc.len() + self.mn.len() + 4 * (self.d.len() + self.dmin.len())
+    }
+
+    /// Row `r` as `f32` (`out.len() == cols`): `(d·sc)·q − dmin·mn`, as [`Q4Matrix`] gives it.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (part, c) = (self.panel(r / PANEL), r % PANEL);
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let s = b / SUB_BLOCKS;
+            let d = part.d[s * PANEL + c] * part.sc[b * PANEL + c] as f32;
+            let m = -(part.dmin[s * PANEL + c] * part.mn[b * PANEL + c] as f32);
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = d * nibble(part.values, b * QK + j, c) as f32 + m;
+            }
+        }
+    }
+
+    /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major ([`super`]'s product).
+    ///
+    /// # Panics
+    /// When `x.len() != m * cols` (a caller's bug).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        super::matmul(self, x, m)
+    }
+
+    /// Panel `p`'s parts.
+    fn panel(&self, p: usize) -> Panel<'_> {
+        let (k, blocks) = (self.cols, self.cols / QK);
+        let supers = blocks / SUB_BLOCKS;
+        Panel {
+            values: &self.values[p * PANEL * k / 2..(p + 1) * PANEL * k / 2],
+            sc: &self.sc[p * PANEL * blocks..(p + 1) * PANEL * blocks],
+            mn: &self.mn[p * PANEL * blocks..(p + 1) * PANEL * blocks],
+            d: &self.d[p * PANEL * supers..(p + 1) * PANEL * supers],
+            dmin: &self.dmin[p * PANEL * supers..(p + 1) * PANEL * supers],
+            supers,
+        }
+    }
+}
+
+impl Panels for Q4kPanels {
+    const SUM_STEP: usize = QK;
+
+    /// Unsigned values, a scale `d·sc` and an offset `−dmin·mn` per block.
+    const UNPACKED: PanelFormat = PanelFormat {
+        step: QK,
+        zero: 0,
+        offsets: true,
+    };
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn tile(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+        simd: bool,
+    ) {
+        let panel = self.panel(p);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` only where the CPU has AVX-512 F/BW/VL and VNNI (`enabled`); the
+            // panel and the activations hold `cols` values a row, a multiple of 256.
+            unsafe { x86::tile(&panel, xs, rows, out) };
+            return;
+        }
+        let _ = simd;
+        portable_tile(&panel, xs, rows, out);
+    }
+
+    /// A group of 8 values is the 8-bit layout's two groups of 4 (its low nibbles the first,
+    /// its high ones the second), so the split is a mask and a shift per byte.
+    fn unpack(&self, p: usize, into: &mut panels::Panel) {
+        let part = self.panel(p);
+        into.fill(Self::UNPACKED, self.cols, |values, scales, offsets| {
+            for (src, dst) in part
+                .values
+                .chunks_exact(GROUP_BYTES)
+                .zip(values.chunks_exact_mut(2 * GROUP_BYTES))
+            {
+                let (low, high) = dst.split_at_mut(GROUP_BYTES);
+                for ((l, h), &v) in low.iter_mut().zip(high.iter_mut()).zip(src) {
+                    (*l, *h) = (v & 0x0F, v >> 4);
+                }
+            }
+            for (b, (scales, offsets)) in scales
+                .chunks_exact_mut(PANEL)
+                .zip(offsets.chunks_exact_mut(PANEL))
+                .enumerate()
+            {
+                let s = b / SUB_BLOCKS;
+                for c in 0..PANEL {
+                    scales[c] = part.d[s * PANEL + c] * part.sc[b * PANEL + c] as f32;
+                    offsets[c] = -(part.dmin[s * PANEL + c] * part.mn[b * PANEL + c] as f32);
+                }
+            }
+        });
+    }
+}
+
+/// The kernel's arithmetic in plain Rust (machines without AVX-512 VNNI never lay panels out,
+/// but a matrix built anyway, in a test, still multiplies correctly).
+fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
+    for (i, r) in rows.enumerate() {
+        let (x, sums) = (xs.row(r), xs.row_sums(r));
+        for (c, o) in out[i].iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for s in 0..p.supers {
+                let (mut iacc, mut macc) = (0i32, 0i32);
+                let blocks = s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS;
+                for (b, &x_sum) in blocks.clone().zip(&sums[blocks]) {
+                    let isum: i32 = (b * QK..(b + 1) * QK)
+                        .map(|v| nibble(p.values, v, c) as i32 * x[v] as i32)
+                        .sum();
+                    iacc += isum * p.sc[b * PANEL + c] as i32;
+                    macc += x_sum * p.mn[b * PANEL + c] as i32;
+                }
+                let dx = xs.scale(r, s);
+                acc += iacc as f32 * (p.d[s * PANEL + c] * dx);
+                acc -= macc as f32 * (p.dmin[s * PANEL + c] * dx);
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Activations, Panel, Tile, GROUP_BYTES, PANEL, SUB_BLOCKS};
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_tile`] on AVX-512 VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI; the panel and the activations hold the same
+    /// number of values a row, a multiple of 256.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+    ) {
+        match rows.len() {
+            0 => {}
+            1 => tile_rows::<1>(p, xs, rows.start, out),
+            2 => tile_rows::<2>(p, xs, rows.start, out),
+            3 => tile_rows::<3>(p, xs, rows.start, out),
+            _ => tile_rows::<4>(p, xs, rows.start, out),
+        }
+    }
+
+    /// [`tile`] for `R` activation rows from `r0`. With one or two rows each block's sums are
+    /// split between the low and high nibbles' products, so that enough independent
+    /// `vpdpbusd` chains run at once; with more, the rows give them.
+    #[inline(always)]
+    unsafe fn tile_rows<const R: usize>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        r0: usize,
+        out: &mut Tile,
+    ) {
+        let mut x = [std::ptr::null::<i8>(); R];
+        let mut x_sums = [std::ptr::null::<i32>(); R];
+        for i in 0..R {
+            x[i] = xs.row(r0 + i).as_ptr();
+            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
+        }
+        let nibble = _mm512_set1_epi8(0x0F);
+        let values = p.values.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for s in 0..p.supers {
+            let mut iacc = [[_mm512_setzero_si512(); 2]; R];
+            let mut macc = [[_mm512_setzero_si512(); 2]; R];
+            for b in s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS {
+                // Per row and half: sums of the low nibbles' products and the high ones'.
+                let mut lo = [[_mm512_setzero_si512(); 2]; R];
+                let mut hi = [[_mm512_setzero_si512(); 2]; R];
+                for g in b * 4..b * 4 + 4 {
+                    let at = values.add(g * GROUP_BYTES);
+                    let v = [
+                        _mm512_loadu_si512(at as *const __m512i),
+                        _mm512_loadu_si512(at.add(64) as *const __m512i),
+                    ];
+                    for h in 0..2 {
+                        let low = _mm512_and_si512(v[h], nibble);
+                        let high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
+                        for i in 0..R {
+                            let four = |at: usize| {
+                                _mm512_set1_epi32(std::ptr::read_unaligned(
+                                    x[i].add(at) as *const i32
+                                ))
+                            };
+                            let (xl, xh) = (four(8 * g), four(8 * g + 4));
+                            lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], low, xl);
+                            if R <= 2 {
+                                hi[i][h] = _mm512_dpbusd_epi32(hi[i][h], high, xh);
+                            } else {
+                                lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], high, xh);
+                            }
+                        }
+                    }
+                }
+                let bytes16 = |v: &[u8], at: usize| {
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(v.as_ptr().add(at) as *const __m128i))
+                };
+                for h in 0..2 {
+                    let sc = bytes16(p.sc, b * PANEL + 16 * h);
+                    let mn = bytes16(p.mn, b * PANEL + 16 * h);
+                    for i in 0..R {
+                        let sum = if R <= 2 {
+                            _mm512_add_epi32(lo[i][h], hi[i][h])
+                        } else {
+                            lo[i][h]
+                        };
+                        iacc[i][h] = _mm512_add_epi32(iacc[i][h], _mm512_mullo_epi32(sum, sc));
+                        let bs = _mm512_set1_epi32(*x_sums[i].add(b));
+                        macc[i][h] = _mm512_add_epi32(macc[i][h], _mm512_mullo_epi32(mn, bs));
+                    }
+                }
+            }
+            for h in 0..2 {
+                let d = _mm512_loadu_ps(p.d.as_ptr().add(s * PANEL + 16 * h));
+                let dmin = _mm512_loadu_ps(p.dmin.as_ptr().add(s * PANEL + 16 * h));
+                for i in 0..R {
+                    let dx = _mm512_set1_ps(xs.scale(r0 + i, s));
+                    acc[i][h] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(iacc[i][h]),
+                        _mm512_mul_ps(d, dx),
+                        acc[i][h],
+                    );
+                    acc[i][h] = _mm512_fnmadd_ps(
+                        _mm512_cvtepi32_ps(macc[i][h]),
+                        _mm512_mul_ps(dmin, dx),
+                        acc[i][h],
+                    );
+                }
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::{GgmlType, QK_K};
+    use rand::{Rng, SeedableRng};
+
+    /// A `Q4_K` matrix of random super-blocks (every byte random but the two `f16` scales).
+    fn random_q4k(rows: usize, cols: usize, seed: u64) -> Q4Matrix {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK_K {
+            bytes.extend(half::f16::from_f32(rng.random_range(0.0005f32..0.004)).to_le_bytes());
+            bytes.extend(half::f16::from_f32(rng.random_range(0.0f32..0.01)).to_le_bytes());
+            bytes.extend((0..12 + QK_K / 2).map(|_| rng.random::<u8>()));
+        }
+        Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| r).expect("Q4_K")
+    }
+
+    #[test]
+    fn panels_hold_the_blocks_values_in_the_same_bytes() {
+        let q = random_q4k(64, 512, 3);
+        let p = Q4kPanels::from_q4(&q).expect("whole panels");
+        assert_eq!((p.rows(), p.cols()), (64, 512));
+        assert_eq!(p.bytes(), q.bytes());
+        let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
+        for r in 0..64 {
+            q.dequantize_row(r, &mut want);
+            p.dequantize_row(r, &mut got);
+            assert_eq!(got, want, "row {r}");
+        }
+    }
+
+    #[test]
+    fn only_whole_panels_of_four_bit_super_blocks_are_laid_out() {
+        assert!(Q4kPanels::from_q4(&random_q4k(48, 256, 1)).is_none());
+        assert!(Q4kPanels::from_q4(&random_q4k(32, 256, 1)).is_some());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let bytes: Vec<u8> = (0..32 * 8 * 20).map(|_| rng.random::<u8>()).collect();
+        let q4_1 = Q4Matrix::from_gguf(GgmlType::Q4_1, &bytes, 32, 256, |r| r).expect("Q4_1");
+        assert!(Q4kPanels::from_q4(&q4_1).is_none());
+    }
+
+    #[test]
+    fn the_product_matches_the_dequantized_weights() {
+        let q = random_q4k(96, 768, 11);
+        let p = Q4kPanels::from_q4(&q).expect("whole panels");
+        super::super::tests::assert_product_matches(&p, &q.dequantize(), "Q4_K");
+    }
+}
