@@ -30,7 +30,7 @@ pub use panels::PanelFormat;
 pub use q4::Q4Matrix;
 pub use q6::Q6Matrix;
 use rayon::prelude::*;
-pub use resident::{Q4kPanels, Q6kPanels};
+pub use resident::{Q4kPanels, Q6kPanels, Q8Panels};
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -286,6 +286,8 @@ pub enum QuantWeight {
     Q4kPanels(Q4kPanels),
     /// A GGUF file's `Q6_K` values laid out the same way.
     Q6kPanels(Q6kPanels),
+    /// 8-bit blocks kept as the 8-bit panels' layout.
+    Q8Panels(Q8Panels),
     /// Parts of different formats one under the other, each kept in its own: a fused
     /// projection whose parts the file stores in different types (a `Q4_K_M` file's q and k
     /// are `Q4_K`, its v `Q6_K` or `Q8_0`). Each part is multiplied by its own kernel and the
@@ -302,6 +304,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => q.rows(),
             QuantWeight::Q4kPanels(q) => q.rows(),
             QuantWeight::Q6kPanels(q) => q.rows(),
+            QuantWeight::Q8Panels(q) => q.rows(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::rows).sum(),
         }
     }
@@ -314,6 +317,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => q.cols(),
             QuantWeight::Q4kPanels(q) => q.cols(),
             QuantWeight::Q6kPanels(q) => q.cols(),
+            QuantWeight::Q8Panels(q) => q.cols(),
             QuantWeight::Stacked(parts) => parts.first().map_or(0, QuantWeight::cols),
         }
     }
@@ -326,6 +330,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => q.dequantize_row(r, out),
             QuantWeight::Q4kPanels(q) => q.dequantize_row(r, out),
             QuantWeight::Q6kPanels(q) => q.dequantize_row(r, out),
+            QuantWeight::Q8Panels(q) => q.dequantize_row(r, out),
             QuantWeight::Stacked(parts) => {
                 let mut r = r;
                 for p in parts {
@@ -361,6 +366,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => q.bytes(),
             QuantWeight::Q4kPanels(q) => q.bytes(),
             QuantWeight::Q6kPanels(q) => q.bytes(),
+            QuantWeight::Q8Panels(q) => q.bytes(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::bytes).sum(),
         }
     }
@@ -373,6 +379,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q4kPanels(q) => q.matmul_t(x, m),
             QuantWeight::Q6kPanels(q) => q.matmul_t(x, m),
+            QuantWeight::Q8Panels(q) => q.matmul_t(x, m),
             QuantWeight::Stacked(parts) => {
                 let n = self.rows();
                 let mut y = vec![0f32; m * n];
@@ -404,6 +411,9 @@ impl QuantWeight {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Q6kPanels(q) => {
+                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
+            }
+            QuantWeight::Q8Panels(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Stacked(parts) => {
@@ -440,8 +450,9 @@ impl QuantWeight {
     }
 
     /// The matrix in the layout this machine's kernels read fastest: on AVX-512 VNNI
-    /// ([`resident::enabled`]) `Q4_K` and `Q6_K` parts of whole panels laid out in panels
-    /// ([`Q4kPanels`], [`Q6kPanels`]: the same values and scales), everything else as it is.
+    /// ([`resident::enabled`]) `Q4_K`, `Q6_K` and 8-bit parts of whole panels laid out in
+    /// panels ([`Q4kPanels`], [`Q6kPanels`], [`Q8Panels`]: the same values and scales),
+    /// everything else as it is.
     /// Called once at load, after [`QuantWeight::stack`].
     pub fn laid_out_for_machine(self) -> QuantWeight {
         if !resident::enabled() {
@@ -455,6 +466,10 @@ impl QuantWeight {
             QuantWeight::Q6(q) => match Q6kPanels::from_q6(&q) {
                 Some(p) => QuantWeight::Q6kPanels(p),
                 None => QuantWeight::Q6(q),
+            },
+            QuantWeight::Q8(q) => match Q8Panels::from_q8(&q) {
+                Some(p) => QuantWeight::Q8Panels(p),
+                None => QuantWeight::Q8(q),
             },
             QuantWeight::Stacked(parts) => QuantWeight::Stacked(
                 parts
@@ -477,6 +492,8 @@ enum Run {
     Q4kPanels(Q4kPanels),
     /// As above.
     Q6kPanels(Q6kPanels),
+    /// As above.
+    Q8Panels(Q8Panels),
 }
 
 impl Run {
@@ -493,6 +510,7 @@ impl Run {
             (_, QuantWeight::Q6(q)) => runs.push(Run::Q6(vec![q])),
             (_, QuantWeight::Q4kPanels(q)) => runs.push(Run::Q4kPanels(q)),
             (_, QuantWeight::Q6kPanels(q)) => runs.push(Run::Q6kPanels(q)),
+            (_, QuantWeight::Q8Panels(q)) => runs.push(Run::Q8Panels(q)),
         }
     }
 
@@ -504,6 +522,7 @@ impl Run {
             Run::Q6(v) => QuantWeight::Q6(Q6Matrix::stack(v)),
             Run::Q4kPanels(q) => QuantWeight::Q4kPanels(q),
             Run::Q6kPanels(q) => QuantWeight::Q6kPanels(q),
+            Run::Q8Panels(q) => QuantWeight::Q8Panels(q),
         }
     }
 }

@@ -42,7 +42,7 @@ pub struct PanelFormat {
 }
 
 /// [`PANEL`] weight rows packed for the micro-kernel (reused across products by each thread).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct Panel {
     format: Option<PanelFormat>,
     /// `k / 4` groups of four values, each `PANEL × 4` bytes (see the module's doc).
@@ -55,13 +55,13 @@ pub(super) struct Panel {
 
 /// The rows of a panel unpacked before they are interleaved: `PANEL` rows' values, one row's
 /// scales per step and offsets per block.
-type Unpacked = (Vec<u8>, Vec<f32>, Vec<f32>);
+pub(super) type Unpacked = (Vec<u8>, Vec<f32>, Vec<f32>);
 
 impl Panel {
     /// Packs weight rows `rows` (at most [`PANEL`]; the panel's other columns get scale 0)
     /// of a matrix of `blocks` blocks per row: each row unpacked whole, then the 32 rows'
     /// values interleaved four bytes at a time.
-    fn pack<W: BlockWeights>(
+    pub(super) fn pack<W: BlockWeights>(
         &mut self,
         w: &W,
         rows: std::ops::Range<usize>,
@@ -114,6 +114,21 @@ impl Panel {
         let offsets = if format.offsets { k / QK * PANEL } else { 0 };
         self.offsets.resize(offsets, 0.0);
         fill(&mut self.values, &mut self.scales, &mut self.offsets);
+    }
+
+    /// Row `c`'s value `v` as the kernel reads it: its unsigned byte and the scale of its step
+    /// (what a panel kept as a matrix's storage dequantizes from).
+    pub(super) fn value(&self, c: usize, v: usize) -> (u8, f32) {
+        let step = self.format.map_or(QK, |f| f.step);
+        (
+            self.values[((v / 4) * PANEL + c) * 4 + v % 4],
+            self.scales[(v / step) * PANEL + c],
+        )
+    }
+
+    /// Bytes of the panel's values, scales and offsets.
+    pub(super) fn bytes(&self) -> usize {
+        self.values.len() + 4 * (self.scales.len() + self.offsets.len())
     }
 
     /// `out[i][c]` = activation row `rows.start + i` times the panel's row `c`

@@ -25,9 +25,11 @@
 
 pub mod q4k;
 pub mod q6k;
+pub mod q8;
 
 pub use q4k::Q4kPanels;
 pub use q6k::Q6kPanels;
+pub use q8::Q8Panels;
 
 use super::panels::{self, PanelActivations, PanelFormat};
 use super::q4::SUB_BLOCKS;
