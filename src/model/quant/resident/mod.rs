@@ -13,7 +13,9 @@
 //! rearranged so that the kernel's loads are whole registers of 16 columns × 4 values (the
 //! idea of llama.cpp's repacked `Q4_K` 8x8 layout, with 16-lane registers and `vpdpbusd`).
 //!
-//! Both formats keep a group of 8 values' low 4 bits in one layout: per group `g` 128 bytes,
+//! 8-bit blocks are kept as the 8-bit panels themselves ([`Q8Panels`]), read by their kernel.
+//!
+//! The two k-quant formats keep a group of 8 values' low 4 bits in one layout: per group `g` 128 bytes,
 //! the first 64 for the panel's columns 0..16 and the next 64 for 16..32, column `c` holding 4
 //! bytes whose low nibbles are its values `8g..8g+4` and high nibbles `8g+4..8g+8`. One load,
 //! a mask and a shift give two registers of 16 columns × 4 unsigned values, each multiplied by
@@ -78,7 +80,7 @@ fn unpack_min_rows() -> usize {
     })
 }
 
-/// Whether the machine lays k-quant weights out in panels: AVX-512 VNNI, unless
+/// Whether the machine lays block weights out in panels: AVX-512 VNNI, unless
 /// `BACKFLOW_Q4K_PANELS=0` (comparing with the dot kernels in one binary).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
