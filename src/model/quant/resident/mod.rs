@@ -198,67 +198,87 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
         return y;
     }
     let simd = enabled();
-    let count = n / PANEL;
-    let threads = rayon::current_num_threads().max(1);
-    let per_task = count.div_ceil(threads * 4).max(1);
-    let chunk = (CHUNK_BYTES / k)
-        .max(CHUNK_MIN_ROWS)
-        .next_multiple_of(TILE_ROWS);
-    let out = OutPtr(y.as_mut_ptr());
-    let runs = (0..count.div_ceil(per_task)).map(|t| t * per_task..((t + 1) * per_task).min(count));
     if simd && m >= unpack_min_rows() {
         thread_local! {
+            /// This thread's group of unpacked panels.
             static UNPACKED: std::cell::RefCell<Vec<panels::Panel>> =
                 const { std::cell::RefCell::new(Vec::new()) };
         }
         let xq = super::Activations::quantize(x, m, k, W::UNPACKED.offsets, SUB_BLOCKS);
         let xs = PanelActivations::new(&xq, W::UNPACKED);
         let group = (UNPACKED_BYTES / (k * PANEL)).max(1);
-        runs.collect::<Vec<_>>().into_par_iter().for_each(|run| {
-            let starts: Vec<usize> = run.collect();
+        let unpack = |group: &[usize]| {
             UNPACKED.with_borrow_mut(|unpacked| {
-                let mut tile = [[0f32; PANEL]; TILE_ROWS];
-                for starts in starts.chunks(group) {
-                    if unpacked.len() < starts.len() {
-                        unpacked.resize_with(starts.len(), Default::default);
-                    }
-                    for (into, &p) in unpacked.iter_mut().zip(starts) {
-                        w.unpack(p, into);
-                    }
-                    for chunk0 in (0..m).step_by(chunk) {
-                        let chunk1 = (chunk0 + chunk).min(m);
-                        for (panel, &p) in unpacked.iter().zip(starts) {
-                            for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
-                                let rows = r0..(r0 + TILE_ROWS).min(chunk1);
-                                // SAFETY: only on AVX-512 VNNI (`enabled`); the panel was
-                                // unpacked with `k` values a row, as the activations have.
-                                unsafe { panel.multiply(&xs, rows.clone(), &mut tile) };
-                                // SAFETY: the rows are below m; panel p is this task's.
-                                unsafe { out.write(&tile, rows, p, n) };
-                            }
-                        }
-                    }
+                if unpacked.len() < group.len() {
+                    unpacked.resize_with(group.len(), Default::default);
                 }
-            });
+                for (into, &p) in unpacked.iter_mut().zip(group) {
+                    w.unpack(p, into);
+                }
+            })
+        };
+        for_each_tile(&mut y, m, k, group, unpack, |at, _, rows, tile| {
+            // SAFETY: only on AVX-512 VNNI (`enabled`); the panel was unpacked with `k` values
+            // a row, as the activations have.
+            UNPACKED.with_borrow(|unpacked| unsafe { unpacked[at].multiply(&xs, rows, tile) })
         });
     } else {
         let xs = Activations::new(x, m, k, W::SUM_STEP);
-        runs.collect::<Vec<_>>().into_par_iter().for_each(|run| {
-            let mut tile = [[0f32; PANEL]; TILE_ROWS];
-            for chunk0 in (0..m).step_by(chunk) {
-                let chunk1 = (chunk0 + chunk).min(m);
-                for p in run.clone() {
-                    for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
-                        let rows = r0..(r0 + TILE_ROWS).min(chunk1);
-                        w.tile(p, &xs, rows.clone(), &mut tile, simd);
-                        // SAFETY: the rows are below m; panel p is this task's.
-                        unsafe { out.write(&tile, rows, p, n) };
+        for_each_tile(
+            &mut y,
+            m,
+            k,
+            usize::MAX,
+            |_| {},
+            |_, p, rows, tile| w.tile(p, &xs, rows, tile, simd),
+        );
+    }
+    y
+}
+
+/// The loop of every product over panels, `y` `[m, n]` (`n` = panels × [`PANEL`]) for `k`
+/// values a row: the panels split between rayon's threads (about four runs each); each run taken
+/// a group of at most `group` panels at a time, `prepare(group)` called first (the unpacking of
+/// those panels), then the activation rows in chunks that stay in cache, and for each panel
+/// of the group and each tile of at most [`TILE_ROWS`] rows of the chunk `tile(index in the
+/// group, panel, rows, out)`, whose output is written into `y`.
+fn for_each_tile(
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    group: usize,
+    prepare: impl Fn(&[usize]) + Sync,
+    tile: impl Fn(usize, usize, std::ops::Range<usize>, &mut Tile) + Sync,
+) {
+    let n = y.len().checked_div(m).unwrap_or(0);
+    let count = n / PANEL;
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = count.div_ceil(threads * 4).max(1);
+    let chunk = (CHUNK_BYTES / k.max(1))
+        .max(CHUNK_MIN_ROWS)
+        .next_multiple_of(TILE_ROWS);
+    let out = OutPtr(y.as_mut_ptr());
+    (0..count.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let run: Vec<usize> = (task * per_task..((task + 1) * per_task).min(count)).collect();
+            let mut buf = [[0f32; PANEL]; TILE_ROWS];
+            for panels in run.chunks(group.max(1)) {
+                prepare(panels);
+                for chunk0 in (0..m).step_by(chunk) {
+                    let chunk1 = (chunk0 + chunk).min(m);
+                    for (at, &p) in panels.iter().enumerate() {
+                        for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
+                            let rows = r0..(r0 + TILE_ROWS).min(chunk1);
+                            tile(at, p, rows.clone(), &mut buf);
+                            // SAFETY: `y` holds m × n values; the rows are below m, and panel p
+                            // is this task's alone.
+                            unsafe { out.write(&buf, rows, p, n) };
+                        }
                     }
                 }
             }
         });
-    }
-    y
 }
 
 /// The output buffer of a product, shared by the tasks that write its disjoint columns.

@@ -5,7 +5,7 @@
 //! (in a `Q4_K_M` 0.5B file the `Q8_0` embedding is also the output head, 136M of its 494M
 //! weights; in SmolLM2-135M's `Q4_1` file it is 28M of 135M).
 
-use super::{OutPtr, Tile, CHUNK_BYTES, CHUNK_MIN_ROWS, PANEL, TILE_ROWS};
+use super::PANEL;
 use crate::model::quant::panels::{self, PanelActivations, PanelFormat};
 use crate::model::quant::{BlockWeights, Q8Matrix, QK};
 use rayon::prelude::*;
@@ -106,30 +106,18 @@ impl Q8Panels {
             return y;
         }
         let xs = PanelActivations::new(&xq, self.format);
-        let count = n / PANEL;
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = count.div_ceil(threads * 4).max(1);
-        let chunk = (CHUNK_BYTES / k)
-            .max(CHUNK_MIN_ROWS)
-            .next_multiple_of(TILE_ROWS);
-        let out = OutPtr(y.as_mut_ptr());
-        (0..count.div_ceil(per_task)).into_par_iter().for_each(|t| {
-            let run = t * per_task..((t + 1) * per_task).min(count);
-            let mut tile: Tile = [[0f32; PANEL]; TILE_ROWS];
-            for chunk0 in (0..m).step_by(chunk) {
-                let chunk1 = (chunk0 + chunk).min(m);
-                for p in run.clone() {
-                    for r0 in (chunk0..chunk1).step_by(TILE_ROWS) {
-                        let rows = r0..(r0 + TILE_ROWS).min(chunk1);
-                        // SAFETY: AVX-512 VNNI (`enabled`, checked above); the panel holds `k`
-                        // values a row, as the activations do.
-                        unsafe { self.panels[p].multiply(&xs, rows.clone(), &mut tile) };
-                        // SAFETY: the rows are below m; panel p is this task's.
-                        unsafe { out.write(&tile, rows, p, n) };
-                    }
-                }
-            }
-        });
+        super::for_each_tile(
+            &mut y,
+            m,
+            k,
+            usize::MAX,
+            |_| {},
+            |_, p, rows, tile| {
+                // SAFETY: AVX-512 VNNI (`enabled`, checked above); the panel holds `k` values a
+                // row, as the activations do.
+                unsafe { self.panels[p].multiply(&xs, rows, tile) }
+            },
+        );
         y
     }
 }
