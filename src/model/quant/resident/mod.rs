@@ -127,18 +127,50 @@ trait Panels: Sync {
     fn rows(&self) -> usize;
     /// Columns (inputs), a multiple of 256.
     fn cols(&self) -> usize;
-    /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, on AVX-512
-    /// VNNI when `simd` ([`enabled`]), else in plain Rust.
-    fn tile(
+    /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, in plain Rust
+    /// (machines without AVX-512 VNNI never lay panels out, but a matrix built anyway, in a
+    /// test, still multiplies correctly).
+    fn tile_portable(
         &self,
         p: usize,
         xs: &Activations,
         rows: std::ops::Range<usize>,
         out: &mut Tile,
-        simd: bool,
+    );
+    /// [`Panels::tile_portable`] on AVX-512 VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_vnni(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
     );
     /// Panel `p` as an 8-bit panel in [`Panels::UNPACKED`]'s format.
     fn unpack(&self, p: usize, into: &mut panels::Panel);
+}
+
+/// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, on AVX-512 VNNI
+/// when `simd` ([`enabled`]), else in plain Rust.
+fn tile<W: Panels>(
+    w: &W,
+    p: usize,
+    xs: &Activations,
+    rows: std::ops::Range<usize>,
+    out: &mut Tile,
+    simd: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` only where the CPU has AVX-512 F/BW/VL and VNNI (`enabled`).
+        unsafe { w.tile_vnni(p, xs, rows, out) };
+        return;
+    }
+    let _ = simd;
+    w.tile_portable(p, xs, rows, out);
 }
 
 /// The activation rows of a product for the nibble kernels: 8-bit values with one scale per
@@ -230,7 +262,7 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
             k,
             usize::MAX,
             |_| {},
-            |_, p, rows, tile| w.tile(p, &xs, rows, tile, simd),
+            |_, p, rows, out| tile(w, p, &xs, rows, out, simd),
         );
     }
     y
@@ -327,11 +359,11 @@ mod tests {
             let xs = Activations::new(&x, m, k, W::SUM_STEP);
             let mut portable = vec![0f32; m * n];
             for p in 0..n / PANEL {
-                let mut tile = [[0f32; PANEL]; TILE_ROWS];
+                let mut buf = [[0f32; PANEL]; TILE_ROWS];
                 for r0 in (0..m).step_by(TILE_ROWS) {
                     let rows = r0..(r0 + TILE_ROWS).min(m);
-                    w.tile(p, &xs, rows.clone(), &mut tile, false);
-                    for (i, row) in tile.iter().enumerate().take(rows.len()) {
+                    tile(w, p, &xs, rows.clone(), &mut buf, false);
+                    for (i, row) in buf.iter().enumerate().take(rows.len()) {
                         portable[(r0 + i) * n + p * PANEL..][..PANEL].copy_from_slice(row);
                     }
                 }

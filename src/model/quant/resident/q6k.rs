@@ -188,24 +188,27 @@ impl Panels for Q6kPanels {
         self.cols
     }
 
-    fn tile(
+    fn tile_portable(
         &self,
         p: usize,
         xs: &Activations,
         rows: std::ops::Range<usize>,
         out: &mut Tile,
-        simd: bool,
     ) {
-        let panel = self.panel(p);
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` only where the CPU has AVX-512 F/BW/VL and VNNI (`enabled`); the
-            // panel and the activations hold `cols` values a row, a multiple of 256.
-            unsafe { x86::tile(&panel, xs, rows, out) };
-            return;
-        }
-        let _ = simd;
-        portable_tile(&panel, xs, rows, out);
+        portable_tile(&self.panel(p), xs, rows, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_vnni(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+    ) {
+        // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
+        // values a row, a multiple of 256.
+        unsafe { x86::tile(&self.panel(p), xs, rows, out) };
     }
 
     /// A part's four groups of 4 values are the 8-bit layout's four groups: each byte's low 4
@@ -232,8 +235,7 @@ impl Panels for Q6kPanels {
     }
 }
 
-/// The kernel's arithmetic in plain Rust (machines without AVX-512 VNNI never lay panels out,
-/// but a matrix built anyway, in a test, still multiplies correctly).
+/// The kernel's arithmetic in plain Rust ([`Panels::tile_portable`]).
 fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
     for (i, r) in rows.enumerate() {
         let (x, sums) = (xs.row(r), xs.row_sums(r));
