@@ -30,7 +30,7 @@ pub use panels::PanelFormat;
 pub use q4::Q4Matrix;
 pub use q6::Q6Matrix;
 use rayon::prelude::*;
-pub use resident::{Q4kPanels, Q6kPanels, Q8Panels};
+pub use resident::{Q4Panels, Q4kPanels, Q6kPanels, Q8Panels, Resident};
 
 /// Values per block.
 pub const QK: usize = 32;
@@ -281,13 +281,9 @@ pub enum QuantWeight {
     Q4(Q4Matrix),
     /// A GGUF file's `Q6_K` super-blocks, kept as they are.
     Q6(Q6Matrix),
-    /// A GGUF file's `Q4_K` values laid out at load in panels for the AVX-512 VNNI kernels
+    /// Blocks laid out at load in panels for the AVX-512 VNNI kernels
     /// ([`QuantWeight::laid_out_for_machine`], the `resident` module).
-    Q4kPanels(Q4kPanels),
-    /// A GGUF file's `Q6_K` values laid out the same way.
-    Q6kPanels(Q6kPanels),
-    /// 8-bit blocks kept as the 8-bit panels' layout.
-    Q8Panels(Q8Panels),
+    Resident(Resident),
     /// Parts of different formats one under the other, each kept in its own: a fused
     /// projection whose parts the file stores in different types (a `Q4_K_M` file's q and k
     /// are `Q4_K`, its v `Q6_K` or `Q8_0`). Each part is multiplied by its own kernel and the
@@ -302,9 +298,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.rows(),
             QuantWeight::Q4(q) => q.rows(),
             QuantWeight::Q6(q) => q.rows(),
-            QuantWeight::Q4kPanels(q) => q.rows(),
-            QuantWeight::Q6kPanels(q) => q.rows(),
-            QuantWeight::Q8Panels(q) => q.rows(),
+            QuantWeight::Resident(q) => q.rows(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::rows).sum(),
         }
     }
@@ -315,9 +309,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.cols(),
             QuantWeight::Q4(q) => q.cols(),
             QuantWeight::Q6(q) => q.cols(),
-            QuantWeight::Q4kPanels(q) => q.cols(),
-            QuantWeight::Q6kPanels(q) => q.cols(),
-            QuantWeight::Q8Panels(q) => q.cols(),
+            QuantWeight::Resident(q) => q.cols(),
             QuantWeight::Stacked(parts) => parts.first().map_or(0, QuantWeight::cols),
         }
     }
@@ -328,9 +320,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.dequantize_row(r, out),
             QuantWeight::Q4(q) => q.dequantize_row(r, out),
             QuantWeight::Q6(q) => q.dequantize_row(r, out),
-            QuantWeight::Q4kPanels(q) => q.dequantize_row(r, out),
-            QuantWeight::Q6kPanels(q) => q.dequantize_row(r, out),
-            QuantWeight::Q8Panels(q) => q.dequantize_row(r, out),
+            QuantWeight::Resident(q) => q.dequantize_row(r, out),
             QuantWeight::Stacked(parts) => {
                 let mut r = r;
                 for p in parts {
@@ -364,9 +354,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => q.bytes(),
             QuantWeight::Q4(q) => q.bytes(),
             QuantWeight::Q6(q) => q.bytes(),
-            QuantWeight::Q4kPanels(q) => q.bytes(),
-            QuantWeight::Q6kPanels(q) => q.bytes(),
-            QuantWeight::Q8Panels(q) => q.bytes(),
+            QuantWeight::Resident(q) => q.bytes(),
             QuantWeight::Stacked(parts) => parts.iter().map(QuantWeight::bytes).sum(),
         }
     }
@@ -377,9 +365,7 @@ impl QuantWeight {
             QuantWeight::Q8(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q4(q) => product(q, Kernel::machine(), x, m),
             QuantWeight::Q6(q) => product(q, Kernel::machine(), x, m),
-            QuantWeight::Q4kPanels(q) => q.matmul_t(x, m),
-            QuantWeight::Q6kPanels(q) => q.matmul_t(x, m),
-            QuantWeight::Q8Panels(q) => q.matmul_t(x, m),
+            QuantWeight::Resident(q) => q.matmul_t(x, m),
             QuantWeight::Stacked(parts) => {
                 let n = self.rows();
                 let mut y = vec![0f32; m * n];
@@ -407,13 +393,7 @@ impl QuantWeight {
             QuantWeight::Q6(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
-            QuantWeight::Q4kPanels(q) => {
-                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
-            }
-            QuantWeight::Q6kPanels(q) => {
-                Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
-            }
-            QuantWeight::Q8Panels(q) => {
+            QuantWeight::Resident(q) => {
                 Q8Matrix::from_row_fn(q.rows(), q.cols(), 1, |r, out| q.dequantize_row(r, out))
             }
             QuantWeight::Stacked(parts) => {
@@ -450,27 +430,24 @@ impl QuantWeight {
     }
 
     /// The matrix in the layout this machine's kernels read fastest: on AVX-512 VNNI
-    /// ([`resident::enabled`]) `Q4_K`, `Q6_K` and 8-bit parts of whole panels laid out in
-    /// panels ([`Q4kPanels`], [`Q6kPanels`], [`Q8Panels`]: the same values and scales),
-    /// everything else as it is.
+    /// ([`resident::enabled`]) 4-, 5-, 6- and 8-bit parts of whole panels laid out in panels
+    /// ([`Resident`]: [`Q4Panels`], [`Q4kPanels`], [`Q6kPanels`], [`Q8Panels`], the same values
+    /// and scales), everything else as it is (`Q5_K`, rows that do not fill a panel).
     /// Called once at load, after [`QuantWeight::stack`].
     pub fn laid_out_for_machine(self) -> QuantWeight {
         if !resident::enabled() {
             return self;
         }
         match self {
-            QuantWeight::Q4(q) => match Q4kPanels::from_q4(&q) {
-                Some(p) => QuantWeight::Q4kPanels(p),
-                None => QuantWeight::Q4(q),
-            },
-            QuantWeight::Q6(q) => match Q6kPanels::from_q6(&q) {
-                Some(p) => QuantWeight::Q6kPanels(p),
-                None => QuantWeight::Q6(q),
-            },
-            QuantWeight::Q8(q) => match Q8Panels::from_q8(&q) {
-                Some(p) => QuantWeight::Q8Panels(p),
-                None => QuantWeight::Q8(q),
-            },
+            QuantWeight::Q4(q) => {
+                Resident::from_q4(&q).map_or(QuantWeight::Q4(q), QuantWeight::Resident)
+            }
+            QuantWeight::Q6(q) => {
+                Resident::from_q6(&q).map_or(QuantWeight::Q6(q), QuantWeight::Resident)
+            }
+            QuantWeight::Q8(q) => {
+                Resident::from_q8(&q).map_or(QuantWeight::Q8(q), QuantWeight::Resident)
+            }
             QuantWeight::Stacked(parts) => QuantWeight::Stacked(
                 parts
                     .into_iter()
@@ -489,11 +466,7 @@ enum Run {
     Q6(Vec<Q6Matrix>),
     /// Panels are laid out after stacking ([`QuantWeight::laid_out_for_machine`]); one met
     /// here is kept as a part of its own.
-    Q4kPanels(Q4kPanels),
-    /// As above.
-    Q6kPanels(Q6kPanels),
-    /// As above.
-    Q8Panels(Q8Panels),
+    Resident(Resident),
 }
 
 impl Run {
@@ -508,9 +481,7 @@ impl Run {
             (_, QuantWeight::Q8(q)) => runs.push(Run::Q8(vec![q])),
             (_, QuantWeight::Q4(q)) => runs.push(Run::Q4(vec![q])),
             (_, QuantWeight::Q6(q)) => runs.push(Run::Q6(vec![q])),
-            (_, QuantWeight::Q4kPanels(q)) => runs.push(Run::Q4kPanels(q)),
-            (_, QuantWeight::Q6kPanels(q)) => runs.push(Run::Q6kPanels(q)),
-            (_, QuantWeight::Q8Panels(q)) => runs.push(Run::Q8Panels(q)),
+            (_, QuantWeight::Resident(q)) => runs.push(Run::Resident(q)),
         }
     }
 
@@ -520,9 +491,7 @@ impl Run {
             Run::Q8(v) => QuantWeight::Q8(Q8Matrix::stack(v)),
             Run::Q4(v) => QuantWeight::Q4(Q4Matrix::stack(v)),
             Run::Q6(v) => QuantWeight::Q6(Q6Matrix::stack(v)),
-            Run::Q4kPanels(q) => QuantWeight::Q4kPanels(q),
-            Run::Q6kPanels(q) => QuantWeight::Q6kPanels(q),
-            Run::Q8Panels(q) => QuantWeight::Q8Panels(q),
+            Run::Resident(q) => QuantWeight::Resident(q),
         }
     }
 }

@@ -25,16 +25,17 @@
 //! 8-bit panels' layout and multiplied by their kernel: with thousands of rows the unpacking
 //! is paid once for all of them, and the nibble kernel's shifts and masks per tile are not.
 
+pub mod q4;
 pub mod q4k;
 pub mod q6k;
 pub mod q8;
 
+pub use q4::Q4Panels;
 pub use q4k::Q4kPanels;
 pub use q6k::Q6kPanels;
 pub use q8::Q8Panels;
 
 use super::panels::{self, PanelActivations, PanelFormat};
-use super::q4::SUB_BLOCKS;
 use super::{Q8Matrix, QK};
 use rayon::prelude::*;
 
@@ -116,8 +117,132 @@ fn set_nibble(nibbles: &mut [u8], v: usize, c: usize, u: u8) {
     nibbles[byte] |= if high { (u & 0x0F) << 4 } else { u & 0x0F };
 }
 
+/// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
+/// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of
+/// its first 4 values, its high nibbles the next, each byte at the same place.
+fn unpack_nibbles(nibbles: &[u8], values: &mut [u8]) {
+    for (src, dst) in nibbles
+        .chunks_exact(GROUP_BYTES)
+        .zip(values.chunks_exact_mut(2 * GROUP_BYTES))
+    {
+        let (low, high) = dst.split_at_mut(GROUP_BYTES);
+        for ((l, h), &v) in low.iter_mut().zip(high.iter_mut()).zip(src) {
+            (*l, *h) = (v & 0x0F, v >> 4);
+        }
+    }
+}
+
+/// A matrix laid out in panels at load ([`super::QuantWeight::laid_out_for_machine`]), in the
+/// layout of its blocks' format.
+#[derive(Debug, Clone)]
+pub enum Resident {
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`.
+    Q4(Q4Panels),
+    /// `Q4_K`.
+    Q4k(Q4kPanels),
+    /// `Q6_K`.
+    Q6k(Q6kPanels),
+    /// 8-bit blocks.
+    Q8(Q8Panels),
+}
+
+impl Resident {
+    /// `q` in panels when its format and shape have them ([`Q4kPanels::from_q4`],
+    /// [`Q4Panels::from_q4`]).
+    pub fn from_q4(q: &super::Q4Matrix) -> Option<Resident> {
+        Q4kPanels::from_q4(q)
+            .map(Resident::Q4k)
+            .or_else(|| Q4Panels::from_q4(q).map(Resident::Q4))
+    }
+
+    /// `q` in panels when its shape has them ([`Q6kPanels::from_q6`]).
+    pub fn from_q6(q: &super::Q6Matrix) -> Option<Resident> {
+        Q6kPanels::from_q6(q).map(Resident::Q6k)
+    }
+
+    /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]).
+    pub fn from_q8(q: &Q8Matrix) -> Option<Resident> {
+        Q8Panels::from_q8(q).map(Resident::Q8)
+    }
+
+    /// The matrix behind the format.
+    fn matrix(&self) -> &dyn Matrix {
+        match self {
+            Resident::Q4(q) => q,
+            Resident::Q4k(q) => q,
+            Resident::Q6k(q) => q,
+            Resident::Q8(q) => q,
+        }
+    }
+
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.matrix().rows()
+    }
+
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.matrix().cols()
+    }
+
+    /// Bytes the matrix holds in memory.
+    pub fn bytes(&self) -> usize {
+        self.matrix().bytes()
+    }
+
+    /// Row `r` as `f32` (`out.len() == cols`), the values the blocks give.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        self.matrix().dequantize_row(r, out)
+    }
+
+    /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major.
+    ///
+    /// # Panics
+    /// When `x.len() != m * cols` (a caller's bug).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matrix().matmul_t(x, m)
+    }
+}
+
+/// What [`Resident`] asks of each format's matrix.
+trait Matrix {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn bytes(&self) -> usize;
+    fn dequantize_row(&self, r: usize, out: &mut [f32]);
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32>;
+}
+
+/// Each format's inherent methods as [`Matrix`].
+macro_rules! matrix {
+    ($($t:ty),*) => {$(
+        impl Matrix for $t {
+            fn rows(&self) -> usize {
+                <$t>::rows(self)
+            }
+            fn cols(&self) -> usize {
+                <$t>::cols(self)
+            }
+            fn bytes(&self) -> usize {
+                <$t>::bytes(self)
+            }
+            fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+                <$t>::dequantize_row(self, r, out)
+            }
+            fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+                <$t>::matmul_t(self, x, m)
+            }
+        }
+    )*};
+}
+
+matrix!(Q4Panels, Q4kPanels, Q6kPanels, Q8Panels);
+
 /// Weights laid out in panels, as [`matmul`] multiplies them.
 trait Panels: Sync {
+    /// Blocks of [`QK`] activations that share one scale: a super-block's 8 (the k-quants,
+    /// whose kernels sum a super-block in integers) or 1 (formats with a scale per block).
+    const GROUP: usize;
     /// Values per integer sum of activations the nibble kernel reads: a block's 32 (what a
     /// `Q4_K` block's `mn` multiplies) or a part's 16 (`Q6_K`'s zero point times its `sc`).
     const SUM_STEP: usize;
@@ -125,7 +250,7 @@ trait Panels: Sync {
     const UNPACKED: PanelFormat;
     /// Rows (outputs), a multiple of [`PANEL`].
     fn rows(&self) -> usize;
-    /// Columns (inputs), a multiple of 256.
+    /// Columns (inputs), a multiple of [`QK`] · [`Panels::GROUP`].
     fn cols(&self) -> usize;
     /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, in plain Rust
     /// (machines without AVX-512 VNNI never lay panels out, but a matrix built anyway, in a
@@ -174,18 +299,21 @@ fn tile<W: Panels>(
 }
 
 /// The activation rows of a product for the nibble kernels: 8-bit values with one scale per
-/// super-block (as llama.cpp's `Q8_K`), and each step's integer sum `Σq_x`.
+/// super-block (as llama.cpp's `Q8_K`) or per block (its `Q8_0`), and each step's integer sum
+/// `Σq_x`.
 struct Activations {
     q: Q8Matrix,
     /// `m × cols / step` sums.
     sums: Vec<i32>,
     /// Sums per row.
     steps: usize,
+    /// Blocks per scale.
+    group: usize,
 }
 
 impl Activations {
-    fn new(x: &[f32], m: usize, k: usize, step: usize) -> Self {
-        let q = Q8Matrix::quantize_grouped(x, m, k, SUB_BLOCKS);
+    fn new(x: &[f32], m: usize, k: usize, group: usize, step: usize) -> Self {
+        let q = Q8Matrix::quantize_grouped(x, m, k, group);
         let sums = q
             .quants
             .chunks_exact(step)
@@ -195,6 +323,7 @@ impl Activations {
             q,
             sums,
             steps: k / step,
+            group,
         }
     }
 
@@ -209,9 +338,9 @@ impl Activations {
         &self.sums[r * self.steps..(r + 1) * self.steps]
     }
 
-    /// Row `r`'s scale for super-block `s`.
+    /// Row `r`'s scale for group `s` (a super-block of the k-quants, a block of the others).
     fn scale(&self, r: usize, s: usize) -> f32 {
-        self.q.scales[r * self.q.blocks + s * SUB_BLOCKS]
+        self.q.scales[r * self.q.blocks + s * self.group]
     }
 }
 
@@ -236,7 +365,7 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
             static UNPACKED: std::cell::RefCell<Vec<panels::Panel>> =
                 const { std::cell::RefCell::new(Vec::new()) };
         }
-        let xq = super::Activations::quantize(x, m, k, W::UNPACKED.offsets, SUB_BLOCKS);
+        let xq = super::Activations::quantize(x, m, k, W::UNPACKED.offsets, W::GROUP);
         let xs = PanelActivations::new(&xq, W::UNPACKED);
         let group = (UNPACKED_BYTES / (k * PANEL)).max(1);
         let unpack = |group: &[usize]| {
@@ -255,7 +384,7 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
             UNPACKED.with_borrow(|unpacked| unsafe { unpacked[at].multiply(&xs, rows, tile) })
         });
     } else {
-        let xs = Activations::new(x, m, k, W::SUM_STEP);
+        let xs = Activations::new(x, m, k, W::GROUP, W::SUM_STEP);
         for_each_tile(
             &mut y,
             m,
@@ -354,9 +483,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         for m in [1usize, 2, 3, 4, 5, 9, unpack_min_rows() + 3] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let xq = Q8Matrix::quantize_grouped(&x, m, k, SUB_BLOCKS).dequantize();
+            let xq = Q8Matrix::quantize_grouped(&x, m, k, W::GROUP).dequantize();
             let got = matmul(w, &x, m);
-            let xs = Activations::new(&x, m, k, W::SUM_STEP);
+            let xs = Activations::new(&x, m, k, W::GROUP, W::SUM_STEP);
             let mut portable = vec![0f32; m * n];
             for p in 0..n / PANEL {
                 let mut buf = [[0f32; PANEL]; TILE_ROWS];

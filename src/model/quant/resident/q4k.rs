@@ -162,6 +162,7 @@ impl Q4kPanels {
 }
 
 impl Panels for Q4kPanels {
+    const GROUP: usize = SUB_BLOCKS;
     const SUM_STEP: usize = QK;
 
     /// Unsigned values, a scale `d·sc` and an offset `−dmin·mn` per block.
@@ -202,21 +203,12 @@ impl Panels for Q4kPanels {
         unsafe { x86::tile(&self.panel(p), xs, rows, out) };
     }
 
-    /// A group of 8 values is the 8-bit layout's two groups of 4 (its low nibbles the first,
-    /// its high ones the second), so the split is a mask and a shift per byte.
+    /// The nibbles split into the 8-bit layout ([`super::unpack_nibbles`]), a block's scale
+    /// `d·sc` and offset `−dmin·mn`.
     fn unpack(&self, p: usize, into: &mut panels::Panel) {
         let part = self.panel(p);
         into.fill(Self::UNPACKED, self.cols, |values, scales, offsets| {
-            for (src, dst) in part
-                .values
-                .chunks_exact(GROUP_BYTES)
-                .zip(values.chunks_exact_mut(2 * GROUP_BYTES))
-            {
-                let (low, high) = dst.split_at_mut(GROUP_BYTES);
-                for ((l, h), &v) in low.iter_mut().zip(high.iter_mut()).zip(src) {
-                    (*l, *h) = (v & 0x0F, v >> 4);
-                }
-            }
+            super::unpack_nibbles(part.values, values);
             for (b, (scales, offsets)) in scales
                 .chunks_exact_mut(PANEL)
                 .zip(offsets.chunks_exact_mut(PANEL))

@@ -171,6 +171,7 @@ impl Q6kPanels {
 }
 
 impl Panels for Q6kPanels {
+    const GROUP: usize = QK_K / QK;
     const SUM_STEP: usize = PART;
 
     /// The raw 6-bit values, zero point 32, a scale `d·sc` per 16 values.

@@ -1,0 +1,574 @@
+//! `Q4_0`, `Q4_1`, `Q5_0` and `Q5_1` values in panels ([`super`]): a file's blocks of 32 values
+//! `v = d·u + m` (`u` in 0..16, or 0..32 with a fifth bit; `m = −8·d` for `Q4_0`, `−16·d` for
+//! `Q5_0`, an `f16` of its own for `Q4_1` and `Q5_1`), laid out per panel as
+//! - the values' low 4 bits, `16·k` bytes (the module's group layout);
+//! - for the 5-bit types, their fifth bits as AVX-512 byte masks: per group of 8 values four
+//!   `u64`, one per half of the columns and per nibble (low, high), bit `(c % 16)·4 + t` set
+//!   where that register's byte for column `c`'s value `t` takes 16 (one masked add each);
+//! - `d`: per block, 32 `f16` (one per column), as the file has it;
+//! - `m` (`Q4_1`, `Q5_1`): per block, 32 `f16`.
+//!
+//! The file's own sizes: 4.5, 5, 5.5 and 6 bits a weight. The [`Q4Matrix`] the loader makes
+//! keeps `d` and `m` as `f32` (6 bits a weight for `Q4_1`); at one activation row every byte
+//! read counts, and an `f16` scale is one conversion per 16 columns.
+//!
+//! The arithmetic is the dot kernels' with the activations' blocks (8 bits, a scale `d_x` per
+//! block, as llama.cpp's `Q8_0`): per block and column the integer `Σu·q_x`, then for a
+//! centered block `(Σu·q_x + o·Σq_x)·(d·d_x)` (`o` = −8 or −16, exact in integers) and for
+//! a block with an offset `Σu·q_x·(d·d_x) + m·(d_x·Σq_x)`.
+
+use super::{nibble, set_nibble, Activations, Panels, Tile, PANEL};
+use crate::model::quant::panels::{self, PanelFormat};
+use crate::model::quant::q4::{Q4Matrix, RowScales};
+use crate::model::quant::QK;
+use half::f16;
+use rayon::prelude::*;
+
+/// `u64` masks of fifth bits per group of 8 values in a panel.
+const MASKS: usize = 4;
+
+/// How a panel's blocks are offset.
+#[derive(Clone, Debug, PartialEq)]
+enum Offsets {
+    /// `m = o·d` with the same integer `o` for every block (`Q4_0`: −8, `Q5_0`: −16).
+    Centered(i32),
+    /// Per panel, per block, [`PANEL`] offsets (`Q4_1`, `Q5_1`).
+    Block(Vec<f16>),
+}
+
+/// A `[rows, cols]` matrix of `Q4_0`, `Q4_1`, `Q5_0` or `Q5_1` values in panels; `rows` a
+/// multiple of [`PANEL`], `cols` of [`QK`].
+#[derive(Clone)]
+pub struct Q4Panels {
+    rows: usize,
+    cols: usize,
+    /// `rows · cols / 2` bytes of low 4 bits, a panel after the other.
+    values: Vec<u8>,
+    /// Empty (4-bit values), or per panel, per group of 8 values, [`MASKS`] fifth-bit masks.
+    fifth: Vec<u64>,
+    /// Per panel, per block, [`PANEL`] scales.
+    d: Vec<f16>,
+    offsets: Offsets,
+}
+
+impl std::fmt::Debug for Q4Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4Panels[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// One panel's parts.
+struct Panel<'a> {
+    values: &'a [u8],
+    /// Empty for 4-bit values.
+    fifth: &'a [u64],
+    d: &'a [f16],
+    /// `None` for centered blocks.
+    m: Option<&'a [f16]>,
+    /// The centered blocks' `o` (0 with offsets of their own).
+    center: i32,
+    blocks: usize,
+}
+
+/// Where a panel keeps column `c`'s value `v`'s fifth bit: the mask and the bit.
+fn fifth_at(v: usize, c: usize) -> (usize, u32) {
+    let (g, high, t) = (v / 8, (v % 8) / 4, v % 4);
+    (g * MASKS + (c / 16) * 2 + high, ((c % 16) * 4 + t) as u32)
+}
+
+/// `x` as an `f16`, when that is exact.
+fn exact_f16(x: f32) -> Option<f16> {
+    let h = f16::from_f32(x);
+    (h.to_f32() == x).then_some(h)
+}
+
+impl Panel<'_> {
+    /// Column `c`'s value `v`, 0..16 or 0..32.
+    fn value(&self, v: usize, c: usize) -> u8 {
+        let low = nibble(self.values, v, c);
+        match self.fifth.is_empty() {
+            true => low,
+            false => {
+                let (mask, bit) = fifth_at(v, c);
+                low | ((((self.fifth[mask] >> bit) & 1) as u8) << 4)
+            }
+        }
+    }
+
+    /// Block `b`'s scale and offset for column `c`.
+    fn scale_offset(&self, b: usize, c: usize) -> (f32, f32) {
+        let d = self.d[b * PANEL + c].to_f32();
+        match self.m {
+            Some(m) => (d, m[b * PANEL + c].to_f32()),
+            None => (d, self.center as f32 * d),
+        }
+    }
+}
+
+impl Q4Panels {
+    /// `q` in panels, when it holds per-block scales (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`) that
+    /// `f16` holds exactly (the file's always do) and its rows fill whole panels; else `None`
+    /// (it stays as it is).
+    pub fn from_q4(q: &Q4Matrix) -> Option<Q4Panels> {
+        let (rows, cols) = (q.rows(), q.cols());
+        if q.has_super_block_scales()
+            || rows == 0
+            || !rows.is_multiple_of(PANEL)
+            || cols == 0
+            || !cols.is_multiple_of(QK)
+        {
+            return None;
+        }
+        let blocks = cols / QK;
+        let offsets = match q.row(0).scales {
+            RowScales::Centered { offset, .. } if offset.fract() == 0.0 && offset.abs() <= 64.0 => {
+                Offsets::Centered(offset as i32)
+            }
+            RowScales::Block { .. } => Offsets::Block(vec![f16::ZERO; rows * blocks]),
+            _ => return None,
+        };
+        let exact = (0..rows).into_par_iter().all(|r| match q.row(r).scales {
+            RowScales::Centered { d, offset } => {
+                Offsets::Centered(offset as i32) == offsets
+                    && d.iter().all(|&d| exact_f16(d).is_some())
+            }
+            RowScales::Block { d, m } => d.iter().chain(m).all(|&v| exact_f16(v).is_some()),
+            RowScales::Super { .. } => false,
+        });
+        if !exact {
+            return None;
+        }
+        let five = q.is_five_bit();
+        let mut out = Q4Panels {
+            rows,
+            cols,
+            values: vec![0; rows * cols / 2],
+            fifth: vec![
+                0;
+                if five {
+                    rows / PANEL * cols / 8 * MASKS
+                } else {
+                    0
+                }
+            ],
+            d: vec![f16::ZERO; rows * blocks],
+            offsets,
+        };
+        let mut m_out = match &mut out.offsets {
+            Offsets::Block(m) => Some(m.par_chunks_mut(PANEL * blocks)),
+            Offsets::Centered(_) => None,
+        };
+        let fill = |p: usize,
+                    values: &mut [u8],
+                    fifth: &mut [u64],
+                    d: &mut [f16],
+                    mut m: Option<&mut [f16]>| {
+            for c in 0..PANEL {
+                let row = q.row(p * PANEL + c);
+                for b in 0..blocks {
+                    let (rd, rm) = match row.scales {
+                        RowScales::Centered { d, .. } => (d[b], None),
+                        RowScales::Block { d, m } => (d[b], Some(m[b])),
+                        RowScales::Super { .. } => unreachable!("checked above: per-block scales"),
+                    };
+                    d[b * PANEL + c] = f16::from_f32(rd);
+                    if let (Some(m), Some(rm)) = (m.as_deref_mut(), rm) {
+                        m[b * PANEL + c] = f16::from_f32(rm);
+                    }
+                    for (j, &u) in row.block_values(b).iter().enumerate() {
+                        let v = b * QK + j;
+                        set_nibble(values, v, c, u);
+                        if u >= 16 {
+                            let (mask, bit) = fifth_at(v, c);
+                            fifth[mask] |= 1 << bit;
+                        }
+                    }
+                }
+            }
+        };
+        let fifth_per_panel = if five { cols / 8 * MASKS } else { 0 };
+        let values = out.values.par_chunks_mut(PANEL * cols / 2);
+        let d = out.d.par_chunks_mut(PANEL * blocks);
+        // Zero-length chunks are not allowed: a 4-bit matrix's empty masks take one slice per
+        // panel from a buffer of one.
+        let mut no_fifth = vec![0u64; rows / PANEL];
+        let fifth = match five {
+            true => out.fifth.par_chunks_mut(fifth_per_panel),
+            false => no_fifth.par_chunks_mut(1),
+        };
+        match m_out.take() {
+            Some(m) => values
+                .zip(fifth)
+                .zip(d)
+                .zip(m)
+                .enumerate()
+                .for_each(|(p, (((values, fifth), d), m))| fill(p, values, fifth, d, Some(m))),
+            None => values
+                .zip(fifth)
+                .zip(d)
+                .enumerate()
+                .for_each(|(p, ((values, fifth), d))| fill(p, values, fifth, d, None)),
+        }
+        Some(out)
+    }
+
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the matrix holds in memory (the file's blocks' size).
+    pub fn bytes(&self) -> usize {
+        let m = match &self.offsets {
+            Offsets::Block(m) => m.len(),
+            Offsets::Centered(_) => 0,
+        };
+        self.values.len() + 8 * self.fifth.len() + 2 * (self.d.len() + m)
+    }
+
+    /// Row `r` as `f32` (`out.len() == cols`): `d·u + m`, as the file's blocks give it.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (part, c) = (self.panel(r / PANEL), r % PANEL);
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let (d, m) = part.scale_offset(b, c);
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = d * part.value(b * QK + j, c) as f32 + m;
+            }
+        }
+    }
+
+    /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major ([`super`]'s product).
+    ///
+    /// # Panics
+    /// When `x.len() != m * cols` (a caller's bug).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        super::matmul(self, x, m)
+    }
+
+    /// Panel `p`'s parts.
+    fn panel(&self, p: usize) -> Panel<'_> {
+        let (k, blocks) = (self.cols, self.cols / QK);
+        let masks = k / 8 * MASKS;
+        let (m, center) = match &self.offsets {
+            Offsets::Block(m) => (Some(&m[p * PANEL * blocks..(p + 1) * PANEL * blocks]), 0),
+            Offsets::Centered(o) => (None, *o),
+        };
+        Panel {
+            values: &self.values[p * PANEL * k / 2..(p + 1) * PANEL * k / 2],
+            fifth: self.fifth.get(p * masks..(p + 1) * masks).unwrap_or(&[]),
+            d: &self.d[p * PANEL * blocks..(p + 1) * PANEL * blocks],
+            m,
+            center,
+            blocks,
+        }
+    }
+}
+
+impl Panels for Q4Panels {
+    const GROUP: usize = 1;
+    const SUM_STEP: usize = QK;
+
+    /// Unsigned values, a scale `d` and an offset `m` per block.
+    const UNPACKED: PanelFormat = PanelFormat {
+        step: QK,
+        zero: 0,
+        offsets: true,
+    };
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn tile_portable(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+    ) {
+        portable_tile(&self.panel(p), xs, rows, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_vnni(
+        &self,
+        p: usize,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+    ) {
+        let part = self.panel(p);
+        // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
+        // values a row, a multiple of 32, with one scale per block.
+        unsafe {
+            match (part.fifth.is_empty(), part.m.is_some()) {
+                (true, false) => x86::tile::<false, false>(&part, xs, rows, out),
+                (true, true) => x86::tile::<false, true>(&part, xs, rows, out),
+                (false, false) => x86::tile::<true, false>(&part, xs, rows, out),
+                (false, true) => x86::tile::<true, true>(&part, xs, rows, out),
+            }
+        }
+    }
+
+    /// The nibbles split into the 8-bit layout ([`super::unpack_nibbles`]), 16 added where
+    /// a fifth bit is set, a block's scale `d` and offset `m`.
+    fn unpack(&self, p: usize, into: &mut panels::Panel) {
+        let part = self.panel(p);
+        into.fill(Self::UNPACKED, self.cols, |values, scales, offsets| {
+            super::unpack_nibbles(part.values, values);
+            // Group g's masks: [half][low, high]; its low nibbles are the 8-bit layout's
+            // group 2g, its high ones 2g + 1, each half 64 bytes.
+            for (masks, dst) in part
+                .fifth
+                .chunks_exact(MASKS)
+                .zip(values.chunks_exact_mut(2 * PANEL * 4))
+            {
+                for (i, &mask) in masks.iter().enumerate() {
+                    let (h, high) = (i / 2, i % 2);
+                    let bytes = &mut dst[high * PANEL * 4 + h * 64..][..64];
+                    for (j, byte) in bytes.iter_mut().enumerate() {
+                        *byte |= (((mask >> j) & 1) as u8) << 4;
+                    }
+                }
+            }
+            for (b, (scales, offsets)) in scales
+                .chunks_exact_mut(PANEL)
+                .zip(offsets.chunks_exact_mut(PANEL))
+                .enumerate()
+            {
+                for c in 0..PANEL {
+                    (scales[c], offsets[c]) = part.scale_offset(b, c);
+                }
+            }
+        });
+    }
+}
+
+/// The kernel's arithmetic in plain Rust ([`Panels::tile_portable`]).
+fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
+    for (i, r) in rows.enumerate() {
+        let (x, sums) = (xs.row(r), xs.row_sums(r));
+        for (c, o) in out[i].iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (b, &x_sum) in sums.iter().enumerate().take(p.blocks) {
+                let isum: i32 = (b * QK..(b + 1) * QK)
+                    .map(|v| p.value(v, c) as i32 * x[v] as i32)
+                    .sum();
+                let (d, dx) = (p.d[b * PANEL + c].to_f32(), xs.scale(r, b));
+                acc += match p.m {
+                    None => (isum + p.center * x_sum) as f32 * (d * dx),
+                    Some(m) => {
+                        isum as f32 * (d * dx) + m[b * PANEL + c].to_f32() * (dx * x_sum as f32)
+                    }
+                };
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Activations, Panel, Tile, MASKS, PANEL};
+    use crate::model::quant::resident::GROUP_BYTES;
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_tile`] on AVX-512 VNNI, for 5-bit values (`FIVE`) or 4-bit, blocks
+    /// with offsets of their own (`OFFSETS`) or centered.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW, VL and VNNI; the panel and the activations hold the same
+    /// number of values a row, a multiple of 32, the activations one scale per block.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile<const FIVE: bool, const OFFSETS: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: std::ops::Range<usize>,
+        out: &mut Tile,
+    ) {
+        match rows.len() {
+            0 => {}
+            1 => tile_rows::<1, FIVE, OFFSETS>(p, xs, rows.start, out),
+            2 => tile_rows::<2, FIVE, OFFSETS>(p, xs, rows.start, out),
+            3 => tile_rows::<3, FIVE, OFFSETS>(p, xs, rows.start, out),
+            _ => tile_rows::<4, FIVE, OFFSETS>(p, xs, rows.start, out),
+        }
+    }
+
+    /// [`tile`] for `R` activation rows from `r0`. With one or two rows each block's sums are
+    /// split between the low and high nibbles' products, so that enough independent
+    /// `vpdpbusd` chains run at once; with more, the rows give them.
+    #[inline(always)]
+    unsafe fn tile_rows<const R: usize, const FIVE: bool, const OFFSETS: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        r0: usize,
+        out: &mut Tile,
+    ) {
+        let mut x = [std::ptr::null::<i8>(); R];
+        let mut x_sums = [std::ptr::null::<i32>(); R];
+        for i in 0..R {
+            x[i] = xs.row(r0 + i).as_ptr();
+            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
+        }
+        let nibble = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
+        let values = p.values.as_ptr();
+        let fifth = p.fifth.as_ptr();
+        let center = _mm512_set1_epi32(p.center);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for b in 0..p.blocks {
+            // Per row and half: sums of the low nibbles' products and the high ones'.
+            let mut lo = [[_mm512_setzero_si512(); 2]; R];
+            let mut hi = [[_mm512_setzero_si512(); 2]; R];
+            for g in b * 4..b * 4 + 4 {
+                let at = values.add(g * GROUP_BYTES);
+                let v = [
+                    _mm512_loadu_si512(at as *const __m512i),
+                    _mm512_loadu_si512(at.add(64) as *const __m512i),
+                ];
+                for h in 0..2 {
+                    let mut low = _mm512_and_si512(v[h], nibble);
+                    let mut high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
+                    if FIVE {
+                        let masks = fifth.add(g * MASKS + 2 * h);
+                        low = _mm512_mask_add_epi8(low, *masks, low, sixteen);
+                        high = _mm512_mask_add_epi8(high, *masks.add(1), high, sixteen);
+                    }
+                    for i in 0..R {
+                        let four = |at: usize| {
+                            _mm512_set1_epi32(std::ptr::read_unaligned(x[i].add(at) as *const i32))
+                        };
+                        let (xl, xh) = (four(8 * g), four(8 * g + 4));
+                        lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], low, xl);
+                        if R <= 2 {
+                            hi[i][h] = _mm512_dpbusd_epi32(hi[i][h], high, xh);
+                        } else {
+                            lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], high, xh);
+                        }
+                    }
+                }
+            }
+            let f16s =
+                |v: *const half::f16| _mm512_cvtph_ps(_mm256_loadu_si256(v as *const __m256i));
+            for h in 0..2 {
+                let d = f16s(p.d.as_ptr().add(b * PANEL + 16 * h));
+                let m = match p.m {
+                    Some(m) if OFFSETS => f16s(m.as_ptr().add(b * PANEL + 16 * h)),
+                    _ => _mm512_setzero_ps(),
+                };
+                for i in 0..R {
+                    let mut sum = if R <= 2 {
+                        _mm512_add_epi32(lo[i][h], hi[i][h])
+                    } else {
+                        lo[i][h]
+                    };
+                    let x_sum = *x_sums[i].add(b);
+                    let dx = xs.scale(r0 + i, b);
+                    if !OFFSETS {
+                        sum = _mm512_add_epi32(
+                            sum,
+                            _mm512_mullo_epi32(center, _mm512_set1_epi32(x_sum)),
+                        );
+                    }
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                    acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i][h]);
+                    if OFFSETS {
+                        acc[i][h] =
+                            _mm512_fmadd_ps(m, _mm512_set1_ps(dx * x_sum as f32), acc[i][h]);
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::GgmlType;
+    use rand::{Rng, SeedableRng};
+
+    /// A matrix of `ty`'s random blocks (every byte random but the `f16` scale and offset).
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Q4Matrix {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (offset, fifth) = match ty {
+            GgmlType::Q4_0 => (false, false),
+            GgmlType::Q4_1 => (true, false),
+            GgmlType::Q5_0 => (false, true),
+            GgmlType::Q5_1 => (true, true),
+            other => panic!("not a per-block 4/5-bit type: {other:?}"),
+        };
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK {
+            bytes.extend(f16::from_f32(rng.random_range(0.001f32..0.02)).to_le_bytes());
+            if offset {
+                bytes.extend(f16::from_f32(rng.random_range(-0.2f32..0.0)).to_le_bytes());
+            }
+            let data = if fifth { 4 + QK / 2 } else { QK / 2 };
+            bytes.extend((0..data).map(|_| rng.random::<u8>()));
+        }
+        Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("blocks")
+    }
+
+    const TYPES: [GgmlType; 4] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ];
+
+    #[test]
+    fn panels_hold_the_blocks_values_in_the_files_size() {
+        for (ty, file_bytes) in TYPES.into_iter().zip([18, 20, 22, 24]) {
+            let q = random_blocks(ty, 64, 96, 3);
+            let p = Q4Panels::from_q4(&q).expect("whole panels");
+            assert_eq!((p.rows(), p.cols()), (64, 96));
+            assert_eq!(p.bytes(), 64 * 96 / QK * file_bytes, "{ty:?}");
+            let (mut want, mut got) = (vec![0f32; 96], vec![0f32; 96]);
+            for r in 0..64 {
+                q.dequantize_row(r, &mut want);
+                p.dequantize_row(r, &mut got);
+                assert_eq!(got, want, "{ty:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_whole_panels_of_per_block_scales_are_laid_out() {
+        assert!(Q4Panels::from_q4(&random_blocks(GgmlType::Q4_1, 48, 64, 1)).is_none());
+        assert!(Q4Panels::from_q4(&random_blocks(GgmlType::Q4_1, 32, 64, 1)).is_some());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let mut bytes = Vec::new();
+        for _ in 0..32 {
+            bytes.extend(f16::from_f32(0.002).to_le_bytes());
+            bytes.extend(f16::from_f32(0.01).to_le_bytes());
+            bytes.extend((0..12 + 128).map(|_| rng.random::<u8>()));
+        }
+        let q4k = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, 32, 256, |r| r).expect("Q4_K");
+        assert!(Q4Panels::from_q4(&q4k).is_none());
+    }
+
+    #[test]
+    fn the_product_matches_the_dequantized_weights() {
+        // 576 columns: 18 blocks, SmolLM2-135M's hidden size, not a multiple of 256.
+        for (i, ty) in TYPES.into_iter().enumerate() {
+            let q = random_blocks(ty, 64, 576, 20 + i as u64);
+            let p = Q4Panels::from_q4(&q).expect("whole panels");
+            super::super::tests::assert_product_matches(&p, &q.dequantize(), &format!("{ty:?}"));
+        }
+    }
+}
