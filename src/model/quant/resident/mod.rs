@@ -117,6 +117,24 @@ fn set_nibble(nibbles: &mut [u8], v: usize, c: usize, u: u8) {
     nibbles[byte] |= if high { (u & 0x0F) << 4 } else { u & 0x0F };
 }
 
+/// `x` as an `f16`, when that is exact (a scale read from a file's `f16` always is).
+fn exact_f16(x: f32) -> Option<half::f16> {
+    let h = half::f16::from_f32(x);
+    (h.to_f32() == x).then_some(h)
+}
+
+/// Sixteen `f16` from `v` as `f32` (one scale per column of a half panel).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `v` points to 16 readable `f16`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_f16x16(v: *const half::f16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(v as *const __m256i)) }
+}
+
 /// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
 /// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of
 /// its first 4 values, its high nibbles the next, each byte at the same place.

@@ -17,7 +17,7 @@
 //! centered block `(Σu·q_x + o·Σq_x)·(d·d_x)` (`o` = −8 or −16, exact in integers) and for
 //! a block with an offset `Σu·q_x·(d·d_x) + m·(d_x·Σq_x)`.
 
-use super::{nibble, set_nibble, Activations, Panels, Tile, PANEL};
+use super::{exact_f16, nibble, set_nibble, Activations, Panels, Tile, PANEL};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales};
 use crate::model::quant::QK;
@@ -74,12 +74,6 @@ struct Panel<'a> {
 fn fifth_at(v: usize, c: usize) -> (usize, u32) {
     let (g, high, t) = (v / 8, (v % 8) / 4, v % 4);
     (g * MASKS + (c / 16) * 2 + high, ((c % 16) * 4 + t) as u32)
-}
-
-/// `x` as an `f16`, when that is exact.
-fn exact_f16(x: f32) -> Option<f16> {
-    let h = f16::from_f32(x);
-    (h.to_f32() == x).then_some(h)
 }
 
 impl Panel<'_> {
@@ -379,7 +373,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, MASKS, PANEL};
-    use crate::model::quant::resident::GROUP_BYTES;
+    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
     use std::arch::x86_64::*;
 
     /// [`super::portable_tile`] on AVX-512 VNNI, for 5-bit values (`FIVE`) or 4-bit, blocks
@@ -458,12 +452,10 @@ mod x86 {
                     }
                 }
             }
-            let f16s =
-                |v: *const half::f16| _mm512_cvtph_ps(_mm256_loadu_si256(v as *const __m256i));
             for h in 0..2 {
-                let d = f16s(p.d.as_ptr().add(b * PANEL + 16 * h));
+                let d = load_f16x16(p.d.as_ptr().add(b * PANEL + 16 * h));
                 let m = match p.m {
-                    Some(m) if OFFSETS => f16s(m.as_ptr().add(b * PANEL + 16 * h)),
+                    Some(m) if OFFSETS => load_f16x16(m.as_ptr().add(b * PANEL + 16 * h)),
                     _ => _mm512_setzero_ps(),
                 };
                 for i in 0..R {

@@ -1,19 +1,23 @@
-//! `Q4_K` values in panels ([`super`]): the same bytes a [`Q4Matrix`] of `Q4_K` holds (4-bit
-//! values, per block a 6-bit `sc` and `mn` byte, per super-block an `f32` `d` and `dmin`: 4.75
-//! bits a weight), laid out per panel as
+//! `Q4_K` values in panels ([`super`]): the values and scales a [`Q4Matrix`] of `Q4_K` holds
+//! (4-bit values, per block a 6-bit `sc` and `mn` byte, per super-block a `d` and a `dmin`),
+//! laid out per panel as
 //! - the values' nibbles, `16·k` bytes (the module's group layout);
 //! - `sc` and `mn`: per block of 32 values, 32 bytes (one per column);
-//! - `d` and `dmin`: per super-block of 256 values, 32 `f32` (one per column).
+//! - `d` and `dmin`: per super-block of 256 values, 32 `f16` (one per column), as the file has
+//!   them.
+//!
+//! 4.625 bits a weight (the file: 4.5, its 6-bit `sc` and `mn` packed in 12 bytes).
 //!
 //! The arithmetic is the dot kernels' (`v = (d·sc)·q − dmin·mn`): per block and column the
 //! integer `Σq·q_x`, times `sc` and summed over the super-block's eight blocks in integers (at
 //! most 8·63·32·15·127 < 2³¹), as is `Σ mn·Σq_x`; per super-block one conversion and two
 //! multiply-adds by `d·d_x` and `−dmin·d_x`.
 
-use super::{nibble, set_nibble, Activations, Panels, Tile, GROUP_BYTES, PANEL};
+use super::{exact_f16, nibble, set_nibble, Activations, Panels, Tile, PANEL};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales, SUB_BLOCKS};
 use crate::model::quant::QK;
+use half::f16;
 use rayon::prelude::*;
 
 /// A `[rows, cols]` matrix of `Q4_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
@@ -29,9 +33,9 @@ pub struct Q4kPanels {
     /// Per panel, per block, [`PANEL`] min multipliers.
     mn: Vec<u8>,
     /// Per panel, per super-block, [`PANEL`] scales.
-    d: Vec<f32>,
+    d: Vec<f16>,
     /// Per panel, per super-block, [`PANEL`] mins.
-    dmin: Vec<f32>,
+    dmin: Vec<f16>,
 }
 
 impl std::fmt::Debug for Q4kPanels {
@@ -45,8 +49,8 @@ struct Panel<'a> {
     values: &'a [u8],
     sc: &'a [u8],
     mn: &'a [u8],
-    d: &'a [f32],
-    dmin: &'a [f32],
+    d: &'a [f16],
+    dmin: &'a [f16],
     supers: usize,
 }
 
@@ -66,14 +70,23 @@ impl Q4kPanels {
         }
         let blocks = cols / QK;
         let supers = blocks / SUB_BLOCKS;
+        let exact = (0..rows).into_par_iter().all(|r| match q.row(r).scales {
+            RowScales::Super { d, dmin, .. } => {
+                d.iter().chain(dmin).all(|&v| exact_f16(v).is_some())
+            }
+            _ => false,
+        });
+        if !exact {
+            return None;
+        }
         let mut out = Q4kPanels {
             rows,
             cols,
             values: vec![0; rows * cols / 2],
             sc: vec![0; rows * blocks],
             mn: vec![0; rows * blocks],
-            d: vec![0.0; rows * supers],
-            dmin: vec![0.0; rows * supers],
+            d: vec![f16::ZERO; rows * supers],
+            dmin: vec![f16::ZERO; rows * supers],
         };
         out.values
             .par_chunks_mut(PANEL * cols / 2)
@@ -95,8 +108,8 @@ impl Q4kPanels {
                         unreachable!("checked above: super-block scales");
                     };
                     for s in 0..supers {
-                        d[s * PANEL + c] = rd[s];
-                        dmin[s * PANEL + c] = rdmin[s];
+                        d[s * PANEL + c] = f16::from_f32(rd[s]);
+                        dmin[s * PANEL + c] = f16::from_f32(rdmin[s]);
                     }
                     for b in 0..blocks {
                         sc[b * PANEL + c] = rsc[b];
@@ -120,9 +133,9 @@ impl Q4kPanels {
         self.cols
     }
 
-    /// Bytes the matrix holds in memory (the same as the [`Q4Matrix`] it came from).
+    /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
-        self.values.len() + self.sc.len() + self.mn.len() + 4 * (self.d.len() + self.dmin.len())
+        self.values.len() + self.sc.len() + self.mn.len() + 2 * (self.d.len() + self.dmin.len())
     }
 
     /// Row `r` as `f32` (`out.len() == cols`): `(d·sc)·q − dmin·mn`, as [`Q4Matrix`] gives it.
@@ -130,8 +143,8 @@ impl Q4kPanels {
         let (part, c) = (self.panel(r / PANEL), r % PANEL);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let s = b / SUB_BLOCKS;
-            let d = part.d[s * PANEL + c] * part.sc[b * PANEL + c] as f32;
-            let m = -(part.dmin[s * PANEL + c] * part.mn[b * PANEL + c] as f32);
+            let d = part.d[s * PANEL + c].to_f32() * part.sc[b * PANEL + c] as f32;
+            let m = -(part.dmin[s * PANEL + c].to_f32() * part.mn[b * PANEL + c] as f32);
             for (j, o) in o.iter_mut().enumerate() {
                 *o = d * nibble(part.values, b * QK + j, c) as f32 + m;
             }
@@ -216,8 +229,9 @@ impl Panels for Q4kPanels {
             {
                 let s = b / SUB_BLOCKS;
                 for c in 0..PANEL {
-                    scales[c] = part.d[s * PANEL + c] * part.sc[b * PANEL + c] as f32;
-                    offsets[c] = -(part.dmin[s * PANEL + c] * part.mn[b * PANEL + c] as f32);
+                    scales[c] = part.d[s * PANEL + c].to_f32() * part.sc[b * PANEL + c] as f32;
+                    offsets[c] =
+                        -(part.dmin[s * PANEL + c].to_f32() * part.mn[b * PANEL + c] as f32);
                 }
             }
         });
@@ -241,8 +255,8 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, 
                     macc += x_sum * p.mn[b * PANEL + c] as i32;
                 }
                 let dx = xs.scale(r, s);
-                acc += iacc as f32 * (p.d[s * PANEL + c] * dx);
-                acc -= macc as f32 * (p.dmin[s * PANEL + c] * dx);
+                acc += iacc as f32 * (p.d[s * PANEL + c].to_f32() * dx);
+                acc -= macc as f32 * (p.dmin[s * PANEL + c].to_f32() * dx);
             }
             *o = acc;
         }
@@ -251,7 +265,8 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activations, Panel, Tile, GROUP_BYTES, PANEL, SUB_BLOCKS};
+    use super::{Activations, Panel, Tile, PANEL, SUB_BLOCKS};
+    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
     use std::arch::x86_64::*;
 
     /// [`super::portable_tile`] on AVX-512 VNNI.
@@ -345,8 +360,8 @@ mod x86 {
                 }
             }
             for h in 0..2 {
-                let d = _mm512_loadu_ps(p.d.as_ptr().add(s * PANEL + 16 * h));
-                let dmin = _mm512_loadu_ps(p.dmin.as_ptr().add(s * PANEL + 16 * h));
+                let d = load_f16x16(p.d.as_ptr().add(s * PANEL + 16 * h));
+                let dmin = load_f16x16(p.dmin.as_ptr().add(s * PANEL + 16 * h));
                 for i in 0..R {
                     let dx = _mm512_set1_ps(xs.scale(r0 + i, s));
                     acc[i][h] = _mm512_fmadd_ps(
@@ -388,11 +403,12 @@ mod tests {
     }
 
     #[test]
-    fn panels_hold_the_blocks_values_in_the_same_bytes() {
+    fn panels_hold_the_blocks_values_in_four_and_five_eighths_bits() {
         let q = random_q4k(64, 512, 3);
         let p = Q4kPanels::from_q4(&q).expect("whole panels");
         assert_eq!((p.rows(), p.cols()), (64, 512));
-        assert_eq!(p.bytes(), q.bytes());
+        // Per super-block: 128 bytes of nibbles, 8 + 8 of `sc` and `mn`, 2 + 2 of `d` and `dmin`.
+        assert_eq!(p.bytes(), 64 * 512 / 256 * 148);
         let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
         for r in 0..64 {
             q.dequantize_row(r, &mut want);

@@ -7,9 +7,9 @@
 //!   `16j + 4i .. 16j + 4i + 4` (one load gives the four registers of a part their high bits
 //!   with a shift and a mask each);
 //! - `sc`: per part, 32 signed bytes (one per column);
-//! - `d`: per super-block, 32 `f32` (one per column);
+//! - `d`: per super-block, 32 `f16` (one per column), as the file has it;
 //!
-//! 6.625 bits a weight (the file: 6.5625, its `d` an `f16`).
+//! 6.5625 bits a weight, the file's size.
 //!
 //! The arithmetic is the dot kernel's: per part and column the integer `Σu·q_x − 32·Σq_x`
 //! (the zero point taken back exactly), times `sc` and summed over the super-block's sixteen
@@ -17,7 +17,7 @@
 //! conversion and one multiply-add by `d·d_x`.
 
 use super::{nibble, set_nibble, Activations, Panels, Tile, GROUP_BYTES, PANEL};
-use crate::model::gguf::{f16_at, QK_K};
+use crate::model::gguf::QK_K;
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q6::{self, Q6Matrix, BLOCK_BYTES};
 use crate::model::quant::QK;
@@ -45,7 +45,7 @@ pub struct Q6kPanels {
     /// Per panel, per part, [`PANEL`] scale multipliers.
     sc: Vec<i8>,
     /// Per panel, per super-block, [`PANEL`] scales.
-    d: Vec<f32>,
+    d: Vec<half::f16>,
 }
 
 impl std::fmt::Debug for Q6kPanels {
@@ -59,7 +59,7 @@ struct Panel<'a> {
     low: &'a [u8],
     high: &'a [u8],
     sc: &'a [i8],
-    d: &'a [f32],
+    d: &'a [half::f16],
     supers: usize,
 }
 
@@ -91,7 +91,7 @@ impl Q6kPanels {
             low: vec![0; rows * cols / 2],
             high: vec![0; rows * cols / 4],
             sc: vec![0; rows * parts],
-            d: vec![0.0; rows * supers],
+            d: vec![half::f16::ZERO; rows * supers],
         };
         out.low
             .par_chunks_mut(PANEL * cols / 2)
@@ -103,7 +103,7 @@ impl Q6kPanels {
                 for c in 0..PANEL {
                     let row = q.row(p * PANEL + c);
                     for (s, sb) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                        d[s * PANEL + c] = f16_at(sb, 208);
+                        d[s * PANEL + c] = half::f16::from_le_bytes([sb[208], sb[209]]);
                         for i in 0..PARTS {
                             sc[(s * PARTS + i) * PANEL + c] = sb[192 + i] as i8;
                         }
@@ -135,14 +135,14 @@ impl Q6kPanels {
 
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
-        self.low.len() + self.high.len() + self.sc.len() + 4 * self.d.len()
+        self.low.len() + self.high.len() + self.sc.len() + 2 * self.d.len()
     }
 
     /// Row `r` as `f32` (`out.len() == cols`): `d·sc·(u − 32)`, as the file's blocks give it.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let (part, c) = (self.panel(r / PANEL), r % PANEL);
         for (j, o) in out.chunks_exact_mut(PART).enumerate() {
-            let scale = part.d[j / PARTS * PANEL + c] * part.sc[j * PANEL + c] as f32;
+            let scale = part.d[j / PARTS * PANEL + c].to_f32() * part.sc[j * PANEL + c] as f32;
             for (t, o) in o.iter_mut().enumerate() {
                 *o = scale * (part.value(j * PART + t, c) as i32 - 32) as f32;
             }
@@ -229,7 +229,7 @@ impl Panels for Q6kPanels {
             }
             for (j, scales) in scales.chunks_exact_mut(PANEL).enumerate() {
                 for (c, s) in scales.iter_mut().enumerate() {
-                    *s = part.d[j / PARTS * PANEL + c] * part.sc[j * PANEL + c] as f32;
+                    *s = part.d[j / PARTS * PANEL + c].to_f32() * part.sc[j * PANEL + c] as f32;
                 }
             }
         });
@@ -251,7 +251,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, 
                         .sum();
                     iacc += (isum - 32 * x_sum) * p.sc[j * PANEL + c] as i32;
                 }
-                acc += iacc as f32 * (p.d[s * PANEL + c] * xs.scale(r, s));
+                acc += iacc as f32 * (p.d[s * PANEL + c].to_f32() * xs.scale(r, s));
             }
             *o = acc;
         }
@@ -361,7 +361,9 @@ mod x86 {
                 }
             }
             for h in 0..2 {
-                let d = _mm512_loadu_ps(p.d.as_ptr().add(s * PANEL + 16 * h));
+                let d = crate::model::quant::resident::load_f16x16(
+                    p.d.as_ptr().add(s * PANEL + 16 * h),
+                );
                 for i in 0..R {
                     let dx = _mm512_set1_ps(xs.scale(r0 + i, s));
                     acc[i][h] = _mm512_fmadd_ps(
@@ -405,8 +407,8 @@ mod tests {
         let want = crate::model::gguf::dequantize(GgmlType::Q6_K, &bytes, 64 * 512).expect("q6");
         let p = Q6kPanels::from_q6(&q).expect("whole panels");
         assert_eq!((p.rows(), p.cols()), (64, 512));
-        // 6.625 bits a weight: 0.5 + 0.25 bytes of values, 1/16 of `sc`, 1/64 of `d`.
-        assert_eq!(p.bytes() * 64, 64 * 512 * 53);
+        // The file's 210 bytes per 256 values: 128 + 64 of values, 16 of `sc`, 2 of `d`.
+        assert_eq!(p.bytes(), 64 * 512 / 256 * 210);
         let mut got = vec![0f32; 512];
         for r in 0..64 {
             p.dequantize_row(r, &mut got);
