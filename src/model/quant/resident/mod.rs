@@ -38,6 +38,7 @@ pub use q8::Q8Panels;
 use super::panels::{self, PanelActivations, PanelFormat};
 use super::{Q8Matrix, QK};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Weight rows per panel: two 16-lane registers of output columns.
 pub const PANEL: usize = 32;
@@ -222,7 +223,8 @@ impl Resident {
     }
 }
 
-/// What [`Resident`] asks of each format's matrix.
+/// What [`Resident`] asks of each format's matrix; [`Panels`] too: rows (outputs) a multiple of
+/// [`PANEL`], columns (inputs) of [`QK`] · [`Panels::GROUP`].
 trait Matrix {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
@@ -257,7 +259,7 @@ macro_rules! matrix {
 matrix!(Q4Panels, Q4kPanels, Q6kPanels, Q8Panels);
 
 /// Weights laid out in panels, as [`matmul`] multiplies them.
-trait Panels: Sync {
+trait Panels: Matrix + Sync {
     /// Blocks of [`QK`] activations that share one scale: a super-block's 8 (the k-quants,
     /// whose kernels sum a super-block in integers) or 1 (formats with a scale per block).
     const GROUP: usize;
@@ -266,32 +268,16 @@ trait Panels: Sync {
     const SUM_STEP: usize;
     /// The 8-bit panels' format the panels unpack to.
     const UNPACKED: PanelFormat;
-    /// Rows (outputs), a multiple of [`PANEL`].
-    fn rows(&self) -> usize;
-    /// Columns (inputs), a multiple of [`QK`] · [`Panels::GROUP`].
-    fn cols(&self) -> usize;
     /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, in plain Rust
     /// (machines without AVX-512 VNNI never lay panels out, but a matrix built anyway, in a
     /// test, still multiplies correctly).
-    fn tile_portable(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    );
+    fn tile_portable(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
     /// [`Panels::tile_portable`] on AVX-512 VNNI.
     ///
     /// # Safety
     /// The CPU has AVX-512 F, BW, VL and VNNI.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_vnni(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    );
+    unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
     /// Panel `p` as an 8-bit panel in [`Panels::UNPACKED`]'s format.
     fn unpack(&self, p: usize, into: &mut panels::Panel);
 }
@@ -302,7 +288,7 @@ fn tile<W: Panels>(
     w: &W,
     p: usize,
     xs: &Activations,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     out: &mut Tile,
     simd: bool,
 ) {
@@ -427,7 +413,7 @@ fn for_each_tile(
     k: usize,
     group: usize,
     prepare: impl Fn(&[usize]) + Sync,
-    tile: impl Fn(usize, usize, std::ops::Range<usize>, &mut Tile) + Sync,
+    tile: impl Fn(usize, usize, Range<usize>, &mut Tile) + Sync,
 ) {
     let n = y.len().checked_div(m).unwrap_or(0);
     let count = n / PANEL;
@@ -476,7 +462,7 @@ impl OutPtr {
     /// # Safety
     /// The buffer holds `m × n` values with `rows.end ≤ m` and `(p + 1)·PANEL ≤ n`, and no other
     /// thread writes panel `p`'s columns.
-    unsafe fn write(self, tile: &Tile, rows: std::ops::Range<usize>, p: usize, n: usize) {
+    unsafe fn write(self, tile: &Tile, rows: Range<usize>, p: usize, n: usize) {
         for (i, row) in tile.iter().enumerate().take(rows.len()) {
             // SAFETY: the caller's.
             let dst = unsafe { self.0.add((rows.start + i) * n + p * PANEL) };

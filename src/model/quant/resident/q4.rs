@@ -23,6 +23,7 @@ use crate::model::quant::q4::{Q4Matrix, RowScales};
 use crate::model::quant::QK;
 use half::f16;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// `u64` masks of fifth bits per group of 8 values in a panel.
 const MASKS: usize = 4;
@@ -122,10 +123,8 @@ impl Q4Panels {
             _ => return None,
         };
         let exact = (0..rows).into_par_iter().all(|r| match q.row(r).scales {
-            RowScales::Centered { d, offset } => {
-                Offsets::Centered(offset as i32) == offsets
-                    && d.iter().all(|&d| exact_f16(d).is_some())
-            }
+            // One offset for the whole matrix (`Q4Matrix` keeps it once).
+            RowScales::Centered { d, .. } => d.iter().all(|&d| exact_f16(d).is_some()),
             RowScales::Block { d, m } => d.iter().chain(m).all(|&v| exact_f16(v).is_some()),
             RowScales::Super { .. } => false,
         });
@@ -274,32 +273,12 @@ impl Panels for Q4Panels {
         offsets: true,
     };
 
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
-    fn tile_portable(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    fn tile_portable(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_vnni(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         let part = self.panel(p);
         // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
         // values a row, a multiple of 32, with one scale per block.
@@ -348,7 +327,7 @@ impl Panels for Q4Panels {
 }
 
 /// The kernel's arithmetic in plain Rust ([`Panels::tile_portable`]).
-fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
+fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
     for (i, r) in rows.enumerate() {
         let (x, sums) = (xs.row(r), xs.row_sums(r));
         for (c, o) in out[i].iter_mut().enumerate() {
@@ -375,6 +354,7 @@ mod x86 {
     use super::{Activations, Panel, Tile, MASKS, PANEL};
     use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// [`super::portable_tile`] on AVX-512 VNNI, for 5-bit values (`FIVE`) or 4-bit, blocks
     /// with offsets of their own (`OFFSETS`) or centered.
@@ -386,7 +366,7 @@ mod x86 {
     pub(super) unsafe fn tile<const FIVE: bool, const OFFSETS: bool>(
         p: &Panel<'_>,
         xs: &Activations,
-        rows: std::ops::Range<usize>,
+        rows: Range<usize>,
         out: &mut Tile,
     ) {
         match rows.len() {
@@ -418,7 +398,6 @@ mod x86 {
         let sixteen = _mm512_set1_epi8(16);
         let values = p.values.as_ptr();
         let fifth = p.fifth.as_ptr();
-        let center = _mm512_set1_epi32(p.center);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..p.blocks {
             // Per row and half: sums of the low nibbles' products and the high ones'.
@@ -467,10 +446,7 @@ mod x86 {
                     let x_sum = *x_sums[i].add(b);
                     let dx = xs.scale(r0 + i, b);
                     if !OFFSETS {
-                        sum = _mm512_add_epi32(
-                            sum,
-                            _mm512_mullo_epi32(center, _mm512_set1_epi32(x_sum)),
-                        );
+                        sum = _mm512_add_epi32(sum, _mm512_set1_epi32(p.center * x_sum));
                     }
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
                     acc[i][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[i][h]);

@@ -19,6 +19,7 @@ use crate::model::quant::q4::{Q4Matrix, RowScales, SUB_BLOCKS};
 use crate::model::quant::QK;
 use half::f16;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// A `[rows, cols]` matrix of `Q4_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
 /// of 256.
@@ -185,32 +186,12 @@ impl Panels for Q4kPanels {
         offsets: true,
     };
 
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
-    fn tile_portable(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    fn tile_portable(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_vnni(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
         // values a row, a multiple of 256.
         unsafe { x86::tile(&self.panel(p), xs, rows, out) };
@@ -239,7 +220,7 @@ impl Panels for Q4kPanels {
 }
 
 /// The kernel's arithmetic in plain Rust ([`Panels::tile_portable`]).
-fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
+fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
     for (i, r) in rows.enumerate() {
         let (x, sums) = (xs.row(r), xs.row_sums(r));
         for (c, o) in out[i].iter_mut().enumerate() {
@@ -268,6 +249,7 @@ mod x86 {
     use super::{Activations, Panel, Tile, PANEL, SUB_BLOCKS};
     use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// [`super::portable_tile`] on AVX-512 VNNI.
     ///
@@ -275,12 +257,7 @@ mod x86 {
     /// The CPU has AVX-512 F, BW, VL and VNNI; the panel and the activations hold the same
     /// number of values a row, a multiple of 256.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile(
-        p: &Panel<'_>,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    pub(super) unsafe fn tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         match rows.len() {
             0 => {}
             1 => tile_rows::<1>(p, xs, rows.start, out),

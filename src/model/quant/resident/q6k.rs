@@ -22,6 +22,7 @@ use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q6::{self, Q6Matrix, BLOCK_BYTES};
 use crate::model::quant::QK;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Values per part (one `sc`).
 const PART: usize = 16;
@@ -181,32 +182,12 @@ impl Panels for Q6kPanels {
         offsets: false,
     };
 
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
-    fn tile_portable(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    fn tile_portable(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_vnni(
-        &self,
-        p: usize,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
         // values a row, a multiple of 256.
         unsafe { x86::tile(&self.panel(p), xs, rows, out) };
@@ -237,7 +218,7 @@ impl Panels for Q6kPanels {
 }
 
 /// The kernel's arithmetic in plain Rust ([`Panels::tile_portable`]).
-fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, out: &mut Tile) {
+fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
     for (i, r) in rows.enumerate() {
         let (x, sums) = (xs.row(r), xs.row_sums(r));
         for (c, o) in out[i].iter_mut().enumerate() {
@@ -262,6 +243,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: std::ops::Range<usize>, 
 mod x86 {
     use super::{Activations, Panel, Tile, GROUP_BYTES, HIGH_BYTES, PANEL, PART, PARTS};
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// [`super::portable_tile`] on AVX-512 VNNI.
     ///
@@ -269,12 +251,7 @@ mod x86 {
     /// The CPU has AVX-512 F, BW, VL and VNNI; the panel and the activations hold the same
     /// number of values a row, a multiple of 256.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile(
-        p: &Panel<'_>,
-        xs: &Activations,
-        rows: std::ops::Range<usize>,
-        out: &mut Tile,
-    ) {
+    pub(super) unsafe fn tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         match rows.len() {
             0 => {}
             1 => tile_rows::<1>(p, xs, rows.start, out),
