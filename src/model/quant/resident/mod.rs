@@ -9,7 +9,7 @@
 //! ([`super::panels`]) have the right inner loop (one `vpdpbusd` adds 64 products into 16
 //! output columns, scales applied per 16 columns) but pack 8-bit panels from the blocks at
 //! every product, which pays only for many rows. Here the panel layout is the storage: the
-//! values and scales a file's `Q4_K` ([`Q4kPanels`]), `Q6_K` ([`Q6kPanels`]) or `Q4_0`,
+//! values and scales a file's `Q4_K` or `Q5_K` ([`Q4kPanels`]), `Q6_K` ([`Q6kPanels`]) or `Q4_0`,
 //! `Q4_1`, `Q5_0`, `Q5_1` ([`Q4Panels`]) tensor holds, rearranged so that the kernel's loads are whole registers of 16 columns × 4 values (the
 //! idea of llama.cpp's repacked `Q4_K` 8x8 layout, with 16-lane registers and `vpdpbusd`).
 //!
@@ -136,6 +136,73 @@ unsafe fn load_f16x16(v: *const half::f16) -> std::arch::x86_64::__m512 {
     unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(v as *const __m256i)) }
 }
 
+/// `u64` masks of fifth bits per group of 8 values in a panel (5-bit formats): one per half of
+/// the columns and per nibble (low, high), bit `(c % 16)·4 + t` set where that register's byte
+/// for column `c`'s value `t` takes 16 (one masked add a register).
+const MASKS: usize = 4;
+
+/// Where a panel keeps column `c`'s value `v`'s fifth bit: the mask and the bit.
+fn fifth_at(v: usize, c: usize) -> (usize, u32) {
+    let (g, high, t) = (v / 8, (v % 8) / 4, v % 4);
+    (g * MASKS + (c / 16) * 2 + high, ((c % 16) * 4 + t) as u32)
+}
+
+/// Column `c`'s value `v` in a panel: its nibble, plus 16 where `fifth` (empty for 4-bit
+/// values) has its bit.
+fn value(nibbles: &[u8], fifth: &[u64], v: usize, c: usize) -> u8 {
+    let low = nibble(nibbles, v, c);
+    if fifth.is_empty() {
+        return low;
+    }
+    let (mask, bit) = fifth_at(v, c);
+    low | ((((fifth[mask] >> bit) & 1) as u8) << 4)
+}
+
+/// The fifth-bit masks of a 5-bit matrix laid out in panels (empty for 4-bit values), from its
+/// blocks' values.
+fn fifth_masks(q: &super::Q4Matrix) -> Vec<u64> {
+    if !q.is_five_bit() {
+        return Vec::new();
+    }
+    let (cols, blocks) = (q.cols(), q.cols() / QK);
+    let mut fifth = vec![0u64; q.rows() / PANEL * cols / 8 * MASKS];
+    fifth
+        .par_chunks_mut(cols / 8 * MASKS)
+        .enumerate()
+        .for_each(|(p, fifth)| {
+            for c in 0..PANEL {
+                let row = q.row(p * PANEL + c);
+                for b in 0..blocks {
+                    for (j, &u) in row.block_values(b).iter().enumerate() {
+                        if u >= 16 {
+                            let (mask, bit) = fifth_at(b * QK + j, c);
+                            fifth[mask] |= 1 << bit;
+                        }
+                    }
+                }
+            }
+        });
+    fifth
+}
+
+/// Adds 16 to the bytes of an unpacked 8-bit panel ([`unpack_nibbles`]'s `values`) where a
+/// fifth bit is set: group `g`'s low nibbles are the 8-bit layout's group `2g`, its high ones
+/// `2g + 1`, each half of the columns 64 bytes.
+fn unpack_fifth(fifth: &[u64], values: &mut [u8]) {
+    for (masks, dst) in fifth
+        .chunks_exact(MASKS)
+        .zip(values.chunks_exact_mut(2 * GROUP_BYTES))
+    {
+        for (i, &mask) in masks.iter().enumerate() {
+            let (h, high) = (i / 2, i % 2);
+            let bytes = &mut dst[high * GROUP_BYTES + h * 64..][..64];
+            for (j, byte) in bytes.iter_mut().enumerate() {
+                *byte |= (((mask >> j) & 1) as u8) << 4;
+            }
+        }
+    }
+}
+
 /// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
 /// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of
 /// its first 4 values, its high nibbles the next, each byte at the same place.
@@ -157,7 +224,7 @@ fn unpack_nibbles(nibbles: &[u8], values: &mut [u8]) {
 pub enum Resident {
     /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`.
     Q4(Q4Panels),
-    /// `Q4_K`.
+    /// `Q4_K`, `Q5_K`.
     Q4k(Q4kPanels),
     /// `Q6_K`.
     Q6k(Q6kPanels),

@@ -17,16 +17,13 @@
 //! centered block `(Σu·q_x + o·Σq_x)·(d·d_x)` (`o` = −8 or −16, exact in integers) and for
 //! a block with an offset `Σu·q_x·(d·d_x) + m·(d_x·Σq_x)`.
 
-use super::{exact_f16, nibble, set_nibble, Activations, Panels, Tile, PANEL};
+use super::{exact_f16, set_nibble, Activations, Panels, Tile, PANEL};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales};
 use crate::model::quant::QK;
 use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
-
-/// `u64` masks of fifth bits per group of 8 values in a panel.
-const MASKS: usize = 4;
 
 /// How a panel's blocks are offset.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,23 +68,10 @@ struct Panel<'a> {
     blocks: usize,
 }
 
-/// Where a panel keeps column `c`'s value `v`'s fifth bit: the mask and the bit.
-fn fifth_at(v: usize, c: usize) -> (usize, u32) {
-    let (g, high, t) = (v / 8, (v % 8) / 4, v % 4);
-    (g * MASKS + (c / 16) * 2 + high, ((c % 16) * 4 + t) as u32)
-}
-
 impl Panel<'_> {
     /// Column `c`'s value `v`, 0..16 or 0..32.
     fn value(&self, v: usize, c: usize) -> u8 {
-        let low = nibble(self.values, v, c);
-        match self.fifth.is_empty() {
-            true => low,
-            false => {
-                let (mask, bit) = fifth_at(v, c);
-                low | ((((self.fifth[mask] >> bit) & 1) as u8) << 4)
-            }
-        }
+        super::value(self.values, self.fifth, v, c)
     }
 
     /// Block `b`'s scale and offset for column `c`.
@@ -131,31 +115,15 @@ impl Q4Panels {
         if !exact {
             return None;
         }
-        let five = q.is_five_bit();
         let mut out = Q4Panels {
             rows,
             cols,
             values: vec![0; rows * cols / 2],
-            fifth: vec![
-                0;
-                if five {
-                    rows / PANEL * cols / 8 * MASKS
-                } else {
-                    0
-                }
-            ],
+            fifth: super::fifth_masks(q),
             d: vec![f16::ZERO; rows * blocks],
             offsets,
         };
-        let mut m_out = match &mut out.offsets {
-            Offsets::Block(m) => Some(m.par_chunks_mut(PANEL * blocks)),
-            Offsets::Centered(_) => None,
-        };
-        let fill = |p: usize,
-                    values: &mut [u8],
-                    fifth: &mut [u64],
-                    d: &mut [f16],
-                    mut m: Option<&mut [f16]>| {
+        let fill = |p: usize, values: &mut [u8], d: &mut [f16], mut m: Option<&mut [f16]>| {
             for c in 0..PANEL {
                 let row = q.row(p * PANEL + c);
                 for b in 0..blocks {
@@ -169,38 +137,23 @@ impl Q4Panels {
                         m[b * PANEL + c] = f16::from_f32(rm);
                     }
                     for (j, &u) in row.block_values(b).iter().enumerate() {
-                        let v = b * QK + j;
-                        set_nibble(values, v, c, u);
-                        if u >= 16 {
-                            let (mask, bit) = fifth_at(v, c);
-                            fifth[mask] |= 1 << bit;
-                        }
+                        set_nibble(values, b * QK + j, c, u);
                     }
                 }
             }
         };
-        let fifth_per_panel = if five { cols / 8 * MASKS } else { 0 };
         let values = out.values.par_chunks_mut(PANEL * cols / 2);
         let d = out.d.par_chunks_mut(PANEL * blocks);
-        // Zero-length chunks are not allowed: a 4-bit matrix's empty masks take one slice per
-        // panel from a buffer of one.
-        let mut no_fifth = vec![0u64; rows / PANEL];
-        let fifth = match five {
-            true => out.fifth.par_chunks_mut(fifth_per_panel),
-            false => no_fifth.par_chunks_mut(1),
-        };
-        match m_out.take() {
-            Some(m) => values
-                .zip(fifth)
+        match &mut out.offsets {
+            Offsets::Block(m) => values
                 .zip(d)
-                .zip(m)
+                .zip(m.par_chunks_mut(PANEL * blocks))
                 .enumerate()
-                .for_each(|(p, (((values, fifth), d), m))| fill(p, values, fifth, d, Some(m))),
-            None => values
-                .zip(fifth)
+                .for_each(|(p, ((values, d), m))| fill(p, values, d, Some(m))),
+            Offsets::Centered(_) => values
                 .zip(d)
                 .enumerate()
-                .for_each(|(p, ((values, fifth), d))| fill(p, values, fifth, d, None)),
+                .for_each(|(p, (values, d))| fill(p, values, d, None)),
         }
         Some(out)
     }
@@ -246,7 +199,7 @@ impl Q4Panels {
     /// Panel `p`'s parts.
     fn panel(&self, p: usize) -> Panel<'_> {
         let (k, blocks) = (self.cols, self.cols / QK);
-        let masks = k / 8 * MASKS;
+        let masks = k / 8 * super::MASKS;
         let (m, center) = match &self.offsets {
             Offsets::Block(m) => (Some(&m[p * PANEL * blocks..(p + 1) * PANEL * blocks]), 0),
             Offsets::Centered(o) => (None, *o),
@@ -298,21 +251,7 @@ impl Panels for Q4Panels {
         let part = self.panel(p);
         into.fill(Self::UNPACKED, self.cols, |values, scales, offsets| {
             super::unpack_nibbles(part.values, values);
-            // Group g's masks: [half][low, high]; its low nibbles are the 8-bit layout's
-            // group 2g, its high ones 2g + 1, each half 64 bytes.
-            for (masks, dst) in part
-                .fifth
-                .chunks_exact(MASKS)
-                .zip(values.chunks_exact_mut(2 * PANEL * 4))
-            {
-                for (i, &mask) in masks.iter().enumerate() {
-                    let (h, high) = (i / 2, i % 2);
-                    let bytes = &mut dst[high * PANEL * 4 + h * 64..][..64];
-                    for (j, byte) in bytes.iter_mut().enumerate() {
-                        *byte |= (((mask >> j) & 1) as u8) << 4;
-                    }
-                }
-            }
+            super::unpack_fifth(part.fifth, values);
             for (b, (scales, offsets)) in scales
                 .chunks_exact_mut(PANEL)
                 .zip(offsets.chunks_exact_mut(PANEL))
@@ -351,8 +290,8 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activations, Panel, Tile, MASKS, PANEL};
-    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
+    use super::{Activations, Panel, Tile, PANEL};
+    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES, MASKS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 

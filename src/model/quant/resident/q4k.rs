@@ -1,19 +1,22 @@
-//! `Q4_K` values in panels ([`super`]): the values and scales a [`Q4Matrix`] of `Q4_K` holds
-//! (4-bit values, per block a 6-bit `sc` and `mn` byte, per super-block a `d` and a `dmin`),
-//! laid out per panel as
+//! `Q4_K` and `Q5_K` values in panels ([`super`]): the values and scales a [`Q4Matrix`] of
+//! `Q4_K` or `Q5_K` holds (4- or 5-bit values, per block a 6-bit `sc` and `mn` byte, per
+//! super-block a `d` and a `dmin`), laid out per panel as
 //! - the values' nibbles, `16·k` bytes (the module's group layout);
+//! - `Q5_K`'s fifth bits as byte masks ([`super::MASKS`] per group of 8 values, as
+//!   [`super::Q4Panels`] keeps `Q5_0`'s);
 //! - `sc` and `mn`: per block of 32 values, 32 bytes (one per column);
 //! - `d` and `dmin`: per super-block of 256 values, 32 `f16` (one per column), as the file has
 //!   them.
 //!
-//! 4.625 bits a weight (the file: 4.5, its 6-bit `sc` and `mn` packed in 12 bytes).
+//! 4.625 bits a weight for `Q4_K`, 5.625 for `Q5_K` (the file: 4.5 and 5.5, its 6-bit `sc` and
+//! `mn` packed in 12 bytes).
 //!
 //! The arithmetic is the dot kernels' (`v = (d·sc)·q − dmin·mn`): per block and column the
 //! integer `Σq·q_x`, times `sc` and summed over the super-block's eight blocks in integers (at
-//! most 8·63·32·15·127 < 2³¹), as is `Σ mn·Σq_x`; per super-block one conversion and two
+//! most 8·63·32·31·127 < 2³¹), as is `Σ mn·Σq_x`; per super-block one conversion and two
 //! multiply-adds by `d·d_x` and `−dmin·d_x`.
 
-use super::{exact_f16, nibble, set_nibble, Activations, Panels, Tile, PANEL};
+use super::{exact_f16, set_nibble, Activations, Panels, Tile, PANEL};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales, SUB_BLOCKS};
 use crate::model::quant::QK;
@@ -21,7 +24,7 @@ use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// A `[rows, cols]` matrix of `Q4_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
+/// A `[rows, cols]` matrix of `Q4_K` or `Q5_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
 /// of 256.
 #[derive(Clone)]
 pub struct Q4kPanels {
@@ -33,6 +36,9 @@ pub struct Q4kPanels {
     sc: Vec<u8>,
     /// Per panel, per block, [`PANEL`] min multipliers.
     mn: Vec<u8>,
+    /// Empty (`Q4_K`), or `Q5_K`'s fifth bits: per panel, per group of 8 values,
+    /// [`super::MASKS`] masks.
+    fifth: Vec<u64>,
     /// Per panel, per super-block, [`PANEL`] scales.
     d: Vec<f16>,
     /// Per panel, per super-block, [`PANEL`] mins.
@@ -48,6 +54,8 @@ impl std::fmt::Debug for Q4kPanels {
 /// One panel's parts.
 struct Panel<'a> {
     values: &'a [u8],
+    /// Empty for 4-bit values.
+    fifth: &'a [u64],
     sc: &'a [u8],
     mn: &'a [u8],
     d: &'a [f16],
@@ -56,12 +64,11 @@ struct Panel<'a> {
 }
 
 impl Q4kPanels {
-    /// `q` in panels, when it holds 4-bit `Q4_K` values (super-block scales, no fifth bit) and
-    /// its rows fill whole panels; else `None` (it stays as it is).
+    /// `q` in panels, when it holds `Q4_K` or `Q5_K` values (super-block scales) and its rows
+    /// fill whole panels; else `None` (it stays as it is).
     pub fn from_q4(q: &Q4Matrix) -> Option<Q4kPanels> {
         let (rows, cols) = (q.rows(), q.cols());
         if !q.has_super_block_scales()
-            || q.is_five_bit()
             || rows == 0
             || !rows.is_multiple_of(PANEL)
             || cols == 0
@@ -84,6 +91,7 @@ impl Q4kPanels {
             rows,
             cols,
             values: vec![0; rows * cols / 2],
+            fifth: super::fifth_masks(q),
             sc: vec![0; rows * blocks],
             mn: vec![0; rows * blocks],
             d: vec![f16::ZERO; rows * supers],
@@ -136,7 +144,11 @@ impl Q4kPanels {
 
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
-        self.values.len() + self.sc.len() + self.mn.len() + 2 * (self.d.len() + self.dmin.len())
+        self.values.len()
+            + 8 * self.fifth.len()
+            + self.sc.len()
+            + self.mn.len()
+            + 2 * (self.d.len() + self.dmin.len())
     }
 
     /// Row `r` as `f32` (`out.len() == cols`): `(d·sc)·q − dmin·mn`, as [`Q4Matrix`] gives it.
@@ -147,7 +159,7 @@ impl Q4kPanels {
             let d = part.d[s * PANEL + c].to_f32() * part.sc[b * PANEL + c] as f32;
             let m = -(part.dmin[s * PANEL + c].to_f32() * part.mn[b * PANEL + c] as f32);
             for (j, o) in o.iter_mut().enumerate() {
-                *o = d * nibble(part.values, b * QK + j, c) as f32 + m;
+                *o = d * super::value(part.values, part.fifth, b * QK + j, c) as f32 + m;
             }
         }
     }
@@ -166,6 +178,10 @@ impl Q4kPanels {
         let supers = blocks / SUB_BLOCKS;
         Panel {
             values: &self.values[p * PANEL * k / 2..(p + 1) * PANEL * k / 2],
+            fifth: (self
+                .fifth
+                .get(p * k / 8 * super::MASKS..(p + 1) * k / 8 * super::MASKS))
+            .unwrap_or(&[]),
             sc: &self.sc[p * PANEL * blocks..(p + 1) * PANEL * blocks],
             mn: &self.mn[p * PANEL * blocks..(p + 1) * PANEL * blocks],
             d: &self.d[p * PANEL * supers..(p + 1) * PANEL * supers],
@@ -194,7 +210,13 @@ impl Panels for Q4kPanels {
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`
         // values a row, a multiple of 256.
-        unsafe { x86::tile(&self.panel(p), xs, rows, out) };
+        unsafe {
+            let part = self.panel(p);
+            match part.fifth.is_empty() {
+                true => x86::tile::<false>(&part, xs, rows, out),
+                false => x86::tile::<true>(&part, xs, rows, out),
+            }
+        };
     }
 
     /// The nibbles split into the 8-bit layout ([`super::unpack_nibbles`]), a block's scale
@@ -203,6 +225,7 @@ impl Panels for Q4kPanels {
         let part = self.panel(p);
         into.fill(Self::UNPACKED, self.cols, |values, scales, offsets| {
             super::unpack_nibbles(part.values, values);
+            super::unpack_fifth(part.fifth, values);
             for (b, (scales, offsets)) in scales
                 .chunks_exact_mut(PANEL)
                 .zip(offsets.chunks_exact_mut(PANEL))
@@ -230,7 +253,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
                 let blocks = s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS;
                 for (b, &x_sum) in blocks.clone().zip(&sums[blocks]) {
                     let isum: i32 = (b * QK..(b + 1) * QK)
-                        .map(|v| nibble(p.values, v, c) as i32 * x[v] as i32)
+                        .map(|v| super::value(p.values, p.fifth, v, c) as i32 * x[v] as i32)
                         .sum();
                     iacc += isum * p.sc[b * PANEL + c] as i32;
                     macc += x_sum * p.mn[b * PANEL + c] as i32;
@@ -247,7 +270,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, PANEL, SUB_BLOCKS};
-    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES};
+    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES, MASKS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -257,13 +280,18 @@ mod x86 {
     /// The CPU has AVX-512 F, BW, VL and VNNI; the panel and the activations hold the same
     /// number of values a row, a multiple of 256.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
+    pub(super) unsafe fn tile<const FIVE: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: Range<usize>,
+        out: &mut Tile,
+    ) {
         match rows.len() {
             0 => {}
-            1 => tile_rows::<1>(p, xs, rows.start, out),
-            2 => tile_rows::<2>(p, xs, rows.start, out),
-            3 => tile_rows::<3>(p, xs, rows.start, out),
-            _ => tile_rows::<4>(p, xs, rows.start, out),
+            1 => tile_rows::<1, FIVE>(p, xs, rows.start, out),
+            2 => tile_rows::<2, FIVE>(p, xs, rows.start, out),
+            3 => tile_rows::<3, FIVE>(p, xs, rows.start, out),
+            _ => tile_rows::<4, FIVE>(p, xs, rows.start, out),
         }
     }
 
@@ -271,7 +299,7 @@ mod x86 {
     /// split between the low and high nibbles' products, so that enough independent
     /// `vpdpbusd` chains run at once; with more, the rows give them.
     #[inline(always)]
-    unsafe fn tile_rows<const R: usize>(
+    unsafe fn tile_rows<const R: usize, const FIVE: bool>(
         p: &Panel<'_>,
         xs: &Activations,
         r0: usize,
@@ -284,6 +312,7 @@ mod x86 {
             x_sums[i] = xs.row_sums(r0 + i).as_ptr();
         }
         let nibble = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
         let values = p.values.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for s in 0..p.supers {
@@ -300,8 +329,13 @@ mod x86 {
                         _mm512_loadu_si512(at.add(64) as *const __m512i),
                     ];
                     for h in 0..2 {
-                        let low = _mm512_and_si512(v[h], nibble);
-                        let high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
+                        let mut low = _mm512_and_si512(v[h], nibble);
+                        let mut high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
+                        if FIVE {
+                            let masks = p.fifth.as_ptr().add(g * MASKS + 2 * h);
+                            low = _mm512_mask_add_epi8(low, *masks, low, sixteen);
+                            high = _mm512_mask_add_epi8(high, *masks.add(1), high, sixteen);
+                        }
                         for i in 0..R {
                             let four = |at: usize| {
                                 _mm512_set1_epi32(std::ptr::read_unaligned(
@@ -367,37 +401,42 @@ mod tests {
     use crate::model::gguf::{GgmlType, QK_K};
     use rand::{Rng, SeedableRng};
 
-    /// A `Q4_K` matrix of random super-blocks (every byte random but the two `f16` scales).
-    fn random_q4k(rows: usize, cols: usize, seed: u64) -> Q4Matrix {
+    /// A `Q4_K` or `Q5_K` matrix of random super-blocks (every byte random but the two `f16`
+    /// scales; `Q5_K` has 32 bytes of fifth bits more).
+    fn random_k(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Q4Matrix {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let fifth = if ty == GgmlType::Q5_K { 32 } else { 0 };
         let mut bytes = Vec::new();
         for _ in 0..rows * cols / QK_K {
             bytes.extend(half::f16::from_f32(rng.random_range(0.0005f32..0.004)).to_le_bytes());
             bytes.extend(half::f16::from_f32(rng.random_range(0.0f32..0.01)).to_le_bytes());
-            bytes.extend((0..12 + QK_K / 2).map(|_| rng.random::<u8>()));
+            bytes.extend((0..12 + fifth + QK_K / 2).map(|_| rng.random::<u8>()));
         }
-        Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, rows, cols, |r| r).expect("Q4_K")
+        Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("k-quant")
     }
 
     #[test]
-    fn panels_hold_the_blocks_values_in_four_and_five_eighths_bits() {
-        let q = random_q4k(64, 512, 3);
-        let p = Q4kPanels::from_q4(&q).expect("whole panels");
-        assert_eq!((p.rows(), p.cols()), (64, 512));
-        // Per super-block: 128 bytes of nibbles, 8 + 8 of `sc` and `mn`, 2 + 2 of `d` and `dmin`.
-        assert_eq!(p.bytes(), 64 * 512 / 256 * 148);
-        let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
-        for r in 0..64 {
-            q.dequantize_row(r, &mut want);
-            p.dequantize_row(r, &mut got);
-            assert_eq!(got, want, "row {r}");
+    fn panels_hold_the_blocks_values() {
+        // Per super-block: 128 bytes of nibbles, 8 + 8 of `sc` and `mn`, 2 + 2 of `d` and
+        // `dmin`; `Q5_K` 32 bytes of fifth bits more.
+        for (ty, per_super) in [(GgmlType::Q4_K, 148), (GgmlType::Q5_K, 180)] {
+            let q = random_k(ty, 64, 512, 3);
+            let p = Q4kPanels::from_q4(&q).expect("whole panels");
+            assert_eq!((p.rows(), p.cols()), (64, 512));
+            assert_eq!(p.bytes(), 64 * 512 / 256 * per_super, "{ty:?}");
+            let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
+            for r in 0..64 {
+                q.dequantize_row(r, &mut want);
+                p.dequantize_row(r, &mut got);
+                assert_eq!(got, want, "{ty:?} row {r}");
+            }
         }
     }
 
     #[test]
-    fn only_whole_panels_of_four_bit_super_blocks_are_laid_out() {
-        assert!(Q4kPanels::from_q4(&random_q4k(48, 256, 1)).is_none());
-        assert!(Q4kPanels::from_q4(&random_q4k(32, 256, 1)).is_some());
+    fn only_whole_panels_of_super_blocks_are_laid_out() {
+        assert!(Q4kPanels::from_q4(&random_k(GgmlType::Q4_K, 48, 256, 1)).is_none());
+        assert!(Q4kPanels::from_q4(&random_k(GgmlType::Q4_K, 32, 256, 1)).is_some());
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let bytes: Vec<u8> = (0..32 * 8 * 20).map(|_| rng.random::<u8>()).collect();
         let q4_1 = Q4Matrix::from_gguf(GgmlType::Q4_1, &bytes, 32, 256, |r| r).expect("Q4_1");
@@ -406,8 +445,10 @@ mod tests {
 
     #[test]
     fn the_product_matches_the_dequantized_weights() {
-        let q = random_q4k(96, 768, 11);
-        let p = Q4kPanels::from_q4(&q).expect("whole panels");
-        super::super::tests::assert_product_matches(&p, &q.dequantize(), "Q4_K");
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K] {
+            let q = random_k(ty, 96, 768, 11);
+            let p = Q4kPanels::from_q4(&q).expect("whole panels");
+            super::super::tests::assert_product_matches(&p, &q.dequantize(), &format!("{ty:?}"));
+        }
     }
 }
