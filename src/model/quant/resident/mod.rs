@@ -203,6 +203,67 @@ fn unpack_fifth(fifth: &[u64], values: &mut [u8]) {
     }
 }
 
+/// The nibble kernels' inner loop, shared by the 4- and 5-bit formats.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{GROUP_BYTES, MASKS};
+    use std::arch::x86_64::*;
+
+    /// Per activation row `i` and half of the panel `h`, the integer products of block `b`'s
+    /// 32 values with the row's: in `lo[i][h]` (low nibbles) and `hi[i][h]` (high nibbles)
+    /// with one or two rows, so that enough independent `vpdpbusd` chains run at once, all in
+    /// `lo` with more (the rows give them). `FIVE`: 16 added where a fifth bit is set.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VNNI (the caller's `target_feature`); `values` holds the
+    /// panel's groups of block `b`, `fifth` (with `FIVE`) their masks, and each `x[i]` the
+    /// row's 32 values of the block at `32·b`.
+    #[inline(always)]
+    pub(super) unsafe fn block_products<const R: usize, const FIVE: bool>(
+        values: *const u8,
+        fifth: *const u64,
+        b: usize,
+        x: &[*const i8; R],
+    ) -> ([[__m512i; 2]; R], [[__m512i; 2]; R]) {
+        let nibble = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
+        let mut lo = [[_mm512_setzero_si512(); 2]; R];
+        let mut hi = [[_mm512_setzero_si512(); 2]; R];
+        for g in b * 4..b * 4 + 4 {
+            let at = values.add(g * GROUP_BYTES);
+            let v = [
+                _mm512_loadu_si512(at as *const __m512i),
+                _mm512_loadu_si512(at.add(64) as *const __m512i),
+            ];
+            for h in 0..2 {
+                let mut low = _mm512_and_si512(v[h], nibble);
+                let mut high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
+                if FIVE {
+                    let masks = fifth.add(g * MASKS + 2 * h);
+                    low = _mm512_mask_add_epi8(low, *masks, low, sixteen);
+                    high = _mm512_mask_add_epi8(high, *masks.add(1), high, sixteen);
+                }
+                for i in 0..R {
+                    let four = |at: usize| {
+                        _mm512_set1_epi32(std::ptr::read_unaligned(x[i].add(at) as *const i32))
+                    };
+                    let (xl, xh) = (four(8 * g), four(8 * g + 4));
+                    lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], low, xl);
+                    if R <= 2 {
+                        hi[i][h] = _mm512_dpbusd_epi32(hi[i][h], high, xh);
+                    } else {
+                        lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], high, xh);
+                    }
+                }
+            }
+        }
+        (lo, hi)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use x86::block_products;
+
 /// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
 /// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of
 /// its first 4 values, its high nibbles the next, each byte at the same place.

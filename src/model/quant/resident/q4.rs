@@ -291,7 +291,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, PANEL};
-    use crate::model::quant::resident::{load_f16x16, GROUP_BYTES, MASKS};
+    use crate::model::quant::resident::{block_products, load_f16x16};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -333,43 +333,11 @@ mod x86 {
             x[i] = xs.row(r0 + i).as_ptr();
             x_sums[i] = xs.row_sums(r0 + i).as_ptr();
         }
-        let nibble = _mm512_set1_epi8(0x0F);
-        let sixteen = _mm512_set1_epi8(16);
         let values = p.values.as_ptr();
         let fifth = p.fifth.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..p.blocks {
-            // Per row and half: sums of the low nibbles' products and the high ones'.
-            let mut lo = [[_mm512_setzero_si512(); 2]; R];
-            let mut hi = [[_mm512_setzero_si512(); 2]; R];
-            for g in b * 4..b * 4 + 4 {
-                let at = values.add(g * GROUP_BYTES);
-                let v = [
-                    _mm512_loadu_si512(at as *const __m512i),
-                    _mm512_loadu_si512(at.add(64) as *const __m512i),
-                ];
-                for h in 0..2 {
-                    let mut low = _mm512_and_si512(v[h], nibble);
-                    let mut high = _mm512_and_si512(_mm512_srli_epi16(v[h], 4), nibble);
-                    if FIVE {
-                        let masks = fifth.add(g * MASKS + 2 * h);
-                        low = _mm512_mask_add_epi8(low, *masks, low, sixteen);
-                        high = _mm512_mask_add_epi8(high, *masks.add(1), high, sixteen);
-                    }
-                    for i in 0..R {
-                        let four = |at: usize| {
-                            _mm512_set1_epi32(std::ptr::read_unaligned(x[i].add(at) as *const i32))
-                        };
-                        let (xl, xh) = (four(8 * g), four(8 * g + 4));
-                        lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], low, xl);
-                        if R <= 2 {
-                            hi[i][h] = _mm512_dpbusd_epi32(hi[i][h], high, xh);
-                        } else {
-                            lo[i][h] = _mm512_dpbusd_epi32(lo[i][h], high, xh);
-                        }
-                    }
-                }
-            }
+            let (lo, hi) = block_products::<R, FIVE>(values, fifth, b, &x);
             for h in 0..2 {
                 let d = load_f16x16(p.d.as_ptr().add(b * PANEL + 16 * h));
                 let m = match p.m {
