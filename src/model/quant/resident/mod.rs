@@ -9,17 +9,20 @@
 //! ([`super::panels`]) have the right inner loop (one `vpdpbusd` adds 64 products into 16
 //! output columns, scales applied per 16 columns) but pack 8-bit panels from the blocks at
 //! every product, which pays only for many rows. Here the panel layout is the storage: the
-//! values and scales a file's `Q4_K` or `Q5_K` ([`Q4kPanels`]), `Q6_K` ([`Q6kPanels`]) or `Q4_0`,
-//! `Q4_1`, `Q5_0`, `Q5_1` ([`Q4Panels`]) tensor holds, rearranged so that the kernel's loads are whole registers of 16 columns × 4 values (the
-//! idea of llama.cpp's repacked `Q4_K` 8x8 layout, with 16-lane registers and `vpdpbusd`).
+//! values and scales a file's `Q4_K` or `Q5_K` ([`Q4kPanels`]), `Q6_K` ([`Q6kPanels`]) or
+//! `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` ([`Q4Panels`]) tensor holds, rearranged so that the kernel's
+//! loads are whole registers of 16 columns × 4 values (the idea of llama.cpp's repacked `Q4_K`
+//! 8x8 layout, with 16-lane registers and `vpdpbusd`).
 //!
 //! 8-bit blocks are kept as the 8-bit panels themselves ([`Q8Panels`]), read by their kernel.
 //!
-//! The 4-, 5- and 6-bit formats keep a group of 8 values' low 4 bits in one layout: per group `g` 128 bytes,
-//! the first 64 for the panel's columns 0..16 and the next 64 for 16..32, column `c` holding 4
-//! bytes whose low nibbles are its values `8g..8g+4` and high nibbles `8g+4..8g+8`. One load,
-//! a mask and a shift give two registers of 16 columns × 4 unsigned values, each multiplied by
-//! four activation bytes broadcast to every lane.
+//! The 4-, 5- and 6-bit formats keep a group of 8 values' low 4 bits in one layout: per group
+//! `g` 128 bytes, the first 64 for the panel's columns 0..16 and the next 64 for 16..32, column
+//! `c` holding 4 bytes whose low nibbles are its values `8g..8g+4` and high nibbles
+//! `8g+4..8g+8`. One load, a mask and a shift give two registers of 16 columns × 4 unsigned
+//! values, each multiplied by four activation bytes broadcast to every lane; the 5-bit
+//! formats' fifth bits are added under byte masks (`MASKS`), `Q6_K`'s high bits from a plane
+//! of their own.
 //!
 //! From [`UNPACK_MIN_ROWS`] activation rows on (a prefill), each panel is unpacked once into the
 //! 8-bit panels' layout and multiplied by their kernel: with thousands of rows the unpacking

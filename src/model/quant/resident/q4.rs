@@ -42,7 +42,8 @@ pub struct Q4Panels {
     cols: usize,
     /// `rows · cols / 2` bytes of low 4 bits, a panel after the other.
     values: Vec<u8>,
-    /// Empty (4-bit values), or per panel, per group of 8 values, [`MASKS`] fifth-bit masks.
+    /// Empty (4-bit values), or per panel, per group of 8 values,
+    /// [`super::MASKS`] fifth-bit masks.
     fifth: Vec<u64>,
     /// Per panel, per block, [`PANEL`] scales.
     d: Vec<f16>,

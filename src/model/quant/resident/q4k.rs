@@ -2,7 +2,7 @@
 //! `Q4_K` or `Q5_K` holds (4- or 5-bit values, per block a 6-bit `sc` and `mn` byte, per
 //! super-block a `d` and a `dmin`), laid out per panel as
 //! - the values' nibbles, `16·k` bytes (the module's group layout);
-//! - `Q5_K`'s fifth bits as byte masks ([`super::MASKS`] per group of 8 values, as
+//! - `Q5_K`'s fifth bits as byte masks (`MASKS` per group of 8 values, as
 //!   [`super::Q4Panels`] keeps `Q5_0`'s);
 //! - `sc` and `mn`: per block of 32 values, 32 bytes (one per column);
 //! - `d` and `dmin`: per super-block of 256 values, 32 `f16` (one per column), as the file has
@@ -24,8 +24,8 @@ use half::f16;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// A `[rows, cols]` matrix of `Q4_K` or `Q5_K` values in panels; `rows` a multiple of [`PANEL`], `cols`
-/// of 256.
+/// A `[rows, cols]` matrix of `Q4_K` or `Q5_K` values in panels; `rows` a multiple of
+/// [`PANEL`], `cols` of 256.
 #[derive(Clone)]
 pub struct Q4kPanels {
     rows: usize,
