@@ -670,14 +670,19 @@ impl super::BlockWeights for Q4Matrix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
     /// GGUF bytes of random `Q4_0`, `Q4_1`, `Q5_0` or `Q5_1` blocks, and their values computed
     /// here from the format's definition (the independent reference): a 5-bit value's fifth
     /// bit `j` is bit `j` of the little-endian `u32` before the nibbles.
-    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    pub(crate) fn random_blocks(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> (Vec<u8>, Vec<f32>) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (mut bytes, mut values) = (Vec::new(), vec![0f32; rows * cols]);
         let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
@@ -740,7 +745,7 @@ mod tests {
 
     /// GGUF bytes of random `Q4_K` super-blocks (every byte random but the two `f16` scales),
     /// or `Q5_K` ones (32 random bytes of fifth bits more).
-    fn random_k(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn random_k(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut bytes = Vec::new();
         let fifth = if ty == GgmlType::Q5_K { 32 } else { 0 };

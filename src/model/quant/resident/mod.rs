@@ -262,10 +262,23 @@ mod x86 {
         }
         (lo, hi)
     }
+
+    /// Writes `R` rows of accumulators (per row the panel's two halves) into `out`'s first
+    /// rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F (the caller's `target_feature`).
+    #[inline(always)]
+    pub(super) unsafe fn store_tile<const R: usize>(acc: &[[__m512; 2]; R], out: &mut super::Tile) {
+        for (row, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-use x86::block_products;
+use x86::{block_products, store_tile};
 
 /// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
 /// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of

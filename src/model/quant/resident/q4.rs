@@ -292,7 +292,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, PANEL};
-    use crate::model::quant::resident::{block_products, load_f16x16};
+    use crate::model::quant::resident::{block_products, load_f16x16, store_tile};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -365,10 +365,7 @@ mod x86 {
                 }
             }
         }
-        for i in 0..R {
-            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
-        }
+        store_tile(&acc, out);
     }
 }
 
@@ -376,28 +373,14 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::model::gguf::GgmlType;
-    use rand::{Rng, SeedableRng};
+    use crate::model::quant::q4::tests::{random_blocks, random_k};
 
-    /// A matrix of `ty`'s random blocks (every byte random but the `f16` scale and offset).
-    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Q4Matrix {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (offset, fifth) = match ty {
-            GgmlType::Q4_0 => (false, false),
-            GgmlType::Q4_1 => (true, false),
-            GgmlType::Q5_0 => (false, true),
-            GgmlType::Q5_1 => (true, true),
-            other => panic!("not a per-block 4/5-bit type: {other:?}"),
-        };
-        let mut bytes = Vec::new();
-        for _ in 0..rows * cols / QK {
-            bytes.extend(f16::from_f32(rng.random_range(0.001f32..0.02)).to_le_bytes());
-            if offset {
-                bytes.extend(f16::from_f32(rng.random_range(-0.2f32..0.0)).to_le_bytes());
-            }
-            let data = if fifth { 4 + QK / 2 } else { QK / 2 };
-            bytes.extend((0..data).map(|_| rng.random::<u8>()));
-        }
-        Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("blocks")
+    /// A matrix of `ty`'s random blocks and its values computed from the format's definition
+    /// (`quant::q4`'s independent reference).
+    fn blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Q4Matrix, Vec<f32>) {
+        let (bytes, values) = random_blocks(ty, rows, cols, seed);
+        let q = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("blocks");
+        (q, values)
     }
 
     const TYPES: [GgmlType; 4] = [
@@ -410,30 +393,23 @@ mod tests {
     #[test]
     fn panels_hold_the_blocks_values_in_the_files_size() {
         for (ty, file_bytes) in TYPES.into_iter().zip([18, 20, 22, 24]) {
-            let q = random_blocks(ty, 64, 96, 3);
+            let (q, values) = blocks(ty, 64, 96, 3);
             let p = Q4Panels::from_q4(&q).expect("whole panels");
             assert_eq!((p.rows(), p.cols()), (64, 96));
             assert_eq!(p.bytes(), 64 * 96 / QK * file_bytes, "{ty:?}");
-            let (mut want, mut got) = (vec![0f32; 96], vec![0f32; 96]);
+            let mut got = vec![0f32; 96];
             for r in 0..64 {
-                q.dequantize_row(r, &mut want);
                 p.dequantize_row(r, &mut got);
-                assert_eq!(got, want, "{ty:?} row {r}");
+                assert_eq!(got, values[r * 96..(r + 1) * 96].to_vec(), "{ty:?} row {r}");
             }
         }
     }
 
     #[test]
     fn only_whole_panels_of_per_block_scales_are_laid_out() {
-        assert!(Q4Panels::from_q4(&random_blocks(GgmlType::Q4_1, 48, 64, 1)).is_none());
-        assert!(Q4Panels::from_q4(&random_blocks(GgmlType::Q4_1, 32, 64, 1)).is_some());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-        let mut bytes = Vec::new();
-        for _ in 0..32 {
-            bytes.extend(f16::from_f32(0.002).to_le_bytes());
-            bytes.extend(f16::from_f32(0.01).to_le_bytes());
-            bytes.extend((0..12 + 128).map(|_| rng.random::<u8>()));
-        }
+        assert!(Q4Panels::from_q4(&blocks(GgmlType::Q4_1, 48, 64, 1).0).is_none());
+        assert!(Q4Panels::from_q4(&blocks(GgmlType::Q4_1, 32, 64, 1).0).is_some());
+        let bytes = random_k(GgmlType::Q4_K, 32, 256, 2);
         let q4k = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, 32, 256, |r| r).expect("Q4_K");
         assert!(Q4Panels::from_q4(&q4k).is_none());
     }
@@ -442,9 +418,9 @@ mod tests {
     fn the_product_matches_the_dequantized_weights() {
         // 576 columns: 18 blocks, SmolLM2-135M's hidden size, not a multiple of 256.
         for (i, ty) in TYPES.into_iter().enumerate() {
-            let q = random_blocks(ty, 64, 576, 20 + i as u64);
+            let (q, values) = blocks(ty, 64, 576, 20 + i as u64);
             let p = Q4Panels::from_q4(&q).expect("whole panels");
-            super::super::tests::assert_product_matches(&p, &q.dequantize(), &format!("{ty:?}"));
+            super::super::tests::assert_product_matches(&p, &values, &format!("{ty:?}"));
         }
     }
 }

@@ -270,7 +270,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, PANEL, SUB_BLOCKS};
-    use crate::model::quant::resident::{block_products, load_f16x16};
+    use crate::model::quant::resident::{block_products, load_f16x16, store_tile};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -354,30 +354,19 @@ mod x86 {
                 }
             }
         }
-        for i in 0..R {
-            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
-        }
+        store_tile(&acc, out);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gguf::{GgmlType, QK_K};
+    use crate::model::gguf::GgmlType;
     use rand::{Rng, SeedableRng};
 
-    /// A `Q4_K` or `Q5_K` matrix of random super-blocks (every byte random but the two `f16`
-    /// scales; `Q5_K` has 32 bytes of fifth bits more).
+    /// A `Q4_K` or `Q5_K` matrix of random super-blocks (`quant::q4`'s generator).
     fn random_k(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Q4Matrix {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let fifth = if ty == GgmlType::Q5_K { 32 } else { 0 };
-        let mut bytes = Vec::new();
-        for _ in 0..rows * cols / QK_K {
-            bytes.extend(half::f16::from_f32(rng.random_range(0.0005f32..0.004)).to_le_bytes());
-            bytes.extend(half::f16::from_f32(rng.random_range(0.0f32..0.01)).to_le_bytes());
-            bytes.extend((0..12 + fifth + QK_K / 2).map(|_| rng.random::<u8>()));
-        }
+        let bytes = crate::model::quant::q4::tests::random_k(ty, rows, cols, seed);
         Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("k-quant")
     }
 

@@ -242,6 +242,7 @@ fn portable_tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Activations, Panel, Tile, GROUP_BYTES, HIGH_BYTES, PANEL, PART, PARTS};
+    use crate::model::quant::resident::{load_f16x16, store_tile};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -338,9 +339,7 @@ mod x86 {
                 }
             }
             for h in 0..2 {
-                let d = crate::model::quant::resident::load_f16x16(
-                    p.d.as_ptr().add(s * PANEL + 16 * h),
-                );
+                let d = load_f16x16(p.d.as_ptr().add(s * PANEL + 16 * h));
                 for i in 0..R {
                     let dx = _mm512_set1_ps(xs.scale(r0 + i, s));
                     acc[i][h] = _mm512_fmadd_ps(
@@ -351,10 +350,7 @@ mod x86 {
                 }
             }
         }
-        for i in 0..R {
-            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
-        }
+        store_tile(&acc, out);
     }
 }
 
