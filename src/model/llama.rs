@@ -1316,20 +1316,34 @@ mod cpu {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         const L: usize = 16;
+        // Fixed-size chunks: with slices of unknown length LLVM split the lanes into 2-wide
+        // vectors.
+        let (ac, at) = a.as_chunks::<L>();
+        let (bc, bt) = b.as_chunks::<L>();
         let mut acc = [0f32; L];
-        let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-        let tail: f32 = ac
-            .remainder()
-            .iter()
-            .zip(bc.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        for (x, y) in ac.zip(bc) {
+        for (x, y) in ac.iter().zip(bc) {
             for i in 0..L {
                 acc[i] += x[i] * y[i];
             }
         }
-        acc.iter().sum::<f32>() + tail
+        let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
+        sum_lanes(acc) + tail
+    }
+
+    /// The sum of 16 lanes as a tree (halves added pairwise): four vector adds where a sum in
+    /// lane order is fifteen dependent scalar ones, the bulk of a decode step's attention
+    /// scores at a 64-wide head. Same order every call, so a score's bits do not depend on
+    /// where it is computed.
+    #[inline(always)]
+    fn sum_lanes(mut acc: [f32; 16]) -> f32 {
+        let mut width = 8;
+        while width > 0 {
+            for i in 0..width {
+                acc[i] += acc[i + width];
+            }
+            width /= 2;
+        }
+        acc[0]
     }
 
     /// One (sequence, kv head) of [`attention`]: its query rows `[rows, d]`, keys and values
@@ -1350,25 +1364,19 @@ mod cpu {
             (self.k.0.len() + self.k.1.len()) / self.d
         }
 
-        /// Column `j`'s key: the prefix's `j`-th, or past the prefix its own slot.
+        /// Columns `[a, z)` of the prefix and own slots laid end to end, `[z - a, d]`: the
+        /// range must lie on one side of the prefix's end (see [`visible_runs`]).
         #[inline(always)]
-        fn key(&self, j: usize) -> &'a [f32] {
-            Self::column(self.k, j * self.d, self.d)
-        }
-
-        /// Column `j`'s value, as [`Block::key`].
-        #[inline(always)]
-        fn value(&self, j: usize) -> &'a [f32] {
-            Self::column(self.v, j * self.d, self.d)
-        }
-
-        /// The `d` values at offset `at` of the prefix and own slots laid end to end (by
-        /// offset, so the hot loops divide nothing).
-        #[inline(always)]
-        fn column((prefix, own): (&'a [f32], &'a [f32]), at: usize, d: usize) -> &'a [f32] {
-            match at < prefix.len() {
-                true => &prefix[at..at + d],
-                false => &own[at - prefix.len()..at - prefix.len() + d],
+        fn columns(
+            (prefix, own): (&'a [f32], &'a [f32]),
+            a: usize,
+            z: usize,
+            d: usize,
+        ) -> &'a [f32] {
+            let p = prefix.len() / d;
+            match a < p {
+                true => &prefix[a * d..z * d],
+                false => &own[(a - p) * d..(z - p) * d],
             }
         }
     }
@@ -1376,6 +1384,10 @@ mod cpu {
     /// Softmax attention of one [`Block`] into `out` `[rows, d]`, compiled for AVX-512 and
     /// AVX2 besides the baseline (the crate is built for plain x86-64, where these loops would
     /// run 4 lanes wide). A row that sees nothing stays zero, as burn's kernel gives.
+    ///
+    /// A decode step's rows (the query heads of one kv head) share one mask, so they go through
+    /// the visible columns together: a key or value is loaded once for all of them, and the
+    /// columns come in runs of contiguous slots (no mask test or prefix/own branch per column).
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
@@ -1383,18 +1395,65 @@ mod cpu {
     ))]
     fn attend_block(blk: Block<'_>, out: &mut [f32]) {
         let (d, cols) = (blk.d, blk.cols());
-        let mut scores = vec![0f32; cols];
-        for (r, orow) in out.chunks_exact_mut(d).enumerate() {
-            let qrow = &blk.q[r * d..(r + 1) * d];
-            let mrow = &blk.mask[r * cols..(r + 1) * cols];
-            for (j, sc) in scores.iter_mut().enumerate() {
-                if !mrow[j] {
-                    *sc = dot(qrow, blk.key(j)) * blk.scale;
+        let rows = out.len() / d;
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let mut scores = vec![0f32; rows * cols];
+        let mut r0 = 0;
+        while r0 < rows {
+            let mask = &blk.mask[r0 * cols..(r0 + 1) * cols];
+            let same = blk.mask[(r0 + 1) * cols..rows * cols]
+                .chunks_exact(cols)
+                .take_while(|m| *m == mask)
+                .count();
+            let n = 1 + same;
+            let runs = visible_runs(mask, blk.k.0.len() / d);
+            let group = &mut scores[r0 * cols..(r0 + n) * cols];
+            let q = &blk.q[r0 * d..(r0 + n) * d];
+            for &(a, z) in &runs {
+                let keys = Block::columns(blk.k, a, z, d);
+                for (j, key) in (a..z).zip(keys.chunks_exact(d)) {
+                    for (i, qrow) in q.chunks_exact(d).enumerate() {
+                        group[i * cols + j] = dot(qrow, key) * blk.scale;
+                    }
                 }
             }
-            softmax_masked(&mut scores, mrow);
-            add_weighted_rows(orow, &scores, |j| blk.value(j));
+            for srow in group.chunks_exact_mut(cols) {
+                softmax_masked(srow, mask);
+            }
+            for (srow, orow) in group
+                .chunks_exact(cols)
+                .zip(out[r0 * d..(r0 + n) * d].chunks_exact_mut(d))
+            {
+                for &(a, z) in &runs {
+                    let vals = Block::columns(blk.v, a, z, d);
+                    add_weighted_run(orow, &srow[a..z], vals);
+                }
+            }
+            r0 += n;
         }
+    }
+
+    /// The runs `[a, z)` of visible (`false`) columns of `mask`, cut where the shared prefix
+    /// (its first `p` columns) ends, so that each run's keys and values are contiguous.
+    fn visible_runs(mask: &[bool], p: usize) -> Vec<(usize, usize)> {
+        let mut runs = Vec::new();
+        let mut j = 0;
+        while j < mask.len() {
+            if mask[j] {
+                j += 1;
+                continue;
+            }
+            let limit = if j < p { p } else { mask.len() };
+            let end = mask[j..limit]
+                .iter()
+                .position(|&m| m)
+                .map_or(limit, |n| j + n);
+            runs.push((j, end));
+            j = end;
+        }
+        runs
     }
 
     /// Query rows per tile of [`attend_block_tiled`]: a tile's scores (`[64, cols]`, 256 KiB
@@ -1494,29 +1553,58 @@ mod cpu {
             softmax_masked(srow, &mrow[lo..hi]);
         }
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
-            add_weighted_rows(orow, srow, |j| blk.value(lo + j));
+            for &(a, z, _, _) in &parts {
+                if z > a {
+                    add_weighted_run(orow, &srow[a - lo..z - lo], Block::columns(blk.v, a, z, d));
+                }
+            }
         }
     }
 
-    /// `out += Σ_j w[j]·row(j)` over the nonzero weights, in column order: the weighted sum of
-    /// values of one query row, for both paths, so a token's output does not depend on which
-    /// path, tile or layout (shared prefix apart or not) computed it (a GEMM would split the sum
-    /// by its own blocking, and greedy answers could flip on a near tie between the prefix
-    /// cache on and off). Compiled for AVX-512 and AVX2 as the attention kernel.
+    /// `out += Σ_j w[j]·vals[j]` over the nonzero weights, in column order, `vals` `[w.len(),
+    /// d]`: the weighted sum of values of one query row, for both paths, so a token's output
+    /// does not depend on which path, tile or layout (shared prefix apart or not) computed it
+    /// (a GEMM would split the sum by its own blocking, and greedy answers could flip on a near
+    /// tie between the prefix cache on and off). The common head sizes keep `out` in registers
+    /// for the whole run (a loop over a slice of unknown length loads and stores it per column);
+    /// each element's sum is the same multiply-then-add sequence either way. Compiled for
+    /// AVX-512 and AVX2 as the attention kernel.
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
         "aarch64+neon"
     ))]
-    fn add_weighted_rows<'v>(out: &mut [f32], w: &[f32], row: impl Fn(usize) -> &'v [f32]) {
-        for (j, &wj) in w.iter().enumerate() {
+    fn add_weighted_run(out: &mut [f32], w: &[f32], vals: &[f32]) {
+        match out.len() {
+            64 => add_weighted_fixed::<64>(out, w, vals),
+            128 => add_weighted_fixed::<128>(out, w, vals),
+            d => {
+                for (&wj, v) in w.iter().zip(vals.chunks_exact(d)) {
+                    if wj == 0.0 {
+                        continue;
+                    }
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o += wj * x;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`add_weighted_run`] for `D`-wide rows, the sum held in a local array.
+    #[inline(always)]
+    fn add_weighted_fixed<const D: usize>(out: &mut [f32], w: &[f32], vals: &[f32]) {
+        let mut acc = [0f32; D];
+        acc.copy_from_slice(&out[..D]);
+        for (&wj, v) in w.iter().zip(vals.as_chunks::<D>().0) {
             if wj == 0.0 {
                 continue;
             }
-            for (o, &x) in out.iter_mut().zip(row(j)) {
-                *o += wj * x;
+            for i in 0..D {
+                acc[i] += wj * v[i];
             }
         }
+        out[..D].copy_from_slice(&acc);
     }
 
     /// Lanes of the softmax's maximum and sum: one AVX-512 register, two AVX2 ones (as [`dot`]).
@@ -1918,7 +2006,11 @@ mod tests {
             })
             .collect();
         for prefill in [false, true] {
-            assert_attention_matches_burn(b, 2, rows, cap, p, &mask, prefill);
+            assert_attention_matches_burn(b, 2, rows, cap, p, &mask, prefill, 8);
+        }
+        // The head sizes with their own weighted-sum kernel (SmolLM2's 64, Qwen2.5's 128).
+        for d in [64, 128] {
+            assert_attention_matches_burn(b, 2, rows, cap, p, &mask, false, d);
         }
 
         // A prefill in tiles of GEMMs: 2 query heads per kv head folded into rows (row = r·s
@@ -1939,7 +2031,10 @@ mod tests {
                     j >= p && (j - p > t || j - p < pad)
                 })
                 .collect();
-            assert_attention_matches_burn(b, 2, rows, s_len, p, &mask, true);
+            // The row-by-row path too: rows whose masks differ, in groups of equal ones.
+            for prefill in [true, false] {
+                assert_attention_matches_burn(b, 2, rows, s_len, p, &mask, prefill, 8);
+            }
         }
     }
 
@@ -2071,7 +2166,8 @@ mod tests {
     /// [`cpu::attention`] against burn's matmul-softmax-matmul on random tensors of `b`
     /// sequences, `kvh` kv heads, `rows` query rows, `cap` own slots and a `p`-token prefix,
     /// under `mask` `[b, rows, p + cap]` (true = masked), by the prefill (tiled) or the decode
-    /// (row by row) path.
+    /// (row by row) path, at head size `d`.
+    #[allow(clippy::too_many_arguments)]
     fn assert_attention_matches_burn(
         b: usize,
         kvh: usize,
@@ -2080,11 +2176,11 @@ mod tests {
         p: usize,
         mask: &[bool],
         prefill: bool,
+        d: usize,
     ) {
         use burn::backend::Flex;
         use burn::tensor::Distribution;
         let dev = Default::default();
-        let d = 8;
         let q = Tensor::<Flex, 4>::random([b, kvh, rows, d], Distribution::Default, &dev);
         let k = Tensor::<Flex, 4>::random([b, kvh, cap, d], Distribution::Default, &dev);
         let v = Tensor::<Flex, 4>::random([b, kvh, cap, d], Distribution::Default, &dev);
