@@ -28,7 +28,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 use super::device::Precision;
-use super::kv_cache::{AppendPlan, KvCache};
+use super::kv_cache::{AppendPlan, KvCache, LayerKv, OwnKv};
 use super::quant::{Q8Matrix, QuantWeight};
 use super::ModelError;
 use std::sync::Arc;
@@ -926,9 +926,8 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 2>, ModelError> {
         let (q, k, v) = self.qkv(blk, h, step)?;
         // [b, kv_h, s, d] into the cache slots of this step.
-        let (k_all, v_all) = cache.write(layer, step.start, k, v);
-        let prefix = cache.prefix_kv(layer);
-        let att = self.attend(q, k_all, v_all, prefix, step)?;
+        cache.write(layer, step.start, k, v);
+        let att = self.attend(q, cache, layer, step)?;
         Ok(blk.wo.forward(self.merge_heads(att, step)))
     }
 
@@ -973,24 +972,34 @@ impl<B: Backend> Llama<B> {
     fn attend(
         &self,
         q: Tensor<B, 4>,
-        k_all: Tensor<B, 4>,
-        v_all: Tensor<B, 4>,
-        prefix: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        cache: &KvCache<B>,
+        layer: usize,
         step: &Step<B>,
     ) -> Result<Tensor<B, 4>, ModelError> {
         let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+        let prefix = cache.prefix_kv(layer);
+        let unreadable =
+            || ModelError::Request("CPU attention kernel got tensors it cannot read".into());
+        if let AttnMask::Host(m) = &step.mask {
+            // More than one query token per sequence: a prefill (or a choice's tokens).
+            let prefill = q.dims()[2] > self.cfg.n_rep();
+            let held;
+            let own = match cache.layer(layer) {
+                LayerKv::Host(own) => own,
+                LayerKv::Tensors(k, v) => {
+                    held = (cpu::host_values(&k), cpu::host_values(&v));
+                    let (Some(k), Some(v)) = (&held.0, &held.1) else {
+                        return Err(unreadable());
+                    };
+                    OwnKv::dense(k, v, cache.capacity())
+                }
+            };
+            return cpu::attention(&q, own, prefix, m, scale as f32, prefill)
+                .ok_or_else(unreadable);
+        }
+        let (k_all, v_all) = cache.layer_tensors(layer);
         match &step.mask {
-            AttnMask::Host(m) => {
-                // More than one query token per sequence: a prefill (or a choice's tokens).
-                let prefill = q.dims()[2] > self.cfg.n_rep();
-                cpu::attention(&q, &k_all, &v_all, prefix, m, scale as f32, prefill).ok_or_else(
-                    || {
-                        ModelError::Request(
-                            "CPU attention kernel got tensors it cannot read".into(),
-                        )
-                    },
-                )
-            }
+            AttnMask::Host(_) => Err(unreadable()),
             AttnMask::Bool(m) => {
                 let (b, kvh, d, p) = (
                     step.b,
@@ -1141,6 +1150,11 @@ mod cpu {
         } else {
             ft.to_contiguous()
         })
+    }
+
+    /// The `f32` values of a flex tensor, contiguous (`None` off flex).
+    pub(super) fn host_values<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
+        flex(t)?.as_slice::<f32>().map(<[f32]>::to_vec)
     }
 
     /// `x·Wᵀ` for `x` `[rows, in]` and the 8-bit `w` `[out, in]`, as `[rows, out]` `f32`: on
@@ -1347,36 +1361,50 @@ mod cpu {
     }
 
     /// One (sequence, kv head) of [`attention`]: its query rows `[rows, d]`, keys and values
-    /// as (shared prefix, own slots) `[p, d]` and `[cap, d]`, and its mask rows `[rows, p + cap]`.
+    /// as (shared prefix `[p, d]`, own slots from batch slot `first` on `[n, d]`), and its mask
+    /// rows `[rows, cols]` (`cols` = `p` + the batch's slots). Own slots before `first` or past
+    /// the stored ones are masked in every row (the cache's mask guarantees it).
     #[derive(Clone, Copy)]
     struct Block<'a> {
         q: &'a [f32],
         k: (&'a [f32], &'a [f32]),
         v: (&'a [f32], &'a [f32]),
+        first: usize,
+        cols: usize,
         mask: &'a [bool],
         d: usize,
         scale: f32,
     }
 
     impl<'a> Block<'a> {
-        /// Key columns: the shared prefix's, then the own slots'.
+        /// Key columns: the shared prefix's, then the batch's slots.
         fn cols(&self) -> usize {
-            (self.k.0.len() + self.k.1.len()) / self.d
+            self.cols
         }
 
-        /// Columns `[a, z)` of the prefix and own slots laid end to end, `[z - a, d]`: the
-        /// range must lie on one side of the prefix's end (see [`visible_runs`]).
+        /// Columns of the shared prefix.
+        fn prefix_cols(&self) -> usize {
+            self.k.0.len() / self.d
+        }
+
+        /// The column the own slots' first stored row is.
+        fn own_start(&self) -> usize {
+            self.prefix_cols() + self.first
+        }
+
+        /// Columns `[a, z)` of `(prefix, own)` (keys or values), `[z - a, d]`: the range lies
+        /// in the prefix or in the stored own slots (see [`visible_runs`]).
         #[inline(always)]
-        fn columns(
-            (prefix, own): (&'a [f32], &'a [f32]),
-            a: usize,
-            z: usize,
-            d: usize,
-        ) -> &'a [f32] {
-            let p = prefix.len() / d;
+        fn columns(&self, (prefix, own): (&'a [f32], &'a [f32]), a: usize, z: usize) -> &'a [f32] {
+            let (d, p) = (self.d, self.prefix_cols());
+            debug_assert!(a >= p || z <= p, "a run across the prefix's end");
             match a < p {
                 true => &prefix[a * d..z * d],
-                false => &own[(a - p) * d..(z - p) * d],
+                false => {
+                    let o = self.own_start();
+                    debug_assert!(a >= o, "a visible column before the stored slots");
+                    &own[(a - o) * d..(z - o) * d]
+                }
             }
         }
     }
@@ -1408,11 +1436,11 @@ mod cpu {
                 .take_while(|m| *m == mask)
                 .count();
             let n = 1 + same;
-            let runs = visible_runs(mask, blk.k.0.len() / d);
+            let runs = visible_runs(mask, blk.prefix_cols());
             let group = &mut scores[r0 * cols..(r0 + n) * cols];
             let q = &blk.q[r0 * d..(r0 + n) * d];
             for &(a, z) in &runs {
-                let keys = Block::columns(blk.k, a, z, d);
+                let keys = blk.columns(blk.k, a, z);
                 for (j, key) in (a..z).zip(keys.chunks_exact(d)) {
                     for (i, qrow) in q.chunks_exact(d).enumerate() {
                         group[i * cols + j] = dot(qrow, key) * blk.scale;
@@ -1427,7 +1455,7 @@ mod cpu {
                 .zip(out[r0 * d..(r0 + n) * d].chunks_exact_mut(d))
             {
                 for &(a, z) in &runs {
-                    let vals = Block::columns(blk.v, a, z, d);
+                    let vals = blk.columns(blk.v, a, z);
                     add_weighted_run(orow, &srow[a..z], vals);
                 }
             }
@@ -1493,7 +1521,7 @@ mod cpu {
             scale,
             ..
         } = blk;
-        let (p, cols) = (k.0.len() / d, blk.cols());
+        let (p, own, cols) = (blk.prefix_cols(), blk.own_start(), blk.cols());
         let rows = out.len() / d;
         if cols == 0 {
             return;
@@ -1510,11 +1538,12 @@ mod cpu {
             return;
         }
         let width = hi - lo;
-        // Columns [lo, hi) as their parts in the prefix and in the own slots: (first column,
-        // end, its keys, where that part's columns start).
+        // Columns [lo, hi) as their parts in the prefix and in the stored own slots: (first
+        // column, end, its keys, where that part's columns start). Columns between the two
+        // (before the own slots' first stored one) are masked in every row: no scores.
         let parts = [
             (lo.min(p), hi.min(p), k.0, 0),
-            (lo.max(p), hi.max(p), k.1, p),
+            (lo.max(own), hi.max(own), k.1, own),
         ];
         let mut scores = vec![0f32; rows * width];
         for &(a, z, keys, base) in &parts {
@@ -1555,7 +1584,7 @@ mod cpu {
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
             for &(a, z, _, _) in &parts {
                 if z > a {
-                    add_weighted_run(orow, &srow[a - lo..z - lo], Block::columns(blk.v, a, z, d));
+                    add_weighted_run(orow, &srow[a - lo..z - lo], blk.columns(blk.v, a, z));
                 }
             }
         }
@@ -1735,21 +1764,15 @@ mod cpu {
     /// Returns `[b, kv_h, rows, d]`; `None` off flex.
     pub(super) fn attention<B: Backend>(
         q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
+        own: super::OwnKv<'_>,
         prefix: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
         mask: &[bool],
         scale: f32,
         prefill: bool,
     ) -> Option<Tensor<B, 4>> {
         let [b, kvh, rows, d] = q.dims();
-        let cap = k.dims()[2];
-        let (qf, kf, vf) = (flex(q)?, flex(k)?, flex(v)?);
-        let (qs, ks, vs) = (
-            qf.as_slice::<f32>()?,
-            kf.as_slice::<f32>()?,
-            vf.as_slice::<f32>()?,
-        );
+        let qf = flex(q)?;
+        let qs = qf.as_slice::<f32>()?;
         let pre = match &prefix {
             Some((pk, pv)) => Some((flex(pk)?, flex(pv)?)),
             None => None,
@@ -1762,11 +1785,11 @@ mod cpu {
             ),
             None => (&[][..], &[][..], 0),
         };
-        let cols = p + cap;
+        let cols = mask.len().checked_div(b * rows)?;
+        let cap = cols.checked_sub(p)?;
         if d == 0
+            || !own.fits(b, kvh, d, cap)
             || mask.len() != b * rows * cols
-            || ks.len() != b * kvh * cap * d
-            || vs.len() != ks.len()
             || pks.len() != kvh * p * d
         {
             return None;
@@ -1777,12 +1800,14 @@ mod cpu {
             .enumerate()
             .for_each(|(bh, o)| {
                 let (bi, h) = (bh / kvh, bh % kvh);
-                let own = bh * cap * d..(bh + 1) * cap * d;
+                let (own_k, own_v, first) = own.block(bh, kvh, d);
                 let pre = h * p * d..(h + 1) * p * d;
                 let blk = Block {
                     q: &qs[bh * rows * d..(bh + 1) * rows * d],
-                    k: (&pks[pre.clone()], &ks[own.clone()]),
-                    v: (&pvs[pre], &vs[own]),
+                    k: (&pks[pre.clone()], own_k),
+                    v: (&pvs[pre], own_v),
+                    first,
+                    cols,
                     mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
                     d,
                     scale,
@@ -2191,8 +2216,13 @@ mod tests {
         });
         let cols = p + cap;
         let scale = 0.5f32;
+        let (kh, vh) = (
+            cpu::host_values(&k).expect("flex"),
+            cpu::host_values(&v).expect("flex"),
+        );
+        let own = OwnKv::dense(&kh, &vh, cap);
         let fast =
-            cpu::attention(&q, &k, &v, prefix.clone(), mask, scale, prefill).expect("flex tensors");
+            cpu::attention(&q, own, prefix.clone(), mask, scale, prefill).expect("flex tensors");
         let bias: Vec<f32> = (0..b * kvh * rows * cols)
             .map(|i| {
                 let (seq, rest) = (i / (kvh * rows * cols), i % (rows * cols));
