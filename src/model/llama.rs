@@ -28,7 +28,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 use super::device::Precision;
-use super::kv_cache::{AppendPlan, KvCache, LayerKv, OwnKv};
+use super::kv_cache::{AppendPlan, KvCache, LayerKv, OwnKv, SpareBuffers};
 use super::quant::{Q8Matrix, QuantWeight};
 use super::ModelError;
 use std::sync::Arc;
@@ -452,6 +452,8 @@ pub struct Llama<B: Backend> {
     sin: Tensor<B, 2>,
     /// The same tables on the host, for the CPU fast path ([`cpu::split_rope_fold`]).
     rope_host: std::sync::Arc<(Vec<f32>, Vec<f32>)>,
+    /// Host KV buffers of finished sequences, for the next ones of this model.
+    kv_spare: Arc<SpareBuffers>,
 }
 
 fn shape_err(name: WeightName, want: &[usize], got: &[usize]) -> ModelError {
@@ -674,6 +676,7 @@ impl<B: Backend> Llama<B> {
             cos,
             sin,
             rope_host,
+            kv_spare: Arc::default(),
         })
     }
 
@@ -765,7 +768,13 @@ impl<B: Backend> Llama<B> {
 
     /// An empty KV cache for this model: `batch` sequences, room for `capacity` slots.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
-        KvCache::new(&self.cfg, batch, capacity, &self.device, self.dtype)
+        KvCache::new(
+            &self.cfg,
+            (batch, capacity),
+            &self.device,
+            self.dtype,
+            &self.kv_spare,
+        )
     }
 
     /// Runs `s` new tokens per sequence through the model, appending their K/V to `cache`
@@ -1361,15 +1370,16 @@ mod cpu {
     }
 
     /// One (sequence, kv head) of [`attention`]: its query rows `[rows, d]`, keys and values
-    /// as (shared prefix `[p, d]`, own slots from batch slot `first` on `[n, d]`), and its mask
-    /// rows `[rows, cols]` (`cols` = `p` + the batch's slots). Own slots before `first` or past
-    /// the stored ones are masked in every row (the cache's mask guarantees it).
+    /// as (shared prefix `[p, d]`, own slots in slices of `span` slots from batch slot
+    /// `first` on), and its mask rows `[rows, cols]` (`cols` = `p` + the batch's slots). Own
+    /// slots outside the stored ones are masked in every row (the cache's mask guarantees it).
     #[derive(Clone, Copy)]
     struct Block<'a> {
         q: &'a [f32],
-        k: (&'a [f32], &'a [f32]),
-        v: (&'a [f32], &'a [f32]),
-        first: usize,
+        k: (&'a [f32], &'a [&'a [f32]]),
+        v: (&'a [f32], &'a [&'a [f32]]),
+        first: isize,
+        span: usize,
         cols: usize,
         mask: &'a [bool],
         d: usize,
@@ -1387,24 +1397,46 @@ mod cpu {
             self.k.0.len() / self.d
         }
 
-        /// The column the own slots' first stored row is.
-        fn own_start(&self) -> usize {
-            self.prefix_cols() + self.first
+        /// The column where own slice `i` starts (it may lie before the batch's first slot).
+        fn slice_start(&self, i: usize) -> isize {
+            self.prefix_cols() as isize + self.first + (i * self.span) as isize
+        }
+
+        /// The end of the contiguous run of columns that column `j` starts: the prefix's end,
+        /// or the end of the own slice holding `j`, at most `limit`.
+        fn run_end(&self, j: usize, limit: usize) -> usize {
+            let p = self.prefix_cols();
+            if j < p {
+                return p.min(limit);
+            }
+            let local = j as isize - self.slice_start(0);
+            let next = self.slice_start(local.max(0) as usize / self.span + 1);
+            (next.max(j as isize + 1) as usize).min(limit)
         }
 
         /// Columns `[a, z)` of `(prefix, own)` (keys or values), `[z - a, d]`: the range lies
-        /// in the prefix or in the stored own slots (see [`visible_runs`]).
+        /// in the prefix or in one stored own slice (see [`Block::run_end`]).
         #[inline(always)]
-        fn columns(&self, (prefix, own): (&'a [f32], &'a [f32]), a: usize, z: usize) -> &'a [f32] {
+        fn columns(
+            &self,
+            (prefix, own): (&'a [f32], &'a [&'a [f32]]),
+            a: usize,
+            z: usize,
+        ) -> &'a [f32] {
             let (d, p) = (self.d, self.prefix_cols());
             debug_assert!(a >= p || z <= p, "a run across the prefix's end");
-            match a < p {
-                true => &prefix[a * d..z * d],
-                false => {
-                    let o = self.own_start();
-                    debug_assert!(a >= o, "a visible column before the stored slots");
-                    &own[(a - o) * d..(z - o) * d]
-                }
+            if a < p {
+                return &prefix[a * d..z * d];
+            }
+            let local = (a as isize - self.slice_start(0)).max(0) as usize;
+            let (i, off) = (local / self.span, local % self.span);
+            debug_assert!(
+                a as isize >= self.slice_start(0),
+                "a visible column before the stored slots"
+            );
+            match own.get(i) {
+                Some(slice) => &slice[off * d..(off + z - a) * d],
+                None => &[],
             }
         }
     }
@@ -1436,7 +1468,7 @@ mod cpu {
                 .take_while(|m| *m == mask)
                 .count();
             let n = 1 + same;
-            let runs = visible_runs(mask, blk.prefix_cols());
+            let runs = visible_runs(&blk, mask);
             let group = &mut scores[r0 * cols..(r0 + n) * cols];
             let q = &blk.q[r0 * d..(r0 + n) * d];
             for &(a, z) in &runs {
@@ -1464,8 +1496,8 @@ mod cpu {
     }
 
     /// The runs `[a, z)` of visible (`false`) columns of `mask`, cut where the shared prefix
-    /// (its first `p` columns) ends, so that each run's keys and values are contiguous.
-    fn visible_runs(mask: &[bool], p: usize) -> Vec<(usize, usize)> {
+    /// and each own slice of `blk` end, so that each run's keys and values are contiguous.
+    fn visible_runs(blk: &Block<'_>, mask: &[bool]) -> Vec<(usize, usize)> {
         let mut runs = Vec::new();
         let mut j = 0;
         while j < mask.len() {
@@ -1473,7 +1505,7 @@ mod cpu {
                 j += 1;
                 continue;
             }
-            let limit = if j < p { p } else { mask.len() };
+            let limit = blk.run_end(j, mask.len());
             let end = mask[j..limit]
                 .iter()
                 .position(|&m| m)
@@ -1514,14 +1546,9 @@ mod cpu {
     /// One tile of [`attend_block_tiled`]: `blk` holds the tile's query and mask rows.
     fn attend_tile(blk: Block<'_>, out: &mut [f32]) {
         let Block {
-            q,
-            k,
-            mask,
-            d,
-            scale,
-            ..
+            q, mask, d, scale, ..
         } = blk;
-        let (p, own, cols) = (blk.prefix_cols(), blk.own_start(), blk.cols());
+        let cols = blk.cols();
         let rows = out.len() / d;
         if cols == 0 {
             return;
@@ -1538,22 +1565,54 @@ mod cpu {
             return;
         }
         let width = hi - lo;
-        // Columns [lo, hi) as their parts in the prefix and in the stored own slots: (first
-        // column, end, its keys, where that part's columns start). Columns between the two
-        // (before the own slots' first stored one) are masked in every row: no scores.
+        // Columns [lo, hi) in contiguous segments: the prefix's, then each stored own slice's.
+        // Own columns before the first stored slot are masked in every row: no scores.
+        let own_start = blk.slice_start(0).max(blk.prefix_cols() as isize) as usize;
+        let mut segments = Vec::new();
+        let mut j = lo;
+        while j < hi {
+            if j >= blk.prefix_cols() && j < own_start {
+                j = own_start;
+                continue;
+            }
+            let end = blk.run_end(j, hi);
+            segments.push((j, end));
+            j = end;
+        }
+        // The scores as one GEMM for the prefix's columns and one for the own slots' (their
+        // keys gathered when they span slices): GEMMs of other widths can round a score
+        // differently, and a token's scores must not depend on where the slices of its batch
+        // happen to end (the prefix cache on or off must give the same answers).
+        let p = blk.prefix_cols();
         let parts = [
-            (lo.min(p), hi.min(p), k.0, 0),
-            (lo.max(own), hi.max(own), k.1, own),
+            (lo.min(p), hi.min(p)),
+            (lo.max(own_start), hi.max(own_start)),
         ];
         let mut scores = vec![0f32; rows * width];
-        for &(a, z, keys, base) in &parts {
+        for (a, z) in parts {
             if z <= a {
                 continue;
             }
+            let inside: Vec<(usize, usize)> = (segments.iter().copied())
+                .filter(|&(sa, sz)| sa >= a && sz <= z)
+                .collect();
+            let gathered: Vec<f32>;
+            let keys = match inside.as_slice() {
+                [(sa, sz)] if (*sa, *sz) == (a, z) => blk.columns(blk.k, a, z),
+                _ => {
+                    gathered = (inside.iter())
+                        .flat_map(|&(sa, sz)| blk.columns(blk.k, sa, sz).iter().copied())
+                        .collect();
+                    &gathered
+                }
+            };
+            if keys.len() < (z - a) * d {
+                debug_assert!(false, "visible columns past the stored slots");
+                continue;
+            }
             // SAFETY: `scores` holds rows·width values and columns a-lo..z-lo of each of its
-            // rows are in range (lo <= a < z <= hi); `q` holds rows·d, `keys` holds
-            // (z-base)·d past (a-base)·d (a part's columns lie within its slice). Kᵀ is read
-            // from row-major keys with column stride d.
+            // rows are in range (lo <= a < z <= hi); `q` holds rows·d, `keys` (z-a)·d (checked
+            // above). Kᵀ is read from row-major keys with column stride d.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -1566,7 +1625,7 @@ mod cpu {
                     q.as_ptr(),
                     1,
                     d as isize,
-                    keys.as_ptr().add((a - base) * d),
+                    keys.as_ptr(),
                     d as isize,
                     1,
                     0.0,
@@ -1582,10 +1641,8 @@ mod cpu {
             softmax_masked(srow, &mrow[lo..hi]);
         }
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
-            for &(a, z, _, _) in &parts {
-                if z > a {
-                    add_weighted_run(orow, &srow[a - lo..z - lo], blk.columns(blk.v, a, z));
-                }
+            for &(a, z) in &segments {
+                add_weighted_run(orow, &srow[a - lo..z - lo], blk.columns(blk.v, a, z));
             }
         }
     }
@@ -1800,13 +1857,14 @@ mod cpu {
             .enumerate()
             .for_each(|(bh, o)| {
                 let (bi, h) = (bh / kvh, bh % kvh);
-                let (own_k, own_v, first) = own.block(bh, kvh, d);
+                let own = own.rows(bh, kvh, d);
                 let pre = h * p * d..(h + 1) * p * d;
                 let blk = Block {
                     q: &qs[bh * rows * d..(bh + 1) * rows * d],
-                    k: (&pks[pre.clone()], own_k),
-                    v: (&pvs[pre], own_v),
-                    first,
+                    k: (&pks[pre.clone()], &own.k),
+                    v: (&pvs[pre], &own.v),
+                    first: own.first,
+                    span: own.span,
                     cols,
                     mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
                     d,

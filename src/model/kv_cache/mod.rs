@@ -26,7 +26,8 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use super::config::LlamaConfig;
 use super::ModelError;
 use host::HostKv;
-pub use host::OwnKv;
+pub use host::{OwnKv, OwnRows, SpareBuffers};
+use std::sync::Arc;
 use tensors::TensorKv;
 
 /// Slots added at a time when the cache grows.
@@ -128,32 +129,34 @@ fn host_values<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>>
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `batch` sequences with room for `capacity` slots before growing,
     /// holding `dtype` (the model's: [`Llama::new_cache`](super::Llama::new_cache)): in host
-    /// buffers on flex in `f32`, in backend tensors otherwise.
+    /// buffers on flex in `f32` (taken from `spare` where it has some), backend tensors
+    /// otherwise.
     pub fn new(
         cfg: &LlamaConfig,
-        batch: usize,
-        capacity: usize,
+        (batch, capacity): (usize, usize),
         device: &B::Device,
         dtype: DType,
+        spare: &Arc<SpareBuffers>,
     ) -> Self {
-        let host = dtype == DType::F32 && host_backend::<B>(device);
+        let host = (dtype == DType::F32 && host_backend::<B>(device)).then(|| spare.clone());
         Self::with_store(cfg, batch, capacity, device, dtype, host)
     }
 
-    /// [`KvCache::new`] with the store chosen: host buffers (`host`, flex `f32` only) or tensors.
+    /// [`KvCache::new`] with the store chosen: host buffers (`host`, flex `f32` only, with its
+    /// spare buffers) or tensors.
     pub(crate) fn with_store(
         cfg: &LlamaConfig,
         batch: usize,
         capacity: usize,
         device: &B::Device,
         dtype: DType,
-        host: bool,
+        host: Option<Arc<SpareBuffers>>,
     ) -> Self {
         let capacity = capacity.max(1);
         let (layers, heads, d) = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
         let store = match host {
-            true => Store::Host(HostKv::new(layers, batch, heads, d, capacity)),
-            false => Store::Tensors(TensorKv::new(
+            Some(spare) => Store::Host(HostKv::new((layers, heads, d), batch, spare)),
+            None => Store::Tensors(TensorKv::new(
                 layers,
                 [batch, heads, capacity, d],
                 device,
@@ -529,7 +532,8 @@ mod tests {
 
     #[test]
     fn padding_positions_and_mask() {
-        let mut c = KvCache::<Flex>::new(&cfg(), 2, 3, &Default::default(), DType::F32);
+        let spare = Arc::default();
+        let mut c = KvCache::<Flex>::new(&cfg(), (2, 3), &Default::default(), DType::F32, &spare);
         // Sequence 0: one pad then two tokens; sequence 1: three tokens.
         let plan = c
             .append(&[None, Some(1), Some(2), Some(3), Some(4), Some(5)], 3, 6)
@@ -636,9 +640,11 @@ mod tests {
                             "dense V, seq {seq} head {h} slot {j}"
                         );
                         if let Some(own) = own {
-                            let (k, v, first) = own.block(seq * HEADS + h, HEADS, D);
-                            assert_eq!(k[(j - first) * D], want, "host K, seq {seq} slot {j}");
-                            assert_eq!(v[(j - first) * D + 1], -want, "host V, seq {seq} slot {j}");
+                            let r = own.rows(seq * HEADS + h, HEADS, D);
+                            let local = usize::try_from(j as isize - r.first).expect("stored");
+                            let (i, off) = (local / r.span, local % r.span);
+                            assert_eq!(r.k[i][off * D], want, "host K, seq {seq} slot {j}");
+                            assert_eq!(r.v[i][off * D + 1], -want, "host V, seq {seq} slot {j}");
                         }
                     }
                 }
@@ -646,7 +652,8 @@ mod tests {
         }
     }
 
-    fn fresh(batch: usize, tags: &[f32], host: bool) -> Tagged {
+    fn fresh(batch: usize, tags: &[f32], host: Option<&Arc<SpareBuffers>>) -> Tagged {
+        let host = host.cloned();
         let cache = KvCache::<Flex>::with_store(
             &wide_cfg(),
             batch,
@@ -668,13 +675,16 @@ mod tests {
 
     /// Both stores keep every token's K/V where the mask says it is, through prefill with
     /// padding, growth past a chunk, a shorter and a longer batch joining, finished sequences
-    /// leaving and dead leading slots dropped: each sequence's visible columns hold its
-    /// positions in order (values written by the test, not by the cache).
+    /// leaving and dead leading slots dropped, and a newcomer in a buffer a finished sequence
+    /// left (old values in it): each sequence's visible columns hold its positions in order
+    /// (values written by the test, not by the cache).
     #[test]
     fn both_stores_keep_each_token_where_the_mask_says() {
+        let pool = Arc::new(SpareBuffers::default());
         for host in [true, false] {
+            let spare = host.then_some(&pool);
             let one = |n: usize| vec![Some(1u32); n];
-            let mut a = fresh(2, &[1.0, 2.0], host);
+            let mut a = fresh(2, &[1.0, 2.0], spare);
             step(
                 &mut a,
                 &[None, Some(1), Some(2), Some(3), Some(4), Some(5)],
@@ -684,12 +694,12 @@ mod tests {
                 step(&mut a, &one(2), 1);
             }
             // Shorter than the batch: right-aligned after padding.
-            let mut b = fresh(1, &[3.0], host);
+            let mut b = fresh(1, &[3.0], spare);
             step(&mut b, &one(5), 5);
             join(&mut a, b);
             step(&mut a, &one(3), 1);
             // Longer than the batch: the batch's slots move right.
-            let mut c = fresh(1, &[4.0], host);
+            let mut c = fresh(1, &[4.0], spare);
             step(&mut c, &one(90), 90);
             join(&mut a, c);
             for _ in 0..3 {
@@ -712,6 +722,35 @@ mod tests {
                 step(&mut a, &one(1), 1);
             }
             assert_eq!(a.cache.next_position(0), 5 + 1 + 3 + 1 + 3, "host {host}");
+            let mut e = fresh(1, &[5.0], spare);
+            step(&mut e, &one(4), 4);
+            join(&mut a, e);
+            step(&mut a, &one(2), 1);
+            // A newcomer padded on the left inside its own prefill (65 slots before its
+            // first token): once it is alone, the slots before it are dropped, part of its
+            // first block with them.
+            let mut f = fresh(2, &[6.0, 7.0], spare);
+            let mut tokens = one(70);
+            tokens.extend(std::iter::repeat_n(None, 65));
+            tokens.extend(one(5));
+            step(&mut f, &tokens, 70);
+            join(&mut a, f);
+            step(&mut a, &one(4), 1);
+            a.cache.retain(&[3]);
+            a.tags = vec![7.0];
+            let len = a.cache.len();
+            a.cache.trim_front();
+            assert!(a.cache.len() <= len - 65, "host {host}: padding dropped");
+            for _ in 0..2 {
+                step(&mut a, &one(1), 1);
+            }
+            assert_eq!(a.cache.next_position(0), 5 + 1 + 2, "host {host}");
+            if host {
+                assert!(
+                    pool.kept() >= 2,
+                    "finished sequences' buffers kept for reuse"
+                );
+            }
         }
     }
 }
