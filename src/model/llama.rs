@@ -1529,6 +1529,23 @@ mod cpu {
     /// matrix kernels' speed. Tiles run in parallel. A row that sees nothing stays zero.
     fn attend_block_tiled(blk: Block<'_>, out: &mut [f32]) {
         let d = blk.d;
+        // Own slots in several slices (host blocks) are laid end to end once here, so that
+        // no tile gathers them again for its GEMM.
+        let own: (Vec<f32>, Vec<f32>);
+        let (own_k, own_v): ([&[f32]; 1], [&[f32]; 1]);
+        let blk = match blk.k.1.len() > 1 {
+            true => {
+                own = (blk.k.1.concat(), blk.v.1.concat());
+                (own_k, own_v) = ([own.0.as_slice()], [own.1.as_slice()]);
+                Block {
+                    k: (blk.k.0, &own_k),
+                    v: (blk.v.0, &own_v),
+                    span: (own.0.len() / d).max(1),
+                    ..blk
+                }
+            }
+            false => blk,
+        };
         out.par_chunks_mut(ATTN_TILE * d)
             .enumerate()
             .for_each(|(t, tile)| {
