@@ -935,7 +935,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 2>, ModelError> {
         let (q, k, v) = self.qkv(blk, h, step)?;
         // [b, kv_h, s, d] into the cache slots of this step.
-        cache.write(layer, step.start, k, v);
+        cache.write(layer, step.start, k, v)?;
         let att = self.attend(q, cache, layer, step)?;
         Ok(blk.wo.forward(self.merge_heads(att, step)))
     }

@@ -312,19 +312,27 @@ impl<B: Backend> KvCache<B> {
 
     /// Writes layer `l`'s new K/V (`[batch, kv_heads, s, head_dim]`) at slot `start`; read the
     /// layer back for attention with [`KvCache::layer`].
-    pub fn write(&mut self, l: usize, start: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+    pub fn write(
+        &mut self,
+        l: usize,
+        start: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<(), ModelError> {
         let s = k.dims()[2];
-        if let Store::Host(h) = &mut self.store {
-            match (host_values(&k), host_values(&v)) {
+        match &mut self.store {
+            Store::Host(h) => match (host_values(&k), host_values(&v)) {
                 (Some(kh), Some(vh)) => h.write(l, start, &kh, &vh, s),
                 // A host store only exists on flex in f32, so its K/V read as such.
-                _ => debug_assert!(false, "host KV store given tensors it cannot read"),
-            }
-            return;
+                _ => {
+                    return Err(ModelError::Request(
+                        "the host KV cache was given tensors it cannot read".into(),
+                    ))
+                }
+            },
+            Store::Tensors(t) => t.write(l, start, k, v),
         }
-        if let Store::Tensors(t) = &mut self.store {
-            t.write(l, start, k, v);
-        }
+        Ok(())
     }
 
     /// Layer `l`'s own slots (`capacity` of them per sequence and head) for attention.
@@ -604,12 +612,14 @@ mod tests {
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
             let shape = [b, HEADS, s, D];
             let dev = Default::default();
-            t.cache.write(
-                l,
-                plan.start,
-                Tensor::from_data(TensorData::new(k, shape), &dev),
-                Tensor::from_data(TensorData::new(v, shape), &dev),
-            );
+            t.cache
+                .write(
+                    l,
+                    plan.start,
+                    Tensor::from_data(TensorData::new(k, shape), &dev),
+                    Tensor::from_data(TensorData::new(v, shape), &dev),
+                )
+                .expect("write");
         }
         let cols = t.cache.capacity();
         for l in 0..2 {
