@@ -28,7 +28,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 use super::device::Precision;
-use super::kv_cache::{AppendPlan, KvCache, LayerKv, OwnKv, SpareBuffers};
+use super::kv_cache::{host_values, AppendPlan, KvCache, LayerKv, OwnKv, SpareBuffers};
 use super::quant::{Q8Matrix, QuantWeight};
 use super::ModelError;
 use std::sync::Arc;
@@ -996,7 +996,7 @@ impl<B: Backend> Llama<B> {
             let own = match cache.layer(layer) {
                 LayerKv::Host(own) => own,
                 LayerKv::Tensors(k, v) => {
-                    held = (cpu::host_values(&k), cpu::host_values(&v));
+                    held = (host_values(&k), host_values(&v));
                     let (Some(k), Some(v)) = (&held.0, &held.1) else {
                         return Err(unreadable());
                     };
@@ -1159,11 +1159,6 @@ mod cpu {
         } else {
             ft.to_contiguous()
         })
-    }
-
-    /// The `f32` values of a flex tensor, contiguous (`None` off flex).
-    pub(super) fn host_values<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
-        flex(t)?.as_slice::<f32>().map(<[f32]>::to_vec)
     }
 
     /// `x·Wᵀ` for `x` `[rows, in]` and the 8-bit `w` `[out, in]`, as `[rows, out]` `f32`: on
@@ -1434,10 +1429,9 @@ mod cpu {
                 a as isize >= self.slice_start(0),
                 "a visible column before the stored slots"
             );
-            match own.get(i) {
-                Some(slice) => &slice[off * d..(off + z - a) * d],
-                None => &[],
-            }
+            own.get(i)
+                .and_then(|slice| slice.get(off * d..(off + z - a) * d))
+                .unwrap_or(&[])
         }
     }
 
@@ -1582,25 +1576,14 @@ mod cpu {
             return;
         }
         let width = hi - lo;
-        // Columns [lo, hi) in contiguous segments: the prefix's, then each stored own slice's.
-        // Own columns before the first stored slot are masked in every row: no scores.
-        let own_start = blk.slice_start(0).max(blk.prefix_cols() as isize) as usize;
-        let mut segments = Vec::new();
-        let mut j = lo;
-        while j < hi {
-            if j >= blk.prefix_cols() && j < own_start {
-                j = own_start;
-                continue;
-            }
-            let end = blk.run_end(j, hi);
-            segments.push((j, end));
-            j = end;
-        }
-        // The scores as one GEMM for the prefix's columns and one for the own slots' (their
-        // keys gathered when they span slices): GEMMs of other widths can round a score
-        // differently, and a token's scores must not depend on where the slices of its batch
-        // happen to end (the prefix cache on or off must give the same answers).
+        // The scores as one GEMM for the prefix's columns and one for the own slots' (laid
+        // end to end by the caller): GEMMs of other widths can round a score differently, and
+        // a token's scores must not depend on where its batch's host blocks happen to end (the
+        // prefix cache on or off must give the same answers). Own columns before the first
+        // stored slot are masked in every row: no scores.
+        debug_assert!(blk.k.1.len() <= 1, "own slots in one slice");
         let p = blk.prefix_cols();
+        let own_start = blk.slice_start(0).max(p as isize) as usize;
         let parts = [
             (lo.min(p), hi.min(p)),
             (lo.max(own_start), hi.max(own_start)),
@@ -1610,19 +1593,7 @@ mod cpu {
             if z <= a {
                 continue;
             }
-            let inside: Vec<(usize, usize)> = (segments.iter().copied())
-                .filter(|&(sa, sz)| sa >= a && sz <= z)
-                .collect();
-            let gathered: Vec<f32>;
-            let keys = match inside.as_slice() {
-                [(sa, sz)] if (*sa, *sz) == (a, z) => blk.columns(blk.k, a, z),
-                _ => {
-                    gathered = (inside.iter())
-                        .flat_map(|&(sa, sz)| blk.columns(blk.k, sa, sz).iter().copied())
-                        .collect();
-                    &gathered
-                }
-            };
+            let keys = blk.columns(blk.k, a, z);
             if keys.len() < (z - a) * d {
                 debug_assert!(false, "visible columns past the stored slots");
                 continue;
@@ -1658,7 +1629,7 @@ mod cpu {
             softmax_masked(srow, &mrow[lo..hi]);
         }
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
-            for &(a, z) in &segments {
+            for (a, z) in parts.into_iter().filter(|(a, z)| z > a) {
                 add_weighted_run(orow, &srow[a - lo..z - lo], blk.columns(blk.v, a, z));
             }
         }
@@ -2292,8 +2263,8 @@ mod tests {
         let cols = p + cap;
         let scale = 0.5f32;
         let (kh, vh) = (
-            cpu::host_values(&k).expect("flex"),
-            cpu::host_values(&v).expect("flex"),
+            host_values(&k).expect("flex"),
+            host_values(&v).expect("flex"),
         );
         let own = OwnKv::dense(&kh, &vh, cap);
         let fast =

@@ -204,12 +204,6 @@ impl HostKv {
         2 * self.layers * self.heads * BLOCK * self.d
     }
 
-    /// Bytes the blocks hold.
-    pub(super) fn bytes(&self) -> usize {
-        let blocks: usize = self.seqs.iter().map(|s| s.blocks.len()).sum();
-        blocks * self.block_len() * std::mem::size_of::<f32>()
-    }
-
     fn give(&self, seq: SeqKv) {
         for block in seq.blocks {
             self.spare.give(block);

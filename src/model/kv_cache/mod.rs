@@ -112,7 +112,7 @@ fn host_backend<B: Backend>(device: &B::Device) -> bool {
 }
 
 /// The `f32` values of a flex tensor, contiguous (`None` off flex or in another float type).
-fn host_values<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
+pub(crate) fn host_values<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
     let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
         return None;
     };
@@ -356,19 +356,6 @@ impl<B: Backend> KvCache<B> {
                 )
             }
             Store::Tensors(t) => (t.k[l].clone(), t.v[l].clone()),
-        }
-    }
-
-    /// Bytes the own slots hold (host buffers' allocations, or the tensors' elements).
-    pub fn bytes(&self) -> usize {
-        match &self.store {
-            Store::Host(h) => h.bytes(),
-            Store::Tensors(t) => {
-                t.k.iter()
-                    .chain(&t.v)
-                    .map(|x| x.shape().num_elements() * x.dtype().size())
-                    .sum()
-            }
         }
     }
 
