@@ -6,6 +6,7 @@
 use anyhow::Result;
 use std::ffi::OsString;
 
+pub mod augment;
 pub mod harness;
 pub mod humpback;
 pub mod ingest;
@@ -34,6 +35,11 @@ pub const PIPELINES: &[Pipeline] = &[
         name: "segment",
         about: "crawl dumps to deduplicated passages (ingest only)",
         main: segment::main,
+    },
+    Pipeline {
+        name: "augment",
+        about: "crawl dumps to passages, each with the instruction a backward model writes for it",
+        main: augment::main,
     },
     Pipeline {
         name: "rate",

@@ -268,6 +268,23 @@ pub fn atomic_write(
     Ok(())
 }
 
+/// Rows of the `.jsonl` files in `dir` whose names start with `prefix`: what a job's summary
+/// counts, read back from what it wrote.
+pub fn count_jsonl_rows(dir: &Path, prefix: &str) -> std::io::Result<u64> {
+    let mut rows = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(prefix) && name.ends_with(".jsonl") {
+            rows += std::fs::read_to_string(&path)?.lines().count() as u64;
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

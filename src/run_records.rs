@@ -316,6 +316,30 @@ pub struct ProcessThroughput {
     pub generated_tokens_per_sec: f64,
 }
 
+/// `summary.json` of `run augment`. The count of candidates is read back from the files
+/// written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AugmentSummary {
+    /// `augment`.
+    pub pipeline: String,
+    /// The backward model.
+    pub model: PathBuf,
+    /// Wall seconds, model loading excluded.
+    pub elapsed_secs: f64,
+    /// Rows of `candidates-*.jsonl`.
+    pub candidates: u64,
+    /// Candidates per hour of wall time.
+    pub passages_per_hour: f64,
+    /// The backward model's work in the model server of process 0: model-busy time, prefill
+    /// and decode tokens/s of model time, mean running batch, prefix-cache savings.
+    pub model_server: StageThroughput,
+    /// The model server of process 0.
+    pub this_process: ProcessThroughput,
+    /// Everything counted, merged over the workers.
+    pub stats: Stats,
+}
+
 /// `summary.json` of `run rate`. The counts of rows are read back from the files written.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -9,19 +9,6 @@ fn model() -> Option<std::path::PathBuf> {
     model_and_seed()
 }
 
-fn lines(out: &std::path::Path, prefix: &str) -> Vec<serde_json::Value> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(out).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(prefix) && name.ends_with(".jsonl") {
-            for l in std::fs::read_to_string(e.path()).unwrap().lines() {
-                all.push(serde_json::from_str(l).unwrap());
-            }
-        }
-    }
-    all
-}
-
 #[test]
 fn every_pair_is_rated_and_accounted_for() {
     let Some(model) = model() else { return };
@@ -46,7 +33,7 @@ fn every_pair_is_rated_and_accounted_for() {
             ])
             .args(["--epoch-size", "4", "-w", "2", "-q"]),
     );
-    let ratings = lines(&out, "ratings-");
+    let ratings = jsonl_lines(&out, "ratings-");
     assert_eq!(ratings.len(), n, "every pair rated exactly once");
     let mut indices: Vec<u64> = ratings
         .iter()
@@ -87,7 +74,7 @@ fn every_pair_is_rated_and_accounted_for() {
         unparsed
     );
     // Curated = rated at or above the threshold, in Alpaca format.
-    let curated = lines(&out, "curated-");
+    let curated = jsonl_lines(&out, "curated-");
     let expected = ratings
         .iter()
         .filter(|r| r["score"].as_f64().is_some_and(|s| s >= 3.0))

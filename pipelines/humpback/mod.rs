@@ -21,7 +21,7 @@ use self::setup::{
 };
 use super::harness;
 use super::ingest::{ingest, Ingest, IngestFlags, IngestOptions};
-use crate::cli::flags::{JobFlags, RatingFlags, ServerFlags, TrainFlags};
+use crate::cli::flags::{AugmentFlags, JobFlags, RatingFlags, ServerFlags, TrainFlags};
 use crate::formats;
 use crate::humpback::assets::{or_default, MODEL, PAGES, SEED};
 use crate::humpback::rounds::{install, round_of, Installer, ModelBook, ModelUpdate};
@@ -101,15 +101,9 @@ pub struct HumpbackArgs {
     /// LoRA rank of every training.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 8)]
     pub lora_rank: usize,
-    /// Sampling temperature of augmentation (paper: 0.7).
-    #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.7)]
-    pub temperature: f32,
-    /// Nucleus mass of augmentation (paper: 0.9).
-    #[arg(value_parser = crate::cli::values::top_p, long, default_value_t = 0.9)]
-    pub top_p: f32,
-    /// Most tokens of a generated instruction.
-    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 64)]
-    pub augment_tokens: usize,
+    /// How M_yx writes instructions (shared with `run augment`).
+    #[command(flatten)]
+    pub augment: AugmentFlags,
     /// Seed of sampling, data order and LoRA initialisation (`--seed` is the seed data here).
     #[arg(long, default_value_t = 0)]
     pub random_seed: u64,
@@ -475,13 +469,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
         limit: args.limit,
         stop: stop.clone(),
         ingest: ingest_config(&args, files, ingest_options, process, &stop)?,
-        augment: AugmentOptions {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            max_new_tokens: args.augment_tokens,
-            seed: args.random_seed,
-            ..AugmentOptions::default()
-        },
+        augment: args.augment.options(args.random_seed),
         rate: args.rating.rate_options(args.random_seed),
         curate: args.rating.curate_options(),
         rounds: args.rounds,

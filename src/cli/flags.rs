@@ -1,7 +1,8 @@
 //! Flag groups shared by several commands, so that one concern has one set of names and
-//! defaults everywhere: the model server (`run humpback`, `run rate`), rating and curation
-//! (`run humpback`, `run rate`), training (`train`, `run humpback`) and the job itself (the
-//! three dataflow pipelines: cluster, quiet, help). Each command flattens
+//! defaults everywhere: the model server (`run humpback`, `run augment`, `run rate`),
+//! augmentation (`run humpback`, `run augment`), rating and curation (`run humpback`, `run
+//! rate`), training (`train`, `run humpback`) and the job itself (the dataflow pipelines:
+//! cluster, quiet, help). Each command flattens
 //! the groups it needs (`#[command(flatten)]`). Names a command used before the groups existed
 //! stay as hidden aliases for a release.
 //!
@@ -9,6 +10,7 @@
 
 use crate::cluster::ClusterArgs;
 use crate::model::Precision;
+use crate::operators::augment::AugmentOptions;
 use crate::operators::curate::CurateOptions;
 use crate::operators::rate::RateOptions;
 use crate::serve::ServerConfig;
@@ -18,7 +20,7 @@ use crate::train::model::TrainMode;
 use clap::Args;
 use std::path::PathBuf;
 
-/// The flags every dataflow pipeline (`run segment`, `run rate`, `run humpback`) takes: where
+/// The flags every dataflow pipeline (`run segment`, `run augment`, `run rate`, `run humpback`) takes: where
 /// its processes and threads run, and what it prints.
 #[derive(Args, Debug, Clone)]
 pub struct JobFlags {
@@ -31,6 +33,34 @@ pub struct JobFlags {
     /// Print help (`-h` is the hostfile).
     #[arg(long, action = clap::ArgAction::Help)]
     pub help: Option<bool>,
+}
+
+/// How the backward model writes instructions (paper step 1): shared by `run humpback` and
+/// `run augment`.
+#[derive(Args, Debug, Clone)]
+pub struct AugmentFlags {
+    /// Sampling temperature of augmentation (paper: 0.7).
+    #[arg(value_parser = crate::cli::values::temperature, long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus mass of augmentation (paper: 0.9).
+    #[arg(value_parser = crate::cli::values::top_p, long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Most tokens of a generated instruction.
+    #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = 64)]
+    pub augment_tokens: usize,
+}
+
+impl AugmentFlags {
+    /// The augment operator's options, sampling seeded by `seed` (mixed with each passage's id).
+    pub fn options(&self, seed: u64) -> AugmentOptions {
+        AugmentOptions {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.augment_tokens,
+            seed,
+            ..AugmentOptions::default()
+        }
+    }
 }
 
 /// How the model server batches and holds models.
@@ -46,8 +76,8 @@ pub struct ServerFlags {
     /// Compute shared prompt prefixes once (the rating template); off for comparison.
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Most MiB of KV cache the running batches of every model version take together (rows x
-    /// slots, projected to their longest); requests past it wait for rows to finish.
+    /// Most MiB of KV cache the running batches of every model version take together (every
+    /// row projected to its longest); requests past it wait for rows to finish.
     #[arg(value_parser = crate::cli::values::at_least_one, long, default_value_t = crate::serve::DEFAULT_KV_CACHE_MB)]
     pub kv_cache_mb: usize,
 }

@@ -213,6 +213,12 @@ impl<B: Backend> Generator<B> {
         &self.model
     }
 
+    /// Whether this model's batches keep each row's KV slots in blocks of its own
+    /// ([`KvCache::paged_on`]), so that a row's memory follows its own length.
+    pub fn paged_kv(&self) -> bool {
+        KvCache::<B>::paged_on(self.model.device(), self.model.dtype())
+    }
+
     /// Bytes of KV cache one token of one sequence takes: every layer's K and V.
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = self.model.config();
@@ -728,13 +734,63 @@ impl<B: Backend> RunningBatch<B> {
     /// The most forward steps a row may still take (the rest of its new tokens, then its
     /// choice's prefill): how many slots the cache may still grow by.
     pub fn steps_left(&self) -> usize {
-        (self.rows.iter())
-            .map(|r| match &r.forcing {
-                Some(f) => f.queue.len(),
-                None => steps_of(&r.request).saturating_sub(r.generated.len()),
-            })
-            .max()
-            .unwrap_or(0)
+        self.rows.iter().map(Row::steps_left).max().unwrap_or(0)
+    }
+
+    /// The KV cache this batch may come to hold, every row running to its longest.
+    pub fn kv_projection(&self) -> KvProjection {
+        let mut p = KvProjection::new(self.cache.paged());
+        for (i, row) in self.rows.iter().enumerate() {
+            p.add(self.cache.held_slots(i), row.steps_left());
+        }
+        p
+    }
+}
+
+/// The KV cache a batch may come to hold, in token slots, from each row's slots held now and
+/// the steps it may still take: what the model server's KV budget bounds. Paged (host blocks
+/// per sequence), a row holds its own slots, in whole blocks; otherwise (one tensor) every row
+/// spans the batch's most slots and grows by its most steps. Counting the paged rows as dense
+/// ones held a batch of ratings to ~20 rows of the 32 asked for: each row's own slots are a
+/// quarter to a half of the batch's span once rows join at different times.
+#[derive(Debug, Clone, Copy)]
+pub struct KvProjection {
+    paged: bool,
+    rows: usize,
+    most_slots: usize,
+    most_steps: usize,
+    blocks: usize,
+}
+
+impl KvProjection {
+    /// No rows yet, on a paged cache or not ([`KvCache::paged`]).
+    pub fn new(paged: bool) -> Self {
+        KvProjection {
+            paged,
+            rows: 0,
+            most_slots: 0,
+            most_steps: 0,
+            blocks: 0,
+        }
+    }
+
+    /// A row holding `slots` slots that may still take `steps` steps.
+    pub fn add(&mut self, slots: usize, steps: usize) {
+        self.rows += 1;
+        self.most_slots = self.most_slots.max(slots);
+        self.most_steps = self.most_steps.max(steps);
+        // A row's blocks start at its first held slot (padding included), so whole blocks of
+        // its slots are what it will hold.
+        self.blocks += (slots + steps).div_ceil(GROW_CHUNK);
+    }
+
+    /// The slots projected.
+    pub fn tokens(&self) -> usize {
+        if self.paged {
+            self.blocks * GROW_CHUNK
+        } else {
+            self.rows * (self.most_slots + self.most_steps)
+        }
     }
 }
 
@@ -764,6 +820,15 @@ struct Row {
 }
 
 impl Row {
+    /// The most forward steps it may still take: the rest of its new tokens, then its
+    /// choice's prefill.
+    fn steps_left(&self) -> usize {
+        match &self.forcing {
+            Some(f) => f.queue.len(),
+            None => steps_of(&self.request).saturating_sub(self.generated.len()),
+        }
+    }
+
     fn new((key, request): (u64, Request)) -> Row {
         Row {
             key,
@@ -848,6 +913,26 @@ mod tests {
         let cfg = crate::train::tiny_config();
         let mut src = RandomWeights::new(cfg.clone(), 3);
         Llama::load(cfg, &mut src, &Default::default(), Precision::F32).expect("model")
+    }
+
+    /// The projected KV slots, against hand counts: paged, each row its own slots and steps
+    /// in whole blocks of 64; dense, every row the most slots plus the most steps.
+    #[test]
+    fn kv_projection_counts_rows_as_their_store_holds_them() {
+        use super::KvProjection;
+        let rows = [(10, 20), (100, 0), (64, 64), (0, 1)];
+        let mut paged = KvProjection::new(true);
+        let mut dense = KvProjection::new(false);
+        for (slots, steps) in rows {
+            paged.add(slots, steps);
+            dense.add(slots, steps);
+        }
+        // ceil(30/64) + ceil(100/64) + ceil(128/64) + ceil(1/64) = 1 + 2 + 2 + 1 blocks
+        assert_eq!(paged.tokens(), 6 * 64);
+        // 4 rows x (100 most slots + 64 most steps)
+        assert_eq!(dense.tokens(), 4 * 164);
+        assert_eq!(KvProjection::new(true).tokens(), 0);
+        assert_eq!(KvProjection::new(false).tokens(), 0);
     }
 
     /// Two kinds of batch for one model, each with its own long shared prefix, alternate: with

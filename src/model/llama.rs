@@ -766,6 +766,12 @@ impl<B: Backend> Llama<B> {
         self.dtype
     }
 
+    /// Gives back the KV blocks kept for this model's next batches (shared by every version
+    /// made from the same base by [`Llama::with_low_rank`]).
+    pub fn release_kv_spare(&self) {
+        self.kv_spare.clear();
+    }
+
     /// An empty KV cache for this model: `batch` sequences, room for `capacity` slots.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
         KvCache::new(
@@ -1474,7 +1480,7 @@ mod cpu {
                 }
             }
             for srow in group.chunks_exact_mut(cols) {
-                softmax_masked(srow, mask);
+                softmax_runs(srow, &runs);
             }
             for (srow, orow) in group
                 .chunks_exact(cols)
@@ -1686,60 +1692,104 @@ mod cpu {
 
     /// Softmax of one row of scores in place, masked columns (`true`) at zero; a row with
     /// every column masked becomes all zeros. Compiled for AVX-512 and AVX2 like the kernels
-    /// that call it: the maximum and the sum run in [`SOFTMAX_LANES`] lanes (a scalar running
-    /// sum is one dependent add per score) and `e^x` is [`exp_nonpositive`], inlined, where
-    /// libm's `expf` was a call per score (1024-token prefill 1.2x faster at batch 1 for it).
-    ///
-    /// The sum's lanes follow each visible column's rank among the visible ones, not its
-    /// index: a sequence's weights are then the same bits whatever its padding, prefix gap or
-    /// tile (alone or in a batch, in one process or two), as a scalar sum in column order gave.
+    /// that call it (see [`softmax_over_runs`]).
     #[multiversion::multiversion(targets(
         "x86_64+avx512f+avx512vl+avx2+fma",
         "x86_64+avx2+fma",
         "aarch64+neon"
     ))]
     pub(super) fn softmax_masked(scores: &mut [f32], mask: &[bool]) {
+        if !softmax_over_runs(scores, MaskRuns { mask, at: 0 }) {
+            scores.fill(0.0);
+            return;
+        }
+        for (s, &m) in scores.iter_mut().zip(mask) {
+            if m {
+                *s = 0.0;
+            }
+        }
+    }
+
+    /// Softmax of the columns of `runs` (`[a, z)`, in column order, not overlapping) in
+    /// place: the same weights, bit for bit, as [`softmax_masked`] under the mask that hides
+    /// every other column, which it leaves as they are (a decode step's row sees a few runs of
+    /// a wide batch's columns, and the rest is never read). No runs, or nothing finite in
+    /// them: zeros.
+    #[multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512vl+avx2+fma",
+        "x86_64+avx2+fma",
+        "aarch64+neon"
+    ))]
+    pub(super) fn softmax_runs(scores: &mut [f32], runs: &[(usize, usize)]) {
+        if !softmax_over_runs(scores, runs.iter().copied()) {
+            for &(a, z) in runs {
+                scores[a..z].fill(0.0);
+            }
+        }
+    }
+
+    /// The runs of visible (`false`) columns of a mask, in order.
+    #[derive(Clone)]
+    struct MaskRuns<'a> {
+        mask: &'a [bool],
+        at: usize,
+    }
+
+    impl Iterator for MaskRuns<'_> {
+        type Item = (usize, usize);
+
+        fn next(&mut self) -> Option<(usize, usize)> {
+            let rest = self.mask.get(self.at..)?;
+            let a = self.at + rest.iter().position(|&m| !m)?;
+            let z = self.mask[a..]
+                .iter()
+                .position(|&m| m)
+                .map_or(self.mask.len(), |n| a + n);
+            self.at = z;
+            Some((a, z))
+        }
+    }
+
+    /// The softmax of [`softmax_masked`] and [`softmax_runs`] over the columns of `runs`,
+    /// which alone it reads and writes; false (and nothing written) when no column is finite.
+    /// The maximum and the sum run in [`SOFTMAX_LANES`] lanes (a scalar running sum is one
+    /// dependent add per score) and `e^x` is [`exp_nonpositive`], inlined, where libm's `expf`
+    /// was a call per score (1024-token prefill 1.2x faster at batch 1 for it).
+    ///
+    /// The sum's lanes follow each visible column's rank among the visible ones, not its
+    /// index: a sequence's weights are then the same bits whatever its padding, prefix gap, tile
+    /// or cut into runs (alone or in a batch, in one process or two), as a scalar sum in column
+    /// order gave.
+    #[inline(always)]
+    fn softmax_over_runs<R>(scores: &mut [f32], runs: R) -> bool
+    where
+        R: Iterator<Item = (usize, usize)> + Clone,
+    {
         const L: usize = SOFTMAX_LANES;
         // The maximum is exact in any order.
         let mut maxes = [f32::NEG_INFINITY; L];
-        let mut sc = scores.chunks_exact_mut(L);
-        let mut mc = mask.chunks_exact(L);
-        for (s, m) in (&mut sc).zip(&mut mc) {
-            for i in 0..L {
-                let v = if m[i] { f32::NEG_INFINITY } else { s[i] };
-                s[i] = v;
-                maxes[i] = if v > maxes[i] { v } else { maxes[i] };
+        for (a, z) in runs.clone() {
+            let mut chunks = scores[a..z].chunks_exact(L);
+            for c in &mut chunks {
+                for i in 0..L {
+                    maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
+                }
             }
-        }
-        for (s, &m) in sc.into_remainder().iter_mut().zip(mc.remainder()) {
-            if m {
-                *s = f32::NEG_INFINITY;
-            } else {
-                maxes[0] = maxes[0].max(*s);
+            for &s in chunks.remainder() {
+                maxes[0] = maxes[0].max(s);
             }
         }
         let max = maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if max == f32::NEG_INFINITY {
-            scores.fill(0.0);
-            return;
-        }
-        // Masked columns hold -inf, so they become exactly 0.
-        for s in scores.iter_mut() {
-            *s = exp_nonpositive(*s - max);
+            return false;
         }
         let mut sums = [0f32; L];
         let mut rank = 0usize;
-        let mut j = 0usize;
-        while j < scores.len() {
-            if mask[j] {
-                j += 1;
-                continue;
+        for (a, z) in runs.clone() {
+            let run = &mut scores[a..z];
+            for s in run.iter_mut() {
+                *s = exp_nonpositive(*s - max);
             }
-            let end = mask[j..]
-                .iter()
-                .position(|&m| m)
-                .map_or(mask.len(), |n| j + n);
-            let run = &scores[j..end];
             // The run's first values fill the lanes up to the next multiple of L in rank; its
             // whole chunks then start at lane 0.
             let head = ((L - rank % L) % L).min(run.len());
@@ -1756,10 +1806,12 @@ mod cpu {
                 sums[i] += e;
             }
             rank += run.len();
-            j = end;
         }
         let inv = 1.0 / sums.iter().sum::<f32>();
-        scores.iter_mut().for_each(|s| *s *= inv);
+        for (a, z) in runs {
+            scores[a..z].iter_mut().for_each(|s| *s *= inv);
+        }
+        true
     }
 
     /// `e^x` for `x <= 0` (a score less its row's maximum), Cephes' `expf`: `x = n·ln 2 + r`
@@ -2232,6 +2284,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The softmax over runs of columns (a decode step's) gives the masked softmax's weights
+    /// bit for bit however the visible columns are cut into runs, within 1e-6 of an f64
+    /// softmax, and leaves every column outside its runs as it was.
+    #[test]
+    fn cpu_softmax_runs_matches_the_masked_softmax() {
+        let mut next = uniform_lcg(23);
+        for len in [1usize, 16, 17, 70, 333] {
+            let scores: Vec<f32> = (0..len).map(|_| (next() - 0.5) * 40.0).collect();
+            let mask: Vec<bool> = (0..len).map(|j| j + 1 != len && next() < 0.5).collect();
+            // The visible columns as runs, each cut again at random points.
+            let mut runs = Vec::new();
+            let mut j = 0;
+            while j < len {
+                if mask[j] {
+                    j += 1;
+                    continue;
+                }
+                let start = j;
+                while j < len && !mask[j] {
+                    j += 1;
+                    if next() < 0.2 {
+                        break;
+                    }
+                }
+                runs.push((start, j));
+            }
+            let mut masked = scores.clone();
+            cpu::softmax_masked(&mut masked, &mask);
+            let mut by_runs = scores.clone();
+            cpu::softmax_runs(&mut by_runs, &runs);
+            let max = (scores.iter().zip(&mask))
+                .filter(|(_, &m)| !m)
+                .map(|(&s, _)| s as f64)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = (scores.iter().zip(&mask))
+                .filter(|(_, &m)| !m)
+                .map(|(&s, _)| (s as f64 - max).exp())
+                .sum();
+            for c in 0..len {
+                if mask[c] {
+                    assert_eq!(
+                        by_runs[c], scores[c],
+                        "len {len}: column {c} outside the runs"
+                    );
+                    continue;
+                }
+                assert_eq!(
+                    by_runs[c].to_bits(),
+                    masked[c].to_bits(),
+                    "len {len} column {c}"
+                );
+                let want = (scores[c] as f64 - max).exp() / total;
+                assert!((by_runs[c] as f64 - want).abs() <= 1e-6 * want.max(1e-3));
+            }
+        }
+        let mut none = vec![3.0f32; 8];
+        cpu::softmax_runs(&mut none, &[]);
+        assert_eq!(none, vec![3.0; 8], "no runs, nothing written");
     }
 
     /// [`cpu::attention`] against burn's matmul-softmax-matmul on random tensors of `b`

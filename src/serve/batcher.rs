@@ -41,7 +41,8 @@ pub(super) fn serve(
         if !busy && closed {
             return;
         }
-        let (commands, disconnected) = receive(&rx, busy, &config);
+        let release = || models.values().for_each(Loaded::release_kv_spare);
+        let (commands, disconnected) = receive(&rx, busy, &config, release);
         closed |= disconnected;
         for c in commands {
             take_command(
@@ -74,8 +75,15 @@ const RELEASE_AFTER: Duration = Duration::from_millis(200);
 
 /// The commands to take before the next step, and whether every client is gone. Decoding
 /// (`busy`), whatever arrived since the last step, without waiting; idle, the first command
-/// (blocking), then what arrives within the batch window, up to a batch.
-fn receive(rx: &Receiver<Command>, busy: bool, config: &ServerConfig) -> (Vec<Command>, bool) {
+/// (blocking), then what arrives within the batch window, up to a batch. Idle for
+/// [`RELEASE_AFTER`], it calls `release` (the models' kept KV blocks) and hands freed memory
+/// back.
+fn receive(
+    rx: &Receiver<Command>,
+    busy: bool,
+    config: &ServerConfig,
+    release: impl FnOnce(),
+) -> (Vec<Command>, bool) {
     let mut commands = Vec::new();
     if busy {
         loop {
@@ -90,6 +98,7 @@ fn receive(rx: &Receiver<Command>, busy: bool, config: &ServerConfig) -> (Vec<Co
         Err(RecvTimeoutError::Timeout) => {
             // Idle for a while: the batches' caches and activations go back to the system
             // rather than wait here while a training (another thread) needs memory.
+            release();
             crate::memory::release_free_memory();
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         }

@@ -19,7 +19,8 @@ use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{
-    common_len, pick_option, steps_of, ChoiceAfter, Completion, Generator, Request, RunningBatch,
+    common_len, pick_option, steps_of, ChoiceAfter, Completion, Generator, KvProjection, Request,
+    RunningBatch,
 };
 use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
@@ -225,19 +226,21 @@ pub(super) fn has_work(models: &HashMap<String, Loaded>) -> bool {
 }
 
 impl Loaded {
+    /// Gives back the KV blocks its model keeps for the next batches.
+    pub(super) fn release_kv_spare(&self) {
+        self.generator.model().release_kv_spare();
+    }
+
     /// Whether it has requests queued or a batch running.
     fn has_work(&self) -> bool {
         !self.queue.is_empty() || self.running.is_some()
     }
 
-    /// Bytes of KV cache its running batch holds once every row has run to its longest (rows
-    /// x slots after the shared prefix, as `fill` projects them); 0 with no batch running.
+    /// Bytes of KV cache its running batch holds once every row has run to its longest (its
+    /// [`KvProjection`], as `fill` projects it); 0 with no batch running.
     fn kv_bytes_projected(&self) -> usize {
         self.running.as_ref().map_or(0, |f| {
-            let slots = f.batch.slots() + f.batch.steps_left();
-            (f.batch.len())
-                .saturating_mul(slots)
-                .saturating_mul(self.generator.kv_bytes_per_token())
+            (f.batch.kv_projection().tokens()).saturating_mul(self.generator.kv_bytes_per_token())
         })
     }
 }
@@ -348,37 +351,54 @@ fn fill(
     // Who goes in: from the front, while there is room. A new batch takes a whole batch (no
     // row is waiting on it); joining a running one, newcomers must fit the step's prefill budget
     // of tokens past the batch's prefix (the first always goes) and should join. Either way the
-    // batch's KV cache, projected to every row's longest (rows x slots), stays within
+    // batch's KV cache, projected to every row's longest ([`KvProjection`]), stays within
     // `kv_bytes`: a request past it waits, in its place, for rows to finish.
     let budget = kv_bytes / model.generator.kv_bytes_per_token().max(1);
-    let fits = |rows: usize, slots: usize| rows.saturating_mul(slots) <= budget;
-    let (mut rows, mut reach, mut ahead) = match model.running.as_ref() {
-        Some(f) => (f.batch.len(), f.batch.slots(), f.batch.steps_left()),
-        None => (0, 0, 0),
+    let fits = |p: &KvProjection| p.tokens() <= budget;
+    // The running batch's rows as they stand, or none.
+    let base = match model.running.as_ref() {
+        Some(f) => f.batch.kv_projection(),
+        None => KvProjection::new(model.generator.paged_kv()),
     };
-    // A new batch: the prompts' longest and their common start (computed once, not per row).
-    let (mut longest, mut common) = (0, usize::MAX);
+    // The rows taken, each projected as wide as the widest of them (prompts prefilled together
+    // are padded to the longest), plus its own steps.
+    let with_taken = |take: &[(Pending, Request)], r: &Request, width: usize| {
+        let mut with = base;
+        for t in take.iter().map(|(_, t)| t).chain([r]) {
+            with.add(width, steps_of(t));
+        }
+        with
+    };
+    // A new batch: the prompts' longest and their common start (computed once, not per row);
+    // joining: the newcomers' widest past the batch's prefix.
+    let (mut longest, mut common, mut widest) = (0, usize::MAX, 0);
     let mut take: Vec<(Pending, Request)> = Vec::new();
     let mut tokens = 0;
     while let Some((_, r)) = model.queue.front() {
         if in_flight + take.len() >= max_batch {
             break;
         }
-        let steps = ahead.max(steps_of(r));
         if let Some(f) = model.running.as_mut() {
             let new_tokens = r.prompt_ids.len().saturating_sub(f.batch.prefix_len());
             if !take.is_empty() && tokens + new_tokens > config.max_join_tokens {
                 break;
             }
             if !model.generator.should_join(&f.batch, r) {
+                log::debug!(
+                    "batch of {} rows closed to newcomers: the next request is better off in a \
+                     batch of its own (prefix {} tokens, request {})",
+                    f.batch.len(),
+                    f.batch.prefix_len(),
+                    r.prompt_ids.len()
+                );
                 f.closed = true;
                 break;
             }
-            let slots = reach.max(new_tokens);
-            if rows > 0 && !fits(rows + 1, slots + steps) {
+            let width = widest.max(new_tokens);
+            if (!f.batch.is_empty() || !take.is_empty()) && !fits(&with_taken(&take, r, width)) {
                 break;
             }
-            (tokens, reach) = (tokens + new_tokens, slots);
+            (tokens, widest) = (tokens + new_tokens, width);
         } else {
             let len = r.prompt_ids.len();
             if let Some((_, first)) = take.first() {
@@ -389,18 +409,12 @@ fn fill(
             } else {
                 common.min(len.saturating_sub(1))
             };
-            if !take.is_empty()
-                && !fits(
-                    take.len() + 1,
-                    longest.max(len).saturating_sub(prefix) + steps,
-                )
-            {
+            let width = longest.max(len).saturating_sub(prefix);
+            if !take.is_empty() && !fits(&with_taken(&take, r, width)) {
                 break;
             }
             longest = longest.max(len);
         }
-        rows += 1;
-        ahead = steps;
         take.extend(model.queue.pop_front());
     }
     if take.is_empty() {
@@ -424,6 +438,11 @@ fn fill(
     let finished = match joined {
         Ok((started, finished)) => {
             if let Some(batch) = started {
+                log::debug!(
+                    "batch started: {} rows, shared prefix {} tokens",
+                    batch.len(),
+                    batch.prefix_len()
+                );
                 d.batches += 1;
                 model.running = Some(InFlight {
                     batch,

@@ -267,6 +267,20 @@ pub fn interrupt(child: &mut Child) {
     assert!(exit.success(), "exit after Ctrl-C: {exit:?}\n{stderr}");
 }
 
+/// Every line, parsed, of the `.jsonl` files under `out` whose names start with `prefix`.
+pub fn jsonl_lines(out: &Path, prefix: &str) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(".jsonl") {
+            for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                all.push(serde_json::from_str(l).unwrap());
+            }
+        }
+    }
+    all
+}
+
 /// Rows of every `{prefix}*.jsonl` file under `out`.
 pub fn rows(out: &Path, prefix: &str) -> u64 {
     std::fs::read_dir(out)

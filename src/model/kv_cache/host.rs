@@ -48,6 +48,13 @@ impl SpareBuffers {
         }
     }
 
+    /// Gives every kept block back to the allocator (the server idle: a training beside it
+    /// needs the memory more than the next batch needs warm pages).
+    pub fn clear(&self) {
+        let mut blocks = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        *blocks = Vec::new();
+    }
+
     /// Blocks kept.
     #[cfg(test)]
     pub(super) fn kept(&self) -> usize {
@@ -197,6 +204,13 @@ impl HostKv {
     /// Layers held.
     pub(super) fn layers(&self) -> usize {
         self.layers
+    }
+
+    /// Slots of sequence `i` from its first block to the batch's `len` written ones.
+    pub(super) fn held_slots(&self, i: usize, len: usize) -> usize {
+        self.seqs
+            .get(i)
+            .map_or(0, |s| usize::try_from(len as isize - s.first).unwrap_or(0))
     }
 
     /// Values per block.

@@ -138,8 +138,29 @@ impl<B: Backend> KvCache<B> {
         dtype: DType,
         spare: &Arc<SpareBuffers>,
     ) -> Self {
-        let host = (dtype == DType::F32 && host_backend::<B>(device)).then(|| spare.clone());
+        let host = Self::paged_on(device, dtype).then(|| spare.clone());
         Self::with_store(cfg, batch, capacity, device, dtype, host)
+    }
+
+    /// Whether [`KvCache::new`] on `device` in `dtype` keeps each sequence's slots in blocks of
+    /// its own (host memory following each sequence's length) rather than one tensor whose
+    /// every row spans the batch's slots.
+    pub fn paged_on(device: &B::Device, dtype: DType) -> bool {
+        dtype == DType::F32 && host_backend::<B>(device)
+    }
+
+    /// Whether this cache keeps each sequence's slots in blocks of its own ([`KvCache::paged_on`]).
+    pub fn paged(&self) -> bool {
+        matches!(self.store, Store::Host(_))
+    }
+
+    /// The written slots sequence `i` holds memory for: on a paged cache, from its first block
+    /// to the last written slot; otherwise every written slot of the batch.
+    pub fn held_slots(&self, i: usize) -> usize {
+        match &self.store {
+            Store::Host(kv) => kv.held_slots(i, self.len),
+            Store::Tensors(_) => self.len,
+        }
     }
 
     /// [`KvCache::new`] with the store chosen: host buffers (`host`, flex `f32` only, with its
@@ -695,6 +716,11 @@ mod tests {
             step(&mut b, &one(5), 5);
             join(&mut a, b);
             step(&mut a, &one(3), 1);
+            // Memory: paged, the newcomer holds its own 5 + 1 slots, not the batch's 74.
+            let held: Vec<usize> = (0..3).map(|i| a.cache.held_slots(i)).collect();
+            let want = if host { vec![74, 74, 6] } else { vec![74; 3] };
+            assert_eq!(held, want, "host {host}");
+            assert_eq!(a.cache.paged(), host);
             // Longer than the batch: the batch's slots move right.
             let mut c = fresh(1, &[4.0], spare);
             step(&mut c, &one(90), 90);
@@ -747,6 +773,8 @@ mod tests {
                     pool.kept() >= 2,
                     "finished sequences' buffers kept for reuse"
                 );
+                pool.clear();
+                assert_eq!(pool.kept(), 0, "kept buffers given back");
             }
         }
     }
