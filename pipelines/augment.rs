@@ -203,9 +203,11 @@ pub fn run(args: AugmentArgs) -> Result<()> {
     };
     let path = args.out.join("summary.json");
     atomic_write(&path, |f| Ok(serde_json::to_writer_pretty(f, &summary)?))?;
-    eprintln!("{}", harness::describe(&summary.stats, elapsed));
     eprintln!(
-        "{} candidates in {elapsed:.1}s ({:.0} passages/hour); augment failed {}; summary: {}",
+        "read {} files, {} records; {} passages made; {} candidates in {elapsed:.1}s ({:.0} passages/hour); augment failed {}; summary: {}",
+        summary.stats.files,
+        summary.stats.records_read,
+        summary.stats.segments_made,
         summary.candidates,
         summary.passages_per_hour,
         summary.stats.dropped(DropReason::AugmentFailed),

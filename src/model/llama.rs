@@ -1581,12 +1581,14 @@ mod cpu {
         if lo >= hi {
             return;
         }
-        let width = hi - lo;
         // The scores as one GEMM for the prefix's columns and one for the own slots' (laid
         // end to end by the caller): GEMMs of other widths can round a score differently, and
         // a token's scores must not depend on where its batch's host blocks happen to end (the
         // prefix cache on or off must give the same answers). Own columns before the first
-        // stored slot are masked in every row: no scores.
+        // stored slot are masked in every row: no scores. The two parts sit side by side in a
+        // score row, without the gap between them (a newcomer prefilled into a long-running
+        // batch sees the prefix and its own few slots of a wide batch: zeroing and walking the
+        // gap cost more than the softmax itself).
         debug_assert!(blk.k.1.len() <= 1, "own slots in one slice");
         let p = blk.prefix_cols();
         let own_start = blk.slice_start(0).max(p as isize) as usize;
@@ -1594,8 +1596,10 @@ mod cpu {
             (lo.min(p), hi.min(p)),
             (lo.max(own_start), hi.max(own_start)),
         ];
+        let at = [0, parts[0].1 - parts[0].0];
+        let width = at[1] + (parts[1].1 - parts[1].0);
         let mut scores = vec![0f32; rows * width];
-        for (a, z) in parts {
+        for ((a, z), at) in parts.into_iter().zip(at) {
             if z <= a {
                 continue;
             }
@@ -1604,15 +1608,15 @@ mod cpu {
                 debug_assert!(false, "visible columns past the stored slots");
                 continue;
             }
-            // SAFETY: `scores` holds rows·width values and columns a-lo..z-lo of each of its
-            // rows are in range (lo <= a < z <= hi); `q` holds rows·d, `keys` (z-a)·d (checked
-            // above). Kᵀ is read from row-major keys with column stride d.
+            // SAFETY: `scores` holds rows·width values and columns at..at+z-a of each of its
+            // rows are in range (at + z - a <= width); `q` holds rows·d, `keys` (z-a)·d
+            // (checked above). Kᵀ is read from row-major keys with column stride d.
             unsafe {
                 gemm::gemm(
                     rows,
                     z - a,
                     d,
-                    scores.as_mut_ptr().add(a - lo),
+                    scores.as_mut_ptr().add(at),
                     1,
                     width as isize,
                     false,
@@ -1631,12 +1635,22 @@ mod cpu {
                 );
             }
         }
+        // Each row's mask over the same two parts side by side: the softmax sees the same
+        // visible scores in the same order, so the same weights, bit for bit.
+        let mut part_mask = vec![true; width];
         for (srow, mrow) in scores.chunks_exact_mut(width).zip(mask.chunks_exact(cols)) {
-            softmax_masked(srow, &mrow[lo..hi]);
+            for ((a, z), at) in parts.into_iter().zip(at) {
+                if z > a {
+                    part_mask[at..at + z - a].copy_from_slice(&mrow[a..z]);
+                }
+            }
+            softmax_masked(srow, &part_mask);
         }
         for (orow, srow) in out.chunks_exact_mut(d).zip(scores.chunks_exact(width)) {
-            for (a, z) in parts.into_iter().filter(|(a, z)| z > a) {
-                add_weighted_run(orow, &srow[a - lo..z - lo], blk.columns(blk.v, a, z));
+            for ((a, z), at) in parts.into_iter().zip(at) {
+                if z > a {
+                    add_weighted_run(orow, &srow[at..at + z - a], blk.columns(blk.v, a, z));
+                }
             }
         }
     }
