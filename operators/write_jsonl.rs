@@ -33,6 +33,21 @@ pub struct JsonlFiles<N> {
     pub tally: Tally,
 }
 
+/// `DIR/{kind}-e{epoch}-p{process}-w{worker}.jsonl`, its rows counted as `kind`: the files of
+/// a pipeline whose epochs are its only division (`run humpback` names its rounds too).
+pub fn epoch_files(
+    dir: PathBuf,
+    kind: &'static str,
+    process: usize,
+) -> JsonlFiles<impl Fn(Time) -> String + Clone> {
+    JsonlFiles {
+        dir,
+        name: move |t| format!("{kind}-e{t:016x}"),
+        process,
+        tally: Tally::Rows(kind),
+    }
+}
+
 /// The operator: one file per epoch with records (see [`JsonlFiles`]).
 pub fn write_jsonl<'s, D, N, F>(
     records: StreamVec<'s, Time, D>,

@@ -18,7 +18,7 @@ use crate::humpback::rounds::ModelBook;
 use crate::operators::augment::augment;
 use crate::operators::discover::{DiscoverConfig, WorkItem};
 use crate::operators::limit::limit;
-use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
+use crate::operators::write_jsonl::{epoch_files, write_jsonl};
 use crate::operators::Time;
 use crate::output::{atomic_write, count_jsonl_rows, CandidateLine};
 use crate::progress::{Progress, Reporter};
@@ -159,12 +159,7 @@ pub fn run(args: AugmentArgs) -> Result<()> {
                     augment_options.clone(),
                     stats.clone(),
                 );
-                let files = JsonlFiles {
-                    dir: out.clone(),
-                    name: |t| format!("candidates-e{t:016x}"),
-                    process,
-                    tally: Tally::Rows("candidates"),
-                };
+                let files = epoch_files(out.clone(), "candidates", process);
                 write_jsonl(candidates, files, progress.clone(), |c, out| {
                     serde_json::to_writer(out, &CandidateLine::from(c))
                 })

@@ -11,9 +11,9 @@ use crate::cli::flags::{JobFlags, RatingFlags, ServerFlags};
 use crate::operators::curate::curate;
 use crate::operators::model_call::Backlog;
 use crate::operators::rate::{rate, RateJob};
-use crate::operators::write_jsonl::{write_jsonl, JsonlFiles, Tally};
+use crate::operators::write_jsonl::{epoch_files, write_jsonl};
 use crate::operators::{Time, WorkerStats};
-use crate::output::{atomic_write, CuratedLine, RatingLine};
+use crate::output::{atomic_write, count_jsonl_rows, jsonl_files, CuratedLine, RatingLine};
 use crate::progress::{Progress, Reporter};
 use crate::records::Candidate;
 use crate::run_records::{ProcessThroughput, RateSummary, ScoreHistogram, StageThroughput};
@@ -166,22 +166,12 @@ pub fn run(args: RateArgs) -> Result<()> {
                     Backlog::default(),
                 );
                 let curated = curate(ratings.clone(), curate_options.clone(), stats.clone());
-                let files = JsonlFiles {
-                    dir: out.clone(),
-                    name: |t| format!("ratings-e{t:016x}"),
-                    process,
-                    tally: Tally::Rows("ratings"),
-                };
+                let files = epoch_files(out.clone(), "ratings", process);
                 write_jsonl(ratings, files, progress.clone(), |r, out| {
                     serde_json::to_writer(out, &RatingLine::from(r))
                 })
                 .probe_with(&probe);
-                let files = JsonlFiles {
-                    dir: out.clone(),
-                    name: |t| format!("curated-e{t:016x}"),
-                    process,
-                    tally: Tally::Rows("curated"),
-                };
+                let files = epoch_files(out.clone(), "curated", process);
                 write_jsonl(curated, files, progress.clone(), |r, out| {
                     serde_json::to_writer(out, &CuratedLine::from(r))
                 })
@@ -309,28 +299,18 @@ impl WrittenRows {
             ratings: 0,
             curated: 0,
         };
-        for entry in std::fs::read_dir(out)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if !name.ends_with(".jsonl") {
-                continue;
-            }
+        for path in jsonl_files(out, "ratings-")? {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading back {}", path.display()))?;
-            if name.starts_with("ratings-") {
-                for line in text.lines() {
-                    let row: ScoredRow = serde_json::from_str(line)
-                        .with_context(|| format!("reading back {}", path.display()))?;
-                    rows.score_histogram.add(row.score);
-                    rows.ratings += 1;
-                }
-            } else if name.starts_with("curated-") {
-                rows.curated += text.lines().count() as u64;
+            for line in text.lines() {
+                let row: ScoredRow = serde_json::from_str(line)
+                    .with_context(|| format!("reading back {}", path.display()))?;
+                rows.score_histogram.add(row.score);
+                rows.ratings += 1;
             }
         }
+        rows.curated = count_jsonl_rows(out, "curated-")
+            .with_context(|| format!("reading back the curated rows in {}", out.display()))?;
         Ok(rows)
     }
 }

@@ -268,10 +268,9 @@ pub fn atomic_write(
     Ok(())
 }
 
-/// Rows of the `.jsonl` files in `dir` whose names start with `prefix`: what a job's summary
-/// counts, read back from what it wrote.
-pub fn count_jsonl_rows(dir: &Path, prefix: &str) -> std::io::Result<u64> {
-    let mut rows = 0;
+/// The `.jsonl` files in `dir` whose names start with `prefix`: what a job wrote of one kind.
+pub fn jsonl_files(dir: &Path, prefix: &str) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path
@@ -279,8 +278,18 @@ pub fn count_jsonl_rows(dir: &Path, prefix: &str) -> std::io::Result<u64> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name.starts_with(prefix) && name.ends_with(".jsonl") {
-            rows += std::fs::read_to_string(&path)?.lines().count() as u64;
+            files.push(path);
         }
+    }
+    Ok(files)
+}
+
+/// Rows of the [`jsonl_files`] of `dir` with `prefix`: what a job's summary counts, read back
+/// from what it wrote.
+pub fn count_jsonl_rows(dir: &Path, prefix: &str) -> std::io::Result<u64> {
+    let mut rows = 0;
+    for path in jsonl_files(dir, prefix)? {
+        rows += std::fs::read_to_string(&path)?.lines().count() as u64;
     }
     Ok(rows)
 }

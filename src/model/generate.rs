@@ -162,6 +162,9 @@ pub struct Generator<B: Backend> {
     /// Kept prefixes, least recently used first.
     prefixes: Vec<PrefixKv<B>>,
     decoder: Option<Decoder>,
+    /// Whether the model's batches keep KV in blocks per row (asked once: the answer takes a
+    /// tensor to find out).
+    paged_kv: bool,
     /// Shortest common prefix of a batch worth computing once and caching.
     pub min_shared_prefix: usize,
     /// Most prefixes kept at once (a rating template's K/V on SmolLM2-135M is ~20 MB).
@@ -191,6 +194,7 @@ impl<B: Backend> Generator<B> {
     /// A generator that stops sequences at any of `stop_ids` (EOS, `<|im_end|>`, ...).
     pub fn new(model: Llama<B>, stop_ids: Vec<u32>) -> Self {
         Generator {
+            paged_kv: KvCache::<B>::paged_on(model.device(), model.dtype()),
             model,
             stop_ids,
             prefixes: Vec::new(),
@@ -216,7 +220,7 @@ impl<B: Backend> Generator<B> {
     /// Whether this model's batches keep each row's KV slots in blocks of its own
     /// ([`KvCache::paged_on`]), so that a row's memory follows its own length.
     pub fn paged_kv(&self) -> bool {
-        KvCache::<B>::paged_on(self.model.device(), self.model.dtype())
+        self.paged_kv
     }
 
     /// Bytes of KV cache one token of one sequence takes: every layer's K and V.

@@ -1499,19 +1499,13 @@ mod cpu {
     /// and each own slice of `blk` end, so that each run's keys and values are contiguous.
     fn visible_runs(blk: &Block<'_>, mask: &[bool]) -> Vec<(usize, usize)> {
         let mut runs = Vec::new();
-        let mut j = 0;
-        while j < mask.len() {
-            if mask[j] {
-                j += 1;
-                continue;
+        for (a, z) in MaskRuns::of(mask) {
+            let mut j = a;
+            while j < z {
+                let end = blk.run_end(j, z);
+                runs.push((j, end));
+                j = end;
             }
-            let limit = blk.run_end(j, mask.len());
-            let end = mask[j..limit]
-                .iter()
-                .position(|&m| m)
-                .map_or(limit, |n| j + n);
-            runs.push((j, end));
-            j = end;
         }
         runs
     }
@@ -1713,7 +1707,7 @@ mod cpu {
         "aarch64+neon"
     ))]
     pub(super) fn softmax_masked(scores: &mut [f32], mask: &[bool]) {
-        if !softmax_over_runs(scores, MaskRuns { mask, at: 0 }) {
+        if !softmax_over_runs(scores, MaskRuns::of(mask)) {
             scores.fill(0.0);
             return;
         }
@@ -1747,6 +1741,12 @@ mod cpu {
     struct MaskRuns<'a> {
         mask: &'a [bool],
         at: usize,
+    }
+
+    impl<'a> MaskRuns<'a> {
+        fn of(mask: &'a [bool]) -> Self {
+            MaskRuns { mask, at: 0 }
+        }
     }
 
     impl Iterator for MaskRuns<'_> {
