@@ -430,9 +430,10 @@ impl QuantWeight {
     }
 
     /// The matrix in the layout this machine's kernels read fastest: on AVX-512 VNNI
-    /// ([`resident::enabled`]) 4-, 5-, 6- and 8-bit parts of whole panels laid out in panels
+    /// ([`resident::simd`]) 4-, 5-, 6- and 8-bit parts of whole panels laid out in panels
     /// ([`Resident`]: [`Q4Panels`], [`Q4kPanels`], [`Q6kPanels`], [`Q8Panels`], the same values
-    /// and scales), everything else as it is (rows that do not fill a panel).
+    /// and scales), on AVX2 the formats that have an AVX2 panel kernel ([`Q4Panels`]),
+    /// everything else as it is (rows that do not fill a panel).
     /// Called once at load, after [`QuantWeight::stack`].
     pub fn laid_out_for_machine(self) -> QuantWeight {
         if !resident::enabled() {

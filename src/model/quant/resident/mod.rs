@@ -1,4 +1,5 @@
-//! Block weights laid out at load as panels of [`PANEL`] rows, for the AVX-512 VNNI machines:
+//! Block weights laid out at load as panels of [`PANEL`] rows, for the AVX-512 VNNI machines
+//! (every format) and the AVX2 ones (the formats with an AVX2 kernel, [`Simd`]):
 //! every product, from one activation row (batch-1 decode) to thousands (prefill), reads the
 //! weights straight from the panels, with no per-row call and no packing per product.
 //!
@@ -27,6 +28,9 @@
 //! From [`UNPACK_MIN_ROWS`] activation rows on (a prefill), each panel is unpacked once into the
 //! 8-bit panels' layout and multiplied by their kernel: with thousands of rows the unpacking
 //! is paid once for all of them, and the nibble kernel's shifts and masks per tile are not.
+//!
+//! On AVX2 the same panels are multiplied by `vpmaddubsw` a quarter panel at a time (the
+//! `avx2` module), at every row count.
 
 pub mod q4;
 pub mod q4k;
@@ -85,14 +89,45 @@ fn unpack_min_rows() -> usize {
     })
 }
 
-/// Whether the machine lays block weights out in panels: AVX-512 VNNI, unless
-/// `BACKFLOW_Q4K_PANELS=0` (comparing with the dot kernels in one binary).
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        panels::supported(super::Kernel::machine())
-            && std::env::var("BACKFLOW_Q4K_PANELS").map_or(true, |v| v != "0")
+/// The kernels that multiply panels on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// AVX-512 F, BW, VL and VNNI: every format is laid out in panels.
+    Vnni,
+    /// AVX2, FMA and F16C: the formats with an AVX2 kernel ([`Panels::AVX2`]: `Q4_0`, `Q4_1`,
+    /// `Q5_0`, `Q5_1`) are laid out; the others keep their blocks and the dot kernels.
+    Avx2,
+    /// Nothing is laid out.
+    None,
+}
+
+/// The machine's [`Simd`]; [`Simd::None`] where `BACKFLOW_Q4K_PANELS=0` (comparing with the
+/// dot kernels in one binary).
+pub fn simd() -> Simd {
+    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if std::env::var("BACKFLOW_Q4K_PANELS").is_ok_and(|v| v == "0") {
+            return Simd::None;
+        }
+        match super::Kernel::machine() {
+            super::Kernel::Avx512Vnni => Simd::Vnni,
+            #[cfg(target_arch = "x86_64")]
+            super::Kernel::Avx2 | super::Kernel::AvxVnni if is_x86_feature_detected!("f16c") => {
+                Simd::Avx2
+            }
+            _ => Simd::None,
+        }
     })
+}
+
+/// Whether the machine is an AVX2 one ([`Simd::Avx2`]) and `W` has an AVX2 kernel.
+fn laid_out_on_avx2<W: Panels>() -> bool {
+    simd() == Simd::Avx2 && W::AVX2
+}
+
+/// Whether the machine lays any block weights out in panels ([`simd`]).
+pub fn enabled() -> bool {
+    simd() != Simd::None
 }
 
 /// Where a panel keeps column `c`'s value `v`'s low 4 bits: the byte and whether it is the
@@ -280,6 +315,9 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 use x86::{block_products, store_tile};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Splits a panel's groups of 8 values' nibbles (`GROUP_BYTES` each) into the 8-bit panels'
 /// layout (`values`, twice the bytes): a group's low nibbles are the 8-bit layout's group of
 /// its first 4 values, its high nibbles the next, each byte at the same place.
@@ -311,21 +349,29 @@ pub enum Resident {
 
 impl Resident {
     /// `q` in panels when its format and shape have them ([`Q4kPanels::from_q4`],
-    /// [`Q4Panels::from_q4`]).
+    /// [`Q4Panels::from_q4`]) and the machine's kernels ([`simd`]) multiply that format.
     pub fn from_q4(q: &super::Q4Matrix) -> Option<Resident> {
-        Q4kPanels::from_q4(q)
-            .map(Resident::Q4k)
-            .or_else(|| Q4Panels::from_q4(q).map(Resident::Q4))
+        match simd() {
+            Simd::Vnni => Q4kPanels::from_q4(q)
+                .map(Resident::Q4k)
+                .or_else(|| Q4Panels::from_q4(q).map(Resident::Q4)),
+            Simd::Avx2 => laid_out_on_avx2::<Q4Panels>()
+                .then(|| Q4Panels::from_q4(q).map(Resident::Q4))
+                .flatten(),
+            Simd::None => None,
+        }
     }
 
-    /// `q` in panels when its shape has them ([`Q6kPanels::from_q6`]).
+    /// `q` in panels when its shape has them ([`Q6kPanels::from_q6`]) and the machine's
+    /// kernels multiply them.
     pub fn from_q6(q: &super::Q6Matrix) -> Option<Resident> {
-        Q6kPanels::from_q6(q).map(Resident::Q6k)
+        let machine = simd() == Simd::Vnni || laid_out_on_avx2::<Q6kPanels>();
+        machine.then(|| Q6kPanels::from_q6(q).map(Resident::Q6k))?
     }
 
-    /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]).
+    /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]), on AVX-512 VNNI.
     pub fn from_q8(q: &Q8Matrix) -> Option<Resident> {
-        Q8Panels::from_q8(q).map(Resident::Q8)
+        (simd() == Simd::Vnni).then(|| Q8Panels::from_q8(q).map(Resident::Q8))?
     }
 
     /// The matrix behind the format.
@@ -422,28 +468,41 @@ trait Panels: Matrix + Sync {
     /// The CPU has AVX-512 F, BW, VL and VNNI.
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
+    /// Whether the format has [`Panels::tile_avx2`] (else it is laid out only on AVX-512
+    /// VNNI).
+    const AVX2: bool;
+    /// [`Panels::tile_portable`] on AVX2 (the formats with [`Panels::AVX2`]; the others' is
+    /// never called).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
+        self.tile_portable(p, xs, rows, out);
+    }
     /// Panel `p` as an 8-bit panel in [`Panels::UNPACKED`]'s format.
     fn unpack(&self, p: usize, into: &mut panels::Panel);
 }
 
-/// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, on AVX-512 VNNI
-/// when `simd` ([`enabled`]), else in plain Rust.
+/// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, by the kernels of
+/// `simd` (the machine's, [`simd`], or [`Simd::None`] for plain Rust).
 fn tile<W: Panels>(
     w: &W,
     p: usize,
     xs: &Activations,
     rows: Range<usize>,
     out: &mut Tile,
-    simd: bool,
+    simd: Simd,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` only where the CPU has AVX-512 F/BW/VL and VNNI (`enabled`).
-        unsafe { w.tile_vnni(p, xs, rows, out) };
-        return;
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Vnni` only where the CPU has AVX-512 F/BW/VL and VNNI (`simd`).
+        Simd::Vnni => unsafe { w.tile_vnni(p, xs, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx2` only where the CPU has AVX2, FMA and F16C (`simd`).
+        Simd::Avx2 if W::AVX2 => unsafe { w.tile_avx2(p, xs, rows, out) },
+        _ => w.tile_portable(p, xs, rows, out),
     }
-    let _ = simd;
-    w.tile_portable(p, xs, rows, out);
 }
 
 /// The activation rows of a product for the nibble kernels: 8-bit values with one scale per
@@ -506,8 +565,8 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     if m == 0 || n == 0 {
         return y;
     }
-    let simd = enabled();
-    if simd && m >= unpack_min_rows() {
+    let simd = simd();
+    if simd == Simd::Vnni && m >= unpack_min_rows() {
         thread_local! {
             /// This thread's group of unpacked panels.
             static UNPACKED: std::cell::RefCell<Vec<panels::Panel>> =
@@ -527,7 +586,7 @@ fn matmul<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
             })
         };
         for_each_tile(&mut y, m, k, group, unpack, |at, _, rows, tile| {
-            // SAFETY: only on AVX-512 VNNI (`enabled`); the panel was unpacked with `k` values
+            // SAFETY: only on AVX-512 VNNI (`simd`); the panel was unpacked with `k` values
             // a row, as the activations have.
             UNPACKED.with_borrow(|unpacked| unsafe { unpacked[at].multiply(&xs, rows, tile) })
         });
@@ -639,7 +698,7 @@ mod tests {
                 let mut buf = [[0f32; PANEL]; TILE_ROWS];
                 for r0 in (0..m).step_by(TILE_ROWS) {
                     let rows = r0..(r0 + TILE_ROWS).min(m);
-                    tile(w, p, &xs, rows.clone(), &mut buf, false);
+                    tile(w, p, &xs, rows.clone(), &mut buf, Simd::None);
                     for (i, row) in buf.iter().enumerate().take(rows.len()) {
                         portable[(r0 + i) * n + p * PANEL..][..PANEL].copy_from_slice(row);
                     }

@@ -246,6 +246,22 @@ impl Panels for Q4Panels {
         }
     }
 
+    const AVX2: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
+        let part = self.panel(p);
+        // SAFETY: the caller's CPU has the features; as in `tile_vnni`.
+        unsafe {
+            match (part.fifth.is_empty(), part.m.is_some()) {
+                (true, false) => x86::tile_avx2::<false, false>(&part, xs, rows, out),
+                (true, true) => x86::tile_avx2::<false, true>(&part, xs, rows, out),
+                (false, false) => x86::tile_avx2::<true, false>(&part, xs, rows, out),
+                (false, true) => x86::tile_avx2::<true, true>(&part, xs, rows, out),
+            }
+        }
+    }
+
     /// The nibbles split into the 8-bit layout ([`super::unpack_nibbles`]), 16 added where
     /// a fifth bit is set, a block's scale `d` and offset `m`.
     fn unpack(&self, p: usize, into: &mut panels::Panel) {
@@ -367,6 +383,72 @@ mod x86 {
         }
         store_tile(&acc, out);
     }
+
+    /// [`super::portable_tile`] on AVX2, a quarter of the panel at a time
+    /// ([`crate::model::quant::resident::avx2`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the panel and the activations hold the same number of
+    /// values a row, a multiple of 32, the activations one scale per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_avx2<const FIVE: bool, const OFFSETS: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: Range<usize>,
+        out: &mut Tile,
+    ) {
+        match rows.len() {
+            0 => {}
+            1 => tile_rows_avx2::<1, FIVE, OFFSETS>(p, xs, rows.start, out),
+            2 => tile_rows_avx2::<2, FIVE, OFFSETS>(p, xs, rows.start, out),
+            3 => tile_rows_avx2::<3, FIVE, OFFSETS>(p, xs, rows.start, out),
+            _ => tile_rows_avx2::<4, FIVE, OFFSETS>(p, xs, rows.start, out),
+        }
+    }
+
+    /// [`tile_avx2`] for `R` activation rows from `r0`.
+    #[inline(always)]
+    unsafe fn tile_rows_avx2<const R: usize, const FIVE: bool, const OFFSETS: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        r0: usize,
+        out: &mut Tile,
+    ) {
+        use crate::model::quant::resident::avx2;
+        let mut x = [std::ptr::null::<i8>(); R];
+        let mut x_sums = [std::ptr::null::<i32>(); R];
+        for i in 0..R {
+            x[i] = xs.row(r0 + i).as_ptr();
+            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
+        }
+        let (values, fifth) = (p.values.as_ptr(), p.fifth.as_ptr());
+        for quarter in 0..PANEL / avx2::QUARTER {
+            let column = quarter * avx2::QUARTER;
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..p.blocks {
+                let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x);
+                let d = avx2::load_f16x8(p.d.as_ptr().add(b * PANEL + column));
+                let m = match p.m {
+                    Some(m) if OFFSETS => avx2::load_f16x8(m.as_ptr().add(b * PANEL + column)),
+                    _ => _mm256_setzero_ps(),
+                };
+                for i in 0..R {
+                    let x_sum = *x_sums[i].add(b);
+                    let dx = xs.scale(r0 + i, b);
+                    let mut sum = sums[i];
+                    if !OFFSETS {
+                        sum = _mm256_add_epi32(sum, _mm256_set1_epi32(p.center * x_sum));
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[i]);
+                    if OFFSETS {
+                        acc[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(dx * x_sum as f32), acc[i]);
+                    }
+                }
+            }
+            avx2::store_quarter(&acc, quarter, out);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -412,6 +494,36 @@ mod tests {
         let bytes = random_k(GgmlType::Q4_K, 32, 256, 2);
         let q4k = Q4Matrix::from_gguf(GgmlType::Q4_K, &bytes, 32, 256, |r| r).expect("Q4_K");
         assert!(Q4Panels::from_q4(&q4k).is_none());
+    }
+
+    #[test]
+    fn the_largest_values_times_the_largest_activations_are_exact() {
+        // Every weight byte at its top value (15, or 31 with the fifth bit; d = 1, m = 0) times
+        // activations all at ±127 after quantizing: the most a kernel's 16-bit partial sums
+        // hold (AVX2's `vpmaddubsw` saturates), so a sum widened too late would show here.
+        let (rows, cols) = (32, 256);
+        for (ty, want_value) in TYPES.into_iter().zip([7.0f32, 15.0, 15.0, 31.0]) {
+            let mut block = half::f16::ONE.to_le_bytes().to_vec();
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                block.extend(half::f16::ZERO.to_le_bytes());
+            }
+            let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+            block.extend(vec![0xFFu8; if five { 4 + 16 } else { 16 }]);
+            let bytes = block.repeat(rows * cols / QK);
+            let q = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("blocks");
+            let p = Q4Panels::from_q4(&q).expect("whole panels");
+            for sign in [1.0f32, -1.0] {
+                let x = vec![sign; 4 * cols];
+                let got = p.matmul_t(&x, 4);
+                let want = sign * want_value * cols as f32;
+                for (i, &v) in got.iter().enumerate() {
+                    assert!(
+                        (v - want).abs() <= 1e-3 * want.abs(),
+                        "{ty:?} [{i}]: {v} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

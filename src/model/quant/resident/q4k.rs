@@ -206,6 +206,9 @@ impl Panels for Q4kPanels {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
+    /// No AVX2 kernel yet: on AVX2 machines these weights keep their blocks.
+    const AVX2: bool = false;
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         // SAFETY: the caller's CPU has the features; the panel and the activations hold `cols`

@@ -78,7 +78,7 @@ impl Q8Panels {
     /// `x · selfᵀ` for `x` row-major `[m, cols]`: `[m, rows]`, row-major: the activations
     /// quantized to 8-bit blocks, the panels split between rayon's threads (about four runs
     /// each), each run taking the activation rows in chunks that stay in cache, a tile of rows
-    /// per kernel call. Only on AVX-512 VNNI ([`super::enabled`]); elsewhere the blocks are
+    /// per kernel call. Only on AVX-512 VNNI ([`super::simd`]); elsewhere the blocks are
     /// never laid out in panels, and a matrix built anyway (a test) multiplies as dequantized
     /// rows.
     ///
@@ -92,7 +92,7 @@ impl Q8Panels {
             return y;
         }
         let xq = crate::model::quant::Activations::quantize(x, m, k, false, 1);
-        if !super::enabled() {
+        if super::simd() != super::Simd::Vnni {
             // The blocks' values against the quantized activations, in f64 (tests only).
             let xd = xq.q.dequantize();
             let mut row = vec![0f32; k];
