@@ -71,10 +71,40 @@ impl Kernel {
         Kernel::available().pop().unwrap_or(Kernel::Portable)
     }
 
-    /// [`Kernel::detect`], once per process.
+    /// [`Kernel::detect`], once per process; or the kernel `BACKFLOW_KERNEL` names
+    /// (`portable`, `avx2`, `avx-vnni`, `avx512-vnni`) where this CPU runs it: an AVX-512
+    /// machine measuring what an AVX2-only one would run (every choice downstream, resident
+    /// panels and the prefill path, follows this one).
     pub fn machine() -> Kernel {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *KERNEL.get_or_init(Kernel::detect)
+        *KERNEL.get_or_init(|| {
+            let Ok(name) = std::env::var("BACKFLOW_KERNEL") else {
+                return Kernel::detect();
+            };
+            match Kernel::named(&name) {
+                Some(k) if Kernel::available().contains(&k) => k,
+                _ => {
+                    log::warn!(
+                        "BACKFLOW_KERNEL={name:?} is not a kernel this CPU runs (it runs {:?}); \
+                         using {:?}",
+                        Kernel::available(),
+                        Kernel::detect()
+                    );
+                    Kernel::detect()
+                }
+            }
+        })
+    }
+
+    /// The kernel of a `BACKFLOW_KERNEL` value.
+    pub fn named(name: &str) -> Option<Kernel> {
+        match name.to_ascii_lowercase().as_str() {
+            "portable" => Some(Kernel::Portable),
+            "avx2" => Some(Kernel::Avx2),
+            "avx-vnni" | "avxvnni" => Some(Kernel::AvxVnni),
+            "avx512-vnni" | "avx512vnni" => Some(Kernel::Avx512Vnni),
+            _ => None,
+        }
     }
 
     /// Every kernel this CPU can run, slowest first (the tests check each against the portable

@@ -106,6 +106,27 @@ pub(super) unsafe fn load_f16x8(v: *const half::f16) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v as *const __m128i)) }
 }
 
+/// Eight bytes from `v` as eight `i32`, zero-extended (a quarter panel's unsigned multipliers:
+/// `Q4_K`'s `sc` and `mn`).
+///
+/// # Safety
+/// The CPU has AVX2 (the caller's `target_feature`); `v` points to 8 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn load_u8x8(v: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(v as *const __m128i)) }
+}
+
+/// Eight bytes from `v` as eight `i32`, sign-extended (`Q6_K`'s signed `sc`).
+///
+/// # Safety
+/// The CPU has AVX2 (the caller's `target_feature`); `v` points to 8 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn load_i8x8(v: *const i8) -> __m256i {
+    // SAFETY: the caller's.
+    unsafe { _mm256_cvtepi8_epi32(_mm_loadl_epi64(v as *const __m128i)) }
+}
+
 /// Writes `R` rows of one quarter's accumulators into `out`'s columns `8·quarter..`.
 ///
 /// # Safety

@@ -30,7 +30,7 @@
 //! is paid once for all of them, and the nibble kernel's shifts and masks per tile are not.
 //!
 //! On AVX2 the same panels are multiplied by `vpmaddubsw` a quarter panel at a time (the
-//! `avx2` module), at every row count.
+//! `avx2` module), at every row count; 8-bit blocks stay blocks there.
 
 pub mod q4;
 pub mod q4k;
@@ -94,8 +94,8 @@ fn unpack_min_rows() -> usize {
 pub enum Simd {
     /// AVX-512 F, BW, VL and VNNI: every format is laid out in panels.
     Vnni,
-    /// AVX2, FMA and F16C: the formats with an AVX2 kernel ([`Panels::AVX2`]: `Q4_0`, `Q4_1`,
-    /// `Q5_0`, `Q5_1`) are laid out; the others keep their blocks and the dot kernels.
+    /// AVX2, FMA and F16C: the 4-, 5- and 6-bit formats (those with [`Panels::AVX2`]) are laid
+    /// out, multiplied a quarter panel at a time; 8-bit blocks keep the dot kernels.
     Avx2,
     /// Nothing is laid out.
     None,
@@ -355,9 +355,14 @@ impl Resident {
             Simd::Vnni => Q4kPanels::from_q4(q)
                 .map(Resident::Q4k)
                 .or_else(|| Q4Panels::from_q4(q).map(Resident::Q4)),
-            Simd::Avx2 => laid_out_on_avx2::<Q4Panels>()
-                .then(|| Q4Panels::from_q4(q).map(Resident::Q4))
-                .flatten(),
+            Simd::Avx2 => (laid_out_on_avx2::<Q4kPanels>())
+                .then(|| Q4kPanels::from_q4(q).map(Resident::Q4k))
+                .flatten()
+                .or_else(|| {
+                    (laid_out_on_avx2::<Q4Panels>())
+                        .then(|| Q4Panels::from_q4(q).map(Resident::Q4))
+                        .flatten()
+                }),
             Simd::None => None,
         }
     }
@@ -369,7 +374,9 @@ impl Resident {
         machine.then(|| Q6kPanels::from_q6(q).map(Resident::Q6k))?
     }
 
-    /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]), on AVX-512 VNNI.
+    /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]), on AVX-512 VNNI. (On
+    /// AVX2 an 8-bit panel kernel, llama.cpp's sign trick a quarter panel at a time, measured
+    /// no faster than the dot kernels and the dequantized tiles: 8-bit blocks stay blocks.)
     pub fn from_q8(q: &Q8Matrix) -> Option<Resident> {
         (simd() == Simd::Vnni).then(|| Q8Panels::from_q8(q).map(Resident::Q8))?
     }
@@ -682,7 +689,7 @@ mod tests {
     /// The product of `w` with `m` random rows against the f64 product of `values` (the
     /// weights' `f32` values, computed independently of the panels, `[rows, cols]`) with the
     /// rows quantized as the product quantizes them (8 bits, one scale per 256 values), on
-    /// the machine's path and the portable kernel, for every tile size and a tile after full
+    /// every path ([`products`]), for every tile size and a tile after full
     /// ones, and for the unpacked path's row counts.
     pub(super) fn assert_product_matches<W: Panels>(w: &W, values: &[f32], label: &str) {
         use rand::{Rng, SeedableRng};
@@ -691,28 +698,13 @@ mod tests {
         for m in [1usize, 2, 3, 4, 5, 9, unpack_min_rows() + 3] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             let xq = Q8Matrix::quantize_grouped(&x, m, k, W::GROUP).dequantize();
-            let got = matmul(w, &x, m);
-            let xs = Activations::new(&x, m, k, W::GROUP, W::SUM_STEP);
-            let mut portable = vec![0f32; m * n];
-            for p in 0..n / PANEL {
-                let mut buf = [[0f32; PANEL]; TILE_ROWS];
-                for r0 in (0..m).step_by(TILE_ROWS) {
-                    let rows = r0..(r0 + TILE_ROWS).min(m);
-                    tile(w, p, &xs, rows.clone(), &mut buf, Simd::None);
-                    for (i, row) in buf.iter().enumerate().take(rows.len()) {
-                        portable[(r0 + i) * n + p * PANEL..][..PANEL].copy_from_slice(row);
-                    }
-                }
-            }
+            let paths = products(w, &x, m);
             for i in 0..m {
                 for j in 0..n {
                     let terms = (0..k).map(|c| xq[i * k + c] as f64 * values[j * k + c] as f64);
                     let want: f64 = terms.clone().sum();
                     let tol = 1e-5 * terms.map(f64::abs).sum::<f64>().max(1e-3);
-                    for (path, v) in [
-                        ("machine", got[i * n + j]),
-                        ("portable", portable[i * n + j]),
-                    ] {
+                    for (path, v) in paths.iter().map(|(path, got)| (path, got[i * n + j])) {
                         assert!(
                             (v as f64 - want).abs() <= tol,
                             "{label} {path} m={m} [{i},{j}]: {v} vs {want}"
@@ -720,6 +712,71 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `x · wᵀ` for `m` rows of `x` by every path this CPU has, named: the machine's product
+    /// ([`matmul`]: on an AVX-512 machine the VNNI kernel, from [`UNPACK_MIN_ROWS`] rows the
+    /// unpacked panels), and each tile kernel called directly, plain Rust and AVX2's where the
+    /// CPU has it.
+    pub(super) fn products<W: Panels>(w: &W, x: &[f32], m: usize) -> Vec<(&'static str, Vec<f32>)> {
+        let (n, k) = (w.rows(), w.cols());
+        let xs = Activations::new(x, m, k, W::GROUP, W::SUM_STEP);
+        let by_tiles = |simd: Simd| {
+            let mut out = vec![0f32; m * n];
+            for p in 0..n / PANEL {
+                let mut buf = [[0f32; PANEL]; TILE_ROWS];
+                for r0 in (0..m).step_by(TILE_ROWS) {
+                    let rows = r0..(r0 + TILE_ROWS).min(m);
+                    tile(w, p, &xs, rows.clone(), &mut buf, simd);
+                    for (i, row) in buf.iter().enumerate().take(rows.len()) {
+                        out[(r0 + i) * n + p * PANEL..][..PANEL].copy_from_slice(row);
+                    }
+                }
+            }
+            out
+        };
+        let mut paths = vec![
+            ("machine", matmul(w, x, m)),
+            ("portable", by_tiles(Simd::None)),
+        ];
+        if W::AVX2 && cpu_has_avx2() {
+            paths.push(("avx2", by_tiles(Simd::Avx2)));
+        }
+        paths
+    }
+
+    /// Every weight's value `value` (the format's extreme: its largest unsigned values under
+    /// unit scales) times activations all `±1` (±127 once quantized): the most a kernel's
+    /// 16-bit partial sums hold (AVX2's `vpmaddubsw` saturates), so a sum widened too late
+    /// shows here, on every path ([`products`]).
+    pub(super) fn assert_extremes_exact<W: Panels>(w: &W, value: f32, label: &str) {
+        let k = w.cols();
+        for sign in [1.0f32, -1.0] {
+            let x = vec![sign; 4 * k];
+            let want = sign * value * k as f32;
+            for (path, got) in products(w, &x, 4) {
+                for (i, &v) in got.iter().enumerate() {
+                    assert!(
+                        (v - want).abs() <= 1e-3 * want.abs(),
+                        "{label} {path} [{i}]: {v} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether this CPU runs [`Simd::Avx2`]'s kernels (whatever [`simd`] chose).
+    fn cpu_has_avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
         }
     }
 

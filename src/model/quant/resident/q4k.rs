@@ -206,8 +206,20 @@ impl Panels for Q4kPanels {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
-    /// No AVX2 kernel yet: on AVX2 machines these weights keep their blocks.
-    const AVX2: bool = false;
+    const AVX2: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
+        // SAFETY: the caller's CPU has AVX2, FMA and F16C; the panel and the activations hold
+        // `cols` values a row, a multiple of 256.
+        unsafe {
+            let part = self.panel(p);
+            match part.fifth.is_empty() {
+                true => x86::tile_avx2::<false>(&part, xs, rows, out),
+                false => x86::tile_avx2::<true>(&part, xs, rows, out),
+            }
+        };
+    }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
@@ -359,6 +371,75 @@ mod x86 {
         }
         store_tile(&acc, out);
     }
+
+    /// [`super::portable_tile`] on AVX2, a quarter of the panel at a time
+    /// ([`crate::model::quant::resident::avx2`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the panel and the activations hold the same number of
+    /// values a row, a multiple of 256.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_avx2<const FIVE: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: Range<usize>,
+        out: &mut Tile,
+    ) {
+        match rows.len() {
+            0 => {}
+            1 => tile_rows_avx2::<1, FIVE>(p, xs, rows.start, out),
+            2 => tile_rows_avx2::<2, FIVE>(p, xs, rows.start, out),
+            3 => tile_rows_avx2::<3, FIVE>(p, xs, rows.start, out),
+            _ => tile_rows_avx2::<4, FIVE>(p, xs, rows.start, out),
+        }
+    }
+
+    /// [`tile_avx2`] for `R` activation rows from `r0`: per block the integer products
+    /// ([`avx2::block_products`]) times `sc`, and `mn` times the activations' block sum, summed
+    /// over the super-block in `i32` as the VNNI kernel does.
+    #[inline(always)]
+    unsafe fn tile_rows_avx2<const R: usize, const FIVE: bool>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        r0: usize,
+        out: &mut Tile,
+    ) {
+        use crate::model::quant::resident::avx2;
+        let mut x = [std::ptr::null::<i8>(); R];
+        let mut x_sums = [std::ptr::null::<i32>(); R];
+        for i in 0..R {
+            x[i] = xs.row(r0 + i).as_ptr();
+            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
+        }
+        let (values, fifth) = (p.values.as_ptr(), p.fifth.as_ptr());
+        for quarter in 0..PANEL / avx2::QUARTER {
+            let column = quarter * avx2::QUARTER;
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..p.supers {
+                let mut iacc = [_mm256_setzero_si256(); R];
+                let mut macc = [_mm256_setzero_si256(); R];
+                for b in s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS {
+                    let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x);
+                    let sc = avx2::load_u8x8(p.sc.as_ptr().add(b * PANEL + column));
+                    let mn = avx2::load_u8x8(p.mn.as_ptr().add(b * PANEL + column));
+                    for i in 0..R {
+                        iacc[i] = _mm256_add_epi32(iacc[i], _mm256_mullo_epi32(sums[i], sc));
+                        let bs = _mm256_set1_epi32(*x_sums[i].add(b));
+                        macc[i] = _mm256_add_epi32(macc[i], _mm256_mullo_epi32(mn, bs));
+                    }
+                }
+                let d = avx2::load_f16x8(p.d.as_ptr().add(s * PANEL + column));
+                let dmin = avx2::load_f16x8(p.dmin.as_ptr().add(s * PANEL + column));
+                for i in 0..R {
+                    let dx = _mm256_set1_ps(xs.scale(r0 + i, s));
+                    let (id, im) = (_mm256_cvtepi32_ps(iacc[i]), _mm256_cvtepi32_ps(macc[i]));
+                    acc[i] = _mm256_fmadd_ps(id, _mm256_mul_ps(d, dx), acc[i]);
+                    acc[i] = _mm256_fnmadd_ps(im, _mm256_mul_ps(dmin, dx), acc[i]);
+                }
+            }
+            avx2::store_quarter(&acc, quarter, out);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +480,27 @@ mod tests {
         let bytes: Vec<u8> = (0..32 * 8 * 20).map(|_| rng.random::<u8>()).collect();
         let q4_1 = Q4Matrix::from_gguf(GgmlType::Q4_1, &bytes, 32, 256, |r| r).expect("Q4_1");
         assert!(Q4kPanels::from_q4(&q4_1).is_none());
+    }
+
+    #[test]
+    fn the_largest_values_times_the_largest_activations_are_exact() {
+        // Every 6-bit `sc` and `mn` at 63 (the 12 scale bytes all 0xFF), every value at 15
+        // (31 with the fifth bits), `d` = 1 and `dmin` = 0: a value of 63·15 (63·31).
+        for (ty, top) in [(GgmlType::Q4_K, 15.0f32), (GgmlType::Q5_K, 31.0)] {
+            let mut block = half::f16::ONE.to_le_bytes().to_vec();
+            block.extend(half::f16::ZERO.to_le_bytes());
+            let rest = if ty == GgmlType::Q5_K {
+                12 + 32 + 128
+            } else {
+                12 + 128
+            };
+            block.extend(vec![0xFFu8; rest]);
+            let (rows, cols) = (32, 512);
+            let bytes = block.repeat(rows * cols / 256);
+            let q = Q4Matrix::from_gguf(ty, &bytes, rows, cols, |r| r).expect("k-quant");
+            let p = Q4kPanels::from_q4(&q).expect("whole panels");
+            super::super::tests::assert_extremes_exact(&p, 63.0 * top, &format!("{ty:?}"));
+        }
     }
 
     #[test]

@@ -186,8 +186,14 @@ impl Panels for Q6kPanels {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
-    /// No AVX2 kernel yet: on AVX2 machines these weights keep their blocks.
-    const AVX2: bool = false;
+    const AVX2: bool = true;
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
+        // SAFETY: the caller's CPU has AVX2, FMA and F16C; the panel and the activations hold
+        // `cols` values a row, a multiple of 256.
+        unsafe { x86::tile_avx2(&self.panel(p), xs, rows, out) };
+    }
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
@@ -355,6 +361,115 @@ mod x86 {
         }
         store_tile(&acc, out);
     }
+
+    /// [`super::portable_tile`] on AVX2, a quarter of the panel at a time
+    /// ([`crate::model::quant::resident::avx2`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the panel and the activations hold the same number of
+    /// values a row, a multiple of 256.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile_avx2(
+        p: &Panel<'_>,
+        xs: &Activations,
+        rows: Range<usize>,
+        out: &mut Tile,
+    ) {
+        match rows.len() {
+            0 => {}
+            1 => tile_rows_avx2::<1>(p, xs, rows.start, out),
+            2 => tile_rows_avx2::<2>(p, xs, rows.start, out),
+            3 => tile_rows_avx2::<3>(p, xs, rows.start, out),
+            _ => tile_rows_avx2::<4>(p, xs, rows.start, out),
+        }
+    }
+
+    /// [`tile_avx2`] for `R` activation rows from `r0`. A part's 16 products per column are
+    /// summed by `vpmaddubsw` in 16 bits two groups at a time (4 products of at most 63·128, no
+    /// saturation), widened, then the zero point and `sc` applied in `i32` as the VNNI kernel
+    /// does.
+    #[inline(always)]
+    unsafe fn tile_rows_avx2<const R: usize>(
+        p: &Panel<'_>,
+        xs: &Activations,
+        r0: usize,
+        out: &mut Tile,
+    ) {
+        use crate::model::quant::resident::avx2;
+        let mut x = [std::ptr::null::<i8>(); R];
+        let mut x_sums = [std::ptr::null::<i32>(); R];
+        for i in 0..R {
+            x[i] = xs.row(r0 + i).as_ptr();
+            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
+        }
+        let (nibble, bits45, ones) = (
+            _mm256_set1_epi8(0x0F),
+            _mm256_set1_epi8(0x30),
+            _mm256_set1_epi16(1),
+        );
+        let join =
+            |low: __m256i, high: __m256i| _mm256_or_si256(_mm256_and_si256(low, nibble), high);
+        let (low, high) = (p.low.as_ptr(), p.high.as_ptr());
+        for quarter in 0..PANEL / avx2::QUARTER {
+            let column = quarter * avx2::QUARTER;
+            // A quarter's 32 bytes of a group (or of a part's high bits): the half's 64, then
+            // which 32 of them.
+            let offset = (quarter / 2) * 64 + (quarter % 2) * 32;
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..p.supers {
+                let mut iacc = [_mm256_setzero_si256(); R];
+                for j in s * PARTS..(s + 1) * PARTS {
+                    let load = |at: *const u8| _mm256_loadu_si256(at as *const __m256i);
+                    let n0 = load(low.add(2 * j * GROUP_BYTES + offset));
+                    let n1 = load(low.add((2 * j + 1) * GROUP_BYTES + offset));
+                    let hb = load(high.add(j * HIGH_BYTES + offset));
+                    // The part's four groups of 4 values, each byte `u` in 0..64.
+                    let v = [
+                        join(n0, _mm256_and_si256(_mm256_slli_epi16(hb, 4), bits45)),
+                        join(
+                            _mm256_srli_epi16(n0, 4),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), bits45),
+                        ),
+                        join(n1, _mm256_and_si256(hb, bits45)),
+                        join(
+                            _mm256_srli_epi16(n1, 4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), bits45),
+                        ),
+                    ];
+                    let sc = avx2::load_i8x8(p.sc.as_ptr().add(j * PANEL + column));
+                    for i in 0..R {
+                        let four = |g: usize| {
+                            _mm256_set1_epi32(std::ptr::read_unaligned(
+                                x[i].add(j * PART + 4 * g) as *const i32
+                            ))
+                        };
+                        let p01 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(v[0], four(0)),
+                            _mm256_maddubs_epi16(v[1], four(1)),
+                        );
+                        let p23 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(v[2], four(2)),
+                            _mm256_maddubs_epi16(v[3], four(3)),
+                        );
+                        let sum = _mm256_add_epi32(
+                            _mm256_madd_epi16(p01, ones),
+                            _mm256_madd_epi16(p23, ones),
+                        );
+                        // The zero point: −32·Σq_x.
+                        let a = _mm256_sub_epi32(sum, _mm256_set1_epi32(32 * *x_sums[i].add(j)));
+                        iacc[i] = _mm256_add_epi32(iacc[i], _mm256_mullo_epi32(a, sc));
+                    }
+                }
+                let d = avx2::load_f16x8(p.d.as_ptr().add(s * PANEL + column));
+                for i in 0..R {
+                    let dx = _mm256_set1_ps(xs.scale(r0 + i, s));
+                    acc[i] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i]), _mm256_mul_ps(d, dx), acc[i]);
+                }
+            }
+            avx2::store_quarter(&acc, quarter, out);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +506,19 @@ mod tests {
             assert_eq!(got, want[r * 512..(r + 1) * 512].to_vec(), "row {r}");
         }
         assert!(Q6kPanels::from_q6(&random_q6k(48, 256, 1).0).is_none());
+    }
+
+    #[test]
+    fn the_largest_values_times_the_largest_activations_are_exact() {
+        // Every byte 0xFF but `d` = 1: values `u` = 63 (the most `vpmaddubsw` sums), `sc` = −1,
+        // a weight of −(63 − 32).
+        let mut block = vec![0xFFu8; BLOCK_BYTES - 2];
+        block.extend(half::f16::ONE.to_le_bytes());
+        let (rows, cols) = (32, 512);
+        let bytes = block.repeat(rows * cols / QK_K);
+        let q = Q6Matrix::from_gguf(GgmlType::Q6_K, &bytes, rows, cols, |r| r).expect("Q6_K");
+        let p = Q6kPanels::from_q6(&q).expect("whole panels");
+        super::super::tests::assert_extremes_exact(&p, -31.0, "Q6_K");
     }
 
     #[test]
