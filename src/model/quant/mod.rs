@@ -1049,6 +1049,22 @@ mod tests {
     }
 
     #[test]
+    fn backflow_kernel_names_each_kernel() {
+        let names = [
+            ("portable", Kernel::Portable),
+            ("AVX2", Kernel::Avx2),
+            ("avx-vnni", Kernel::AvxVnni),
+            ("avxvnni", Kernel::AvxVnni),
+            ("avx512-vnni", Kernel::Avx512Vnni),
+        ];
+        for (name, kernel) in names {
+            assert_eq!(Kernel::named(name), Some(kernel), "{name}");
+        }
+        assert_eq!(Kernel::named("avx512"), None);
+        assert_eq!(Kernel::named(""), None);
+    }
+
+    #[test]
     fn rows_filled_one_by_one_and_stacked_equal_the_whole_matrix() {
         let w = random(7 * 40, 6);
         let whole = Q8Matrix::quantize(&w, 7, 40);
