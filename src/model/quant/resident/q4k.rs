@@ -412,10 +412,15 @@ mod x86 {
             x_sums[i] = xs.row_sums(r0 + i).as_ptr();
         }
         let (values, fifth) = (p.values.as_ptr(), p.fifth.as_ptr());
-        for quarter in 0..PANEL / avx2::QUARTER {
-            let column = quarter * avx2::QUARTER;
-            let mut acc = [_mm256_setzero_ps(); R];
-            for s in 0..p.supers {
+        // Super-block by super-block, each quarter in turn: the super-block's values (4 KiB,
+        // 128 bytes a group of which a quarter reads 32) are read from memory once, by the
+        // first quarters, and from L1 by the others; quarters outermost read each line from
+        // memory twice, at a stride the prefetcher follows badly (`perf`: batch-1 decode
+        // waiting on these loads).
+        let mut acc = [[_mm256_setzero_ps(); R]; PANEL / avx2::QUARTER];
+        for s in 0..p.supers {
+            for (quarter, acc) in acc.iter_mut().enumerate() {
+                let column = quarter * avx2::QUARTER;
                 let mut iacc = [_mm256_setzero_si256(); R];
                 let mut macc = [_mm256_setzero_si256(); R];
                 for b in s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS {
@@ -437,7 +442,9 @@ mod x86 {
                     acc[i] = _mm256_fnmadd_ps(im, _mm256_mul_ps(dmin, dx), acc[i]);
                 }
             }
-            avx2::store_quarter(&acc, quarter, out);
+        }
+        for (quarter, acc) in acc.iter().enumerate() {
+            avx2::store_quarter(acc, quarter, out);
         }
     }
 }

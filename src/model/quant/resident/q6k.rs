@@ -410,13 +410,15 @@ mod x86 {
         let join =
             |low: __m256i, high: __m256i| _mm256_or_si256(_mm256_and_si256(low, nibble), high);
         let (low, high) = (p.low.as_ptr(), p.high.as_ptr());
-        for quarter in 0..PANEL / avx2::QUARTER {
-            let column = quarter * avx2::QUARTER;
-            // A quarter's 32 bytes of a group (or of a part's high bits): the half's 64, then
-            // which 32 of them.
-            let offset = (quarter / 2) * 64 + (quarter % 2) * 32;
-            let mut acc = [_mm256_setzero_ps(); R];
-            for s in 0..p.supers {
+        // Super-block by super-block, each quarter in turn, so that the super-block's bytes
+        // come from memory once (see `q4k`'s AVX2 kernel).
+        let mut acc = [[_mm256_setzero_ps(); R]; PANEL / avx2::QUARTER];
+        for s in 0..p.supers {
+            for (quarter, acc) in acc.iter_mut().enumerate() {
+                let column = quarter * avx2::QUARTER;
+                // A quarter's 32 bytes of a group (or of a part's high bits): the half's 64,
+                // then which 32 of them.
+                let offset = (quarter / 2) * 64 + (quarter % 2) * 32;
                 let mut iacc = [_mm256_setzero_si256(); R];
                 for j in s * PARTS..(s + 1) * PARTS {
                     let load = |at: *const u8| _mm256_loadu_si256(at as *const __m256i);
@@ -467,7 +469,9 @@ mod x86 {
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i]), _mm256_mul_ps(d, dx), acc[i]);
                 }
             }
-            avx2::store_quarter(&acc, quarter, out);
+        }
+        for (quarter, acc) in acc.iter().enumerate() {
+            avx2::store_quarter(acc, quarter, out);
         }
     }
 }
