@@ -1,5 +1,5 @@
 //! Block weights laid out at load as panels of [`PANEL`] rows, for the AVX-512 VNNI machines
-//! (every format) and the AVX2 ones (the formats with an AVX2 kernel, [`Simd`]):
+//! (every format) and the AVX2 ones (the 4-, 5- and 6-bit formats, [`Simd`]):
 //! every product, from one activation row (batch-1 decode) to thousands (prefill), reads the
 //! weights straight from the panels, with no per-row call and no packing per product.
 //!
@@ -94,8 +94,8 @@ fn unpack_min_rows() -> usize {
 pub enum Simd {
     /// AVX-512 F, BW, VL and VNNI: every format is laid out in panels.
     Vnni,
-    /// AVX2, FMA and F16C: the 4-, 5- and 6-bit formats (those with [`Panels::AVX2`]) are laid
-    /// out, multiplied a quarter panel at a time; 8-bit blocks keep the dot kernels.
+    /// AVX2, FMA and F16C: the 4-, 5- and 6-bit formats are laid out, multiplied a quarter
+    /// panel at a time; 8-bit blocks keep the dot kernels.
     Avx2,
     /// Nothing is laid out.
     None,
@@ -118,11 +118,6 @@ pub fn simd() -> Simd {
             _ => Simd::None,
         }
     })
-}
-
-/// Whether the machine is an AVX2 one ([`Simd::Avx2`]) and `W` has an AVX2 kernel.
-fn laid_out_on_avx2<W: Panels>() -> bool {
-    simd() == Simd::Avx2 && W::AVX2
 }
 
 /// Whether the machine lays any block weights out in panels ([`simd`]).
@@ -352,17 +347,9 @@ impl Resident {
     /// [`Q4Panels::from_q4`]) and the machine's kernels ([`simd`]) multiply that format.
     pub fn from_q4(q: &super::Q4Matrix) -> Option<Resident> {
         match simd() {
-            Simd::Vnni => Q4kPanels::from_q4(q)
+            Simd::Vnni | Simd::Avx2 => Q4kPanels::from_q4(q)
                 .map(Resident::Q4k)
                 .or_else(|| Q4Panels::from_q4(q).map(Resident::Q4)),
-            Simd::Avx2 => (laid_out_on_avx2::<Q4kPanels>())
-                .then(|| Q4kPanels::from_q4(q).map(Resident::Q4k))
-                .flatten()
-                .or_else(|| {
-                    (laid_out_on_avx2::<Q4Panels>())
-                        .then(|| Q4Panels::from_q4(q).map(Resident::Q4))
-                        .flatten()
-                }),
             Simd::None => None,
         }
     }
@@ -370,8 +357,7 @@ impl Resident {
     /// `q` in panels when its shape has them ([`Q6kPanels::from_q6`]) and the machine's
     /// kernels multiply them.
     pub fn from_q6(q: &super::Q6Matrix) -> Option<Resident> {
-        let machine = simd() == Simd::Vnni || laid_out_on_avx2::<Q6kPanels>();
-        machine.then(|| Q6kPanels::from_q6(q).map(Resident::Q6k))?
+        enabled().then(|| Q6kPanels::from_q6(q).map(Resident::Q6k))?
     }
 
     /// `q` in panels when its shape has them ([`Q8Panels::from_q8`]), on AVX-512 VNNI. (On
@@ -466,7 +452,7 @@ trait Panels: Matrix + Sync {
     /// The 8-bit panels' format the panels unpack to.
     const UNPACKED: PanelFormat;
     /// `out[i][c]` = activation row `rows.start + i` times panel `p`'s row `c`, in plain Rust
-    /// (machines without AVX-512 VNNI never lay panels out, but a matrix built anyway, in a
+    /// (machines without AVX2 never lay panels out, but a matrix built anyway, in a
     /// test, still multiplies correctly).
     fn tile_portable(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
     /// [`Panels::tile_portable`] on AVX-512 VNNI.
@@ -475,18 +461,12 @@ trait Panels: Matrix + Sync {
     /// The CPU has AVX-512 F, BW, VL and VNNI.
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_vnni(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
-    /// Whether the format has [`Panels::tile_avx2`] (else it is laid out only on AVX-512
-    /// VNNI).
-    const AVX2: bool;
-    /// [`Panels::tile_portable`] on AVX2 (the formats with [`Panels::AVX2`]; the others' is
-    /// never called).
+    /// [`Panels::tile_portable`] on AVX2.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
-        self.tile_portable(p, xs, rows, out);
-    }
+    unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile);
     /// Panel `p` as an 8-bit panel in [`Panels::UNPACKED`]'s format.
     fn unpack(&self, p: usize, into: &mut panels::Panel);
 }
@@ -507,7 +487,7 @@ fn tile<W: Panels>(
         Simd::Vnni => unsafe { w.tile_vnni(p, xs, rows, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Simd::Avx2` only where the CPU has AVX2, FMA and F16C (`simd`).
-        Simd::Avx2 if W::AVX2 => unsafe { w.tile_avx2(p, xs, rows, out) },
+        Simd::Avx2 => unsafe { w.tile_avx2(p, xs, rows, out) },
         _ => w.tile_portable(p, xs, rows, out),
     }
 }
@@ -740,7 +720,7 @@ mod tests {
             ("machine", matmul(w, x, m)),
             ("portable", by_tiles(Simd::None)),
         ];
-        if W::AVX2 && cpu_has_avx2() {
+        if cpu_has_avx2() {
             paths.push(("avx2", by_tiles(Simd::Avx2)));
         }
         paths

@@ -246,8 +246,6 @@ impl Panels for Q4Panels {
         }
     }
 
-    const AVX2: bool = true;
-
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         let part = self.panel(p);

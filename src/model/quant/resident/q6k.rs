@@ -186,8 +186,6 @@ impl Panels for Q6kPanels {
         portable_tile(&self.panel(p), xs, rows, out);
     }
 
-    const AVX2: bool = true;
-
     #[cfg(target_arch = "x86_64")]
     unsafe fn tile_avx2(&self, p: usize, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
         // SAFETY: the caller's CPU has AVX2, FMA and F16C; the panel and the activations hold
