@@ -20,13 +20,15 @@ use std::arch::x86_64::*;
 pub(super) const QUARTER: usize = 8;
 
 /// Per activation row `i`, the integer products of block `b`'s 32 values with the row's, for
-/// the panel's columns `8·quarter..8·quarter + 8` (as eight `i32`). `FIVE`: 16 added where a
-/// fifth bit is set.
+/// the panel's columns `8·quarter..8·quarter + 8` (as eight `i32`), each column's times its
+/// multiplier in `times` (both 16-bit halves of its lane: [`ones`], or a k-quant block's
+/// `sc`, [`sixteen_bit_pairs`]), applied by the `vpmaddwd` that widens the 16-bit sums anyway.
+/// `FIVE`: 16 added where a fifth bit is set.
 ///
 /// # Safety
 /// The CPU has AVX2 (the caller's `target_feature`); `values` holds the panel's groups of
 /// block `b`, `fifth` (with `FIVE`) their masks, and each `x[i]` the row's 32 values of the
-/// block at `32·b`, all within ±128.
+/// block at `32·b`, all within ±128; `times` at most 63.
 #[inline(always)]
 pub(super) unsafe fn block_products<const R: usize, const FIVE: bool>(
     values: *const u8,
@@ -34,9 +36,9 @@ pub(super) unsafe fn block_products<const R: usize, const FIVE: bool>(
     b: usize,
     quarter: usize,
     x: &[*const i8; R],
+    times: __m256i,
 ) -> [__m256i; R] {
     let nibble = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     // A group's bytes: 64 for columns 0..16, then 64 for 16..32; a quarter is 32 of them.
     let (half, within) = (quarter / 2, quarter % 2);
     let offset = half * 64 + within * 32;
@@ -65,15 +67,54 @@ pub(super) unsafe fn block_products<const R: usize, const FIVE: bool>(
         // 5-bit values: widen after two groups (8 products of at most 31·128 a lane).
         if FIVE && j == 1 {
             for i in 0..R {
-                sums[i] = _mm256_madd_epi16(sums16[i], ones);
+                sums[i] = _mm256_madd_epi16(sums16[i], times);
                 sums16[i] = _mm256_setzero_si256();
             }
         }
     }
     for i in 0..R {
-        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(sums16[i], ones));
+        sums[i] = _mm256_add_epi32(sums[i], _mm256_madd_epi16(sums16[i], times));
     }
     sums
+}
+
+/// Every 16-bit lane 1: [`block_products`] without a multiplier.
+///
+/// # Safety
+/// The CPU has AVX2 (the caller's `target_feature`).
+#[inline(always)]
+pub(super) unsafe fn ones() -> __m256i {
+    _mm256_set1_epi16(1)
+}
+
+/// Eight bytes from `v` (one per column of a quarter panel) each in both 16-bit halves of its
+/// column's 32-bit lane, zero-extended: [`block_products`]'s `times`.
+///
+/// # Safety
+/// The CPU has AVX2 (the caller's `target_feature`); `v` points to 8 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn sixteen_bit_pairs(v: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    let lanes = unsafe { load_u8x8(v) };
+    _mm256_or_si256(lanes, _mm256_slli_epi32(lanes, 16))
+}
+
+/// Two blocks' eight bytes from `a` and `b` (one per column each) as 16-bit pairs `(a[c],
+/// b[c])` in column `c`'s 32-bit lane, zero-extended: multiplied by `vpmaddwd` with a pair of
+/// the blocks' activation sums, one instruction gives `a·Σ_a + b·Σ_b` per column.
+///
+/// # Safety
+/// The CPU has AVX2 (the caller's `target_feature`); `a` and `b` point to 8 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn interleaved_pairs(a: *const u8, b: *const u8) -> __m256i {
+    // SAFETY: the caller's.
+    unsafe {
+        let (a, b) = (
+            _mm_loadl_epi64(a as *const __m128i),
+            _mm_loadl_epi64(b as *const __m128i),
+        );
+        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b))
+    }
 }
 
 /// A register whose byte `j` is 16 where `mask`'s bit `j` is set, else 0.
@@ -112,7 +153,7 @@ pub(super) unsafe fn load_f16x8(v: *const half::f16) -> __m256 {
 /// # Safety
 /// The CPU has AVX2 (the caller's `target_feature`); `v` points to 8 readable bytes.
 #[inline(always)]
-pub(super) unsafe fn load_u8x8(v: *const u8) -> __m256i {
+unsafe fn load_u8x8(v: *const u8) -> __m256i {
     // SAFETY: the caller's.
     unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(v as *const __m128i)) }
 }

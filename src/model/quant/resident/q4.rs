@@ -426,12 +426,13 @@ mod x86 {
         let (values, fifth) = (p.values.as_ptr(), p.fifth.as_ptr());
         // Eight blocks at a time, each quarter in turn, so that their bytes come from memory
         // once (see `q4k`'s AVX2 kernel).
+        let ones = avx2::ones();
         let mut acc = [[_mm256_setzero_ps(); R]; PANEL / avx2::QUARTER];
         for chunk in (0..p.blocks).step_by(CHUNK_BLOCKS) {
             for (quarter, acc) in acc.iter_mut().enumerate() {
                 let column = quarter * avx2::QUARTER;
                 for b in chunk..(chunk + CHUNK_BLOCKS).min(p.blocks) {
-                    let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x);
+                    let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x, ones);
                     let d = avx2::load_f16x8(p.d.as_ptr().add(b * PANEL + column));
                     let m = match p.m {
                         Some(m) if OFFSETS => avx2::load_f16x8(m.as_ptr().add(b * PANEL + column)),

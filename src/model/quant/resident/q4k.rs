@@ -421,14 +421,25 @@ mod x86 {
                 let column = quarter * avx2::QUARTER;
                 let mut iacc = [_mm256_setzero_si256(); R];
                 let mut macc = [_mm256_setzero_si256(); R];
-                for b in s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS {
-                    let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x);
-                    let sc = avx2::load_u8x8(p.sc.as_ptr().add(b * PANEL + column));
-                    let mn = avx2::load_u8x8(p.mn.as_ptr().add(b * PANEL + column));
+                let blocks = s * SUB_BLOCKS..(s + 1) * SUB_BLOCKS;
+                for b in blocks.clone() {
+                    // `sc` applied by the `vpmaddwd` that widens the 16-bit sums.
+                    let sc = avx2::sixteen_bit_pairs(p.sc.as_ptr().add(b * PANEL + column));
+                    let sums = avx2::block_products::<R, FIVE>(values, fifth, b, quarter, &x, sc);
                     for i in 0..R {
-                        iacc[i] = _mm256_add_epi32(iacc[i], _mm256_mullo_epi32(sums[i], sc));
-                        let bs = _mm256_set1_epi32(*x_sums[i].add(b));
-                        macc[i] = _mm256_add_epi32(macc[i], _mm256_mullo_epi32(mn, bs));
+                        iacc[i] = _mm256_add_epi32(iacc[i], sums[i]);
+                    }
+                }
+                // `Σ mn·Σq_x`, two blocks per `vpmaddwd` (`mn` ≤ 63, a block's `Σq_x` within
+                // ±32·128: both fit 16 bits).
+                for b in blocks.step_by(2) {
+                    let mn = p.mn.as_ptr().add(b * PANEL + column);
+                    let mn = avx2::interleaved_pairs(mn, mn.add(PANEL));
+                    for i in 0..R {
+                        let (s0, s1) = (*x_sums[i].add(b), *x_sums[i].add(b + 1));
+                        let pair = (s1 << 16) | (s0 & 0xFFFF);
+                        let m = _mm256_madd_epi16(mn, _mm256_set1_epi32(pair));
+                        macc[i] = _mm256_add_epi32(macc[i], m);
                     }
                 }
                 let d = avx2::load_f16x8(p.d.as_ptr().add(s * PANEL + column));
