@@ -532,6 +532,15 @@ impl Activations {
         &self.sums[r * self.steps..(r + 1) * self.steps]
     }
 
+    /// Where rows `r0..r0 + R` start, their values and their sums: what a kernel's tile of `R`
+    /// rows reads through.
+    fn row_pointers<const R: usize>(&self, r0: usize) -> ([*const i8; R], [*const i32; R]) {
+        (
+            std::array::from_fn(|i| self.row(r0 + i).as_ptr()),
+            std::array::from_fn(|i| self.row_sums(r0 + i).as_ptr()),
+        )
+    }
+
     /// Row `r`'s scale for group `s` (a super-block of the k-quants, a block of the others).
     fn scale(&self, r: usize, s: usize) -> f32 {
         self.q.scales[r * self.q.blocks + s * self.group]

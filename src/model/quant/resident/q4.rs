@@ -342,12 +342,7 @@ mod x86 {
         r0: usize,
         out: &mut Tile,
     ) {
-        let mut x = [std::ptr::null::<i8>(); R];
-        let mut x_sums = [std::ptr::null::<i32>(); R];
-        for i in 0..R {
-            x[i] = xs.row(r0 + i).as_ptr();
-            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
-        }
+        let (x, x_sums) = xs.row_pointers::<R>(r0);
         let values = p.values.as_ptr();
         let fifth = p.fifth.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -417,12 +412,7 @@ mod x86 {
         out: &mut Tile,
     ) {
         use crate::model::quant::resident::avx2;
-        let mut x = [std::ptr::null::<i8>(); R];
-        let mut x_sums = [std::ptr::null::<i32>(); R];
-        for i in 0..R {
-            x[i] = xs.row(r0 + i).as_ptr();
-            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
-        }
+        let (x, x_sums) = xs.row_pointers::<R>(r0);
         let (values, fifth) = (p.values.as_ptr(), p.fifth.as_ptr());
         // Eight blocks at a time, each quarter in turn, so that their bytes come from memory
         // once (see `q4k`'s AVX2 kernel).

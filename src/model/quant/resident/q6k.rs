@@ -288,12 +288,7 @@ mod x86 {
         r0: usize,
         out: &mut Tile,
     ) {
-        let mut x = [std::ptr::null::<i8>(); R];
-        let mut x_sums = [std::ptr::null::<i32>(); R];
-        for i in 0..R {
-            x[i] = xs.row(r0 + i).as_ptr();
-            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
-        }
+        let (x, x_sums) = xs.row_pointers::<R>(r0);
         let bits45 = _mm512_set1_epi8(0x30);
         let (low, high) = (p.low.as_ptr(), p.high.as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -394,12 +389,7 @@ mod x86 {
         out: &mut Tile,
     ) {
         use crate::model::quant::resident::avx2;
-        let mut x = [std::ptr::null::<i8>(); R];
-        let mut x_sums = [std::ptr::null::<i32>(); R];
-        for i in 0..R {
-            x[i] = xs.row(r0 + i).as_ptr();
-            x_sums[i] = xs.row_sums(r0 + i).as_ptr();
-        }
+        let (x, x_sums) = xs.row_pointers::<R>(r0);
         let (nibble, bits45, ones) = (
             _mm256_set1_epi8(0x0F),
             _mm256_set1_epi8(0x30),
