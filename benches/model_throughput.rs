@@ -12,7 +12,11 @@
 //! `--features cuda`; q8 and native are block formats, CPU only: README "Weight formats").
 //! `BENCH_LORA` a rank r > 0: every projection gets a random rank-r LoRA update applied unmerged
 //! (what a served adapter version costs over its shared base; `Llama::with_low_rank`).
-//! The resident memory with the model loaded is printed too.
+//! `BENCH_SHAPE` `smollm2-135m` or `llama3-8b`: random weights of that shape whatever the cache
+//! holds (Llama-3-8B in bf16 is the GPU check of README "On an NVIDIA GPU").
+//! The resident memory with the model loaded is printed too, and for the dense formats the
+//! weight bytes one decode step reads over its time (`weights GB/s`): against the memory's
+//! bandwidth, how far decode is from its roofline.
 //!
 //! One `generate` call per batch size, timed by the generator itself
 //! ([`backflow::model::generate::GenerateTiming`]): prefill is the forward pass over every
@@ -56,12 +60,21 @@ fn main() {
         },
         Err(_) => Precision::F32,
     };
+    let shape = match std::env::var("BENCH_SHAPE").as_deref() {
+        Err(_) => None,
+        Ok("smollm2-135m") => Some(("SmolLM2-135M", LlamaConfig::smollm2_135m())),
+        Ok("llama3-8b") => Some(("Llama-3-8B", LlamaConfig::llama3_8b())),
+        Ok(other) => {
+            eprintln!("BENCH_SHAPE: {other:?} is not smollm2-135m or llama3-8b");
+            std::process::exit(2);
+        }
+    };
     let path = std::env::var_os("BENCH_MODEL")
         .map(PathBuf::from)
         .or_else(|| {
             let p = PathBuf::from(std::env::var_os("HOME")?)
                 .join(".cache/backflow/model/SmolLM2-135M-Instruct.Q4_1.gguf");
-            p.exists().then_some(p)
+            (shape.is_none() && p.exists()).then_some(p)
         });
     let (model, what): (Llama<B>, String) = match &path {
         Some(p) => match load_checkpoint::<B>(p, &device, dtype) {
@@ -72,9 +85,9 @@ fn main() {
             }
         },
         None => {
-            let cfg = LlamaConfig::smollm2_135m();
+            let (name, cfg) = shape.unwrap_or(("SmolLM2-135M", LlamaConfig::smollm2_135m()));
             match Llama::load(cfg.clone(), &mut RandomWeights::new(cfg, 0), &device, dtype) {
-                Ok(m) => (m, "random weights, SmolLM2-135M shape".into()),
+                Ok(m) => (m, format!("random weights, {name} shape")),
                 Err(e) => {
                     eprintln!("cannot build random model: {e}");
                     std::process::exit(1);
@@ -104,6 +117,14 @@ fn main() {
     let shared = env_usize("BENCH_SHARED", 0).min(prompt_len - 1);
     let repeat = env_usize("BENCH_REPEAT", 1).max(1);
     let vocab = model.config().vocab as u32;
+    // Bytes of weights one decode step reads, for the dense formats (the block formats' size
+    // depends on the file's mix of types).
+    let weight_bytes = match dtype {
+        Precision::F32 => Some(4),
+        Precision::F16 | Precision::Bf16 => Some(2),
+        Precision::Q8 | Precision::Native => None,
+    }
+    .map(|b: usize| (b * model.config().weights_read_per_step()) as f64);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let json = std::env::var("BENCH_JSON").is_ok_and(|v| !v.is_empty() && v != "0");
@@ -124,7 +145,7 @@ fn main() {
             rss_loaded.map_or("?".into(), |m| format!("{m:.0}")),
         );
         println!(
-            "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step |\n|------:|--------------:|----------:|-------------:|---------------:|"
+            "| batch | prefill tok/s | prefill s | decode tok/s | decode ms/step | weights GB/s |\n|------:|--------------:|----------:|-------------:|---------------:|-------------:|"
         );
     }
     let mut gen = Generator::new(model, Vec::new());
@@ -169,16 +190,18 @@ fn main() {
         let prefill_tps = (b * prompt_len) as f64 / prefill_s.max(1e-9);
         let decode_tps = t.decode_tokens as f64 / decode_s.max(1e-9);
         let ms_step = decode_s * 1000.0 / t.decode_steps.max(1) as f64;
+        let weights_gb_s = weight_bytes.map(|w| w / (ms_step / 1000.0).max(1e-12) / 1e9);
         if json {
             println!(
                 "{}",
                 serde_json::json!({"kind": "row", "batch": b, "prefill_tok_s": prefill_tps,
                     "prefill_s": prefill_s, "decode_tok_s": decode_tps, "decode_ms_step": ms_step,
-                    "peak_rss_mb": proc_status_mb("VmHWM")})
+                    "weights_gb_s": weights_gb_s, "peak_rss_mb": proc_status_mb("VmHWM")})
             );
         } else {
             println!(
-                "| {b:>5} | {prefill_tps:>13.1} | {prefill_s:>9.2} | {decode_tps:>12.1} | {ms_step:>14.1} |"
+                "| {b:>5} | {prefill_tps:>13.1} | {prefill_s:>9.2} | {decode_tps:>12.1} | {ms_step:>14.1} | {:>12} |",
+                weights_gb_s.map_or("-".into(), |g| format!("{g:.0}"))
             );
         }
     }

@@ -47,9 +47,12 @@ fn model<B: Backend>(precision: Precision) -> Llama<B> {
 }
 
 /// Next-token logits on CUDA agree with flex, batched and from the prefix cache: f32 within
-/// 1e-3 of the logits' spread (TF32 tensor cores, if cubecl picks them for f32, round inputs
-/// to 10 bits), f16 and bf16 within their precision. (Greedy tokens are not compared: random
-/// weights give near-uniform logits whose top two can sit closer than f32 rounding.)
+/// 5e-3 of the logits' spread, f16 and bf16 within their precision. cubecl's matmul runs f32 on
+/// the tensor cores as TF32, whose inputs keep 10 bits of mantissa (f16's): on an H200
+/// (2026-12-04) the f32 logits were 1.1e-3 of the spread from flex's, over a 1e-3 bound set
+/// before any GPU run. A wrong mask, RoPE or cache slot moves them by the spread itself.
+/// (Greedy tokens are not compared: random weights give near-uniform logits whose top two
+/// can sit closer than f32 rounding.)
 #[test]
 fn cuda_agrees_with_flex() {
     let prompts = prompts();
@@ -61,7 +64,7 @@ fn cuda_agrees_with_flex() {
         .fold(0f32, |m, &x| m.max(x.abs()))
         .max(1e-3);
     for (precision, rel_tol) in [
-        (Precision::F32, 1e-3),
+        (Precision::F32, 5e-3),
         (Precision::F16, 2e-2),
         (Precision::Bf16, 4e-2),
     ] {

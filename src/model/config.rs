@@ -87,6 +87,42 @@ impl LlamaConfig {
         }
     }
 
+    /// The shape of Meta-Llama-3-8B (32 layers, width 4096, 32 query and 8 kv heads of 128, a
+    /// 14336-wide MLP, a 128256-token vocabulary, an untied head, RoPE base 500000): random
+    /// weights of it measure a GPU against its memory bandwidth, where the real 16 GB checkpoint
+    /// cannot travel.
+    pub fn llama3_8b() -> Self {
+        LlamaConfig {
+            arch: Architecture::Llama,
+            n_layers: 32,
+            hidden: 4096,
+            ffn: 14336,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            rope_theta: 500_000.0,
+            rms_eps: 1e-5,
+            vocab: 128_256,
+            max_seq_len: 8192,
+            tie_embeddings: false,
+            qkv_bias: false,
+        }
+    }
+
+    /// The number of weights a decode step reads: every projection, the norms and the output
+    /// head, but not the embedding table (a step gathers one row of it per token) unless the
+    /// head is tied to it. Times the bytes per weight, the floor of a step's memory traffic.
+    pub fn weights_read_per_step(&self) -> usize {
+        let (h, qd, kd) = (
+            self.hidden,
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
+        let bias = if self.qkv_bias { qd + 2 * kd } else { 0 };
+        let block = h * (qd + 2 * kd) + bias + qd * h + 3 * h * self.ffn + 2 * h;
+        self.n_layers * block + h + self.vocab * h
+    }
+
     /// Reads the config from a GGUF file's metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Self, ModelError> {
         let arch = Architecture::parse(f.architecture()?)?;
@@ -225,6 +261,21 @@ struct HfConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_read_per_step_match_the_published_parameter_counts() {
+        // Published totals: SmolLM2-135M 134,515,008 parameters (tied head: a step reads them
+        // all, the table as head); Llama-3-8B 8,030,261,248, of which the 128256 x 4096
+        // embedding table is only gathered.
+        assert_eq!(
+            LlamaConfig::smollm2_135m().weights_read_per_step(),
+            134_515_008
+        );
+        assert_eq!(
+            LlamaConfig::llama3_8b().weights_read_per_step(),
+            8_030_261_248 - 128_256 * 4096
+        );
+    }
 
     #[test]
     fn hf_smollm2_config() {
