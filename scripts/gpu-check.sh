@@ -2,6 +2,8 @@
 # The model on an NVIDIA GPU, for a machine that has one but no Rust toolchain.
 #
 #   scripts/gpu-check.sh build   # here: builds the CUDA test, bench and CLI into target/gpu/
+#                                #   (GPU_FEATURES: the cargo features, `cuda` by default; e.g.
+#                                #   `cuda-fusion` or `cuda-fusion,cuda-autotune`, see Cargo.toml)
 #   scripts/gpu-check.sh run     # there: runs them (carry target/gpu/*.xz and target/gpu/smollm2,
 #                                #   target/gpu/seed_tasks.jsonl with the working tree)
 #
@@ -9,8 +11,9 @@
 # SmolLM2-135M-Instruct and the seed in ~/.cache/backflow (scripts/fetch-assets.sh model seed) it
 # also puts the model's config and tokenizer (not its weights) and the seed pairs in target/gpu.
 #
-# `run` needs the NVIDIA driver and NVRTC (libnvrtc) on the GPU machine. Its stages, each under
-# its own time limit (GPU_STAGE_S, 240 s) so that one slow stage leaves the others:
+# `run` needs the NVIDIA driver and NVRTC (libnvrtc) on the GPU machine. Its stages (GPU_STAGES,
+# `1,2,3,4,5` by default), each under its own time limit (GPU_STAGE_S, 240 s) so that one slow
+# stage leaves the others:
 # 1. tests/cuda.rs: CUDA f32/f16/bf16 logits against flex on random weights of SmolLM2-135M's
 #    shape, batched and from the prefix cache;
 # 2. the throughput bench on CUDA in each precision on that shape (random weights: a real
@@ -29,7 +32,7 @@ case "${1:-}" in
 build)
     mkdir -p "$out"
     # One cargo invocation for the three binaries; --message-format gives their paths.
-    cargo build --release --features cuda --test cuda --bench model_throughput --bin backflow \
+    cargo build --release --features "${GPU_FEATURES:-cuda}" --test cuda --bench model_throughput --bin backflow \
         --message-format=json-render-diagnostics >"$out/build.json"
     python3 - "$out" <<'EOF'
 import json, shutil, sys
@@ -76,39 +79,47 @@ run)
         [[ -x "$out/$bin" ]] || { echo "no $out/$bin: run '$0 build' on the build machine" >&2; exit 1; }
     done
     limit=${GPU_STAGE_S:-240}
-    # Best of two runs per batch size: cubecl compiles and autotunes its kernels on a shape's
-    # first call, which would otherwise land in the first run's figures.
+    # Best of two runs per batch size: cubecl compiles its kernels on a shape's first call
+    # (and autotunes them with cuda-autotune), which would otherwise land in the first run.
     export BENCH_REPEAT=${BENCH_REPEAT:-2}
     results=${OUT:-$out}
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
     status=0
-    echo "== 1. tests/cuda.rs"
-    timeout "$limit" "$out/cuda" --nocapture || status=$?
-    echo "== 2. SmolLM2-135M shape, each precision"
-    for dtype in f32 f16 bf16; do
-        BENCH_SHAPE=smollm2-135m BENCH_DTYPE=$dtype BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,128} \
+    stages=",${GPU_STAGES:-1,2,3,4,5},"
+    stage() { [[ $stages == *",$1,"* ]] && echo "== $1. ${*:2}"; }
+    if stage 1 tests/cuda.rs; then
+        timeout "$limit" "$out/cuda" --nocapture || status=$?
+    fi
+    if stage 2 SmolLM2-135M shape, each precision; then
+        for dtype in f32 f16 bf16; do
+            BENCH_SHAPE=smollm2-135m BENCH_DTYPE=$dtype BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,128} \
+                timeout "$limit" "$out/model_throughput" || status=$?
+        done
+    fi
+    if stage 3 Llama-3-8B shape, bf16; then
+        BENCH_SHAPE=llama3-8b BENCH_DTYPE=bf16 BENCH_BATCHES=${BENCH_8B_BATCHES:-1,8,32} \
             timeout "$limit" "$out/model_throughput" || status=$?
-    done
-    echo "== 3. Llama-3-8B shape, bf16"
-    BENCH_SHAPE=llama3-8b BENCH_DTYPE=bf16 BENCH_BATCHES=${BENCH_8B_BATCHES:-1,8,32} \
-        timeout "$limit" "$out/model_throughput" || status=$?
-    echo "== 4. run rate over the seed, then the bench at its prompt length"
-    if [[ -x $out/backflow && -f $out/smollm2/config.json && -f $out/seed_tasks.jsonl ]]; then
+    fi
+    if ! stage 4 run rate over the seed, then the bench at its prompt length; then
+        :
+    elif [[ -x $out/backflow && -f $out/smollm2/config.json && -f $out/seed_tasks.jsonl ]]; then
         model=$(mktemp -d)/smollm2-random
-        python3 scripts/random-hf-weights.py "$out/smollm2" "$model"
-        rated=$(mktemp -d)
-        begin=$(date +%s%N)
-        timeout "$limit" "$out/backflow" run rate --data "$out/seed_tasks.jsonl" --model "$model" \
-            --out "$rated" -w 2 || status=$?
-        echo "run rate wall: $((($(date +%s%N) - begin) / 1000000)) ms"
-        cp "$rated/summary.json" "$results/rate-summary.json" || true
-        BENCH_SHAPE=smollm2-135m BENCH_BATCHES=16,32 BENCH_PROMPT=512 BENCH_NEW=64 \
-            timeout "$limit" "$out/model_throughput" || status=$?
+        if python3 scripts/random-hf-weights.py "$out/smollm2" "$model"; then
+            rated=$(mktemp -d)
+            begin=$(date +%s%N)
+            timeout "$limit" "$out/backflow" run rate --data "$out/seed_tasks.jsonl" \
+                --model "$model" --out "$rated" -w 2 || status=$?
+            echo "run rate wall: $((($(date +%s%N) - begin) / 1000000)) ms"
+            cp "$rated/summary.json" "$results/rate-summary.json" || true
+            BENCH_SHAPE=smollm2-135m BENCH_BATCHES=16,32 BENCH_PROMPT=512 BENCH_NEW=64 \
+                timeout "$limit" "$out/model_throughput" || status=$?
+        else
+            status=1
+        fi
     else
         echo "skipped: no $out/backflow, $out/smollm2 or $out/seed_tasks.jsonl"
     fi
-    echo "== 5. device-to-device copy"
-    python3 - <<'EOF' || true
+    stage 5 device-to-device copy && python3 - <<'EOF' || true
 import torch
 n = 1 << 30  # 1 GiB per buffer, well over the L2
 a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
@@ -127,7 +138,7 @@ EOF
     exit "$status"
     ;;
 *)
-    sed -n '2,22p' "$0" >&2
+    sed -n '2,26p' "$0" >&2
     exit 2
     ;;
 esac
