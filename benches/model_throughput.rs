@@ -13,7 +13,7 @@
 //! `BENCH_LORA` a rank r > 0: every projection gets a random rank-r LoRA update applied unmerged
 //! (what a served adapter version costs over its shared base; `Llama::with_low_rank`).
 //! `BENCH_SHAPE` `smollm2-135m` or `llama3-8b`: random weights of that shape whatever the cache
-//! holds (Llama-3-8B in bf16 is the GPU check of README "On an NVIDIA GPU").
+//! holds (not with `BENCH_MODEL`; Llama-3-8B in bf16 is the GPU check of README "CUDA").
 //! The resident memory with the model loaded is printed too, and for the dense formats the
 //! weight bytes one decode step reads over its time (`weights GB/s`): against the memory's
 //! bandwidth, how far decode is from its roofline.
@@ -69,6 +69,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if shape.is_some() && std::env::var_os("BENCH_MODEL").is_some() {
+        eprintln!("BENCH_SHAPE and BENCH_MODEL: give one (random weights of a shape, or a model)");
+        std::process::exit(2);
+    }
     let path = std::env::var_os("BENCH_MODEL")
         .map(PathBuf::from)
         .or_else(|| {

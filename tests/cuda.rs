@@ -48,7 +48,8 @@ fn model<B: Backend>(precision: Precision) -> Llama<B> {
 
 /// Next-token logits on CUDA agree with flex, batched and from the prefix cache: f32 within
 /// 5e-3 of the logits' spread, f16 and bf16 within their precision. cubecl's matmul runs f32 on
-/// the tensor cores as TF32, whose inputs keep 10 bits of mantissa (f16's): on an H200
+/// the tensor cores as TF32 (cubek-matmul 0.2's `adjust_dtypes` stages f32 operands as `tf32`
+/// wherever the device has it), whose inputs keep 10 bits of mantissa (f16's): on an H200
 /// (2026-12-04) the f32 logits were 1.1e-3 of the spread from flex's, over a 1e-3 bound set
 /// before any GPU run. A wrong mask, RoPE or cache slot moves them by the spread itself.
 /// (Greedy tokens are not compared: random weights give near-uniform logits whose top two
