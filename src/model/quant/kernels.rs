@@ -640,13 +640,9 @@ mod x86 {
         xs: &[super::ActRow<'_>],
         out: &mut [f32],
     ) {
-        match xs.len() {
-            0 => {}
-            1 => q4_super_rows::<FIVE, 1>(w, &scales, xs, out),
-            2 => q4_super_rows::<FIVE, 2>(w, &scales, xs, out),
-            3 => q4_super_rows::<FIVE, 3>(w, &scales, xs, out),
-            _ => q4_super_rows::<FIVE, ROWS>(w, &scales, xs, out),
-        }
+        with_row_count!(xs.len(), ROWS, |R| q4_super_rows::<FIVE, R>(
+            w, &scales, xs, out
+        ))
     }
 
     /// [`dot_q4_super`] for the first `N` rows of `xs`.
@@ -703,13 +699,7 @@ mod x86 {
     /// As [`dot_q4_super`], one instance per row count ([`q6_super_rows`]).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q6_super(w: &[u8], xs: &[super::ActRow<'_>], out: &mut [f32]) {
-        match xs.len() {
-            0 => {}
-            1 => q6_super_rows::<1>(w, xs, out),
-            2 => q6_super_rows::<2>(w, xs, out),
-            3 => q6_super_rows::<3>(w, xs, out),
-            _ => q6_super_rows::<ROWS>(w, xs, out),
-        }
+        with_row_count!(xs.len(), ROWS, |R| q6_super_rows::<R>(w, xs, out))
     }
 
     /// [`dot_q6_super`] for the first `N` rows of `xs`.
@@ -954,13 +944,7 @@ mod x86 {
         xs: &[RowRef<'_>],
         out: &mut [[f32; ROWS]; W],
     ) {
-        match xs.len() {
-            0 => {}
-            1 => q8_512::<W, 1>(w, xs, out),
-            2 => q8_512::<W, 2>(w, xs, out),
-            3 => q8_512::<W, 3>(w, xs, out),
-            _ => q8_512::<W, ROWS>(w, xs, out),
-        }
+        with_row_count!(xs.len(), ROWS, |R| q8_512::<W, R>(w, xs, out))
     }
 
     /// [`dot_q8_512`] for `N` activation rows.

@@ -18,6 +18,35 @@
 //! The scale is `f32` rather than GGUF's `f16`: 6% more bytes than `Q8_0` on disk, one
 //! conversion less per block in the inner loop.
 
+/// A kernel's dispatch on its number of activation rows: `match $rows` with an arm for 1, 2
+/// and 3 rows and one for the rest (`$max`, the most a call takes), each evaluating `$call`
+/// with `$R` a constant of that count, so that every row count has an instance of its own
+/// with its accumulators in registers; zero rows do nothing. Every block and panel kernel of
+/// this module dispatches through it.
+macro_rules! with_row_count {
+    ($rows:expr, $max:expr, |$R:ident| $call:expr) => {
+        match $rows {
+            0 => {}
+            1 => {
+                const $R: usize = 1;
+                $call
+            }
+            2 => {
+                const $R: usize = 2;
+                $call
+            }
+            3 => {
+                const $R: usize = 3;
+                $call
+            }
+            _ => {
+                const $R: usize = $max;
+                $call
+            }
+        }
+    };
+}
+
 pub mod kernels;
 pub mod panels;
 pub mod q4;

@@ -340,20 +340,15 @@ mod x86 {
         out: &mut [[f32; PANEL]; TILE_ROWS],
     ) {
         let Some(format) = p.format else { return };
-        match (rows.len(), format.step, format.offsets) {
-            (0, _, _) => {}
-            (1, 16, _) => tile_rows::<1, 16, false>(p, xs, rows.start, out),
-            (2, 16, _) => tile_rows::<2, 16, false>(p, xs, rows.start, out),
-            (3, 16, _) => tile_rows::<3, 16, false>(p, xs, rows.start, out),
-            (_, 16, _) => tile_rows::<TILE_ROWS, 16, false>(p, xs, rows.start, out),
-            (1, _, false) => tile_rows::<1, QK, false>(p, xs, rows.start, out),
-            (2, _, false) => tile_rows::<2, QK, false>(p, xs, rows.start, out),
-            (3, _, false) => tile_rows::<3, QK, false>(p, xs, rows.start, out),
-            (_, _, false) => tile_rows::<TILE_ROWS, QK, false>(p, xs, rows.start, out),
-            (1, _, true) => tile_rows::<1, QK, true>(p, xs, rows.start, out),
-            (2, _, true) => tile_rows::<2, QK, true>(p, xs, rows.start, out),
-            (3, _, true) => tile_rows::<3, QK, true>(p, xs, rows.start, out),
-            (_, _, true) => tile_rows::<TILE_ROWS, QK, true>(p, xs, rows.start, out),
+        let (n, r0) = (rows.len(), rows.start);
+        match (format.step, format.offsets) {
+            (16, _) => with_row_count!(n, TILE_ROWS, |R| tile_rows::<R, 16, false>(p, xs, r0, out)),
+            (_, false) => {
+                with_row_count!(n, TILE_ROWS, |R| tile_rows::<R, QK, false>(p, xs, r0, out))
+            }
+            (_, true) => {
+                with_row_count!(n, TILE_ROWS, |R| tile_rows::<R, QK, true>(p, xs, r0, out))
+            }
         }
     }
 

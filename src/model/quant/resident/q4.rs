@@ -323,13 +323,9 @@ mod x86 {
         rows: Range<usize>,
         out: &mut Tile,
     ) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows::<1, FIVE, OFFSETS>(p, xs, rows.start, out),
-            2 => tile_rows::<2, FIVE, OFFSETS>(p, xs, rows.start, out),
-            3 => tile_rows::<3, FIVE, OFFSETS>(p, xs, rows.start, out),
-            _ => tile_rows::<4, FIVE, OFFSETS>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows::<R, FIVE, OFFSETS>(p, xs, rows.start, out)
+        })
     }
 
     /// [`tile`] for `R` activation rows from `r0`. With one or two rows each block's sums are
@@ -390,13 +386,9 @@ mod x86 {
         rows: Range<usize>,
         out: &mut Tile,
     ) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows_avx2::<1, FIVE, OFFSETS>(p, xs, rows.start, out),
-            2 => tile_rows_avx2::<2, FIVE, OFFSETS>(p, xs, rows.start, out),
-            3 => tile_rows_avx2::<3, FIVE, OFFSETS>(p, xs, rows.start, out),
-            _ => tile_rows_avx2::<4, FIVE, OFFSETS>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows_avx2::<R, FIVE, OFFSETS>(p, xs, rows.start, out)
+        })
     }
 
     /// Blocks the AVX2 kernel takes at a time, every quarter of the panel over them before

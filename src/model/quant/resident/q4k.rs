@@ -299,13 +299,9 @@ mod x86 {
         rows: Range<usize>,
         out: &mut Tile,
     ) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows::<1, FIVE>(p, xs, rows.start, out),
-            2 => tile_rows::<2, FIVE>(p, xs, rows.start, out),
-            3 => tile_rows::<3, FIVE>(p, xs, rows.start, out),
-            _ => tile_rows::<4, FIVE>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows::<R, FIVE>(p, xs, rows.start, out)
+        })
     }
 
     /// [`tile`] for `R` activation rows from `r0`. With one or two rows each block's sums are
@@ -378,13 +374,9 @@ mod x86 {
         rows: Range<usize>,
         out: &mut Tile,
     ) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows_avx2::<1, FIVE>(p, xs, rows.start, out),
-            2 => tile_rows_avx2::<2, FIVE>(p, xs, rows.start, out),
-            3 => tile_rows_avx2::<3, FIVE>(p, xs, rows.start, out),
-            _ => tile_rows_avx2::<4, FIVE>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows_avx2::<R, FIVE>(p, xs, rows.start, out)
+        })
     }
 
     /// [`tile_avx2`] for `R` activation rows from `r0`: per block the integer products

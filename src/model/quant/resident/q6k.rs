@@ -260,13 +260,9 @@ mod x86 {
     /// number of values a row, a multiple of 256.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn tile(p: &Panel<'_>, xs: &Activations, rows: Range<usize>, out: &mut Tile) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows::<1>(p, xs, rows.start, out),
-            2 => tile_rows::<2>(p, xs, rows.start, out),
-            3 => tile_rows::<3>(p, xs, rows.start, out),
-            _ => tile_rows::<4>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows::<R>(p, xs, rows.start, out)
+        })
     }
 
     /// `(low & 0x0F) | high` where `high` holds only bits 4 and 5 of each byte.
@@ -368,13 +364,9 @@ mod x86 {
         rows: Range<usize>,
         out: &mut Tile,
     ) {
-        match rows.len() {
-            0 => {}
-            1 => tile_rows_avx2::<1>(p, xs, rows.start, out),
-            2 => tile_rows_avx2::<2>(p, xs, rows.start, out),
-            3 => tile_rows_avx2::<3>(p, xs, rows.start, out),
-            _ => tile_rows_avx2::<4>(p, xs, rows.start, out),
-        }
+        with_row_count!(rows.len(), crate::model::quant::panels::TILE_ROWS, |R| {
+            tile_rows_avx2::<R>(p, xs, rows.start, out)
+        })
     }
 
     /// [`tile_avx2`] for `R` activation rows from `r0`. A part's 16 products per column are
