@@ -12,6 +12,11 @@
 //! `--features cuda`; q8 and native are block formats, CPU only: README "Weight formats").
 //! `BENCH_LORA` a rank r > 0: every projection gets a random rank-r LoRA update applied unmerged
 //! (what a served adapter version costs over its shared base; `Llama::with_low_rank`).
+//! `BENCH_VERSIONS` N >= 2: after the table, a second one for N adapter versions over the model
+//! (random rank-`BENCH_LORA` updates, 8 by default), each decoding a batch of the table's sizes:
+//! every decode step run per version ("apart", one forward pass each, as the server did before)
+//! against all versions in one pass (`Generator::advance_jointly`, as the server steps the
+//! versions of one base now), alternating `BENCH_REPEAT` times, best of.
 //! `BENCH_SHAPE` `smollm2-135m` or `llama3-8b`: random weights of that shape whatever the cache
 //! holds (not with `BENCH_MODEL`; Llama-3-8B in bf16 is the GPU check of README "CUDA").
 //! The resident memory with the model loaded is printed too, and for the dense formats the
@@ -100,8 +105,9 @@ fn main() {
         }
     };
     let lora_rank = env_usize("BENCH_LORA", 0);
+    let base = model.clone();
     let (model, what) = if lora_rank > 0 {
-        match with_random_lora(&model, lora_rank) {
+        match with_random_lora(&model, lora_rank, 1) {
             Ok(m) => (m, format!("{what}, rank-{lora_rank} LoRA unmerged")),
             Err(e) => {
                 eprintln!("cannot apply a LoRA update: {e}");
@@ -209,6 +215,105 @@ fn main() {
             );
         }
     }
+    let versions = env_usize("BENCH_VERSIONS", 1);
+    if versions >= 2 {
+        let rank = if lora_rank > 0 { lora_rank } else { 8 };
+        let shape = (prompt_len, new_tokens, repeat, json);
+        if let Err(e) = versions_table(&base, versions, rank, &batches, shape) {
+            eprintln!("versions bench failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Decode tokens/s of `n` adapter versions over `base`, each with a batch of `b` rows (for `b`
+/// in `batches`): each step's forward pass per version ("apart") and one for all
+/// ("jointly"), alternating, best of `repeat`.
+fn versions_table(
+    base: &Llama<B>,
+    n: usize,
+    rank: usize,
+    batches: &[usize],
+    (prompt_len, new_tokens, repeat, json): (usize, usize, usize, bool),
+) -> Result<(), backflow::model::ModelError> {
+    let mut gens = Vec::with_capacity(n);
+    for v in 0..n {
+        let mut g = Generator::new(with_random_lora(base, rank, 1 + v as u64)?, Vec::new());
+        g.min_shared_prefix = usize::MAX;
+        g.max_batch = batches.iter().copied().max().unwrap_or(1);
+        gens.push(g);
+    }
+    if !json {
+        println!(
+            "\n{n} rank-{rank} adapter versions over the model, decode, each version a batch of `rows`:\n| rows each | apart tok/s | jointly tok/s | jointly / apart |\n|----------:|------------:|--------------:|----------------:|"
+        );
+    }
+    let vocab = base.config().vocab as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for &b in batches {
+        let requests: Vec<Vec<(u64, Request)>> = (0..n)
+            .map(|_| {
+                (0..b as u64)
+                    .map(|k| {
+                        let p = (0..prompt_len)
+                            .map(|_| rng.random_range(3..vocab))
+                            .collect();
+                        (k, Request::greedy(p, new_tokens))
+                    })
+                    .collect()
+            })
+            .collect();
+        let (mut apart, mut jointly) = (f64::INFINITY, f64::INFINITY);
+        let mut tokens = 0;
+        for _ in 0..repeat {
+            for joint in [false, true] {
+                let mut running = Vec::with_capacity(n);
+                for (g, r) in gens.iter_mut().zip(&requests) {
+                    let (batch, _) = g.start(r.clone())?;
+                    running.extend(batch);
+                }
+                let (t0, mut made) = (Instant::now(), 0);
+                while running.iter().any(|b| !b.is_empty()) {
+                    for (g, batch) in gens.iter_mut().zip(running.iter_mut()) {
+                        g.pick(batch, &mut |_, _| made += 1)?;
+                    }
+                    if joint {
+                        let mut pairs: Vec<_> = gens.iter_mut().zip(running.iter_mut()).collect();
+                        let mut pairs: Vec<_> = pairs
+                            .iter_mut()
+                            .map(|(g, b)| (&mut **g, &mut **b))
+                            .collect();
+                        Generator::advance_jointly(&mut pairs)?;
+                    } else {
+                        for (g, batch) in gens.iter_mut().zip(running.iter_mut()) {
+                            g.advance(batch)?;
+                        }
+                    }
+                }
+                let s = t0.elapsed().as_secs_f64();
+                tokens = made;
+                if joint {
+                    jointly = jointly.min(s);
+                } else {
+                    apart = apart.min(s);
+                }
+            }
+        }
+        let (apart_tps, joint_tps) = (tokens as f64 / apart, tokens as f64 / jointly);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"kind": "versions", "versions": n, "rank": rank, "rows_each": b,
+                    "apart_tok_s": apart_tps, "jointly_tok_s": joint_tps})
+            );
+        } else {
+            println!(
+                "| {b:>9} | {apart_tps:>11.1} | {joint_tps:>13.1} | {:>15.2} |",
+                joint_tps / apart_tps
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A `/proc/self/status` figure (`VmRSS`, `VmHWM`) in MB; `None` off Linux.
@@ -237,7 +342,11 @@ fn matmul_gflops(device: &burn::tensor::Device<B>) -> f64 {
 }
 
 /// `model` with a random rank-`r` update on every projection, applied unmerged.
-fn with_random_lora(model: &Llama<B>, r: usize) -> Result<Llama<B>, backflow::model::ModelError> {
+fn with_random_lora(
+    model: &Llama<B>,
+    r: usize,
+    seed: u64,
+) -> Result<Llama<B>, backflow::model::ModelError> {
     let c = model.config();
     let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let roles = [
@@ -249,7 +358,7 @@ fn with_random_lora(model: &Llama<B>, r: usize) -> Result<Llama<B>, backflow::mo
         (LayerWeight::Up, c.ffn, c.hidden),
         (LayerWeight::Down, c.hidden, c.ffn),
     ];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut random = |rows: usize, cols: usize| HostTensor {
         data: (0..rows * cols)
             .map(|_| rng.random_range(-0.02..0.02))

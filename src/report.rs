@@ -735,14 +735,15 @@ fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
     out.push_str(
         "<table id=\"generation\">\n<tr><th>Stage</th><th>Prompts</th><th>Prompts / s</th>\
          <th>New tokens / s</th><th>Prefill tokens / s</th><th>Mean batch</th>\
-         <th>Prefix reused</th><th>Model busy</th><th>Cache hits</th></tr>\n",
+         <th>Prefix reused</th><th>Model busy</th><th>Steps shared</th><th>Cache hits</th></tr>\n",
     );
     for (stage, t) in stages(&metrics.throughput) {
         w!(
             out,
             "<tr><td>{stage}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+             <td class=\"n\">{}</td></tr>\n",
             fmt_num(t.prompts as f64),
             fmt_opt(finite(t.prompts_per_sec)),
             fmt_opt(finite(t.new_tokens_per_sec)),
@@ -752,6 +753,10 @@ fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
                 .map(fmt_pct)
                 .unwrap_or_else(|| NA.into()),
             finite(t.busy_fraction)
+                .map(fmt_pct)
+                .unwrap_or_else(|| NA.into()),
+            // Decode steps run in one pass with another version's rows.
+            finite(t.joint_step_share)
                 .map(fmt_pct)
                 .unwrap_or_else(|| NA.into()),
             fmt_num(t.cache_hits as f64),

@@ -198,6 +198,9 @@ pub struct StageThroughput {
     pub prefix_saved: f64,
     /// Share of the loop's wall time the model spent on this stage.
     pub busy_fraction: f64,
+    /// Share of this stage's decode steps run in one forward pass with another version's rows
+    /// (versions over one base: the base weights read once for both).
+    pub joint_step_share: f64,
 }
 
 impl StageThroughput {
@@ -226,6 +229,7 @@ impl StageThroughput {
                 t.prompt_tokens as f64,
             ),
             busy_fraction: ratio(busy_secs, wall_secs),
+            joint_step_share: ratio(t.joint_steps as f64, t.decode_steps as f64),
         }
     }
 }
@@ -410,16 +414,20 @@ mod tests {
         assert!(close(s.prompts_per_sec, 15.0) && close(s.prompts_per_sec_wall, 3.0));
         assert!(close(s.new_tokens_per_sec, 150.0) && close(s.prefill_tokens_per_sec, 200.0));
         assert!(close(s.mean_batch, 4.0) && close(s.prefix_saved, 0.6));
-        // Decoded in 40 steps of 300 rows in all: 7.5 rows running per step.
+        // Decoded in 40 steps of 300 rows in all: 7.5 rows running per step; 10 of the steps
+        // shared with another version.
         let decoded = crate::serve::VersionStats {
             decode_steps: 40,
             decode_rows: 300,
+            joint_steps: 10,
             ..t
         };
-        assert!(close(
-            StageThroughput::from_stats(&decoded, 10.0).mean_batch,
-            7.5
-        ));
+        let d = StageThroughput::from_stats(&decoded, 10.0);
+        assert!(close(d.mean_batch, 7.5) && close(d.joint_step_share, 0.25));
+        assert!(
+            close(s.joint_step_share, 0.0),
+            "no decode steps, none shared"
+        );
         // Nothing run: zeros, not NaN.
         let idle = StageThroughput::from_stats(&Default::default(), 0.0);
         assert_eq!(

@@ -28,7 +28,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::kv_cache::{KvCache, PrefixKv, GROW_CHUNK};
-use super::llama::Llama;
+use super::llama::{Llama, Pass};
 use super::sampling::{Sampler, Sampling};
 use super::ModelError;
 
@@ -487,6 +487,7 @@ impl<B: Backend> Generator<B> {
                 cache,
                 logits,
                 rows: live.into_iter().map(Row::new).collect(),
+                next: None,
             }),
             finished,
         ))
@@ -535,6 +536,12 @@ impl<B: Backend> Generator<B> {
         batch: &mut RunningBatch<B>,
         requests: Vec<(u64, Request)>,
     ) -> Result<Vec<(u64, Completion)>, ModelError> {
+        if batch.next.is_some() {
+            return Err(ModelError::Request(
+                "sequences can join a batch only between steps, not between pick and advance"
+                    .into(),
+            ));
+        }
         if batch.is_empty() {
             let (started, finished) = self.start(requests)?;
             if let Some(started) = started {
@@ -566,7 +573,21 @@ impl<B: Backend> Generator<B> {
     /// One step of `batch`: picks every row's next token, answers the rows that are done (with
     /// their keys), and runs one forward step for the others. `on_token(key, token)` hears every
     /// token of a completion as it is picked (not stop tokens, not a choice's prefill).
+    /// [`Generator::pick`] then [`Generator::advance`].
     pub fn step(
+        &mut self,
+        batch: &mut RunningBatch<B>,
+        on_token: &mut dyn FnMut(u64, u32),
+    ) -> Result<Vec<(u64, Completion)>, ModelError> {
+        let done = self.pick(batch, on_token)?;
+        self.advance(batch)?;
+        Ok(done)
+    }
+
+    /// The first half of [`Generator::step`]: picks every row's next token and answers the rows
+    /// that are done; the others' tokens wait in the batch for the forward step
+    /// ([`Generator::advance`], or [`Generator::advance_jointly`] with other versions' batches).
+    pub fn pick(
         &mut self,
         batch: &mut RunningBatch<B>,
         on_token: &mut dyn FnMut(u64, u32),
@@ -575,6 +596,11 @@ impl<B: Backend> Generator<B> {
         if batch.is_empty() {
             return Ok(done);
         }
+        if batch.next.is_some() {
+            return Err(ModelError::Request(
+                "a batch's picked tokens were not run forward before the next pick".into(),
+            ));
+        }
         let step_start = std::time::Instant::now();
         let max_pos = self.model.config().max_seq_len;
         let vocab = self.model.config().vocab;
@@ -582,6 +608,7 @@ impl<B: Backend> Generator<B> {
             cache,
             logits,
             rows,
+            next: pending,
         } = batch;
         // Greedy batches pick on the device and move `batch` ints, not the logits.
         let (next, host): (Vec<u32>, Option<Vec<f32>>) =
@@ -693,9 +720,58 @@ impl<B: Backend> Generator<B> {
         }
         self.timing.decode_steps += 1;
         self.timing.decode_tokens += step_tokens.len();
-        *logits = self.model.forward(&step_tokens, 1, cache)?;
+        *pending = Some(step_tokens);
         self.timing.decode_s += step_start.elapsed().as_secs_f64();
         Ok(done)
+    }
+
+    /// The second half of [`Generator::step`]: runs the tokens [`Generator::pick`] left in
+    /// `batch` through the model, one slot per row (nothing when it left none).
+    pub fn advance(&mut self, batch: &mut RunningBatch<B>) -> Result<(), ModelError> {
+        Self::advance_jointly(&mut [(self, batch)])
+    }
+
+    /// [`Generator::advance`] for the batches of several generators whose models are versions
+    /// of one base ([`Llama::shares_base_with`]: LoRA adapters over it), in one forward pass
+    /// ([`Llama::forward_jointly`]): the base weights are read once for every version's rows,
+    /// as if they were one batch, while each batch keeps its own version, cache and shared
+    /// prefix. Each generator's decode time gets the pass's time in proportion to its rows.
+    pub fn advance_jointly(
+        batches: &mut [(&mut Generator<B>, &mut RunningBatch<B>)],
+    ) -> Result<(), ModelError> {
+        let t0 = std::time::Instant::now();
+        let mut passes = Vec::with_capacity(batches.len());
+        // Which batch each pass is, and its rows.
+        let mut which = Vec::with_capacity(batches.len());
+        for (i, (generator, batch)) in batches.iter_mut().enumerate() {
+            let RunningBatch { cache, next, .. } = &mut **batch;
+            if let Some(tokens) = next.as_deref() {
+                which.push((i, tokens.len()));
+                passes.push(Pass {
+                    model: &generator.model,
+                    tokens,
+                    s: 1,
+                    cache,
+                });
+            }
+        }
+        if passes.is_empty() {
+            return Ok(());
+        }
+        let logits = Llama::forward_jointly(&mut passes);
+        drop(passes);
+        // The picked tokens are spent either way (a failed pass leaves its batches unusable).
+        for &(i, _) in &which {
+            batches[i].1.next = None;
+        }
+        let rows: usize = which.iter().map(|w| w.1).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        for ((i, n), logits) in which.into_iter().zip(logits?) {
+            let (generator, batch) = &mut batches[i];
+            batch.logits = logits;
+            generator.timing.decode_s += secs * n as f64 / rows.max(1) as f64;
+        }
+        Ok(())
     }
 }
 
@@ -707,6 +783,9 @@ pub struct RunningBatch<B: Backend> {
     /// Every row's next-token logits, `[rows, vocab]`.
     logits: Tensor<B, 2>,
     rows: Vec<Row>,
+    /// The tokens [`Generator::pick`] chose, one per row, waiting for the forward step that
+    /// makes `logits` follow them ([`Generator::advance`]).
+    next: Option<Vec<Option<u32>>>,
 }
 
 impl<B: Backend> RunningBatch<B> {
@@ -718,6 +797,11 @@ impl<B: Backend> RunningBatch<B> {
     /// Whether every sequence is done.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Whether [`Generator::pick`] left tokens for a forward step not yet run.
+    pub fn has_picked(&self) -> bool {
+        self.next.is_some()
     }
 
     /// The keys of the sequences being decoded.

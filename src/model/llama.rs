@@ -298,24 +298,77 @@ impl<B: Backend> Projection<B> {
 
     /// `x·W`, plus the low-rank update when there is one.
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        match (&self.weight, &self.low_rank) {
-            (weight, None) => weight.forward(x),
-            (Linear::Quant(w), Some(LowRankUpdate::Host(u))) => {
-                cpu::quant_product_plus(&x, w, Some((&u.0, &u.1)))
-            }
-            (weight, Some(LowRankUpdate::Device(down, up))) => {
-                let update = x.clone().matmul(down.clone()).matmul(up.clone());
-                weight.forward(x) + update
-            }
+        if let (Linear::Quant(w), Some(LowRankUpdate::Host(u))) = (&self.weight, &self.low_rank) {
+            let rows = x.dims()[0];
+            return cpu::quant_product_segments(&x, w, &[(rows, Some((&u.0, &u.1)))]);
+        }
+        match self.update(x.clone()) {
+            Some(update) => self.weight.forward(x) + update,
+            None => self.weight.forward(x),
+        }
+    }
+
+    /// The low-rank update's share of `x`'s product, `(x·down)·up`, when there is one.
+    fn update(&self, x: Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        match self.low_rank.as_ref()? {
+            LowRankUpdate::Device(down, up) => Some(x.matmul(down.clone()).matmul(up.clone())),
             // Not built by `with_low_rank` (host updates go with block weights), but correct.
-            (weight, Some(LowRankUpdate::Host(u))) => {
+            LowRankUpdate::Host(u) => {
                 let dev = |t: &HostTensor| -> Tensor<B, 2> {
                     let shape = [t.shape[0], t.shape[1]];
                     Tensor::from_data(TensorData::new(t.data.clone(), shape), &x.device())
                 };
-                let update = x.clone().matmul(dev(&u.0).transpose()).matmul(dev(&u.1));
-                weight.forward(x) + update
+                Some(x.clone().matmul(dev(&u.0).transpose()).matmul(dev(&u.1)))
             }
+        }
+    }
+
+    /// `x·W` for the weight every projection of `segments` shares (model versions over one
+    /// base), plus, for each segment of `x`'s rows (`(rows, projection)`, in order, covering
+    /// every row), that projection's own low-rank update: one read of the base weight for every
+    /// version of a joint pass, each adapter applied to its own rows only (S-LoRA's and vLLM's
+    /// multi-LoRA batches).
+    fn forward_segments(segments: &[(usize, &Projection<B>)], x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [(_, first), rest @ ..] = segments else {
+            return x; // no segment: no rows to project (never called so)
+        };
+        if rest.iter().all(|(_, p)| first.same_update(p)) {
+            return first.forward(x);
+        }
+        if let Linear::Quant(w) = &first.weight {
+            let host: Option<Vec<(usize, Option<cpu::HostUpdate<'_>>)>> = (segments.iter())
+                .map(|(n, p)| match &p.low_rank {
+                    None => Some((*n, None)),
+                    Some(LowRankUpdate::Host(u)) => Some((*n, Some((&u.0, &u.1)))),
+                    Some(LowRankUpdate::Device(..)) => None,
+                })
+                .collect();
+            if let Some(host) = host {
+                return cpu::quant_product_segments(&x, w, &host);
+            }
+        }
+        let y = first.weight.forward(x.clone());
+        let [_, out] = y.dims();
+        let mut updates = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for &(n, p) in segments {
+            let part = x.clone().narrow(0, row, n);
+            updates.push(
+                p.update(part)
+                    .unwrap_or_else(|| Tensor::zeros([n, out], (&y.device(), y.dtype()))),
+            );
+            row += n;
+        }
+        y + Tensor::cat(updates, 0)
+    }
+
+    /// Whether `other` adds the same update as `self` (both none, or one shared host update);
+    /// two device updates are taken as different (telling needs reading them).
+    fn same_update(&self, other: &Projection<B>) -> bool {
+        match (&self.low_rank, &other.low_rank) {
+            (None, None) => true,
+            (Some(LowRankUpdate::Host(a)), Some(LowRankUpdate::Host(b))) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 }
@@ -803,28 +856,81 @@ impl<B: Backend> Llama<B> {
         // decode step (perf: sched_yield, futex wake-ups). Run the whole pass on a worker
         // instead: one hand-off per pass, and the fan-outs inside it are rayon joins. (Already
         // on a worker, `scope` runs in place.)
-        rayon::scope(|_| self.forward_on_worker(tokens, s, cache))
+        let mut pass = [Pass {
+            model: self,
+            tokens,
+            s,
+            cache,
+        }];
+        let logits = rayon::scope(|_| Self::forward_on_worker(&mut pass))?;
+        logits
+            .into_iter()
+            .next()
+            .ok_or_else(|| ModelError::Request("a forward pass lost its logits".into()))
     }
 
-    /// [`Llama::forward`]'s pass, on whatever thread calls it.
-    fn forward_on_worker(
-        &self,
-        tokens: &[Option<u32>],
-        s: usize,
-        cache: &mut KvCache<B>,
-    ) -> Result<Tensor<B, 2>, ModelError> {
-        let b = cache.batch();
-        let ids = self.token_ids(tokens, b, s)?;
-        let plan = cache.append(tokens, s, self.cfg.max_seq_len)?;
-        let step = self.step(plan, cache, b, s);
-        let mut x = self.embed_tokens(&ids); // [b·s, hidden]
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(x.clone(), blk.attn_norm.clone(), self.cfg.rms_eps);
-            x = x + self.self_attention(blk, layer, h, &step, cache)?;
-            let h = rms_norm(x.clone(), blk.ffn_norm.clone(), self.cfg.rms_eps);
-            x = x + self.mlp(blk, h);
+    /// [`Llama::forward`] for several model versions over the same base weights (LoRA
+    /// adapters over one base, [`Llama::with_low_rank`]) in one pass: each pass's rows go
+    /// through its own version (its adapters, its cache, its positions and mask), but every
+    /// product reads the base weights once for all of them, as one batch would: what a decode
+    /// step of every version being served costs a memory-bound machine is one step's weights,
+    /// not one per version. Returns each pass's logits, `[its batch, vocab]`, in order. Every
+    /// version must share `passes[0]`'s base ([`Llama::shares_base_with`]).
+    pub fn forward_jointly(passes: &mut [Pass<'_, B>]) -> Result<Vec<Tensor<B, 2>>, ModelError> {
+        let Some(first) = passes.first() else {
+            return Ok(Vec::new());
+        };
+        if let Some(i) = passes
+            .iter()
+            .position(|p| !p.model.shares_base_with(first.model))
+        {
+            return Err(ModelError::Request(format!(
+                "pass {i} is over other base weights than pass 0: versions of one joint pass \
+                 must share their base"
+            )));
         }
-        Ok(self.logits_of_last(x, b, s))
+        rayon::scope(|_| Self::forward_on_worker(passes))
+    }
+
+    /// Whether the two are versions of the same base weights (one loaded model, or what
+    /// [`Llama::with_low_rank`] made of it): they can run in one [`Llama::forward_jointly`].
+    pub fn shares_base_with(&self, other: &Llama<B>) -> bool {
+        Arc::ptr_eq(&self.kv_spare, &other.kv_spare)
+    }
+
+    /// [`Llama::forward_jointly`]'s pass, on whatever thread calls it. The passes' rows are
+    /// stacked (pass 0's first) for the products and the norms; attention runs per pass, over
+    /// its own cache.
+    fn forward_on_worker(passes: &mut [Pass<'_, B>]) -> Result<Vec<Tensor<B, 2>>, ModelError> {
+        let Some(base) = passes.first().map(|p| p.model) else {
+            return Ok(Vec::new());
+        };
+        let (cfg, eps) = (&base.cfg, base.cfg.rms_eps);
+        // Every pass's tokens checked before any cache is touched.
+        let mut ids = Vec::with_capacity(passes.len());
+        for p in passes.iter() {
+            ids.push(base.token_ids(p.tokens, p.cache.batch(), p.s)?);
+        }
+        let mut steps = Vec::with_capacity(passes.len());
+        for p in passes.iter_mut() {
+            let (b, s) = (p.cache.batch(), p.s);
+            let plan = p.cache.append(p.tokens, s, cfg.max_seq_len)?;
+            steps.push(base.step(plan, p.cache, b, s));
+        }
+        // Each pass's rows in the stacked activations, `b·s`.
+        let rows: Vec<usize> = steps.iter().map(|st| st.b * st.s).collect();
+        let embedded = ids.iter().map(|ids| base.embed_tokens(ids)).collect();
+        let mut x = cat_rows(embedded); // [Σ b·s, hidden]
+        for layer in 0..base.blocks.len() {
+            // The block of every pass's version: one base weight, each its own update.
+            let blocks: Vec<&Block<B>> = passes.iter().map(|p| &p.model.blocks[layer]).collect();
+            let shared = blocks[0];
+            let h = rms_norm(x.clone(), shared.attn_norm.clone(), eps);
+            x = x + base.self_attention(&blocks, layer, h, &steps, &rows, passes)?;
+            let h = rms_norm(x.clone(), shared.ffn_norm.clone(), eps);
+            x = x + base.mlp(&blocks, h, &rows);
+        }
+        Ok(base.logits_of_last(x, &steps))
     }
 
     /// The embeddings `[ids, hidden]` of the tokens.
@@ -929,21 +1035,42 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Grouped-query self-attention of one layer over the cache, `[b·s, h·d]` after the output
-    /// projection: q/k/v, RoPE, the new K/V into the cache, attention, the heads merged.
+    /// Grouped-query self-attention of one layer over each pass's cache, `[Σ b·s, h·d]` after
+    /// the output projection: q/k/v (every pass's rows at once, each under its version's
+    /// update), then per pass RoPE, its new K/V into its cache, attention and the heads merged.
     fn self_attention(
         &self,
-        blk: &Block<B>,
+        blocks: &[&Block<B>],
         layer: usize,
         h: Tensor<B, 2>,
-        step: &Step<B>,
-        cache: &mut KvCache<B>,
+        steps: &[Step<B>],
+        rows: &[usize],
+        passes: &mut [Pass<'_, B>],
     ) -> Result<Tensor<B, 2>, ModelError> {
-        let (q, k, v) = self.qkv(blk, h, step)?;
-        // [b, kv_h, s, d] into the cache slots of this step.
-        cache.write(layer, step.start, k, v)?;
-        let att = self.attend(q, cache, layer, step)?;
-        Ok(blk.wo.forward(self.merge_heads(att, step)))
+        let shared = blocks[0];
+        let wqkv: Vec<(usize, &Projection<B>)> = rows
+            .iter()
+            .copied()
+            .zip(blocks.iter().map(|b| &b.wqkv))
+            .collect();
+        let mut qkv = Projection::forward_segments(&wqkv, h);
+        if let Some(bias) = &shared.bqkv {
+            qkv = qkv + bias.clone();
+        }
+        let mut merged = Vec::with_capacity(passes.len());
+        for ((qkv, step), pass) in split_rows(qkv, rows).into_iter().zip(steps).zip(passes) {
+            let (q, k, v) = self.qkv(qkv, step)?;
+            // [b, kv_h, s, d] into the cache slots of this step.
+            pass.cache.write(layer, step.start, k, v)?;
+            let att = self.attend(q, pass.cache, layer, step)?;
+            merged.push(self.merge_heads(att, step));
+        }
+        let wo: Vec<(usize, &Projection<B>)> = rows
+            .iter()
+            .copied()
+            .zip(blocks.iter().map(|b| &b.wo))
+            .collect();
+        Ok(Projection::forward_segments(&wo, cat_rows(merged)))
     }
 
     /// The fused q/k/v projection split into queries `[b, kv_h, n_rep·s, d]` (the query heads
@@ -952,16 +1079,11 @@ impl<B: Backend> Llama<B> {
     #[allow(clippy::type_complexity)]
     fn qkv(
         &self,
-        blk: &Block<B>,
-        h: Tensor<B, 2>,
+        qkv: Tensor<B, 2>,
         step: &Step<B>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), ModelError> {
         let cfg = &self.cfg;
         let (b, s, d, kvh) = (step.b, step.s, cfg.head_dim, cfg.n_kv_heads);
-        let mut qkv = blk.wqkv.forward(h);
-        if let Some(bias) = &blk.bqkv {
-            qkv = qkv + bias.clone();
-        }
         let Some((cos, sin)) = &step.angles else {
             return cpu::split_rope_fold(&qkv, &step.positions, &self.rope_host, b, cfg)
                 .ok_or_else(|| {
@@ -1100,32 +1222,89 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The SwiGLU MLP: `down(silu(gate(h)) · up(h))`, gate and up as one fused product.
-    fn mlp(&self, blk: &Block<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// Each pass's `rows` under its version's updates.
+    fn mlp(&self, blocks: &[&Block<B>], h: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
         let ffn = self.cfg.ffn;
-        let gu = blk.w_gate_up.forward(h);
+        let segments = |f: fn(&Block<B>) -> &Projection<B>| -> Vec<(usize, &Projection<B>)> {
+            rows.iter()
+                .copied()
+                .zip(blocks.iter().map(|b| f(b)))
+                .collect()
+        };
+        let gu = Projection::forward_segments(&segments(|b| &b.w_gate_up), h);
         let act = cpu::silu_mul(&gu, ffn).unwrap_or_else(|| {
             let gate = gu.clone().narrow(1, 0, ffn);
             let up = gu.narrow(1, ffn, ffn);
             silu(gate) * up
         });
-        blk.w_down.forward(act)
+        Projection::forward_segments(&segments(|b| &b.w_down), act)
     }
 
-    /// The logits `[b, vocab]` (f32) of each sequence's last slot: only it goes through the
-    /// final norm and the output head.
-    fn logits_of_last(&self, x: Tensor<B, 2>, b: usize, s: usize) -> Tensor<B, 2> {
+    /// Each pass's logits `[b, vocab]` (f32) of each sequence's last slot: only those rows go
+    /// through the final norm and the output head (every pass's at once).
+    fn logits_of_last(&self, x: Tensor<B, 2>, steps: &[Step<B>]) -> Vec<Tensor<B, 2>> {
         let hidden = self.cfg.hidden;
-        let last = x
-            .reshape([b, s, hidden])
-            .narrow(1, s - 1, 1)
-            .reshape([b, hidden]);
-        let last = rms_norm(last, self.norm.clone(), self.cfg.rms_eps);
+        let rows: Vec<usize> = steps.iter().map(|st| st.b * st.s).collect();
+        let last = split_rows(x, &rows).into_iter().zip(steps).map(|(x, st)| {
+            let (b, s) = (st.b, st.s);
+            if s == 1 {
+                return x;
+            }
+            x.reshape([b, s, hidden])
+                .narrow(1, s - 1, 1)
+                .reshape([b, hidden])
+        });
+        let last = rms_norm(
+            cat_rows(last.collect()),
+            self.norm.clone(),
+            self.cfg.rms_eps,
+        );
         let logits = self.output.forward(last);
-        match self.dtype {
+        let logits = match self.dtype {
             DType::F32 => logits,
             _ => logits.cast(DType::F32),
+        };
+        let batches: Vec<usize> = steps.iter().map(|st| st.b).collect();
+        split_rows(logits, &batches)
+    }
+}
+
+/// One model version's share of [`Llama::forward_jointly`]: `s` new tokens for each sequence of
+/// `cache` (`tokens` as [`Llama::forward`] takes them), through `model`.
+pub struct Pass<'a, B: Backend> {
+    /// The version these rows go through.
+    pub model: &'a Llama<B>,
+    /// `batch × s` tokens, row-major, `None` for padding.
+    pub tokens: &'a [Option<u32>],
+    /// New tokens per sequence.
+    pub s: usize,
+    /// The sequences' cache, appended to.
+    pub cache: &'a mut KvCache<B>,
+}
+
+/// `t`'s rows cut into consecutive parts of `rows` each (`t` itself for one part).
+fn split_rows<B: Backend>(t: Tensor<B, 2>, rows: &[usize]) -> Vec<Tensor<B, 2>> {
+    if rows.len() == 1 {
+        return vec![t];
+    }
+    let mut first = 0;
+    rows.iter()
+        .map(|&n| {
+            let part = t.clone().narrow(0, first, n);
+            first += n;
+            part
+        })
+        .collect()
+}
+
+/// The parts' rows stacked in order (the part itself when there is one).
+fn cat_rows<B: Backend>(mut parts: Vec<Tensor<B, 2>>) -> Tensor<B, 2> {
+    if parts.len() == 1 {
+        if let Some(t) = parts.pop() {
+            return t;
         }
     }
+    Tensor::cat(parts, 0)
 }
 
 /// Fast paths for burn's `flex` CPU backend, where a few of the model's steps cost far more
@@ -1174,15 +1353,21 @@ mod cpu {
         x: &Tensor<B, 2>,
         w: &super::QuantWeight,
     ) -> Tensor<B, 2> {
-        quant_product_plus(x, w, None)
+        let rows = x.dims()[0];
+        quant_product_segments(x, w, &[(rows, None)])
     }
 
-    /// `x·W` for block weights `w`, plus `(x·Aᵀ)·up` when a low-rank update (`A` `[R, in]`,
-    /// `up` `[R, out]`, host row-major) is given.
-    pub(super) fn quant_product_plus<B: Backend>(
+    /// A low-rank update on the host: `A` `[R, in]` and `up` `[R, out]`, row-major.
+    pub(super) type HostUpdate<'a> = (&'a super::HostTensor, &'a super::HostTensor);
+
+    /// `x·W` for block weights `w`, plus, for each segment of `x`'s rows (`(rows, update)`, in
+    /// order, covering every row), `(x·Aᵀ)·up` of that segment's low-rank update when it has
+    /// one: the base weights are read once for every segment (every model version of a joint
+    /// pass), each version's adapter only for its own rows.
+    pub(super) fn quant_product_segments<B: Backend>(
         x: &Tensor<B, 2>,
         w: &super::QuantWeight,
-        update: Option<(&super::HostTensor, &super::HostTensor)>,
+        segments: &[(usize, Option<HostUpdate<'_>>)],
     ) -> Tensor<B, 2> {
         let [rows, inner] = x.dims();
         let flex_x = flex(x);
@@ -1194,11 +1379,23 @@ mod cpu {
                 &owned
             }
         };
+        let out = w.rows();
         let mut y = w.matmul_t(xs, rows);
-        if let Some((a, up)) = update {
-            add_low_rank(&mut y, xs, (&a.data, &up.data), inner, a.shape[0]);
+        let mut first = 0;
+        for &(n, update) in segments {
+            let (lo, hi) = (first, first + n);
+            first = hi;
+            let Some((a, up)) = update else { continue };
+            let (Some(ys), Some(xs)) = (
+                y.get_mut(lo * out..hi * out),
+                xs.get(lo * inner..hi * inner),
+            ) else {
+                continue;
+            };
+            add_low_rank(ys, xs, (&a.data, &up.data), inner, a.shape[0]);
         }
-        Tensor::from_data(TensorData::new(y, [rows, w.rows()]), &x.device())
+        debug_assert_eq!(first, rows, "segments must cover every row");
+        Tensor::from_data(TensorData::new(y, [rows, out]), &x.device())
     }
 
     /// `y += (x·Aᵀ)·up`, `x` `[rows, inner]`, `a` `[rank, inner]`, `up` `[rank, out]`, `y`

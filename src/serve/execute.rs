@@ -296,7 +296,7 @@ pub(super) fn step_all(
         let mut replies = fill(model, config, free, &mut d);
         let together = others + model.kv_bytes_projected();
         (stats.kv_bytes_peak).fetch_max(together as u64, std::sync::atomic::Ordering::Relaxed);
-        replies.extend(step(model, &mut d));
+        replies.extend(pick(model, &mut d));
         held.insert(version.clone(), model.kv_bytes_projected());
         let replies: Vec<Reply> = replies
             .into_iter()
@@ -324,6 +324,73 @@ pub(super) fn step_all(
             reply.send();
         }
     }
+    advance_all(models, stats);
+}
+
+/// The forward step of every version whose batch picked tokens this tick ([`pick`]): the
+/// versions over one base (the adapters of a run) in one pass, reading the base weights once
+/// for all their rows ([`Generator::advance_jointly`]); each version is charged the pass's
+/// time in proportion to its rows. A failed pass fails every row of its batches.
+fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
+    let mut waiting: Vec<(&String, &mut Loaded)> = (models.iter_mut())
+        .filter(|(_, m)| m.running.as_ref().is_some_and(|f| f.batch.has_picked()))
+        .collect();
+    while let Some(first) = waiting.pop() {
+        let (mut group, rest): (Vec<_>, Vec<_>) = waiting
+            .into_iter()
+            .partition(|(_, m)| (m.generator.model()).shares_base_with(first.1.generator.model()));
+        waiting = rest;
+        group.push(first);
+        let started = Instant::now();
+        let mut rows = Vec::with_capacity(group.len());
+        let mut batches = Vec::with_capacity(group.len());
+        for (_, m) in group.iter_mut() {
+            let Loaded {
+                generator, running, ..
+            } = &mut **m;
+            if let Some(flight) = running.as_mut() {
+                rows.push(flight.batch.len());
+                batches.push((generator, &mut flight.batch));
+            }
+        }
+        let result = Generator::advance_jointly(&mut batches);
+        drop(batches);
+        let total: usize = rows.iter().sum();
+        let micros = started.elapsed().as_micros() as u64;
+        let joint = group.len() > 1;
+        for ((version, model), n) in group.into_iter().zip(rows) {
+            let d = VersionStats {
+                busy_us: micros * n as u64 / total.max(1) as u64,
+                joint_steps: u64::from(joint),
+                ..VersionStats::default()
+            };
+            let mut replies = Vec::new();
+            if let Err(e) = &result {
+                let error = GenError::Model(e.to_string());
+                let mut failed = VersionStats::default();
+                replies = fail_running(model, &error, &mut failed);
+                stats.add(version, failed);
+            }
+            stats.add(version, d);
+            for reply in replies {
+                reply.send();
+            }
+        }
+    }
+}
+
+/// Fails every row of `model`'s running batch with `error` and drops the batch.
+fn fail_running(model: &mut Loaded, error: &GenError, d: &mut VersionStats) -> Vec<Reply> {
+    let Some(flight) = model.running.take() else {
+        return Vec::new();
+    };
+    (flight.rows.into_values())
+        .map(|w| {
+            d.requests += 1;
+            d.errors += 1;
+            Reply::failed(w.pending.request, error.clone())
+        })
+        .collect()
 }
 
 /// What a step did to a request.
@@ -478,8 +545,10 @@ fn fill(
     out
 }
 
-/// One decoding step of the running batch; a failed step fails every row of it.
-fn step(model: &mut Loaded, d: &mut VersionStats) -> Vec<Settle> {
+/// The first half of a decoding step of the running batch: every row's next token picked and
+/// the rows that finished answered ([`Generator::pick`]); the forward step follows in
+/// [`advance_all`]. A failed pick fails every row of the batch.
+fn pick(model: &mut Loaded, d: &mut VersionStats) -> Vec<Settle> {
     let Some(flight) = model.running.as_mut() else {
         return Vec::new();
     };
@@ -487,7 +556,7 @@ fn step(model: &mut Loaded, d: &mut VersionStats) -> Vec<Settle> {
     d.decode_rows += flight.batch.len() as u64;
     let tokenizer = &model.tokenizer;
     let rows = &mut flight.rows;
-    let result = model.generator.step(&mut flight.batch, &mut |key, tok| {
+    let result = model.generator.pick(&mut flight.batch, &mut |key, tok| {
         // Rows whose caller streams get their text as it comes, whole characters only.
         if let Some((tx, decoder)) = rows.get_mut(&key).and_then(|w| w.stream.as_mut()) {
             let piece = decoder.push(tokenizer, tok);

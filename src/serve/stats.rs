@@ -37,6 +37,10 @@ pub struct VersionStats {
     /// batch size.
     #[serde(default)]
     pub decode_rows: u64,
+    /// Decode steps whose forward pass this version shared with other versions over the same
+    /// base (adapters of one run: their rows in one pass, the base weights read once).
+    #[serde(default)]
+    pub joint_steps: u64,
 }
 
 impl VersionStats {
@@ -52,6 +56,7 @@ impl VersionStats {
         self.busy_us += d.busy_us;
         self.decode_steps += d.decode_steps;
         self.decode_rows += d.decode_rows;
+        self.joint_steps += d.joint_steps;
     }
 }
 

@@ -634,3 +634,108 @@ fn serve_one_kv_cache_budget_holds_across_versions() {
         "one budget for both versions: {bounded} vs {alone}"
     );
 }
+
+/// A LoRA adapter folder over `base` at `dir`: rank-4 random updates (uniform in ±`amp`, from
+/// `seed`) of every layer's `q_proj` and `down_proj`, in PEFT's layout.
+fn random_adapter(dir: &Path, base: &Path, seed: u64, amp: f32) {
+    use crate::model::llama::HostTensor;
+    use crate::model::{GgufFile, LlamaConfig};
+    use crate::train::checkpoint::{
+        adapter_config, safetensors_bytes, write_folder_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+    };
+    use crate::train::lora::LoraConfig;
+    use rand::{Rng, SeedableRng};
+    let cfg = LlamaConfig::from_gguf(&GgufFile::open(base).expect("gguf")).expect("config");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut random = |rows: usize, cols: usize| HostTensor {
+        data: (0..rows * cols)
+            .map(|_| rng.random_range(-amp..amp))
+            .collect(),
+        shape: vec![rows, cols],
+    };
+    let r = 4;
+    let q = cfg.n_heads * cfg.head_dim;
+    let mut tensors = Vec::new();
+    for l in 0..cfg.n_layers {
+        for (path, out, inner) in [
+            ("self_attn.q_proj", q, cfg.hidden),
+            ("mlp.down_proj", cfg.hidden, cfg.ffn),
+        ] {
+            let name =
+                |w: &str| format!("base_model.model.model.layers.{l}.{path}.lora_{w}.weight");
+            tensors.push((name("A"), random(r, inner)));
+            tensors.push((name("B"), random(out, r)));
+        }
+    }
+    let lc = LoraConfig {
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        ..LoraConfig::all_projections(r)
+    };
+    let files = [
+        (
+            ADAPTER_CONFIG.to_string(),
+            serde_json::to_vec(&adapter_config(&lc, base)).expect("json"),
+        ),
+        (
+            ADAPTER_WEIGHTS.to_string(),
+            safetensors_bytes(&tensors).expect("safetensors"),
+        ),
+    ];
+    write_folder_atomic(dir, &files, &[]).expect("write adapter");
+}
+
+/// Two adapters over one base, served at once, run their decode steps in one forward pass
+/// (`joint_steps`), and each answers exactly as when it is served alone: its own adapter on its
+/// own rows, whatever shares the pass.
+#[test]
+fn serve_two_adapters_of_one_base_decode_jointly_each_answering_as_alone() {
+    let Some(model) = model_path() else { return };
+    let root = tempfile::tempdir().expect("tmp");
+    let (a1, a2) = (root.path().join("m1"), root.path().join("m2"));
+    random_adapter(&a1, &model, 1, 0.05);
+    random_adapter(&a2, &model, 2, 0.05);
+    let stories: Vec<Vec<Message>> = (0..3).map(|t| vec![Message::user(story(t))]).collect();
+    let alone = |version: &str, path: &Path| {
+        let server = ModelServer::start(ServerConfig::default());
+        server.load(version, path).expect("load");
+        let answers = ask(&server.client().expect("client"), version, &stories, 12);
+        assert_eq!(server.stats().version(version).joint_steps, 0);
+        answers
+    };
+    let (want1, want2) = (alone("m1", &a1), alone("m2", &a2));
+    let text = |a: &GenAnswer| a.result.clone().expect("answered");
+    assert_ne!(
+        text(&want1[0]),
+        text(&want2[0]),
+        "the premise: the two adapters answer differently"
+    );
+
+    let server = ModelServer::start(ServerConfig::default());
+    server.load("m1", &a1).expect("load m1");
+    server.load("m2", &a2).expect("load m2");
+    let client = server.client().expect("client");
+    let (reply, answers) = crossbeam_channel::unbounded();
+    for (ticket, version) in (0..6u64).map(|t| (t, if t < 3 { "m1" } else { "m2" })) {
+        let ask = greedy_ask(version, stories[ticket as usize % 3].clone(), 12);
+        let request = GenRequest {
+            ticket,
+            reply: reply.clone(),
+            wake: None,
+            stream: None,
+            ask,
+        };
+        client.send(request).expect("send");
+    }
+    let mut got = receive(&answers, 6);
+    got.sort_by_key(|a| a.ticket);
+    for (a, want) in got.iter().zip(want1.iter().chain(&want2)) {
+        assert_eq!(text(a), text(want), "ticket {}", a.ticket);
+    }
+    let (s1, s2) = (server.stats().version("m1"), server.stats().version("m2"));
+    assert!(
+        s1.joint_steps > 0 && s2.joint_steps > 0,
+        "decode steps shared: {} and {}",
+        s1.joint_steps,
+        s2.joint_steps
+    );
+}

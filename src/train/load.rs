@@ -264,4 +264,182 @@ mod tests {
         // A base loaded on its own path again is the same model, not a second copy.
         assert!(plain.shares_block_weights_with(&loader.load(&base).expect("again").model));
     }
+
+    /// Prompts right-aligned into one `batch × s` token block (padding first).
+    fn right_aligned(prompts: &[Vec<u32>]) -> (Vec<Option<u32>>, usize) {
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(1);
+        let mut tokens = Vec::new();
+        for p in prompts {
+            tokens.extend(std::iter::repeat_n(None, s - p.len()));
+            tokens.extend(p.iter().map(|&t| Some(t)));
+        }
+        (tokens, s)
+    }
+
+    #[test]
+    fn versions_over_one_base_run_jointly_each_through_its_own_adapter() {
+        use crate::model::llama::Pass;
+        let root = tempfile::tempdir().expect("tmp");
+        let (base, [(a1, _), (a2, _)]) = folders(root.path());
+        let long: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 64).collect();
+        let short = [vec![3, 17, 42, 5], vec![9, 60]];
+        // Per step, each pass's tokens, a row each: a prefill (v2's with the long prompt: 60
+        // rows, the GEMM form of its update; v1's 8 rows, the row-by-row form), a decode step,
+        // then three tokens for the base's row beside single tokens for the others.
+        let calls: [[Vec<Vec<u32>>; 3]; 3] = [
+            [
+                short.to_vec(),
+                vec![vec![1, 2]],
+                [&short[..], &[long]].concat(),
+            ],
+            [vec![vec![11]; 2], vec![vec![12]], vec![vec![11]; 3]],
+            [vec![vec![7]; 2], vec![vec![12, 13, 14]], vec![vec![7]; 3]],
+        ];
+        // (F32: dense weights, device updates; Q8: blocks, host updates.)
+        for precision in [Precision::F32, Precision::Q8] {
+            let mut loader = InferenceLoader::<Flex>::new(Default::default(), precision);
+            let plain = loader.load(&base).expect("base").model;
+            let v1 = loader.load(&a1).expect("m1").model;
+            let v2 = loader.load(&a2).expect("m2").model;
+            assert!(v1.shares_base_with(&plain) && v2.shares_base_with(&v1));
+            // v1, the base (no update, between two that have one), v2 (v1's prompts first).
+            let models = [&v1, &plain, &v2];
+            let batch = |i: usize| calls[0][i].len();
+            let step_tokens = |step: usize, i: usize| right_aligned(&calls[step][i]);
+            // Each alone, in its own cache.
+            let mut alone: Vec<Vec<Vec<f32>>> = Vec::new();
+            for (i, m) in models.iter().enumerate() {
+                let mut cache = m.new_cache(batch(i), 32);
+                let mut out = Vec::new();
+                for step in 0..3 {
+                    let (tokens, s) = step_tokens(step, i);
+                    let logits = m.forward(&tokens, s, &mut cache).expect("alone");
+                    out.push(logits.into_data().to_vec::<f32>().expect("f32"));
+                }
+                alone.push(out);
+            }
+            // Together, in one pass per step.
+            let mut caches: Vec<_> = (0..3).map(|i| models[i].new_cache(batch(i), 32)).collect();
+            let alone_per_step = (0..3).map(|step| alone.iter().map(move |a| &a[step]));
+            for (step, alone) in alone_per_step.enumerate() {
+                let blocks: Vec<(Vec<Option<u32>>, usize)> =
+                    (0..3).map(|i| step_tokens(step, i)).collect();
+                let mut passes: Vec<Pass<'_, Flex>> = (models.iter().zip(&blocks))
+                    .zip(caches.iter_mut())
+                    .map(|((m, (tokens, s)), cache)| Pass {
+                        model: m,
+                        tokens,
+                        s: *s,
+                        cache,
+                    })
+                    .collect();
+                let joint = Llama::forward_jointly(&mut passes).expect("jointly");
+                assert_eq!(joint.len(), 3);
+                for (i, (logits, want)) in joint.into_iter().zip(alone).enumerate() {
+                    let got = logits.into_data().to_vec::<f32>().expect("f32");
+                    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let d = max_diff(&got, want);
+                    assert!(
+                        d <= 1e-5 * scale.max(1.0),
+                        "{precision:?} step {step} pass {i}: off by {d} (logits up to {scale})"
+                    );
+                }
+            }
+            // The adapters matter on these rows: v1 and v2 on the same prompts differ.
+            let (l1, l2) = (&alone[0][0], &alone[2][0][..alone[0][0].len()]);
+            assert!(max_diff(l1, l2) > 1e-2, "{precision:?}: the versions agree");
+            // Another base's model cannot join a pass.
+            let other = InferenceLoader::<Flex>::new(Default::default(), precision)
+                .load(&base)
+                .expect("base again")
+                .model;
+            assert!(!other.shares_base_with(&plain));
+            let (tokens, s) = right_aligned(&[vec![1, 2]]);
+            let (mut c1, mut c2) = (plain.new_cache(1, 8), other.new_cache(1, 8));
+            let mut passes = [
+                Pass {
+                    model: &plain,
+                    tokens: &tokens,
+                    s,
+                    cache: &mut c1,
+                },
+                Pass {
+                    model: &other,
+                    tokens: &tokens,
+                    s,
+                    cache: &mut c2,
+                },
+            ];
+            let err = Llama::forward_jointly(&mut passes).expect_err("two bases");
+            assert!(err.to_string().contains("share their base"), "{err}");
+        }
+    }
+
+    #[test]
+    fn generators_of_two_versions_stepped_jointly_give_each_its_own_tokens() {
+        use crate::model::{Generator, Request, Sampling};
+        let root = tempfile::tempdir().expect("tmp");
+        let (_, [(a1, _), (a2, _)]) = folders(root.path());
+        let mut loader = InferenceLoader::<Flex>::new(Default::default(), Precision::Q8);
+        let (v1, v2) = (loader.load(&a1).expect("m1"), loader.load(&a2).expect("m2"));
+        // Row 0 greedy, the others sampled (seeded per request: the same tokens in any batch),
+        // each wanting its own number of tokens, so rows leave the batches at different steps.
+        let requests = |n: usize| -> Vec<Request> {
+            (0..n)
+                .map(|i| {
+                    let prompt = vec![3 + i as u32, 17, 42, 5 + i as u32];
+                    let mut r = Request::greedy(prompt, 4 + 3 * i);
+                    if i > 0 {
+                        r.sampling = Sampling {
+                            temperature: 1.0,
+                            top_p: 1.0,
+                            seed: i as u64,
+                        };
+                    }
+                    r
+                })
+                .collect()
+        };
+        let (r1, r2) = (requests(3), requests(2));
+        let mut g1 = Generator::new(v1.model, Vec::new());
+        let mut g2 = Generator::new(v2.model, Vec::new());
+        let want1 = g1.generate(&r1).expect("alone 1");
+        let want2 = g2.generate(&r2).expect("alone 2");
+        assert_ne!(
+            want1[1].ids, want2[1].ids,
+            "the two versions should answer differently"
+        );
+
+        let keyed = |r: &[Request]| {
+            r.iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, r)| (i as u64, r))
+                .collect()
+        };
+        let (b1, _) = g1.start(keyed(&r1)).expect("start 1");
+        let (b2, _) = g2.start(keyed(&r2)).expect("start 2");
+        let (mut b1, mut b2) = (b1.expect("batch 1"), b2.expect("batch 2"));
+        let mut got1: Vec<Option<Vec<u32>>> = vec![None; r1.len()];
+        let mut got2: Vec<Option<Vec<u32>>> = vec![None; r2.len()];
+        let mut joint_steps = 0;
+        while !b1.is_empty() || !b2.is_empty() {
+            for (k, c) in g1.pick(&mut b1, &mut |_, _| {}).expect("pick 1") {
+                got1[k as usize] = Some(c.ids);
+            }
+            for (k, c) in g2.pick(&mut b2, &mut |_, _| {}).expect("pick 2") {
+                got2[k as usize] = Some(c.ids);
+            }
+            joint_steps += usize::from(b1.has_picked() && b2.has_picked());
+            Generator::advance_jointly(&mut [(&mut g1, &mut b1), (&mut g2, &mut b2)])
+                .expect("advance");
+            assert!(!b1.has_picked() && !b2.has_picked());
+        }
+        assert!(joint_steps >= 4, "{joint_steps} steps ran both versions");
+        let ids = |c: &[crate::model::Completion]| {
+            c.iter().map(|c| Some(c.ids.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(got1, ids(&want1));
+        assert_eq!(got2, ids(&want2));
+    }
 }
