@@ -77,7 +77,11 @@ def run_backflow(tmp, texts, args):
     scored = sum(1 for r in ratings if any(x.get("score") is not None for x in r["samples"]))
     return {"wall": wall, "train": train, "secs": wall - train, "passages": m["passages"],
             "ratings": len(ratings), "peak_rss_mb": m.get("peak_rss_mb"),
-            "rated_with_score": scored}
+            "rated_with_score": scored,
+            # Per stage: rows per decode step, steps shared with the other version, model busy.
+            "stages": {k: {f: round(v.get(f, 0.0), 3) for f in
+                           ("mean_batch", "joint_step_share", "busy_fraction")}
+                       for k, v in m.get("throughput", {}).items() if isinstance(v, dict)}}
 
 
 def run_distilabel(texts, args):

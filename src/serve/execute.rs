@@ -342,14 +342,16 @@ fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
         waiting = rest;
         group.push(first);
         let started = Instant::now();
-        let mut rows = Vec::with_capacity(group.len());
+        // Each version's rows in the pass, in the group's order.
+        let rows: Vec<usize> = (group.iter())
+            .map(|(_, m)| m.running.as_ref().map_or(0, |f| f.batch.len()))
+            .collect();
         let mut batches = Vec::with_capacity(group.len());
         for (_, m) in group.iter_mut() {
             let Loaded {
                 generator, running, ..
             } = &mut **m;
             if let Some(flight) = running.as_mut() {
-                rows.push(flight.batch.len());
                 batches.push((generator, &mut flight.batch));
             }
         }
