@@ -278,10 +278,9 @@ fn versions_table(
                         g.pick(batch, &mut |_, _| made += 1)?;
                     }
                     if joint {
-                        let mut pairs: Vec<_> = gens.iter_mut().zip(running.iter_mut()).collect();
-                        let mut pairs: Vec<_> = pairs
-                            .iter_mut()
-                            .map(|(g, b)| (&mut **g, &mut **b))
+                        let mut pairs: Vec<_> = (gens.iter_mut())
+                            .zip(running.iter_mut())
+                            .map(|(g, b)| (g, vec![b]))
                             .collect();
                         Generator::advance_jointly(&mut pairs)?;
                     } else {

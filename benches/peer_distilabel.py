@@ -6,7 +6,7 @@ passages, same GGUF, same prompts, sampling and token limits, same threads. Prin
     ~/.cache/backflow/venv-llama/bin/pip install distilabel==1.5.3 requests
     cargo build --release
     ~/.cache/backflow/venv-llama/bin/python benches/peer_distilabel.py [--passages 256]
-        [--threads 2] [--model PATH.gguf]
+        [--threads 2] [--model PATH.gguf] [--backflow-only]
 
 What each side does, per passage of the Python docs (`backflow segment`'s passages, the first N):
 - augment: the paper's backward prompt (`train::data::backward_prompt`: the instruction request,
@@ -80,7 +80,8 @@ def run_backflow(tmp, texts, args):
             "rated_with_score": scored,
             # Per stage: rows per decode step, steps shared with the other version, model busy.
             "stages": {k: {f: round(v.get(f, 0.0), 3) for f in
-                           ("mean_batch", "joint_step_share", "busy_fraction")}
+                           ("mean_batch", "prefix_saved", "joint_step_share",
+                                     "busy_fraction")}
                        for k, v in m.get("throughput", {}).items() if isinstance(v, dict)}}
 
 
@@ -121,6 +122,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16, help="distilabel's input_batch_size")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--backflow-only", action="store_true",
+                    help="measure backflow's side alone (distilabel takes hours at 256)")
     args = ap.parse_args()
     if not BIN.exists():
         sys.exit("build first: cargo build --release")
@@ -130,6 +133,11 @@ def main():
         print(f"backflow: {len(texts)} passages", file=sys.stderr)
         bf = run_backflow(args.tmp, texts, args)
         print(f"backflow: {bf}", file=sys.stderr)
+        if args.backflow_only:
+            n = len(texts)
+            print(f"backflow: {bf['secs']:.1f} s augment + rate of {n} passages, "
+                  f"{n / bf['secs'] * 3600:.0f} passages/hour, peak RSS {bf['peak_rss_mb']} MB")
+            return
         print(f"distilabel: {len(texts)} passages", file=sys.stderr)
         dl = run_distilabel(texts, args)
         print(f"distilabel: {dl}", file=sys.stderr)

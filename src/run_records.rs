@@ -198,8 +198,9 @@ pub struct StageThroughput {
     pub prefix_saved: f64,
     /// Share of the loop's wall time the model spent on this stage.
     pub busy_fraction: f64,
-    /// Share of this stage's decode steps run in one forward pass with another version's rows
-    /// (versions over one base: the base weights read once for both).
+    /// Share of this stage's decode steps run in one forward pass with another batch's rows
+    /// (another version's over the same base, or the same version's of another prefix: the
+    /// base weights read once for both).
     pub joint_step_share: f64,
 }
 

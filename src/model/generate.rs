@@ -728,31 +728,34 @@ impl<B: Backend> Generator<B> {
     /// The second half of [`Generator::step`]: runs the tokens [`Generator::pick`] left in
     /// `batch` through the model, one slot per row (nothing when it left none).
     pub fn advance(&mut self, batch: &mut RunningBatch<B>) -> Result<(), ModelError> {
-        Self::advance_jointly(&mut [(self, batch)])
+        Self::advance_jointly(&mut [(self, vec![batch])])
     }
 
-    /// [`Generator::advance`] for the batches of several generators whose models are versions
-    /// of one base ([`Llama::shares_base_with`]: LoRA adapters over it), in one forward pass
-    /// ([`Llama::forward_jointly`]): the base weights are read once for every version's rows,
-    /// as if they were one batch, while each batch keeps its own version, cache and shared
-    /// prefix. Each generator's decode time gets the pass's time in proportion to its rows.
+    /// [`Generator::advance`] for several batches in one forward pass
+    /// ([`Llama::forward_jointly`]): each generator's batches (one per shared prefix), of
+    /// generators whose models are versions of one base ([`Llama::shares_base_with`]: LoRA
+    /// adapters over it). The base weights are read once for every row, as if they were one
+    /// batch, while each batch keeps its own version, cache and shared prefix. Each generator's
+    /// decode time gets the pass's time in proportion to its rows.
     pub fn advance_jointly(
-        batches: &mut [(&mut Generator<B>, &mut RunningBatch<B>)],
+        groups: &mut [(&mut Generator<B>, Vec<&mut RunningBatch<B>>)],
     ) -> Result<(), ModelError> {
         let t0 = std::time::Instant::now();
-        let mut passes = Vec::with_capacity(batches.len());
-        // Which batch each pass is, and its rows.
-        let mut which = Vec::with_capacity(batches.len());
-        for (i, (generator, batch)) in batches.iter_mut().enumerate() {
-            let RunningBatch { cache, next, .. } = &mut **batch;
-            if let Some(tokens) = next.as_deref() {
-                which.push((i, tokens.len()));
-                passes.push(Pass {
-                    model: &generator.model,
-                    tokens,
-                    s: 1,
-                    cache,
-                });
+        let mut passes = Vec::new();
+        // Which generator each pass is for, and its rows.
+        let mut which = Vec::new();
+        for (g, (generator, batches)) in groups.iter_mut().enumerate() {
+            for batch in batches.iter_mut() {
+                let RunningBatch { cache, next, .. } = &mut **batch;
+                if let Some(tokens) = next.as_deref() {
+                    which.push((g, tokens.len()));
+                    passes.push(Pass {
+                        model: &generator.model,
+                        tokens,
+                        s: 1,
+                        cache,
+                    });
+                }
             }
         }
         if passes.is_empty() {
@@ -760,18 +763,34 @@ impl<B: Backend> Generator<B> {
         }
         let logits = Llama::forward_jointly(&mut passes);
         drop(passes);
-        // The picked tokens are spent either way (a failed pass leaves its batches unusable).
-        for &(i, _) in &which {
-            batches[i].1.next = None;
-        }
         let rows: usize = which.iter().map(|w| w.1).sum();
-        let secs = t0.elapsed().as_secs_f64();
-        for ((i, n), logits) in which.into_iter().zip(logits?) {
-            let (generator, batch) = &mut batches[i];
-            batch.logits = logits;
-            generator.timing.decode_s += secs * n as f64 / rows.max(1) as f64;
+        let share = t0.elapsed().as_secs_f64() / rows.max(1) as f64;
+        for &(g, n) in &which {
+            groups[g].0.timing.decode_s += share * n as f64;
         }
-        Ok(())
+        // The picked tokens are spent either way (a failed pass leaves its batches unusable).
+        let mut logits = logits.map(Vec::into_iter);
+        for (_, batches) in groups.iter_mut() {
+            for batch in batches.iter_mut() {
+                if batch.next.take().is_none() {
+                    continue;
+                }
+                if let Some(l) = logits.as_mut().ok().and_then(Iterator::next) {
+                    batch.logits = l;
+                }
+            }
+        }
+        logits.map(drop)
+    }
+
+    /// The longest kept prefix `prompt` could start from (0 when none): a batch of its own
+    /// would not prefill it.
+    pub fn kept_prefix_len(&self, prompt: &[u32]) -> usize {
+        (self.prefixes.iter())
+            .filter(|p| prompt.len() > p.len() && prompt.starts_with(&p.ids))
+            .map(PrefixKv::len)
+            .max()
+            .unwrap_or(0)
     }
 }
 

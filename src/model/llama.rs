@@ -1048,12 +1048,7 @@ impl<B: Backend> Llama<B> {
         passes: &mut [Pass<'_, B>],
     ) -> Result<Tensor<B, 2>, ModelError> {
         let shared = blocks[0];
-        let wqkv: Vec<(usize, &Projection<B>)> = rows
-            .iter()
-            .copied()
-            .zip(blocks.iter().map(|b| &b.wqkv))
-            .collect();
-        let mut qkv = Projection::forward_segments(&wqkv, h);
+        let mut qkv = Projection::forward_segments(&segments(rows, blocks, |b| &b.wqkv), h);
         if let Some(bias) = &shared.bqkv {
             qkv = qkv + bias.clone();
         }
@@ -1065,11 +1060,7 @@ impl<B: Backend> Llama<B> {
             let att = self.attend(q, pass.cache, layer, step)?;
             merged.push(self.merge_heads(att, step));
         }
-        let wo: Vec<(usize, &Projection<B>)> = rows
-            .iter()
-            .copied()
-            .zip(blocks.iter().map(|b| &b.wo))
-            .collect();
+        let wo = segments(rows, blocks, |b| &b.wo);
         Ok(Projection::forward_segments(&wo, cat_rows(merged)))
     }
 
@@ -1225,19 +1216,13 @@ impl<B: Backend> Llama<B> {
     /// Each pass's `rows` under its version's updates.
     fn mlp(&self, blocks: &[&Block<B>], h: Tensor<B, 2>, rows: &[usize]) -> Tensor<B, 2> {
         let ffn = self.cfg.ffn;
-        let segments = |f: fn(&Block<B>) -> &Projection<B>| -> Vec<(usize, &Projection<B>)> {
-            rows.iter()
-                .copied()
-                .zip(blocks.iter().map(|b| f(b)))
-                .collect()
-        };
-        let gu = Projection::forward_segments(&segments(|b| &b.w_gate_up), h);
+        let gu = Projection::forward_segments(&segments(rows, blocks, |b| &b.w_gate_up), h);
         let act = cpu::silu_mul(&gu, ffn).unwrap_or_else(|| {
             let gate = gu.clone().narrow(1, 0, ffn);
             let up = gu.narrow(1, ffn, ffn);
             silu(gate) * up
         });
-        Projection::forward_segments(&segments(|b| &b.w_down), act)
+        Projection::forward_segments(&segments(rows, blocks, |b| &b.w_down), act)
     }
 
     /// Each pass's logits `[b, vocab]` (f32) of each sequence's last slot: only those rows go
@@ -1280,6 +1265,18 @@ pub struct Pass<'a, B: Backend> {
     pub s: usize,
     /// The sequences' cache, appended to.
     pub cache: &'a mut KvCache<B>,
+}
+
+/// Each pass's rows beside the projection its version applies to them (`weight` of its
+/// block): the segments [`Projection::forward_segments`] takes.
+fn segments<'a, B: Backend>(
+    rows: &[usize],
+    blocks: &[&'a Block<B>],
+    weight: fn(&'a Block<B>) -> &'a Projection<B>,
+) -> Vec<(usize, &'a Projection<B>)> {
+    (rows.iter().copied())
+        .zip(blocks.iter().map(|b| weight(b)))
+        .collect()
 }
 
 /// `t`'s rows cut into consecutive parts of `rows` each (`t` itself for one part).

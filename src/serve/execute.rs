@@ -2,15 +2,16 @@
 //! choice after the answer where asked), forced choices alone, and the replies, counted and
 //! cached before anyone hears back.
 //!
-//! Each loaded version keeps a queue of encoded requests and at most one running batch. Between
-//! two decode steps the batch takes queued requests that can join it (its shared prefix, room
-//! under `max_batch`, at most [`ServerConfig::max_join_tokens`] prompt tokens per step so the
-//! rows already decoding wait one short prefill, not a long one), and answers each row the step
-//! it finishes. A queued request that should not join (another prefix, or a long stretch shared
-//! with the batch that a batch of its own would compute once: `Generator::should_join`) closes
-//! the batch to newcomers until it empties, so it is never starved by a batch that is always
-//! being refilled.
+//! Each loaded version keeps a queue of encoded requests and its running batches, one per
+//! shared prompt prefix (at most [`ServerConfig::max_running_batches`]). Between two decode
+//! steps queued requests join the batch whose prefix they use or start batches of their own
+//! ([`super::admission`]: room under `max_batch` rows, at most
+//! [`ServerConfig::max_join_tokens`] prompt tokens per step so the rows already decoding wait
+//! one short prefill, not a long one, the KV budget); then every batch of every version over
+//! one base decodes one token per row in one forward pass, and each row is answered the step
+//! it finishes.
 
+use super::admission::{self, Fit, Limits, OpenBatch};
 use super::batcher::Pending;
 use super::cache::{pack_choice, AnswerCache, AnswerKey, CachedAnswer};
 use super::protocol::{GenAnswer, GenError, GenRequest};
@@ -19,8 +20,7 @@ use super::ServerConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::device::{default_device, DefaultBackend};
 use crate::model::generate::{
-    common_len, pick_option, steps_of, ChoiceAfter, Completion, Generator, KvProjection, Request,
-    RunningBatch,
+    pick_option, ChoiceAfter, Completion, Generator, Request, RunningBatch,
 };
 use crate::model::tokenizer::StreamDecoder;
 use crate::model::tokenizer::Tokenizer;
@@ -36,20 +36,24 @@ pub(super) struct Loaded {
     generator: Generator<DefaultBackend>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    /// Encoded requests not yet in the running batch, oldest first.
+    /// Encoded requests not yet in a running batch, oldest first.
     queue: VecDeque<(Pending, Request)>,
-    running: Option<InFlight>,
+    /// Its running batches, one per shared prefix, oldest first.
+    running: Vec<InFlight>,
+    /// Who waits on each row of its running batches, by the row's key.
+    waiters: HashMap<u64, Waiter>,
+    /// The key of the next row.
+    next_key: u64,
     /// When it was loaded, among the server's versions (0 first): the last loaded with work
     /// goes first ([`step_all`]).
     pub(super) order: usize,
 }
 
-/// A running batch and who waits on each of its rows.
+/// A running batch.
 struct InFlight {
     batch: RunningBatch<DefaultBackend>,
-    rows: HashMap<u64, Waiter>,
-    next_key: u64,
-    /// Set when a queued request could not join: no one else joins until the batch is empty.
+    /// Set when a queued request needed a batch of its own and no more could run: no one else
+    /// joins until the batch is empty.
     closed: bool,
 }
 
@@ -120,7 +124,9 @@ pub(super) fn load(
         tokenizer,
         template,
         queue: VecDeque::new(),
-        running: None,
+        running: Vec::new(),
+        waiters: HashMap::new(),
+        next_key: 0,
         order: 0,
     })
 }
@@ -233,15 +239,21 @@ impl Loaded {
 
     /// Whether it has requests queued or a batch running.
     fn has_work(&self) -> bool {
-        !self.queue.is_empty() || self.running.is_some()
+        !self.queue.is_empty() || !self.running.is_empty()
     }
 
-    /// Bytes of KV cache its running batch holds once every row has run to its longest (its
-    /// [`KvProjection`], as `fill` projects it); 0 with no batch running.
+    /// Rows in its running batches.
+    fn rows(&self) -> usize {
+        self.running.iter().map(|f| f.batch.len()).sum()
+    }
+
+    /// Bytes of KV cache its running batches hold once every row has run to its longest (their
+    /// [`KvProjection`]s, as `fill` projects them); 0 with no batch running.
     fn kv_bytes_projected(&self) -> usize {
-        self.running.as_ref().map_or(0, |f| {
-            (f.batch.kv_projection().tokens()).saturating_mul(self.generator.kv_bytes_per_token())
-        })
+        let tokens: usize = (self.running.iter())
+            .map(|f| f.batch.kv_projection().tokens())
+            .sum();
+        tokens.saturating_mul(self.generator.kv_bytes_per_token())
     }
 }
 
@@ -327,13 +339,14 @@ pub(super) fn step_all(
     advance_all(models, stats);
 }
 
-/// The forward step of every version whose batch picked tokens this tick ([`pick`]): the
-/// versions over one base (the adapters of a run) in one pass, reading the base weights once
-/// for all their rows ([`Generator::advance_jointly`]); each version is charged the pass's
-/// time in proportion to its rows. A failed pass fails every row of its batches.
+/// The forward step of every version whose batches picked tokens this tick ([`pick`]): all
+/// the batches of the versions over one base (the adapters of a run; a version's batches of
+/// different prefixes) in one pass, reading the base weights once for all their rows
+/// ([`Generator::advance_jointly`]); each version is charged the pass's time in proportion to
+/// its rows. A failed pass fails every row of its versions' batches.
 fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
     let mut waiting: Vec<(&String, &mut Loaded)> = (models.iter_mut())
-        .filter(|(_, m)| m.running.as_ref().is_some_and(|f| f.batch.has_picked()))
+        .filter(|(_, m)| m.running.iter().any(|f| f.batch.has_picked()))
         .collect();
     while let Some(first) = waiting.pop() {
         let (mut group, rest): (Vec<_>, Vec<_>) = waiting
@@ -343,27 +356,28 @@ fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
         group.push(first);
         let started = Instant::now();
         // Each version's rows in the pass, in the group's order.
-        let rows: Vec<usize> = (group.iter())
-            .map(|(_, m)| m.running.as_ref().map_or(0, |f| f.batch.len()))
-            .collect();
+        let rows: Vec<usize> = group.iter().map(|(_, m)| m.rows()).collect();
+        let mut passes = 0;
         let mut batches = Vec::with_capacity(group.len());
         for (_, m) in group.iter_mut() {
             let Loaded {
                 generator, running, ..
             } = &mut **m;
-            if let Some(flight) = running.as_mut() {
-                batches.push((generator, &mut flight.batch));
-            }
+            let picked: Vec<_> = (running.iter_mut())
+                .filter(|f| f.batch.has_picked())
+                .map(|f| &mut f.batch)
+                .collect();
+            passes += picked.len();
+            batches.push((generator, picked));
         }
         let result = Generator::advance_jointly(&mut batches);
         drop(batches);
         let total: usize = rows.iter().sum();
         let micros = started.elapsed().as_micros() as u64;
-        let joint = group.len() > 1;
         for ((version, model), n) in group.into_iter().zip(rows) {
             let d = VersionStats {
                 busy_us: micros * n as u64 / total.max(1) as u64,
-                joint_steps: u64::from(joint),
+                joint_steps: u64::from(passes > 1),
                 ..VersionStats::default()
             };
             let mut replies = Vec::new();
@@ -381,13 +395,11 @@ fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
     }
 }
 
-/// Fails every row of `model`'s running batch with `error` and drops the batch.
+/// Fails every row of `model`'s running batches with `error` and drops the batches.
 fn fail_running(model: &mut Loaded, error: &GenError, d: &mut VersionStats) -> Vec<Reply> {
-    let Some(flight) = model.running.take() else {
-        return Vec::new();
-    };
-    (flight.rows.into_values())
-        .map(|w| {
+    model.running.clear();
+    (model.waiters.drain())
+        .map(|(_, w)| {
             d.requests += 1;
             d.errors += 1;
             Reply::failed(w.pending.request, error.clone())
@@ -403,189 +415,190 @@ enum Settle {
     Failed(Box<Reply>),
 }
 
-/// Moves queued requests into the running batch (or starts one) within the step's limits and
-/// `kv_bytes` of KV cache (what the server's budget leaves after the other versions' batches).
+/// Moves queued requests into the running batches they should join or into new ones, as
+/// [`admission::plan`] decides within the step's limits and `kv_bytes` of KV cache (what the
+/// server's budget leaves after the other versions' batches).
 fn fill(
     model: &mut Loaded,
     config: &ServerConfig,
     kv_bytes: usize,
     d: &mut VersionStats,
 ) -> Vec<Settle> {
-    let mut out = Vec::new();
-    let max_batch = config.max_batch.max(1);
-    let in_flight = model.running.as_ref().map_or(0, |f| f.batch.len());
-    if model.running.as_ref().is_some_and(|f| f.closed) || in_flight >= max_batch {
-        return out;
+    let max_rows = config.max_batch.max(1);
+    if model.queue.is_empty() || model.rows() >= max_rows {
+        return Vec::new();
     }
-    // Who goes in: from the front, while there is room. A new batch takes a whole batch (no
-    // row is waiting on it); joining a running one, newcomers must fit the step's prefill budget
-    // of tokens past the batch's prefix (the first always goes) and should join. Either way the
-    // batch's KV cache, projected to every row's longest ([`KvProjection`]), stays within
-    // `kv_bytes`: a request past it waits, in its place, for rows to finish.
-    let budget = kv_bytes / model.generator.kv_bytes_per_token().max(1);
-    let fits = |p: &KvProjection| p.tokens() <= budget;
-    // The running batch's rows as they stand, or none.
-    let base = match model.running.as_ref() {
-        Some(f) => f.batch.kv_projection(),
-        None => KvProjection::new(model.generator.paged_kv()),
+    let generator = &model.generator;
+    let limits = Limits {
+        max_rows,
+        max_batches: config.max_running_batches.max(1),
+        max_join_tokens: config.max_join_tokens,
+        kv_tokens: kv_bytes / generator.kv_bytes_per_token().max(1),
+        min_shared_prefix: generator.min_shared_prefix,
+        paged: generator.paged_kv(),
     };
-    // The rows taken, each projected as wide as the widest of them (prompts prefilled together
-    // are padded to the longest), plus its own steps.
-    let with_taken = |take: &[(Pending, Request)], r: &Request, width: usize| {
-        let mut with = base;
-        for t in take.iter().map(|(_, t)| t).chain([r]) {
-            with.add(width, steps_of(t));
-        }
-        with
-    };
-    // A new batch: the prompts' longest and their common start (computed once, not per row);
-    // joining: the newcomers' widest past the batch's prefix.
-    let (mut longest, mut common, mut widest) = (0, usize::MAX, 0);
-    let mut take: Vec<(Pending, Request)> = Vec::new();
-    let mut tokens = 0;
-    while let Some((_, r)) = model.queue.front() {
-        if in_flight + take.len() >= max_batch {
-            break;
-        }
-        if let Some(f) = model.running.as_mut() {
-            let new_tokens = r.prompt_ids.len().saturating_sub(f.batch.prefix_len());
-            if !take.is_empty() && tokens + new_tokens > config.max_join_tokens {
-                break;
-            }
-            if !model.generator.should_join(&f.batch, r) {
-                log::debug!(
-                    "batch of {} rows closed to newcomers: the next request is better off in a \
-                     batch of its own (prefix {} tokens, request {})",
-                    f.batch.len(),
-                    f.batch.prefix_len(),
-                    r.prompt_ids.len()
-                );
-                f.closed = true;
-                break;
-            }
-            let width = widest.max(new_tokens);
-            if (!f.batch.is_empty() || !take.is_empty()) && !fits(&with_taken(&take, r, width)) {
-                break;
-            }
-            (tokens, widest) = (tokens + new_tokens, width);
+    // At most `max_rows` requests go in, and each looks that far behind it for a shared head.
+    let queue: Vec<&Request> = (model.queue.iter())
+        .take(2 * max_rows + 1)
+        .map(|(_, r)| r)
+        .collect();
+    let kept: Vec<usize> = (queue.iter())
+        .map(|r| generator.kept_prefix_len(&r.prompt_ids))
+        .collect();
+    let open: Vec<OpenBatch> = (model.running.iter())
+        .map(|f| OpenBatch {
+            prefix_len: f.batch.prefix_len(),
+            projection: f.batch.kv_projection(),
+            rows: f.batch.len(),
+            closed: f.closed,
+        })
+        .collect();
+    let fit = |b: usize, r: &Request| {
+        let batch = &model.running[b].batch;
+        if generator.should_join(batch, r) {
+            Fit::Join
+        } else if Generator::can_join(batch, r) {
+            Fit::Own
         } else {
-            let len = r.prompt_ids.len();
-            if let Some((_, first)) = take.first() {
-                common = common.min(common_len(&first.prompt_ids, &r.prompt_ids));
-            }
-            let prefix = if take.is_empty() || common < model.generator.min_shared_prefix {
-                0
-            } else {
-                common.min(len.saturating_sub(1))
-            };
-            let width = longest.max(len).saturating_sub(prefix);
-            if !take.is_empty() && !fits(&with_taken(&take, r, width)) {
-                break;
-            }
-            longest = longest.max(len);
-        }
-        take.extend(model.queue.pop_front());
-    }
-    if take.is_empty() {
-        return out;
-    }
-    let mut keyed = Vec::with_capacity(take.len());
-    let mut waiters = HashMap::with_capacity(take.len());
-    let mut next_key = model.running.as_ref().map_or(0, |f| f.next_key);
-    for (pending, request) in take {
-        waiters.insert(next_key, Waiter::new(pending, &request));
-        keyed.push((next_key, request));
-        next_key += 1;
-    }
-    let joined = match model.running.as_mut() {
-        Some(flight) => model
-            .generator
-            .join(&mut flight.batch, keyed)
-            .map(|finished| (None, finished)),
-        None => model.generator.start(keyed),
-    };
-    let finished = match joined {
-        Ok((started, finished)) => {
-            if let Some(batch) = started {
-                log::debug!(
-                    "batch started: {} rows, shared prefix {} tokens",
-                    batch.len(),
-                    batch.prefix_len()
-                );
-                d.batches += 1;
-                model.running = Some(InFlight {
-                    batch,
-                    rows: HashMap::new(),
-                    next_key: 0,
-                    closed: false,
-                });
-            }
-            finished
-        }
-        Err(e) => {
-            // The running batch is as it was: only the newcomers fail.
-            let error = GenError::Model(e.to_string());
-            out.extend(waiters.into_values().map(|w| {
-                Settle::Failed(Box::new(Reply::failed(w.pending.request, error.clone())))
-            }));
-            return out;
+            Fit::No
         }
     };
-    for (key, completion) in finished {
-        if let Some(w) = waiters.remove(&key) {
-            out.push(Settle::Done(Box::new(w), completion));
+    let plan = admission::plan(&queue, &open, &kept, fit, &limits);
+    for &b in &plan.close {
+        let f = &mut model.running[b];
+        log::debug!(
+            "batch of {} rows (prefix {} tokens) closed to newcomers: a request needs a batch \
+             of its own and {} run already",
+            f.batch.len(),
+            f.batch.prefix_len(),
+            limits.max_batches
+        );
+        f.closed = true;
+    }
+    // The requests taken, by queue position; the others stay in their order.
+    let last = (plan.joins.iter().chain(&plan.starts))
+        .flatten()
+        .max()
+        .map_or(0, |&q| q + 1);
+    let mut taken: Vec<Option<(Pending, Request)>> = model.queue.drain(..last).map(Some).collect();
+    let mut take = |positions: &[usize], taken: &mut Vec<Option<(Pending, Request)>>| {
+        let mut keyed = Vec::with_capacity(positions.len());
+        let mut waiters = Vec::with_capacity(positions.len());
+        for &q in positions {
+            if let Some((pending, request)) = taken[q].take() {
+                waiters.push((model.next_key, Waiter::new(pending, &request)));
+                keyed.push((model.next_key, request));
+                model.next_key += 1;
+            }
+        }
+        (keyed, waiters)
+    };
+    let mut groups = Vec::new();
+    for (b, positions) in plan.joins.iter().enumerate() {
+        if !positions.is_empty() {
+            let (keyed, waiters) = take(positions, &mut taken);
+            groups.push((Some(b), keyed, waiters));
         }
     }
-    match model.running.as_mut() {
-        Some(flight) => {
-            flight.next_key = next_key;
-            flight.rows.extend(waiters);
+    for positions in &plan.starts {
+        let (keyed, waiters) = take(positions, &mut taken);
+        groups.push((None, keyed, waiters));
+    }
+    for left in taken.into_iter().rev().flatten() {
+        model.queue.push_front(left);
+    }
+    let mut out = Vec::new();
+    for (batch, keyed, waiters) in groups {
+        let joined = match batch {
+            Some(b) => (model.generator)
+                .join(&mut model.running[b].batch, keyed)
+                .map(|finished| (None, finished)),
+            None => model.generator.start(keyed),
+        };
+        let mut waiters: HashMap<u64, Waiter> = waiters.into_iter().collect();
+        match joined {
+            Ok((started, finished)) => {
+                if let Some(batch) = started {
+                    log::debug!(
+                        "batch started: {} rows, shared prefix {} tokens, {} batches running",
+                        batch.len(),
+                        batch.prefix_len(),
+                        model.running.len() + 1
+                    );
+                    d.batches += 1;
+                    model.running.push(InFlight {
+                        batch,
+                        closed: false,
+                    });
+                }
+                for (key, completion) in finished {
+                    if let Some(w) = waiters.remove(&key) {
+                        out.push(Settle::Done(Box::new(w), completion));
+                    }
+                }
+                model.waiters.extend(waiters);
+            }
+            Err(e) => {
+                // The running batches are as they were: only these newcomers fail.
+                let error = GenError::Model(e.to_string());
+                out.extend(waiters.into_values().map(|w| {
+                    Settle::Failed(Box::new(Reply::failed(w.pending.request, error.clone())))
+                }));
+            }
         }
-        // Nothing left to decode: every newcomer wanted no tokens.
-        None => debug_assert!(waiters.is_empty()),
     }
     out
 }
 
-/// The first half of a decoding step of the running batch: every row's next token picked and
-/// the rows that finished answered ([`Generator::pick`]); the forward step follows in
-/// [`advance_all`]. A failed pick fails every row of the batch.
+/// The first half of a decoding step of the running batches: every row's next token picked
+/// and the rows that finished answered ([`Generator::pick`]); the forward step follows in
+/// [`advance_all`]. A failed pick fails every row of its batch.
 fn pick(model: &mut Loaded, d: &mut VersionStats) -> Vec<Settle> {
-    let Some(flight) = model.running.as_mut() else {
+    if model.running.is_empty() {
         return Vec::new();
-    };
+    }
     d.decode_steps += 1;
-    d.decode_rows += flight.batch.len() as u64;
-    let tokenizer = &model.tokenizer;
-    let rows = &mut flight.rows;
-    let result = model.generator.pick(&mut flight.batch, &mut |key, tok| {
-        // Rows whose caller streams get their text as it comes, whole characters only.
-        if let Some((tx, decoder)) = rows.get_mut(&key).and_then(|w| w.stream.as_mut()) {
-            let piece = decoder.push(tokenizer, tok);
-            if !piece.is_empty() {
-                // A caller that went away only stops hearing.
-                let _ = tx.send(piece);
+    d.decode_rows += model.rows() as u64;
+    let Loaded {
+        generator,
+        tokenizer,
+        running,
+        waiters,
+        ..
+    } = model;
+    let mut out = Vec::new();
+    running.retain_mut(|flight| {
+        let keys: Vec<u64> = flight.batch.keys().collect();
+        let result = generator.pick(&mut flight.batch, &mut |key, tok| {
+            // Rows whose caller streams get their text as it comes, whole characters only.
+            if let Some((tx, decoder)) = waiters.get_mut(&key).and_then(|w| w.stream.as_mut()) {
+                let piece = decoder.push(tokenizer, tok);
+                if !piece.is_empty() {
+                    // A caller that went away only stops hearing.
+                    let _ = tx.send(piece);
+                }
+            }
+        });
+        match result {
+            Ok(finished) => {
+                out.extend(
+                    finished.into_iter().filter_map(|(key, c)| {
+                        Some(Settle::Done(Box::new(waiters.remove(&key)?), c))
+                    }),
+                );
+                !flight.batch.is_empty()
+            }
+            Err(e) => {
+                let error = GenError::Model(e.to_string());
+                out.extend(keys.iter().filter_map(|key| {
+                    let w = waiters.remove(key)?;
+                    let reply = Reply::failed(w.pending.request, error.clone());
+                    Some(Settle::Failed(Box::new(reply)))
+                }));
+                false
             }
         }
     });
-    let out = match result {
-        Ok(finished) => finished
-            .into_iter()
-            .filter_map(|(key, c)| Some(Settle::Done(Box::new(flight.rows.remove(&key)?), c)))
-            .collect(),
-        Err(e) => {
-            let error = GenError::Model(e.to_string());
-            let failed = flight.rows.drain().map(|(_, w)| {
-                Settle::Failed(Box::new(Reply::failed(w.pending.request, error.clone())))
-            });
-            let out = failed.collect();
-            model.running = None;
-            return out;
-        }
-    };
-    if flight.batch.is_empty() {
-        model.running = None;
-    }
     out
 }
 

@@ -12,9 +12,11 @@
 //! started again.
 //!
 //! The files: `protocol` (requests and answers), `stats` (counters), `batcher` (the thread's
-//! loop and the cache lookups), `execute` (batches on the model), `cache` (the answer file),
+//! loop and the cache lookups), `admission` (which requests enter which running batch),
+//! `execute` (batches on the model), `cache` (the answer file),
 //! `openai` (`backflow serve`: the OpenAI-compatible HTTP API in front of it).
 
+mod admission;
 mod batcher;
 pub mod cache;
 mod execute;
@@ -77,6 +79,10 @@ pub struct ServerConfig {
     /// decoding wait at most one such prefill per token they make. A new batch takes up to
     /// `max_batch` requests whatever their length: no row waits on it.
     pub max_join_tokens: usize,
+    /// Most batches one version runs at once, one per shared prompt prefix (a loop's
+    /// instruction prompts and rating prompts served by one model: each kind's template
+    /// computed once, not once per row of a mixed batch), all stepped in one forward pass.
+    pub max_running_batches: usize,
     /// Most prompt tokens (each prompt counted at the longest of its pass, padding included)
     /// of one forward pass of forced choices (a judge's verdicts, a selector's ratings): they
     /// are answered a pass at a time, so this bounds the pass's activations (with 32 prompts a
@@ -105,6 +111,7 @@ impl Default for ServerConfig {
             max_batch: 32,
             batch_window: Duration::from_millis(20),
             max_join_tokens: 1024,
+            max_running_batches: 4,
             max_choice_tokens: 4096,
             kv_cache_bytes: DEFAULT_KV_CACHE_MB << 20,
             prefix_cache: true,

@@ -37,8 +37,9 @@ pub struct VersionStats {
     /// batch size.
     #[serde(default)]
     pub decode_rows: u64,
-    /// Decode steps whose forward pass this version shared with other versions over the same
-    /// base (adapters of one run: their rows in one pass, the base weights read once).
+    /// Decode steps whose forward pass ran more than one batch: other versions' over the same
+    /// base (adapters of one run) or this version's own batches of other prefixes, their rows
+    /// in one pass, the base weights read once.
     #[serde(default)]
     pub joint_steps: u64,
 }

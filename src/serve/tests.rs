@@ -739,3 +739,84 @@ fn serve_two_adapters_of_one_base_decode_jointly_each_answering_as_alone() {
         s2.joint_steps
     );
 }
+
+/// One version serving two kinds of prompt at once (a loop given one model for both steps:
+/// instruction prompts and rating prompts, each behind a long template of its own), sent
+/// interleaved: each kind runs in a batch of its own, both stepped together, each computing its
+/// template once. Allowed one batch at a time, the kinds take turns; without the prefix cache
+/// they share one batch and every prompt is prefilled whole. The answers are the same each way.
+#[test]
+fn serve_two_kinds_of_prompt_run_in_a_batch_each_with_its_own_prefix() {
+    let Some(model) = model_path() else { return };
+    let template = |kind: &str| {
+        format!(
+            "You are a careful assistant for {kind}. Read the question, think about what the \
+             person asking wants to know, and answer in one short sentence. Do not repeat the \
+             question, do not add a greeting, and never write more than one sentence. If the \
+             question has no clear answer, say so plainly and stop."
+        )
+    };
+    let questions = [
+        "What is the capital of France?",
+        "Name a primary colour.",
+        "What is 2 + 2?",
+    ];
+    // A0, B0, A1, B1, A2, B2.
+    let conversations: Vec<Vec<Message>> = (0..6)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                "geography"
+            } else {
+                "arithmetic"
+            };
+            vec![
+                Message::system(template(kind)),
+                Message::user(questions[i / 2]),
+            ]
+        })
+        .collect();
+    let run = |config: ServerConfig| {
+        let server = ModelServer::start(config);
+        server.load("v0", &model).expect("load");
+        let client = server.client().expect("client");
+        let answers = ask(&client, "v0", &conversations, 8);
+        (answers, server.stats().version("v0"))
+    };
+    let (apart, per_prefix) = run(ServerConfig::default());
+    let (turns, one_at_a_time) = run(ServerConfig {
+        max_running_batches: 1,
+        ..ServerConfig::default()
+    });
+    let (mixed, no_prefix) = run(ServerConfig {
+        prefix_cache: false,
+        ..ServerConfig::default()
+    });
+    assert_eq!(per_prefix.batches, 2, "a batch per kind: {per_prefix:?}");
+    assert!(
+        per_prefix.decode_rows > 3 * per_prefix.decode_steps,
+        "both kinds' rows in one step: {per_prefix:?}"
+    );
+    assert!(per_prefix.joint_steps > 0, "in one pass: {per_prefix:?}");
+    assert!(
+        one_at_a_time.batches >= 2 && one_at_a_time.decode_rows <= 3 * one_at_a_time.decode_steps,
+        "one kind at a time: {one_at_a_time:?}"
+    );
+    assert_eq!(no_prefix.batches, 1, "the premise: {no_prefix:?}");
+    assert_eq!(no_prefix.prefill_tokens, no_prefix.prompt_tokens);
+    // Each template is over 32 tokens and three rows of its kind start with it: computed once
+    // per kind, two rows' worth of it is saved for each.
+    assert_eq!(per_prefix.prompt_tokens, no_prefix.prompt_tokens);
+    assert!(
+        per_prefix.prefill_tokens + 4 * 32 <= per_prefix.prompt_tokens,
+        "each template prefilled once: {per_prefix:?}"
+    );
+    for ((a, b), c) in apart.iter().zip(&turns).zip(&mixed) {
+        assert!(
+            matches!(&a.result, Ok(t) if !t.is_empty()),
+            "{:?}",
+            a.result
+        );
+        assert_eq!(a.result, b.result, "ticket {}", a.ticket);
+        assert_eq!(a.result, c.result, "ticket {}", a.ticket);
+    }
+}

@@ -431,7 +431,7 @@ mod tests {
                 got2[k as usize] = Some(c.ids);
             }
             joint_steps += usize::from(b1.has_picked() && b2.has_picked());
-            Generator::advance_jointly(&mut [(&mut g1, &mut b1), (&mut g2, &mut b2)])
+            Generator::advance_jointly(&mut [(&mut g1, vec![&mut b1]), (&mut g2, vec![&mut b2])])
                 .expect("advance");
             assert!(!b1.has_picked() && !b2.has_picked());
         }
