@@ -8,6 +8,9 @@ passages, same GGUF, same prompts, sampling and token limits, same threads. Prin
     ~/.cache/backflow/venv-llama/bin/python benches/peer_distilabel.py [--passages 256]
         [--threads 2] [--model PATH.gguf] [--backflow-only]
 
+`--backflow-only` runs backflow's side alone (to compare two builds of backflow: set
+`BACKFLOW_BIN=PATH` to the binary to time; default `target/release/backflow`).
+
 What each side does, per passage of the Python docs (`backflow segment`'s passages, the first N):
 - augment: the paper's backward prompt (`train::data::backward_prompt`: the instruction request,
   the passage, the seed tag) as the user turn of the model's chat template; sampled at T = 0.7,
@@ -36,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("BACKFLOW_CACHE", Path.home() / ".cache/backflow"))
-BIN = ROOT / "target/release/backflow"
+BIN = Path(os.environ.get("BACKFLOW_BIN", ROOT / "target/release/backflow"))
 DEFAULT_MODEL = CACHE / "model/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # train::data::BACKWARD_PROMPT and SEED_TAG, as backflow sends them (src/train/data.rs).
