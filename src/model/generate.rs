@@ -293,8 +293,11 @@ impl<B: Backend> Generator<B> {
         }
     }
 
-    /// Picks (and if needed computes) the prefix for this batch; returns its length.
-    fn choose_prefix(&mut self, prompts: &[&[u32]]) -> Result<usize, ModelError> {
+    /// Picks (and if needed computes) the prefix for this batch; returns its length. `head` is
+    /// the length of a head the first prompt shares with prompts elsewhere (rows of another
+    /// batch; 0 for none): a lone prompt computes and keeps that much as a prefix, for the
+    /// prompts that share it to start from.
+    fn choose_prefix(&mut self, prompts: &[&[u32]], head: usize) -> Result<usize, ModelError> {
         // A prefix must leave at least one prompt token, whose logits start the generation.
         let usable = |ids: &[u32]| {
             prompts
@@ -307,9 +310,11 @@ impl<B: Backend> Generator<B> {
             .max_by_key(|(_, p)| p.len())
             .map(|(i, p)| (i, p.len()));
         let current_len = kept.map_or(0, |k| k.1);
-        if prompts.len() >= 2 {
-            let first = prompts[0];
+        if let Some(first) = prompts.first() {
             let mut lcp = first.len().saturating_sub(1);
+            if prompts.len() == 1 {
+                lcp = lcp.min(head);
+            }
             for p in &prompts[1..] {
                 lcp = lcp.min(common_len(first, p)).min(p.len().saturating_sub(1));
             }
@@ -327,7 +332,12 @@ impl<B: Backend> Generator<B> {
 
     /// Prefills a batch of prompts: the cached prefix (if usable), then the rest of every
     /// prompt right-aligned in one forward pass.
-    fn prefill(&mut self, prompts: &[&[u32]], reserve: usize) -> Result<Prefilled<B>, ModelError> {
+    fn prefill(
+        &mut self,
+        prompts: &[&[u32]],
+        reserve: usize,
+        head: usize,
+    ) -> Result<Prefilled<B>, ModelError> {
         for p in prompts {
             if p.is_empty() {
                 return Err(ModelError::Request("empty prompt".into()));
@@ -336,7 +346,7 @@ impl<B: Backend> Generator<B> {
         }
         // Computing a new shared prefix counts as prefill.
         let t0 = std::time::Instant::now();
-        let p_len = self.choose_prefix(prompts)?;
+        let p_len = self.choose_prefix(prompts, head)?;
         self.timing.prefill_s += t0.elapsed().as_secs_f64();
         let prefix = self.prefixes.last().filter(|_| p_len > 0).cloned();
         self.prefill_from(prompts, reserve, prefix.as_ref())
@@ -379,7 +389,7 @@ impl<B: Backend> Generator<B> {
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.max_batch.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            let pre = self.prefill(&refs, 0)?;
+            let pre = self.prefill(&refs, 0, 0)?;
             let vocab = self.model.config().vocab;
             let flat = to_f32(pre.logits)?;
             out.extend(flat.chunks(vocab).map(<[f32]>::to_vec));
@@ -476,12 +486,26 @@ impl<B: Backend> Generator<B> {
         &mut self,
         requests: Vec<(u64, Request)>,
     ) -> Result<(Option<RunningBatch<B>>, Vec<(u64, Completion)>), ModelError> {
+        self.start_sharing(requests, 0)
+    }
+
+    /// [`Generator::start`] for requests whose first prompt shares its first `head` tokens with
+    /// prompts elsewhere (the rows of another batch: [`Generator::shared_head_len`]). A batch of
+    /// one computes that head as its prefix and keeps it, so the next prompts that share it
+    /// start from it rather than each prefilling it whole (a rating that arrives alone behind
+    /// the rating template). `head` shorter than [`Generator::min_shared_prefix`] is none.
+    #[allow(clippy::type_complexity)]
+    pub fn start_sharing(
+        &mut self,
+        requests: Vec<(u64, Request)>,
+        head: usize,
+    ) -> Result<(Option<RunningBatch<B>>, Vec<(u64, Completion)>), ModelError> {
         let (live, finished) = split_empty(requests);
         if live.is_empty() {
             return Ok((None, finished));
         }
         let prompts: Vec<&[u32]> = live.iter().map(|(_, r)| r.prompt_ids.as_slice()).collect();
-        let Prefilled { cache, logits } = self.prefill(&prompts, reserve_for(&live))?;
+        let Prefilled { cache, logits } = self.prefill(&prompts, reserve_for(&live), head)?;
         Ok((
             Some(RunningBatch {
                 cache,
@@ -791,6 +815,22 @@ impl<B: Backend> Generator<B> {
             .map(PrefixKv::len)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The longest head `prompt` shares with a row of `batch`, all of it but its last token at
+    /// most (0 when under [`Generator::min_shared_prefix`]): the prefix a batch of its own
+    /// would compute and keep for it ([`Generator::start_sharing`]).
+    pub fn shared_head_len(&self, batch: &RunningBatch<B>, prompt: &[u32]) -> usize {
+        let longest = (batch.rows.iter())
+            .map(|row| common_len(&row.request.prompt_ids, prompt))
+            .max()
+            .unwrap_or(0)
+            .min(prompt.len().saturating_sub(1));
+        if longest >= self.min_shared_prefix {
+            longest
+        } else {
+            0
+        }
     }
 }
 
@@ -1237,6 +1277,49 @@ mod tests {
         let batch = batch.expect("batch");
         assert_eq!(batch.cache.prefix_ids().len(), 40);
         assert!(gen.should_join(&batch, &sibling));
+    }
+
+    /// A lone prompt that shares a long head with a row of another batch computes that head as
+    /// its prefix and keeps it: the next prompt sharing it starts from it (joins, or finds it
+    /// kept), and the tokens are those of each request alone.
+    #[test]
+    fn a_lone_prompt_computes_the_head_it_shares_elsewhere() {
+        let template: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 64).collect();
+        let mut gen = Generator::new(tiny(), vec![]);
+        let first = request(1, &template, 4, 6);
+        let (running, _) = gen.start(vec![(0, first.clone())]).expect("start");
+        let running = running.expect("batch");
+        assert!(
+            running.cache.prefix_ids().is_empty(),
+            "without a head, none"
+        );
+        let second = request(2, &template, 5, 6);
+        let head = gen.shared_head_len(&running, &second.prompt_ids);
+        assert_eq!(head, 40, "the template, where the two part");
+        assert_eq!(
+            gen.shared_head_len(&running, &template[..20]),
+            0,
+            "too short"
+        );
+        assert_eq!(gen.kept_prefix_len(&second.prompt_ids), 0);
+        let (batch, _) = gen
+            .start_sharing(vec![(1, second.clone())], head)
+            .expect("start sharing");
+        let mut batch = batch.expect("batch");
+        assert_eq!(batch.cache.prefix_ids(), &template[..]);
+        let third = request(3, &template, 3, 6);
+        assert_eq!(gen.kept_prefix_len(&third.prompt_ids), 40);
+        assert!(gen.should_join(&batch, &third));
+        let mut got: HashMap<u64, Completion> = HashMap::new();
+        got.extend(
+            gen.join(&mut batch, vec![(2, third.clone())])
+                .expect("join"),
+        );
+        while !batch.is_empty() {
+            got.extend(gen.step(&mut batch, &mut |_, _| {}).expect("step"));
+        }
+        assert_eq!(got[&1].ids, alone(&second).ids);
+        assert_eq!(got[&2].ids, alone(&third).ids);
     }
 
     /// Logits ln 1, ln 2, ln 3, ln 4: the softmax is 0.1, 0.2, 0.3, 0.4 over the whole row, so

@@ -65,13 +65,24 @@ pub(super) struct Limits {
     pub paged: bool,
 }
 
+/// A new batch to start.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Start {
+    /// Its requests, in queue order.
+    pub members: Vec<usize>,
+    /// For a batch of one, the head its prompt shares with prompts elsewhere (a running row, a
+    /// request still queued), which it computes and keeps as a prefix for them; else 0 (a
+    /// batch of several computes the head its own prompts share).
+    pub head: usize,
+}
+
 /// What one step admits: positions in the queue as given.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Plan {
     /// For each running batch (in the order given), the requests that join it.
     pub joins: Vec<Vec<usize>>,
-    /// New batches, each its requests, in queue order.
-    pub starts: Vec<Vec<usize>>,
+    /// New batches, in queue order of their first request.
+    pub starts: Vec<Start>,
     /// Running batches to close to newcomers.
     pub close: Vec<usize>,
 }
@@ -79,6 +90,8 @@ pub(super) struct Plan {
 /// A new batch being gathered.
 struct Gathering {
     members: Vec<usize>,
+    /// The head its first prompt shares with prompts elsewhere ([`Start::head`]).
+    head: usize,
     /// Whether its members share no long head (prompts that would be alone otherwise).
     loose: bool,
     /// Their longest prompt and the head they all share.
@@ -95,10 +108,10 @@ impl Gathering {
         let longest = self.longest.max(r.prompt_ids.len());
         let seed = self.members.first().map_or(r, |&m| queue[m]);
         let common = self.common.min(common_len(&seed.prompt_ids, &r.prompt_ids));
-        // A lone prompt uses what is kept of it; several compute their common head (a loose
-        // batch's is short: counted as none).
+        // A lone prompt uses what is kept of it or computes the head it shares elsewhere;
+        // several compute their common head (a loose batch's is short: counted as none).
         let prefix = if n == 1 {
-            kept[extra]
+            kept[extra].max(self.head)
         } else if self.loose {
             0
         } else {
@@ -125,11 +138,13 @@ struct Tokens {
 
 /// What one step admits from `queue` (oldest first) into `batches`: `fit(b, r)` says how
 /// request `r` fits running batch `b`, `kept[r]` is the longest kept prefix request `r` could
-/// start from.
+/// start from, `shared[r]` the longest head it shares with a running row (0 when under
+/// [`Limits::min_shared_prefix`]).
 pub(super) fn plan(
     queue: &[&Request],
     batches: &[OpenBatch],
     kept: &[usize],
+    shared: &[usize],
     fit: impl Fn(usize, &Request) -> Fit,
     limits: &Limits,
 ) -> Plan {
@@ -187,10 +202,14 @@ pub(super) fn plan(
         let head = |g: &Gathering| {
             !g.loose && common_len(&queue[g.members[0]].prompt_ids, &r.prompt_ids) >= min
         };
-        let own = kept[q] >= min
-            || fits_of.contains(&Fit::Own)
-            || (queue[q + 1..].iter().take(limits.max_rows))
-                .any(|o| common_len(&o.prompt_ids, &r.prompt_ids) >= min);
+        // The head it shares with a running row or a later request.
+        let lone_head = (queue[q + 1..].iter().take(limits.max_rows))
+            .map(|o| common_len(&o.prompt_ids, &r.prompt_ids))
+            .max()
+            .unwrap_or(0)
+            .max(shared[q])
+            .min(len.saturating_sub(1));
+        let own = kept[q] >= min || fits_of.contains(&Fit::Own) || lone_head >= min;
         let target = match gathering.iter().position(|(g, _)| head(g)) {
             Some(g) => Some(g),
             None if !own => gathering.iter().position(|(g, _)| g.loose),
@@ -230,6 +249,7 @@ pub(super) fn plan(
                 }
                 let gather = Gathering {
                     members: Vec::new(),
+                    head: if lone_head >= min { lone_head } else { 0 },
                     loose: !own,
                     longest: 0,
                     common: usize::MAX,
@@ -248,7 +268,12 @@ pub(super) fn plan(
         tokens += new_tokens;
         rows += 1;
     }
-    plan.starts = gathering.into_iter().map(|(g, _)| g.members).collect();
+    plan.starts = (gathering.into_iter())
+        .map(|(g, _)| Start {
+            head: if g.members.len() == 1 { g.head } else { 0 },
+            members: g.members,
+        })
+        .collect();
     plan
 }
 
@@ -280,6 +305,22 @@ mod tests {
         q.iter().collect()
     }
 
+    /// [`plan`] for requests that share no head with a running row.
+    fn plan_of(
+        queue: &[&Request],
+        batches: &[OpenBatch],
+        kept: &[usize],
+        fit: impl Fn(usize, &Request) -> Fit,
+        limits: &Limits,
+    ) -> Plan {
+        plan(queue, batches, kept, &vec![0; queue.len()], fit, limits)
+    }
+
+    /// Each new batch's requests.
+    fn members(p: &Plan) -> Vec<Vec<usize>> {
+        p.starts.iter().map(|s| s.members.clone()).collect()
+    }
+
     /// Two kinds of prompt interleaved, each kind sharing a long head: two batches, each of
     /// one kind, in queue order; prompts sharing no head with anyone go in a third, together.
     #[test]
@@ -293,8 +334,8 @@ mod tests {
             prompt(6, 1, &[6], 4),  // alone
             prompt(7, 10, &[7], 4), // A
         ];
-        let p = plan(&refs(&q), &[], &[0; 7], |_, _| Fit::No, &limits());
-        assert_eq!(p.starts, vec![vec![0, 2, 6], vec![1, 4], vec![3, 5]]);
+        let p = plan_of(&refs(&q), &[], &[0; 7], |_, _| Fit::No, &limits());
+        assert_eq!(members(&p), vec![vec![0, 2, 6], vec![1, 4], vec![3, 5]]);
         assert!(p.close.is_empty() && p.joins.is_empty());
     }
 
@@ -307,8 +348,8 @@ mod tests {
             min_shared_prefix: usize::MAX,
             ..limits()
         };
-        let p = plan(&refs(&q), &[], &[0, 0], |_, _| Fit::No, &off);
-        assert_eq!(p.starts, vec![vec![0, 1]]);
+        let p = plan_of(&refs(&q), &[], &[0, 0], |_, _| Fit::No, &off);
+        assert_eq!(members(&p), vec![vec![0, 1]]);
     }
 
     /// A lone request whose prompt starts with a kept prefix gets a batch of its own (to start
@@ -320,8 +361,45 @@ mod tests {
             prompt(9, 12, &[2], 4),
             prompt(6, 1, &[3], 4),
         ];
-        let p = plan(&refs(&q), &[], &[0, 12, 0], |_, _| Fit::No, &limits());
-        assert_eq!(p.starts, vec![vec![0, 2], vec![1]]);
+        let p = plan_of(&refs(&q), &[], &[0, 12, 0], |_, _| Fit::No, &limits());
+        assert_eq!(members(&p), vec![vec![0, 2], vec![1]]);
+    }
+
+    /// A lone request that shares a long head with a running row starts a batch of its own
+    /// that computes that head (for the next prompts that share it to start from), not the
+    /// loners' batch; one whose head is shared only by a request left queued does the same.
+    #[test]
+    fn a_lone_prompt_sharing_a_head_elsewhere_computes_it() {
+        let q = vec![prompt(9, 12, &[2], 4), prompt(5, 1, &[4], 4)];
+        let p = plan(&refs(&q), &[], &[0, 0], &[12, 0], |_, _| Fit::No, &limits());
+        let want = vec![
+            Start {
+                members: vec![0],
+                head: 12,
+            },
+            Start {
+                members: vec![1],
+                head: 0,
+            },
+        ];
+        assert_eq!(p.starts, want);
+        // Sharing nothing with a running row, the two are loners together.
+        let p = plan_of(&refs(&q), &[], &[0, 0], |_, _| Fit::No, &limits());
+        assert_eq!(members(&p), vec![vec![0, 1]]);
+        assert_eq!(p.starts[0].head, 0);
+        // Room for one row: the first goes alone and computes the 10 tokens it shares with the
+        // second (all but its last token).
+        let q = vec![prompt(7, 10, &[1], 4), prompt(7, 10, &[2], 4)];
+        let one = Limits {
+            max_rows: 1,
+            ..limits()
+        };
+        let p = plan_of(&refs(&q), &[], &[0, 0], |_, _| Fit::No, &one);
+        let want = vec![Start {
+            members: vec![0],
+            head: 10,
+        }];
+        assert_eq!(p.starts, want);
     }
 
     fn running(prefix_len: usize, rows: usize) -> OpenBatch {
@@ -354,9 +432,9 @@ mod tests {
                 Fit::No
             }
         };
-        let p = plan(&refs(&q), &batches, &[0; 3], fit, &limits());
+        let p = plan_of(&refs(&q), &batches, &[0; 3], fit, &limits());
         assert_eq!(p.joins, vec![vec![1]]);
-        assert_eq!(p.starts, vec![vec![0, 2]]);
+        assert_eq!(members(&p), vec![vec![0, 2]]);
         assert!(p.close.is_empty());
     }
 
@@ -381,7 +459,7 @@ mod tests {
             max_batches: 2,
             ..limits()
         };
-        let p = plan(&refs(&q), &batches, &[0; 3], fit, &two);
+        let p = plan_of(&refs(&q), &batches, &[0; 3], fit, &two);
         assert_eq!(p.joins, vec![vec![0], vec![]]);
         assert!(p.starts.is_empty());
         assert_eq!(p.close, vec![0, 1]);
@@ -393,9 +471,9 @@ mod tests {
         let q = vec![prompt(7, 10, &[1], 4)];
         let mut closed = running(10, 2);
         closed.closed = true;
-        let p = plan(&refs(&q), &[closed], &[10], |_, _| Fit::Join, &limits());
+        let p = plan_of(&refs(&q), &[closed], &[10], |_, _| Fit::Join, &limits());
         assert_eq!(p.joins, vec![Vec::<usize>::new()]);
-        assert_eq!(p.starts, vec![vec![0]]);
+        assert_eq!(members(&p), vec![vec![0]]);
     }
 
     /// While other rows decode, a new batch's prompts count against the step's prefill budget
@@ -414,8 +492,8 @@ mod tests {
             max_join_tokens: 1024,
             ..limits()
         };
-        let p = plan(&refs(&q), &batches, &[0; 3], |_, _| Fit::No, &budget);
-        assert_eq!(p.starts, vec![vec![0, 1]]);
+        let p = plan_of(&refs(&q), &batches, &[0; 3], |_, _| Fit::No, &budget);
+        assert_eq!(members(&p), vec![vec![0, 1]]);
     }
 
     /// Rows, the join budget and the KV budget each stop admission in queue order.
@@ -429,7 +507,7 @@ mod tests {
             ..limits()
         };
         assert_eq!(
-            plan(&refs(&q), &batches, &[0; 6], join, &rows).joins,
+            plan_of(&refs(&q), &batches, &[0; 6], join, &rows).joins,
             vec![vec![0, 1, 2]]
         );
         // 11 tokens a prompt past a prefix of none: 25 tokens take two, the first always goes.
@@ -438,7 +516,7 @@ mod tests {
             ..limits()
         };
         assert_eq!(
-            plan(&refs(&q), &batches, &[0; 6], join, &budget).joins,
+            plan_of(&refs(&q), &batches, &[0; 6], join, &budget).joins,
             vec![vec![0, 1]]
         );
         let tiny = Limits {
@@ -446,7 +524,7 @@ mod tests {
             ..limits()
         };
         assert_eq!(
-            plan(&refs(&q), &batches, &[0; 6], join, &tiny).joins,
+            plan_of(&refs(&q), &batches, &[0; 6], join, &tiny).joins,
             vec![vec![0]]
         );
         // Paged, a row of 11 slots + 4 steps holds one block of 64 slots; the two running
@@ -456,7 +534,7 @@ mod tests {
             ..limits()
         };
         assert_eq!(
-            plan(&refs(&q), &batches, &[0; 6], join, &kv).joins,
+            plan_of(&refs(&q), &batches, &[0; 6], join, &kv).joins,
             vec![vec![0, 1, 2]]
         );
         // The version's first row runs whatever the budget; the next waits.
@@ -464,7 +542,7 @@ mod tests {
             kv_tokens: 0,
             ..limits()
         };
-        let p = plan(&refs(&q), &[], &[0; 6], join, &none);
-        assert_eq!(p.starts, vec![vec![0]]);
+        let p = plan_of(&refs(&q), &[], &[0; 6], join, &none);
+        assert_eq!(members(&p), vec![vec![0]]);
     }
 }

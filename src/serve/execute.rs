@@ -445,6 +445,14 @@ fn fill(
     let kept: Vec<usize> = (queue.iter())
         .map(|r| generator.kept_prefix_len(&r.prompt_ids))
         .collect();
+    let shared: Vec<usize> = (queue.iter())
+        .map(|r| {
+            (model.running.iter())
+                .map(|f| generator.shared_head_len(&f.batch, &r.prompt_ids))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let open: Vec<OpenBatch> = (model.running.iter())
         .map(|f| OpenBatch {
             prefix_len: f.batch.prefix_len(),
@@ -463,7 +471,7 @@ fn fill(
             Fit::No
         }
     };
-    let plan = admission::plan(&queue, &open, &kept, fit, &limits);
+    let plan = admission::plan(&queue, &open, &kept, &shared, fit, &limits);
     for &b in &plan.close {
         let f = &mut model.running[b];
         log::debug!(
@@ -476,7 +484,8 @@ fn fill(
         f.closed = true;
     }
     // The requests taken, by queue position; the others stay in their order.
-    let last = (plan.joins.iter().chain(&plan.starts))
+    let last = (plan.joins.iter())
+        .chain(plan.starts.iter().map(|s| &s.members))
         .flatten()
         .max()
         .map_or(0, |&q| q + 1);
@@ -493,16 +502,23 @@ fn fill(
         }
         (keyed, waiters)
     };
+    /// Where a group of newcomers goes.
+    enum Into {
+        /// Into running batch `.0`.
+        Join(usize),
+        /// Into a new batch, which computes the first `head` tokens of its lone prompt.
+        Start { head: usize },
+    }
     let mut groups = Vec::new();
     for (b, positions) in plan.joins.iter().enumerate() {
         if !positions.is_empty() {
             let (keyed, waiters) = take(positions, &mut taken);
-            groups.push((Some(b), keyed, waiters));
+            groups.push((Into::Join(b), keyed, waiters));
         }
     }
-    for positions in &plan.starts {
-        let (keyed, waiters) = take(positions, &mut taken);
-        groups.push((None, keyed, waiters));
+    for start in &plan.starts {
+        let (keyed, waiters) = take(&start.members, &mut taken);
+        groups.push((Into::Start { head: start.head }, keyed, waiters));
     }
     for left in taken.into_iter().rev().flatten() {
         model.queue.push_front(left);
@@ -510,10 +526,10 @@ fn fill(
     let mut out = Vec::new();
     for (batch, keyed, waiters) in groups {
         let joined = match batch {
-            Some(b) => (model.generator)
+            Into::Join(b) => (model.generator)
                 .join(&mut model.running[b].batch, keyed)
                 .map(|finished| (None, finished)),
-            None => model.generator.start(keyed),
+            Into::Start { head } => model.generator.start_sharing(keyed, head),
         };
         let mut waiters: HashMap<u64, Waiter> = waiters.into_iter().collect();
         match joined {

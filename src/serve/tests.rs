@@ -820,3 +820,79 @@ fn serve_two_kinds_of_prompt_run_in_a_batch_each_with_its_own_prefix() {
         assert_eq!(a.result, c.result, "ticket {}", a.ticket);
     }
 }
+
+/// Prompts of one template that arrive one at a time (a loop's ratings, each sent as its
+/// instruction is written): the second, alone in the queue while the first decodes in a batch
+/// with no shared prefix, starts a batch that computes the template it shares with the first
+/// and keeps it; the third joins that batch and is prefilled past the template. The answers
+/// are each request's alone.
+#[test]
+fn serve_prompts_arriving_one_by_one_compute_their_shared_template_once() {
+    let Some(model) = model_path() else { return };
+    let system = "You are a careful assistant. Read the request, think about what the person \
+                  asking wants, and answer it plainly. Do not repeat the request, do not add a \
+                  greeting, and keep to the point.";
+    let conversation = |i: u64| {
+        let animal = ["cat", "dog", "fox"][i as usize];
+        vec![
+            Message::system(system),
+            Message::user(format!(
+                "Write a long story about a {animal} who learns to sail."
+            )),
+        ]
+    };
+    let server = ModelServer::start(ServerConfig::default());
+    server.load("v0", &model).expect("load");
+    let client = server.client().expect("client");
+    let (reply, answers) = crossbeam_channel::unbounded();
+    let send = |ticket: u64| {
+        let ask = greedy_ask("v0", conversation(ticket), 48);
+        (client.send(GenRequest {
+            ticket,
+            reply: reply.clone(),
+            wake: None,
+            stream: None,
+            ask,
+        }))
+        .expect("send");
+    };
+    let wait_until = |what: &str, done: &dyn Fn(&VersionStats) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !done(&server.stats().version("v0")) {
+            assert!(Instant::now() < deadline, "never {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    send(0);
+    wait_until("decoding", &|s| s.decode_steps >= 2);
+    send(1);
+    wait_until("a second batch", &|s| s.batches >= 2);
+    send(2);
+    let mut got = receive(&answers, 3);
+    got.sort_by_key(|a| a.ticket);
+    let stats = server.stats().version("v0");
+    assert!(
+        got.iter().all(|a| a.new_tokens == 48),
+        "the premise: each runs its 48 tokens, so the first two still decode when the next \
+         comes"
+    );
+    assert_eq!(
+        stats.batches, 2,
+        "the third joined the second's batch: {stats:?}"
+    );
+    // The first two were prefilled whole; the third past the template (over 32 tokens).
+    assert!(
+        stats.prefill_tokens + 32 <= stats.prompt_tokens,
+        "the template computed once more, then kept: {stats:?}"
+    );
+    let fresh = ModelServer::start(ServerConfig {
+        prefix_cache: false,
+        ..ServerConfig::default()
+    });
+    fresh.load("v0", &model).expect("load");
+    let fresh_client = fresh.client().expect("client");
+    for a in &got {
+        let alone = ask(&fresh_client, "v0", &[conversation(a.ticket)], 48).remove(0);
+        assert_eq!(a.result, alone.result, "ticket {}", a.ticket);
+    }
+}
