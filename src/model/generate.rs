@@ -296,8 +296,7 @@ impl<B: Backend> Generator<B> {
     /// Picks (and if needed computes) the prefix for this batch; returns its length. `head` is
     /// the length of a head the first prompt shares with prompts elsewhere (rows of another
     /// batch; 0 for none): a lone prompt computes and keeps that much as a prefix, for the
-    /// prompts that share it to start from, unless a kept prefix it starts with is within
-    /// [`Generator::min_shared_prefix`] tokens of it.
+    /// prompts that share it to start from.
     fn choose_prefix(&mut self, prompts: &[&[u32]], head: usize) -> Result<usize, ModelError> {
         // A prefix must leave at least one prompt token, whose logits start the generation.
         let usable = |ids: &[u32]| {
@@ -314,12 +313,7 @@ impl<B: Backend> Generator<B> {
         if let Some(first) = prompts.first() {
             let mut lcp = first.len().saturating_sub(1);
             if prompts.len() == 1 {
-                // A head barely longer than a kept prefix is not worth computing again.
-                lcp = if head >= current_len.saturating_add(self.min_shared_prefix) {
-                    lcp.min(head)
-                } else {
-                    0
-                };
+                lcp = lcp.min(head);
             }
             for p in &prompts[1..] {
                 lcp = lcp.min(common_len(first, p)).min(p.len().saturating_sub(1));
@@ -1316,12 +1310,6 @@ mod tests {
         let third = request(3, &template, 3, 6);
         assert_eq!(gen.kept_prefix_len(&third.prompt_ids), 40);
         assert!(gen.should_join(&batch, &third));
-        // A head a few tokens past the kept template is not computed again: the batch starts
-        // from the template.
-        let (near, _) = gen
-            .start_sharing(vec![(9, request(5, &template, 6, 2))], 43)
-            .expect("start near");
-        assert_eq!(near.expect("batch").cache.prefix_ids(), &template[..]);
         let mut got: HashMap<u64, Completion> = HashMap::new();
         got.extend(
             gen.join(&mut batch, vec![(2, third.clone())])

@@ -249,12 +249,7 @@ pub(super) fn plan(
                 }
                 let gather = Gathering {
                     members: Vec::new(),
-                    // Worth computing only well past what is kept of it.
-                    head: if lone_head >= kept[q].saturating_add(min) {
-                        lone_head
-                    } else {
-                        0
-                    },
+                    head: if lone_head >= min { lone_head } else { 0 },
                     loose: !own,
                     longest: 0,
                     common: usize::MAX,
@@ -405,9 +400,6 @@ mod tests {
             head: 10,
         }];
         assert_eq!(p.starts, want);
-        // With 8 of those tokens kept, 2 more are not worth computing: it starts from the kept.
-        let p = plan_of(&refs(&q), &[], &[8, 8], |_, _| Fit::No, &one);
-        assert_eq!(p.starts[0].head, 0);
     }
 
     fn running(prefix_len: usize, rows: usize) -> OpenBatch {
