@@ -89,6 +89,13 @@ def run_backflow(tmp, texts, args):
 
 
 def run_distilabel(texts, args):
+    # distilabel runs each step in a process of its own, so the augment and rate LLMs decode at
+    # the same time, each with `n_threads`. llama.cpp's OpenMP threads spin while they wait,
+    # and two spinning pools on these 2 cores starve each other: three 362+64-token calls took
+    # 625 s in each of two concurrent processes (2 threads each) against 10.6 s alone, and 19.3 s
+    # with OMP_WAIT_POLICY=passive (threads that sleep), 29 s with 1 thread each (2026-12-06).
+    # The peer gets the fastest of these; it must be set before llama.cpp's library loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     from distilabel.models.llms import LlamaCppLLM
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
