@@ -25,7 +25,8 @@ loading included. backflow also computes a forced score when a rating has none (
 less). distilabel: a `Pipeline` of `LoadDataFromDicts` -> `TextGeneration` (the backward prompt)
 -> `InstructionBacktranslation` (distilabel's task for the paper's self-curation prompt), both on
 `LlamaCppLLM` with the same GGUF and `n_threads`, as distilabel's documentation sets them up;
-timed from `pipeline.run` to its return. Its rating turn has no system prompt (backflow's has the
+timed from `pipeline.run` until its steps are done (its rows are read from the step's parquet
+files: distilabel's own `Distiset` building fails on this data, see `run_distilabel`). Its rating turn has no system prompt (backflow's has the
 seed tag); distilabel's template is its own rendering of the paper's prompt.
 """
 import argparse
@@ -118,12 +119,31 @@ def run_distilabel(texts, args):
         rate = InstructionBacktranslation(llm=llm(128, False), input_batch_size=args.batch,
                                           input_mappings={"generation": "text"})
         load >> augment >> rate
+    # distilabel 1.5.3 ends `run` by loading every batch's parquet file into a `Distiset` with
+    # the first file's schema, and fails when SmolLM2 leaves `score` null in a whole batch (type
+    # null) and writes one in another (int64): `ArrowNotImplementedError: Unsupported cast from
+    # int64 to null`, after all the work is done (2026-12-06). So the leaf step's files are read
+    # here instead, with their schemas unified, and the clock stops when the steps are done.
+    import distilabel.pipeline.local as local
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    done = {}
+
+    def read_step_outputs(data_dir, **_):
+        done["t"] = time.perf_counter()
+        leaves = [d for d in (Path(data_dir) / "steps_outputs").iterdir() if d.is_dir()]
+        if len(leaves) != 1:
+            sys.exit(f"distilabel wrote {len(leaves)} leaf step outputs, expected 1: {leaves}")
+        files = sorted((f for f in leaves[0].iterdir() if f.suffix == ".parquet"),
+                       key=lambda f: int(f.stem))
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+
+    local.create_distiset = read_step_outputs
     t = time.perf_counter()
-    dist = p.run(use_cache=False)
-    secs = time.perf_counter() - t
-    out = dist["default"]["train"]
-    scores = [s for s in out["score"] if s is not None]
-    return {"secs": secs, "rows": len(out), "scored": len(scores)}
+    out = p.run(use_cache=False)
+    secs = done["t"] - t
+    scores = [s for s in out.column("score").to_pylist() if s is not None]
+    return {"secs": secs, "rows": out.num_rows, "scored": len(scores)}
 
 
 def main():
