@@ -119,31 +119,51 @@ def run_distilabel(texts, args):
         rate = InstructionBacktranslation(llm=llm(128, False), input_batch_size=args.batch,
                                           input_mappings={"generation": "text"})
         load >> augment >> rate
-    # distilabel 1.5.3 ends `run` by loading every batch's parquet file into a `Distiset` with
-    # the first file's schema, and fails when SmolLM2 leaves `score` null in a whole batch (type
-    # null) and writes one in another (int64): `ArrowNotImplementedError: Unsupported cast from
-    # int64 to null`, after all the work is done (2026-12-06). So the leaf step's files are read
-    # here instead, with their schemas unified, and the clock stops when the steps are done.
-    import distilabel.pipeline.local as local
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    done = {}
-
-    def read_step_outputs(data_dir, **_):
-        done["t"] = time.perf_counter()
-        leaves = [d for d in (Path(data_dir) / "steps_outputs").iterdir() if d.is_dir()]
-        if len(leaves) != 1:
-            sys.exit(f"distilabel wrote {len(leaves)} leaf step outputs, expected 1: {leaves}")
-        files = sorted((f for f in leaves[0].iterdir() if f.suffix == ".parquet"),
-                       key=lambda f: int(f.stem))
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-
-    local.create_distiset = read_step_outputs
+    read_leaf_outputs = keep_distilabel_outputs_readable()
     t = time.perf_counter()
     out = p.run(use_cache=False)
-    secs = done["t"] - t
+    secs = read_leaf_outputs.done - t
     scores = [s for s in out.column("score").to_pylist() if s is not None]
     return {"secs": secs, "rows": out.num_rows, "scored": len(scores)}
+
+
+def keep_distilabel_outputs_readable():
+    """distilabel 1.5.3 cannot read back what its rating step wrote when a batch's `score` is
+    null throughout (SmolLM2 rarely writes `Score: N`) and a later one holds an int: its write
+    buffer keeps the first batch's schema (`score: null`), and on closing re-reads every file
+    with that schema (`ArrowNotImplementedError: Unsupported cast from int64 to null`), after
+    all the work is done; its `Distiset` loader fails the same way (2026-12-06, twice at 256
+    passages). So the pipeline's end is patched here: the write buffer only flushes what it
+    holds, and the leaf step's parquet files are read with their schemas unified. Returns the
+    reader that stands in for `create_distiset`; its `done` is the time the steps finished."""
+    import distilabel.pipeline.local as local
+    from distilabel.pipeline.write_buffer import _WriteBuffer
+
+    def flush_only(self):
+        for step_name, rows in self._buffers.items():
+            if rows:
+                self._write(step_name)
+
+    def read_leaf_outputs(data_dir, **_):
+        read_leaf_outputs.done = time.perf_counter()
+        return read_parquet_outputs(Path(data_dir) / "steps_outputs")
+
+    _WriteBuffer.close = flush_only
+    local.create_distiset = read_leaf_outputs
+    return read_leaf_outputs
+
+
+def read_parquet_outputs(folder):
+    """The one leaf step's rows under `folder` (`<step>/00000.parquet`, ...), in file order,
+    a column null in some files and typed in others taking the type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    leaves = [d for d in folder.iterdir() if d.is_dir()]
+    if len(leaves) != 1:
+        sys.exit(f"distilabel wrote {len(leaves)} leaf step outputs, expected 1: {leaves}")
+    files = sorted((f for f in leaves[0].iterdir() if f.suffix == ".parquet"),
+                   key=lambda f: int(f.stem))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
 
 
 def main():
