@@ -25,8 +25,9 @@ loading included. backflow also computes a forced score when a rating has none (
 less). distilabel: a `Pipeline` of `LoadDataFromDicts` -> `TextGeneration` (the backward prompt)
 -> `InstructionBacktranslation` (distilabel's task for the paper's self-curation prompt), both on
 `LlamaCppLLM` with the same GGUF and `n_threads`, as distilabel's documentation sets them up;
-timed from `pipeline.run` until its steps are done (its rows are read from the step's parquet
-files: distilabel's own `Distiset` building fails on this data, see `run_distilabel`). Its rating turn has no system prompt (backflow's has the
+timed from `pipeline.run` until its steps are done; its rows are read from the rating step's
+parquet files (distilabel 1.5.3 fails to read them back itself on this data: see
+`keep_distilabel_outputs_readable`). Its rating turn has no system prompt (backflow's has the
 seed tag); distilabel's template is its own rendering of the paper's prompt.
 """
 import argparse
