@@ -2154,29 +2154,33 @@ mod cpu {
             return None;
         }
         let mut out = vec![0f32; b * kvh * rows * d];
-        // One task per (sequence, kv head): its rows share the K/V they read.
-        out.par_chunks_mut(rows * d)
-            .enumerate()
-            .for_each(|(bh, o)| {
-                let (bi, h) = (bh / kvh, bh % kvh);
-                let own = own.rows(bh, kvh, d);
-                let pre = h * p * d..(h + 1) * p * d;
-                let blk = Block {
-                    q: &qs[bh * rows * d..(bh + 1) * rows * d],
-                    k: (&pks[pre.clone()], &own.k),
-                    v: (&pvs[pre], &own.v),
-                    first: own.first,
-                    span: own.span,
-                    cols,
-                    mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
-                    d,
-                    scale,
-                };
-                match prefill {
-                    true => attend_block_tiled(blk, o),
-                    false => attend_block(blk, o),
-                }
-            });
+        // One task per (sequence, kv head): its rows share the K/V they read. The tasks run
+        // kv head by kv head (every sequence of head 0, then of head 1, ...), so that a thread
+        // reads a head's shared prefix from its cache for one sequence after another: in
+        // sequence order the other heads' prefixes and slots came between, and a decode step
+        // of a rating batch waited on loads of the template's keys and values.
+        let mut tasks: Vec<(usize, &mut [f32])> = out.chunks_mut(rows * d).enumerate().collect();
+        tasks.sort_by_key(|&(bh, _)| (bh % kvh, bh / kvh));
+        tasks.into_par_iter().for_each(|(bh, o)| {
+            let (bi, h) = (bh / kvh, bh % kvh);
+            let own = own.rows(bh, kvh, d);
+            let pre = h * p * d..(h + 1) * p * d;
+            let blk = Block {
+                q: &qs[bh * rows * d..(bh + 1) * rows * d],
+                k: (&pks[pre.clone()], &own.k),
+                v: (&pvs[pre], &own.v),
+                first: own.first,
+                span: own.span,
+                cols,
+                mask: &mask[bi * rows * cols..(bi + 1) * rows * cols],
+                d,
+                scale,
+            };
+            match prefill {
+                true => attend_block_tiled(blk, o),
+                false => attend_block(blk, o),
+            }
+        });
         Some(Tensor::from_data(
             TensorData::new(out, [b, kvh, rows, d]),
             &q.device(),
