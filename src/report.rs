@@ -734,7 +734,8 @@ fn models_table(out: &mut String, models: &[Model]) {
 fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
     out.push_str(
         "<table id=\"generation\">\n<tr><th>Stage</th><th>Prompts</th><th>Prompts / s</th>\
-         <th>New tokens / s</th><th>Prefill tokens / s</th><th>Mean batch</th>\
+         <th>New tokens / s</th><th>Prefill tokens / s</th><th>Prefill passes: tokens / s</th>\
+         <th>Decode passes: tokens / s</th><th>Mean batch</th>\
          <th>Prefix reused</th><th>Model busy</th><th>Steps shared</th><th>Cache hits</th></tr>\n",
     );
     for (stage, t) in stages(&metrics.throughput) {
@@ -743,11 +744,14 @@ fn generation_table(out: &mut String, metrics: &HumpbackMetrics) {
             "<tr><td>{stage}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td></tr>\n",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>\n",
             fmt_num(t.prompts as f64),
             fmt_opt(finite(t.prompts_per_sec)),
             fmt_opt(finite(t.new_tokens_per_sec)),
             fmt_opt(finite(t.prefill_tokens_per_sec)),
+            // The passes' own speeds, to set beside the model bench's.
+            fmt_opt(finite(t.prefill_pass_tokens_per_sec)),
+            fmt_opt(finite(t.decode_pass_tokens_per_sec)),
             fmt_opt(finite(t.mean_batch)),
             finite(t.prefix_saved)
                 .map(fmt_pct)

@@ -190,6 +190,16 @@ pub struct StageThroughput {
     pub prompts_per_sec_wall: f64,
     /// Prompt tokens the model ran a forward pass over, per second of model time.
     pub prefill_tokens_per_sec: f64,
+    /// Seconds of model time in prefill forward passes.
+    pub prefill_secs: f64,
+    /// Seconds of model time in decode forward passes.
+    pub decode_secs: f64,
+    /// Prompt tokens per second of prefill passes: the loop's prefill speed, to set beside
+    /// the model bench's (`benches/model_throughput.rs`).
+    pub prefill_pass_tokens_per_sec: f64,
+    /// Rows decoded per second of decode passes (a token each): the loop's decode speed, to
+    /// set beside the model bench's.
+    pub decode_pass_tokens_per_sec: f64,
     /// Rows of the running batch per decode step (continuous batching), or, for a stage that
     /// decodes nothing (forced choices alone), requests the model answered per batch it ran.
     pub mean_batch: f64,
@@ -220,6 +230,10 @@ impl StageThroughput {
             new_tokens_per_sec: per_busy(t.new_tokens),
             prompts_per_sec_wall: ratio(t.requests as f64, wall_secs),
             prefill_tokens_per_sec: per_busy(t.prefill_tokens),
+            prefill_secs: t.prefill_us as f64 / 1e6,
+            decode_secs: t.decode_us as f64 / 1e6,
+            prefill_pass_tokens_per_sec: ratio(t.prefill_tokens as f64 * 1e6, t.prefill_us as f64),
+            decode_pass_tokens_per_sec: ratio(t.decode_rows as f64 * 1e6, t.decode_us as f64),
             mean_batch: if t.decode_steps > 0 {
                 ratio(t.decode_rows as f64, t.decode_steps as f64)
             } else {
@@ -416,15 +430,25 @@ mod tests {
         assert!(close(s.new_tokens_per_sec, 150.0) && close(s.prefill_tokens_per_sec, 200.0));
         assert!(close(s.mean_batch, 4.0) && close(s.prefix_saved, 0.6));
         // Decoded in 40 steps of 300 rows in all: 7.5 rows running per step; 10 of the steps
-        // shared with another version.
+        // shared with another version. Of the 2 s busy, 0.5 s in prefill passes (400 tokens:
+        // 800 a second) and 1.2 s in decode passes (300 rows: 250 a second).
         let decoded = crate::serve::VersionStats {
             decode_steps: 40,
             decode_rows: 300,
             joint_steps: 10,
+            prefill_us: 500_000,
+            decode_us: 1_200_000,
             ..t
         };
         let d = StageThroughput::from_stats(&decoded, 10.0);
         assert!(close(d.mean_batch, 7.5) && close(d.joint_step_share, 0.25));
+        assert!(close(d.prefill_secs, 0.5) && close(d.decode_secs, 1.2));
+        assert!(close(d.prefill_pass_tokens_per_sec, 800.0));
+        assert!(close(d.decode_pass_tokens_per_sec, 250.0));
+        assert!(
+            close(s.prefill_pass_tokens_per_sec, 0.0) && close(s.decode_pass_tokens_per_sec, 0.0),
+            "no pass timed: zeros, not infinities"
+        );
         assert!(
             close(s.joint_step_share, 0.0),
             "no decode steps, none shared"

@@ -324,7 +324,9 @@ pub(super) fn step_all(
             })
             .collect();
         d.busy_us = started.elapsed().as_micros() as u64;
-        d.prefill_tokens = model.generator.take_timing().prefill_tokens as u64;
+        let timing = model.generator.take_timing();
+        d.prefill_tokens = timing.prefill_tokens as u64;
+        d.prefill_us = (timing.prefill_s * 1e6) as u64;
         if !replies.is_empty() {
             // At most this step's answers are lost if the process is killed from here on.
             if let Some(cache) = cache.as_deref_mut() {
@@ -377,6 +379,7 @@ fn advance_all(models: &mut HashMap<String, Loaded>, stats: &ServerStats) {
         for ((version, model), n) in group.into_iter().zip(rows) {
             let d = VersionStats {
                 busy_us: micros * n as u64 / total.max(1) as u64,
+                decode_us: micros * n as u64 / total.max(1) as u64,
                 joint_steps: u64::from(passes > 1),
                 ..VersionStats::default()
             };
@@ -707,11 +710,14 @@ fn batch_stats<B: burn::tensor::backend::Backend>(
     started: Instant,
     generator: &mut Generator<B>,
 ) -> VersionStats {
+    let timing = generator.take_timing();
     VersionStats {
         requests: n as u64,
         batches: 1,
         busy_us: started.elapsed().as_micros() as u64,
-        prefill_tokens: generator.take_timing().prefill_tokens as u64,
+        prefill_tokens: timing.prefill_tokens as u64,
+        prefill_us: (timing.prefill_s * 1e6) as u64,
+        decode_us: (timing.decode_s * 1e6) as u64,
         ..VersionStats::default()
     }
 }

@@ -42,6 +42,14 @@ pub struct VersionStats {
     /// in one pass, the base weights read once.
     #[serde(default)]
     pub joint_steps: u64,
+    /// Of `busy_us`, microseconds in prefill forward passes (newcomers and shared prefixes).
+    #[serde(default)]
+    pub prefill_us: u64,
+    /// Of `busy_us`, microseconds in decode forward passes (a joint pass's time shared by its
+    /// versions in proportion to their rows). The rest of `busy_us` is picking tokens,
+    /// answering and scheduling.
+    #[serde(default)]
+    pub decode_us: u64,
 }
 
 impl VersionStats {
@@ -58,6 +66,8 @@ impl VersionStats {
         self.decode_steps += d.decode_steps;
         self.decode_rows += d.decode_rows;
         self.joint_steps += d.joint_steps;
+        self.prefill_us += d.prefill_us;
+        self.decode_us += d.decode_us;
     }
 }
 
