@@ -42,6 +42,8 @@ fn reference_nll_matches_the_numpy_reference() {
     let device = Default::default();
     let (m, _) = backflow::train::checkpoint::load_for_loss::<burn::backend::Flex>(&model, &device)
         .expect("load");
+    // The GGUF's projections stay in its blocks (no f32 copy), exact as dequantized.
+    assert!(m.blocks[0].q.weight.is_none() && m.blocks[0].q.blocks.is_some());
     let got = nll_of_examples(&m, &[Example { ids, trained }], 1, 0, &device, 0);
     let want = r["nll"].as_f64().expect("nll");
     assert_eq!(got.tokens as u64, r["tokens"].as_u64().expect("tokens"));
@@ -62,9 +64,10 @@ fn seed_prompts(dir: &Path, n: usize, skip: usize) -> PathBuf {
     p
 }
 
-/// `backflow train --eval-data FILE` measures the held-out loss before training with the
-/// training code; `backflow eval`'s reference NLL of the same file under the same system
-/// prompt (the seed tag) and max length is the same number.
+/// `backflow train --eval-data FILE` measures the held-out loss before and after training with
+/// the training code; `backflow eval`'s reference NLL of the same file under the same system
+/// prompt (the seed tag) and max length is the same number, for the base and for the trained
+/// adapter (loaded over the base's own blocks, unmerged, as training holds it).
 #[test]
 fn reference_nll_equals_the_training_held_out_loss() {
     let Some(model) = model() else { return };
@@ -104,15 +107,29 @@ fn reference_nll_equals_the_training_held_out_loss() {
             .arg(&out)
             .arg("--model")
             .arg(format!("base={}", model.display()))
+            .arg("--model")
+            .arg(format!("trained={}", ck.display()))
             .args(["--system", "Answer in the style of an AI Assistant."])
             .args(["--max-tokens", "4", "--temperature", "0"]),
     );
     let ev = json(&out.join("eval.json"));
-    let nll = ev["models"]["base"]["reference_nll"]
+    let nll = |name: &str| {
+        ev["models"][name]["reference_nll"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no reference_nll for {name} in {ev}"))
+    };
+    let after = meta["eval"]["loss_after"]
         .as_f64()
-        .expect("reference_nll");
+        .unwrap_or_else(|| panic!("no held-out loss after training in {meta}"));
     // Batches of different shapes sum in a different order: f32 rounding only.
-    assert!((nll - before).abs() < 1e-4, "eval {nll} vs train {before}");
+    let (base, trained) = (nll("base"), nll("trained"));
+    assert!((base - before).abs() < 1e-4, "eval {base} vs train {before}");
+    assert!(
+        (trained - after).abs() < 1e-4,
+        "eval {trained} vs train {after}"
+    );
+    // One step moved the loss by more than the tolerance: the adapter was applied.
+    assert!((after - before).abs() > 1e-3, "before {before}, after {after}");
 }
 
 /// The whole job on real seed tasks. The model answers; two answer files with identical

@@ -21,7 +21,9 @@ use serde_json::json;
 
 use crate::model::llama::{HostTensor, LayerWeight, WeightName, WeightSource};
 use crate::model::safetensors::HfFolder;
-use crate::model::{gguf::GgufWeights, GgufFile, LlamaConfig, ModelError, TokenizerSource};
+use crate::model::{
+    gguf::GgufWeights, GgufFile, LlamaConfig, ModelError, Precision, TokenizerSource,
+};
 
 use super::lora::{LoraAdapter, LoraConfig};
 use super::model::{hf_name, projection_path, TrainLlama, PROJECTION_WEIGHTS};
@@ -590,24 +592,58 @@ fn load_merged<T>(
     Ok((model, tokenizer, stop_ids))
 }
 
-/// Loads a GGUF file, an HF folder, or a LoRA adapter folder (merged onto its base) as the
-/// training model, all weights frozen in f32, with its tokenizer: for losses computed exactly
-/// as training computes them (`train::sft::eval_loss`), e.g. the likelihood of reference
-/// answers in `backflow eval`.
+/// Loads a GGUF file, an HF folder, or a LoRA adapter folder as the training model with every
+/// weight frozen, with its tokenizer: for losses computed exactly as training computes them
+/// (`train::sft::eval_loss`), e.g. the likelihood of reference answers in `backflow eval`.
+///
+/// A GGUF base keeps its projections in the file's own blocks, dequantized for each product
+/// as LoRA training over a quantized base does, and an adapter over it stays unmerged: the
+/// loss is the one training reports, and the model holds about its file's size instead of an
+/// f32 copy (the 1.5B Qwen as f32 is ~7 GB). An HF base is read in f32, an adapter over it
+/// merged on the host.
 pub fn load_for_loss<B: Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<(TrainLlama<B>, TokenizerSource), TrainError> {
     use super::model::TrainMode;
-    if !is_adapter(path) {
-        let mut base = BaseModel::open(path)?;
-        let cfg = base.config().clone();
-        let model = base.with_source(|src| TrainLlama::load(cfg, src, &TrainMode::Full, device))?;
-        return Ok((model, base.tokenizer().0));
+    let adapter = if is_adapter(path) {
+        Some(Adapter::read(path)?)
+    } else {
+        None
+    };
+    let mut base = BaseModel::open(adapter.as_ref().map_or(path, |a| a.base.as_path()))?;
+    let in_blocks = matches!(base, BaseModel::Gguf(..));
+    if adapter.is_some() && !in_blocks {
+        let (model, tokenizer, _) = load_merged(path, |cfg, src| {
+            TrainLlama::load(cfg, src, &TrainMode::Full, device)
+        })?;
+        return Ok((model, tokenizer));
     }
-    let (model, tokenizer, _) = load_merged(path, |cfg, src| {
-        TrainLlama::load(cfg, src, &TrainMode::Full, device)
+    // LoRA mode freezes the base; with no target it adds no adapter of its own.
+    let lora = adapter.as_ref().map_or_else(
+        || LoraConfig {
+            target_modules: Vec::new(),
+            ..LoraConfig::all_projections(1)
+        },
+        |a| a.config.clone(),
+    );
+    let precision = if in_blocks {
+        Precision::Native
+    } else {
+        Precision::F32
+    };
+    let cfg = base.config().clone();
+    let mut model = base.with_source(|src| {
+        TrainLlama::load_with_base(cfg, src, &TrainMode::Lora(lora), precision, device)
     })?;
+    let mut tokenizer = base.tokenizer().0;
+    if let Some(a) = &adapter {
+        a.attach(&mut model, device)?;
+        let own = path.join("tokenizer.json");
+        if own.exists() {
+            tokenizer = TokenizerSource::TokenizerJson(own);
+        }
+    }
     Ok((model, tokenizer))
 }
 
