@@ -19,7 +19,9 @@
 //! versions of one base now), alternating `BENCH_REPEAT` times, best of.
 //! `BENCH_SHAPE` `smollm2-135m` or `llama3-8b`: random weights of that shape whatever the cache
 //! holds (not with `BENCH_MODEL`; Llama-3-8B in bf16 is the GPU check of README "CUDA").
-//! The resident memory with the model loaded is printed too, and for the dense formats the
+//! The resident memory with the model loaded is printed too, beside the bytes the model's
+//! weights hold (`Llama::weight_bytes`; the rest is the process: binary, allocator, thread
+//! stacks, tables), and for the dense formats the
 //! weight bytes one decode step reads over its time (`weights GB/s`): against the memory's
 //! bandwidth, how far decode is from its roofline.
 //!
@@ -140,17 +142,20 @@ fn main() {
     let json = std::env::var("BENCH_JSON").is_ok_and(|v| !v.is_empty() && v != "0");
     // Resident memory with the model loaded (before the matmul probe allocates anything).
     let rss_loaded = proc_status_mb("VmRSS");
+    // The model's own share of it (the base's weights, whatever their format).
+    let weights_mb = base.weight_bytes() as f64 / (1024.0 * 1024.0);
     let gflops = matmul_gflops(&device);
     if json {
         println!(
             "{}",
             serde_json::json!({"kind": "setup", "model": what, "backend": backend_name(),
                 "threads": threads, "dtype": dtype.as_str(), "prompt": prompt_len, "shared": shared, "new": new_tokens,
-                "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops, "rss_loaded_mb": rss_loaded})
+                "matmul": "[1024,576]x[576,1536]", "matmul_gflops": gflops, "rss_loaded_mb": rss_loaded,
+                "weights_mb": weights_mb})
         );
     } else {
         println!(
-            "model: {what} ({dtype})\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s\nresident memory with the model loaded: {} MB",
+            "model: {what} ({dtype})\nbackend: {}, {threads} threads; prompt {prompt_len} tokens ({shared} shared), {new_tokens} new tokens\nf32 matmul [1024,576]x[576,1536]: {gflops:.1} GFLOP/s\nresident memory with the model loaded: {} MB (the model's weights {weights_mb:.0} MB)",
             backend_name(),
             rss_loaded.map_or("?".into(), |m| format!("{m:.0}")),
         );

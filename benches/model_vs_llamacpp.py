@@ -228,7 +228,11 @@ def main():
             )
     print()
     size = args.model.stat().st_size / 2**20
-    mem = ", ".join(f"backflow {d} {runs[d][0].get('rss_loaded_mb') or float('nan'):.0f} MB" for d in args.dtypes)
+    mem = ", ".join(
+        f"backflow {d} {runs[d][0].get('rss_loaded_mb') or float('nan'):.0f} MB "
+        f"(weights {runs[d][0].get('weights_mb') or float('nan'):.0f} MB)"
+        for d in args.dtypes
+    )
     print(
         f"resident memory with the model loaded (file {size:.0f} MB): {mem}; "
         f"llama.cpp +{their_rss:.0f} MB (model and a batch-{args.batches[0]} context, mmap'd pages it touched)"

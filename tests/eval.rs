@@ -123,13 +123,19 @@ fn reference_nll_equals_the_training_held_out_loss() {
         .unwrap_or_else(|| panic!("no held-out loss after training in {meta}"));
     // Batches of different shapes sum in a different order: f32 rounding only.
     let (base, trained) = (nll("base"), nll("trained"));
-    assert!((base - before).abs() < 1e-4, "eval {base} vs train {before}");
+    assert!(
+        (base - before).abs() < 1e-4,
+        "eval {base} vs train {before}"
+    );
     assert!(
         (trained - after).abs() < 1e-4,
         "eval {trained} vs train {after}"
     );
     // One step moved the loss by more than the tolerance: the adapter was applied.
-    assert!((after - before).abs() > 1e-3, "before {before}, after {after}");
+    assert!(
+        (after - before).abs() > 1e-3,
+        "before {before}, after {after}"
+    );
 }
 
 /// The whole job on real seed tasks. The model answers; two answer files with identical

@@ -475,6 +475,14 @@ impl<B: Backend> Linear<B> {
             Linear::Quant(w) => cpu::quant_product(&x, w),
         }
     }
+
+    /// Bytes the weight holds.
+    fn bytes(&self) -> usize {
+        match self {
+            Linear::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            Linear::Quant(w) => w.bytes(),
+        }
+    }
 }
 
 /// The token embedding `[vocab, hidden]`, dense on the device or as blocks on the host.
@@ -718,6 +726,10 @@ impl<B: Backend> Llama<B> {
         let half = d / 2;
         let cos = to_dev(rope_host.0.clone(), [cfg.max_seq_len, half]);
         let sin = to_dev(rope_host.1.clone(), [cfg.max_seq_len, half]);
+        // Loading freed about as much as it kept (rows read, parts stacked, panels laid out):
+        // hand those pages back now rather than when this thread next goes idle (11 MB of the
+        // 135M's 153 MB resident).
+        crate::memory::release_free_memory();
         Ok(Llama {
             cfg,
             device: device.clone(),
@@ -807,6 +819,37 @@ impl<B: Backend> Llama<B> {
     /// The hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Bytes the base model's weights hold in memory (embedding, every block's weights and
+    /// biases, norms, an untied output head; not a LoRA version's update, not the RoPE
+    /// tables, not a KV cache): what a process serving it pays for the model before anything
+    /// runs, to set beside its file's size and the process's resident memory.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor<B, 2>| t.shape().num_elements() * t.dtype().size();
+        let embed = match &self.embed {
+            Embedding::Dense(t) => dense(t),
+            Embedding::Quant(q) => q.bytes(),
+        };
+        let tied = match (&self.embed, &self.output) {
+            (Embedding::Quant(e), Linear::Quant(o)) => Arc::ptr_eq(e, o),
+            // A dense tied head is the embedding's transpose, the same storage.
+            (Embedding::Dense(_), Linear::Dense(_)) => self.cfg.tie_embeddings,
+            _ => false,
+        };
+        let output = if tied { 0 } else { self.output.bytes() };
+        let blocks: usize = (self.blocks.iter())
+            .map(|b| {
+                dense(&b.attn_norm)
+                    + dense(&b.ffn_norm)
+                    + b.bqkv.as_ref().map_or(0, dense)
+                    + [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]
+                        .iter()
+                        .map(|p| p.weight.bytes())
+                        .sum::<usize>()
+            })
+            .sum();
+        embed + output + blocks + dense(&self.norm)
     }
 
     /// The device the weights live on.
