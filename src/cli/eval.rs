@@ -200,8 +200,8 @@ pub struct DevsetArgs {
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// JSONL files of web passages (`backflow segment` output; field `text`) for the `web`
-    /// bad pairs.
-    #[arg(long, value_name = "FILE")]
+    /// bad pairs: several after one flag (`--passages seg/segment-*.jsonl`), or the flag again.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
     pub passages: Vec<PathBuf>,
     /// Where to write the dev set (JSONL).
     #[arg(long, value_name = "FILE")]
@@ -256,4 +256,49 @@ pub fn devset(args: DevsetArgs) -> Result<()> {
         stats.malformed
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Devset {
+        #[command(flatten)]
+        args: DevsetArgs,
+    }
+
+    /// A shell glob after one `--passages` gives every file, as does the flag repeated, and the
+    /// flags after the list still parse as flags.
+    #[test]
+    fn passages_take_a_list_or_repeated_flags() {
+        let d = Devset::try_parse_from([
+            "x",
+            "--data",
+            "s.jsonl",
+            "--passages",
+            "a.jsonl",
+            "b.jsonl",
+            "c.jsonl",
+            "--out",
+            "dev.jsonl",
+            "--passages",
+            "d.jsonl",
+        ])
+        .expect("parse");
+        let names: Vec<_> = d.args.passages.iter().map(|p| p.to_str()).collect();
+        assert_eq!(
+            names,
+            [
+                Some("a.jsonl"),
+                Some("b.jsonl"),
+                Some("c.jsonl"),
+                Some("d.jsonl")
+            ]
+        );
+        assert_eq!(d.args.out, PathBuf::from("dev.jsonl"));
+        // A flag with no file is an error, not an empty list.
+        assert!(Devset::try_parse_from(["x", "--data", "s", "--out", "o", "--passages"]).is_err());
+    }
 }
