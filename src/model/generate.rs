@@ -212,7 +212,7 @@ const PAD_SLACK: usize = 64;
 /// of every length in one pass (a rating batch of 32 seed pairs: 5.8 padded tokens for each
 /// real one) ran the loop's prefill at half the bench's speed. A run grows while its padding
 /// stays under [`PAD_SHARE`] of its tokens plus [`PAD_SLACK`]. Returns the runs' ends.
-fn length_groups(lens: &[usize]) -> Vec<usize> {
+pub(crate) fn length_groups(lens: &[usize]) -> Vec<usize> {
     let mut ends = Vec::new();
     let (mut start, mut sum) = (0, 0usize);
     for (j, &len) in lens.iter().enumerate() {
