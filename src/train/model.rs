@@ -70,6 +70,9 @@ pub enum TrainMode {
     Lora(LoraConfig),
 }
 
+/// Target rows whose logits [`TrainLlama::head_loss`] computes at once.
+pub const HEAD_ROWS: usize = 256;
+
 /// The HF tensor name of a weight.
 pub fn hf_name(name: WeightName) -> String {
     match name {
@@ -464,10 +467,24 @@ impl<B: Backend> TrainLlama<B> {
         targets: Tensor<B, 1, Int>,
     ) -> Tensor<B, 1> {
         let n = targets.dims()[0];
+        let device = x.device();
         // RMSNorm is per row: only the trained rows need it.
         let hidden = self.final_norm(x.select(0, positions));
-        let logp = log_softmax(self.head(hidden), 1);
-        logp.gather(1, targets.reshape([n, 1])).sum().neg()
+        // The logits of [`HEAD_ROWS`] targets at a time: a pass of 8 answers has ~1,000, and
+        // over a 152k vocabulary (Qwen2.5) each f32 copy of all their logits is 0.6 GB, which
+        // log-softmax makes several of.
+        let mut total: Option<Tensor<B, 1>> = None;
+        for start in (0..n).step_by(HEAD_ROWS) {
+            let len = HEAD_ROWS.min(n - start);
+            let logp = log_softmax(self.head(hidden.clone().narrow(0, start, len)), 1);
+            let picked = targets.clone().narrow(0, start, len).reshape([len, 1]);
+            let part = logp.gather(1, picked).sum().neg();
+            total = Some(match total {
+                Some(t) => t + part,
+                None => part,
+            });
+        }
+        total.unwrap_or_else(|| Tensor::zeros([1], &device))
     }
 
     /// Greedy decoding without a cache (the whole sequence is re-run per token): for tests and

@@ -580,6 +580,62 @@ mod tests {
             .collect()
     }
 
+    /// More targets than one head pass takes ([`crate::train::model::HEAD_ROWS`]): the chunked
+    /// loss equals the cross-entropy computed here in f64 from every position's logits.
+    #[test]
+    fn loss_over_many_targets_matches_the_full_logits() {
+        use crate::train::model::HEAD_ROWS;
+        let cfg = tiny_cfg();
+        let store = Store::random(&cfg, 5, 4.0);
+        let dev = Default::default();
+        let model: TrainLlama<Inner> =
+            TrainLlama::load(cfg.clone(), &mut store.clone(), &TrainMode::Full, &dev)
+                .expect("load");
+        // 9 examples of 60 tokens, all but the first 4 trained: 9 x 56 = 504 targets.
+        let mut rng = 7u64;
+        let examples: Vec<Example> = (0..9)
+            .map(|_| Example {
+                ids: (0..60)
+                    .map(|_| {
+                        rng = rng
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        2 + (rng >> 33) as u32 % (cfg.vocab as u32 - 2)
+                    })
+                    .collect(),
+                trained: (0..60).map(|t| t >= 4).collect(),
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = Batch::new(&refs, 0);
+        assert!(
+            batch.n_targets() > HEAD_ROWS,
+            "{} targets",
+            batch.n_targets()
+        );
+        let got = mean_loss(&model, &batch);
+        let ids = Tensor::<Inner, 2, Int>::from_data(
+            TensorData::new(batch.ids.clone(), [batch.rows, batch.len]),
+            &dev,
+        );
+        let logits = model.forward(ids).into_data().to_vec::<f32>().expect("f32");
+        let v = cfg.vocab;
+        let mut sum = 0f64;
+        for (&p, &t) in batch.positions.iter().zip(&batch.targets) {
+            let row = &logits[p as usize * v..(p as usize + 1) * v];
+            let max = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += lse - row[t as usize] as f64;
+        }
+        let want = sum / batch.n_targets() as f64;
+        assert!((got - want).abs() < 1e-4 * want.abs(), "{got} vs {want}");
+    }
+
     fn mean_loss(model: &TrainLlama<Inner>, batch: &Batch) -> f64 {
         let dev = Default::default();
         batch.loss_sum(model, &dev).into_scalar().elem::<f64>() / batch.n_targets() as f64
