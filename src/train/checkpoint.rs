@@ -5,7 +5,7 @@
 //! its destination and renamed into place, so readers never see a half-written checkpoint.
 //!
 //! [`super::load`] loads any of them for inference; [`load_for_loss`] as the training model, an
-//! adapter merged onto the base named in its `adapter_config.json`.
+//! adapter unmerged over the base named in its `adapter_config.json`.
 //!
 //! Why one file of this size: every kind of checkpoint folder (full, adapter, GGUF in) is read and
 //! written here, so the file names, the version hash and the atomic folder write have one home.
@@ -565,42 +565,14 @@ impl WeightSource for Merged<'_> {
     }
 }
 
-/// The adapter folder at `path` merged onto its base as `load` builds a model from the merged
-/// weights; with the tokenizer (the folder's own `tokenizer.json` first, else the base's) and
-/// the base's stop ids.
-fn load_merged<T>(
-    path: &Path,
-    load: impl FnOnce(LlamaConfig, &mut dyn WeightSource) -> Result<T, ModelError>,
-) -> Result<(T, TokenizerSource, Vec<u32>), TrainError> {
-    let adapter = Adapter::read(path)?;
-    let mut base = BaseModel::open(&adapter.base)?;
-    let cfg = base.config().clone();
-    let model = base.with_source(|src| {
-        load(
-            cfg,
-            &mut Merged {
-                base: src,
-                adapter: &adapter,
-            },
-        )
-    })?;
-    let (mut tokenizer, stop_ids) = base.tokenizer();
-    let own = path.join("tokenizer.json");
-    if own.exists() {
-        tokenizer = TokenizerSource::TokenizerJson(own);
-    }
-    Ok((model, tokenizer, stop_ids))
-}
-
 /// Loads a GGUF file, an HF folder, or a LoRA adapter folder as the training model with every
 /// weight frozen, with its tokenizer: for losses computed exactly as training computes them
 /// (`train::sft::eval_loss`), e.g. the likelihood of reference answers in `backflow eval`.
 ///
-/// A GGUF base keeps its projections in the file's own blocks, dequantized for each product
-/// as LoRA training over a quantized base does, and an adapter over it stays unmerged: the
-/// loss is the one training reports, and the model holds about its file's size instead of an
-/// f32 copy (the 1.5B Qwen as f32 is ~7 GB). An HF base is read in f32, an adapter over it
-/// merged on the host.
+/// The model is held as LoRA training holds it: a GGUF base keeps its projections in the
+/// file's own blocks, dequantized for each product, an HF base is read in f32, and an adapter
+/// stays unmerged over either. So the loss is the one training reports, and a GGUF model
+/// takes about its file's size instead of an f32 copy (the 1.5B Qwen as f32 is ~7 GB).
 pub fn load_for_loss<B: Backend>(
     path: &Path,
     device: &B::Device,
@@ -613,12 +585,6 @@ pub fn load_for_loss<B: Backend>(
     };
     let mut base = BaseModel::open(adapter.as_ref().map_or(path, |a| a.base.as_path()))?;
     let in_blocks = matches!(base, BaseModel::Gguf(..));
-    if adapter.is_some() && !in_blocks {
-        let (model, tokenizer, _) = load_merged(path, |cfg, src| {
-            TrainLlama::load(cfg, src, &TrainMode::Full, device)
-        })?;
-        return Ok((model, tokenizer));
-    }
     // LoRA mode freezes the base; with no target it adds no adapter of its own.
     let lora = adapter.as_ref().map_or_else(
         || LoraConfig {
@@ -778,6 +744,11 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
         assert!(diff > 1e-3, "adapter made no difference");
+        // As the loss sees them: the full folder, and the adapter unmerged over its HF base.
+        for folder in [&full, &ad] {
+            let (lm, _) = load_for_loss::<Flex>(folder, &dev).expect("load for the loss");
+            assert_close(&train_logits(&lm, &ids), &want);
+        }
         // Re-writing a folder replaces it whole.
         write_folder_atomic(&ad, &[("x".into(), vec![1])], &[]).expect("rewrite");
         assert!(!ad.join(ADAPTER_CONFIG).exists() && ad.join("x").exists());
