@@ -508,9 +508,10 @@ pub struct Llama<B: Backend> {
     norm: Tensor<B, 2>,
     /// `hidden → vocab` (the embedding's own storage when tied).
     output: Linear<B>,
-    /// RoPE tables `[max_pos, d/2]`.
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
+    /// RoPE tables `(cos, sin)`, `[max_pos, d/2]` each, on the device for the burn-ops path;
+    /// `None` on flex, whose CPU path reads `rope_host` (a copy there would be 17 MB
+    /// of a Qwen2.5's 32k positions, never read).
+    rope_device: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
     /// The same tables on the host, for the CPU fast path ([`cpu::split_rope_fold`]).
     rope_host: std::sync::Arc<(Vec<f32>, Vec<f32>)>,
     /// Host KV buffers of finished sequences, for the next ones of this model.
@@ -724,8 +725,12 @@ impl<B: Backend> Llama<B> {
         }
         let rope_host = std::sync::Arc::new(rope_tables(cfg.max_seq_len, d, cfg.rope_theta));
         let half = d / 2;
-        let cos = to_dev(rope_host.0.clone(), [cfg.max_seq_len, half]);
-        let sin = to_dev(rope_host.1.clone(), [cfg.max_seq_len, half]);
+        let rope_device = (!cpu::is_flex(&norm)).then(|| {
+            (
+                to_dev(rope_host.0.clone(), [cfg.max_seq_len, half]),
+                to_dev(rope_host.1.clone(), [cfg.max_seq_len, half]),
+            )
+        });
         // Loading freed about as much as it kept (rows read, parts stacked, panels laid out):
         // hand those pages back now rather than when this thread next goes idle (11 MB of the
         // 135M's 153 MB resident).
@@ -738,8 +743,7 @@ impl<B: Backend> Llama<B> {
             blocks,
             norm,
             output,
-            cos,
-            sin,
+            rope_device,
             rope_host,
             kv_spare: Arc::default(),
         })
@@ -1029,14 +1033,14 @@ impl<B: Backend> Llama<B> {
     fn step(&self, plan: AppendPlan, cache: &KvCache<B>, b: usize, s: usize) -> Step<B> {
         let (d, kvh) = (self.cfg.head_dim, self.cfg.n_kv_heads);
         let flex = cpu::is_flex(&self.norm);
-        let angles = (!flex).then(|| {
+        let angles = self.rope_device.as_ref().filter(|_| !flex).map(|(cos, sin)| {
             let pos = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(plan.positions.clone(), [b * s]),
                 &self.device,
             );
             let half = d / 2;
-            let cos = self.cos.clone().select(0, pos.clone());
-            let sin = self.sin.clone().select(0, pos);
+            let cos = cos.clone().select(0, pos.clone());
+            let sin = sin.clone().select(0, pos);
             (cos.reshape([b, s, 1, half]), sin.reshape([b, s, 1, half]))
         });
         // Mask columns: the shared prefix (if any), then the batch's own slots.
