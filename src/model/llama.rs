@@ -479,10 +479,15 @@ impl<B: Backend> Linear<B> {
     /// Bytes the weight holds.
     fn bytes(&self) -> usize {
         match self {
-            Linear::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            Linear::Dense(w) => dense_bytes(w),
             Linear::Quant(w) => w.bytes(),
         }
     }
+}
+
+/// Bytes a dense tensor holds in its float type.
+fn dense_bytes<B: Backend, const D: usize>(t: &Tensor<B, D>) -> usize {
+    t.shape().num_elements() * t.dtype().size()
 }
 
 /// The token embedding `[vocab, hidden]`, dense on the device or as blocks on the host.
@@ -830,7 +835,7 @@ impl<B: Backend> Llama<B> {
     /// tables, not a KV cache): what a process serving it pays for the model before anything
     /// runs, to set beside its file's size and the process's resident memory.
     pub fn weight_bytes(&self) -> usize {
-        let dense = |t: &Tensor<B, 2>| t.shape().num_elements() * t.dtype().size();
+        let dense = dense_bytes::<B, 2>;
         let embed = match &self.embed {
             Embedding::Dense(t) => dense(t),
             Embedding::Quant(q) => q.bytes(),
@@ -1033,7 +1038,8 @@ impl<B: Backend> Llama<B> {
     fn step(&self, plan: AppendPlan, cache: &KvCache<B>, b: usize, s: usize) -> Step<B> {
         let (d, kvh) = (self.cfg.head_dim, self.cfg.n_kv_heads);
         let flex = cpu::is_flex(&self.norm);
-        let angles = self.rope_device.as_ref().filter(|_| !flex).map(|(cos, sin)| {
+        // Present exactly off flex (see `rope_device`).
+        let angles = self.rope_device.as_ref().map(|(cos, sin)| {
             let pos = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(plan.positions.clone(), [b * s]),
                 &self.device,
