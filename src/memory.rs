@@ -11,3 +11,13 @@ pub fn release_free_memory() {
     // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
+
+/// [`release_free_memory`] on the calling thread and on every thread of rayon's pool. The
+/// model's products run on rayon's threads, so what they allocated and freed (a load's rows
+/// and stacked parts, a training's activations) sits in their heaps, which the calling
+/// thread's collection does not reach. Call it when a large piece of work has ended, not while
+/// a latency matters: it waits for each pool thread to finish the task in hand.
+pub fn release_free_memory_everywhere() {
+    release_free_memory();
+    rayon::broadcast(|_| release_free_memory());
+}

@@ -116,6 +116,20 @@ pub fn load_checkpoint<B: burn::tensor::backend::Backend>(
     device: &B::Device,
     precision: Precision,
 ) -> Result<Checkpoint<B>, ModelError> {
+    let loaded = read_checkpoint(path, device, precision);
+    // What the load freed goes back now, on every thread that freed it: the file's tables
+    // (its vocabulary is read twice, once for the tokenizer kept) and the rows read and parts
+    // stacked on rayon's threads: 7 MB of the 135M's 142 MB resident, 18 of the 1.5B's 1214.
+    crate::memory::release_free_memory_everywhere();
+    loaded
+}
+
+/// [`load_checkpoint`] without the memory hand-back.
+fn read_checkpoint<B: burn::tensor::backend::Backend>(
+    path: &std::path::Path,
+    device: &B::Device,
+    precision: Precision,
+) -> Result<Checkpoint<B>, ModelError> {
     if path.is_dir() {
         let mut hf = safetensors::HfFolder::open(path)?;
         let cfg = hf.config.clone();

@@ -35,8 +35,8 @@ pub fn run_job(job: &TrainJob) -> Result<TrainOutcome, TrainError> {
     });
     // The model, its activations and its optimizer are gone: their pages go back now, not
     // when this thread next allocates (in a loop, the model server would meanwhile need its
-    // own and the next training as much again).
-    crate::memory::release_free_memory();
+    // own and the next training as much again). Its products ran on rayon's threads too.
+    crate::memory::release_free_memory_everywhere();
     outcome
 }
 
