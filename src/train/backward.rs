@@ -124,7 +124,7 @@ pub fn recomputed<B: AutodiffBackend>(
         acc.accumulate(model, GradientsParams::from_grads(grads, blk));
     }
 
-    if let (Some(up), true) = (upstream, model.embed.is_require_grad()) {
+    if let (Some(up), true) = (upstream, model.embed.is_trainable()) {
         let grads = (embedded * Tensor::from_inner(up)).sum().backward();
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
     }

@@ -64,13 +64,16 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, Train
 pub fn export_weights<B: Backend>(
     m: &TrainLlama<B>,
 ) -> Result<Vec<(String, HostTensor)>, TrainError> {
-    let device = m.embed.val().device();
+    let device = m.norm.val().device();
     let mut out = vec![
-        (hf_name(WeightName::Embedding), host(m.embed.val())?),
+        (
+            hf_name(WeightName::Embedding),
+            host(m.embed.weight(&device))?,
+        ),
         (hf_name(WeightName::OutputNorm), host(m.norm.val())?),
     ];
     if let Some(h) = &m.lm_head {
-        out.push((hf_name(WeightName::Output), host(h.val())?));
+        out.push((hf_name(WeightName::Output), host(h.weight(&device))?));
     }
     for (l, blk) in m.blocks.iter().enumerate() {
         let w = |lw| hf_name(WeightName::Layer(l, lw));

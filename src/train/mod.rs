@@ -3,7 +3,8 @@
 //!
 //! - [`data`]: reading Alpaca / Self-Instruct / conversation data, paper tags, reversed pairs
 //!   for the backward model, chat-template tokenization with output-only labels.
-//! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters.
+//! - [`model`]: the trainable decoder (HF layout, burn `Module`), [`lora`]: its adapters,
+//!   [`table`]: its embedding and output head, f32 or frozen blocks.
 //! - [`sft`]: masked cross-entropy, batching, gradient accumulation, AdamW, LR decay, clipping;
 //!   [`backward`]: one micro-batch's gradients, whole-graph or recomputed block by block.
 //! - [`checkpoint`]: HF-layout checkpoints and PEFT adapters, written atomically, resumable.
@@ -27,6 +28,7 @@ pub mod model;
 pub mod run;
 pub mod save;
 pub mod sft;
+pub mod table;
 pub mod tokenizer_json;
 
 pub use job::{DataGroup, TrainEvent, TrainJob, TrainOutcome};

@@ -17,6 +17,7 @@ use crate::model::llama::{rope, rope_tables, HostTensor, LayerWeight, WeightName
 use crate::model::{LlamaConfig, ModelError, Precision};
 
 use super::lora::{param, Linear, LoraAdapter, LoraConfig};
+use super::table::Table;
 
 /// One decoder block.
 #[derive(Module, Debug)]
@@ -45,13 +46,13 @@ pub struct Block<B: Backend> {
 #[derive(Module, Debug)]
 pub struct TrainLlama<B: Backend> {
     /// Token embedding `[vocab, hidden]` (also the output head when tied).
-    pub embed: Param<Tensor<B, 2>>,
+    pub embed: Table<B>,
     /// The decoder blocks.
     pub blocks: Vec<Block<B>>,
     /// Final RMSNorm `[hidden]`.
     pub norm: Param<Tensor<B, 1>>,
     /// Output head `[vocab, hidden]`; `None` when tied to the embedding.
-    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    pub lm_head: Option<Table<B>>,
     /// RoPE cosines `[max_pos, d/2]` (constant).
     pub cos: Tensor<B, 2>,
     /// RoPE sines `[max_pos, d/2]` (constant).
@@ -233,7 +234,8 @@ impl<B: Backend> TrainLlama<B> {
     /// As [`TrainLlama::load`], the seven projections of every block kept in `base`'s format:
     /// `F32` as params, or (LoRA only) `Native` / `Q8` as frozen blocks read straight from the
     /// source ([`WeightSource::load_quant`]: a GGUF file's own 4/5-bit blocks under `Native`),
-    /// dequantized for each product. The embedding, the output head and the norms stay f32.
+    /// dequantized for each product; so are the embedding and the output head ([`Table`]). The
+    /// norms stay f32.
     pub fn load_with_base(
         cfg: LlamaConfig,
         src: &mut dyn WeightSource,
@@ -262,26 +264,47 @@ impl<B: Backend> TrainLlama<B> {
             fetch(src, name, &[want])
                 .map(|t| param(&hf_name(name), tensor::<B, 1>(t, device), full))
         };
-        let embed = p2(WeightName::Embedding, [cfg.vocab, h], src)?;
+        // A `[vocab, hidden]` table as blocks (under `keep_blocks`) or as an f32 param; `None`
+        // when the source lacks it.
+        let table = |name: WeightName, src: &mut dyn WeightSource| {
+            let want = [cfg.vocab, h];
+            let shape_err = |got: [usize; 2]| ModelError::Weight {
+                name: hf_name(name),
+                problem: format!("shape {got:?}, expected {want:?}"),
+            };
+            if keep_blocks {
+                match src.load_quant(name, base == Precision::Native)? {
+                    Some(q) if [q.rows(), q.cols()] == want => {
+                        Ok(Some(Table::frozen_blocks(std::sync::Arc::new(q))))
+                    }
+                    Some(q) => Err(shape_err([q.rows(), q.cols()])),
+                    None => Ok(None),
+                }
+            } else {
+                match src.load(name)? {
+                    Some(t) if t.shape == want => Ok(Some(Table::dense(param(
+                        &hf_name(name),
+                        tensor::<B, 2>(t, device),
+                        full,
+                    )))),
+                    Some(t) => Err(ModelError::Weight {
+                        name: hf_name(name),
+                        problem: format!("shape {:?}, expected {want:?}", t.shape),
+                    }),
+                    None => Ok(None),
+                }
+            }
+        };
+        let embed = table(WeightName::Embedding, src)?.ok_or_else(|| ModelError::Weight {
+            name: hf_name(WeightName::Embedding),
+            problem: "missing".into(),
+        })?;
         let norm = p1(WeightName::OutputNorm, h, src)?;
+        // Declared untied but absent: tie, as HF does.
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            match src.load(WeightName::Output)? {
-                Some(t) if t.shape == [cfg.vocab, h] => Some(param(
-                    &hf_name(WeightName::Output),
-                    tensor::<B, 2>(t, device),
-                    full,
-                )),
-                Some(t) => {
-                    return Err(ModelError::Weight {
-                        name: hf_name(WeightName::Output),
-                        problem: format!("shape {:?}, expected {:?}", t.shape, [cfg.vocab, h]),
-                    })
-                }
-                // Declared untied but absent: tie, as HF does.
-                None => None,
-            }
+            table(WeightName::Output, src)?
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
@@ -423,8 +446,8 @@ impl<B: Backend> TrainLlama<B> {
 
     /// The embeddings of `ids` `[b, s]`, `[b·s, hidden]`: the first block's input.
     pub fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let [b, s] = ids.dims();
-        self.embed.val().select(0, ids.reshape([b * s]))
+        let device = ids.device();
+        self.embed.lookup(ids, &device)
     }
 
     /// The final RMSNorm of the last block's output.
@@ -432,13 +455,15 @@ impl<B: Backend> TrainLlama<B> {
         rms_norm(x, self.norm.val(), self.cfg.rms_eps)
     }
 
-    /// Logits of the given hidden rows `[n, hidden]` -> `[n, vocab]`.
+    /// The output head: its own table, or the embedding's when tied.
+    pub fn head_table(&self) -> &Table<B> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Logits of the given hidden rows `[n, hidden]` -> `[n, vocab]` (a head kept as blocks:
+    /// outside the autodiff graph, see [`Self::head_loss`]).
     pub fn head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        let w = match &self.lm_head {
-            Some(w) => w.val(),
-            None => self.embed.val(),
-        };
-        hidden.matmul(w.transpose())
+        self.head_table().logits(hidden)
     }
 
     /// Logits of every position, `[b·s, vocab]`.
@@ -476,9 +501,14 @@ impl<B: Backend> TrainLlama<B> {
         let mut total: Option<Tensor<B, 1>> = None;
         for start in (0..n).step_by(HEAD_ROWS) {
             let len = HEAD_ROWS.min(n - start);
-            let logp = log_softmax(self.head(hidden.clone().narrow(0, start, len)), 1);
+            let rows = hidden.clone().narrow(0, start, len);
             let picked = targets.clone().narrow(0, start, len).reshape([len, 1]);
-            let part = logp.gather(1, picked).sum().neg();
+            let part = if self.head_table().blocks.is_some() {
+                self.blocks_head_loss(rows, picked)
+            } else {
+                let logp = log_softmax(self.head(rows), 1);
+                logp.gather(1, picked).sum().neg()
+            };
             total = Some(match total {
                 Some(t) => t + part,
                 None => part,
@@ -487,10 +517,37 @@ impl<B: Backend> TrainLlama<B> {
         total.unwrap_or_else(|| Tensor::zeros([1], &device))
     }
 
+    /// [`Self::head_loss`]'s part for `rows` `[n, hidden]` and their targets `picked` `[n, 1]`
+    /// through a head kept as blocks, whose product is outside the autodiff graph: the loss
+    /// `L = −Σ log softmax(rows · headᵀ)[target]`, and on a backend that differentiates the gradient
+    /// `∂L/∂rows = (softmax − onehot(target)) · head` put in by hand, as
+    /// `L + Σ(rows · ∂L/∂rows) − detach(Σ(rows · ∂L/∂rows))`: the value `L`, the gradient
+    /// `∂L/∂rows` (the same trick as `train::backward`'s recomputed blocks).
+    fn blocks_head_loss(&self, rows: Tensor<B, 2>, picked: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let head = self.head_table();
+        let device = rows.device();
+        let logp = log_softmax(head.logits(rows.clone()), 1);
+        let loss = logp.clone().gather(1, picked.clone()).sum().neg();
+        // (`is_require_grad` is true of a graph's leaves only, not of `rows`.)
+        if !B::ad_enabled(&device) {
+            return loss;
+        }
+        let [n, vocab] = logp.dims();
+        let onehot = Tensor::<B, 2>::zeros([n, vocab], &device).scatter(
+            1,
+            picked,
+            Tensor::ones([n, 1], &device),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let grad = head.times(logp.exp() - onehot);
+        let through = (rows * grad).sum();
+        loss + through.clone() - through.detach()
+    }
+
     /// Greedy decoding without a cache (the whole sequence is re-run per token): for tests and
     /// small evaluations of the training model itself. Stops at any of `stop` (included).
     pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Vec<u32> {
-        let device = self.embed.val().device();
+        let device = self.norm.val().device();
         let mut seq: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
         let mut out = Vec::new();
         for _ in 0..max_new {

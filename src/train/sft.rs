@@ -517,6 +517,9 @@ mod tests {
             let mut src = RandomWeights::new(cfg.clone(), seed);
             let mut map = HashMap::new();
             let mut names = vec![WeightName::Embedding, WeightName::OutputNorm];
+            if !cfg.tie_embeddings {
+                names.push(WeightName::Output);
+            }
             for l in 0..cfg.n_layers {
                 for w in [
                     LayerWeight::AttnNorm,
@@ -683,7 +686,10 @@ mod tests {
             l.weight.as_ref().expect("f32 base")
         }
         let named: Vec<(&str, &Param<Tensor<Ad, 2>>)> = vec![
-            ("model.embed_tokens.weight", &model.embed),
+            (
+                "model.embed_tokens.weight",
+                model.embed.dense.as_ref().expect("f32 embedding"),
+            ),
             ("model.layers.0.self_attn.q_proj.weight", f32_base(&b0.q)),
             ("model.layers.0.self_attn.k_proj.weight", f32_base(&b0.k)),
             ("model.layers.1.self_attn.v_proj.weight", f32_base(&b1.v)),
@@ -724,21 +730,35 @@ mod tests {
 
     /// LoRA over a base kept as 8-bit blocks computes what LoRA over those blocks' own f32
     /// values does: the same loss and the same adapter gradients (the blocks are dequantized
-    /// for each product, never trained); over the original f32 weights it is close, not equal.
+    /// for each product, never trained; the head's backward put in by hand), whole graph or
+    /// blocks recomputed, the head tied to the embedding or its own; over the original f32
+    /// weights it is close, not equal.
     #[test]
     fn lora_over_blocks_matches_lora_over_their_f32_values() {
+        for tie in [true, false] {
+            let mut cfg = tiny_cfg();
+            cfg.tie_embeddings = tie;
+            lora_over_blocks_matches(cfg);
+        }
+    }
+
+    fn lora_over_blocks_matches(cfg: crate::model::LlamaConfig) {
         use crate::model::quant::Q8Matrix;
         use crate::model::Precision;
-        let cfg = tiny_cfg();
+        use crate::train::backward::{recomputed, DropoutSeed};
         let store = Store::random(&cfg, 5, 12.0);
-        // The same weights as the blocks hold them: every projection through 8-bit blocks and
-        // back (the embedding stays f32 either way).
+        assert_eq!(
+            store.0.iter().any(|(n, _)| n == "lm_head.weight"),
+            !cfg.tie_embeddings
+        );
+        // The same weights as the blocks hold them: every projection, the embedding and the
+        // head through 8-bit blocks and back.
         let mut rounded = store.clone();
-        for (_, t) in rounded
-            .0
-            .iter_mut()
-            .filter(|(n, _)| n.starts_with("model.layers."))
-        {
+        for (_, t) in rounded.0.iter_mut().filter(|(n, _)| {
+            n.starts_with("model.layers.")
+                || *n == "model.embed_tokens.weight"
+                || *n == "lm_head.weight"
+        }) {
             if t.shape.len() != 2 {
                 continue;
             }
@@ -746,10 +766,10 @@ mod tests {
             t.data = Q8Matrix::quantize(&t.data, rows, cols).dequantize();
         }
         let dev = Default::default();
-        let lc = LoraConfig::all_projections(4);
-        let mut lora = lc.clone();
-        lora.dropout = 0.0;
-        let mode = TrainMode::Lora(lora);
+        // No dropout: the whole graph below runs without, the recomputed blocks with a seed.
+        let mut lc = LoraConfig::all_projections(4);
+        lc.dropout = 0.0;
+        let mode = TrainMode::Lora(lc.clone());
         let ex = examples();
         let refs: Vec<&Example> = ex.iter().take(4).collect();
         let batch = Batch::new(&refs, 0);
@@ -785,12 +805,40 @@ mod tests {
         let (l_f32, ga_f32, gb_f32, _) = run(&rounded, Precision::F32);
         let (l_q8, ga_q8, gb_q8, m) = run(&store, Precision::Q8);
         assert!(m.blocks[0].q.weight.is_none() && m.blocks[0].q.blocks.is_some());
+        assert!(m.embed.dense.is_none() && m.embed.blocks.is_some());
+        assert_eq!(
+            m.lm_head.as_ref().map(|h| h.blocks.is_some()),
+            (!cfg.tie_embeddings).then_some(true)
+        );
         assert!(
             (l_f32 - l_q8).abs() <= 1e-5 * l_f32.abs(),
             "{l_f32} vs {l_q8}"
         );
+        let same = |x: &f32, y: &f32| (x - y).abs() <= 1e-4 * x.abs().max(1e-3);
         for (x, y) in ga_f32.iter().zip(&ga_q8).chain(gb_f32.iter().zip(&gb_q8)) {
-            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{x} vs {y}");
+            assert!(same(x, y), "{x} vs {y}");
+        }
+        // Blocks recomputed in the backward pass: the head's gradient reaches the top block's
+        // output, a tensor of its own, and from there every adapter.
+        let mut acc = GradientsAccumulator::<TrainLlama<Ad>>::new();
+        let dropout = DropoutSeed { step: 1, micro: 0 };
+        let scale = 1.0 / batch.n_targets() as f64;
+        let loss = recomputed(&m, &batch, scale, dropout, &mut acc, &dev) * scale;
+        assert!((loss - l_q8).abs() <= 1e-5 * l_q8.abs(), "{loss} vs {l_q8}");
+        let grads = acc.grads();
+        let ga = grad_of(&grads, &m.blocks[1].down.lora.as_ref().expect("adapter").a);
+        let gb = grad_of(&grads, &m.blocks[0].q.lora.as_ref().expect("adapter").b);
+        // Within 1e-4 of each gradient's largest value (as `recomputed_blocks_give_the_stored_
+        // graphs_gradients` compares: the two ways sum in different orders).
+        for (whole, again) in [(&ga_q8, &ga), (&gb_q8, &gb)] {
+            let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0);
+            for (x, y) in whole.iter().zip(again) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * scale,
+                    "{x} whole graph vs {y} recomputed"
+                );
+            }
         }
         // Against the unrounded f32 weights: 8-bit rounding moves the loss a little.
         let (l_orig, ..) = run(&store, Precision::F32);
@@ -869,7 +917,9 @@ mod tests {
             "base weight got a gradient"
         );
         assert!(
-            grads.get::<Inner, 2>(model.embed.id).is_none(),
+            grads
+                .get::<Inner, 2>(model.embed.dense.as_ref().expect("f32 embedding").id)
+                .is_none(),
             "embedding got a gradient"
         );
         let eps = 4e-3f32;
