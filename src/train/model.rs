@@ -268,7 +268,7 @@ impl<B: Backend> TrainLlama<B> {
         // when the source lacks it.
         let table = |name: WeightName, src: &mut dyn WeightSource| {
             let want = [cfg.vocab, h];
-            let shape_err = |got: [usize; 2]| ModelError::Weight {
+            let shape_err = |got: &[usize]| ModelError::Weight {
                 name: hf_name(name),
                 problem: format!("shape {got:?}, expected {want:?}"),
             };
@@ -277,7 +277,7 @@ impl<B: Backend> TrainLlama<B> {
                     Some(q) if [q.rows(), q.cols()] == want => {
                         Ok(Some(Table::frozen_blocks(std::sync::Arc::new(q))))
                     }
-                    Some(q) => Err(shape_err([q.rows(), q.cols()])),
+                    Some(q) => Err(shape_err(&[q.rows(), q.cols()])),
                     None => Ok(None),
                 }
             } else {
@@ -287,10 +287,7 @@ impl<B: Backend> TrainLlama<B> {
                         tensor::<B, 2>(t, device),
                         full,
                     )))),
-                    Some(t) => Err(ModelError::Weight {
-                        name: hf_name(name),
-                        problem: format!("shape {:?}, expected {want:?}", t.shape),
-                    }),
+                    Some(t) => Err(shape_err(&t.shape)),
                     None => Ok(None),
                 }
             }
