@@ -70,6 +70,9 @@ pub fn reference_nll(
     }
     // As training pads (pads are never targets, so the choice does not change the loss).
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+    crate::train::data::check_vocab(&examples, pad, model.config().vocab)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("the reference NLL of {}", path.display()))?;
     Ok(Some(nll_of_examples(
         &model, &examples, batch, pad, &device, skipped,
     )))

@@ -263,6 +263,23 @@ impl Example {
     }
 }
 
+/// An error naming the first token id of `examples` (or `pad`) outside a vocabulary of `vocab`:
+/// a tokenizer that does not match the model (an adapter folder's own `tokenizer.json` with
+/// added tokens, say) would otherwise index past the model's embedding.
+pub fn check_vocab(examples: &[Example], pad: u32, vocab: usize) -> Result<(), String> {
+    let ids = examples.iter().flat_map(|e| e.ids.iter());
+    match std::iter::once(&pad)
+        .chain(ids)
+        .find(|&&t| t as usize >= vocab)
+    {
+        Some(t) => Err(format!(
+            "token id {t} outside the model's vocabulary of {vocab}: the tokenizer does not \
+             match the model"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Why an example was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
@@ -349,6 +366,21 @@ pub fn encode_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_ids_past_the_vocabulary_are_an_error_naming_the_first() {
+        let ex = |ids: &[u32]| Example {
+            ids: ids.to_vec(),
+            trained: vec![true; ids.len()],
+        };
+        let ok = [ex(&[0, 5, 9]), ex(&[9, 1])];
+        assert_eq!(check_vocab(&ok, 0, 10), Ok(()));
+        let bad = [ex(&[0, 5, 9]), ex(&[3, 10, 12])];
+        let err = check_vocab(&bad, 0, 10).expect_err("id 10 of 10");
+        assert!(err.starts_with("token id 10 outside"), "{err}");
+        let err = check_vocab(&ok, 10, 10).expect_err("the pad id");
+        assert!(err.starts_with("token id 10 outside"), "{err}");
+    }
 
     #[test]
     fn parses_alpaca_seed_and_chat_formats() {

@@ -142,6 +142,10 @@ pub fn run_job_with(
             ((examples.len() as f64 * job.eval_frac).round() as usize).clamp(1, examples.len() - 1);
         held_out = examples.split_off(examples.len() - n);
     }
+    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+    data::check_vocab(&examples, pad, cfg.vocab)
+        .and_then(|()| data::check_vocab(&held_out, pad, cfg.vocab))
+        .map_err(TrainError::Data)?;
     log::info!(
         "data: {} records, {} kept ({} train, {} held out), {} truncated to {max_len}, {} dropped (prompt too long), {} empty, {} malformed",
         stats.records, stats.kept, examples.len(), held_out.len(), stats.truncated, stats.prompt_too_long, stats.empty, stats.malformed
@@ -177,7 +181,6 @@ pub fn run_job_with(
         }
         None
     };
-    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
     let mut trainer = Trainer::new(model, sft.clone(), device);
     if let Some(state) = opt_state {
         trainer.restore(&state, start_step)?;
