@@ -91,6 +91,24 @@ pub struct Linear<B: Backend> {
     pub lora: Option<LoraAdapter<B>>,
 }
 
+/// A weight held as an f32 param or as frozen blocks, in f32 on `device` (the blocks
+/// dequantized: a constant, no gradient reaches it). Every constructor of the two holders sets
+/// one of the two.
+pub(super) fn param_or_blocks<B: Backend>(
+    dense: Option<&Param<Tensor<B, 2>>>,
+    blocks: Option<&QuantWeight>,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    match (dense, blocks) {
+        (Some(w), _) => w.val(),
+        (None, Some(q)) => Tensor::from_data(
+            TensorData::new(q.dequantize(), [q.rows(), q.cols()]),
+            device,
+        ),
+        (None, None) => unreachable!("a weight with neither f32 values nor blocks"),
+    }
+}
+
 /// A parameter id derived from the parameter's checkpoint name: stable across runs, so a saved
 /// optimizer state finds its parameters again on resume.
 pub fn param_id(name: &str) -> ParamId {
@@ -206,15 +224,7 @@ impl<B: Backend> Linear<B> {
     /// The base weight `[out, in]` in f32: the param, or the blocks dequantized on `device`
     /// (a constant: no gradient reaches it).
     pub fn base_weight(&self, device: &B::Device) -> Tensor<B, 2> {
-        match (&self.weight, &self.blocks) {
-            (Some(w), _) => w.val(),
-            (None, Some(q)) => Tensor::from_data(
-                TensorData::new(q.dequantize(), [q.rows(), q.cols()]),
-                device,
-            ),
-            // Every constructor sets one of the two.
-            (None, None) => unreachable!("a projection without a base weight"),
-        }
+        param_or_blocks(self.weight.as_ref(), self.blocks.as_deref(), device)
     }
 
     /// The weight with the adapter folded in, `[out, in]`: what inference runs.

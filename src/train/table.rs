@@ -119,14 +119,7 @@ impl<B: Backend> Table<B> {
 
     /// The whole table in f32 on `device`: the param, or the blocks dequantized (for export).
     pub fn weight(&self, device: &B::Device) -> Tensor<B, 2> {
-        match (&self.dense, &self.blocks) {
-            (Some(w), _) => w.val(),
-            (None, Some(q)) => Tensor::from_data(
-                TensorData::new(q.dequantize(), [q.rows(), q.cols()]),
-                device,
-            ),
-            (None, None) => unreachable!("a table with neither f32 weights nor blocks"),
-        }
+        super::lora::param_or_blocks(self.dense.as_ref(), self.blocks.as_deref(), device)
     }
 }
 
