@@ -68,9 +68,10 @@ pub fn reference_nll(
             Err(Skip::Empty | Skip::PromptTooLong) => skipped += 1,
         }
     }
-    // As training pads (pads are never targets, so the choice does not change the loss).
-    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-    crate::train::data::check_vocab(&examples, pad, model.config().vocab)
+    // As training pads.
+    let vocab = model.config().vocab;
+    let pad = crate::train::data::pad_id(&tokenizer, vocab);
+    crate::train::data::check_vocab(&examples, vocab)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("the reference NLL of {}", path.display()))?;
     Ok(Some(nll_of_examples(

@@ -263,13 +263,12 @@ impl Example {
     }
 }
 
-/// An error naming the first token id of `examples` (or `pad`) outside a vocabulary of `vocab`:
-/// a tokenizer that does not match the model (an adapter folder's own `tokenizer.json` with
+/// An error naming the first token id of `examples` outside a vocabulary of `vocab`: a
+/// tokenizer that does not match the model (an adapter folder's own `tokenizer.json` with
 /// added tokens, say) would otherwise index past the model's embedding.
-pub fn check_vocab(examples: &[Example], pad: u32, vocab: usize) -> Result<(), String> {
-    let ids = examples.iter().flat_map(|e| e.ids.iter());
-    match std::iter::once(&pad)
-        .chain(ids)
+pub fn check_vocab(examples: &[Example], vocab: usize) -> Result<(), String> {
+    match (examples.iter())
+        .flat_map(|e| e.ids.iter())
         .find(|&&t| t as usize >= vocab)
     {
         Some(t) => Err(format!(
@@ -278,6 +277,21 @@ pub fn check_vocab(examples: &[Example], pad: u32, vocab: usize) -> Result<(), S
         )),
         None => Ok(()),
     }
+}
+
+/// The token that pads a pass to its longest example: the tokenizer's pad, else its end of
+/// text, else 0, the first of them inside a vocabulary of `vocab`. Pads are looked up but never
+/// targets, and a causal mask keeps every real position from them: which one changes no loss.
+pub fn pad_id(tokenizer: &Tokenizer, vocab: usize) -> u32 {
+    first_inside(&[tokenizer.pad_id(), tokenizer.eos_id()], vocab)
+}
+
+/// The first of `ids` that is some id under `vocab`, else 0.
+fn first_inside(ids: &[Option<u32>], vocab: usize) -> u32 {
+    (ids.iter().flatten())
+        .copied()
+        .find(|&t| (t as usize) < vocab)
+        .unwrap_or(0)
 }
 
 /// Why an example was not kept.
@@ -368,18 +382,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_ids_past_the_vocabulary_are_an_error_naming_the_first() {
+    fn token_ids_past_the_vocabulary_are_an_error_and_pads_stay_inside_it() {
         let ex = |ids: &[u32]| Example {
             ids: ids.to_vec(),
             trained: vec![true; ids.len()],
         };
         let ok = [ex(&[0, 5, 9]), ex(&[9, 1])];
-        assert_eq!(check_vocab(&ok, 0, 10), Ok(()));
+        assert_eq!(check_vocab(&ok, 10), Ok(()));
         let bad = [ex(&[0, 5, 9]), ex(&[3, 10, 12])];
-        let err = check_vocab(&bad, 0, 10).expect_err("id 10 of 10");
+        let err = check_vocab(&bad, 10).expect_err("id 10 of 10");
         assert!(err.starts_with("token id 10 outside"), "{err}");
-        let err = check_vocab(&ok, 10, 10).expect_err("the pad id");
-        assert!(err.starts_with("token id 10 outside"), "{err}");
+        // The pad: the tokenizer's, else its end of text, else 0, inside the vocabulary.
+        assert_eq!(first_inside(&[Some(3), Some(7)], 10), 3);
+        assert_eq!(first_inside(&[None, Some(7)], 10), 7);
+        assert_eq!(first_inside(&[Some(12), Some(7)], 10), 7);
+        assert_eq!(first_inside(&[Some(12), None], 10), 0);
     }
 
     #[test]

@@ -142,9 +142,9 @@ pub fn run_job_with(
             ((examples.len() as f64 * job.eval_frac).round() as usize).clamp(1, examples.len() - 1);
         held_out = examples.split_off(examples.len() - n);
     }
-    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-    data::check_vocab(&examples, pad, cfg.vocab)
-        .and_then(|()| data::check_vocab(&held_out, pad, cfg.vocab))
+    let pad = data::pad_id(&tokenizer, cfg.vocab);
+    data::check_vocab(&examples, cfg.vocab)
+        .and_then(|()| data::check_vocab(&held_out, cfg.vocab))
         .map_err(TrainError::Data)?;
     log::info!(
         "data: {} records, {} kept ({} train, {} held out), {} truncated to {max_len}, {} dropped (prompt too long), {} empty, {} malformed",
