@@ -17,7 +17,8 @@ use crate::model::llama::{rope, rope_tables, HostTensor, LayerWeight, WeightName
 use crate::model::{LlamaConfig, ModelError, Precision};
 
 use super::lora::{param, Linear, LoraAdapter, LoraConfig};
-use super::table::Table;
+use super::table::{blocks_logits, blocks_times, Table};
+use crate::model::quant::QuantWeight;
 
 /// One decoder block.
 #[derive(Module, Debug)]
@@ -443,8 +444,7 @@ impl<B: Backend> TrainLlama<B> {
 
     /// The embeddings of `ids` `[b, s]`, `[b·s, hidden]`: the first block's input.
     pub fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let device = ids.device();
-        self.embed.lookup(ids, &device)
+        self.embed.lookup(ids)
     }
 
     /// The final RMSNorm of the last block's output.
@@ -500,11 +500,12 @@ impl<B: Backend> TrainLlama<B> {
             let len = HEAD_ROWS.min(n - start);
             let rows = hidden.clone().narrow(0, start, len);
             let picked = targets.clone().narrow(0, start, len).reshape([len, 1]);
-            let part = if self.head_table().blocks.is_some() {
-                self.blocks_head_loss(rows, picked)
-            } else {
-                let logp = log_softmax(self.head(rows), 1);
-                logp.gather(1, picked).sum().neg()
+            let part = match self.head_table().blocks.as_deref() {
+                Some(head) => blocks_head_loss(head, rows, picked),
+                None => {
+                    let logp = log_softmax(self.head(rows), 1);
+                    logp.gather(1, picked).sum().neg()
+                }
             };
             total = Some(match total {
                 Some(t) => t + part,
@@ -512,33 +513,6 @@ impl<B: Backend> TrainLlama<B> {
             });
         }
         total.unwrap_or_else(|| Tensor::zeros([1], &device))
-    }
-
-    /// [`Self::head_loss`]'s part for `rows` `[n, hidden]` and their targets `picked` `[n, 1]`
-    /// through a head kept as blocks, whose product is outside the autodiff graph: the loss
-    /// `L = −Σ log softmax(rows · headᵀ)[target]`, and on a backend that differentiates the gradient
-    /// `∂L/∂rows = (softmax − onehot(target)) · head` put in by hand, as
-    /// `L + Σ(rows · ∂L/∂rows) − detach(Σ(rows · ∂L/∂rows))`: the value `L`, the gradient
-    /// `∂L/∂rows` (the same trick as `train::backward`'s recomputed blocks).
-    fn blocks_head_loss(&self, rows: Tensor<B, 2>, picked: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let head = self.head_table();
-        let device = rows.device();
-        let logp = log_softmax(head.logits(rows.clone()), 1);
-        let loss = logp.clone().gather(1, picked.clone()).sum().neg();
-        // (`is_require_grad` is true of a graph's leaves only, not of `rows`.)
-        if !B::ad_enabled(&device) {
-            return loss;
-        }
-        let [n, vocab] = logp.dims();
-        let onehot = Tensor::<B, 2>::zeros([n, vocab], &device).scatter(
-            1,
-            picked,
-            Tensor::ones([n, 1], &device),
-            burn::tensor::IndexingUpdateOp::Add,
-        );
-        let grad = head.times(logp.exp() - onehot);
-        let through = (rows * grad).sum();
-        loss + through.clone() - through.detach()
     }
 
     /// Greedy decoding without a cache (the whole sequence is re-run per token): for tests and
@@ -566,6 +540,36 @@ impl<B: Backend> TrainLlama<B> {
         }
         out
     }
+}
+
+/// [`TrainLlama::head_loss`]'s part for `rows` `[n, hidden]` and their targets `picked`
+/// `[n, 1]` through a `head` kept as blocks, whose product is outside the autodiff graph: the
+/// loss `L = −Σ log softmax(rows · headᵀ)[target]`, and on a backend that differentiates the
+/// gradient `∂L/∂rows = (softmax − onehot(target)) · head` put in by hand, as
+/// `L + Σ(rows · ∂L/∂rows) − detach(Σ(rows · ∂L/∂rows))`: the value `L`, the gradient
+/// `∂L/∂rows` (the same trick as `train::backward`'s recomputed blocks).
+fn blocks_head_loss<B: Backend>(
+    head: &QuantWeight,
+    rows: Tensor<B, 2>,
+    picked: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let device = rows.device();
+    let logp = log_softmax(blocks_logits(head, rows.clone()), 1);
+    let loss = logp.clone().gather(1, picked.clone()).sum().neg();
+    // (`is_require_grad` is true of a graph's leaves only, not of `rows`.)
+    if !B::ad_enabled(&device) {
+        return loss;
+    }
+    let [n, vocab] = logp.dims();
+    let onehot = Tensor::<B, 2>::zeros([n, vocab], &device).scatter(
+        1,
+        picked,
+        Tensor::ones([n, 1], &device),
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    let grad = blocks_times(head, logp.exp() - onehot);
+    let through = (rows * grad).sum();
+    loss + through.clone() - through.detach()
 }
 
 /// A seed derived from `seed` and `i` (splitmix64's finaliser over their mix): neighbouring

@@ -7,8 +7,8 @@
 //! 0.93 GB at the 1.5B's width, the blocks a fifth of that; a chunk of rows is 50 MB.
 //!
 //! No gradient ever reaches a table kept as blocks (it is frozen), but one must pass through
-//! the head to the blocks below it: [`Table::times`] gives the product that backward pass needs
-//! (`g · table` for the logits' gradient `g`), which [`super::model::TrainLlama::head_loss`]
+//! the head to the blocks below it: [`blocks_times`] gives the product that backward pass needs
+//! (`g · head` for the logits' gradient `g`), which [`super::model::TrainLlama::head_loss`]
 //! applies by hand.
 
 use std::sync::Arc;
@@ -56,8 +56,9 @@ impl<B: Backend> Table<B> {
         self.dense.as_ref().is_some_and(|p| p.is_require_grad())
     }
 
-    /// The rows of `ids` `[b, s]`, `[b·s, hidden]`, on `device` (blocks: a constant).
-    pub fn lookup(&self, ids: Tensor<B, 2, Int>, device: &B::Device) -> Tensor<B, 2> {
+    /// The rows of `ids` `[b, s]`, `[b·s, hidden]`, on their device (blocks: a constant).
+    pub fn lookup(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let device = ids.device();
         let [b, s] = ids.dims();
         let ids = ids.reshape([b * s]);
         match (&self.dense, &self.blocks) {
@@ -69,50 +70,18 @@ impl<B: Backend> Table<B> {
                 rows.par_chunks_mut(h.max(1))
                     .zip(&ids)
                     .for_each(|(row, &id)| q.dequantize_row(id, row));
-                Tensor::from_data(TensorData::new(rows, [b * s, h]), device)
+                Tensor::from_data(TensorData::new(rows, [b * s, h]), &device)
             }
             (None, None) => unreachable!("a table with neither f32 weights nor blocks"),
         }
     }
 
-    /// `x · tableᵀ`, `[n, vocab]`, for `x` `[n, hidden]`: the logits. Over blocks the product
-    /// is outside the autodiff graph (`x` detached): see [`Table::times`] for its backward.
+    /// `x · tableᵀ`, `[n, vocab]`, for `x` `[n, hidden]`: the logits (over blocks, outside
+    /// the autodiff graph: [`blocks_logits`]).
     pub fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         match (&self.dense, &self.blocks) {
             (Some(w), _) => x.matmul(w.val().transpose()),
-            (None, Some(q)) => {
-                let x = x.detach();
-                let device = x.device();
-                let parts = (0..q.rows())
-                    .step_by(TABLE_ROWS)
-                    .map(|start| {
-                        let chunk = dequantized_rows::<B>(q, start, &device);
-                        x.clone().matmul(chunk.transpose())
-                    })
-                    .collect();
-                Tensor::cat(parts, 1)
-            }
-            (None, None) => unreachable!("a table with neither f32 weights nor blocks"),
-        }
-    }
-
-    /// `g · table`, `[n, hidden]`, for `g` `[n, vocab]` (outside the autodiff graph): the
-    /// gradient reaching the head's input from the logits' gradient `g`.
-    pub fn times(&self, g: Tensor<B, 2>) -> Tensor<B, 2> {
-        let g = g.detach();
-        let device = g.device();
-        match (&self.dense, &self.blocks) {
-            (Some(w), _) => g.matmul(w.val().detach()),
-            (None, Some(q)) => {
-                let n = g.dims()[0];
-                let mut out: Tensor<B, 2> = Tensor::zeros([n, q.cols()], &device);
-                for start in (0..q.rows()).step_by(TABLE_ROWS) {
-                    let chunk = dequantized_rows::<B>(q, start, &device);
-                    let len = chunk.dims()[0];
-                    out = out + g.clone().narrow(1, start, len).matmul(chunk);
-                }
-                out
-            }
+            (None, Some(q)) => blocks_logits(q, x),
             (None, None) => unreachable!("a table with neither f32 weights nor blocks"),
         }
     }
@@ -121,6 +90,35 @@ impl<B: Backend> Table<B> {
     pub fn weight(&self, device: &B::Device) -> Tensor<B, 2> {
         super::lora::param_or_blocks(self.dense.as_ref(), self.blocks.as_deref(), device)
     }
+}
+
+/// `x · qᵀ`, `[n, rows]`, for `x` `[n, cols]`, [`TABLE_ROWS`] rows of `q` dequantized at a
+/// time, outside the autodiff graph (`x` detached): see [`blocks_times`] for its backward.
+pub fn blocks_logits<B: Backend>(q: &QuantWeight, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let x = x.detach();
+    let device = x.device();
+    let parts = (0..q.rows())
+        .step_by(TABLE_ROWS)
+        .map(|start| {
+            let chunk = dequantized_rows::<B>(q, start, &device);
+            x.clone().matmul(chunk.transpose())
+        })
+        .collect();
+    Tensor::cat(parts, 1)
+}
+
+/// `g · q`, `[n, cols]`, for `g` `[n, rows]`, outside the autodiff graph: the gradient that
+/// reaches [`blocks_logits`]'s input from the gradient `g` of its output.
+pub fn blocks_times<B: Backend>(q: &QuantWeight, g: Tensor<B, 2>) -> Tensor<B, 2> {
+    let g = g.detach();
+    let device = g.device();
+    let mut out: Tensor<B, 2> = Tensor::zeros([g.dims()[0], q.cols()], &device);
+    for start in (0..q.rows()).step_by(TABLE_ROWS) {
+        let chunk = dequantized_rows::<B>(q, start, &device);
+        let len = chunk.dims()[0];
+        out = out + g.clone().narrow(1, start, len).matmul(chunk);
+    }
+    out
 }
 
 /// Rows `start..start + TABLE_ROWS` of `q` (fewer at its end) in f32, `[len, cols]`.
