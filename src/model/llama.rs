@@ -29,6 +29,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use super::config::LlamaConfig;
 use super::device::Precision;
 use super::kv_cache::{host_values, AppendPlan, KvCache, LayerKv, OwnKv, SpareBuffers};
+use super::quant::arena::WeightArena;
 use super::quant::{Q8Matrix, QuantWeight};
 use super::ModelError;
 use std::sync::Arc;
@@ -593,6 +594,7 @@ fn load_linear<B: Backend>(
     inner: usize,
     precision: Precision,
     device: &B::Device,
+    arena: &WeightArena,
 ) -> Result<Linear<B>, ModelError> {
     if precision.quantized() {
         let mut mats = Vec::with_capacity(parts.len());
@@ -600,7 +602,7 @@ fn load_linear<B: Backend>(
             mats.push(required_quant(src, name, out, inner, precision)?);
         }
         return Ok(Linear::Quant(Arc::new(
-            QuantWeight::stack(mats).laid_out_for_machine(),
+            QuantWeight::stack(mats).laid_out_in(arena),
         )));
     }
     let mut tensors = Vec::with_capacity(parts.len());
@@ -645,13 +647,15 @@ impl<B: Backend> Llama<B> {
             )));
         }
         let dtype = precision.dtype();
+        // The block weights' memory, on huge pages (see `quant::arena`).
+        let arena = WeightArena::new();
         let (h, d, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
         let to_dev = |data: Vec<f32>, shape: [usize; 2]| -> Tensor<B, 2> {
             Tensor::from_data(TensorData::new(data, shape), (device, dtype))
         };
         let (embed, tied_output) = if precision.quantized() {
             let q = required_quant(src, WeightName::Embedding, cfg.vocab, h, precision)?;
-            let q = Arc::new(q.laid_out_for_machine());
+            let q = Arc::new(q.laid_out_in(&arena));
             (Embedding::Quant(q.clone()), Linear::Quant(q))
         } else {
             let embed = required(src, WeightName::Embedding, &[cfg.vocab, h])?;
@@ -667,7 +671,7 @@ impl<B: Backend> Llama<B> {
         } else if precision.quantized() {
             match src.load_quant(WeightName::Output, precision == Precision::Native)? {
                 Some(q) if (q.rows(), q.cols()) == (cfg.vocab, h) => {
-                    Linear::Quant(Arc::new(q.laid_out_for_machine()))
+                    Linear::Quant(Arc::new(q.laid_out_in(&arena)))
                 }
                 Some(q) => {
                     let got = [q.rows(), q.cols()];
@@ -694,7 +698,7 @@ impl<B: Backend> Llama<B> {
             // `RandomWeights` draws in.
             let linear = |src: &mut dyn WeightSource, parts: &[(LayerWeight, usize)], inner| {
                 let parts: Vec<_> = parts.iter().map(|&(lw, out)| (w(lw), out)).collect();
-                load_linear::<B>(src, &parts, inner, precision, device)
+                load_linear::<B>(src, &parts, inner, precision, device, &arena)
             };
             let qkv_parts = [
                 (LayerWeight::Q, qd),

@@ -47,12 +47,14 @@ macro_rules! with_row_count {
     };
 }
 
+pub mod arena;
 pub mod kernels;
 pub mod panels;
 pub mod q4;
 pub mod q6;
 pub mod resident;
 
+use arena::{Buf, WeightArena};
 pub use kernels::ActRow;
 use kernels::{Kernel, RowRef, ROWS};
 pub use panels::PanelFormat;
@@ -82,9 +84,9 @@ pub struct Q8Matrix {
     /// Blocks per row.
     blocks: usize,
     /// `rows × blocks` scales.
-    scales: Vec<f32>,
+    scales: Buf<f32>,
     /// `rows × blocks × QK` values.
-    quants: Vec<i8>,
+    quants: Buf<i8>,
 }
 
 impl std::fmt::Debug for Q8Matrix {
@@ -245,8 +247,8 @@ impl Q8Matrix {
             rows,
             cols,
             blocks,
-            scales,
-            quants,
+            scales: scales.into(),
+            quants: quants.into(),
         })
     }
 
@@ -267,14 +269,15 @@ impl Q8Matrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
             blocks: cols.div_ceil(QK),
-            scales: Vec::new(),
-            quants: Vec::new(),
+            scales: Buf::default(),
+            quants: Buf::default(),
         };
-        out.scales.reserve_exact(out.rows * out.blocks);
-        out.quants.reserve_exact(out.rows * out.blocks * QK);
+        let (scales, quants) = (out.scales.vec_mut(), out.quants.vec_mut());
+        scales.reserve_exact(out.rows * out.blocks);
+        quants.reserve_exact(out.rows * out.blocks * QK);
         for p in parts {
-            out.scales.extend_from_slice(&p.scales);
-            out.quants.extend_from_slice(&p.quants);
+            scales.extend_from_slice(&p.scales);
+            quants.extend_from_slice(&p.quants);
         }
         out
     }
@@ -287,6 +290,12 @@ impl Q8Matrix {
     /// Columns (inputs, for a linear weight).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Moves the matrix's buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        arena.place(&mut self.scales);
+        arena.place(&mut self.quants);
     }
 
     /// Bytes the matrix holds in memory.
@@ -401,6 +410,19 @@ impl QuantWeight {
         out
     }
 
+    /// Moves the blocks' buffers into `arena` (see the `arena` module): what a model does
+    /// with each weight once it is laid out.
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        match self {
+            QuantWeight::Q8(q) => q.place_in(arena),
+            // The file's own 4-, 5- and 6-bit blocks stay on the heap: they are kept as they
+            // are only where the machine has no panels for them (no AVX2).
+            QuantWeight::Q4(_) | QuantWeight::Q6(_) => {}
+            QuantWeight::Resident(q) => q.place_in(arena),
+            QuantWeight::Stacked(parts) => parts.iter_mut().for_each(|p| p.place_in(arena)),
+        }
+    }
+
     /// Bytes of the blocks (quantized values, scales, offsets, fifth bits).
     pub fn bytes(&self) -> usize {
         match self {
@@ -480,6 +502,14 @@ impl QuantWeight {
             1 => runs.remove(0),
             _ => QuantWeight::Stacked(runs),
         }
+    }
+
+    /// [`QuantWeight::laid_out_for_machine`], its buffers then moved into `arena`: how a model
+    /// keeps its weights (see the `arena` module).
+    pub fn laid_out_in(self, arena: &WeightArena) -> QuantWeight {
+        let mut q = self.laid_out_for_machine();
+        q.place_in(arena);
+        q
     }
 
     /// The matrix in the layout this machine's kernels read fastest: on AVX-512 VNNI

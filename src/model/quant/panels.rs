@@ -20,6 +20,7 @@
 //! dot kernels do), `Q6_K` as its raw 6-bit values (zero 32, a scale per 16 values). The zero
 //! point is subtracted exactly in integers: each step's sum starts at `−zero·Σq_x`.
 
+use super::arena::Buf;
 use super::{Activations, BlockWeights, QK};
 
 /// Weight rows (output columns) per packed panel: two 16-lane registers.
@@ -46,11 +47,11 @@ pub struct PanelFormat {
 pub(super) struct Panel {
     format: Option<PanelFormat>,
     /// `k / 4` groups of four values, each `PANEL × 4` bytes (see the module's doc).
-    values: Vec<u8>,
+    values: Buf<u8>,
     /// Per step of `format.step` values, `PANEL` scales.
-    scales: Vec<f32>,
+    scales: Buf<f32>,
     /// Per block, `PANEL` offsets (empty without offsets).
-    offsets: Vec<f32>,
+    offsets: Buf<f32>,
 }
 
 /// The rows of a panel unpacked before they are interleaved: `PANEL` rows' values, one row's
@@ -75,11 +76,11 @@ impl Panel {
         self.format = Some(format);
         // Unused columns keep whatever values they had (any byte times scale 0 is 0); only
         // their scales and offsets are cleared.
-        self.values.resize(k * PANEL, 0);
-        self.scales.clear();
-        self.scales.resize(steps * PANEL, 0.0);
-        self.offsets.clear();
-        self.offsets.resize(block_offsets * PANEL, 0.0);
+        self.values.vec_mut().resize(k * PANEL, 0);
+        self.scales.vec_mut().clear();
+        self.scales.vec_mut().resize(steps * PANEL, 0.0);
+        self.offsets.vec_mut().clear();
+        self.offsets.vec_mut().resize(block_offsets * PANEL, 0.0);
         let (values, scales, offsets) = scratch;
         values.resize(k * PANEL, 0);
         scales.resize(steps, 0.0);
@@ -109,10 +110,10 @@ impl Panel {
         fill: impl FnOnce(&mut [u8], &mut [f32], &mut [f32]),
     ) {
         self.format = Some(format);
-        self.values.resize(k * PANEL, 0);
-        self.scales.resize(k / format.step * PANEL, 0.0);
+        self.values.vec_mut().resize(k * PANEL, 0);
+        self.scales.vec_mut().resize(k / format.step * PANEL, 0.0);
         let offsets = if format.offsets { k / QK * PANEL } else { 0 };
-        self.offsets.resize(offsets, 0.0);
+        self.offsets.vec_mut().resize(offsets, 0.0);
         fill(&mut self.values, &mut self.scales, &mut self.offsets);
     }
 
@@ -124,6 +125,14 @@ impl Panel {
             self.values[((v / 4) * PANEL + c) * 4 + v % 4],
             self.scales[(v / step) * PANEL + c],
         )
+    }
+
+    /// Moves the panel's values, scales and offsets into `arena` (a panel kept as a matrix's
+    /// storage, [`super::Q8Panels`]).
+    pub(super) fn place_in(&mut self, arena: &super::arena::WeightArena) {
+        arena.place(&mut self.values);
+        arena.place(&mut self.scales);
+        arena.place(&mut self.offsets);
     }
 
     /// Bytes of the panel's values, scales and offsets.

@@ -392,6 +392,16 @@ impl Resident {
         self.matrix().bytes()
     }
 
+    /// Moves the panels' buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &super::arena::WeightArena) {
+        match self {
+            Resident::Q4(q) => q.place_in(arena),
+            Resident::Q4k(q) => q.place_in(arena),
+            Resident::Q6k(q) => q.place_in(arena),
+            Resident::Q8(q) => q.place_in(arena),
+        }
+    }
+
     /// Row `r` as `f32` (`out.len() == cols`), the values the blocks give.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         self.matrix().dequantize_row(r, out)

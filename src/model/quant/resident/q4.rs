@@ -18,6 +18,7 @@
 //! a block with an offset `Σu·q_x·(d·d_x) + m·(d_x·Σq_x)`.
 
 use super::{exact_f16, set_nibble, Activations, Panels, Tile, PANEL};
+use crate::model::quant::arena::{Buf, WeightArena};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales};
 use crate::model::quant::QK;
@@ -31,7 +32,7 @@ enum Offsets {
     /// `m = o·d` with the same integer `o` for every block (`Q4_0`: −8, `Q5_0`: −16).
     Centered(i32),
     /// Per panel, per block, [`PANEL`] offsets (`Q4_1`, `Q5_1`).
-    Block(Vec<f16>),
+    Block(Buf<f16>),
 }
 
 /// A `[rows, cols]` matrix of `Q4_0`, `Q4_1`, `Q5_0` or `Q5_1` values in panels; `rows` a
@@ -41,12 +42,12 @@ pub struct Q4Panels {
     rows: usize,
     cols: usize,
     /// `rows · cols / 2` bytes of low 4 bits, a panel after the other.
-    values: Vec<u8>,
+    values: Buf<u8>,
     /// Empty (4-bit values), or per panel, per group of 8 values,
     /// [`super::MASKS`] fifth-bit masks.
-    fifth: Vec<u64>,
+    fifth: Buf<u64>,
     /// Per panel, per block, [`PANEL`] scales.
-    d: Vec<f16>,
+    d: Buf<f16>,
     offsets: Offsets,
 }
 
@@ -104,7 +105,7 @@ impl Q4Panels {
             RowScales::Centered { offset, .. } if offset.fract() == 0.0 && offset.abs() <= 64.0 => {
                 Offsets::Centered(offset as i32)
             }
-            RowScales::Block { .. } => Offsets::Block(vec![f16::ZERO; rows * blocks]),
+            RowScales::Block { .. } => Offsets::Block(vec![f16::ZERO; rows * blocks].into()),
             _ => return None,
         };
         let exact = (0..rows).into_par_iter().all(|r| match q.row(r).scales {
@@ -119,9 +120,9 @@ impl Q4Panels {
         let mut out = Q4Panels {
             rows,
             cols,
-            values: vec![0; rows * cols / 2],
-            fifth: super::fifth_masks(q),
-            d: vec![f16::ZERO; rows * blocks],
+            values: vec![0; rows * cols / 2].into(),
+            fifth: super::fifth_masks(q).into(),
+            d: vec![f16::ZERO; rows * blocks].into(),
             offsets,
         };
         let fill = |p: usize, values: &mut [u8], d: &mut [f16], mut m: Option<&mut [f16]>| {
@@ -167,6 +168,16 @@ impl Q4Panels {
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Moves the matrix's buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        arena.place(&mut self.values);
+        arena.place(&mut self.fifth);
+        arena.place(&mut self.d);
+        if let Offsets::Block(m) = &mut self.offsets {
+            arena.place(m);
+        }
     }
 
     /// Bytes the matrix holds in memory (the file's blocks' size).

@@ -17,6 +17,7 @@
 //! multiply-adds by `d·d_x` and `−dmin·d_x`.
 
 use super::{exact_f16, set_nibble, Activations, Panels, Tile, PANEL};
+use crate::model::quant::arena::{Buf, WeightArena};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q4::{Q4Matrix, RowScales, SUB_BLOCKS};
 use crate::model::quant::QK;
@@ -31,18 +32,18 @@ pub struct Q4kPanels {
     rows: usize,
     cols: usize,
     /// `rows · cols / 2` bytes, a panel after the other.
-    values: Vec<u8>,
+    values: Buf<u8>,
     /// Per panel, per block, [`PANEL`] scale multipliers.
-    sc: Vec<u8>,
+    sc: Buf<u8>,
     /// Per panel, per block, [`PANEL`] min multipliers.
-    mn: Vec<u8>,
+    mn: Buf<u8>,
     /// Empty (`Q4_K`), or `Q5_K`'s fifth bits: per panel, per group of 8 values,
     /// [`super::MASKS`] masks.
-    fifth: Vec<u64>,
+    fifth: Buf<u64>,
     /// Per panel, per super-block, [`PANEL`] scales.
-    d: Vec<f16>,
+    d: Buf<f16>,
     /// Per panel, per super-block, [`PANEL`] mins.
-    dmin: Vec<f16>,
+    dmin: Buf<f16>,
 }
 
 impl std::fmt::Debug for Q4kPanels {
@@ -90,12 +91,12 @@ impl Q4kPanels {
         let mut out = Q4kPanels {
             rows,
             cols,
-            values: vec![0; rows * cols / 2],
-            fifth: super::fifth_masks(q),
-            sc: vec![0; rows * blocks],
-            mn: vec![0; rows * blocks],
-            d: vec![f16::ZERO; rows * supers],
-            dmin: vec![f16::ZERO; rows * supers],
+            values: vec![0; rows * cols / 2].into(),
+            fifth: super::fifth_masks(q).into(),
+            sc: vec![0; rows * blocks].into(),
+            mn: vec![0; rows * blocks].into(),
+            d: vec![f16::ZERO; rows * supers].into(),
+            dmin: vec![f16::ZERO; rows * supers].into(),
         };
         out.values
             .par_chunks_mut(PANEL * cols / 2)
@@ -140,6 +141,16 @@ impl Q4kPanels {
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Moves the matrix's buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        arena.place(&mut self.values);
+        arena.place(&mut self.fifth);
+        arena.place(&mut self.sc);
+        arena.place(&mut self.mn);
+        arena.place(&mut self.d);
+        arena.place(&mut self.dmin);
     }
 
     /// Bytes the matrix holds in memory.

@@ -18,6 +18,7 @@
 
 use super::{nibble, set_nibble, Activations, Panels, Tile, GROUP_BYTES, PANEL};
 use crate::model::gguf::QK_K;
+use crate::model::quant::arena::{Buf, WeightArena};
 use crate::model::quant::panels::{self, PanelFormat};
 use crate::model::quant::q6::{self, Q6Matrix, BLOCK_BYTES};
 use crate::model::quant::QK;
@@ -40,13 +41,13 @@ pub struct Q6kPanels {
     rows: usize,
     cols: usize,
     /// `rows · cols / 2` bytes of low 4 bits, a panel after the other.
-    low: Vec<u8>,
+    low: Buf<u8>,
     /// `rows · cols / 4` bytes of high 2 bits, a panel after the other.
-    high: Vec<u8>,
+    high: Buf<u8>,
     /// Per panel, per part, [`PANEL`] scale multipliers.
-    sc: Vec<i8>,
+    sc: Buf<i8>,
     /// Per panel, per super-block, [`PANEL`] scales.
-    d: Vec<half::f16>,
+    d: Buf<half::f16>,
 }
 
 impl std::fmt::Debug for Q6kPanels {
@@ -89,10 +90,10 @@ impl Q6kPanels {
         let mut out = Q6kPanels {
             rows,
             cols,
-            low: vec![0; rows * cols / 2],
-            high: vec![0; rows * cols / 4],
-            sc: vec![0; rows * parts],
-            d: vec![half::f16::ZERO; rows * supers],
+            low: vec![0; rows * cols / 2].into(),
+            high: vec![0; rows * cols / 4].into(),
+            sc: vec![0; rows * parts].into(),
+            d: vec![half::f16::ZERO; rows * supers].into(),
         };
         out.low
             .par_chunks_mut(PANEL * cols / 2)
@@ -132,6 +133,14 @@ impl Q6kPanels {
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Moves the matrix's buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        arena.place(&mut self.low);
+        arena.place(&mut self.high);
+        arena.place(&mut self.sc);
+        arena.place(&mut self.d);
     }
 
     /// Bytes the matrix holds in memory.

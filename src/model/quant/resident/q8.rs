@@ -6,6 +6,7 @@
 //! weights; in SmolLM2-135M's `Q4_1` file it is 28M of 135M).
 
 use super::PANEL;
+use crate::model::quant::arena::WeightArena;
 use crate::model::quant::panels::{self, PanelActivations, PanelFormat};
 use crate::model::quant::{BlockWeights, Q8Matrix, QK};
 use rayon::prelude::*;
@@ -59,6 +60,11 @@ impl Q8Panels {
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Moves the matrix's buffers into `arena` (see the `arena` module).
+    pub fn place_in(&mut self, arena: &WeightArena) {
+        self.panels.iter_mut().for_each(|p| p.place_in(arena));
     }
 
     /// Bytes the matrix holds in memory (the same as the [`Q8Matrix`] it came from).
