@@ -3,7 +3,7 @@
 //! as a [`Buf`].
 //!
 //! Why: batch-1 decode reads every weight once per token, so the weights' TLB misses cost
-//! time (with huge pages off for the whole process SmolLM2-135M decodes 20-25% slower on the
+//! time (with huge pages off for the whole process SmolLM2-135M decodes 20-30% slower on the
 //! 2-core EPYC of README "Weight formats"), and their huge pages are worth having; but left
 //! in the allocator's heap the weights lie scattered between the holes the load's temporaries
 //! leave (rows read, parts stacked, blocks before their panels): the 135M's 94 MB of weights
