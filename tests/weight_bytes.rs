@@ -5,6 +5,7 @@
 //! (`scripts/fetch-assets.sh qwen05 qwen15`).
 
 mod common;
+use backflow::model::quant::resident::{simd, Simd};
 use backflow::model::{load_checkpoint, GgufFile, Precision};
 use burn::backend::Flex;
 
@@ -42,8 +43,18 @@ fn weights_in_memory_are_the_files_size() {
             path.display()
         );
         // Measured 1.018-1.019x on all three (2026-12-06); a 4-bit tensor widened to 8 bits
-        // would put the 135M at ~1.5x.
-        assert!((1.0..1.03).contains(&ratio), "{}: {ratio}", path.display());
+        // would put the 135M at ~1.5x. Without panels (no AVX2, or `BACKFLOW_Q4K_PANELS=0`)
+        // the file's blocks are kept with f32 scales: the 135M 1.156x (2026-12-07).
+        let most = if simd() != Simd::None { 1.03 } else { 1.2 };
+        assert!((1.0..most).contains(&ratio), "{}: {ratio}", path.display());
+        // Every block matrix in the weights' arena, on huge pages, where the machine has the
+        // panels (the file's own 4/5/6-bit blocks stay on the heap only without them).
+        let (placed, matrices) = native.model.block_matrices_in_arena();
+        eprintln!("{placed} of {matrices} block matrices in the arena");
+        assert!(matrices > 0);
+        if simd() != Simd::None {
+            assert_eq!(placed, matrices, "{}", path.display());
+        }
         if path == smol {
             let f32 = load_checkpoint::<Flex>(&path, &Default::default(), Precision::F32)
                 .expect("load f32");

@@ -865,6 +865,29 @@ impl<B: Backend> Llama<B> {
         embed + output + blocks + dense(&self.norm)
     }
 
+    /// How many of the model's block matrices (the embedding, every projection, an untied
+    /// head) are in a weight arena, on its huge pages, and how many it has: loaded in a block
+    /// format on a CPU with panels, all of them (see `quant::arena`).
+    pub fn block_matrices_in_arena(&self) -> (usize, usize) {
+        let mut matrices: Vec<&Arc<QuantWeight>> = Vec::new();
+        if let Embedding::Quant(q) = &self.embed {
+            matrices.push(q);
+        }
+        let linears = (self.blocks.iter())
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down].map(|p| &p.weight))
+            .chain([&self.output]);
+        for l in linears {
+            // A tied head is the embedding's own matrix, counted once.
+            if let Linear::Quant(q) = l {
+                if !matrices.iter().any(|m| Arc::ptr_eq(m, q)) {
+                    matrices.push(q);
+                }
+            }
+        }
+        let placed = matrices.iter().filter(|q| q.placed()).count();
+        (placed, matrices.len())
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &B::Device {
         &self.device

@@ -171,6 +171,12 @@ impl<T> Buf<T> {
     pub fn in_arena(&self) -> bool {
         matches!(self.0, Repr::Arena { .. })
     }
+
+    /// Whether [`WeightArena::place`] has nothing left to move: the values are in an arena,
+    /// or there are none.
+    pub fn placed(&self) -> bool {
+        self.is_empty() || self.in_arena()
+    }
 }
 
 impl<T> Default for Buf<T> {

@@ -298,6 +298,11 @@ impl Q8Matrix {
         arena.place(&mut self.quants);
     }
 
+    /// Whether both buffers are in an arena ([`Q8Matrix::place_in`] done).
+    pub fn placed(&self) -> bool {
+        self.scales.placed() && self.quants.placed()
+    }
+
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
         self.scales.len() * 4 + self.quants.len()
@@ -501,6 +506,17 @@ impl QuantWeight {
             0 => QuantWeight::Q8(Q8Matrix::stack(Vec::new())),
             1 => runs.remove(0),
             _ => QuantWeight::Stacked(runs),
+        }
+    }
+
+    /// Whether the blocks are in an arena, on its huge pages: every format but the file's own
+    /// 4-, 5- and 6-bit blocks, which stay on the heap ([`QuantWeight::place_in`]).
+    pub fn placed(&self) -> bool {
+        match self {
+            QuantWeight::Q8(q) => q.placed(),
+            QuantWeight::Q4(_) | QuantWeight::Q6(_) => false,
+            QuantWeight::Resident(q) => q.placed(),
+            QuantWeight::Stacked(parts) => parts.iter().all(QuantWeight::placed),
         }
     }
 

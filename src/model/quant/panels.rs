@@ -135,6 +135,11 @@ impl Panel {
         arena.place(&mut self.offsets);
     }
 
+    /// Whether the panel's buffers are in an arena.
+    pub(super) fn placed(&self) -> bool {
+        self.values.placed() && self.scales.placed() && self.offsets.placed()
+    }
+
     /// Bytes of the panel's values, scales and offsets.
     pub(super) fn bytes(&self) -> usize {
         self.values.len() + 4 * (self.scales.len() + self.offsets.len())

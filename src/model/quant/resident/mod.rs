@@ -392,6 +392,16 @@ impl Resident {
         self.matrix().bytes()
     }
 
+    /// Whether every buffer is in an arena ([`Resident::place_in`] done).
+    pub fn placed(&self) -> bool {
+        match self {
+            Resident::Q4(q) => q.placed(),
+            Resident::Q4k(q) => q.placed(),
+            Resident::Q6k(q) => q.placed(),
+            Resident::Q8(q) => q.placed(),
+        }
+    }
+
     /// Moves the panels' buffers into `arena` (see the `arena` module).
     pub fn place_in(&mut self, arena: &super::arena::WeightArena) {
         match self {

@@ -180,6 +180,15 @@ impl Q4Panels {
         }
     }
 
+    /// Whether every buffer is in an arena ([`Q4Panels::place_in`] done).
+    pub fn placed(&self) -> bool {
+        let m = match &self.offsets {
+            Offsets::Block(m) => m.placed(),
+            Offsets::Centered(_) => true,
+        };
+        self.values.placed() && self.fifth.placed() && self.d.placed() && m
+    }
+
     /// Bytes the matrix holds in memory (the file's blocks' size).
     pub fn bytes(&self) -> usize {
         let m = match &self.offsets {

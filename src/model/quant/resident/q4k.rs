@@ -153,6 +153,14 @@ impl Q4kPanels {
         arena.place(&mut self.dmin);
     }
 
+    /// Whether every buffer is in an arena ([`Q4kPanels::place_in`] done).
+    pub fn placed(&self) -> bool {
+        [self.values.placed(), self.fifth.placed(), self.sc.placed()]
+            .into_iter()
+            .chain([self.mn.placed(), self.d.placed(), self.dmin.placed()])
+            .all(|p| p)
+    }
+
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
         self.values.len()

@@ -143,6 +143,11 @@ impl Q6kPanels {
         arena.place(&mut self.d);
     }
 
+    /// Whether every buffer is in an arena ([`Q6kPanels::place_in`] done).
+    pub fn placed(&self) -> bool {
+        self.low.placed() && self.high.placed() && self.sc.placed() && self.d.placed()
+    }
+
     /// Bytes the matrix holds in memory.
     pub fn bytes(&self) -> usize {
         self.low.len() + self.high.len() + self.sc.len() + 2 * self.d.len()

@@ -67,6 +67,11 @@ impl Q8Panels {
         self.panels.iter_mut().for_each(|p| p.place_in(arena));
     }
 
+    /// Whether every panel's buffers are in an arena ([`Q8Panels::place_in`] done).
+    pub fn placed(&self) -> bool {
+        self.panels.iter().all(panels::Panel::placed)
+    }
+
     /// Bytes the matrix holds in memory (the same as the [`Q8Matrix`] it came from).
     pub fn bytes(&self) -> usize {
         self.panels.iter().map(panels::Panel::bytes).sum()
