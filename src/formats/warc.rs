@@ -9,7 +9,7 @@
 //! format ourselves; it is small.
 //!
 //! # How it reads
-//! A [`Source`] turns the input into a buffer of decoded bytes. For gzip it decodes one member at
+//! A `Source` turns the input into a buffer of decoded bytes. For gzip it decodes one member at
 //! a time (a `flate2` `bufread::GzDecoder` over a counting reader, reset at each member end) and
 //! remembers where each member started in the compressed input, so a record knows its member.
 //! Anything that stops decoding (end of input, a truncated member, bytes that are not gzip)

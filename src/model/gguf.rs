@@ -1173,7 +1173,7 @@ fn unpermuted_source_row(r: usize, d: usize) -> usize {
 }
 
 /// Inverse of llama.cpp's q/k row permutation (see [`GgufWeights`]): every row moved as
-/// [`unpermuted_source_row`] says.
+/// `unpermuted_source_row` says.
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     let d = rows / n_head.max(1);
     let mut out = vec![0f32; data.len()];

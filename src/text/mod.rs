@@ -1,5 +1,5 @@
 //! Text: decoding HTML bytes ([`charset`]), extracting structured text ([`html`]), cutting it into
-//! self-contained passages ([`segment`], Humpback §2.1) and the hashing primitives of dedup
+//! self-contained passages ([`segment()`], Humpback §2.1) and the hashing primitives of dedup
 //! ([`minhash`]).
 
 pub mod charset;

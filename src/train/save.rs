@@ -31,7 +31,7 @@ pub(super) fn weights_file(mode: &TrainMode) -> &'static str {
 
 /// A checkpoint's `backflow.json`: what it is (kind, base, version), how it was trained
 /// (hyper-parameters, data, job fingerprint) and how it went (steps, speed, held-out losses).
-/// Written by [`Saver::save`] (and by `export` with `kind = "export"`); read by reuse, resume and
+/// Written by `Saver::save` (and by `export` with `kind = "export"`); read by reuse, resume and
 /// the loop. Every field has a default and the nested records read leniently (one that no longer
 /// parses reads as absent), so a file of an older version, or one cut short, reads as "not
 /// finished" rather than failing.

@@ -19,7 +19,7 @@ use super::GROW_CHUNK;
 pub const BLOCK: usize = GROW_CHUNK;
 
 /// Blocks that finished sequences gave back, for the next sequences of the same model. At
-/// most [`SPARE_BYTES`] are kept.
+/// most `SPARE_BYTES` are kept.
 #[derive(Debug, Default)]
 pub struct SpareBuffers {
     blocks: Mutex<Vec<Vec<f32>>>,

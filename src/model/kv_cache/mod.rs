@@ -12,7 +12,7 @@
 //!
 //! The slots grow in chunks of [`GROW_CHUNK`]; attention reads the whole capacity and the mask
 //! hides slots that are padding or not written yet. Two stores hold them: host buffers edited
-//! in place for a model on flex in `f32` ([`host`]), backend tensors elsewhere ([`tensors`]).
+//! in place for a model on flex in `f32` (`host`), backend tensors elsewhere (`tensors`).
 
 mod host;
 mod tensors;
