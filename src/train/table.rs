@@ -65,12 +65,8 @@ impl<B: Backend> Table<B> {
             (Some(w), _) => w.val().select(0, ids),
             (None, Some(q)) => {
                 let ids: Vec<usize> = ids.into_data().iter::<i64>().map(|i| i as usize).collect();
-                let h = q.cols();
-                let mut rows = vec![0f32; ids.len() * h];
-                rows.par_chunks_mut(h.max(1))
-                    .zip(&ids)
-                    .for_each(|(row, &id)| q.dequantize_row(id, row));
-                Tensor::from_data(TensorData::new(rows, [b * s, h]), &device)
+                let rows = q.dequantize_rows(ids.into_par_iter());
+                Tensor::from_data(TensorData::new(rows, [b * s, q.cols()]), &device)
             }
             (None, None) => unreachable!("a table with neither f32 weights nor blocks"),
         }
@@ -124,10 +120,6 @@ pub fn blocks_times<B: Backend>(q: &QuantWeight, g: Tensor<B, 2>) -> Tensor<B, 2
 /// Rows `start..start + TABLE_ROWS` of `q` (fewer at its end) in f32, `[len, cols]`.
 fn dequantized_rows<B: Backend>(q: &QuantWeight, start: usize, device: &B::Device) -> Tensor<B, 2> {
     let len = TABLE_ROWS.min(q.rows() - start);
-    let cols = q.cols();
-    let mut data = vec![0f32; len * cols];
-    data.par_chunks_mut(cols.max(1))
-        .enumerate()
-        .for_each(|(i, row)| q.dequantize_row(start + i, row));
-    Tensor::from_data(TensorData::new(data, [len, cols]), device)
+    let data = q.dequantize_rows((start..start + len).into_par_iter());
+    Tensor::from_data(TensorData::new(data, [len, q.cols()]), device)
 }

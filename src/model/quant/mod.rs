@@ -404,13 +404,18 @@ impl QuantWeight {
     /// The whole matrix as `f32`, row-major, rows dequantized in parallel: what training over
     /// a frozen block-format base multiplies by (one projection at a time, never the model).
     pub fn dequantize(&self) -> Vec<f32> {
-        use rayon::prelude::*;
+        self.dequantize_rows((0..self.rows()).into_par_iter())
+    }
+
+    /// The rows `ids` as `f32`, one after the other (`ids.len() × cols`), dequantized in
+    /// parallel: the whole matrix, a chunk of it, or an embedding's looked-up rows.
+    pub fn dequantize_rows(&self, ids: impl IndexedParallelIterator<Item = usize>) -> Vec<f32> {
         let cols = self.cols();
-        let mut out = vec![0f32; self.rows() * cols];
+        let mut out = vec![0f32; ids.len() * cols];
         if cols > 0 {
             out.par_chunks_mut(cols)
-                .enumerate()
-                .for_each(|(r, o)| self.dequantize_row(r, o));
+                .zip(ids)
+                .for_each(|(o, r)| self.dequantize_row(r, o));
         }
         out
     }
