@@ -452,9 +452,11 @@ fn header(out: &mut String, metrics: &HumpbackMetrics, pipeline: &str, rounds: &
     out.push_str("</dl>\n</header>\n");
 }
 
-/// The evaluation of every forward model (step 0's for M_0, then each round's).
+/// The evaluation of the base model and every forward model (step 0's for the base and M_0,
+/// then each round's).
 fn model_evals(metrics: &HumpbackMetrics) -> Vec<&ModelEval> {
-    std::iter::once(&metrics.step0.evaluation)
+    [&metrics.step0.base, &metrics.step0.evaluation]
+        .into_iter()
         .chain(metrics.rounds.iter().map(|r| &r.evaluation))
         .filter_map(|e| e.eval.as_ref())
         .collect()
@@ -1371,6 +1373,33 @@ mod tests {
         assert!(html.contains("<td>M1</td><td class=\"n\">1.5000</td><td class=\"n\">300</td>\
             <td class=\"n\">75.0% [50.0%, 90.0%]</td><td class=\"n\">n/a</td><td class=\"n\">0.500</td>\
             <td class=\"n\">0.250</td>"), "{html}");
+
+        // With the base model evaluated too, it comes first: three slots of 640 / 3 px (the
+        // base at x = 64 + 106.67, M0 at 384, M1 at 597.33), the base's NLL 2.1 widening the
+        // range to 1.5..2.1, padded by 0.06 each side: 1.44..2.16 (0.72).
+        m["step0"]["base"] = json!({"eval": {"model": "base", "reference": {"nll": 2.1, "tokens": 300},
+            "pairs": [{"rule": "prob", "win_rate": 0.25, "ci95": [0.1, 0.5]}]}});
+        let html = render_json(&m);
+        let nll = svg(&html, "eval-nll");
+        // base (2.1) at 24 + 0.06/0.72*220 = 42.33; M0 (2.0) at 24 + 0.16/0.72*220 = 72.89.
+        assert!(nll.contains("cx=\"170.67\" cy=\"42.33\""), "{nll}");
+        assert!(nll.contains("cx=\"384.00\" cy=\"72.89\""), "{nll}");
+        let win = svg(&html, "eval-win");
+        // base: 0.25 -> y = 24 + 0.75*220 = 189; M1 still at 79, now in the third slot.
+        assert!(win.contains("cx=\"170.67\" cy=\"189.00\""), "{win}");
+        assert!(win.contains("cx=\"597.33\" cy=\"79.00\""), "{win}");
+        let (base_row, m0_row) = (
+            html.find("<td>base</td>").expect("base row"),
+            html.find("<td>M0</td>").expect("M0 row"),
+        );
+        assert!(base_row < m0_row, "the base first");
+        assert!(
+            html.contains(
+                "<td>base</td><td class=\"n\">2.1000</td><td class=\"n\">300</td>\
+            <td class=\"n\">25.0% [10.0%, 50.0%]</td>"
+            ),
+            "{html}"
+        );
         // No evaluation, no section.
         assert!(!render(&sample()).contains("id=\"eval\""));
     }

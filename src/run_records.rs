@@ -112,6 +112,11 @@ pub struct EvalOutcome {
 }
 
 impl EvalOutcome {
+    /// Neither figures nor an error: nothing was evaluated.
+    pub fn is_empty(&self) -> bool {
+        self.eval.is_none() && self.eval_error.is_none()
+    }
+
     /// From the evaluator's result (`None`: no evaluator).
     pub fn from_result(result: Option<Result<ModelEval, String>>) -> Self {
         match result {
@@ -141,6 +146,9 @@ pub struct Step0Summary {
     /// M_0's evaluation.
     #[serde(flatten)]
     pub evaluation: EvalOutcome,
+    /// The base model's evaluation (`--model` before any finetuning), judged against M_0.
+    #[serde(skip_serializing_if = "EvalOutcome::is_empty")]
+    pub base: EvalOutcome,
 }
 
 /// One round of the loop: what its model rated and curated, and the model trained on it.
@@ -508,5 +516,32 @@ mod tests {
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains(r#""eval_error":"no judge""#), "{text}");
         assert_eq!(serde_json::from_str::<RoundSummary>(&text).unwrap(), r);
+    }
+
+    /// Step 0's base evaluation sits under `base`, beside M_0's flattened one, and is left out
+    /// when there is none (files of earlier versions read with none).
+    #[test]
+    fn step0_keeps_the_base_evaluation_apart_from_m0s() {
+        let eval = |model: &str| ModelEval {
+            model: model.into(),
+            ..ModelEval::default()
+        };
+        let s = Step0Summary {
+            evaluation: EvalOutcome::from_result(Some(Ok(eval("M0")))),
+            base: EvalOutcome::from_result(Some(Err("no model".into()))),
+            ..Step0Summary::default()
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["eval"]["model"], "M0");
+        assert_eq!(v["base"]["eval_error"], "no model");
+        assert_eq!(serde_json::from_value::<Step0Summary>(v).unwrap(), s);
+        let none = Step0Summary {
+            evaluation: EvalOutcome::from_result(Some(Ok(eval("M0")))),
+            ..Step0Summary::default()
+        };
+        let text = serde_json::to_string(&none).unwrap();
+        assert!(!text.contains("\"base\""), "{text}");
+        let old: Step0Summary = serde_json::from_str(r#"{"eval": {"model": "M0"}}"#).unwrap();
+        assert!(old.base.is_empty() && old.evaluation.eval.is_some());
     }
 }

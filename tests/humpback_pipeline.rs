@@ -257,9 +257,9 @@ fn report_in_a_browser(out: &Path, m: &serde_json::Value) {
     assert!(dom.contains(&m1[..12]), "the report names M1 ({m1})");
 }
 
-/// The in-loop evaluation of a run with `--eval-holdout 4 --judge`: M_0 after step 0 and each
-/// round's model, with the reference NLL of the 4 held-out pairs, and each later model judged
-/// against M_0 on them in both orders; the files hold what metrics.json counts.
+/// The in-loop evaluation of a run with `--eval-holdout 4 --judge`: M_0 after step 0, the base
+/// model and each round's model, with the reference NLL of the 4 held-out pairs, and each model
+/// but M_0 judged against M_0 on them in both orders; the files hold what metrics.json counts.
 fn check_evaluation(out: &Path, m: &serde_json::Value) {
     let m0 = &m["step0"]["eval"];
     assert_eq!(m0["model"], "M0", "{m0}");
@@ -274,13 +274,38 @@ fn check_evaluation(out: &Path, m: &serde_json::Value) {
         m0["pairs"].as_array().unwrap().is_empty(),
         "M0 is the baseline"
     );
+    // The base model, as given, before the seed finetuning: its own likelihoods, not M_0's.
+    let base = &m["step0"]["base"]["eval"];
+    assert_eq!(base["model"], "base", "{base}");
+    assert!(
+        base["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("SmolLM2-135M-Instruct"),
+        "{base}"
+    );
+    assert_eq!(
+        base["reference"]["tokens"], r["tokens"],
+        "the same references"
+    );
+    let (nll_base, nll_m0) = (
+        base["reference"]["nll"].as_f64().unwrap(),
+        r["nll"].as_f64().unwrap(),
+    );
+    assert!(nll_base > 0.0 && nll_base != nll_m0, "{nll_base} {nll_m0}");
     let rounds = m["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 2);
-    for (i, round) in rounds.iter().enumerate() {
-        let e = &round["eval"];
-        let name = format!("M{}", i + 1);
+    let judged = std::iter::once(("base".to_owned(), base)).chain(
+        rounds
+            .iter()
+            .enumerate()
+            .map(|(i, round)| (format!("M{}", i + 1), &round["eval"])),
+    );
+    for (i, (name, e)) in judged.enumerate() {
         assert_eq!(e["model"], name.as_str(), "{e}");
-        assert_eq!(e["version"], round["train"]["version"]);
+        if i > 0 {
+            assert_eq!(e["version"], rounds[i - 1]["train"]["version"]);
+        }
         assert!(e["reference"]["nll"].as_f64().unwrap() > 0.0);
         let pairs = e["pairs"].as_array().unwrap();
         assert_eq!(pairs.len(), 1, "the prob rule by default: {e}");

@@ -17,7 +17,8 @@
 mod setup;
 
 use self::setup::{
-    evaluate_m0, loop_evaluator, read_seed, show_model_answers, step0, throughput, train_template,
+    evaluate_base, evaluate_m0, loop_evaluator, read_seed, show_model_answers, step0, throughput,
+    train_template,
 };
 use super::harness;
 use super::ingest::{ingest, Ingest, IngestFlags, IngestOptions};
@@ -451,7 +452,8 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     } else {
         (Vec::new(), Step0Summary::default())
     };
-    // Evaluation of each forward model (process 0, where the sink trains), M_0 first.
+    // Evaluation of each forward model (process 0, where the sink trains), M_0 first, then the
+    // base model against it.
     let evaluator = if process == 0 {
         loop_evaluator(&args, &held_out, client.clone())?
     } else {
@@ -459,6 +461,7 @@ pub fn run(args: HumpbackArgs) -> Result<()> {
     };
     if let Some(ev) = &evaluator {
         step0_summary.evaluation = evaluate_m0(ev, &step0_updates);
+        step0_summary.base = evaluate_base(ev, &base, &step0_updates);
     }
 
     let stop = harness::stop_flag();

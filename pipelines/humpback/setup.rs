@@ -89,6 +89,26 @@ pub(super) fn evaluate_m0(ev: &LoopEval, updates: &[ModelUpdate]) -> EvalOutcome
     EvalOutcome::from_result(Some(result.map_err(|e| format!("{e:#}"))))
 }
 
+/// The base model's evaluation, after M_0's (against whose answers it is judged); none when
+/// M_0 is the base itself (`--seed-model` given as the base). A failed evaluation is reported;
+/// the method goes on without its figures.
+pub(super) fn evaluate_base(ev: &LoopEval, base: &Path, updates: &[ModelUpdate]) -> EvalOutcome {
+    let version = given_version(base);
+    if updates
+        .iter()
+        .any(|u| u.role == ModelRole::Forward && u.version == version)
+    {
+        return EvalOutcome::default();
+    }
+    eprintln!("step 0: evaluating the base model");
+    let result = ev.evaluate_base(&version, base);
+    match &result {
+        Ok(e) => eprintln!("{}", crate::eval::rounds::describe(e)),
+        Err(e) => log::error!("evaluating the base model: {e:#}"),
+    }
+    EvalOutcome::from_result(Some(result.map_err(|e| format!("{e:#}"))))
+}
+
 /// The seed pairs to train on, and the last `holdout` of them held out for evaluation.
 pub(super) fn read_seed(path: &Path, holdout: Option<usize>) -> Result<(Vec<Record>, Vec<Record>)> {
     let mut stats = DataStats::default();

@@ -1,8 +1,9 @@
 //! Evaluation inside `backflow run humpback`: each forward model, as it is trained (M_0 after
-//! step 0, then M_1, M_2, ...), gets the figures of `backflow eval`: the reference NLL of the
-//! held-out prompts, and with a judge its pairwise win rate against M_0, and with a dev set its
-//! precision and recall as a selector. Files go to `OUT/eval/` (`answers-M1.jsonl`,
-//! `judgments-M1.jsonl`, `selector-M1.jsonl`); the figures into `metrics.json` and the report.
+//! step 0, then M_1, M_2, ...), and the base model it started from get the figures of `backflow
+//! eval`: the reference NLL of the held-out prompts, and with a judge its pairwise win rate
+//! against M_0, and with a dev set its precision and recall as a selector. Files go to
+//! `OUT/eval/` (`answers-M1.jsonl`, `judgments-M1.jsonl`, `selector-M1.jsonl`, `...-base.jsonl`);
+//! the figures into `metrics.json` and the report.
 
 use super::data::{DevPair, EvalPrompt};
 use super::nll::{reference_nll, ReferenceNll};
@@ -21,7 +22,7 @@ use std::sync::Mutex;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelEval {
-    /// `M0`, `M1`, ...
+    /// `base`, `M0`, `M1`, ...
     pub model: String,
     /// Its version.
     pub version: String,
@@ -88,8 +89,23 @@ impl LoopEval {
     /// Evaluates forward model `index` (0 for M_0, the baseline of the others), loaded from
     /// `path` as `version`.
     pub fn evaluate(&self, index: u64, version: &str, path: &Path) -> Result<ModelEval> {
+        let role = if index == 0 {
+            Role::Baseline
+        } else {
+            Role::Judged
+        };
+        self.evaluate_as(&format!("M{index}"), role, version, path)
+    }
+
+    /// Evaluates the base model the loop starts from (`--model`, before any finetuning) as
+    /// `base`, judged against M_0 when M_0's answers are in (call it after M_0's evaluation):
+    /// the paper's comparison of the seed model with the model it was made from.
+    pub fn evaluate_base(&self, version: &str, path: &Path) -> Result<ModelEval> {
+        self.evaluate_as(BASE, Role::Judged, version, path)
+    }
+
+    fn evaluate_as(&self, name: &str, role: Role, version: &str, path: &Path) -> Result<ModelEval> {
         let started = std::time::Instant::now();
-        let name = format!("M{index}");
         let reference = reference_nll(
             path,
             &self.prompts,
@@ -103,24 +119,24 @@ impl LoopEval {
         let mut pairs = Vec::new();
         let mut answers = Vec::new();
         if let Some(judge) = &self.judge {
-            answers = generate_answers(&self.client, &self.cfg, version, &name, &self.prompts)?;
+            answers = generate_answers(&self.client, &self.cfg, version, name, &self.prompts)?;
             write_answers(
                 &self.cfg.out.join(format!("answers-{name}.jsonl")),
-                &name,
+                name,
                 &self.prompts,
                 &answers,
             )?;
             let mut baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
-            match baseline.as_ref() {
-                None => *baseline = Some(answers.clone()),
-                Some(base) if index > 0 => {
+            match (role, baseline.as_ref()) {
+                (Role::Baseline, _) => *baseline = Some(answers.clone()),
+                (Role::Judged, Some(m0)) => {
                     let (p, lines) = judge_entry(
                         &self.client,
                         judge,
                         &self.cfg,
                         &self.prompts,
-                        (&name, &answers),
-                        ("M0", base),
+                        (name, &answers),
+                        ("M0", m0),
                     )?;
                     atomic_write_jsonl(
                         &self.cfg.out.join(format!("judgments-{name}.jsonl")),
@@ -128,16 +144,20 @@ impl LoopEval {
                     )?;
                     pairs = p;
                 }
-                Some(_) => {}
+                // M_0's evaluation failed (reported with it): nothing to judge against, and
+                // another model's answers must not stand in for M_0's.
+                (Role::Judged, None) => {
+                    log::warn!("{name} not judged: M0 has no answers to judge against")
+                }
             }
         }
         let selector = match &self.dev {
-            Some(dev) => Some(selector(&self.client, version, &name, dev, &self.cfg)?),
+            Some(dev) => Some(selector(&self.client, version, name, dev, &self.cfg)?),
             None => None,
         };
         let (n, mean_length) = answer_lengths(&answers);
         let e = ModelEval {
-            model: name,
+            model: name.to_owned(),
             version: version.to_owned(),
             reference,
             answers: n,
@@ -149,6 +169,18 @@ impl LoopEval {
         log::info!("{}", describe(&e));
         Ok(e)
     }
+}
+
+/// The name of the base model's evaluation (`metrics.json`, the report, the files in `eval/`).
+pub const BASE: &str = "base";
+
+/// What an evaluated model's answers are to the judging.
+#[derive(Clone, Copy)]
+enum Role {
+    /// M_0: the answers every other model is judged against.
+    Baseline,
+    /// Judged against M_0.
+    Judged,
 }
 
 /// One line for the log and the progress display.
