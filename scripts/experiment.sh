@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The evaluation experiment of the README ("Does it align?"): the Humpback loop on real pages with
-# SmolLM2-135M-Instruct, every forward model evaluated as it is trained on the last EXP_HOLDOUT
-# seed tasks (held out of every training): reference NLL, win rate against M_0 judged by
-# Qwen2.5-Coder-1.5B (AlpacaEval's ranking prompt, both orders, verdict probabilities), selector
-# precision/recall on a dev set built from the same held-out tasks; then the paper's ablation:
-# seed + ALL candidates (uncurated) against seed + curated, both trained with the loop's settings
-# and judged against M_0.
+# SmolLM2-135M-Instruct, every forward model evaluated as it is trained, and the base model it
+# started from, on the last EXP_HOLDOUT seed tasks (held out of every training): reference NLL,
+# win rate against M_0 judged by Qwen2.5-Coder-1.5B (AlpacaEval's ranking prompt, both orders,
+# verdict probabilities), selector precision/recall on a dev set built from the same held-out
+# tasks; then the paper's ablation: seed + ALL candidates (uncurated) against seed + curated,
+# both trained with the loop's settings and judged against M_0.
 #
 #   scripts/experiment.sh [OUT]
 #     EXP_LIMIT           passages (96)
