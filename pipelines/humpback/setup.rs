@@ -74,24 +74,17 @@ pub(super) fn loop_evaluator(
     )?))
 }
 
-/// M_0's evaluation (none without an M_0 among `updates`). A failed evaluation is reported;
-/// the method goes on without its figures.
+/// M_0's evaluation (none without an M_0 among `updates`).
 pub(super) fn evaluate_m0(ev: &LoopEval, updates: &[ModelUpdate]) -> EvalOutcome {
     let Some(m0) = updates.iter().find(|u| u.role == ModelRole::Forward) else {
         return EvalOutcome::default();
     };
     eprintln!("step 0: evaluating M_0");
-    let result = ev.evaluate(0, &m0.version, &m0.path);
-    match &result {
-        Ok(e) => eprintln!("{}", crate::eval::rounds::describe(e)),
-        Err(e) => log::error!("evaluating M0: {e:#}"),
-    }
-    EvalOutcome::from_result(Some(result.map_err(|e| format!("{e:#}"))))
+    reported("M0", ev.evaluate(0, &m0.version, &m0.path))
 }
 
 /// The base model's evaluation, after M_0's (against whose answers it is judged); none when
-/// M_0 is the base itself (`--seed-model` given as the base). A failed evaluation is reported;
-/// the method goes on without its figures.
+/// M_0 is the base itself (`--seed-model` given as the base).
 pub(super) fn evaluate_base(ev: &LoopEval, base: &Path, updates: &[ModelUpdate]) -> EvalOutcome {
     let version = given_version(base);
     if updates
@@ -101,10 +94,15 @@ pub(super) fn evaluate_base(ev: &LoopEval, base: &Path, updates: &[ModelUpdate])
         return EvalOutcome::default();
     }
     eprintln!("step 0: evaluating the base model");
-    let result = ev.evaluate_base(&version, base);
+    reported("the base model", ev.evaluate_base(&version, base))
+}
+
+/// An evaluation's figures, shown, or its error, logged: a failed evaluation is reported and
+/// the method goes on without its figures.
+fn reported(what: &str, result: Result<crate::eval::rounds::ModelEval>) -> EvalOutcome {
     match &result {
         Ok(e) => eprintln!("{}", crate::eval::rounds::describe(e)),
-        Err(e) => log::error!("evaluating the base model: {e:#}"),
+        Err(e) => log::error!("evaluating {what}: {e:#}"),
     }
     EvalOutcome::from_result(Some(result.map_err(|e| format!("{e:#}"))))
 }

@@ -113,9 +113,13 @@ impl LoopEval {
             self.cfg.max_len,
             8,
         )?;
-        self.client
-            .load(version, path)
-            .with_context(|| format!("loading {name} from {}", path.display()))?;
+        // Answers and ratings come from the model server (where the loop's own models already
+        // are); the NLL alone does not need the model there.
+        if self.judge.is_some() || self.dev.is_some() {
+            self.client
+                .load(version, path)
+                .with_context(|| format!("loading {name} from {}", path.display()))?;
+        }
         let mut pairs = Vec::new();
         let mut answers = Vec::new();
         if let Some(judge) = &self.judge {
