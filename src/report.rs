@@ -497,6 +497,7 @@ fn eval_plots(out: &mut String, evals: &[&ModelEval]) {
         &names,
         &[("reference NLL".to_owned(), nll)],
         None,
+        None,
     );
     let rules: Vec<String> = ["prob", "text"]
         .iter()
@@ -525,12 +526,15 @@ fn eval_plots(out: &mut String, evals: &[&ModelEval]) {
             &names,
             &series,
             Some((0.0, 1.0)),
+            // M_0 against itself: where a model no better and no worse than M_0 lies.
+            Some((0.5, "M0 itself: 50%")),
         );
     }
 }
 
 /// Points per model (x: the models in order), one colour per series, with error bars where an
-/// interval is given. `fixed`: the y range, else the data's with a margin.
+/// interval is given. `fixed`: the y range, else the data's with a margin; `level`: a dashed
+/// horizontal line at that value, titled, to read the points against.
 #[allow(clippy::too_many_arguments)]
 fn points_plot(
     out: &mut String,
@@ -541,6 +545,7 @@ fn points_plot(
     xs: &[String],
     series: &[Series],
     fixed: Option<(f64, f64)>,
+    level: Option<(f64, &str)>,
 ) {
     let height = MARGIN_TOP + PLOT_H + MARGIN_BOTTOM + LEGEND_ROW_H;
     svg_open(out, id, height, title, desc);
@@ -569,6 +574,17 @@ fn points_plot(
     y_axis(out, lo, hi, tick_label, y_title);
     let span = if hi > lo { hi - lo } else { 1.0 };
     let y_of = |v: f64| MARGIN_TOP + (hi - v.clamp(lo, hi)) / span * PLOT_H;
+    if let Some((v, label)) = level.filter(|(v, _)| (lo..=hi).contains(v)) {
+        w!(
+            out,
+            "<line class=\"level\" x1=\"{}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#888\" \
+             stroke-dasharray=\"4 4\"><title>{}</title></line>\n",
+            c(MARGIN_LEFT),
+            c(MARGIN_LEFT + PLOT_W),
+            escape(label),
+            y = c(y_of(v)),
+        );
+    }
     let slot = PLOT_W / xs.len() as f64;
     for (i, x) in xs.iter().enumerate() {
         w!(
@@ -1370,6 +1386,14 @@ mod tests {
             win.contains("y1=\"134.00\" x2=\"544.00\" y2=\"46.00\""),
             "{win}"
         );
+        // M0's own level, 50%: a dashed line across the plot at y = 24 + 0.5*220 = 134.
+        assert!(
+            win.contains(
+                "<line class=\"level\" x1=\"64.00\" y1=\"134.00\" x2=\"704.00\" y2=\"134.00\""
+            ),
+            "{win}"
+        );
+        assert!(!nll.contains("class=\"level\""), "no level on the NLL plot");
         assert!(html.contains("<td>M1</td><td class=\"n\">1.5000</td><td class=\"n\">300</td>\
             <td class=\"n\">75.0% [50.0%, 90.0%]</td><td class=\"n\">n/a</td><td class=\"n\">0.500</td>\
             <td class=\"n\">0.250</td>"), "{html}");
